@@ -1,0 +1,38 @@
+# The two commands a user needs: `make demo` (set up, run the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-all bench
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Real image data without network: Debian's dataset-fashion-mnist. Where apt is not ours to use,
+# the tests that need it skip and say why.
+data:
+	@if [ -d $(FASHION_MNIST) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+	else echo "note: dataset-fashion-mnist not installed (needs apt as root); Fashion-MNIST tests will skip"; fi
+
+demo: setup
+	$(VENV)/bin/sparsesearch train
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/baselines.py

@@ -1,0 +1,137 @@
+"""The `sparsesearch` command: parses flags, calls the library, prints. Nothing else imports it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import data, models
+from .errors import UserError
+
+app = typer.Typer(help="Hardware-aware AutoML for structured sparsity in conv nets (StructADMM).",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(name: str | None = None) -> Callable[[F], F]:
+    """Register a command whose user errors print as one line (exit 2) instead of a traceback."""
+
+    def register(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted: everything written so far is intact", err=True)
+                raise typer.Exit(130) from None
+
+        app.command(name)(run)
+        return fn
+
+    return register
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[..., None]]:
+    """A bar with ETA; yields update(completed, total, status) for library progress callbacks."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=None, status="")
+
+        def update(completed: int, total: int, status: str = "") -> None:
+            bar.update(task, completed=completed, total=total, status=status)
+
+        yield update
+
+
+# --- options shared across commands ---------------------------------------------------------------
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name, tv:NAME or package.module:factory.")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name or imagefolder:PATH.")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Where the dataset's files live (default per dataset).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
+
+
+@command("models")
+def list_models() -> None:
+    """List the models: built-ins, torchvision classifiers and how to name your own."""
+    table = Table("name", "input", "description", title="built-in models")
+    for spec in models.builtin_specs():
+        table.add_row(spec.name, f">= {spec.min_size}x{spec.min_size}, any channels", spec.summary)
+    console.print(table)
+    names = models.torchvision_names()
+    console.print(f"[bold]torchvision classifiers[/] ({len(names)}, 3-channel input, upsized to each one's minimum):")
+    console.print(", ".join(models.TV_PREFIX + n for n in names), soft_wrap=False)
+    console.print("[bold]your own:[/] package.module:factory — a function returning an nn.Module; "
+                  "it receives num_classes and in_channels if it takes them.")
+
+
+@command("datasets")
+def list_datasets() -> None:
+    """List the datasets and where each one's files are looked for."""
+    table = Table("name", "images", "classes", "dense epochs", "description", title="datasets")
+    for d in data.DATASETS.values():
+        table.add_row(d.name, f"{d.channels}x{d.size}x{d.size}", str(d.num_classes), str(d.epochs), d.summary)
+    table.add_row("imagefolder:PATH", f"3x{data.IMAGEFOLDER_SIZE}x{data.IMAGEFOLDER_SIZE}", "sub-folders", "30",
+                  "PATH/CLASS/*.png, or PATH/train + PATH/val|test")
+    console.print(table)
+    console.print(f"Fashion-MNIST is read from {data.FASHION_MNIST_SYSTEM_DIR} when Debian's dataset-fashion-mnist "
+                  "is installed; other files from --data-dir (default ./data, or $SPARSESEARCH_DATA).")
+
+
+@command()
+def train(
+    model: ModelOpt = "digits-cnn",
+    dataset: DatasetOpt = "digits",
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default: the dataset's, see `datasets`).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 0,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+    download: Annotated[bool, typer.Option(help="Download torchvision datasets (needs network).")] = False,
+    image_size: Annotated[int | None, typer.Option(help="Resize images to this side (image folders).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Start from these weights instead of random.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Checkpoint path (default checkpoints/MODEL-DATASET/dense.pt).")] = None,
+) -> None:
+    """Train the dense baseline and write a checkpoint plus its JSON sidecar."""
+    from .runtime import resolve_device, set_threads
+    from .train import TrainConfig, train_dense
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    config = TrainConfig(epochs=epochs or data.info(dataset).epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, seed=seed)
+    console.print(f"training [bold]{model}[/] on [bold]{dataset}[/] for {config.epochs:g} epochs "
+                  f"({dev}, {n_threads} threads)")
+    with progress_bar("train") as update:
+        result = train_dense(model, dataset, config, dev, out, data_dir, download, image_size, checkpoint,
+                             on_progress=lambda p: update(p.step, p.total, _status(p)))
+    console.print(f"accuracy: val {result.val_acc:.2f}%, test {result.test_acc:.2f}% "
+                  f"({result.history.seconds:.1f} s training)")
+    console.print(f"checkpoint: {result.checkpoint} (+ {result.checkpoint.with_suffix('.json').name})")
+
+
+def _status(p: Any) -> str:
+    acc = f" val {p.val_acc:.1f}%" if p.val_acc is not None else ""
+    return f"epoch {p.epoch} loss {p.loss:.3f}{acc}"
+
+
+def main() -> None:
+    app()

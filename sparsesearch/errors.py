@@ -1,0 +1,18 @@
+"""The one exception a user is meant to see: a problem and its fix, printed as one line by the CLI."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input from the user: unknown name, missing data, mismatched checkpoint, absent GPU."""
+
+
+def unknown(what: str, name: str, known: Iterable[str], hint: str) -> UserError:
+    """An 'unknown X' error that lists the closest known names, so a typo fixes itself."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    suggestion = f"did you mean {', '.join(close)}? " if close else ""
+    return UserError(f"unknown {what} '{name}': {suggestion}{hint}")

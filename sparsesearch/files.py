@@ -1,0 +1,55 @@
+"""Atomic writes: a crash or Ctrl-C mid-write never leaves a truncated checkpoint, profile or sidecar."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def torch_save(path: Path, obj: Any) -> None:
+    with _replacing(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_with(path: Path, writer: Callable[[Path], None]) -> None:
+    """Atomic write for formats whose library insists on writing the file itself."""
+    with _replacing(path) as tmp:
+        writer(tmp)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read JSON a user handed us; a missing or corrupt file is a UserError, not a traceback."""
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}; check the path")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e}); regenerate it or fix the file") from e

@@ -1,0 +1,186 @@
+"""Training and evaluation shared by every stage: the dense baseline, ADMM's W-step and masked
+retraining differ only in the hooks they pass to `fit` (an extra loss term, gradient and weight masks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint, data, models
+from .errors import UserError
+from .runtime import versions
+
+
+@dataclass
+class TrainConfig:
+    """SGD with momentum and a cosine learning-rate decay over the whole budget."""
+
+    epochs: float = 20  # fractional epochs are fine: short multi-fidelity trials need them
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class Progress:
+    """Sent after every optimisation step, for progress bars; `val_acc` is set at epoch ends."""
+
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    val_acc: float | None = None
+
+
+@dataclass
+class Hooks:
+    """How ADMM and masked retraining bend plain SGD without a training loop of their own."""
+
+    penalty: Callable[[], Tensor] | None = None  # added to the loss (ADMM's rho/2 ||W - Z + U||^2)
+    before_step: Callable[[], None] | None = None  # after backward: e.g. zero pruned gradients
+    after_step: Callable[[int], None] | None = None  # after optimizer.step, given the step count
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def val_acc(self) -> float:
+        return self.epochs[-1]["val_acc"] if self.epochs else float("nan")
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent, in eval mode (BatchNorm running statistics)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for x, y in split.batches(batch_size):
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / max(len(split), 1)
+
+
+def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch.device,
+        hooks: Hooks | None = None, on_progress: ProgressFn | None = None) -> History:
+    """Train `model` in place for `config.epochs` (possibly fractional) epochs on the train split."""
+    hooks = hooks or Hooks()
+    steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
+    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    generator = torch.Generator().manual_seed(config.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    history, start, step, epoch = History(), time.perf_counter(), 0, 0
+    model.to(device).train()
+    while step < total:
+        epoch += 1
+        running, seen = 0.0, 0
+        for x, y in dataset.train.batches(config.batch_size, True, generator, dataset.info.augment):
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            if hooks.penalty is not None:
+                loss = loss + hooks.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if hooks.before_step is not None:
+                hooks.before_step()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if hooks.after_step is not None:
+                hooks.after_step(step)
+            running, seen = running + loss.item() * len(y), seen + len(y)
+            if step == total:
+                break
+            if on_progress is not None:
+                on_progress(Progress(step, total, epoch, running / seen))
+        val_acc = evaluate(model, dataset.val, device)
+        history.epochs.append({"epoch": epoch, "loss": running / seen, "val_acc": val_acc,
+                               "lr": schedule.get_last_lr()[0]})
+        if on_progress is not None:
+            on_progress(Progress(step, total, epoch, running / seen, val_acc))
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+# --- the dense baseline ---------------------------------------------------------------------------
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model or dataset name (`tv:resnet18` -> `tv-resnet18`)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name.split("/")[-1] if name.startswith("imagefolder:") else name).strip("-")
+
+
+def default_checkpoint(model_name: str, dataset_name: str) -> Path:
+    return Path("checkpoints") / f"{slug(model_name)}-{slug(dataset_name)}" / "dense.pt"
+
+
+def prepare(model_name: str, dataset_name: str, data_dir: Path | None = None, download: bool = False,
+            image_size: int | None = None, weights: Path | None = None, seed: int = 0) -> tuple[nn.Module, data.Data]:
+    """Model and data fitted to each other: data adapted to the model's input, model sized to the classes."""
+    spec = models.spec(model_name)
+    dataset = data.load(dataset_name, data_dir, download, spec.in_channels, spec.min_size, image_size)
+    torch.manual_seed(seed)
+    model = models.create(model_name, num_classes=dataset.info.num_classes, in_channels=dataset.channels)
+    if weights is not None:
+        checkpoint.load_weights(model, weights, model_name)
+    return model, dataset
+
+
+@dataclass
+class DenseResult:
+    checkpoint: Path
+    val_acc: float
+    test_acc: float
+    history: History
+
+
+def train_dense(model_name: str, dataset_name: str, config: TrainConfig, device: torch.device,
+                out: Path | None = None, data_dir: Path | None = None, download: bool = False,
+                image_size: int | None = None, init: Path | None = None,
+                on_progress: ProgressFn | None = None) -> DenseResult:
+    """Train the dense baseline every later stage is measured against; write checkpoint + sidecar."""
+    model, dataset = prepare(model_name, dataset_name, data_dir, download, image_size, init, config.seed)
+    history = fit(model, dataset, config, device, on_progress=on_progress)
+    test_acc = evaluate(model, dataset.test, device)
+    out = out or default_checkpoint(model_name, dataset_name)
+    checkpoint.save(out, model.cpu(), {
+        "kind": "dense",
+        "model": model_name,
+        **dataset.describe(),
+        "num_classes": dataset.info.num_classes,
+        "accuracy": {"val": history.val_acc, "test": test_acc, "unit": "% top-1"},
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "train_config": asdict(config),
+        "history": history.epochs,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "train_seconds": round(history.seconds, 2),
+        "initialised_from": str(init) if init else None,
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return DenseResult(out, history.val_acc, test_acc, history)

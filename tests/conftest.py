@@ -1,0 +1,25 @@
+"""Shared fixtures: one trained digits baseline per session, and Fashion-MNIST when installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsesearch import data
+from sparsesearch.train import DenseResult, TrainConfig, train_dense
+
+
+@pytest.fixture(scope="session")
+def digits_baseline(tmp_path_factory: pytest.TempPathFactory) -> DenseResult:
+    """The default main job (digits-cnn on digits, default config), trained once for all tests."""
+    out = tmp_path_factory.mktemp("baseline") / "dense.pt"
+    return train_dense("digits-cnn", "digits", TrainConfig(), torch.device("cpu"), out)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    if not (data.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it as root)")
+    return data.FASHION_MNIST_SYSTEM_DIR

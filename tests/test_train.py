@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsesearch import checkpoint, data, models
+from sparsesearch.errors import UserError
+from sparsesearch.train import DenseResult, TrainConfig, fit, prepare, train_dense
+
+CPU = torch.device("cpu")
+
+
+def test_default_baseline_reaches_97_percent(digits_baseline: DenseResult) -> None:
+    assert digits_baseline.test_acc >= 97.0
+
+
+def test_sidecar_records_what_made_the_checkpoint(digits_baseline: DenseResult) -> None:
+    meta = json.loads(digits_baseline.checkpoint.with_suffix(".json").read_text())
+    assert meta["schema"] == 1 and meta["model"] == "digits-cnn" and meta["dataset"] == "digits"
+    assert meta["sizes"] == {"train": 1078, "val": 359, "test": 360} and meta["split_seed"] == 0
+    assert meta["accuracy"]["test"] == pytest.approx(digits_baseline.test_acc)
+    assert meta["epochs"] == 20 and meta["seed"] == 0 and meta["versions"]["torch"] == torch.__version__
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(digits_baseline: DenseResult) -> None:
+    model, ds = prepare("digits-cnn", "digits", weights=digits_baseline.checkpoint)
+    model.eval()
+    x, _ = next(ds.test.batches(64))
+    state = torch.load(digits_baseline.checkpoint, weights_only=True)
+    reference = models.create("digits-cnn", in_channels=1)
+    reference.load_state_dict(state)
+    assert torch.equal(model(x), reference.eval()(x))
+
+
+def test_checkpoint_for_another_model_is_refused(digits_baseline: DenseResult) -> None:
+    with pytest.raises(UserError, match=r"does not fit model 'lenet5'.*--model digits-cnn --dataset digits"):
+        prepare("lenet5", "digits", weights=digits_baseline.checkpoint)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="not a readable weights-only torch checkpoint"):
+        checkpoint.load_state(bad)
+
+
+def test_checkpoint_with_code_is_not_executed(tmp_path: Path) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save(models.create("digits-cnn", in_channels=1), path)  # a whole module, not a state dict
+    with pytest.raises(UserError, match="weights-only"):
+        checkpoint.load_state(path)
+
+
+def test_training_is_deterministic_with_a_seed() -> None:
+    states = []
+    for _ in range(2):
+        model, ds = prepare("digits-cnn", "digits", seed=3)
+        fit(model, ds, TrainConfig(epochs=1, seed=3), CPU)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_fractional_epochs_run_that_share_of_steps() -> None:
+    model, ds = prepare("digits-cnn", "digits")
+    steps: list[int] = []
+    fit(model, ds, TrainConfig(epochs=0.5, batch_size=64), CPU, on_progress=lambda p: steps.append(p.total))
+    assert steps[-1] == 9  # ceil(0.5 * ceil(1078 / 64))
+
+
+@pytest.mark.parametrize("field", ["epochs", "batch_size", "lr"])
+def test_non_positive_budget_is_refused(field: str) -> None:
+    with pytest.raises(UserError, match=field.replace("_", "-")):
+        TrainConfig(**{field: 0})
+
+
+@pytest.mark.slow
+def test_lenet5_on_fashion_mnist_reaches_89_percent(fashion_dir: Path, tmp_path: Path) -> None:
+    config = TrainConfig(epochs=data.info("fashion-mnist").epochs)
+    result = train_dense("lenet5", "fashion-mnist", config, CPU, tmp_path / "lenet5.pt")
+    assert result.test_acc >= 89.0
