@@ -1,0 +1,211 @@
+"""Sparsity types and their Euclidean projections Proj_S(W), as in StructADMM.
+
+A conv weight W of shape (F, C/groups, kh, kw) is read as its GEMM matrix, F rows by
+C/groups*kh*kw columns; a Linear weight (out, in) already is one. Each type partitions that
+matrix into groups, and S is the set of weights with at most k groups non-zero:
+
+- filter: whole rows (output filters).
+- channel: the kh*kw columns of one input channel (Linear: one input column).
+- shape: single columns, one (c, i, j) position across all filters (Linear: same as channel).
+- irregular: single weights.
+- nm: N of every M consecutive weights of a row (GPU semi-structured sparsity, 2:4 by default).
+
+This module is pure tensor math: it chooses what to keep and knows nothing of models.
+"""
+
+import math
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+NM_M = 4  # block size M of nm sparsity; 4 is what GPU semi-structured (2:4) kernels use
+_ROUNDING_SLACK = 1e-6  # lets rate*n reach its integer despite float error (0.57*100 = 56.99...)
+
+
+class SparsityType(str, Enum):
+    """The groups a projection keeps or zeroes together."""
+
+    FILTER = "filter"
+    CHANNEL = "channel"
+    SHAPE = "shape"
+    IRREGULAR = "irregular"
+    NM = "nm"
+
+    @property
+    def couples_layers(self) -> bool:
+        """Whether removing a group changes a layer's output or input channels.
+
+        Only then must the tensors sharing those channels (a coupled group) keep the same indices.
+        """
+        return self in (SparsityType.FILTER, SparsityType.CHANNEL)
+
+
+def _applicability(module: nn.Module) -> tuple[tuple[SparsityType, ...], str]:
+    """The types that fit a layer, and why the others do not."""
+    is_conv = isinstance(module, nn.Conv2d)
+    if isinstance(module, nn.Linear) or (is_conv and module.groups == 1):
+        return tuple(SparsityType), ""
+    if is_conv and module.weight.shape[1] == 1:
+        return (SparsityType.FILTER,), (
+            "a depthwise conv filter is a single kh*kw kernel on one input channel, so a channel "
+            "group would be the whole layer and shape/irregular/nm would only prune inside "
+            "kernels of kh*kw weights; removing whole filters is what shrinks it"
+        )
+    if is_conv:
+        kept = (SparsityType.FILTER, SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)
+        return kept, (
+            "in a grouped conv, weight column c belongs to a different input channel in each "
+            "group of filters, so zeroing it removes no input channel"
+        )
+    return (), f"{type(module).__name__} is neither nn.Conv2d nor nn.Linear"
+
+
+def applicable_types(module: nn.Module) -> tuple[SparsityType, ...]:
+    """Sparsity types that can be applied to a layer; empty for layers without prunable weights."""
+    return _applicability(module)[0]
+
+
+def check_applicable(module: nn.Module, kind: SparsityType) -> None:
+    """Raise ValueError, with the reason, if `kind` cannot be applied to `module`."""
+    types, reason = _applicability(module)
+    if kind not in types:
+        accepted = ", ".join(t.value for t in types) or "none"
+        raise ValueError(
+            f"{kind.value} sparsity does not apply to {module}: {reason} "
+            f"(applicable: {accepted})"
+        )
+
+
+def _gemm_view(weight: Tensor) -> Tensor:
+    """The weight as the (rows, cols) matrix its layer multiplies: F x C/groups*kh*kw."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _group_view(weight: Tensor, kind: SparsityType) -> Tensor:
+    """The weight as (outer, groups, inner), so that group g is view[:, g, :].
+
+    Every group-wise function goes through this one definition of the groups.
+    """
+    rows = _gemm_view(weight)
+    match kind:
+        case SparsityType.FILTER:
+            return rows.unsqueeze(0)
+        case SparsityType.CHANNEL:
+            return rows.reshape(rows.shape[0], weight.shape[1], -1)
+        case SparsityType.SHAPE:
+            return rows.unsqueeze(2)
+        case SparsityType.IRREGULAR:
+            return rows.reshape(1, -1, 1)
+    raise ValueError("nm sparsity has no groups: it keeps N of every M weights of each row")
+
+
+def num_groups(weight: Tensor, kind: SparsityType) -> int:
+    """How many groups of `kind` the weight has (not defined for nm)."""
+    return _group_view(weight, kind).shape[1]
+
+
+def _squared_norms(view: Tensor) -> Tensor:
+    """Squared L2 norm of each group of a group view, in at least float32.
+
+    Half precision would overflow (300**2 > 65504) and tie groups that differ.
+    """
+    wide = view.to(torch.promote_types(view.dtype, torch.float32))
+    return wide.square().sum(dim=(0, 2))
+
+
+def group_scores(weight: Tensor, kind: SparsityType) -> Tensor:
+    """Squared L2 norm of each group of `kind`, 1-D (irregular: w**2 flattened; not for nm)."""
+    return _squared_norms(_group_view(weight, kind))
+
+
+def keep_count(n_groups: int, rate: float) -> int:
+    """Groups to keep when a fraction `rate` in [0, 1) of `n_groups` is removed.
+
+    removed = floor(rate * n_groups + 1e-6): rounding down never prunes more than asked, and the
+    1e-6 stops float error (0.57 * 100 = 56.99...) from pruning less. At least one group is kept.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate, the fraction of groups removed, must be in [0, 1), got {rate}")
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be at least 1, got {n_groups}")
+    removed = math.floor(rate * n_groups + _ROUNDING_SLACK)
+    return max(n_groups - removed, 1)
+
+
+def nm_keep(rate: float, m: int = NM_M) -> int:
+    """N, the weights kept in every block of M, for an nm rate of 1 - N/M."""
+    n = m * (1 - rate)
+    if not (0 <= rate < 1 and abs(n - round(n)) <= _ROUNDING_SLACK):
+        accepted = ", ".join(f"{1 - k / m:g}" for k in range(m, 0, -1))
+        raise ValueError(f"nm rate {rate} is not 1 - N/{m} for a whole N; accepted: {accepted}")
+    return round(n)
+
+
+def _nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
+    """Keep the N largest |w| of every M consecutive weights along each GEMM row.
+
+    A row whose length is not a multiple of M is padded with zeros, as the GPU format does; the
+    padding must count against N, so the trailing partial block keeps its top min(N, length).
+    Padding scores -1, below any |w|, so it is never kept over a real weight.
+    """
+    rows = _gemm_view(weight)
+    cols = rows.shape[1]
+    padded = torch.nn.functional.pad(rows.abs(), (0, -cols % m), value=-1.0)
+    blocks = padded.reshape(rows.shape[0], -1, m)
+    order = blocks.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order[..., :n], True)
+    return keep.reshape(rows.shape[0], -1)[:, :cols].reshape(weight.shape)
+
+
+def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float) -> list[Tensor]:
+    """Keep the same k groups in every tensor: those with the largest summed squared norm."""
+    views = [_group_view(w, kind) for w in weights]
+    counts = [v.shape[1] for v in views]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"coupled tensors must have equal numbers of {kind.value} groups, got {counts}"
+        )
+    scores = sum(_squared_norms(v) for v in views)
+    order = torch.argsort(scores, descending=True, stable=True)  # stable: lower index wins ties
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[order[: keep_count(counts[0], rate)]] = True
+    return [keep.view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w in zip(views, weights)]
+
+
+def mask(
+    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M
+) -> list[Tensor]:
+    """Boolean keep-masks of the exact Euclidean projection onto "at most k groups non-zero".
+
+    `weights` is a coupled group. For filter and channel it is projected jointly: squared norms
+    are summed over the tensors and the same k = keep_count(n, rate) indices are kept in each.
+    Shape, irregular and nm change no layer's channels, so nothing needs to agree: each tensor is
+    projected on its own at `rate`. For nm, rate = 1 - N/M with block size `m`.
+    Ties keep the lower group index.
+    """
+    if not weights:
+        raise ValueError("weights must hold at least one tensor")
+    if kind == SparsityType.NM:
+        n = nm_keep(rate, m)
+        return [_nm_mask(w, n, m) for w in weights]
+    if kind.couples_layers:
+        return _joint_mask(weights, kind, rate)
+    return [_joint_mask([w], kind, rate)[0] for w in weights]
+
+
+def project(
+    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M
+) -> list[Tensor]:
+    """Proj_S(W) of each tensor as a new tensor of the same dtype and device; inputs untouched."""
+    return [w.masked_fill(~keep, 0) for w, keep in zip(weights, mask(weights, kind, rate, m=m))]
+
+
+def achieved_rate(weight: Tensor, kind: SparsityType) -> float:
+    """Fraction of groups that are entirely zero (nm: fraction of weights that are zero)."""
+    if kind == SparsityType.NM:
+        return int((weight == 0).sum()) / weight.numel()
+    view = _group_view(weight, kind)
+    nonzero = (view != 0).any(dim=2).any(dim=0)
+    return int((~nonzero).sum()) / nonzero.numel()
