@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import data, models
 from .errors import UserError
+from .sparsity import SparsityType
 
 app = typer.Typer(help="Hardware-aware AutoML for structured sparsity in conv nets (StructADMM).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
@@ -133,5 +134,77 @@ def _status(p: Any) -> str:
     return f"epoch {p.epoch} loss {p.loss:.3f}{acc}"
 
 
-def main() -> None:
-    app()
+@command()
+def layers(
+    model: ModelOpt = "digits-cnn",
+    dataset: DatasetOpt = "digits",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List the prunable layers with their shapes, MACs and applicable sparsity types."""
+    from .layers import trace
+    from .train import prepare
+
+    net, ds = prepare(model, dataset, data_dir)
+    found = trace(net, ds.input_shape)
+    table = Table("layer", "kind", "weight", "input", "output", "MACs/sample", "types",
+                  title=f"{model} on {dataset} ({'x'.join(map(str, ds.input_shape))} input)")
+    for layer in found:
+        table.add_row(layer.name, layer.kind + (f" g={layer.groups}" if layer.groups > 1 else ""),
+                      "x".join(map(str, layer.weight_shape)), "x".join(map(str, layer.in_shape)),
+                      "x".join(map(str, layer.out_shape)), f"{layer.macs:,}", _types(layer.types))
+    console.print(table)
+    console.print("types: all = filter, channel, shape, irregular, nm; the classifier never takes filter")
+    console.print(f"{len(found)} prunable layers, {sum(layer.macs for layer in found):,} MACs per sample")
+
+
+@command()
+def prune(
+    checkpoint: Annotated[Path, typer.Option(help="Dense checkpoint (from `sparsesearch train`).")],
+    plan: Annotated[str, typer.Option(help="Plan file (.json/.toml) or TYPE=RATE for all layers, e.g. filter=0.5.")],
+    model: ModelOpt = "digits-cnn",
+    dataset: DatasetOpt = "digits",
+    admm_epochs: Annotated[float, typer.Option(help="ADMM W-step epochs in all (fractions allowed).")] = 10,
+    admm_interval: Annotated[float, typer.Option(help="Epochs between Z/U updates.")] = 0.25,
+    rho0: Annotated[float, typer.Option(help="Initial ADMM penalty rho.")] = 1e-3,
+    rho_factor: Annotated[float, typer.Option(help="rho multiplier at each Z/U update.")] = 1.3,
+    rho_max: Annotated[float, typer.Option(help="Cap on rho.")] = 10.0,
+    retrain_epochs: Annotated[float, typer.Option(help="Masked retraining epochs after hard pruning.")] = 5,
+    lr: Annotated[float, typer.Option(help="Learning rate of each ADMM period and of retraining.")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for shuffling.")] = 0,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: beside the checkpoint).")] = None,
+) -> None:
+    """ADMM-train toward a sparsity plan, hard-prune, retrain with masks; write weights, plan, metrics."""
+    from .admm import ADMMConfig, prune_checkpoint
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    set_threads(threads)
+    config = ADMMConfig(admm_epochs, admm_interval, rho0, rho_factor, rho_max, retrain_epochs, lr, lr,
+                        batch_size, seed=seed)
+    out_dir = out or checkpoint.parent / f"pruned-{_plan_slug(plan)}"
+    with progress_bar("prune") as update:
+        result, path = prune_checkpoint(
+            model, dataset, checkpoint, plan, config, dev, out_dir, data_dir,
+            on_progress=lambda p: update(p.step, p.total, f"{p.phase} loss {p.loss:.3f}"))
+    acc = result.accuracy
+    console.print(f"test accuracy: dense {acc['dense']:.2f}%, hard-pruned {acc['hard_pruned']:.2f}%, "
+                  f"after retraining {acc['final']:.2f}%")
+    if result.iterations:
+        last = result.iterations[-1]
+        console.print(f"ADMM: {last.total} iterations, final rho {last.rho:.3g}, primal residual {last.residual:.3f}")
+    dense = sum(r["macs"] for r in result.layers)
+    kept = sum(r["macs_compacted"] for r in result.layers)
+    console.print(f"MACs per sample (prunable layers): {dense:,} -> {kept:,} ({dense / max(kept, 1):.2f}x fewer)")
+    console.print(f"wrote {path}, {path.with_suffix('.json').name} and plan.json in {path.parent}")
+
+
+def _types(types: tuple[SparsityType, ...]) -> str:
+    return "all" if len(types) == len(SparsityType) else ",".join(t.value for t in types)
+
+
+def _plan_slug(plan: str) -> str:
+    return Path(plan).stem if Path(plan).exists() else plan.replace("=", "-")

@@ -46,6 +46,7 @@ class Progress:
     epoch: int
     loss: float
     val_acc: float | None = None
+    phase: str = "train"
 
 
 @dataclass

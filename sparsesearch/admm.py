@@ -1,0 +1,287 @@
+"""StructADMM: ADMM as a dynamic regulariser, then hard pruning and masked retraining.
+
+W-step: SGD on loss + rho/2 * sum ||W - Z + U||_F^2 (the squared norm, as in the paper);
+every `admm_interval` epochs: Z = Proj_S(W + U), U += W - Z, rho *= rho_factor (capped).
+Each ADMM period restarts the learning rate and decays it (cosine) to its end.
+Then W = Proj_S(W) and retraining with weights and gradients masked, so no pruned weight returns.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .data import Data
+from .layers import Layer, trace
+from .plan import LayerSparsity, Plan
+from .runtime import versions
+from .sparsity import SparsityType, achieved_rate, mask, project
+from .train import Hooks, Progress, ProgressFn, TrainConfig, evaluate, fit, prepare
+
+
+@dataclass
+class ADMMConfig:
+    admm_epochs: float = 10  # W-step epochs in all; fractions are step budgets for short trials
+    admm_interval: float = 0.25  # epochs per ADMM iteration (between Z/U updates)
+    rho0: float = 1e-3
+    rho_factor: float = 1.3
+    rho_max: float = 10.0
+    retrain_epochs: float = 5
+    lr: float = 0.01
+    retrain_lr: float = 0.01
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def iterations(self) -> list[float]:
+        """The epochs of each ADMM period; the last is shorter when the interval does not divide."""
+        full, rest = divmod(self.admm_epochs, self.admm_interval)
+        return [self.admm_interval] * int(full) + ([rest] if rest > 1e-9 else [])
+
+    def rho(self, iteration: int) -> float:
+        """rho during ADMM period `iteration` (0-based): rho0 grown by rho_factor per update, capped."""
+        return min(self.rho0 * self.rho_factor**iteration, self.rho_max)
+
+
+@dataclass
+class Iteration:
+    """What each ADMM iteration reports: the search prunes hopeless trials on it."""
+
+    index: int
+    total: int
+    rho: float
+    residual: float  # primal residual ||W - Z|| / ||W|| over all pruned layers
+    val_acc: float  # accuracy of W (still dense)
+    projected_acc: float  # accuracy of Proj_S(W): what hard pruning now would give
+
+
+@dataclass
+class Target:
+    """Layers projected jointly (a coupled group) with one sparsity spec."""
+
+    names: list[str]
+    spec: LayerSparsity
+
+
+def targets(plan: Plan, couplings: Iterable[list[str]] = ()) -> list[Target]:
+    """One target per planned layer, except coupled layers sharing a channel-changing spec, which
+    are projected jointly so they keep the same indices (the compaction stage supplies couplings)."""
+    grouped, out = set(), []
+    for group in couplings:
+        specs = {plan.layers.get(n) for n in group}
+        if len(specs) == 1 and None not in specs and next(iter(specs)).type.couples_layers:
+            out.append(Target(list(group), plan.layers[group[0]]))
+            grouped.update(group)
+    out += [Target([n], s) for n, s in plan.layers.items() if n not in grouped]
+    return out
+
+
+class ADMMState:
+    """Z, U and rho for every target; penalty() is the extra W-step loss term."""
+
+    def __init__(self, model: nn.Module, plan: Plan, couplings: Iterable[list[str]] = ()) -> None:
+        modules = dict(model.named_modules())
+        self.targets = targets(plan, couplings)
+        self.weights = [[modules[n].weight for n in t.names] for t in self.targets]
+        with torch.no_grad():
+            self.Z = [project([w.detach() for w in ws], t.spec.type, t.spec.rate)
+                      for t, ws in zip(self.targets, self.weights)]
+        self.U = [[torch.zeros_like(w) for w in ws] for ws in self.weights]
+        self.rho = 0.0
+
+    @torch.no_grad()
+    def set_rho(self, rho: float) -> None:
+        """Change rho, rescaling U = lambda/rho so the dual lambda is unchanged (Boyd et al. 3.4.1);
+        without this, U keeps integrating W - Z while rho is small and Z flips between supports."""
+        if self.rho > 0:
+            for us in self.U:
+                for u in us:
+                    u.mul_(self.rho / rho)
+        self.rho = rho
+
+    def penalty(self) -> Tensor:
+        terms = [(w - z + u).pow(2).sum() for ws, zs, us in zip(self.weights, self.Z, self.U)
+                 for w, z, u in zip(ws, zs, us)]
+        return self.rho / 2 * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """Z = Proj(W + U); U += W - Z. Returns the primal residual ||W - Z|| / ||W||."""
+        diff, norm = 0.0, 0.0
+        for t, ws, us, i in zip(self.targets, self.weights, self.U, range(len(self.targets))):
+            self.Z[i] = project([w + u for w, u in zip(ws, us)], t.spec.type, t.spec.rate)
+            for w, z, u in zip(ws, self.Z[i], us):
+                u.add_(w - z)
+                diff += (w - z).pow(2).sum().item()
+                norm += w.pow(2).sum().item()
+        return math.sqrt(diff / max(norm, 1e-30))
+
+
+def prune_masks(model: nn.Module, plan: Plan, couplings: Iterable[list[str]] = ()) -> dict[str, Tensor]:
+    """Masks of Proj_S(W) by parameter name; a pruned filter takes its bias entry with it."""
+    modules = dict(model.named_modules())
+    masks: dict[str, Tensor] = {}
+    for t in targets(plan, couplings):
+        keeps = mask([modules[n].weight.detach() for n in t.names], t.spec.type, t.spec.rate)
+        for name, keep in zip(t.names, keeps):
+            masks[f"{name}.weight"] = keep
+            bias = modules[name].bias
+            if t.spec.type == SparsityType.FILTER and bias is not None:
+                masks[f"{name}.bias"] = keep.reshape(keep.shape[0], -1).any(1)
+    return masks
+
+
+def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Hard prune: zero every masked-out weight in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in masks.items():
+            params[name].mul_(keep.to(params[name].device))
+
+
+def masked_hooks(model: nn.Module, masks: dict[str, Tensor]) -> Hooks:
+    """Retraining hooks: gradients are masked before each step (so momentum and weight decay,
+    built from a fresh optimizer, stay zero there) and weights re-masked after it, as a guarantee."""
+    params = dict(model.named_parameters())
+    pairs = [(params[n], m.to(params[n].device)) for n, m in masks.items()]
+
+    def mask_grads() -> None:
+        for p, m in pairs:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    return Hooks(before_step=mask_grads, after_step=lambda _step: apply_masks(model, masks))
+
+
+@dataclass
+class PruneResult:
+    masks: dict[str, Tensor]
+    iterations: list[Iteration]
+    accuracy: dict[str, float]  # test accuracy: dense, hard_pruned (before retraining), final
+    layers: list[dict[str, object]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _steps(data: Data, batch_size: int, epochs: float) -> int:
+    return max(1, math.ceil(epochs * math.ceil(len(data.train) / batch_size)))
+
+
+def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, device: torch.device,
+             couplings: Iterable[list[str]] = (), on_iteration: Callable[[Iteration], None] | None = None,
+             on_progress: ProgressFn | None = None) -> PruneResult:
+    """ADMM training, hard prune and masked retraining of `model` in place."""
+    start = datetime.datetime.now()
+    model.to(device)
+    couplings = list(couplings)
+    periods = config.iterations()
+    total = sum(_steps(data, config.batch_size, e) for e in periods) + _steps(data, config.batch_size,
+                                                                              config.retrain_epochs)
+    done = 0
+
+    def relay(phase: str) -> ProgressFn:
+        def forward(p: Progress) -> None:
+            if on_progress is not None:
+                on_progress(Progress(done + p.step, total, p.epoch, p.loss, p.val_acc, phase))
+        return forward
+
+    def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
+        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
+
+    accuracy = {"dense": evaluate(model, data.test, device)}
+    state = ADMMState(model, plan, couplings)
+    iterations: list[Iteration] = []
+    for i, epochs in enumerate(periods):
+        state.set_rho(config.rho(i))
+        history = fit(model, data, train_config(epochs, config.lr, config.seed + i), device,
+                      Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"))
+        done += _steps(data, config.batch_size, epochs)
+        residual = state.update()
+        iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc,
+                                    _projected_accuracy(model, data, plan, couplings, device)))
+        if on_iteration is not None:
+            on_iteration(iterations[-1])
+    masks = prune_masks(model, plan, couplings)
+    apply_masks(model, masks)
+    accuracy["hard_pruned"] = evaluate(model, data.test, device)
+    if config.retrain_epochs > 0:
+        fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
+            device, masked_hooks(model, masks), relay("retrain"))
+    accuracy["final"] = evaluate(model, data.test, device)
+    accuracy["final_val"] = evaluate(model, data.val, device)
+    seconds = (datetime.datetime.now() - start).total_seconds()
+    return PruneResult(masks, iterations, accuracy, seconds=seconds)
+
+
+def _projected_accuracy(model: nn.Module, data: Data, plan: Plan, couplings: list[list[str]],
+                        device: torch.device) -> float:
+    """Validation accuracy of Proj_S(W), computed on a swap of the weights and restored after."""
+    params = dict(model.named_parameters())
+    masks = prune_masks(model, plan, couplings)
+    saved = {n: params[n].detach().clone() for n in masks}
+    apply_masks(model, masks)
+    try:
+        return evaluate(model, data.val, device)
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+
+
+def layer_report(model: nn.Module, layers: list[Layer], plan: Plan) -> list[dict[str, object]]:
+    """Per planned layer: type, planned and achieved rate, dense and compacted MACs per sample."""
+    modules = dict(model.named_modules())
+    rows = []
+    for layer in layers:
+        spec = plan.layers.get(layer.name)
+        weight = modules[layer.name].weight.detach()
+        rows.append({
+            "layer": layer.name,
+            "type": spec.type.value if spec else "dense",
+            "rate": spec.rate if spec else 0.0,
+            "achieved": achieved_rate(weight, spec.type) if spec else 0.0,
+            "macs": layer.macs,
+            "macs_compacted": layer.macs_with(weight, spec.type) if spec else layer.macs,
+        })
+    return rows
+
+
+def prune_checkpoint(model_name: str, dataset_name: str, weights: Path, plan_text: str, config: ADMMConfig,
+                     device: torch.device, out_dir: Path, data_dir: Path | None = None,
+                     on_iteration: Callable[[Iteration], None] | None = None,
+                     on_progress: ProgressFn | None = None) -> tuple[PruneResult, Path]:
+    """`sparsesearch prune`: load, validate the plan, ADMM + prune + retrain, write weights, plan, metrics."""
+    model, data = prepare(model_name, dataset_name, data_dir, weights=weights, seed=config.seed)
+    layers = trace(model, data.input_shape)
+    plan = Plan.parse(plan_text, layers)
+    result = run_admm(model, data, plan, config, device, on_iteration=on_iteration, on_progress=on_progress)
+    model.cpu()
+    result.layers = layer_report(model, layers, plan)
+    plan.save(out_dir / "plan.json")
+    dense_macs = sum(r["macs"] for r in result.layers)
+    pruned_macs = sum(r["macs_compacted"] for r in result.layers)
+    checkpoint.save(out_dir / "pruned.pt", model, {
+        "kind": "pruned",
+        "model": model_name,
+        **data.describe(),
+        "num_classes": data.info.num_classes,
+        "dense_checkpoint": str(weights),
+        "plan": "plan.json",
+        "accuracy": {**result.accuracy, "unit": "% top-1 (test; final_val on validation)"},
+        "macs": {"dense": dense_macs, "compacted": pruned_macs, "reduction": dense_macs / max(pruned_macs, 1),
+                 "unit": "MACs per sample, prunable layers, counting each layer's own kept rows/columns"},
+        "layers": result.layers,
+        "admm_iterations": [asdict(i) for i in result.iterations],
+        "admm_config": asdict(config),
+        "seconds": round(result.seconds, 2),
+        "device": str(device),
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    return result, out_dir / "pruned.pt"

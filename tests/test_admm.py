@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, prune_masks, run_admm
+from sparsesearch.cli import app
+from sparsesearch.layers import trace
+from sparsesearch.plan import LayerSparsity, Plan
+from sparsesearch.sparsity import SparsityType as T
+from sparsesearch.sparsity import achieved_rate, keep_count, num_groups, project
+from sparsesearch.train import DenseResult, prepare
+
+CPU = torch.device("cpu")
+SHORT = ADMMConfig(admm_epochs=0.5, admm_interval=0.25, retrain_epochs=0.5)
+MIXED = {"0": LayerSparsity(T.SHAPE, 0.3), "3": LayerSparsity(T.FILTER, 0.5), "7": LayerSparsity(T.CHANNEL, 0.7),
+         "12": LayerSparsity(T.IRREGULAR, 0.9), "14": LayerSparsity(T.NM, 0.5)}
+
+
+def _digits(baseline: DenseResult):  # noqa: ANN202
+    return prepare("digits-cnn", "digits", weights=baseline.checkpoint)
+
+
+def test_rho_grows_by_its_factor_at_each_update_and_is_capped() -> None:
+    config = ADMMConfig(rho0=1e-3, rho_factor=1.3, rho_max=2e-3)
+    assert [config.rho(i) for i in range(4)] == pytest.approx([1e-3, 1.3e-3, 1.69e-3, 2e-3])
+
+
+def test_budget_is_split_into_admm_periods() -> None:
+    assert ADMMConfig(admm_epochs=1, admm_interval=0.3).iterations() == pytest.approx([0.3, 0.3, 0.3, 0.1])
+    assert ADMMConfig(admm_epochs=0).iterations() == []
+
+
+def test_penalty_is_half_rho_squared_frobenius_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    state = ADMMState(model, Plan({"0": LayerSparsity(T.FILTER, 0.5)}))
+    state.set_rho(0.2)
+    state.U[0][0].normal_()
+    w, z, u = model[0].weight, state.Z[0][0], state.U[0][0]
+    assert state.penalty().item() == pytest.approx(0.1 * ((w - z + u) ** 2).sum().item())
+
+
+def test_z_is_the_projection_of_w_plus_u_and_u_accumulates_w_minus_z() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    state = ADMMState(model, Plan({"0": LayerSparsity(T.SHAPE, 0.5)}))
+    state.U[0][0].normal_()
+    w, u_before = model[0].weight.detach().clone(), state.U[0][0].clone()
+    residual = state.update()
+    z = project([w + u_before], T.SHAPE, 0.5)[0]
+    assert torch.equal(state.Z[0][0], z)
+    assert torch.allclose(state.U[0][0], u_before + w - z, atol=1e-6)
+    assert residual == pytest.approx(((w - z).norm() / w.norm()).item())
+
+
+def test_changing_rho_keeps_the_dual_rho_times_u() -> None:
+    model = nn.Sequential(nn.Linear(6, 4))
+    state = ADMMState(model, Plan({"0": LayerSparsity(T.FILTER, 0.5)}))
+    state.set_rho(0.1)
+    state.U[0][0].fill_(1.0)
+    state.set_rho(0.4)
+    assert torch.allclose(state.rho * state.U[0][0], torch.full_like(state.U[0][0], 0.1))
+
+
+def test_coupled_layers_keep_the_same_filters() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 8, 1)})
+    plan = Plan({"a": LayerSparsity(T.FILTER, 0.5), "b": LayerSparsity(T.FILTER, 0.5)})
+    masks = prune_masks(model, plan, couplings=[["a", "b"]])
+    kept_a, kept_b = (masks[f"{n}.weight"].flatten(1).any(1) for n in "ab")
+    assert torch.equal(kept_a, kept_b) and int(kept_a.sum()) == 4
+    assert torch.equal(masks["a.bias"], kept_a)  # a pruned filter takes its bias with it
+
+
+def test_prune_achieves_the_plan_and_retraining_keeps_it(digits_baseline: DenseResult) -> None:
+    model, data = _digits(digits_baseline)
+    plan = Plan(dict(MIXED))
+    plan.validate(trace(model, data.input_shape))
+    result = run_admm(model, data, plan, SHORT, CPU)
+    modules = dict(model.named_modules())
+    for name, spec in plan.layers.items():
+        w = modules[name].weight.detach()
+        if spec.type == T.NM:
+            assert achieved_rate(w, T.NM) == pytest.approx(0.5)
+        else:
+            n = num_groups(w, spec.type)
+            assert achieved_rate(w, spec.type) == (n - keep_count(n, spec.rate)) / n
+        assert torch.equal(w != 0, result.masks[f"{name}.weight"])  # retraining revived nothing
+    assert result.accuracy["final"] > result.accuracy["hard_pruned"]
+
+
+def test_admm_reports_every_iteration(digits_baseline: DenseResult) -> None:
+    model, data = _digits(digits_baseline)
+    seen: list[Iteration] = []
+    config = ADMMConfig(admm_epochs=1, admm_interval=0.25, retrain_epochs=0)
+    run_admm(model, data, Plan({"3": LayerSparsity(T.FILTER, 0.5)}), config, CPU, on_iteration=seen.append)
+    assert [i.index for i in seen] == [1, 2, 3, 4] and all(i.total == 4 for i in seen)
+    assert [i.rho for i in seen] == pytest.approx([config.rho(k) for k in range(4)])
+    assert all(0 <= i.projected_acc <= 100 and i.residual >= 0 for i in seen)
+
+
+def test_admm_is_deterministic_with_a_seed(digits_baseline: DenseResult) -> None:
+    states = []
+    for _ in range(2):
+        model, data = _digits(digits_baseline)
+        run_admm(model, data, Plan(dict(MIXED)), SHORT, CPU)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_half_the_filters_cost_at_most_one_point_on_digits(digits_baseline: DenseResult) -> None:
+    model, data = _digits(digits_baseline)
+    plan = Plan.uniform([layer for layer in trace(model, data.input_shape) if layer.kind == "conv"], T.FILTER, 0.5)
+    result = run_admm(model, data, plan, ADMMConfig(), CPU)
+    assert result.accuracy["final"] >= digits_baseline.test_acc - 1.0
+
+
+def test_prune_command_writes_weights_plan_and_metrics(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    args = ["prune", "--checkpoint", str(digits_baseline.checkpoint), "--plan", "shape=0.5",
+            "--admm-epochs", "0.5", "--retrain-epochs", "0.5", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "pruned.json").read_text())
+    assert Plan.load(tmp_path / "plan.json") == Plan.parse("shape=0.5", trace(*_model_and_shape(digits_baseline)))
+    assert {r["layer"]: r["achieved"] for r in meta["layers"]}["3"] == 0.5
+    assert meta["macs"]["compacted"] < meta["macs"]["dense"] and len(meta["admm_iterations"]) == 2
+    assert set(meta["accuracy"]) >= {"dense", "hard_pruned", "final"}
+
+
+def _model_and_shape(baseline: DenseResult):  # noqa: ANN202
+    model, data = _digits(baseline)
+    return model, data.input_shape
+
+
+def test_prune_with_a_bad_plan_is_one_line(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["prune", "--checkpoint", str(digits_baseline.checkpoint),
+                                      "--plan", "fliter=0.5", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip() == "error: unknown sparsity type 'fliter': did you mean filter? in --plan"
+    assert not any(tmp_path.iterdir())  # nothing written
