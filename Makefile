@@ -36,3 +36,4 @@ test-all: setup
 
 bench: setup
 	$(PY) bench/baselines.py
+	$(PY) bench/admm_vs_oneshot.py

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import data, models
 from .errors import UserError
@@ -146,14 +146,15 @@ def layers(
 
     net, ds = prepare(model, dataset, data_dir)
     found = trace(net, ds.input_shape)
-    table = Table("layer", "kind", "weight", "input", "output", "MACs/sample", "types",
+    table = Table(Column("layer", overflow="fold"), "kind", "weight", "input", "output", "MACs", "types",
                   title=f"{model} on {dataset} ({'x'.join(map(str, ds.input_shape))} input)")
     for layer in found:
         table.add_row(layer.name, layer.kind + (f" g={layer.groups}" if layer.groups > 1 else ""),
                       "x".join(map(str, layer.weight_shape)), "x".join(map(str, layer.in_shape)),
                       "x".join(map(str, layer.out_shape)), f"{layer.macs:,}", _types(layer.types))
     console.print(table)
-    console.print("types: all = filter, channel, shape, irregular, nm; the classifier never takes filter")
+    console.print("MACs per sample; types: all = filter, channel, shape, irregular, nm "
+                  "(the classifier never takes filter)")
     console.print(f"{len(found)} prunable layers, {sum(layer.macs for layer in found):,} MACs per sample")
 
 
