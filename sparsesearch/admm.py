@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .compact import couplings
 from .data import Data
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
@@ -71,12 +72,13 @@ class Target:
 
 
 def targets(plan: Plan, couplings: Iterable[list[str]] = ()) -> list[Target]:
-    """One target per planned layer, except coupled layers sharing a channel-changing spec, which
-    are projected jointly so they keep the same indices (the compaction stage supplies couplings)."""
+    """One target per planned layer, except layers whose output channels are coupled
+    (`compact.couplings`) and filter-pruned alike: those are projected jointly on their summed
+    filter norms, so they keep the same filters and the channels can be physically removed."""
     grouped, out = set(), []
     for group in couplings:
         specs = {plan.layers.get(n) for n in group}
-        if len(specs) == 1 and None not in specs and next(iter(specs)).type.couples_layers:
+        if len(specs) == 1 and None not in specs and next(iter(specs)).type == SparsityType.FILTER:
             out.append(Target(list(group), plan.layers[group[0]]))
             grouped.update(group)
     out += [Target([n], s) for n, s in plan.layers.items() if n not in grouped]
@@ -259,8 +261,9 @@ def prune_checkpoint(model_name: str, dataset_name: str, weights: Path, plan_tex
     """`sparsesearch prune`: load, validate the plan, ADMM + prune + retrain, write weights, plan, metrics."""
     model, data = prepare(model_name, dataset_name, data_dir, weights=weights, seed=config.seed)
     layers = trace(model, data.input_shape)
-    plan = Plan.parse(plan_text, layers)
-    result = run_admm(model, data, plan, config, device, on_iteration=on_iteration, on_progress=on_progress)
+    coupled = couplings(model, data.input_shape)
+    plan = Plan.parse(plan_text, layers, coupled)
+    result = run_admm(model, data, plan, config, device, coupled, on_iteration, on_progress)
     model.cpu()
     result.layers = layer_report(model, layers, plan)
     plan.save(out_dir / "plan.json")

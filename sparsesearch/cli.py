@@ -141,20 +141,25 @@ def layers(
     data_dir: DataDirOpt = None,
 ) -> None:
     """List the prunable layers with their shapes, MACs and applicable sparsity types."""
+    from .compact import couplings
     from .layers import trace
     from .train import prepare
 
     net, ds = prepare(model, dataset, data_dir)
     found = trace(net, ds.input_shape)
-    table = Table(Column("layer", overflow="fold"), "kind", "weight", "input", "output", "MACs", "types",
+    group_of = {n: f"g{i}" for i, group in enumerate(couplings(net, ds.input_shape), 1) for n in group}
+    headers = ("layer", "kind", "weight", "input", "output", "MACs", "types", "coupled")
+    table = Table(*(Column(h, overflow="fold") for h in headers),
                   title=f"{model} on {dataset} ({'x'.join(map(str, ds.input_shape))} input)")
     for layer in found:
         table.add_row(layer.name, layer.kind + (f" g={layer.groups}" if layer.groups > 1 else ""),
                       "x".join(map(str, layer.weight_shape)), "x".join(map(str, layer.in_shape)),
-                      "x".join(map(str, layer.out_shape)), f"{layer.macs:,}", _types(layer.types))
+                      "x".join(map(str, layer.out_shape)), f"{layer.macs:,}", _types(layer.types),
+                      group_of.get(layer.name, ""))
     console.print(table)
     console.print("MACs per sample; types: all = filter, channel, shape, irregular, nm "
-                  "(the classifier never takes filter)")
+                  "(the classifier never takes filter); coupled: layers of one group share output "
+                  "channels and take filter pruning together")
     console.print(f"{len(found)} prunable layers, {sum(layer.macs for layer in found):,} MACs per sample")
 
 

@@ -35,20 +35,21 @@ class Plan:
         return cls({layer.name: LayerSparsity(kind, rate) for layer in layers if kind in layer.types})
 
     @classmethod
-    def parse(cls, text: str, layers: list[Layer]) -> Plan:
+    def parse(cls, text: str, layers: list[Layer], couplings: list[list[str]] = ()) -> Plan:
         """A plan file path, or the shorthand TYPE=RATE for a uniform plan (e.g. filter=0.5)."""
         kind, sep, rate = text.partition("=")
         if sep and not Path(text).exists():
             plan = cls.uniform(layers, _kind(kind.strip(), "--plan"), _rate(rate, "--plan"))
         else:
             plan = cls.load(Path(text))
-        plan.validate(layers)
+        plan.validate(layers, couplings)
         return plan
 
     # --- validation -------------------------------------------------------------------------------
 
-    def validate(self, layers: list[Layer]) -> None:
-        """Refuse unknown layers, rates outside [0, 1) and types the layer cannot take."""
+    def validate(self, layers: list[Layer], couplings: list[list[str]] = ()) -> None:
+        """Refuse unknown layers, rates outside [0, 1), types the layer cannot take, and filter
+        pruning that differs within a group of layers whose output channels are coupled."""
         by_name = {layer.name: layer for layer in layers}
         for name, spec in self.layers.items():
             if name not in by_name:
@@ -67,6 +68,14 @@ class Plan:
                     raise UserError(f"layer '{name}': {e}") from e
         if not self.layers:
             raise UserError("the plan prunes no layer; name at least one prunable layer")
+        for group in couplings:
+            specs = {n: self.layers.get(n) for n in group}
+            filtered = [n for n, s in specs.items() if s is not None and s.type == SparsityType.FILTER]
+            if filtered and len(set(specs.values())) > 1:
+                raise UserError(
+                    f"layers {', '.join(group)} share their output channels (a residual addition or a "
+                    f"depthwise conv), so filter pruning applies to the group: give all of them the same "
+                    f"filter rate, or prune {', '.join(filtered)} with another type")
 
     # --- files ------------------------------------------------------------------------------------
 
