@@ -184,14 +184,18 @@ def load(name: str = "digits", data_dir: Path | None = None, download: bool = Fa
 
 
 def _stratified(labels: Tensor, fractions: list[float]) -> list[Tensor]:
-    """Seeded stratified split of positions into len(fractions) disjoint, sorted index tensors."""
+    """Seeded split of positions into len(fractions) disjoint, sorted index tensors, stratified by
+    label where every class has enough samples."""
     from sklearn.model_selection import train_test_split
 
     rest = np.arange(len(labels))
     parts, remaining = [], 1.0
     for frac in fractions[:-1]:
-        take, rest = train_test_split(rest, train_size=frac / remaining, random_state=SPLIT_SEED,
-                                      stratify=labels.numpy()[rest])
+        try:
+            take, rest = train_test_split(rest, train_size=frac / remaining, random_state=SPLIT_SEED,
+                                          stratify=labels.numpy()[rest])
+        except ValueError:  # too few samples per class to stratify: a plain seeded split still works
+            take, rest = train_test_split(rest, train_size=frac / remaining, random_state=SPLIT_SEED)
         parts.append(take)
         remaining -= frac
     parts.append(rest)
@@ -267,19 +271,36 @@ def _read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a valid IDX file ({e}); re-download the data") from e
 
 
-def _cifar(name: str, root: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    import torchvision.datasets as tvd
+_CIFAR_FILES = {  # folder, training batches, test batch, label key: the "python version" torchvision downloads
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels"),
+}
 
-    cls = getattr(tvd, _TV_CLASS[name])
-    try:
-        sets = [cls(root=str(root), train=train, download=False) for train in (True, False)]
-    except RuntimeError as e:
-        raise UserError(f"{name} not found in {root} ({e}); pass --data-dir where it lives, "
-                        "or --download on a machine with network") from e
-    return tuple(
-        (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets, dtype=torch.int64))
-        for s in sets
-    )
+
+def _cifar(name: str, root: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Read CIFAR's pickled batches directly, so any copy of the files works offline (torchvision's
+    class insists on its own md5 sums)."""
+    folder, train_files, test_file, label_key = _CIFAR_FILES[name]
+    return _cifar_batches(root / folder, train_files, label_key), _cifar_batches(root / folder, [test_file], label_key)
+
+
+def _cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    import pickle
+
+    images, labels = [], []
+    for file in files:
+        path = folder / file
+        if not path.is_file():
+            raise UserError(f"{path} not found; pass --data-dir where {folder.name}/ lives, "
+                            "or --download on a machine with network")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
+            labels.append(torch.tensor(batch[label_key], dtype=torch.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"{path} is not a CIFAR batch ({e!r}); re-download the data") from e
+    return torch.cat(images), torch.cat(labels)
 
 
 # --- image folders --------------------------------------------------------------------------------

@@ -101,3 +101,37 @@ def test_image_folder_is_split_and_resized(tmp_path: Path) -> None:
 def test_image_folder_without_classes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="one sub-folder per class"):
         data.load(f"imagefolder:{tmp_path}")
+
+
+def _cifar_files(root: Path, name: str, per_batch: int = 20) -> None:
+    import pickle
+
+    import numpy as np
+
+    folder, train_files, test_file, label_key = data._CIFAR_FILES[name]
+    classes = 10 if name == "cifar10" else 100
+    rng = np.random.default_rng(0)
+    (root / folder).mkdir(parents=True)
+    for file in [*train_files, test_file]:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 label_key: [i % classes for i in range(per_batch)]}
+        with open(root / folder / file, "wb") as f:
+            pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize(("name", "train_files"), [("cifar10", 5), ("cifar100", 1)])
+def test_cifar_batches_are_read_from_the_data_dir(tmp_path: Path, name: str, train_files: int) -> None:
+    _cifar_files(tmp_path, name, per_batch=100 if name == "cifar100" else 20)
+    ds = data.load(name, data_dir=tmp_path)
+    n_train = train_files * (100 if name == "cifar100" else 20)
+    assert len(ds.train) + len(ds.val) == n_train and len(ds.test) == (100 if name == "cifar100" else 20)
+    assert ds.input_shape == (3, 32, 32) and ds.info.augment
+    x, y = next(ds.train.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0), augment=True))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_missing_cifar_batch_is_reported(tmp_path: Path) -> None:
+    _cifar_files(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(UserError, match=r"data_batch_3 not found.*--download"):
+        data.load("cifar10", data_dir=tmp_path)
