@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .compact import couplings
+from .compact import Dependencies, dependencies
 from .data import Data
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
@@ -88,9 +88,9 @@ def targets(plan: Plan, couplings: Iterable[list[str]] = ()) -> list[Target]:
 class ADMMState:
     """Z, U and rho for every target; penalty() is the extra W-step loss term."""
 
-    def __init__(self, model: nn.Module, plan: Plan, couplings: Iterable[list[str]] = ()) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> None:
         modules = dict(model.named_modules())
-        self.targets = targets(plan, couplings)
+        self.targets = targets(plan, (deps or Dependencies()).couplings)
         self.weights = [[modules[n].weight for n in t.names] for t in self.targets]
         with torch.no_grad():
             self.Z = [project([w.detach() for w in ws], t.spec.type, t.spec.rate)
@@ -126,18 +126,31 @@ class ADMMState:
         return math.sqrt(diff / max(norm, 1e-30))
 
 
-def prune_masks(model: nn.Module, plan: Plan, couplings: Iterable[list[str]] = ()) -> dict[str, Tensor]:
-    """Masks of Proj_S(W) by parameter name; a pruned filter takes its bias entry with it."""
+def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> dict[str, Tensor]:
+    """Masks of Proj_S(W) by parameter name. A pruned filter takes its bias and its BatchNorm
+    entries with it, so the channel is exactly zero, as it will be once physically removed."""
+    deps = deps or Dependencies()
     modules = dict(model.named_modules())
     masks: dict[str, Tensor] = {}
-    for t in targets(plan, couplings):
+    for t in targets(plan, deps.couplings):
         keeps = mask([modules[n].weight.detach() for n in t.names], t.spec.type, t.spec.rate)
         for name, keep in zip(t.names, keeps):
             masks[f"{name}.weight"] = keep
-            bias = modules[name].bias
-            if t.spec.type == SparsityType.FILTER and bias is not None:
-                masks[f"{name}.bias"] = keep.reshape(keep.shape[0], -1).any(1)
+            if t.spec.type != SparsityType.FILTER:
+                continue
+            rows = keep.reshape(keep.shape[0], -1).any(1)
+            for param in _channel_params(modules, name, deps.followers.get(name, [])):
+                masks[param] = rows
     return masks
+
+
+def _channel_params(modules: dict[str, nn.Module], layer: str, norms: list[str]) -> list[str]:
+    """Parameters indexed by `layer`'s output channels: its bias and its BatchNorms' affine terms."""
+    params = [f"{layer}.bias"] if modules[layer].bias is not None else []
+    for norm in norms:
+        if modules[norm].affine:
+            params += [f"{norm}.weight", f"{norm}.bias"]
+    return params
 
 
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
@@ -176,12 +189,13 @@ def _steps(data: Data, batch_size: int, epochs: float) -> int:
 
 
 def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, device: torch.device,
-             couplings: Iterable[list[str]] = (), on_iteration: Callable[[Iteration], None] | None = None,
+             deps: Dependencies | None = None, on_iteration: Callable[[Iteration], None] | None = None,
              on_progress: ProgressFn | None = None) -> PruneResult:
-    """ADMM training, hard prune and masked retraining of `model` in place."""
+    """ADMM training, hard prune and masked retraining of `model` in place; `deps` defaults to the
+    model's own dependency graph."""
     start = datetime.datetime.now()
+    deps = deps or dependencies(model, data.input_shape)
     model.to(device)
-    couplings = list(couplings)
     periods = config.iterations()
     total = sum(_steps(data, config.batch_size, e) for e in periods) + _steps(data, config.batch_size,
                                                                               config.retrain_epochs)
@@ -197,7 +211,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
 
     accuracy = {"dense": evaluate(model, data.test, device)}
-    state = ADMMState(model, plan, couplings)
+    state = ADMMState(model, plan, deps)
     iterations: list[Iteration] = []
     for i, epochs in enumerate(periods):
         state.set_rho(config.rho(i))
@@ -206,10 +220,10 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         done += _steps(data, config.batch_size, epochs)
         residual = state.update()
         iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc,
-                                    _projected_accuracy(model, data, plan, couplings, device)))
+                                    _projected_accuracy(model, data, plan, deps, device)))
         if on_iteration is not None:
             on_iteration(iterations[-1])
-    masks = prune_masks(model, plan, couplings)
+    masks = prune_masks(model, plan, deps)
     apply_masks(model, masks)
     accuracy["hard_pruned"] = evaluate(model, data.test, device)
     if config.retrain_epochs > 0:
@@ -221,11 +235,11 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     return PruneResult(masks, iterations, accuracy, seconds=seconds)
 
 
-def _projected_accuracy(model: nn.Module, data: Data, plan: Plan, couplings: list[list[str]],
+def _projected_accuracy(model: nn.Module, data: Data, plan: Plan, deps: Dependencies | None,
                         device: torch.device) -> float:
     """Validation accuracy of Proj_S(W), computed on a swap of the weights and restored after."""
     params = dict(model.named_parameters())
-    masks = prune_masks(model, plan, couplings)
+    masks = prune_masks(model, plan, deps)
     saved = {n: params[n].detach().clone() for n in masks}
     apply_masks(model, masks)
     try:
@@ -261,9 +275,9 @@ def prune_checkpoint(model_name: str, dataset_name: str, weights: Path, plan_tex
     """`sparsesearch prune`: load, validate the plan, ADMM + prune + retrain, write weights, plan, metrics."""
     model, data = prepare(model_name, dataset_name, data_dir, weights=weights, seed=config.seed)
     layers = trace(model, data.input_shape)
-    coupled = couplings(model, data.input_shape)
-    plan = Plan.parse(plan_text, layers, coupled)
-    result = run_admm(model, data, plan, config, device, coupled, on_iteration, on_progress)
+    deps = dependencies(model, data.input_shape)
+    plan = Plan.parse(plan_text, layers, deps.couplings)
+    result = run_admm(model, data, plan, config, device, deps, on_iteration, on_progress)
     model.cpu()
     result.layers = layer_report(model, layers, plan)
     plan.save(out_dir / "plan.json")

@@ -1,6 +1,10 @@
-"""Physical compaction. This first part finds the coupling groups: prunable layers whose output
-channels are tied together (the convs feeding one residual addition, a depthwise conv and its
-producer), so filter pruning must keep the same indices in all of them or nothing can be removed.
+"""Physical compaction. This first part reads the dependency graph for what pruning must respect:
+- coupling groups: prunable layers whose output channels are tied together (the convs feeding one
+  residual addition, a depthwise conv and its producer), so filter pruning must keep the same
+  indices in all of them or nothing can be removed;
+- followers: the BatchNorms normalising a layer's output channels. A pruned filter must zero its
+  BatchNorm entries too, or BN(0) = beta - gamma*mean/std leaves a constant "ghost" channel that
+  the masked model uses and the compacted model cannot have.
 
 The dependency graph is Torch-Pruning's: it follows every operator of a traced forward, so a
 sparsity type never needs to know about residual blocks.
@@ -9,6 +13,7 @@ sparsity type never needs to know about residual blocks.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,12 +21,18 @@ from torch import nn
 from .layers import prunable
 
 
-def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]:
-    """Groups (two or more layers, in definition order) whose output channels must be pruned together."""
+@dataclass
+class Dependencies:
+    couplings: list[list[str]] = field(default_factory=list)  # two or more layers, definition order
+    followers: dict[str, list[str]] = field(default_factory=dict)  # layer -> BatchNorm module names
+
+
+def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies:
+    """Coupling groups and BatchNorm followers of every prunable layer, from one traced forward."""
     import torch_pruning as tp
 
     modules = prunable(model)
-    names = {m: n for n, m in modules.items()}
+    names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
     try:
@@ -33,10 +44,20 @@ def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]
     finally:
         model.train(was_training)
     order = list(modules)
-    found = []
+    found = Dependencies()
     for group in groups:
-        members = {names[dep.target.module] for dep, _ in group
-                   if dep.target.module in names and getattr(dep.handler, "__name__", "") == "prune_out_channels"}
+        outputs = [dep.target.module for dep, _ in group if getattr(dep.handler, "__name__", "") == "prune_out_channels"]
+        members = sorted({names[m] for m in outputs if isinstance(m, nn.Module) and names.get(m) in modules},
+                         key=order.index)
+        norms = [names[m] for m in outputs if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for name in members:
+            found.followers[name] = norms
         if len(members) > 1:
-            found.append(sorted(members, key=order.index))
-    return sorted(found, key=lambda g: order.index(g[0]))
+            found.couplings.append(members)
+    found.couplings.sort(key=lambda g: order.index(g[0]))
+    return found
+
+
+def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]:
+    """Groups of layers whose output channels must be pruned together."""
+    return dependencies(model, input_shape).couplings

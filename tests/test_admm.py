@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, prune_masks, run_admm
+from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, apply_masks, prune_masks, run_admm
+from sparsesearch.compact import Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
 from sparsesearch.plan import LayerSparsity, Plan
@@ -72,17 +73,29 @@ def test_coupled_layers_keep_the_same_filters() -> None:
     torch.manual_seed(0)
     model = nn.ModuleDict({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 8, 1)})
     plan = Plan({"a": LayerSparsity(T.FILTER, 0.5), "b": LayerSparsity(T.FILTER, 0.5)})
-    masks = prune_masks(model, plan, couplings=[["a", "b"]])
+    masks = prune_masks(model, plan, Dependencies(couplings=[["a", "b"]]))
     kept_a, kept_b = (masks[f"{n}.weight"].flatten(1).any(1) for n in "ab")
     assert torch.equal(kept_a, kept_b) and int(kept_a.sum()) == 4
     assert torch.equal(masks["a.bias"], kept_a)  # a pruned filter takes its bias with it
+
+
+def test_pruned_filters_leave_no_ghost_channel_after_batchnorm(digits_baseline: DenseResult) -> None:
+    model, data = _digits(digits_baseline)
+    plan = Plan({"3": LayerSparsity(T.FILTER, 0.5)})
+    masks = prune_masks(model, plan, dependencies(model, data.input_shape))
+    apply_masks(model, masks)
+    pruned = ~masks["3.weight"].flatten(1).any(1)
+    x, _ = next(data.test.batches(16))
+    after_bn = model[:6].eval()(x)  # conv 3 -> BatchNorm 4 -> ReLU 5
+    assert int(pruned.sum()) == 32 and after_bn[:, pruned].abs().max() == 0
+    assert torch.equal(masks["4.weight"], ~pruned) and torch.equal(masks["4.bias"], ~pruned)
 
 
 def test_prune_achieves_the_plan_and_retraining_keeps_it(digits_baseline: DenseResult) -> None:
     model, data = _digits(digits_baseline)
     plan = Plan(dict(MIXED))
     plan.validate(trace(model, data.input_shape))
-    result = run_admm(model, data, plan, SHORT, CPU)
+    result = run_admm(model, data, plan, SHORT, CPU, dependencies(model, data.input_shape))
     modules = dict(model.named_modules())
     for name, spec in plan.layers.items():
         w = modules[name].weight.detach()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsesearch.admm import prune_masks
-from sparsesearch.compact import couplings
+from sparsesearch.compact import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.models import create
@@ -40,7 +40,7 @@ def test_plain_chain_has_no_couplings() -> None:
 def test_coupled_layers_keep_the_same_filters_under_a_uniform_plan(resnet20) -> None:  # noqa: ANN001
     model, layers, groups = resnet20
     plan = Plan.parse("filter=0.5", layers, groups)
-    masks = prune_masks(model, plan, groups)
+    masks = prune_masks(model, plan, dependencies(model, (3, 32, 32)))
     for group in groups:
         kept = [masks[f"{n}.weight"].flatten(1).any(1) for n in group]
         assert all(torch.equal(kept[0], k) for k in kept) and int(kept[0].sum()) == len(kept[0]) // 2
@@ -56,3 +56,9 @@ def test_different_filter_rates_in_a_coupled_group_are_refused(resnet20) -> None
 def test_other_types_in_a_coupled_group_need_no_agreement(resnet20) -> None:  # noqa: ANN001
     _, layers, groups = resnet20
     Plan({"stem.0": LayerSparsity(T.SHAPE, 0.5), "layer1.0.conv2": LayerSparsity(T.IRREGULAR, 0.3)}).validate(layers, groups)
+
+
+def test_batchnorms_follow_the_layer_they_normalise(resnet20) -> None:  # noqa: ANN001
+    followers = dependencies(resnet20[0], (3, 32, 32)).followers
+    assert followers["layer1.0.conv1"] == ["layer1.0.bn1"]
+    assert set(followers["layer2.0.shortcut.0"]) == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
