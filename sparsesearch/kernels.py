@@ -1,0 +1,357 @@
+"""Compact layers: a masked Conv2d or Linear rebuilt so that its pruned weights cost no time.
+
+Each class takes a layer whose weight already holds its zeros (`sparsity.project`) and gives the
+output of that masked dense layer, in inference. `impl` names the kernel actually used: a format
+can be unavailable (CSR has no float16 CPU kernel, 2:4 needs an Ampere-or-newer GPU), and then the
+layer runs its dense masked weight and says "dense-fallback", so that a measured speedup is never
+credited to a kernel that did not run.
+
+- shape: "reduced-gemm", the im2col GEMM over only the K' weight columns non-zero in some filter.
+- irregular: "csr", the weight in CSR times the im2col matrix (torch.sparse.mm).
+- nm: "semi-structured", a 2:4 weight (torch.sparse.to_sparse_semi_structured) on CUDA.
+
+filter and channel sparsity are not layer-local (they change a neighbour's channels too): the
+model-level compactor removes those channels. Weights are frozen (requires_grad=False): these
+modules are for timing and deployment, and autograd bookkeeping on some layers only would skew it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .sparsity import SparsityType
+
+_SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+_KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
+
+
+def _frozen(tensor: Tensor | None) -> nn.Parameter | None:
+    """A detached copy as a parameter without gradient, so the compact layer owns its weights."""
+    return None if tensor is None else nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
+def _gemm_columns(weight: Tensor) -> Tensor:
+    """Sorted indices of the GEMM columns non-zero in any row: exact for any weight, not only a
+    shape-pruned one. An all-zero weight keeps column 0, so that no GEMM is empty."""
+    live = weight.detach().reshape(weight.shape[0], -1).ne(0).any(0)
+    live[0] |= ~live.any()
+    return live.nonzero().flatten()
+
+
+def _zero_padded(conv: nn.Conv2d) -> nn.Conv2d:
+    """The conv, if it pads with zeros: the only padding the im2col and fallback paths reproduce."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"padding_mode {conv.padding_mode!r} is not supported by compact convs; "
+            "accepted: 'zeros'"
+        )
+    return conv
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple[object, ...]:
+    """stride, padding, dilation and groups, as F.conv2d takes them after the weight and bias."""
+    conv = _zero_padded(conv)
+    return (conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where a conv reads its input: zero padding as F.pad amounts (left, right, top, bottom)."""
+
+    pads: tuple[int, int, int, int]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> _Geometry:
+        """The conv's geometry; string paddings resolve as torch resolves them."""
+        if _zero_padded(conv).padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif conv.padding == "same":  # torch puts the odd pixel of the total on the right/bottom
+            th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            ph, pw = conv.padding
+            pads = (pw, pw, ph, ph)
+        return cls(pads, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
+
+    def pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pads) if any(self.pads) else x
+
+    def window(self, i: int, j: int) -> tuple[slice, slice]:
+        """Rows and columns of the padded input that kernel offset (i, j) reads.
+
+        The ends are fixed negative offsets, so they hold for any input size and survive tracing.
+        """
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        return (slice(i * dh, (i - kh + 1) * dh or None, sh),
+                slice(j * dw, (j - kw + 1) * dw or None, sw))
+
+    def unfold(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """The full im2col matrix (N, C*kh*kw, Hout*Wout) in GEMM column order, and Hout, Wout."""
+        x = self.pad(x)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        return F.unfold(x, self.kernel_size, self.dilation, 0, self.stride), h, w
+
+
+def _by_offset(columns: Tensor, kernel_size: tuple[int, int]) -> list[tuple[int, Tensor]]:
+    """GEMM columns (c*kh*kw + i*kw + j) grouped by kernel offset i*kw + j, offsets ascending."""
+    offsets = columns % (kernel_size[0] * kernel_size[1])
+    return [(o, columns[offsets == o]) for o in offsets.unique().tolist()]
+
+
+def _live_rows(conv: nn.Conv2d) -> tuple[list[tuple[int, Tensor]], Tensor]:
+    """The conv's live GEMM columns by offset, and its F x K' weight matrix in that column order."""
+    by_offset = _by_offset(_gemm_columns(conv.weight), conv.kernel_size)
+    order = torch.cat([cols for _, cols in by_offset])
+    return by_offset, conv.weight.reshape(conv.out_channels, -1)[:, order]
+
+
+class _Windows(nn.Module):
+    """im2col restricted to some GEMM columns: (N, groups*K', Hout, Wout), or with dim=0
+    (groups*K', N, Hout, Wout), the layout a single 2-D product (CSR) needs without a transpose.
+
+    Per group and kernel offset (i, j), the offset's channels are gathered from the padded input
+    and its strided window sliced out; one concatenation makes the GEMM operand. Measured faster
+    than F.unfold + index_select (which builds all C*kh*kw rows first), and than slicing before
+    gathering (index_select on a strided view is slow).
+    Rows run group by group, in the order of `_by_offset` within a group.
+    """
+
+    def __init__(self, conv: nn.Conv2d, by_offset: list[tuple[int, Tensor]], dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.geometry = _Geometry.of(conv)
+        kk, kw = conv.kernel_size[0] * conv.kernel_size[1], conv.kernel_size[1]
+        per_group = conv.in_channels // conv.groups
+        picks = [cols // kk + g * per_group for g in range(conv.groups) for _, cols in by_offset]
+        self.windows = [self.geometry.window(o // kw, o % kw) for _ in range(conv.groups)
+                        for o, _ in by_offset]
+        self.sizes = [len(p) for p in picks]
+        self.register_buffer("channels", torch.cat(picks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.geometry.pad(x)
+        if self.dim == 0:
+            x = x.transpose(0, 1)
+        picked = (x.index_select(self.dim, c)[:, :, rows, cols]
+                  for (rows, cols), c in zip(self.windows, self.channels.split(self.sizes)))
+        return torch.cat(list(picked), self.dim)
+
+
+class ShapeConv2d(nn.Module):
+    """Shape sparsity: the conv as one GEMM of F x K' weights by the K' live im2col rows."""
+
+    impl = "reduced-gemm"
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        by_offset, rows = _live_rows(conv)
+        self.im2col = _Windows(conv, by_offset)
+        self.weight = _frozen(rows.reshape(conv.groups, conv.out_channels // conv.groups, -1))
+        self.bias = _frozen(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cols = self.im2col(x)
+        n, _, h, w = cols.shape
+        groups, _, k = self.weight.shape
+        out = torch.matmul(self.weight, cols.view(n, groups, k, h * w)).view(n, -1, h, w)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+class ShapeLinear(nn.Module):
+    """Shape sparsity of a Linear: drop the dead input columns, then a smaller Linear."""
+
+    impl = "reduced-gemm"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        columns = _gemm_columns(linear.weight)
+        self.register_buffer("columns", columns)
+        self.weight = _frozen(linear.weight[:, columns])
+        self.bias = _frozen(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.index_select(-1, self.columns), self.weight, self.bias)
+
+
+class _CSR(nn.Module):
+    """A matrix in CSR, held as three dense buffers so that .to(), state_dict and deepcopy work
+    (a sparse CSR buffer cannot be deep-copied); the CSR tensor is re-wrapped per call, no copy."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # torch warns once that CSR is beta; it is what we time
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = matrix.detach().to_sparse_csr()
+        self.register_buffer("crow_indices", csr.crow_indices())
+        self.register_buffer("col_indices", csr.col_indices())
+        self.register_buffer("values", csr.values())
+        self.shape = tuple(matrix.shape)
+
+    def mm(self, dense: Tensor) -> Tensor:
+        matrix = torch.sparse_csr_tensor(
+            self.crow_indices, self.col_indices, self.values, self.shape, check_invariants=False)
+        return torch.sparse.mm(matrix, dense)
+
+
+def _csr_or_none(matrix: Tensor) -> _CSR | None:
+    """The matrix in CSR, or None where no CSR kernel takes its dtype and device (one probe)."""
+    try:
+        csr = _CSR(matrix)
+        csr.mm(matrix.new_zeros(matrix.shape[1], 1))
+    except _KERNEL_ERRORS:
+        return None
+    return csr
+
+
+def _dense_conv(layer: SparseConv2d | NMConv2d, x: Tensor) -> Tensor:
+    """The fallback: the masked dense weight through the ordinary conv."""
+    return F.conv2d(x, layer.weight, layer.bias, *layer.conv_args)
+
+
+class SparseLinear(nn.Module):
+    """Irregular sparsity of a Linear: y = (W_csr x^T)^T, only non-zero weights stored and used."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.csr = _csr_or_none(linear.weight)
+        self.impl = "dense-fallback" if self.csr is None else "csr"
+        self.weight = _frozen(linear.weight) if self.csr is None else None
+        self.bias = _frozen(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.csr is None:
+            return F.linear(x, self.weight, self.bias)
+        out = self.csr.mm(x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
+
+
+class SparseConv2d(nn.Module):
+    """Irregular sparsity of a conv: CSR weight times the im2col matrix of its live columns.
+
+    Grouped convs run dense (one CSR product per group would be needed; not worth it here).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        by_offset, rows = _live_rows(conv)
+        self.csr = _csr_or_none(rows) if conv.groups == 1 else None
+        self.impl = "dense-fallback" if self.csr is None else "csr"
+        self.im2col = _Windows(conv, by_offset, dim=0) if self.csr is not None else None
+        self.weight = _frozen(conv.weight) if self.csr is None else None
+        self.bias = _frozen(conv.bias)
+        self.conv_args = _conv_args(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.csr is None:
+            return _dense_conv(self, x)
+        cols = self.im2col(x)
+        k, n, h, w = cols.shape
+        out = self.csr.mm(cols.view(k, -1)).view(-1, n, h, w).transpose(0, 1).contiguous()
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def _is_2_4(matrix: Tensor) -> bool:
+    """Whether every block of 4 consecutive weights of a row holds at most 2 non-zeros."""
+    if matrix.shape[1] % 4:
+        return False
+    return bool(matrix.reshape(matrix.shape[0], -1, 4).ne(0).sum(-1).le(2).all())
+
+
+def _semi_structured_or_none(matrix: Tensor) -> Tensor | None:
+    """The matrix as a 2:4 semi-structured tensor, or None where no GPU kernel takes it.
+
+    Needs CUDA with compute capability >= 8.0, float16/bfloat16 and a 2:4 pattern; the kernels'
+    shape limits (multiples of 16-64 rows and columns) are left to the conversion and one probe.
+    """
+    if not (matrix.is_cuda and matrix.dtype in _SEMI_STRUCTURED_DTYPES and _is_2_4(matrix)):
+        return None
+    if torch.cuda.get_device_capability(matrix.device) < (8, 0):
+        return None
+    try:
+        sparse = torch.sparse.to_sparse_semi_structured(matrix.detach().contiguous())
+        F.linear(matrix.new_zeros(1, matrix.shape[1]), sparse)
+    except _KERNEL_ERRORS:
+        return None
+    return sparse
+
+
+def _nm_weight(matrix: Tensor, dense: Tensor) -> tuple[nn.Parameter, str]:
+    """The 2:4 weight where a GPU kernel takes it, else the dense masked weight; and its impl."""
+    sparse = _semi_structured_or_none(matrix)
+    if sparse is None:
+        return _frozen(dense), "dense-fallback"
+    return nn.Parameter(sparse, requires_grad=False), "semi-structured"
+
+
+class NMLinear(nn.Module):
+    """N:M sparsity of a Linear: the 2:4 weight through F.linear (dense on other devices)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.impl = _nm_weight(linear.weight, linear.weight)
+        self.bias = _frozen(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class NMConv2d(nn.Module):
+    """N:M sparsity of a conv: the 2:4 weight times the im2col matrix (dense conv elsewhere).
+
+    The full F.unfold keeps GEMM column order, which the 2:4 blocks are defined along.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.geometry = _Geometry.of(conv)
+        if conv.groups == 1:
+            rows = conv.weight.reshape(conv.out_channels, -1)
+            self.weight, self.impl = _nm_weight(rows, conv.weight)
+        else:
+            self.weight, self.impl = _frozen(conv.weight), "dense-fallback"
+        self.bias = _frozen(conv.bias)
+        self.conv_args = _conv_args(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "dense-fallback":
+            return _dense_conv(self, x)
+        cols, h, w = self.geometry.unfold(x)
+        n, k, positions = cols.shape
+        out = F.linear(cols.transpose(1, 2).reshape(-1, k), self.weight, self.bias)
+        return out.view(n, positions, -1).transpose(1, 2).reshape(n, -1, h, w)
+
+
+_COMPACT: dict[tuple[SparsityType, type[nn.Module]], type[nn.Module]] = {
+    (SparsityType.SHAPE, nn.Conv2d): ShapeConv2d,
+    (SparsityType.SHAPE, nn.Linear): ShapeLinear,
+    (SparsityType.IRREGULAR, nn.Conv2d): SparseConv2d,
+    (SparsityType.IRREGULAR, nn.Linear): SparseLinear,
+    (SparsityType.NM, nn.Conv2d): NMConv2d,
+    (SparsityType.NM, nn.Linear): NMLinear,
+}
+
+
+def compact_layer(module: nn.Module, kind: SparsityType | str) -> nn.Module:
+    """The compact module for an already-masked Conv2d or Linear, on its device and dtype."""
+    kind = SparsityType(kind)
+    if kind.couples_layers:
+        raise ValueError(
+            f"{kind.value} sparsity is not compacted layer by layer: removing whole "
+            f"{'output filters' if kind == SparsityType.FILTER else 'input channels'} changes the "
+            "neighbouring layers too, so the model-level compactor removes those channels; "
+            "compact_layer accepts shape, irregular and nm"
+        )
+    for layer_type in (nn.Conv2d, nn.Linear):
+        if isinstance(module, layer_type):
+            return _COMPACT[kind, layer_type](module)
+    raise TypeError(f"module must be an nn.Conv2d or nn.Linear, got {type(module).__name__}")

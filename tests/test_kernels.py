@@ -1,0 +1,296 @@
+"""Compact layers give the masked dense layer's output, and say which kernel they run."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from sparsesearch.kernels import (
+    NMConv2d,
+    NMLinear,
+    ShapeConv2d,
+    ShapeLinear,
+    SparseConv2d,
+    SparseLinear,
+    compact_layer,
+)
+from sparsesearch.sparsity import SparsityType, project
+
+TOLERANCE = 1e-5  # relative max error, float32
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def masked(module: nn.Module, kind: SparsityType, rate: float) -> nn.Module:
+    """The module with its weight projected in place (rate = fraction of groups removed)."""
+    with torch.no_grad():
+        module.weight.copy_(project([module.weight], kind, rate)[0])
+    return module.eval()
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+def conv(**kw: object) -> nn.Conv2d:
+    return nn.Conv2d(**{"in_channels": 4, "out_channels": 6, "kernel_size": 3, **kw})
+
+
+def image(seed: int = 1) -> Tensor:
+    """Odd, non-square input, so that a swapped height/width or an off-by-one shows."""
+    return torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_output(compact: nn.Module, dense: nn.Module, x: Tensor) -> None:
+    with torch.no_grad():
+        got, want = compact(x), dense(x)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= TOLERANCE
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kernel_size", [1, 3, (3, 1)])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1, (1, 2)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shape_conv_output_equals_masked_conv(
+    stride: int, padding: int | tuple[int, int], dilation: int, groups: int,
+    kernel_size: int | tuple[int, int], bias: bool, keep: float,
+) -> None:
+    dense = masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        kernel_size=kernel_size, bias=bias), SparsityType.SHAPE, 1 - keep)
+    assert_same_output(ShapeConv2d(dense), dense, image())
+
+
+def test_shape_conv_multiplies_only_live_columns() -> None:
+    dense = masked(conv(), SparsityType.SHAPE, 0.75)
+    live = int(dense.weight.reshape(6, -1).ne(0).any(0).sum())
+    assert live == 9  # 36 columns, 27 removed
+    assert ShapeConv2d(dense).weight.shape == (1, 6, live)
+
+
+def test_shape_conv_with_one_live_column_works() -> None:
+    dense = conv(padding=1).eval()
+    with torch.no_grad():
+        dense.weight.zero_()
+        dense.weight[:, 2, 0, 1] = torch.randn(6)
+    compact = ShapeConv2d(dense)
+    assert compact.weight.shape[-1] == 1
+    assert_same_output(compact, dense, image())
+
+
+def test_shape_conv_of_all_zero_weight_outputs_bias() -> None:
+    dense = conv(padding=1).eval()
+    with torch.no_grad():
+        dense.weight.zero_()
+    assert_same_output(ShapeConv2d(dense), dense, image())
+
+
+def test_fully_kept_shape_conv_equals_dense_conv() -> None:
+    dense = conv(stride=2, padding=1).eval()
+    assert_same_output(ShapeConv2d(dense), dense, image())
+
+
+def test_shape_conv_is_exact_for_columns_live_in_some_filters_only() -> None:
+    dense = masked(conv(padding=1), SparsityType.IRREGULAR, 0.8)
+    assert_same_output(ShapeConv2d(dense), dense, image())
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's
+@pytest.mark.parametrize(("kernel_size", "dilation"), [((2, 3), 1), ((3, 2), 1), (3, 2)])
+def test_shape_conv_resolves_same_padding_as_torch(
+    kernel_size: int | tuple[int, int], dilation: int
+) -> None:
+    """An even kernel extent pads one pixel more on the right/bottom than on the left/top."""
+    dense = masked(conv(padding="same", dilation=dilation, kernel_size=kernel_size),
+                   SparsityType.SHAPE, 0.5)
+    assert_same_output(ShapeConv2d(dense), dense, image())
+
+
+@pytest.mark.parametrize("kind", [SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM])
+@pytest.mark.parametrize("groups", [1, 2])  # groups=2: irregular and nm take the dense fallback
+def test_compact_conv_refuses_non_zero_padding_mode(kind: SparsityType, groups: int) -> None:
+    dense = masked(conv(padding=1, padding_mode="reflect", groups=groups), kind, 0.5)
+    with pytest.raises(ValueError, match="padding_mode 'reflect'"):
+        compact_layer(dense, kind)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still asked for
+def test_shape_conv_traces_to_same_output_for_other_input_sizes() -> None:
+    dense = masked(conv(stride=2, padding=(1, 2), groups=2), SparsityType.SHAPE, 0.5)
+    traced = torch.jit.trace(ShapeConv2d(dense), image(seed=3))
+    x = torch.randn(3, 4, 11, 9)
+    with torch.no_grad():
+        assert rel_err(traced(x), dense(x)) <= TOLERANCE
+
+
+def test_shape_conv_exports_to_onnx() -> None:
+    onnx = pytest.importorskip("onnx")
+    compact = ShapeConv2d(masked(conv(padding=1), SparsityType.SHAPE, 0.5))
+    buffer = io.BytesIO()
+    torch.onnx.export(compact, (image(),), buffer, dynamo=False)
+    onnx.checker.check_model(onnx.load_from_string(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_shape_linear_output_equals_masked_linear(shape: tuple[int, ...]) -> None:
+    dense = masked(nn.Linear(12, 5), SparsityType.SHAPE, 0.75)
+    compact = ShapeLinear(dense)
+    assert compact.weight.shape == (5, 3)
+    assert_same_output(compact, dense, torch.randn(shape))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 0, 1), (2, 1, 1), (1, (1, 2), 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_conv_output_equals_masked_conv(
+    rate: float, stride: int, padding: int | tuple[int, int], dilation: int, bias: bool
+) -> None:
+    dense = masked(conv(stride=stride, padding=padding, dilation=dilation, bias=bias),
+                   SparsityType.IRREGULAR, rate)
+    compact = SparseConv2d(dense)
+    assert compact.impl == "csr"
+    assert_same_output(compact, dense, image())
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+def test_sparse_grouped_conv_falls_back_to_dense(rate: float) -> None:
+    dense = masked(conv(groups=2, padding=1), SparsityType.IRREGULAR, rate)
+    compact = SparseConv2d(dense)
+    assert compact.impl == "dense-fallback"
+    assert_same_output(compact, dense, image())
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_sparse_linear_output_equals_masked_linear(rate: float, shape: tuple[int, ...]) -> None:
+    dense = masked(nn.Linear(12, 5), SparsityType.IRREGULAR, rate)
+    compact = SparseLinear(dense)
+    assert compact.impl == "csr"
+    assert_same_output(compact, dense, torch.randn(shape))
+
+
+def test_csr_stores_only_the_non_zero_weights() -> None:
+    dense = masked(conv(), SparsityType.IRREGULAR, 0.9)
+    compact = SparseConv2d(dense)
+    assert compact.csr.values.numel() == int(dense.weight.ne(0).sum()) == 22  # 216 - 194
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_csr_falls_back_to_dense_for_float16_on_cpu(layer: str) -> None:
+    source = conv(padding=1) if layer == "conv" else nn.Linear(36, 6)
+    x = image() if layer == "conv" else torch.randn(3, 36)
+    dense = masked(source, SparsityType.IRREGULAR, 0.5).half()
+    compact = compact_layer(dense, SparsityType.IRREGULAR)
+    assert compact.impl == "dense-fallback"
+    with torch.no_grad():
+        assert torch.equal(compact(x.half()), dense(x.half()))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nm_conv_fallback_equals_masked_conv(bias: bool) -> None:
+    dense = masked(conv(stride=2, padding=1, bias=bias), SparsityType.NM, 0.5)
+    compact = NMConv2d(dense)
+    assert compact.impl == "dense-fallback"
+    assert_same_output(compact, dense, image())
+
+
+def test_nm_linear_fallback_equals_masked_linear() -> None:
+    dense = masked(nn.Linear(12, 5), SparsityType.NM, 0.5)
+    compact = NMLinear(dense)
+    assert compact.impl == "dense-fallback"
+    assert_same_output(compact, dense, torch.randn(3, 12))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="2:4 semi-structured kernels need a CUDA GPU of compute capability >= 8.0",
+)
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_nm_uses_semi_structured_kernel_on_ampere(layer: str) -> None:
+    source = (nn.Conv2d(64, 64, 3, padding=1) if layer == "conv" else nn.Linear(256, 128))
+    dense = masked(source.cuda().half(), SparsityType.NM, 0.5)
+    compact = compact_layer(dense, SparsityType.NM)
+    assert compact.impl == "semi-structured"
+    x = torch.randn(2, 64, 8, 8) if layer == "conv" else torch.randn(32, 256)
+    x = x.cuda().half()
+    with torch.no_grad():
+        assert rel_err(compact(x).float(), dense(x).float()) <= 1e-2  # float16 accumulation order
+
+
+@pytest.mark.parametrize(
+    ("kind", "layer", "expected", "impl"),
+    [
+        (SparsityType.SHAPE, "conv", ShapeConv2d, "reduced-gemm"),
+        (SparsityType.SHAPE, "linear", ShapeLinear, "reduced-gemm"),
+        (SparsityType.IRREGULAR, "conv", SparseConv2d, "csr"),
+        (SparsityType.IRREGULAR, "linear", SparseLinear, "csr"),
+        (SparsityType.NM, "conv", NMConv2d, "dense-fallback"),
+        (SparsityType.NM, "linear", NMLinear, "dense-fallback"),
+    ],
+)
+def test_compact_layer_picks_the_kernel_for_kind_and_records_it(
+    kind: SparsityType, layer: str, expected: type[nn.Module], impl: str
+) -> None:
+    source = conv(padding=1) if layer == "conv" else nn.Linear(36, 6)
+    x = image() if layer == "conv" else torch.randn(3, 36)
+    dense = masked(source, kind, 0.5)
+    compact = compact_layer(dense, kind.value)
+    assert type(compact) is expected and compact.impl == impl
+    assert_same_output(compact, dense, x)
+
+
+@pytest.mark.parametrize("kind", [SparsityType.FILTER, SparsityType.CHANNEL])
+def test_compact_layer_refuses_channel_removing_kinds(kind: SparsityType) -> None:
+    with pytest.raises(ValueError, match=f"{kind.value} sparsity is not compacted layer by layer"):
+        compact_layer(conv(), kind)
+
+
+def test_compact_layer_refuses_other_modules() -> None:
+    with pytest.raises(TypeError, match="nn.Conv2d or nn.Linear, got BatchNorm2d"):
+        compact_layer(nn.BatchNorm2d(4), SparsityType.SHAPE)
+
+
+@pytest.mark.parametrize("kind", [SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_compact_layer_keeps_float64(kind: SparsityType, layer: str) -> None:
+    source = conv(padding=1) if layer == "conv" else nn.Linear(36, 6)
+    x = image() if layer == "conv" else torch.randn(3, 36)
+    dense = masked(source.double(), kind, 0.5)
+    compact = compact_layer(dense, kind)
+    tensors = [*compact.parameters(), *compact.buffers()]
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float64}
+    assert {t.device for t in tensors} == {dense.weight.device}
+    with torch.no_grad():
+        got = compact(x.double())
+    assert got.dtype == torch.float64
+    assert rel_err(got, dense(x.double()).detach()) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", [SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM])
+def test_compact_conv_follows_module_to_dtype(kind: SparsityType) -> None:
+    dense = masked(conv(padding=1), kind, 0.5)
+    compact = compact_layer(dense, kind).to(torch.float64)
+    x = image().double()
+    with torch.no_grad():
+        got = compact(x)
+        assert got.dtype == torch.float64
+        assert rel_err(got, dense.double()(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("kind", [SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM])
+def test_compact_conv_survives_deepcopy_and_state_dict(kind: SparsityType) -> None:
+    dense = masked(conv(padding=1), kind, 0.5)
+    compact = compact_layer(dense, kind)
+    clone = copy.deepcopy(compact)
+    clone.load_state_dict(compact.state_dict())
+    assert_same_output(clone, dense, image())
