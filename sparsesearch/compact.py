@@ -12,6 +12,7 @@ sparsity type never needs to know about residual blocks.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from .layers import prunable
+from .plan import Plan
+from .sparsity import SparsityType
 
 
 @dataclass
@@ -61,3 +64,51 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
 def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]:
     """Groups of layers whose output channels must be pruned together."""
     return dependencies(model, input_shape).couplings
+
+
+@dataclass
+class Compacted:
+    """A physically smaller model and how each planned layer was compacted."""
+
+    model: nn.Module
+    impl: dict[str, str]  # layer -> "filters-removed", "reduced-gemm", "csr", "semi-structured", "dense-fallback"
+
+
+def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None) -> Compacted:
+    """A copy of a hard-pruned (masked) model with pruned filters physically removed and the other
+    types run by compact kernels; in eval mode its outputs equal the masked model's.
+
+    Filters go through the dependency graph, so BatchNorms, consumers' input channels, residual
+    partners and depthwise convs shrink with them. Channel sparsity runs as a reduced GEMM over the
+    kept input channels (exact and local; removing them at the producer is future work).
+    """
+    import torch_pruning as tp
+
+    from .kernels import compact_layer
+
+    model = copy.deepcopy(model).eval()
+    deps = deps or dependencies(model, input_shape)
+    modules = dict(model.named_modules())
+    impl: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    for name, spec in plan.layers.items():
+        if spec.type != SparsityType.FILTER or name in impl:
+            continue
+        layer = modules[name]
+        dead = layer.weight.detach().reshape(layer.weight.shape[0], -1).eq(0).all(1).nonzero().flatten().tolist()
+        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        graph.get_pruning_group(layer, handler, idxs=dead).prune()
+        for member in next((g for g in deps.couplings if name in g), [name]):
+            impl[member] = "filters-removed"
+    for name, spec in plan.layers.items():
+        if spec.type == SparsityType.FILTER:
+            continue
+        kind = SparsityType.SHAPE if spec.type == SparsityType.CHANNEL else spec.type
+        replacement = compact_layer(modules[name], kind)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, replacement)
+        impl[name] = replacement.impl
+    return Compacted(model, impl)

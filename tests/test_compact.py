@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsesearch.admm import prune_masks
-from sparsesearch.compact import couplings, dependencies
+from sparsesearch.admm import apply_masks, prune_masks
+from sparsesearch.compact import compact, couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.models import create
@@ -62,3 +62,67 @@ def test_batchnorms_follow_the_layer_they_normalise(resnet20) -> None:  # noqa: 
     followers = dependencies(resnet20[0], (3, 32, 32)).followers
     assert followers["layer1.0.conv1"] == ["layer1.0.bn1"]
     assert set(followers["layer2.0.shortcut.0"]) == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
+
+
+def _random_plan(layers: list, groups: list[list[str]], seed: int) -> Plan:
+    """Random types and rates per layer; a coupling group draws one spec when it draws filter."""
+    import random
+
+    rng = random.Random(seed)
+
+    def draw(types: tuple) -> LayerSparsity:
+        kind = rng.choice(types)
+        return LayerSparsity(kind, 0.5 if kind == T.NM else rng.choice([0.1, 0.3, 0.5, 0.7, 0.9]))
+
+    by_name = {layer.name: layer for layer in layers}
+    specs: dict[str, LayerSparsity] = {}
+    for group in groups:
+        common = tuple(set.intersection(*(set(by_name[n].types) for n in group)))
+        spec = draw(common)
+        for n in group:
+            specs[n] = spec if spec.type == T.FILTER else draw(tuple(t for t in by_name[n].types if t != T.FILTER))
+    for layer in layers:
+        if layer.name not in specs and rng.random() < 0.8:
+            specs[layer.name] = draw(layer.types)
+    return Plan(specs)
+
+
+def _masked(name: str, shape: tuple[int, int, int], plan_of) -> tuple:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = create(name, in_channels=shape[0]).eval()
+    for m in model.modules():  # BatchNorm statistics far from identity, so a ghost channel would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    deps = dependencies(model, shape)
+    layers = trace(model, shape)
+    plan = plan_of(layers, deps.couplings)
+    plan.validate(layers, deps.couplings)
+    apply_masks(model, prune_masks(model, plan, deps))
+    return model, plan, deps
+
+
+EQUALITY_MODELS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "vgg16-bn": (3, 32, 32), "resnet20": (3, 32, 32),
+                   "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32)}
+PLANS = {
+    "filter": lambda layers, groups: Plan.uniform(layers, T.FILTER, 0.5),
+    "shape": lambda layers, groups: Plan.uniform(layers, T.SHAPE, 0.7),
+    "random0": lambda layers, groups: _random_plan(layers, groups, 0),
+    "random1": lambda layers, groups: _random_plan(layers, groups, 1),
+}
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+@pytest.mark.parametrize("model_name", EQUALITY_MODELS)
+def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) -> None:
+    shape = EQUALITY_MODELS[model_name]
+    model, plan, deps = _masked(model_name, shape, PLANS[plan_name])
+    compacted = compact(model, plan, shape, deps)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, got = model(x), compacted.model(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    assert set(compacted.impl) == set(plan.layers)
+    if plan_name == "filter":
+        params = sum(p.numel() for p in compacted.model.parameters())
+        assert params < 0.5 * sum(p.numel() for p in model.parameters())  # really removed, not masked
