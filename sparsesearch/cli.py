@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -206,6 +206,42 @@ def prune(
     kept = sum(r["macs_compacted"] for r in result.layers)
     console.print(f"MACs per sample (prunable layers): {dense:,} -> {kept:,} ({dense / max(kept, 1):.2f}x fewer)")
     console.print(f"wrote {path}, {path.with_suffix('.json').name} and plan.json in {path.parent}")
+
+
+@command("compact")
+def compact_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Pruned checkpoint (pruned.pt from `sparsesearch prune`).")],
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Batch size of the timed input.")] = 1,
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Physically compact a pruned model and measure its latency beside the masked dense model."""
+    from .compact import compact_checkpoint
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    with console.status("compacting and timing (dense and compacted, interleaved rounds)"):
+        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir)
+    table = Table("", "dense", "compacted", "ratio", title=f"{checkpoint} on {dev}, batch {batch_size}, "
+                  f"{n_threads} threads, median of {m.setting['rounds']} rounds")
+    table.add_row("params", f"{m.params['dense']:,}", f"{m.params['compacted']:,}",
+                  f"{m.params['dense'] / m.params['compacted']:.2f}x fewer")
+    table.add_row("MACs/sample (prunable layers)", f"{m.macs['dense']:,}", f"{m.macs['compacted']:,}",
+                  f"{m.macs['dense'] / max(m.macs['compacted'], 1):.2f}x fewer")
+    table.add_row("latency ms", f"{m.latency_ms['dense']:.3f} ±{m.spread['dense']:.0%}",
+                  f"{m.latency_ms['compacted']:.3f} ±{m.spread['compacted']:.0%}", f"{m.speedup:.2f}x speedup")
+    console.print(table)
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(_count(m.compacted.impl.values()).items()))
+    console.print(f"implementations: {kinds}")
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
 
 
 def _types(types: tuple[SparsityType, ...]) -> str:

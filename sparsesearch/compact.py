@@ -15,11 +15,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .layers import prunable
+from .errors import UserError
+from .layers import prunable, trace
 from .plan import Plan
 from .sparsity import SparsityType
 
@@ -72,6 +74,7 @@ class Compacted:
 
     model: nn.Module
     impl: dict[str, str]  # layer -> "filters-removed", "reduced-gemm", "csr", "semi-structured", "dense-fallback"
+    macs: dict[str, int]  # per prunable layer, per sample, after every removal (consumers' freed inputs too)
 
 
 def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None) -> Compacted:
@@ -103,6 +106,8 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: De
         graph.get_pruning_group(layer, handler, idxs=dead).prune()
         for member in next((g for g in deps.couplings if name in g), [name]):
             impl[member] = "filters-removed"
+    macs = {layer.name: layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type)
+            if layer.name in plan.layers else layer.macs for layer in trace(model, input_shape)}
     for name, spec in plan.layers.items():
         if spec.type == SparsityType.FILTER:
             continue
@@ -111,4 +116,46 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: De
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement)
         impl[name] = replacement.impl
-    return Compacted(model, impl)
+    return Compacted(model, impl, macs)
+
+
+@dataclass
+class Measured:
+    """A pruned checkpoint compacted and timed beside its masked dense form, on one device."""
+
+    compacted: Compacted
+    params: dict[str, int]
+    macs: dict[str, int]
+    latency_ms: dict[str, float]
+    spread: dict[str, float]
+    speedup: float
+    setting: dict[str, object]
+
+
+def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None) -> Measured:
+    """`sparsesearch compact`: rebuild a pruned checkpoint, compact it, time dense vs compacted."""
+    from . import checkpoint
+    from .profiler.timing import compare
+    from .train import prepare
+
+    meta = checkpoint.read_meta(path)
+    if meta.get("kind") != "pruned":
+        raise UserError(f"{path} is a {meta.get('kind', 'unknown')} checkpoint; compact the output of `sparsesearch prune`")
+    masked, data = prepare(meta["model"], meta["dataset"], data_dir, weights=path)
+    deps = dependencies(masked, data.input_shape)
+    plan = Plan.load(Path(path).parent / meta["plan"])
+    plan.validate(trace(masked, data.input_shape), deps.couplings)
+    result = compact(masked, plan, data.input_shape, deps)
+    dense = {layer.name: layer.macs for layer in trace(masked, data.input_shape)}
+    models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
+    timings = compare(models, torch.randn(batch_size, *data.input_shape, device=device))
+    return Measured(
+        result,
+        {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        {"dense": sum(dense.values()), "compacted": sum(result.macs.values())},
+        {k: t.median_ms for k, t in timings.items()},
+        {k: t.spread for k, t in timings.items()},
+        timings["dense"].median_ms / timings["compacted"].median_ms,
+        {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+         "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
+    )

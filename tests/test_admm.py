@@ -157,3 +157,20 @@ def test_prune_with_a_bad_plan_is_one_line(digits_baseline: DenseResult, tmp_pat
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.strip() == "error: unknown sparsity type 'fliter': did you mean filter? in --plan"
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_compact_command_measures_the_pruned_model(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    runner = CliRunner()
+    pruned = runner.invoke(app, ["prune", "--checkpoint", str(digits_baseline.checkpoint), "--plan", "filter=0.5",
+                                 "--admm-epochs", "0.25", "--retrain-epochs", "0.25", "--out", str(tmp_path)])
+    assert pruned.exit_code == 0, pruned.output
+    result = runner.invoke(app, ["compact", "--checkpoint", str(tmp_path / "pruned.pt"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "159,850" in out and "40,506" in out and "speedup" in out and "filters-removed: 4" in out
+
+
+def test_compact_refuses_a_dense_checkpoint(digits_baseline: DenseResult) -> None:
+    result = CliRunner().invoke(app, ["compact", "--checkpoint", str(digits_baseline.checkpoint)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: ") and "compact the output of `sparsesearch prune`" in result.stderr

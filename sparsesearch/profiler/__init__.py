@@ -1,0 +1,1 @@
+"""On-device measurement: the timing harness (more to come: latency table, predictor, fingerprint)."""

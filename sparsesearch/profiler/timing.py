@@ -1,0 +1,73 @@
+"""The one timing harness every latency in sparsesearch goes through.
+
+Models are timed side by side in interleaved rounds (A, B, A, B, ...), so a change in machine load
+hits all of them alike; each round runs enough calls to last `min_round_s`, after a warm-up; the
+result is the median per-call time and its spread. CUDA is timed with events after a synchronize.
+A model carrying forward hooks is refused: a hook left by a MAC counter once made a dense
+MobileNetV2 look 13x slower.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    spread: float  # (p75 - p25) / median over rounds
+    rounds: int
+    calls_per_round: int
+
+
+def _check_clean(name: str, model: nn.Module) -> None:
+    hooked = [n or "(root)" for n, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    if hooked:
+        raise ValueError(f"model '{name}' has hooks on {', '.join(hooked[:3])}: they would be timed too; remove them")
+
+
+def _call_seconds(model: nn.Module, x: Tensor, calls: int) -> float:
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(x.device)
+        start.record()
+        for _ in range(calls):
+            model(x)
+        end.record()
+        torch.cuda.synchronize(x.device)
+        return start.elapsed_time(end) / 1000 / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        model(x)
+    return (time.perf_counter() - begin) / calls
+
+
+def compare(models: dict[str, nn.Module], x: Tensor, rounds: int = 15, warmup_s: float = 0.3,
+            min_round_s: float = 0.05) -> dict[str, Timing]:
+    """Median per-call latency of each model on input `x`, measured in interleaved rounds."""
+    for name, model in models.items():
+        _check_clean(name, model)
+        model.eval()
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    calls: dict[str, int] = {}
+    with torch.inference_mode():
+        for name, model in models.items():  # warm-up, and size each round to last min_round_s
+            once, deadline = _call_seconds(model, x, 1), time.perf_counter() + warmup_s
+            while time.perf_counter() < deadline:
+                once = min(once, _call_seconds(model, x, 1))
+            calls[name] = max(1, int(min_round_s / max(once, 1e-7)))
+        for _ in range(rounds):
+            for name, model in models.items():
+                samples[name].append(_call_seconds(model, x, calls[name]))
+    return {name: _summary(s, calls[name]) for name, s in samples.items()}
+
+
+def _summary(seconds: list[float], calls: int) -> Timing:
+    q1, median, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else (seconds[0],) * 3
+    return Timing(median * 1000, (q3 - q1) / median, len(seconds), calls)
