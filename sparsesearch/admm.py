@@ -139,18 +139,21 @@ def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None) 
             if t.spec.type != SparsityType.FILTER:
                 continue
             rows = keep.reshape(keep.shape[0], -1).any(1)
-            for param in _channel_params(modules, name, deps.followers.get(name, [])):
-                masks[param] = rows
+            if modules[name].bias is not None:
+                masks[f"{name}.bias"] = rows
+            for norm, channels in deps.followers.get(name, []):
+                _mask_norm(masks, modules[norm], norm, channels, rows)
     return masks
 
 
-def _channel_params(modules: dict[str, nn.Module], layer: str, norms: list[str]) -> list[str]:
-    """Parameters indexed by `layer`'s output channels: its bias and its BatchNorms' affine terms."""
-    params = [f"{layer}.bias"] if modules[layer].bias is not None else []
-    for norm in norms:
-        if modules[norm].affine:
-            params += [f"{norm}.weight", f"{norm}.bias"]
-    return params
+def _mask_norm(masks: dict[str, Tensor], norm: nn.Module, name: str, channels: list[int], rows: Tensor) -> None:
+    """Zero a BatchNorm's affine entries at the channels fed by pruned filters; a BatchNorm after a
+    concatenation collects the masks of several producers."""
+    if not norm.affine:
+        return
+    keep = masks.get(f"{name}.weight", torch.ones(norm.num_features, dtype=torch.bool)).clone()
+    keep[torch.tensor(channels)[~rows.cpu()]] = False
+    masks[f"{name}.weight"] = masks[f"{name}.bias"] = keep
 
 
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:

@@ -60,8 +60,8 @@ def test_other_types_in_a_coupled_group_need_no_agreement(resnet20) -> None:  # 
 
 def test_batchnorms_follow_the_layer_they_normalise(resnet20) -> None:  # noqa: ANN001
     followers = dependencies(resnet20[0], (3, 32, 32)).followers
-    assert followers["layer1.0.conv1"] == ["layer1.0.bn1"]
-    assert set(followers["layer2.0.shortcut.0"]) == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
+    assert followers["layer1.0.conv1"] == [("layer1.0.bn1", list(range(16)))]
+    assert {n for n, _ in followers["layer2.0.shortcut.0"]} == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
 
 
 def _random_plan(layers: list, groups: list[list[str]], seed: int) -> Plan:
@@ -103,7 +103,8 @@ def _masked(name: str, shape: tuple[int, int, int], plan_of) -> tuple:  # noqa: 
 
 
 EQUALITY_MODELS = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "vgg16-bn": (3, 32, 32), "resnet20": (3, 32, 32),
-                   "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32)}
+                   "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32),
+                   "tv:densenet121": (3, 32, 32)}  # concatenations: BatchNorms hold many producers' channels
 PLANS = {
     "filter": lambda layers, groups: Plan.uniform(layers, T.FILTER, 0.5),
     "shape": lambda layers, groups: Plan.uniform(layers, T.SHAPE, 0.7),
@@ -126,3 +127,23 @@ def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) 
     if plan_name == "filter":
         params = sum(p.numel() for p in compacted.model.parameters())
         assert params < 0.5 * sum(p.numel() for p in model.parameters())  # really removed, not masked
+
+
+def test_compaction_that_would_change_outputs_is_refused() -> None:
+    from sparsesearch.compact import verified_compact
+    from sparsesearch.errors import UserError
+
+    shape = (3, 32, 32)  # ConvNeXt's LayerNorm mixes channels: removing one changes the others
+    model, plan, deps = _masked("tv:convnext_tiny", shape, PLANS["filter"])
+    with pytest.raises(UserError, match=r"compacted tv:convnext_tiny differs from the pruned model"):
+        verified_compact(model, plan, shape, deps, "tv:convnext_tiny")
+
+
+def test_compaction_that_fails_is_refused_with_the_reason() -> None:
+    from sparsesearch.compact import verified_compact
+    from sparsesearch.errors import UserError
+
+    shape = (3, 32, 32)  # filter pruning across grouped convs is not handled yet
+    model, plan, deps = _masked("tv:regnet_x_400mf", shape, PLANS["filter"])
+    with pytest.raises(UserError, match=r"cannot compact tv:regnet_x_400mf with this plan \(RuntimeError"):
+        verified_compact(model, plan, shape, deps, "tv:regnet_x_400mf")
