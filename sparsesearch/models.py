@@ -185,6 +185,11 @@ _TV_KWARGS: dict[str, dict[str, object]] = {
 }
 
 
+# ViTs take exactly their constructor's image size; vit_h_14's metadata names its weights' 518 px,
+# but built without weights (as here) it is a 224 px model.
+_TV_MIN_SIZE = {"vit_h_14": 224}
+
+
 def torchvision_names() -> list[str]:
     from torchvision import models as tvm
 
@@ -199,7 +204,8 @@ def _tv_spec(name: str) -> ModelSpec:
         raise unknown("torchvision model", name, [TV_PREFIX + n for n in torchvision_names()],
                       "run `sparsesearch models` for the list")
     meta = next(iter(tvm.get_model_weights(arch))).meta
-    return ModelSpec(name, f"torchvision {arch}", 3, int(meta.get("min_size", (1, 1))[0]))
+    min_size = _TV_MIN_SIZE.get(arch, int(meta.get("min_size", (1, 1))[0]))
+    return ModelSpec(name, f"torchvision {arch}", 3, min_size)
 
 
 def _tv_create(name: str, num_classes: int) -> nn.Module:
