@@ -117,7 +117,7 @@ class ADMMState:
     def update(self) -> float:
         """Z = Proj(W + U); U += W - Z. Returns the primal residual ||W - Z|| / ||W||."""
         diff, norm = 0.0, 0.0
-        for t, ws, us, i in zip(self.targets, self.weights, self.U, range(len(self.targets))):
+        for i, (t, ws, us) in enumerate(zip(self.targets, self.weights, self.U)):
             self.Z[i] = project([w + u for w, u in zip(ws, us)], t.spec.type, t.spec.rate)
             for w, z, u in zip(ws, self.Z[i], us):
                 u.add_(w - z)
@@ -185,6 +185,12 @@ class PruneResult:
     accuracy: dict[str, float]  # test accuracy: dense, hard_pruned (before retraining), final
     layers: list[dict[str, object]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def macs(self) -> tuple[int, int]:
+        """Dense and pruned MACs per sample of the prunable layers, each layer counting only its own
+        kept rows/columns (`compact` also counts the inputs that removed filters free downstream)."""
+        return sum(r["macs"] for r in self.layers), sum(r["macs_compacted"] for r in self.layers)
 
 
 def _steps(data: Data, batch_size: int, epochs: float) -> int:
@@ -284,8 +290,7 @@ def prune_checkpoint(model_name: str, dataset_name: str, weights: Path, plan_tex
     model.cpu()
     result.layers = layer_report(model, layers, plan)
     plan.save(out_dir / "plan.json")
-    dense_macs = sum(r["macs"] for r in result.layers)
-    pruned_macs = sum(r["macs_compacted"] for r in result.layers)
+    dense_macs, pruned_macs = result.macs
     checkpoint.save(out_dir / "pruned.pt", model, {
         "kind": "pruned",
         "model": model_name,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -202,9 +203,9 @@ def prune(
     if result.iterations:
         last = result.iterations[-1]
         console.print(f"ADMM: {last.total} iterations, final rho {last.rho:.3g}, primal residual {last.residual:.3f}")
-    dense = sum(r["macs"] for r in result.layers)
-    kept = sum(r["macs_compacted"] for r in result.layers)
-    console.print(f"MACs per sample (prunable layers): {dense:,} -> {kept:,} ({dense / max(kept, 1):.2f}x fewer)")
+    dense, kept = result.macs
+    console.print(f"MACs per sample of the pruned layers' own kept rows/columns: {dense:,} -> {kept:,} "
+                  f"({dense / max(kept, 1):.2f}x fewer; `sparsesearch compact` also counts freed inputs)")
     console.print(f"wrote {path}, {path.with_suffix('.json').name} and plan.json in {path.parent}")
 
 
@@ -233,15 +234,8 @@ def compact_cmd(
     table.add_row("latency ms", f"{m.latency_ms['dense']:.3f} ±{m.spread['dense']:.0%}",
                   f"{m.latency_ms['compacted']:.3f} ±{m.spread['compacted']:.0%}", f"{m.speedup:.2f}x speedup")
     console.print(table)
-    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(_count(m.compacted.impl.values()).items()))
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(m.compacted.impl.values()).items()))
     console.print(f"implementations: {kinds}")
-
-
-def _count(items: Iterable[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 def _types(types: tuple[SparsityType, ...]) -> str:

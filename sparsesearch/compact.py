@@ -131,8 +131,8 @@ def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]
     """compact(), then a check on a random batch that the compacted model reproduces the masked one:
     never hand back a silently different model (channel-mixing norms such as ConvNeXt's LayerNorm,
     grouped convs and channel shuffles are not handled yet)."""
-    unsupported = ("grouped convs, channel shuffles, concatenations followed by BatchNorm and channel-mixing "
-                   "norms are not compacted yet; prune those models with shape, irregular or nm")
+    unsupported = ("filter pruning across grouped convs, channel shuffles and channel-mixing norms is not "
+                   "compacted yet; prune those layers with shape, irregular or nm")
     try:
         result = compact(masked, plan, input_shape, deps)
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(masked.parameters()).device)
@@ -173,15 +173,15 @@ def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_d
     masked, data = prepare(meta["model"], meta["dataset"], data_dir, weights=path)
     deps = dependencies(masked, data.input_shape)
     plan = Plan.load(Path(path).parent / meta["plan"])
-    plan.validate(trace(masked, data.input_shape), deps.couplings)
+    layers = trace(masked, data.input_shape)
+    plan.validate(layers, deps.couplings)
     result = verified_compact(masked, plan, data.input_shape, deps, meta["model"])
-    dense = {layer.name: layer.macs for layer in trace(masked, data.input_shape)}
     models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
     timings = compare(models, torch.randn(batch_size, *data.input_shape, device=device))
     return Measured(
         result,
         {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
-        {"dense": sum(dense.values()), "compacted": sum(result.macs.values())},
+        {"dense": sum(layer.macs for layer in layers), "compacted": sum(result.macs.values())},
         {k: t.median_ms for k, t in timings.items()},
         {k: t.spread for k, t in timings.items()},
         timings["dense"].median_ms / timings["compacted"].median_ms,
