@@ -236,6 +236,154 @@ def compact_cmd(
     console.print(table)
     kinds = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(m.compacted.impl.values()).items()))
     console.print(f"implementations: {kinds}")
+    for why, names in _grouped(m.compacted.left_dense).items():
+        console.print(f"[yellow]left dense[/] ({len(names)} layers: {_fold(names)}): {why}")
+
+
+# --- profile: latency tables, the latency model and its validation --------------------------------
+
+profile_app = typer.Typer(help="Latency tables of compact layers on this device, and their validation.")
+app.add_typer(profile_app, name="profile")
+DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+ProfileBatchOpt = Annotated[int, typer.Option(help="Batch size of the timed input (the profile holds one).")]
+
+
+def _user_errors(fn: F) -> F:
+    """As `command`, for the sub-commands of `profile`: user errors print as one line (exit 2)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: every row measured so far is saved; run the same command to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return run  # type: ignore[return-value]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, e.g. 0,0.25,0.5; got '{text}'") from None
+
+
+@profile_app.callback(invoke_without_command=True)
+@_user_errors
+def profile_cmd(
+    ctx: typer.Context,
+    model: ModelOpt = "digits-cnn",
+    dataset: Annotated[str | None, typer.Option(help="Dataset whose input size to use (default: digits for "
+                                                     "digits-cnn, cifar10's 32x32 otherwise).")] = None,
+    device: DeviceOpt = "cpu",
+    batch_size: ProfileBatchOpt = 1,
+    threads: ThreadsOpt = None,
+    rates: Annotated[str, typer.Option(help="Rate grid, comma-separated.")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    types: Annotated[str, typer.Option(help="Sparsity types, comma-separated.")] = "filter,channel,shape,irregular,nm",
+    dtype: DtypeOpt = "float32",
+    out: Annotated[Path | None, typer.Option(help="Profile file (default hardware_profiles/<device>-b<batch>-<dtype>.json).")] = None,
+) -> None:
+    """Time every prunable layer's compact forms on a grid of rates; add missing rows to the profile."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .profiler.measure import profile_model, target
+    from .profiler.predictor import LatencyModel
+    from .runtime import resolve_device, set_threads
+    from .sparsity import SparsityType as T
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    kinds = [t.strip() for t in types.split(",") if t.strip()]
+    for kind in kinds:
+        if kind not in {t.value for t in T}:
+            raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(t.value for t in T)}")
+    grid = _floats(rates, "--rates")
+    if not all(0 <= r < 1 for r in grid):
+        raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
+    with console.status(f"tracing {model} and the dims each rate leaves"):
+        tgt = target(model, dataset)
+    console.print(f"profiling [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input) on {dev}, "
+                  f"batch {batch_size}, {dtype}, {n_threads} threads")
+    with progress_bar("profile") as update:
+        run = profile_model(tgt, dev, batch_size, dtype, grid, kinds, out, on_progress=update)
+    console.print(f"{run.measured} rows measured, {run.reused} already in the profile, {run.seconds:.0f} s; "
+                  f"{len(run.profile.rows)} rows in {run.path}")
+    table = Table("layers", "dense ms", title="slowest layers (dense, median per call)")
+    for names, ms in run.slowest:
+        table.add_row(names, f"{ms:.4f}")
+    console.print(table)
+    rest = run.rest
+    console.print(f"rest of the network (not prunable layers): {rest['median_ms']:.4f} ms; "
+                  f"dense network measured: {rest['dense_ms']:.4f} ms")
+    with console.status("fitting the latency model"):
+        fitted = LatencyModel().fit(run.profile)
+    cv = fitted.cv_error
+    console.print(f"latency model, {cv['folds']}-fold cross-validated on {cv['rows']} rows: mean |error| "
+                  f"{cv['mean_abs']:.1%}, median {cv['median_abs']:.1%}, {cv['within_10']:.0%} of rows within ±10%")
+
+
+@profile_app.command("validate")
+@_user_errors
+def profile_validate(
+    model: ModelOpt = "digits-cnn",
+    dataset: Annotated[str | None, typer.Option(help="Dataset whose input size to use (as for profile).")] = None,
+    samples: Annotated[int, typer.Option(help="Random per-layer plans to measure.")] = 30,
+    device: DeviceOpt = "cpu",
+    batch_size: ProfileBatchOpt = 1,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    profile: Annotated[Path | None, typer.Option(help="Profile file (default: the one matching this device).")] = None,
+    allow_foreign_profile: Annotated[bool, typer.Option(help="Use a profile measured on another device or setting.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random plans.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Scatter plot PNG (default bench/results/validate-<model>-<profile>.png).")] = None,
+) -> None:
+    """Compact random plans, time them end to end, and compare with the latency model's prediction."""
+    from .files import write_json
+    from .profiler.measure import target
+    from .profiler.predictor import LatencyModel
+    from .profiler.table import DTYPES, load_profile, slug
+    from .profiler.validate import scatter, validate
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
+    if dtype != "float32":
+        raise UserError(f"validate compacts models with `compact`, which runs float32 only for now; "
+                        f"validate a float32 profile (got --dtype {dtype})")
+    loaded = load_profile(profile, dev, batch_size, dtype, allow_foreign_profile)
+    with console.status(f"fitting the latency model on {loaded.path}"):
+        fitted = LatencyModel().fit(loaded)
+    tgt = target(model, dataset)
+    console.print(f"validating on [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input), {dev}, "
+                  f"batch {batch_size}, {dtype}, {n_threads} threads; profile {loaded.path}")
+    with progress_bar("validate") as update:
+        result = validate(fitted, tgt, samples, dev, batch_size, DTYPES[dtype], seed, on_progress=update)
+    png = out or Path("bench/results") / f"validate-{slug(model)}-{Path(str(loaded.path)).stem}.png"
+    scatter(result, png)
+    write_json(png.with_suffix(".json"), result.to_dict())
+    console.print(f"{len(result.samples)} random plans: mean |predicted/measured - 1| {result.mean_abs_error:.1%}, "
+                  f"{result.within_10:.0%} within ±10% (median of interleaved rounds, {n_threads} threads)")
+    console.print(f"wrote {png} and {png.with_suffix('.json').name}")
+
+
+def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:
+    """Layers by the reason they share, so a reason shared by 40 layers prints once."""
+    grouped: dict[str, list[str]] = {}
+    for name, why in reasons.items():
+        grouped.setdefault(why, []).append(name)
+    return grouped
+
+
+def _fold(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _types(types: tuple[SparsityType, ...]) -> str:

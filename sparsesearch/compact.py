@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,25 +33,24 @@ class Dependencies:
     # layer -> (BatchNorm name, the BN channel each of the layer's filters feeds); after a
     # concatenation a BatchNorm holds many layers' channels, each at its own offset
     followers: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
+    problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
 
 
 def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies:
-    """Coupling groups and BatchNorm followers of every prunable layer, from one traced forward."""
-    import torch_pruning as tp
-
+    """Coupling groups and BatchNorm followers of every prunable layer, from one traced forward.
+    A graph Torch-Pruning cannot build (ShuffleNet's channel shuffle) gives none, and `problem`."""
     modules = prunable(model)
-    names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():  # Torch-Pruning warns about ops it treats as element-wise
-            warnings.simplefilter("ignore")
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-            groups = {name: graph.get_pruning_group(m, _out_handler(m), idxs=list(range(m.weight.shape[0])))
-                      for name, m in modules.items()}
+        graph = _graph(model, input_shape)
+        groups = {name: graph.get_pruning_group(m, _out_handler(m), idxs=list(range(m.weight.shape[0])))
+                  for name, m in modules.items()}
+    except _SURGERY_ERRORS as e:
+        return Dependencies(problem=f"Torch-Pruning cannot build the dependency graph ({_brief(e)})")
     finally:
         model.train(was_training)
+    names = graph._module2name
     order = list(modules)
     found = Dependencies()
     for name, group in groups.items():
@@ -81,70 +81,207 @@ class Compacted:
     """A physically smaller model and how each planned layer was compacted."""
 
     model: nn.Module
-    impl: dict[str, str]  # layer -> "filters-removed", "reduced-gemm", "csr", "semi-structured", "dense-fallback"
+    # layer -> "filters-removed", "channels-removed", "channels-gathered", "reduced-gemm", "csr",
+    # "semi-structured", "dense-fallback"
+    impl: dict[str, str]
     macs: dict[str, int]  # per prunable layer, per sample, after every removal (consumers' freed inputs too)
+    left_dense: dict[str, str] = field(default_factory=dict)  # layer -> why its filters could not be removed
+
+
+# Errors Torch-Pruning raises on graphs it cannot cut (index errors on grouped convs, zero
+# divisions on channel shuffles, ...): any of them only means "leave these channels dense".
+_SURGERY_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, AssertionError)
+_TOLERANCE = 1e-4  # relative max error, float32
 
 
 def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None) -> Compacted:
-    """A copy of a hard-pruned (masked) model with pruned filters physically removed and the other
-    types run by compact kernels; in eval mode its outputs equal the masked model's.
+    """A copy of a hard-pruned (masked) model, physically smaller; in eval mode its outputs equal
+    the masked model's.
 
-    Filters go through the dependency graph, so BatchNorms, consumers' input channels, residual
-    partners and depthwise convs shrink with them. Channel sparsity runs as a reduced GEMM over the
-    kept input channels (exact and local; removing them at the producer is future work).
+    Pruned filters are removed through the dependency graph, so BatchNorms, consumers' input
+    channels, residual partners and depthwise convs shrink with them. A channel-pruned layer's
+    dead input channels are removed at their producer where no other layer reads them, and
+    gathered away otherwise. Shape, irregular and nm layers run compact kernels. Filters whose
+    removal would not be exact (channel-mixing norms, grouped convs, graphs Torch-Pruning cannot
+    cut) stay in place, masked, and `left_dense` says why.
     """
-    import torch_pruning as tp
-
     from .kernels import compact_layer
 
-    model = copy.deepcopy(model).eval()
-    deps = deps or dependencies(model, input_shape)
+    del deps  # the surgery reads the graph of the copy it cuts
+    masked = model.eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
+    with torch.inference_mode():
+        expected = masked(x)
+    cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER]
+    cuts += [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.CHANNEL]
+    model, left_dense = _remove_channels(masked, cuts, input_shape, lambda m: _error(m, x, expected) <= _TOLERANCE)
     modules = dict(model.named_modules())
     impl: dict[str, str] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     for name, spec in plan.layers.items():
-        if spec.type != SparsityType.FILTER or name in impl:
-            continue
-        layer = modules[name]
-        dead = layer.weight.detach().reshape(layer.weight.shape[0], -1).eq(0).all(1).nonzero().flatten().tolist()
-        graph.get_pruning_group(layer, _out_handler(layer), idxs=dead).prune()
-        for member in next((g for g in deps.couplings if name in g), [name]):
-            impl[member] = "filters-removed"
+        if spec.type == SparsityType.FILTER:
+            impl[name] = "dense-fallback" if name in left_dense else "filters-removed"
+        elif spec.type == SparsityType.CHANNEL and _live_inputs(modules[name]) == modules[name].weight.shape[1]:
+            impl[name] = "channels-removed"
     macs = {layer.name: layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type)
             if layer.name in plan.layers else layer.macs for layer in trace(model, input_shape)}
     for name, spec in plan.layers.items():
-        if spec.type == SparsityType.FILTER:
+        if name in impl:
             continue
-        kind = SparsityType.SHAPE if spec.type == SparsityType.CHANNEL else spec.type
-        replacement = compact_layer(modules[name], kind)
+        replacement = compact_layer(modules[name], spec.type)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement)
         impl[name] = replacement.impl
-    return Compacted(model, impl, macs)
+    return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
+
+
+def _error(model: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative max error of the model's output against the masked model's."""
+    with torch.inference_mode():
+        got = model.eval()(x)
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def _live_inputs(layer: nn.Module) -> int:
+    weight = layer.weight.detach()
+    return int(weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(1).sum())
+
+
+def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], input_shape: tuple[int, ...],
+                     exact: Callable[[nn.Module], bool]) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of the masked model with the cuts' dead channels removed, and the layers left dense.
+
+    All cuts at once, checked once; should the result not be exact, again one cut at a time,
+    each checked and undone if it changes the output (slow, and only for graphs that surprise).
+    """
+    model, left_dense = copy.deepcopy(masked), {}
+    try:
+        graph = _graph(model, input_shape)
+    except _SURGERY_ERRORS as e:
+        why = f"Torch-Pruning cannot build the dependency graph ({_brief(e)})"
+        return model, {n: why for n, kind in cuts if kind == SparsityType.FILTER}
+    try:
+        for name, kind in cuts:
+            _cut(graph, name, kind, left_dense)
+        if exact(model):
+            return model, left_dense
+    except _SURGERY_ERRORS:
+        pass
+    model, left_dense = copy.deepcopy(masked), {}
+    graph = _graph(model, input_shape)
+    for name, kind in cuts:
+        backup = copy.deepcopy(model)
+        try:
+            _cut(graph, name, kind, left_dense)
+            why = None if exact(model) else "removing them changes the output"
+        except _SURGERY_ERRORS as e:
+            why = f"Torch-Pruning failed ({_brief(e)})"
+        if why:
+            model, graph = backup, _graph(backup, input_shape)
+            if kind == SparsityType.FILTER:
+                left_dense[name] = why
+    return model, left_dense
+
+
+def _graph(model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN202 - a Torch-Pruning DependencyGraph
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():  # Torch-Pruning warns about ops it treats as element-wise
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+
+
+def _brief(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}" if str(e) else type(e).__name__
+
+
+def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> None:  # noqa: ANN001
+    """Remove one planned layer's dead filters (with everything coupled to them), or its dead input
+    channels wherever no other layer reads them; layers that cannot be cut go to `left_dense`."""
+    import torch_pruning as tp
+
+    layer = graph.model.get_submodule(name)
+    weight = layer.weight.detach()
+    if kind == SparsityType.FILTER:
+        dead = weight.reshape(weight.shape[0], -1).eq(0).all(1).nonzero().flatten().tolist()
+        if name in left_dense or not dead:
+            return
+        group = graph.get_pruning_group(layer, _out_handler(layer), idxs=dead)
+    else:
+        dead = weight.transpose(0, 1).reshape(weight.shape[1], -1).eq(0).all(1).nonzero().flatten().tolist()
+        if not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or _reads_through_reshape(graph, layer):
+            return
+        handler = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
+        dead = _unread(graph.get_pruning_group(layer, handler, idxs=dead))
+        if not dead:
+            return
+        group = graph.get_pruning_group(layer, handler, idxs=dead)
+    why = _blocker(group, graph._module2name)
+    if not why:
+        group.prune()
+    elif kind == SparsityType.FILTER:  # the whole coupled group stays
+        left_dense.update({graph._module2name[dep.target.module]: why for dep, _ in group
+                           if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                           and getattr(dep.handler, "__name__", "") == "prune_out_channels"})
+
+
+def _reads_through_reshape(graph, layer: nn.Module) -> bool:  # noqa: ANN001 - a DependencyGraph
+    """Whether a reshape (a flatten) lies between the layer and its producers. Torch-Pruning's index
+    mapping then multiplies indices without merging them: VGG's 25088-feature classifier exhausts
+    memory. Such layers gather their channels instead."""
+    from torch_pruning.ops import OPTYPE
+
+    seen, todo = set(), list(graph.module2node[layer].inputs)
+    while todo:
+        node = todo.pop()
+        if id(node) in seen or node.type in (OPTYPE.CONV, OPTYPE.LINEAR, OPTYPE.DEPTHWISE_CONV):
+            continue
+        if node.type == OPTYPE.RESHAPE:
+            return True
+        seen.add(id(node))
+        todo.extend(node.inputs)
+    return False
+
+
+def _unread(group) -> list[int]:  # noqa: ANN001 - a Torch-Pruning Group
+    """Root indices of the group's channels that every layer reading them reads with zero weights
+    and that some layer produces (the model's input channels stay)."""
+    produced, read = False, set()
+    for item in group.items:
+        module, handler = item.dep.target.module, getattr(item.dep.handler, "__name__", "")
+        produced |= handler == "prune_out_channels" and isinstance(module, (nn.Conv2d, nn.Linear))
+        if handler == "prune_in_channels" and isinstance(module, (nn.Conv2d, nn.Linear)):
+            columns = module.weight.detach().transpose(0, 1)
+            read |= {root for idx, root in zip(item.idxs, item.root_idxs) if columns[idx].ne(0).any()}
+    return sorted(set(group.items[0].root_idxs) - read) if produced else []
+
+
+def _blocker(group, names: dict) -> str | None:  # noqa: ANN001 - a Torch-Pruning Group
+    """Why removing the group's channels would not be exact or not work, or None."""
+    for dep, _ in group:
+        module, name = dep.target.module, names.get(dep.target.module, "?")
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return f"{name} ({type(module).__name__}) normalises across channels, so removing one changes the others"
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
+            return f"{name} is a grouped conv (groups={module.groups}) that Torch-Pruning cannot cut"
+    return None
 
 
 def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies,
-                     model_name: str, tolerance: float = 1e-4) -> Compacted:
-    """compact(), then a check on a random batch that the compacted model reproduces the masked one:
-    never hand back a silently different model (channel-mixing norms such as ConvNeXt's LayerNorm,
-    grouped convs and channel shuffles are not handled yet)."""
-    unsupported = ("filter pruning across grouped convs, channel shuffles and channel-mixing norms is not "
-                   "compacted yet; prune those layers with shape, irregular or nm")
+                     model_name: str, tolerance: float = _TOLERANCE) -> Compacted:
+    """compact(), then a check on a fresh random batch that the compacted model reproduces the
+    masked one: never hand back a silently different model."""
     try:
         result = compact(masked, plan, input_shape, deps)
-        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(masked.parameters()).device)
+        x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(1)).to(next(masked.parameters()).device)
         with torch.inference_mode():
-            expected, got = masked.eval()(x), result.model(x)
-    except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
-        raise UserError(f"cannot compact {model_name} with this plan ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]}); {unsupported}") from e
-    error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+            expected = masked.eval()(x)
+        error = _error(result.model, x, expected)
+    except _SURGERY_ERRORS as e:
+        raise UserError(f"cannot compact {model_name} with this plan ({_brief(e)})") from e
     if error > tolerance:
         raise UserError(f"compacted {model_name} differs from the pruned model (relative error {error:.2g} > "
-                        f"{tolerance:g}); {unsupported}")
+                        f"{tolerance:g}); please report this model and plan")
     return result
 
 

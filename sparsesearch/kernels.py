@@ -10,8 +10,12 @@ credited to a kernel that did not run.
 - irregular: "csr", the weight in CSR times the im2col matrix (torch.sparse.mm).
 - nm: "semi-structured", a 2:4 weight (torch.sparse.to_sparse_semi_structured) on CUDA.
 
-filter and channel sparsity are not layer-local (they change a neighbour's channels too): the
-model-level compactor removes those channels. Weights are frozen (requires_grad=False): these
+- channel: "channels-gathered", the kept input channels gathered, then an ordinary smaller conv;
+  for input channels that some other layer still reads, so their producer cannot drop them.
+
+filter sparsity is not layer-local (removing filters changes the consumers' channels too), nor is
+the best form of channel sparsity (dropping the producer's filters): the model-level compactor
+does those. Weights are frozen (requires_grad=False): these
 modules are for timing and deployment, and autograd bookkeeping on some layers only would skew it.
 """
 
@@ -183,6 +187,39 @@ class ShapeLinear(nn.Module):
         return F.linear(x.index_select(-1, self.columns), self.weight, self.bias)
 
 
+def _live_channels(weight: Tensor) -> Tensor:
+    """Sorted input channels that some weight reads (channel 0 if none, so that no conv is empty)."""
+    live = weight.detach().transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(1)
+    live[0] |= ~live.any()
+    return live.nonzero().flatten()
+
+
+class ChannelConv2d(nn.Module):
+    """Channel sparsity where the channels stay in the network: gather the kept input channels,
+    then the ordinary (cuDNN/oneDNN) conv over them, far faster than an im2col GEMM."""
+
+    impl = "channels-gathered"
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("channel sparsity needs an ungrouped conv (groups=1)")
+        channels = _live_channels(conv.weight)
+        self.register_buffer("channels", channels)
+        self.weight = _frozen(conv.weight[:, channels])
+        self.bias = _frozen(conv.bias)
+        self.conv_args = _conv_args(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x.index_select(1, self.channels), self.weight, self.bias, *self.conv_args)
+
+
+class ChannelLinear(ShapeLinear):
+    """Channel sparsity of a Linear: its input features are its channels, so a reduced GEMM."""
+
+    impl = "channels-gathered"
+
+
 class _CSR(nn.Module):
     """A matrix in CSR, held as three dense buffers so that .to(), state_dict and deepcopy work
     (a sparse CSR buffer cannot be deep-copied); the CSR tensor is re-wrapped per call, no copy."""
@@ -332,6 +369,8 @@ class NMConv2d(nn.Module):
 
 
 _COMPACT: dict[tuple[SparsityType, type[nn.Module]], type[nn.Module]] = {
+    (SparsityType.CHANNEL, nn.Conv2d): ChannelConv2d,
+    (SparsityType.CHANNEL, nn.Linear): ChannelLinear,
     (SparsityType.SHAPE, nn.Conv2d): ShapeConv2d,
     (SparsityType.SHAPE, nn.Linear): ShapeLinear,
     (SparsityType.IRREGULAR, nn.Conv2d): SparseConv2d,
@@ -344,12 +383,11 @@ _COMPACT: dict[tuple[SparsityType, type[nn.Module]], type[nn.Module]] = {
 def compact_layer(module: nn.Module, kind: SparsityType | str) -> nn.Module:
     """The compact module for an already-masked Conv2d or Linear, on its device and dtype."""
     kind = SparsityType(kind)
-    if kind.couples_layers:
+    if kind == SparsityType.FILTER:
         raise ValueError(
-            f"{kind.value} sparsity is not compacted layer by layer: removing whole "
-            f"{'output filters' if kind == SparsityType.FILTER else 'input channels'} changes the "
-            "neighbouring layers too, so the model-level compactor removes those channels; "
-            "compact_layer accepts shape, irregular and nm"
+            "filter sparsity is not compacted layer by layer: removing whole output filters changes "
+            "the consumers' input channels too, so the model-level compactor removes them; "
+            "compact_layer accepts channel, shape, irregular and nm"
         )
     for layer_type in (nn.Conv2d, nn.Linear):
         if isinstance(module, layer_type):

@@ -49,8 +49,10 @@ def _call_seconds(model: nn.Module, x: Tensor, calls: int) -> float:
 
 
 def compare(models: dict[str, nn.Module], x: Tensor, rounds: int = 15, warmup_s: float = 0.3,
-            min_round_s: float = 0.05) -> dict[str, Timing]:
-    """Median per-call latency of each model on input `x`, measured in interleaved rounds."""
+            min_round_s: float = 0.05, max_spread: float | None = None, max_rounds: int = 0) -> dict[str, Timing]:
+    """Median per-call latency of each model on input `x`, measured in interleaved rounds.
+
+    With `max_spread`, rounds go on (up to `max_rounds`) while some model's spread exceeds it."""
     for name, model in models.items():
         _check_clean(name, model)
         model.eval()
@@ -62,7 +64,10 @@ def compare(models: dict[str, nn.Module], x: Tensor, rounds: int = 15, warmup_s:
             while time.perf_counter() < deadline:
                 once = min(once, _call_seconds(model, x, 1))
             calls[name] = max(1, int(min_round_s / max(once, 1e-7)))
-        for _ in range(rounds):
+        for done in range(max(rounds, max_rounds)):
+            if done >= rounds and (max_spread is None or all(_summary(s, 1).spread <= max_spread
+                                                             for s in samples.values())):
+                break
             for name, model in models.items():
                 samples[name].append(_call_seconds(model, x, calls[name]))
     return {name: _summary(s, calls[name]) for name, s in samples.items()}

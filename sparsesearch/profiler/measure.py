@@ -1,0 +1,300 @@
+"""`sparsesearch profile`: which compact layers to time for a model (the grid), and timing them.
+
+The grid follows what compaction can produce. A layer's kept inputs come from its producers'
+filter pruning (read off the model compacted at each grid rate, so flattens and concatenations
+count right) or from its own channel pruning; its kept outputs from its own (coupled) filter
+pruning. Plain layers get a 2-D grid of (kept inputs, kept outputs): the full rows and columns and
+the diagonal at every rate, the rest on a coarser sub-grid. Pattern types (channel gathered, shape,
+irregular, nm) get every rate at full dims and coarse rates at half-kept inputs and/or outputs.
+The latency model interpolates between these points.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..layers import Layer, trace
+from ..plan import Plan
+from ..sparsity import SparsityType, keep_count
+from .build import PLAIN, Stub, build_layer, describe
+from .table import (DTYPES, PROFILES_DIR, Profile, Row, Signature, differences, fingerprint, model_key, point_key,
+                    profile_name)
+from .timing import compare
+
+DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))
+NM_RATES = (0.0, 0.25, 0.5, 0.75)  # 1 - N/4: what nm can take
+TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.05, "max_rounds": 15}
+REST_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05}  # two models, timed once per network
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One compact layer to time."""
+
+    signature: Signature
+    type: str  # "plain" or a pattern type
+    rate: float
+    in_keep: int
+    out_keep: int
+    groups_keep: int
+
+    @property
+    def key(self) -> tuple:
+        return point_key(self.signature, self.type, self.rate, self.in_keep, self.out_keep, self.groups_keep)
+
+
+@dataclass
+class Target:
+    """A model to profile: the network, its per-sample input shape, and its name for people."""
+
+    name: str
+    model: nn.Module
+    input_shape: tuple[int, ...]
+
+
+def target(model_name: str, dataset: str | None = None, image_size: int | None = None) -> Target:
+    """The model with the input it will see: the dataset's (default digits for digits-cnn, cifar10's
+    3x32x32 otherwise), adapted to the model's channels and minimum side, without loading data."""
+    from .. import data, models
+
+    spec = models.spec(model_name)
+    info = data.info(dataset or ("digits" if model_name == "digits-cnn" else "cifar10"))
+    channels = spec.in_channels or info.channels
+    side = max(image_size or info.size, spec.min_size)
+    torch.manual_seed(0)
+    net = models.create(model_name, num_classes=info.num_classes, in_channels=channels).eval()
+    return Target(model_name, net, (channels, side, side))
+
+
+# --- the grid -------------------------------------------------------------------------------------
+
+
+def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], layers: list[Layer],
+                               rates: Iterable[float]) -> dict[float, dict[str, tuple[int, int, int]]]:
+    """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate."""
+    from ..admm import apply_masks, prune_masks
+    from ..compact import compact, dependencies
+
+    modules = dict(model.named_modules())
+    full = {n.name: _channels(modules[n.name]) for n in layers}
+    dims = {0.0: full}
+    deps = dependencies(model, input_shape)
+    for rate in rates:
+        if rate == 0:
+            continue
+        plan = Plan.uniform(layers, SparsityType.FILTER, rate)
+        if not plan.layers:
+            dims[rate] = full
+            continue
+        masked = copy.deepcopy(model)
+        apply_masks(masked, prune_masks(masked, plan, deps))
+        shrunk = dict(compact(masked, plan, input_shape, deps).model.named_modules())
+        dims[rate] = {n.name: _channels(shrunk[n.name]) for n in layers}
+    return dims
+
+
+def _channels(module: nn.Module) -> tuple[int, int, int]:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels, module.groups
+    return module.in_features, module.out_features, 1
+
+
+def _coarse(rates: list[float]) -> set[float]:
+    """Every third rate, with the first and last."""
+    return {r for i, r in enumerate(rates) if i % 3 == 0} | {rates[0], rates[-1]}
+
+
+def _middle(rates: list[float]) -> float:
+    return min(rates, key=lambda r: abs(r - 0.5))
+
+
+def layer_points(layer: Layer, module: nn.Module, dims: dict[float, dict[str, tuple[int, int, int]]],
+                 rates: list[float], types: set[str]) -> list[Point]:
+    """The grid of one layer (see the module docstring)."""
+    sig = Signature.of(module, layer.in_shape)
+    full_in, full_out, groups = _channels(module)
+    in_by_rate = {r: dims[r][layer.name][0] for r in rates}
+    out_by_rate = {r: dims[r][layer.name][1] for r in rates}
+    allowed = {t.value for t in layer.types} & types
+    points = [Point(sig, PLAIN, 0.0, full_in, full_out, groups)]
+    if groups > 1:  # depthwise or grouped: inputs and outputs shrink together
+        points += [Point(sig, PLAIN, 0.0, *dims[r][layer.name]) for r in rates]
+    else:
+        axes = []
+        if "filter" in types:
+            axes.append(in_by_rate)
+        if "channel" in allowed:
+            axes.append({r: keep_count(full_in, r) for r in rates})
+        coarse = _coarse(rates)
+        for axis in axes:
+            for r_in in rates:
+                for r_out in rates:
+                    if r_in == 0 or r_out == 0 or r_in == r_out or (r_in in coarse and r_out in coarse):
+                        points.append(Point(sig, PLAIN, 0.0, axis[r_in], out_by_rate[r_out], 1))
+    mid = _middle(rates)
+    mid_in = in_by_rate[mid] if "filter" in types else full_in
+    shrunk = {(full_in, full_out), (mid_in, full_out), (full_in, out_by_rate[mid]), (mid_in, out_by_rate[mid])}
+    for kind in sorted(allowed & {"channel", "shape", "irregular", "nm"}):
+        kind_rates = list(NM_RATES) if kind == "nm" else rates
+        inner = _coarse(kind_rates) - {kind_rates[0], kind_rates[-1]} or {_middle(kind_rates)}
+        kept: set[int] = set()
+        for rate in kind_rates:
+            if kind == "channel":  # rates that keep the same channels build the same layer
+                if keep_count(full_in, rate) in kept:
+                    continue
+                kept.add(keep_count(full_in, rate))
+            cases = shrunk if rate in inner else {(full_in, full_out)}
+            points += [Point(sig, kind, rate, i, o, groups) for i, o in cases]
+    return points
+
+
+def grid(target_: Target, rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None
+         ) -> tuple[list[Point], dict[Signature, list[str]]]:
+    """Distinct points to time for a model, and the layers behind each signature."""
+    rates = sorted({round(float(r), 4) for r in rates} | {0.0})
+    types = {SparsityType(t).value for t in (types or [t.value for t in SparsityType])}
+    layers = trace(target_.model, target_.input_shape)
+    dims = _dims_under_filter_pruning(target_.model, target_.input_shape, layers,
+                                      rates if "filter" in types else [0.0])
+    if "filter" not in types:
+        dims = {r: dims[0.0] for r in rates}
+    modules = dict(target_.model.named_modules())
+    points: dict[tuple, Point] = {}
+    names: dict[Signature, list[str]] = defaultdict(list)
+    for layer in layers:
+        for p in layer_points(layer, modules[layer.name], dims, rates, types):
+            points.setdefault(p.key, p)
+        names[Signature.of(modules[layer.name], layer.in_shape)].append(layer.name)
+    return list(points.values()), dict(names)
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def _input(sig: Signature, channels: int, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+    if sig.kind == "linear":
+        shape = (batch_size, channels) if sig.input_hw[0] == 1 else (batch_size, sig.input_hw[0], channels)
+    else:
+        shape = (batch_size, channels, *sig.input_hw)
+    return torch.randn(shape, dtype=like.dtype).to(like.device)
+
+
+def _prototype(sig: Signature, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    if sig.kind == "linear":
+        return nn.Linear(sig.in_channels, sig.out_channels, sig.bias, device=device, dtype=dtype)
+    return nn.Conv2d(sig.in_channels, sig.out_channels, sig.kernel, sig.stride, sig.padding, sig.dilation,
+                     sig.groups, sig.bias, device=device, dtype=dtype)
+
+
+def measure_points(points: list[Point], device: torch.device, batch_size: int, dtype: torch.dtype,
+                   on_row: Callable[[list[Row]], None], timing: dict[str, float] = TIMING) -> None:
+    """Build and time the points, those sharing an input side by side; `on_row` gets each batch."""
+    batches: dict[tuple, list[Point]] = defaultdict(list)
+    for p in points:
+        batches[(p.signature, p.in_keep)].append(p)
+    for (sig, in_keep), batch in batches.items():
+        proto = _prototype(sig, device, dtype)
+        built = {str(i): build_layer(proto, p.type, p.rate, p.in_keep, p.out_keep, p.groups_keep)
+                 for i, p in enumerate(batch)}
+        x = _input(sig, in_keep, batch_size, proto.weight)
+        timings = compare({k: m for k, (m, _) in built.items()}, x, **timing)
+        rows = []
+        for i, p in enumerate(batch):
+            module, impl = built[str(i)]
+            d = describe(module, p.in_keep, p.out_keep)
+            t = timings[str(i)]
+            rows.append(Row(sig, p.type, p.rate, p.in_keep, p.out_keep, p.groups_keep, d.weights, impl,
+                            d.weights * sig.positions, t.median_ms, t.spread))
+        on_row(rows)
+
+
+def measure_rest(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
+                 timing: dict[str, float] = REST_TIMING) -> dict[str, object]:
+    """The network with every prunable layer replaced by a stub (the rest), and the dense network,
+    timed side by side."""
+    layers = trace(target_.model, target_.input_shape)  # before the cast: trace feeds float32 zeros
+    model = copy.deepcopy(target_.model).to(device=device, dtype=dtype).eval()
+    rest = copy.deepcopy(model)
+    like = next(model.parameters())
+    for layer in layers:
+        parent, _, child = layer.name.rpartition(".")
+        setattr(rest.get_submodule(parent), child, Stub((batch_size, *layer.out_shape), like))
+    x = torch.randn(batch_size, *target_.input_shape, dtype=dtype).to(device)
+    t = compare({"rest": rest, "dense": model}, x, **timing)
+    return {"model": target_.name, "input_shape": list(target_.input_shape),
+            "median_ms": t["rest"].median_ms, "spread": t["rest"].spread,
+            "dense_ms": t["dense"].median_ms, "dense_spread": t["dense"].spread}
+
+
+@dataclass
+class ProfileRun:
+    """What one `sparsesearch profile` did."""
+
+    path: Path
+    profile: Profile
+    measured: int
+    reused: int
+    seconds: float
+    slowest: list[tuple[str, float]] = field(default_factory=list)  # (layers, dense ms)
+    rest: dict[str, object] = field(default_factory=dict)  # this network's rest and dense timing
+
+
+def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dtype: str = "float32",
+                  rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
+                  out: Path | None = None, on_progress: ProgressFn | None = None,
+                  timing: dict[str, float] | None = None) -> ProfileRun:
+    """Time every missing grid point of the model and its rest; rows are saved (atomically) as
+    they come, so an interrupted run resumes where it stopped."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
+    here = fingerprint(device, batch_size, dtype)
+    path = Path(out or PROFILES_DIR / profile_name(here))
+    overrides, timing = timing or {}, {**TIMING, **(timing or {})}
+    profile = Profile.load(path) if path.exists() else Profile(here, timing=timing, path=path)
+    diff = differences(profile.fingerprint, here)
+    if diff:
+        raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "
+                        "write this one elsewhere with --out, or delete that file")
+    profile.fingerprint = {**profile.fingerprint, "date": here["date"]}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    started = time.perf_counter()
+    points, names = grid(target_, rates, types)
+    todo = [p for p in points if p.key not in profile.rows]
+    key = model_key(target_.model, target_.input_shape)
+    total = len(todo) + (key not in profile.rest)
+    done = 0
+
+    def save(rows: list[Row]) -> None:
+        nonlocal done
+        for row in rows:
+            profile.add(row)
+        profile.save(path)
+        done += len(rows)
+        if on_progress:
+            layer = names.get(rows[0].signature, ["?"])[0]
+            on_progress(done, total, f"{layer} {rows[0].type}")
+
+    if on_progress:
+        on_progress(0, total, "")
+    measure_points(todo, device, batch_size, DTYPES[dtype], save, timing)
+    if key not in profile.rest:
+        profile.rest[key] = measure_rest(target_, device, batch_size, DTYPES[dtype], {**REST_TIMING, **overrides})
+        profile.save(path)
+        if on_progress:
+            on_progress(total, total, "rest of the network")
+    dense = {r.signature: r.median_ms for r in profile.rows.values()
+             if r.type == PLAIN and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
+    slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])
+    return ProfileRun(path, profile, len(todo), len(points) - len(todo), time.perf_counter() - started, slowest[:5],
+                      profile.rest[key])

@@ -1,0 +1,260 @@
+"""The latency table: measured compact layers keyed by layer signature, with the device fingerprint.
+
+A row says: a layer of this signature (kind, channels, kernel, stride, padding, groups, input size),
+compacted for this sparsity type to these kept dims, ran this implementation in this median time on
+the device of the fingerprint. Rows never name a model, so one profile serves every model whose
+layers share shapes; the one per-model entry is the measured time of the non-prunable rest.
+The file is JSON with a `schema` field, written atomically; `hardware_profiles/README.md` has it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..files import read_json, write_json
+
+SCHEMA = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+# what must agree for a profile's numbers to hold here; date, versions of other libraries and the
+# environment are recorded but not compared
+MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
+_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What fixes a prunable layer's cost before pruning: its kind, shape and input size."""
+
+    kind: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: bool = False
+    input_hw: tuple[int, int] = (1, 1)  # conv: H x W of the input; linear: (tokens, 1)
+
+    @classmethod
+    def of(cls, module: nn.Module, in_shape: tuple[int, ...]) -> Signature:
+        """The signature of a Conv2d or Linear seeing one sample of shape `in_shape`."""
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if isinstance(padding, str):  # "valid" pads nothing; "same" pads (d*(k-1))//2 per side (odd k)
+                padding = tuple(0 if padding == "valid" else d * (k - 1) // 2
+                                for d, k in zip(module.dilation, module.kernel_size))
+            return cls("conv", module.in_channels, module.out_channels, tuple(module.kernel_size),
+                       tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups,
+                       module.bias is not None, tuple(in_shape[-2:]))
+        tokens = int(torch.Size(in_shape[:-1]).numel())
+        return cls("linear", module.in_features, module.out_features, bias=module.bias is not None,
+                   input_hw=(tokens, 1))
+
+    @property
+    def key(self) -> str:
+        """A readable unique key, e.g. conv 16>32 k3x3 s2x2 p1x1 d1x1 g1 @32x32."""
+        def x(pair: tuple[int, int]) -> str:
+            return f"{pair[0]}x{pair[1]}"
+        head = f"{self.kind} {self.in_channels}>{self.out_channels}"
+        if self.kind == "linear":
+            return f"{head}{' +b' if self.bias else ''} @{self.input_hw[0]}"
+        return (f"{head} k{x(self.kernel)} s{x(self.stride)} p{x(self.padding)} d{x(self.dilation)} "
+                f"g{self.groups}{' +b' if self.bias else ''} @{x(self.input_hw)}")
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        if self.kind == "linear":
+            return self.input_hw
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+                     for n, p, d, k, s in zip(self.input_hw, self.padding, self.dilation, self.kernel, self.stride))
+
+    @property
+    def positions(self) -> int:
+        """Output positions each weight is applied at, per sample."""
+        h, w = self.output_hw
+        return h * w
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object]) -> Signature:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured compact layer.
+
+    `type` is what was built: "plain" (a dense conv/linear of the kept dims: what filter pruning,
+    channel pruning with the channels removed, and unpruned layers all run), or shape, irregular, nm,
+    or channel when the kept inputs are gathered. `weights` counts the weights the kernel uses.
+    """
+
+    signature: Signature
+    type: str
+    rate: float  # the pattern's rate (plain: 0); kept dims are in in_keep/out_keep/groups_keep
+    in_keep: int
+    out_keep: int
+    groups_keep: int
+    weights: int
+    impl: str
+    macs: int  # per sample: weights x positions
+    median_ms: float
+    spread: float
+
+    @property
+    def key(self) -> tuple[str, str, float, int, int, int]:
+        return point_key(self.signature, self.type, self.rate, self.in_keep, self.out_keep, self.groups_keep)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"signature": self.signature.to_dict(), **{k: v for k, v in asdict(self).items() if k != "signature"}}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object]) -> Row:
+        values = dict(raw)
+        return cls(Signature.from_dict(values.pop("signature")), **values)  # type: ignore[arg-type]
+
+
+def point_key(signature: Signature, type_: str, rate: float, in_keep: int, out_keep: int,
+              groups_keep: int) -> tuple[str, str, float, int, int, int]:
+    """What makes two rows the same measurement (so a re-run skips it)."""
+    return (signature.key, type_, round(rate, 4), in_keep, out_keep, groups_keep)
+
+
+def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int | None = None) -> dict[str, object]:
+    """The device and setting a profile was measured with; MATCHED fields must agree to reuse it."""
+    from ..runtime import machine, versions
+
+    cuda = device.type == "cuda"
+    stamp = machine()
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else str(stamp["processor"]),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else "none",
+        "threads": threads or torch.get_num_threads(),
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "cuda": versions()["cuda"],
+        "cores": stamp["cores"],
+        "platform": stamp["platform"],
+        "env": {k: os.environ[k] for k in _ENV if k in os.environ},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def differences(theirs: dict[str, object], ours: dict[str, object]) -> list[str]:
+    """The MATCHED fields on which two fingerprints disagree, as 'field: theirs != ours'."""
+    return [f"{k}: {theirs.get(k)} (profile) != {ours.get(k)} (here)" for k in MATCHED if theirs.get(k) != ours.get(k)]
+
+
+def model_key(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """A structural key for a network (not its name): two builds of one architecture share it."""
+    text = repr(model) + "|" + "x".join(map(str, input_shape))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Profile:
+    """A latency table on one device: rows, the measured rest of each profiled network, fingerprint."""
+
+    fingerprint: dict[str, object]
+    rows: dict[tuple, Row] = field(default_factory=dict)
+    rest: dict[str, dict[str, object]] = field(default_factory=dict)  # model key -> {model, input_shape, median_ms, ...}
+    timing: dict[str, object] = field(default_factory=dict)
+    path: Path | None = None
+
+    def add(self, row: Row) -> None:
+        self.rows[row.key] = row
+
+    def to_dict(self) -> dict[str, object]:
+        rows = sorted(self.rows.values(), key=lambda r: (r.signature.key, r.type, r.rate, r.in_keep, r.out_keep))
+        return {"schema": SCHEMA, "kind": "sparsesearch-latency-profile", "fingerprint": self.fingerprint,
+                "timing": self.timing, "units": {"median_ms": "ms per call (whole batch)", "macs": "per sample"},
+                "rest": self.rest, "rows": [r.to_dict() for r in rows]}
+
+    def save(self, path: Path | None = None) -> Path:
+        path = Path(path or self.path)
+        write_json(path, self.to_dict())
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        raw = read_json(Path(path), "latency profile")
+        if not isinstance(raw, dict) or raw.get("kind") != "sparsesearch-latency-profile":
+            raise UserError(f"{path} is not a latency profile; write one with `sparsesearch profile`")
+        if raw.get("schema", 0) > SCHEMA:
+            raise UserError(f"{path} has profile schema {raw['schema']}; this sparsesearch reads {SCHEMA}: upgrade it")
+        try:
+            rows = [Row.from_dict(r) for r in raw["rows"]]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path} has a malformed row ({e}); re-run `sparsesearch profile` to rewrite it") from e
+        return cls(raw["fingerprint"], {r.key: r for r in rows}, raw.get("rest", {}), raw.get("timing", {}), Path(path))
+
+    def predictor(self):  # noqa: ANN201 - a fitted predictor.LatencyModel
+        """The latency model fitted on this table (cross-validated error in its `cv_error`)."""
+        from .predictor import LatencyModel
+
+        return LatencyModel().fit(self)
+
+    def check(self, here: dict[str, object], allow_foreign: bool = False) -> None:
+        """Refuse a profile measured elsewhere (another device, threads, batch, dtype or torch)."""
+        diff = differences(self.fingerprint, here)
+        if diff and not allow_foreign:
+            raise UserError(f"profile {self.path} was measured on another setting ({'; '.join(diff)}); "
+                            "profile this device with `sparsesearch profile`, or pass --allow-foreign-profile")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
+
+
+def profile_name(fp: dict[str, object]) -> str:
+    """`<device-slug>-b<batch>-<dtype>.json`, e.g. cpu-amd-epyc-t2-b1-float32.json."""
+    if fp["device"] == "cuda":
+        device = f"cuda-{slug(str(fp['device_name']))}"
+    else:
+        device = f"cpu-{slug(str(fp['device_name']))}-t{fp['threads']}"
+    return f"{device}-b{fp['batch_size']}-{fp['dtype']}.json"
+
+
+def find_profile(here: dict[str, object], root: Path = PROFILES_DIR, network: str | None = None) -> Path | None:
+    """The profile under `root` measured on this fingerprint (and, given a `model_key`, holding that
+    network's rest), or None."""
+    preferred = Path(root) / profile_name(here)
+    for candidate in [preferred, *sorted(set(Path(root).glob("*.json")) - {preferred})]:  # renamed files count
+        try:
+            raw = read_json(candidate, "latency profile")
+        except UserError:
+            continue
+        if isinstance(raw, dict) and raw.get("kind") == "sparsesearch-latency-profile" \
+                and not differences(raw.get("fingerprint", {}), here) and (network is None or network in raw.get("rest", {})):
+            return candidate
+    return None
+
+
+def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype: str = "float32",
+                 allow_foreign: bool = False, threads: int | None = None, root: Path = PROFILES_DIR) -> Profile:
+    """The profile at `path` (or the one under `root` matching this device), checked against it."""
+    here = fingerprint(device, batch_size, dtype, threads)
+    if path is None:
+        path = find_profile(here, root)
+        if path is None:
+            raise UserError(f"no latency profile for this device under {root} ({profile_name(here)}); "
+                            f"run `sparsesearch profile --device {device} --batch-size {batch_size} --dtype {dtype}`")
+    profile = Profile.load(path)
+    profile.check(here, allow_foreign)
+    return profile

@@ -1,0 +1,301 @@
+"""The profiler: latency table, resumable profiling, fingerprints, the latency model, validation.
+
+Timings on a shared CPU are noise, so nothing here asserts a time: the tests defend what is timed
+(the layer compact() builds), how rows are kept, and the latency model's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from sparsesearch.admm import apply_masks, prune_masks
+from sparsesearch.cli import app
+from sparsesearch.compact import compact, dependencies
+from sparsesearch.errors import UserError
+from sparsesearch.layers import trace
+from sparsesearch.profiler import build, measure, predictor, table
+from sparsesearch.profiler.timing import compare
+from sparsesearch.profiler.validate import random_plan
+from sparsesearch.sparsity import keep_count
+
+FAST = {"rounds": 3, "warmup_s": 0.0, "min_round_s": 0.001, "max_spread": None, "max_rounds": 3}
+RATES = (0.0, 0.5)
+TYPES = ("filter", "channel", "shape")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads crawl (timings are not
+    asserted, but they should not take minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> measure.Target:
+    return measure.target("digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def small_profile(digits: measure.Target, tmp_path_factory: pytest.TempPathFactory) -> measure.ProfileRun:
+    """digits-cnn on a two-rate grid, timed with a minimal harness setting."""
+    path = tmp_path_factory.mktemp("profile") / "p.json"
+    return measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"]
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+def test_table_round_trips_through_json(small_profile: measure.ProfileRun) -> None:
+    loaded = table.Profile.load(small_profile.path)
+    assert loaded.rows == small_profile.profile.rows
+    assert loaded.rest == small_profile.profile.rest
+    assert loaded.fingerprint == small_profile.profile.fingerprint
+    raw = json.loads(small_profile.path.read_text())
+    assert raw["schema"] == table.SCHEMA
+    assert {"device_name", "threads", "batch_size", "dtype", "torch", "cuda", "date"} <= set(raw["fingerprint"])
+    row = raw["rows"][0]
+    assert {"kind", "in_channels", "out_channels", "kernel", "stride", "padding", "groups", "input_hw"} <= set(row["signature"])
+    assert {"type", "rate", "in_keep", "out_keep", "impl", "macs", "median_ms", "spread"} <= set(row)
+
+
+def test_rows_are_keyed_by_signature_not_model(small_profile: measure.ProfileRun, digits: measure.Target) -> None:
+    names = [layer.name for layer in trace(digits.model, digits.input_shape)]
+    text = small_profile.path.read_text()
+    assert all(f'"{n}"' not in text for n in names if not n.isdigit())
+    assert all("model" not in r for r in _rows(small_profile.path))
+    assert [v["model"] for v in small_profile.profile.rest.values()] == ["digits-cnn"]
+
+
+def test_rerun_adds_only_missing_rows(small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    raw = json.loads(small_profile.path.read_text())
+    raw["rows"] = raw["rows"][5:]  # as if these five had not been measured
+    path.write_text(json.dumps(raw))
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    assert (run.measured, run.reused) == (5, len(small_profile.profile.rows) - 5)
+    again = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    assert again.measured == 0
+    assert len(_rows(path)) == len(small_profile.profile.rows)
+
+
+def test_interrupted_run_resumes_where_it_stopped(digits: measure.Target, tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    seen = []
+
+    def interrupt(done: int, total: int, status: str) -> None:
+        seen.append(done)
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure.profile_model(digits, CPU, 1, "float32", (0.0,), ("filter",), path, interrupt, timing=FAST)
+    kept = len(_rows(path))  # the batch before the interruption was saved, atomically
+    assert 0 < kept
+    run = measure.profile_model(digits, CPU, 1, "float32", (0.0,), ("filter",), path, timing=FAST)
+    assert run.reused == kept and run.measured + kept == len(_rows(path))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --- fingerprints --------------------------------------------------------------------------------
+
+
+def _with_fingerprint(source: Path, dest: Path, **changes: object) -> Path:
+    raw = json.loads(source.read_text())
+    raw["fingerprint"].update(changes)
+    dest.write_text(json.dumps(raw))
+    return dest
+
+
+@pytest.mark.parametrize("field,value", [("device_name", "Some Other CPU"), ("batch_size", 32), ("dtype", "float16"),
+                                         ("threads", 64)])
+def test_profile_from_another_setting_is_refused_unless_allowed(small_profile: measure.ProfileRun, tmp_path: Path,
+                                                                field: str, value: object) -> None:
+    foreign = _with_fingerprint(small_profile.path, tmp_path / "foreign.json", **{field: value})
+    with pytest.raises(UserError, match=f"{field}.*--allow-foreign-profile"):
+        table.load_profile(foreign, CPU, 1, "float32")
+    assert table.load_profile(foreign, CPU, 1, "float32", allow_foreign=True).rows
+
+
+def test_profiling_into_a_foreign_profile_is_refused(small_profile: measure.ProfileRun, digits: measure.Target,
+                                                     tmp_path: Path) -> None:
+    foreign = _with_fingerprint(small_profile.path, tmp_path / "foreign.json", device_name="Some Other CPU")
+    with pytest.raises(UserError, match="another setting"):
+        measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, foreign, timing=FAST)
+
+
+def test_find_profile_locates_the_matching_file(small_profile: measure.ProfileRun, tmp_path: Path) -> None:
+    here = table.fingerprint(CPU, 1, "float32")
+    assert table.find_profile(here, tmp_path) is None
+    _with_fingerprint(small_profile.path, tmp_path / "renamed.json")
+    assert table.find_profile(here, tmp_path) == tmp_path / "renamed.json"
+    key = next(iter(small_profile.profile.rest))
+    assert table.find_profile(here, tmp_path, network=key) == tmp_path / "renamed.json"
+    assert table.find_profile(here, tmp_path, network="a network never profiled") is None
+    assert table.find_profile(table.fingerprint(CPU, 32, "float32"), tmp_path) is None
+    assert table.profile_name(here).endswith("-b1-float32.json")
+
+
+# --- the grid and the builder ----------------------------------------------------------------------
+
+
+def test_grid_takes_kept_inputs_from_the_producers_filters(digits: measure.Target) -> None:
+    points, _ = measure.grid(digits, RATES, ["filter"])
+    first_linear = {p.in_keep for p in points if p.signature.kind == "linear" and p.signature.in_channels == 512}
+    assert first_linear == {512, 4 * keep_count(128, 0.5)}  # 128 filters, each 2x2 positions after flatten
+
+
+def _builder_args(compacted: nn.Module, name: str, impl: str | None, spec, seen: tuple[int, int]) -> tuple:
+    module = compacted.get_submodule(name)
+    if type(module) in (nn.Conv2d, nn.Linear):
+        kind = {"filters-removed": "filter", "channels-removed": "channel-removed"}.get(impl or "", build.PLAIN)
+        dims = measure._channels(module)
+        return kind, 0.0, *dims
+    return spec.type.value, spec.rate, *seen, build._groups(module)
+
+
+@pytest.mark.parametrize("model_name,shape", [("digits-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_builder_makes_the_layer_compact_makes(model_name: str, shape: tuple, seed: int) -> None:
+    """The profiled module of each layer has compact()'s class, impl and weight shapes (exact where
+    the pattern is projected on the same dims; a pattern projected before a neighbour removed
+    channels keeps about, not exactly, the same weights; an irregular layer keeps exactly as many
+    weights, but how many im2col rows they touch depends on where they fall)."""
+    from sparsesearch import models
+
+    torch.manual_seed(seed)
+    model = models.create(model_name, in_channels=shape[0]).eval()
+    deps = dependencies(model, shape)
+    layers = trace(model, shape)
+    plan = random_plan(layers, deps.couplings, random.Random(seed))
+    apply_masks(model, prune_masks(model, plan, deps))
+    result = compact(model, plan, shape, deps)
+    seen = predictor._seen_channels(result.model, [layer.name for layer in layers], shape)
+    for layer in layers:
+        real = result.model.get_submodule(layer.name)
+        original = model.get_submodule(layer.name)
+        kind, rate, in_keep, out_keep, groups = _builder_args(result.model, layer.name, result.impl.get(layer.name),
+                                                              plan.layers.get(layer.name), seen[layer.name])
+        built, impl = build.build_layer(original, kind, rate, in_keep, out_keep, groups)
+        assert type(built) is type(real), layer.name
+        assert impl == result.impl.get(layer.name, "dense"), layer.name
+        shapes = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+        assert shapes.keys() == expected.keys(), layer.name
+        same_dims = measure._channels(original)[:2] == (in_keep, out_keep)
+        if kind == "irregular":  # which im2col rows some weight reads depends on where the zeros fall
+            shapes.pop("im2col.channels", None), expected.pop("im2col.channels", None)
+        if kind in (build.PLAIN, "filter", "channel-removed") or same_dims:
+            assert shapes == expected, layer.name
+
+
+def test_table_row_describes_the_compacted_layer_it_stands_for(small_profile: measure.ProfileRun) -> None:
+    """A row's description (family, kept dims, weights) is what the latency model reads off the
+    compacted model's layer, so the row times the same computation."""
+    from sparsesearch import models
+    from sparsesearch.plan import LayerSparsity, Plan
+    from sparsesearch.sparsity import SparsityType as T
+
+    model = models.create("digits-cnn", in_channels=1).eval()
+    shape = (1, 8, 8)
+    plan = Plan({"0": LayerSparsity(T.FILTER, 0.5), "7": LayerSparsity(T.SHAPE, 0.5)})
+    deps = dependencies(model, shape)
+    apply_masks(model, prune_masks(model, plan, deps))
+    found = predictor.queries(model, compact(model, plan, shape, deps).model, shape)
+    rows = {predictor.Query.of_row(r) for r in small_profile.profile.rows.values()}
+    assert found["0"] in rows and found["0"].out_keep == 16 and found["0"].family == "plain"
+    assert found["3"] in rows and found["3"].in_keep == 16 and found["3"].family == "plain"  # its producer's filters
+    assert found["7"] in rows and found["7"].family == "reduced-gemm"
+
+
+# --- the latency model -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(small_profile: measure.ProfileRun) -> predictor.LatencyModel:
+    return predictor.LatencyModel().fit(small_profile.profile)
+
+
+def test_latency_model_reports_its_cross_validated_error(fitted: predictor.LatencyModel) -> None:
+    assert {"mean_abs", "median_abs", "within_10", "rows"} <= set(fitted.cv_error)
+    assert fitted.cv_error["rows"] == len(fitted.profile.rows)
+
+
+@pytest.mark.parametrize("kind", ["filter", "channel"])
+def test_latency_model_is_monotone_in_kept_dims(fitted: predictor.LatencyModel, kind: str) -> None:
+    sig = next(r.signature for r in fitted.profile.rows.values() if r.signature.in_channels == 64)
+    kernel = sig.kernel[0] * sig.kernel[1]
+
+    def plain(i: int, o: int) -> predictor.Query:
+        return predictor.Query(sig, build.PLAIN, i, o, 1, i * o * kernel)
+
+    fixed = sig.out_channels if kind == "channel" else sig.in_channels
+    grid = range(1, 129)
+    queries = [plain(k, fixed) for k in range(1, 65)] if kind == "channel" else [plain(fixed, k) for k in grid]
+    ms = fitted.predict(queries)
+    assert all(a <= b for a, b in zip(ms, ms[1:]))
+    both = fitted.predict([plain(max(1, k // 2), k) for k in grid])
+    assert all(a <= b for a, b in zip(both, both[1:]))
+
+
+def test_prediction_is_layers_plus_measured_rest(fitted: predictor.LatencyModel, digits: measure.Target) -> None:
+    from sparsesearch.plan import Plan
+    from sparsesearch.sparsity import SparsityType as T
+
+    dense = predictor.dense_latency(fitted, digits.model, digits.input_shape)
+    rest = next(iter(fitted.profile.rest.values()))["median_ms"]
+    assert dense.rest_ms == rest and dense.total_ms == pytest.approx(rest + sum(dense.layers_ms.values()))
+    pruned = predictor.predict_latency(fitted, digits.model, digits.input_shape,
+                                       Plan.uniform(trace(digits.model, digits.input_shape), T.FILTER, 0.5))
+    assert pruned.total_ms < dense.total_ms  # monotone: every kept dim shrank
+
+
+def test_unprofiled_network_is_a_clear_error(fitted: predictor.LatencyModel) -> None:
+    target = measure.target("resnet20")
+    with pytest.raises(UserError, match="no rows for .* layer"):
+        predictor.dense_latency(fitted, target.model, target.input_shape)
+
+
+# --- the harness and the command ---------------------------------------------------------------------
+
+
+def test_compare_adds_rounds_while_the_spread_is_large() -> None:
+    layer, x = nn.Linear(4, 4), torch.randn(1, 4)
+    assert compare({"a": layer}, x, rounds=2, warmup_s=0, min_round_s=0.0001, max_spread=-1, max_rounds=5)["a"].rounds == 5
+    assert compare({"a": layer}, x, rounds=2, warmup_s=0, min_round_s=0.0001)["a"].rounds == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_profile_on_cuda_without_a_gpu_is_a_one_line_error() -> None:
+    result = CliRunner().invoke(app, ["profile", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_profile_then_validate_from_the_command_line(small_profile: measure.ProfileRun, tmp_path: Path) -> None:
+    profile = tmp_path / "p.json"
+    profile.write_text(small_profile.path.read_text())
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", "--rates", "0,0.5", "--types", "filter,channel,shape", "--out", str(profile)])
+    assert result.exit_code == 0, result.output
+    assert "0 rows measured" in result.output and "cross-validated" in result.output
+    png = tmp_path / "v.png"
+    result = runner.invoke(app, ["profile", "validate", "--samples", "2", "--profile", str(profile), "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "within ±10%" in result.output and png.stat().st_size > 0
+    assert len(json.loads(png.with_suffix(".json").read_text())["samples"]) == 2
+    bad = runner.invoke(app, ["profile", "--types", "filters"])
+    assert bad.exit_code == 2 and "unknown sparsity type" in bad.output
