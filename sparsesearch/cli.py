@@ -216,9 +216,14 @@ def compact_cmd(
     batch_size: Annotated[int, typer.Option(help="Batch size of the timed input.")] = 1,
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the compacted model (default: compacted/ beside the checkpoint).")] = None,
 ) -> None:
-    """Physically compact a pruned model and measure its latency beside the masked dense model."""
+    """Physically compact a pruned model, measure its latency beside the masked dense model, and
+    write it: model.pt (+ model.json, for sparsesearch.load), TorchScript and ONNX."""
+    import torch
+
     from .compact import compact_checkpoint
+    from .export import write_all
     from .runtime import resolve_device, set_threads
 
     dev = resolve_device(device)
@@ -238,6 +243,18 @@ def compact_cmd(
     console.print(f"implementations: {kinds}")
     for why, names in _grouped(m.compacted.left_dense).items():
         console.print(f"[yellow]left dense[/] ({len(names)} layers: {_fold(names)}): {why}")
+    out_dir = out or checkpoint.parent / "compacted"
+    example = torch.randn(1, *m.origin["input_shape"], device=next(m.compacted.model.parameters()).device)
+    with console.status(f"writing the compacted model to {out_dir}"):
+        done = write_all(out_dir, m.compacted, example, {**m.origin, "measured": {
+            "latency_ms": m.latency_ms, "speedup": m.speedup, "params": m.params, "macs": m.macs, **m.setting}})
+    console.print(f"wrote {', '.join(p.name for p in done.files.values())} in {out_dir} "
+                  f"(load with sparsesearch.load('{done.files['state']}'))")
+    for fmt, why in done.skipped.items():
+        console.print(f"[yellow]{fmt} skipped[/]: {why}")
+    for fmt, names in done.densified.items():
+        if names:
+            console.print(f"{fmt} holds {len(names)} sparse layers dense ({_fold(names)}): the format has no sparse kernel")
 
 
 # --- profile: latency tables, the latency model and its validation --------------------------------

@@ -295,11 +295,13 @@ class Measured:
     latency_ms: dict[str, float]
     spread: dict[str, float]
     speedup: float
-    setting: dict[str, object]
+    setting: dict[str, object]  # how it was timed
+    origin: dict[str, object]  # model, dataset, input shape, plan and checkpoint it came from
 
 
 def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None) -> Measured:
-    """`sparsesearch compact`: rebuild a pruned checkpoint, compact it, time dense vs compacted."""
+    """`sparsesearch compact`: rebuild a pruned checkpoint, compact it, time dense vs compacted
+    (the model is compacted on the CPU, then moved: the check and the kernels' probes run there)."""
     from . import checkpoint
     from .profiler.timing import compare
     from .train import prepare
@@ -324,4 +326,6 @@ def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_d
         timings["dense"].median_ms / timings["compacted"].median_ms,
         {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
          "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
+        {"model": meta["model"], "dataset": meta["dataset"], "input_shape": list(data.input_shape),
+         "plan": plan.to_dict(), "source": str(path)},
     )

@@ -168,6 +168,11 @@ def test_compact_command_measures_the_pruned_model(digits_baseline: DenseResult,
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())
     assert "159,850" in out and "40,506" in out and "speedup" in out and "filters-removed: 4" in out
+    import sparsesearch
+
+    loaded = sparsesearch.load(tmp_path / "compacted" / "model.pt")  # the written model, without the plan
+    assert sum(p.numel() for p in loaded.parameters()) == 40_506
+    assert (tmp_path / "compacted" / "model.torchscript.pt").exists()
 
 
 def test_compact_refuses_a_dense_checkpoint(digits_baseline: DenseResult) -> None:
