@@ -26,7 +26,7 @@ data:
 	else echo "note: dataset-fashion-mnist not installed (needs apt as root); Fashion-MNIST tests will skip"; fi
 
 demo: setup
-	$(VENV)/bin/sparsesearch train
+	$(VENV)/bin/sparsesearch optimize --budget 20
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q
@@ -37,3 +37,4 @@ test-all: setup
 bench: setup
 	$(PY) bench/baselines.py
 	$(PY) bench/admm_vs_oneshot.py
+	$(PY) bench/search.py

@@ -341,6 +341,8 @@ def profile_cmd(
     cv = fitted.cv_error
     console.print(f"latency model, {cv['folds']}-fold cross-validated on {cv['rows']} rows: mean |error| "
                   f"{cv['mean_abs']:.1%}, median {cv['median_abs']:.1%}, {cv['within_10']:.0%} of rows within ±10%")
+    console.print(f"in-network scale of the layer sums: {fitted.scale(tgt.model, tgt.input_shape):.3f} "
+                  f"(from {len(rest.get('calibration', []))} random plans timed end to end)")
 
 
 @profile_app.command("validate")
@@ -389,6 +391,181 @@ def profile_validate(
     console.print(f"{len(result.samples)} random plans: mean |predicted/measured - 1| {result.mean_abs_error:.1%}, "
                   f"{result.within_10:.0%} within ±10% (median of interleaved rounds, {n_threads} threads)")
     console.print(f"wrote {png} and {png.with_suffix('.json').name}")
+
+
+# --- optimize, report, export: the Optuna study -------------------------------------------------
+
+StudyArg = Annotated[str, typer.Argument(help="Study name (a folder under studies/).")]
+StorageOpt = Annotated[str | None, typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME/study.db).")]
+
+
+@command()
+def optimize(
+    budget: Annotated[str, typer.Option(help="Trials in the study (e.g. 20), or a duration for this run (30m, 2h).")] = "20",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default digits-cnn).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset (default digits).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Dense checkpoint (default checkpoints/MODEL-DATASET/dense.pt, trained if missing).")] = None,
+    max_acc_drop: Annotated[float | None, typer.Option(help="Feasible: at most this many points of validation accuracy below dense (default 1.0).")] = None,
+    types: Annotated[str | None, typer.Option(help="Sparsity types to search, comma-separated (default all).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default MODEL-DATASET); the same name resumes it.")] = None,
+    storage: StorageOpt = None,
+    trial_epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs per trial (default 1+3).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size of the predicted and measured latency (default 1).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe (default) or random.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sampler and of training (default 0).")] = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    profile: Annotated[Path | None, typer.Option(help="Latency profile (default: this device's under hardware_profiles/, measured if missing).")] = None,
+    allow_foreign_profile: Annotated[bool, typer.Option(help="Use a profile measured on another device or setting.")] = False,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Search per-layer sparsity plans with Optuna: accuracy vs predicted speedup under an accuracy
+    constraint; then measure the Pareto front on this device and write the report."""
+    import signal
+
+    import optuna
+
+    from . import report as reporting
+    from . import search
+    from .runtime import resolve_device, set_threads
+    from .train import slug
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    limit = search.parse_budget(budget)
+    admm_epochs, retrain_epochs = search.parse_trial_epochs(trial_epochs) if trial_epochs else (None, None)
+    kinds = tuple(t.strip() for t in types.split(",") if t.strip()) if types else None
+    for kind in kinds or ():
+        if kind not in {t.value for t in SparsityType}:
+            raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(t.value for t in SparsityType)}")
+    if sampler not in (None, "tpe", "random"):
+        raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = study or f"{slug(model or 'digits-cnn')}-{slug(dataset or 'digits')}"
+    opened = search.open_study(name, storage, create=True)
+    given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
+             "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
+             "batch_size": batch_size, "seed": seed, "sampler": sampler}
+    config = search.reconcile(opened, given, search.SearchConfig())
+    done_before = len(search.trained_trials(opened))
+    console.print(f"study [bold]{name}[/] ({search.storage_url(name, storage)}): {config.model} on {config.dataset}, "
+                  f"{done_before} trials so far; budget {limit}; {dev}, {n_threads} threads")
+    with progress_bar("setup") as update:
+        built = search.build(config, dev, search.study_dir(name) / "artifacts", data_dir, profile, allow_foreign_profile,
+                             notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
+                             on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
+    search.record(opened, built)
+    opened.sampler = search.make_sampler(config, done_before)
+    opened.pruner = search.HopelessPruner()
+    console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; predicted "
+                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size}; feasible: val >= "
+                  f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "
+                  f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+    stop = {"asked": False}
+
+    def interrupt(_sig: int, _frame: Any) -> None:
+        if stop["asked"]:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        console.print("[yellow]stopping after the current trial[/] (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        with progress_bar("trials") as update:
+            def on_trial(st: Any, _trial: Any) -> None:
+                best = search.best_feasible_speedup(st)
+                update(len(search.trained_trials(st)) - (0 if limit.trials else done_before),
+                       limit.trials, f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
+
+            on_trial(opened, None)
+            ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    console.print(f"{ran.trained} trials trained, {ran.rejected} candidates rejected before training "
+                  "(predicted slower than dense, or dominated); see each trial's 'rejected' attr")
+    if ran.stopped == "asked":
+        console.print(f"interrupted: {len(search.trained_trials(opened))} trials saved in {name}; run the same "
+                      "command to resume")
+        raise typer.Exit(130)
+    if ran.stopped == "rejections":
+        console.print("[yellow]note:[/] the sampler kept proposing plans predicted slower than dense; "
+                      "narrow --types (e.g. filter,channel) for this device")
+    with progress_bar("measure front") as update:
+        measured = reporting.measure_front(built, opened, update)
+    paths = reporting.write(opened, search.study_dir(name))
+    table = Table("trial", "val %", "test %", "predicted", "measured", "plan", title=f"Pareto front of {name} "
+                  f"(speedup end to end on {dev}, batch {config.batch_size}, {n_threads} threads)")
+    for t in reporting.front(opened):
+        m = measured.get(str(t.number), {})
+        table.add_row(f"{t.number}{' ' + t.user_attrs['baseline'] if 'baseline' in t.user_attrs else ''}",
+                      f"{t.user_attrs['val_acc']:.2f}", f"{t.user_attrs['test_acc']:.2f}",
+                      f"{t.values[1]:.2f}x", f"{m['measured_speedup']:.2f}x" if m else "-",
+                      reporting._plan_text(t.user_attrs["plan"]))
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@command("report")
+def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
+    """Write the Pareto set, plots and report.md of a study into studies/STUDY/."""
+    import optuna
+
+    from . import report as reporting
+    from . import search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = search.open_study(study, storage, create=False)
+    search.load_config(opened)
+    unmeasured = [t.number for t in reporting.front(opened) if str(t.number) not in opened.user_attrs.get("measured", {})]
+    paths = reporting.write(opened, search.study_dir(study))
+    if unmeasured:
+        console.print(f"[yellow]note:[/] Pareto trials {_fold([str(n) for n in unmeasured])} are not measured yet; "
+                      f"`sparsesearch optimize --study {study} --budget 0` measures them")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@command("export")
+def export_cmd(
+    study: StudyArg,
+    trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
+    epochs: Annotated[str, typer.Option(help="ADMM+RETRAIN epochs of the full run.")] = "10+5",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N).")] = None,
+    storage: StorageOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Re-run a trial's plan with the full ADMM + retraining budget, compact, measure, and write the
+    compacted model (model.pt + model.json, TorchScript, ONNX) with metrics.json."""
+    import optuna
+
+    from . import search
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = search.open_study(study, storage, create=False)
+    config = search.load_config(opened)
+    search.chosen(opened, trial)
+    admm_epochs, retrain_epochs = search.parse_trial_epochs(epochs)
+    stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
+    with console.status("loading the dense checkpoint and the latency model"):
+        built = search.build(config, dev, search.study_dir(study) / "artifacts", data_dir,
+                             stored if stored.is_file() else None, allow_foreign=True)
+    out_dir = out or search.study_dir(study) / "export" / f"trial-{trial}"
+    with progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} epochs") as update:
+        result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update)
+    acc = result.accuracy
+    console.print(f"accuracy: val {acc['val']:.2f}%, test {acc['test']:.2f}% (dense {acc['dense_val']:.2f}% / "
+                  f"{acc['dense_test']:.2f}%)")
+    console.print(f"latency {result.latency_ms['dense']:.3f} -> {result.latency_ms['compacted']:.3f} ms "
+                  f"({result.speedup:.2f}x, {dev}, batch {config.batch_size}, {n_threads} threads, median of "
+                  f"interleaved rounds); MACs {result.macs['dense']:,} -> {result.macs['compacted']:,}; params "
+                  f"{result.params['dense']:,} -> {result.params['compacted']:,}")
+    for fmt, why in result.skipped.items():
+        console.print(f"[yellow]{fmt} skipped[/]: {why}")
+    console.print(f"wrote {', '.join(p.name for p in result.files.values())} and {result.metrics.name} in {out_dir}")
 
 
 def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:

@@ -34,6 +34,7 @@ DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))
 NM_RATES = (0.0, 0.25, 0.5, 0.75)  # 1 - N/4: what nm can take
 TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.05, "max_rounds": 15}
 REST_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05}  # two models, timed once per network
+CALIBRATION_PLANS, CALIBRATION_SEED = 8, 10_000
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -236,6 +237,32 @@ def measure_rest(target_: Target, device: torch.device, batch_size: int, dtype: 
             "dense_ms": t["dense"].median_ms, "dense_spread": t["dense"].spread}
 
 
+def measure_calibration(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
+                        timing: dict[str, float] = REST_TIMING) -> list[dict[str, object]]:
+    """End-to-end latency of a few random plans, compacted: a layer costs more inside a network than
+    timed alone (caches shared with its neighbours, dispatch between many small ops), and the latency
+    model scales its layer sums to these. Their seed differs from `profile validate`'s."""
+    import random
+
+    from ..admm import apply_masks, prune_masks
+    from ..compact import compact, dependencies
+    from .validate import random_plan
+
+    rng = random.Random(CALIBRATION_SEED)
+    model, shape = target_.model.eval(), target_.input_shape
+    deps = dependencies(model, shape)
+    layers = trace(model, shape)
+    plans, compacted = [], {}
+    for i in range(CALIBRATION_PLANS):
+        plan = random_plan(layers, deps.couplings, rng)
+        masked = copy.deepcopy(model)
+        apply_masks(masked, prune_masks(masked, plan, deps))
+        compacted[str(i)] = compact(masked, plan, shape, deps).model.to(device=device, dtype=dtype)
+        plans.append(plan)
+    t = compare(compacted, torch.randn(batch_size, *shape, dtype=dtype).to(device), **timing)
+    return [{"plan": plan.to_dict(), "median_ms": t[str(i)].median_ms} for i, plan in enumerate(plans)]
+
+
 @dataclass
 class ProfileRun:
     """What one `sparsesearch profile` did."""
@@ -291,8 +318,12 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     if key not in profile.rest:
         profile.rest[key] = measure_rest(target_, device, batch_size, DTYPES[dtype], {**REST_TIMING, **overrides})
         profile.save(path)
-        if on_progress:
-            on_progress(total, total, "rest of the network")
+    if "calibration" not in profile.rest[key]:
+        profile.rest[key]["calibration"] = measure_calibration(target_, device, batch_size, DTYPES[dtype],
+                                                               {**REST_TIMING, **overrides})
+        profile.save(path)
+    if on_progress:
+        on_progress(total, total, "rest of the network, calibration plans")
     dense = {r.signature: r.median_ms for r in profile.rows.values()
              if r.type == PLAIN and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
     slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])

@@ -71,6 +71,7 @@ class LatencyModel:
     folds: int = 5
     profile: Profile | None = field(default=None, repr=False)
     cv_error: dict[str, float] = field(default_factory=dict)  # relative errors of held-out rows
+    _scales: dict[str, float] = field(default_factory=dict, repr=False)  # network -> in-network scale
 
     def _estimator(self):  # noqa: ANN202 - a scikit-learn regressor
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -114,6 +115,20 @@ class LatencyModel:
                             f"({'x'.join(map(str, input_shape))} input; it holds {', '.join(names) or 'none'}); "
                             "run `sparsesearch profile --model MODEL` on this device to add it")
         return float(self.profile.rest[key]["median_ms"])
+
+    def scale(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """What the prunable layers of this network cost inside it over their isolated timings: the
+        median, over the profile's calibration plans, of (measured - rest) / sum of predicted layers;
+        1 for a profile without them."""
+        key = model_key(model, input_shape)
+        if key not in self._scales:
+            ratios = []
+            for sample in self.profile.rest.get(key, {}).get("calibration", []):
+                plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
+                raw = predict_latency(self, model, input_shape, plan, scaled=False)
+                ratios.append((sample["median_ms"] - raw.rest_ms) / sum(raw.layers_ms.values()))
+            self._scales[key] = float(np.median(ratios)) if ratios else 1.0
+        return self._scales[key]
 
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
@@ -173,20 +188,23 @@ def missing_signatures(latency: LatencyModel, found: dict[str, Query]) -> dict[s
 
 
 def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
-                      input_shape: tuple[int, ...]) -> Prediction:
-    """Sum of the predicted layers of a compacted model plus the measured rest of the original."""
+                      input_shape: tuple[int, ...], scaled: bool = True) -> Prediction:
+    """Sum of the predicted layers of a compacted model, scaled to in-network cost (`LatencyModel.scale`),
+    plus the measured rest of the original."""
     found = queries(original, compacted, input_shape)
     missing = missing_signatures(latency, found)
     if missing:
         name, key = next(iter(missing.items()))
         raise UserError(f"profile {latency.profile.path} has no rows for {len(missing)} layer(s) of this network "
                         f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-    ms = dict(zip(found, latency.predict(list(found.values()))))
+    scale = latency.scale(original, input_shape) if scaled else 1.0
+    ms = {name: scale * t for name, t in zip(found, latency.predict(list(found.values())))}
     rest = latency.rest_ms(original, input_shape)
     return Prediction(sum(ms.values()) + rest, rest, ms)
 
 
-def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan) -> Prediction:
+def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan,
+                    scaled: bool = True) -> Prediction:
     """Predicted latency of `model` pruned by `plan` and compacted (on a copy: projections, then
     `compact()`, so the kept dims are exactly the ones compaction will produce)."""
     from ..admm import apply_masks, prune_masks
@@ -197,7 +215,7 @@ def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[
     plan.validate(trace(masked, input_shape), deps.couplings)
     apply_masks(masked, prune_masks(masked, plan, deps))
     compacted = compact(masked, plan, input_shape, deps).model
-    return predict_compacted(latency, masked, compacted, input_shape)
+    return predict_compacted(latency, masked, compacted, input_shape, scaled)
 
 
 def dense_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...]) -> Prediction:

@@ -1,0 +1,64 @@
+"""How well the latency model predicts end-to-end latency of random compacted plans.
+
+Per model: profile it (the layer grid + the rest of the network, into a fresh table under
+bench/results/profiles/), fit the latency model (cross-validated error on the table's rows), then
+draw random per-layer plans, compact each, time them end to end and compare with the prediction.
+Goal of the profiler issue: >= 95% of random plans within +-10% on CPU for digits-cnn, resnet20
+and tv:resnet18 (nn-Meter reports 99% within +-10% on mobile CPUs).
+
+Run alone: another busy process on the same cores distorts every timing.
+Usage: python bench/latency_model.py [--threads T] [--samples N] [MODEL ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, record  # noqa: E402
+
+from sparsesearch.profiler.measure import profile_model, target  # noqa: E402
+from sparsesearch.profiler.predictor import LatencyModel  # noqa: E402
+from sparsesearch.profiler.validate import scatter, validate  # noqa: E402
+from sparsesearch.runtime import set_threads  # noqa: E402
+
+MODELS = ("digits-cnn", "resnet20", "tv:resnet18")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="*", default=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=30)
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    device = torch.device("cpu")
+    rows = []
+    for name in args.models:
+        slug = name.replace(":", "-")
+        begin = time.perf_counter()
+        tgt = target(name)
+        run = profile_model(tgt, device, 1, out=RESULTS / "profiles" / f"{slug}-t{threads}-b1-float32.json")
+        fitted = LatencyModel().fit(run.profile)
+        result = validate(fitted, tgt, args.samples, device, 1)
+        scatter(result, RESULTS / f"latency_model_{slug}_t{threads}.png")
+        rows.append({"model": name, "input": "x".join(map(str, tgt.input_shape)), "threads": threads, "batch": 1,
+                     "rows": len(run.profile.rows), "profile_s": round(run.seconds),
+                     "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
+                     "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
+                     "within_10_%": round(100 * result.within_10), "goal_met": result.within_10 >= 0.95,
+                     "total_s": round(time.perf_counter() - begin)})
+        print(rows[-1], flush=True)
+    summary = (f"Random per-layer plans (types and rates drawn per layer), compacted and timed end to end (median "
+               f"of interleaved rounds) vs the latency model's prediction (sum of predicted layers + measured rest). "
+               f"CPU, batch 1, float32, {threads} threads. Scatter plots: latency_model_<model>_t{threads}.png.")
+    print(record(f"latency_model_t{threads}", rows, summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""The Pareto set of a study, its measured speedups, and the report: plots and a markdown table.
+
+`measure_front` compacts every feasible Pareto-optimal trial and every uniform baseline and times
+it beside its masked dense form (`profiler.timing.compare`, one call per plan, so each speedup is
+a ratio measured under the same load). Optuna forbids changing a finished trial, so the
+measurements go to the study's `measured` user attr, keyed by trial number; `rows` merges them
+with the trials' own attrs. `pareto.json`, the PNGs and `report.md` are derived from the study
+alone and rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from .files import save_with, write_json
+
+if TYPE_CHECKING:
+    from .search import Search
+
+SCHEMA = 1
+TYPE_COLORS = {"filter": "#1f77b4", "channel": "#ff7f0e", "shape": "#2ca02c", "irregular": "#9467bd", "nm": "#8c564b"}
+
+
+# --- the front and its measurement ----------------------------------------------------------------
+
+
+def front(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible Pareto-optimal trials (accuracy, predicted speedup), by predicted speedup."""
+    return sorted((t for t in study.best_trials if t.user_attrs.get("feasible")), key=lambda t: t.values[1])
+
+
+def baselines(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if "baseline" in t.user_attrs]
+
+
+def measure_front(search: Search, study: optuna.Study,
+                  on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Compact and time (beside the masked dense model, on the search's device and batch size) every
+    feasible Pareto trial and every baseline not measured yet; store and return all measurements."""
+    from .compact import verified_compact
+    from .profiler.timing import compare
+
+    measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {}))
+    todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()
+            if str(t.number) not in measured and "weights" in t.user_attrs]
+    shape, device = search.data.input_shape, search.device
+    dense_macs = sum(layer.macs for layer in search.layers)
+    for i, trial in enumerate(todo):
+        if on_progress:
+            on_progress(i, len(todo), f"trial {trial.number}")
+        from .plan import Plan
+
+        plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {trial.number}")
+        masked = search.trained(trial)
+        compacted = verified_compact(masked, plan, shape, search.deps, search.config.model)
+        models = {"dense": masked.to(device), "compacted": compacted.model.to(device)}
+        t = compare(models, torch.randn(search.config.batch_size, *shape, device=device))
+        measured[str(trial.number)] = {
+            "measured_speedup": t["dense"].median_ms / t["compacted"].median_ms,
+            "latency_ms": {k: v.median_ms for k, v in t.items()},
+            "spread": {k: v.spread for k, v in t.items()},
+            "macs": {"dense": dense_macs, "compacted": sum(compacted.macs.values())},
+            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+            "impl": dict(Counter(compacted.impl.values())),
+            "left_dense": compacted.left_dense,
+        }
+        study.set_user_attr("measured", measured)  # after each plan: an interruption keeps the rest
+    study.set_user_attr("measured_setting", {
+        "device": str(device), "batch_size": search.config.batch_size, "threads": torch.get_num_threads(),
+        "how": "median of interleaved rounds beside the masked dense model, inference_mode, eval",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    if on_progress:
+        on_progress(len(todo), len(todo), "")
+    return measured
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+def row(trial: FrozenTrial, measured: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    a = trial.user_attrs
+    out = {"trial": trial.number, "baseline": a.get("baseline"), "feasible": a.get("feasible"),
+           "val_acc": a.get("val_acc"), "test_acc": a.get("test_acc"), "acc_drop": a.get("acc_drop"),
+           "predicted_speedup": a.get("predicted_speedup"), "predicted_ms": a.get("predicted_ms"),
+           "plan": a.get("plan")}
+    return {**out, **measured.get(str(trial.number), {})}
+
+
+def pareto(study: optuna.Study) -> dict[str, Any]:
+    """What pareto.json holds: the study's settings and dense baseline, and one row per Pareto trial."""
+    measured = study.user_attrs.get("measured", {})
+    return {"schema": SCHEMA, "study": study.study_name, "config": study.user_attrs.get("config"),
+            "dense": study.user_attrs.get("dense"), "measured_setting": study.user_attrs.get("measured_setting"),
+            "units": {"val_acc": "% top-1, validation split (the objective)", "test_acc": "% top-1, test split",
+                      "acc_drop": "points of validation accuracy below the dense model",
+                      "latency_ms": "ms per call of the whole batch, median", "macs": "per sample, prunable layers",
+                      "speedup": "dense latency / compacted latency"},
+            "pareto": [row(t, measured) for t in front(study)],
+            "baselines": [row(t, measured) for t in baselines(study)]}
+
+
+def best_within(rows: list[dict[str, Any]], dense_val: float, drop: float) -> dict[str, Any] | None:
+    """The row with the highest measured speedup among those within `drop` points of the dense model."""
+    ok = [r for r in rows if r.get("measured_speedup") and r["val_acc"] is not None and dense_val - r["val_acc"] <= drop]
+    return max(ok, key=lambda r: r["measured_speedup"], default=None)
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+
+def _title(study: optuna.Study, what: str) -> str:
+    c = study.user_attrs.get("config", {})
+    s = {**study.user_attrs.get("setting", {}), **(study.user_attrs.get("measured_setting") or {})}
+    return (f"{what}: {c.get('model')} on {c.get('dataset')}\n{s.get('device_name', s.get('device', '?'))}, "
+            f"batch {s.get('batch_size', c.get('batch_size'))}, {s.get('threads', '?')} threads")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(study: optuna.Study, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    measured = study.user_attrs.get("measured", {})
+    dense, config = study.user_attrs.get("dense", {}), study.user_attrs.get("config", {})
+    floor = dense.get("val", 100) - config.get("max_acc_drop", 1.0)
+    done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,))]
+    bottom = min([floor - max(3 * config.get("max_acc_drop", 1.0), 2.0)]
+                 + [t.user_attrs["val_acc"] for t in done if t.user_attrs.get("feasible")])
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.axhline(floor, color="crimson", ls="--", lw=1, label=f"constraint: dense - {config.get('max_acc_drop')} pts")
+    groups = {"feasible trials (predicted speedup)": [t for t in done if t.user_attrs.get("feasible")],
+              "infeasible trials (predicted speedup)": [t for t in done if not t.user_attrs.get("feasible")]}
+    for (label, trials), style in zip(groups.items(), [{"marker": "o", "mfc": "none", "color": "tab:blue"},
+                                                       {"marker": "x", "color": "grey"}]):
+        inside = [t for t in trials if t.user_attrs["val_acc"] >= bottom]
+        ax.plot([t.user_attrs["predicted_speedup"] for t in inside], [t.user_attrs["val_acc"] for t in inside],
+                ls="none", ms=6, alpha=0.7, label=label, **style)
+    low = [t for t in done if t.user_attrs["val_acc"] < bottom]
+    if low:
+        ax.plot([t.user_attrs["predicted_speedup"] for t in low], [bottom - 0.3] * len(low), "v", color="grey",
+                alpha=0.7, label="trials below the axis (predicted speedup)")
+    below = sum(t.user_attrs["val_acc"] < bottom for t in done)
+    pf = [t for t in front(study) if str(t.number) in measured]
+    if pf:
+        xs = [measured[str(t.number)]["measured_speedup"] for t in pf]
+        ys = [t.user_attrs["val_acc"] for t in pf]
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:red", ms=8,
+                label="Pareto front (measured speedup)")
+        for t, x, y in zip(pf, xs, ys):
+            ax.annotate(f"#{t.number}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for t in baselines(study):
+        if str(t.number) in measured:
+            x, y = measured[str(t.number)]["measured_speedup"], max(t.user_attrs["val_acc"], bottom - 0.3)
+            ax.plot(x, y, "s", color="tab:green", ms=8, label="uniform baselines (measured)"
+                    if "uniform baselines (measured)" not in ax.get_legend_handles_labels()[1] else None)
+            ax.annotate(t.user_attrs["baseline"], (x, y), textcoords="offset points", xytext=(-6, -14), fontsize=8,
+                        color="tab:green", ha="right")
+    ax.plot(1.0, dense.get("val", 100), "*", color="black", ms=14, label="dense model")
+    ax.set_ylim(bottom - 0.6, max(dense.get("val", 100), *[t.user_attrs["val_acc"] for t in done]) + 0.5)
+    ax.set_xlabel("end-to-end speedup over the dense model (x; measured = median latency ratio)")
+    ax.set_ylabel("validation accuracy (% top-1)")
+    note = f"; {below} below the axis, drawn at its edge" if below else ""
+    pruned = len(study.get_trials(False, states=(TrialState.PRUNED,)))
+    ax.set_title(_title(study, "accuracy vs speedup") + f"\n{len(done)} trials trained, {pruned} rejected or pruned{note}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, path)
+
+
+def plot_predicted_vs_measured(study: optuna.Study, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    measured = study.user_attrs.get("measured", {})
+    trials = {t.number: t for t in study.get_trials(False, states=(TrialState.COMPLETE,))}
+    points = [(trials[int(n)], m) for n, m in measured.items() if int(n) in trials]
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    xs = [t.user_attrs["predicted_speedup"] for t, _ in points]
+    ys = [m["measured_speedup"] for _, m in points]
+    hi = max([1.0, *xs, *ys]) * 1.1
+    ax.plot([0, hi], [0, hi], color="grey", lw=1, ls="--", label="measured = predicted")
+    colors = ["tab:green" if "baseline" in t.user_attrs else "tab:red" for t, _ in points]
+    ax.scatter(xs, ys, c=colors, s=40, zorder=3)
+    for (t, _), x, y in zip(points, xs, ys):
+        ax.annotate(f"#{t.number}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.scatter([], [], c="tab:red", label="Pareto trials")
+    ax.scatter([], [], c="tab:green", label="uniform baselines")
+    ax.set_xlim(min([0.8, *xs]) * 0.95, hi)
+    ax.set_ylim(min([0.8, *ys]) * 0.95, hi)
+    ax.set_xlabel("predicted speedup (x; latency model on the profile)")
+    ax.set_ylabel("measured speedup (x; median latency ratio)")
+    ax.set_title(_title(study, "predicted vs measured speedup"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_layers(study: optuna.Study, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    trials = front(study) + [t for t in baselines(study) if not t.user_attrs.get("feasible")]
+    layers: list[str] = []
+    for t in trials:
+        layers += [n for n in t.user_attrs["plan"] if n not in layers]
+    order = study.user_attrs.get("layers") or layers
+    layers = [n for n in order if n in layers] + [n for n in layers if n not in order]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(layers), 1), 1.2 + 0.45 * max(len(trials), 1)))
+    for row_i, t in enumerate(trials):
+        for col, name in enumerate(layers):
+            spec = t.user_attrs["plan"].get(name)
+            color = TYPE_COLORS.get(spec["type"], "grey") if spec else "white"
+            ax.add_patch(plt.Rectangle((col, row_i), 1, 1, facecolor=color, alpha=0.25 + 0.75 * (spec or {}).get("rate", 0),
+                                       edgecolor="lightgrey"))
+            ax.text(col + 0.5, row_i + 0.5, f"{spec['rate']:.2f}" if spec else "dense", ha="center", va="center",
+                    fontsize=8, color="black")
+    ax.set_xlim(0, max(len(layers), 1))
+    ax.set_ylim(max(len(trials), 1), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(layers))], layers, rotation=45, ha="right", fontsize=8)
+    labels = [f"#{t.number} {t.user_attrs.get('baseline') or 'Pareto'} ({t.values[1]:.2f}x pred, "
+              f"{t.user_attrs['val_acc']:.1f}%)" for t in trials]
+    ax.set_yticks([i + 0.5 for i in range(len(trials))], labels, fontsize=8)
+    ax.set_xlabel("prunable layer (cell: rate = fraction of groups removed; colour: sparsity type)")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in TYPE_COLORS.items()], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(_title(study, "per-layer plans of the Pareto trials and baselines"), fontsize=10)
+    return _save(fig, path)
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    return ", ".join(f"{n}: {s['type']} {s['rate']:.2f}" for n, s in plan.items()) or "dense"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+
+def markdown(study: optuna.Study) -> str:
+    data = pareto(study)
+    c, dense, s = data["config"] or {}, data["dense"] or {}, data["measured_setting"] or {}
+    trials = study.get_trials(False)
+    states = Counter(t.state.name.lower() for t in trials)
+    lines = [f"# Study `{study.study_name}`: {c.get('model')} on {c.get('dataset')}", "",
+             (f"- dense model: {dense.get('val', float('nan')):.2f}% validation, {dense.get('test', float('nan')):.2f}% "
+              f"test accuracy; constraint: at most {c.get('max_acc_drop')} points below it on validation"),
+             (f"- trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); each: "
+              f"{c.get('admm_epochs')} ADMM + {c.get('retrain_epochs')} retraining epochs; "
+              f"types {', '.join(c.get('types', []))}; sampler {c.get('sampler')}"),
+             (f"- speedups measured on {s.get('device', '?')}, batch {s.get('batch_size', '?')}, "
+              f"{s.get('threads', '?')} threads: {s.get('how', 'not measured yet')}"), ""]
+    for drop in sorted({0.5, float(c.get("max_acc_drop", 1.0))}):
+        best, base = best_within(data["pareto"], dense.get("val", 0), drop), best_within(data["baselines"], dense.get("val", 0), drop)
+        which = f" (trial {best['trial']})" if best else ""
+        lines.append(f"- best measured speedup within {drop:g} points: "
+                     f"{_num(best and best['measured_speedup'], '.2f')}x{which}; "
+                     f"best uniform baseline: {_num(base and base['measured_speedup'], '.2f')}x"
+                     f"{' (' + base['baseline'] + ')' if base else ''}")
+    lines += ["", "![accuracy vs speedup](pareto.png)", "", "## Pareto plans", "",
+              "| trial | val % | test % | drop | predicted | measured | dense ms | compacted ms | MACs | params | plan |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["pareto"] + [b for b in data["baselines"] if b["trial"] not in {p["trial"] for p in data["pareto"]}]:
+        lat, macs, params = r.get("latency_ms", {}), r.get("macs", {}), r.get("params", {})
+        lines.append(
+            f"| {r['trial']}{' (' + r['baseline'] + ')' if r['baseline'] else ''} | {_num(r['val_acc'], '.2f')} | "
+            f"{_num(r['test_acc'], '.2f')} | {_num(r['acc_drop'], '.2f')} | {_num(r['predicted_speedup'], '.2f')}x | "
+            f"{_num(r.get('measured_speedup'), '.2f')}x | {_num(lat.get('dense'), '.3f')} | {_num(lat.get('compacted'), '.3f')} | "
+            f"{_num(macs.get('dense', 0) / max(macs.get('compacted', 1), 1) if macs else None, '.2f')}x fewer | "
+            f"{_num(params.get('compacted'), ',')} | {_plan_text(r['plan'] or {})} |")
+    lines += ["", ("Accuracy: % top-1 (validation is the objective; test is reported only). Latency: ms per call "
+                   "of the whole batch. MACs: per sample, prunable layers. Baselines that are not Pareto-optimal are "
+                   "listed after the front."), "", "![predicted vs measured](predicted_vs_measured.png)", "",
+              "![per-layer plans](layers.png)", ""]
+    return "\n".join(lines)
+
+
+def write(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """pareto.json, pareto.png, predicted_vs_measured.png, layers.png and report.md in `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    write_json(out_dir / "pareto.json", pareto(study))
+    paths = [out_dir / "pareto.json", plot_pareto(study, out_dir / "pareto.png"),
+             plot_predicted_vs_measured(study, out_dir / "predicted_vs_measured.png"),
+             plot_layers(study, out_dir / "layers.png")]
+    text = markdown(study)
+    save_with(out_dir / "report.md", lambda tmp: tmp.write_text(text))
+    return [*paths, out_dir / "report.md"]

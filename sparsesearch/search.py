@@ -1,0 +1,647 @@
+"""The Optuna study: which plan to try next, what it scores, when to stop.
+
+Each trial draws a sparsity plan from `Space` (a type and a rate per prunable layer, or per
+coupling group; per stage plus a latency-guided allocation when a model has many layers), asks the
+latency model for its predicted speedup, and rejects it before any training when it is predicted
+slower than the dense model or is dominated on speed alone. Otherwise it is trained briefly: ADMM,
+hard prune, masked retraining; ADMM reports the accuracy of the projection after every iteration
+and `HopelessPruner` stops trials that trail every feasible one. Objectives: validation accuracy
+and predicted speedup, both maximised; constraint (`Trial.set_constraint`): accuracy drop vs the
+dense model at most `max_acc_drop` points. The first trials are uniform filter plans (30/50/70%).
+
+All state lives in the study: its settings and dense baseline in the study's user attrs; each
+trial's full per-layer plan, accuracies, prediction and ADMM curve in the trial's user attrs; the
+trained weights of feasible and baseline trials as Optuna artifacts (for measuring the front).
+Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so the ADMM curve goes
+to a user attr and the pruner, an ordinary `BasePruner`, reads it from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from .admm import ADMMConfig, Iteration, run_admm
+from .compact import Dependencies
+from .data import Data
+from .errors import UserError
+from .files import torch_save
+from .layers import Layer
+from .plan import LayerSparsity, Plan
+from .profiler import LatencyModel, dense_latency, predict_latency
+from .sparsity import NM_M, SparsityType
+
+SCHEMA = 1
+STUDIES_DIR = Path("studies")
+RATE_STEP, MAX_RATE = 0.05, 0.9
+BASELINE_RATES = (0.3, 0.5, 0.7)
+MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a latency-guided allocation
+ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
+RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int | None = None  # the study's size: finished trials, earlier runs included
+    seconds: float | None = None  # this run's wall time
+
+    def __str__(self) -> str:
+        return f"{self.trials} trials" if self.trials is not None else f"{self.seconds / 60:g} min"
+
+
+def parse_budget(text: str) -> Budget:
+    """`20` (trials in the study), or a duration for this run: `90s`, `30m`, `2h`, `1h30m`."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return Budget(trials=int(text))
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or parts is None or not any(parts.groups()):
+        raise UserError(f"--budget '{text}' is neither a trial count (e.g. 20) nor a duration (e.g. 30m, 2h, 90s)")
+    h, m, s = (float(g or 0) for g in parts.groups())
+    return Budget(seconds=h * 3600 + m * 60 + s)
+
+
+def parse_trial_epochs(text: str) -> tuple[float, float]:
+    """`ADMM+RETRAIN` epochs per trial, e.g. `1+2`; a single number is ADMM epochs with half as much retraining."""
+    try:
+        parts = [float(p) for p in text.split("+")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts.append(parts[0] / 2)
+    if len(parts) != 2 or min(parts) < 0 or sum(parts) <= 0:
+        raise UserError(f"--trial-epochs '{text}' must be ADMM+RETRAIN epochs, e.g. 1+2 (fractions allowed)")
+    return parts[0], parts[1]
+
+
+@dataclass
+class SearchConfig:
+    """What a study searches and how each trial is scored; stored in the study, checked on resume."""
+
+    model: str = "digits-cnn"
+    dataset: str = "digits"
+    checkpoint: str = ""
+    types: tuple[str, ...] = tuple(t.value for t in SparsityType)
+    max_acc_drop: float = 1.0  # points of validation accuracy vs the dense model
+    admm_epochs: float = 1.0
+    retrain_epochs: float = 3.0
+    batch_size: int = 1  # of the latency the speedups are predicted and measured at
+    seed: int = 0
+    sampler: str = "tpe"  # or "random" (the benchmark's control)
+
+    def admm(self, admm_epochs: float | None = None, retrain_epochs: float | None = None) -> ADMMConfig:
+        """ADMM with ADMM_ITERATIONS Z/U updates whatever the budget, rho growing from 1e-2 to RHO_END."""
+        epochs = self.admm_epochs if admm_epochs is None else admm_epochs
+        n = max(ADMM_ITERATIONS, math.ceil(epochs / 0.25))
+        rho0 = 1e-2
+        return ADMMConfig(admm_epochs=epochs, admm_interval=max(epochs, 1e-9) / n, rho0=rho0,
+                          rho_factor=(RHO_END / rho0) ** (1 / (n - 1)), rho_max=RHO_END,
+                          retrain_epochs=self.retrain_epochs if retrain_epochs is None else retrain_epochs,
+                          seed=self.seed)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {**asdict(self), "types": list(self.types), "schema": SCHEMA}
+
+    @classmethod
+    def from_attrs(cls, raw: dict[str, Any]) -> SearchConfig:
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "types": tuple(known.get("types", cls.types))})
+
+
+# --- the search space -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Layers that take one type and rate together: a coupling group, or a single layer."""
+
+    name: str
+    layers: tuple[str, ...]
+    types: tuple[SparsityType, ...]
+    stage: str
+    ms: float  # predicted dense latency of its layers
+
+
+def snap(rate: float, kind: SparsityType) -> float:
+    """A drawn rate as a plan takes it: on the 0.05 grid; nm to its nearest 1 - N/M (0 = dense)."""
+    if kind == SparsityType.NM:
+        return round(round(rate * NM_M) / NM_M, 4) if rate < 1 - 0.5 / NM_M else 1 - 1 / NM_M
+    return min(round(round(rate / RATE_STEP) * RATE_STEP, 4), MAX_RATE)
+
+
+def _stage(layer: Layer) -> str:
+    return f"conv {layer.out_shape[1]}x{layer.out_shape[2]}" if layer.kind == "conv" else "linear"
+
+
+class Space:
+    """Per slot a type and a rate (`type:SLOT`, `rate:SLOT`); with more than `max_slots` slots, per
+    stage (layers of one output resolution) a type and a rate, and `alloc`, the exponent that
+    spreads a stage's rate over its layers by their predicted latency (0: uniform; 1: a layer twice
+    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan."""
+
+    def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
+                 layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS) -> None:
+        allowed = {SparsityType(t) for t in types}
+        by_name = {layer.name: layer for layer in layers}
+        grouped = {n for g in couplings for n in g}
+        units = [list(g) for g in couplings] + [[layer.name] for layer in layers if layer.name not in grouped]
+        units.sort(key=lambda u: [layer.name for layer in layers].index(u[0]))
+        self.slots = []
+        for unit in units:
+            kinds = tuple(t for t in SparsityType if t in allowed and all(t in by_name[n].types for n in unit))
+            if kinds:
+                self.slots.append(Slot(unit[0], tuple(unit), kinds, _stage(by_name[unit[0]]),
+                                       sum(layer_ms.get(n, 0.0) for n in unit)))
+        if not self.slots:
+            raise UserError(f"no prunable layer accepts the types {', '.join(types)}; allow more with --types")
+        self.per_layer = len(self.slots) <= max_slots
+        self.stages: dict[str, list[Slot]] = {}
+        for s in self.slots:
+            self.stages.setdefault(s.stage, []).append(s)
+
+    def suggest(self, trial: optuna.Trial) -> Plan:
+        rates: dict[str, tuple[SparsityType, float]] = {}
+        if self.per_layer:
+            for s in self.slots:
+                kind = SparsityType(trial.suggest_categorical(f"type:{s.name}", [t.value for t in s.types]))
+                rates[s.name] = (kind, trial.suggest_float(f"rate:{s.name}", 0.0, MAX_RATE, step=RATE_STEP))
+        else:
+            alloc = trial.suggest_float("alloc", 0.0, 1.0, step=0.25)
+            for stage, slots in self.stages.items():
+                kind = SparsityType(trial.suggest_categorical(f"type:{stage}", self.choices(stage)))
+                rate = trial.suggest_float(f"rate:{stage}", 0.0, MAX_RATE, step=RATE_STEP)
+                takers = [s for s in slots if kind in s.types]
+                weights = [max(s.ms, 1e-9) ** alloc for s in takers]
+                mean = sum(weights) / max(len(weights), 1)
+                for s, w in zip(takers, weights):
+                    rates[s.name] = (kind, min(rate * w / mean, MAX_RATE))
+        return self.plan(rates)
+
+    def choices(self, stage: str) -> list[str]:
+        return [t.value for t in SparsityType if any(t in s.types for s in self.stages[stage])]
+
+    def plan(self, rates: dict[str, tuple[SparsityType, float]]) -> Plan:
+        layers = {}
+        for s in self.slots:
+            if s.name in rates:
+                kind, rate = rates[s.name]
+                rate = snap(rate, kind)
+                if rate > 0:
+                    layers.update({n: LayerSparsity(kind, rate) for n in s.layers})
+        return Plan(layers)
+
+    def uniform_params(self, kind: SparsityType, rate: float) -> dict[str, Any]:
+        """The parameters that draw `kind` at `rate` wherever it applies (a uniform baseline)."""
+        if self.per_layer:
+            params: dict[str, Any] = {}
+            for s in self.slots:
+                params[f"type:{s.name}"] = (kind if kind in s.types else s.types[0]).value
+                params[f"rate:{s.name}"] = rate if kind in s.types else 0.0
+            return params
+        params = {"alloc": 0.0}
+        for stage in self.stages:
+            takes = kind.value in self.choices(stage)
+            params[f"type:{stage}"] = kind.value if takes else self.choices(stage)[0]
+            params[f"rate:{stage}"] = rate if takes else 0.0
+        return params
+
+
+# --- rejection and pruning ------------------------------------------------------------------------
+
+
+def _prunes_no_more(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether plan `a` removes no more than plan `b` everywhere (same type where both prune)."""
+    for name, spec in a.items():
+        other = b.get(name)
+        if other is None or other["type"] != spec["type"] or other["rate"] < spec["rate"]:
+            return False
+    return True
+
+
+def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial]) -> str:
+    """Why a candidate is not worth training, or "": predicted slower than dense; a feasible trial
+    prunes no more and is predicted at least as fast (dominated on speed alone); an infeasible trial
+    prunes no more (it can only be less accurate)."""
+    if speedup < 1:
+        return f"predicted slower than the dense model ({speedup:.2f}x)"
+    for t in finished:
+        other = t.user_attrs.get("plan")
+        if t.state != TrialState.COMPLETE or other is None or not _prunes_no_more(other, plan):
+            continue
+        if t.user_attrs.get("feasible") and t.user_attrs.get("predicted_speedup", 0) >= speedup:
+            return (f"dominated on speed: trial {t.number} prunes no more and is predicted at least as fast "
+                    f"({t.user_attrs['predicted_speedup']:.2f}x >= {speedup:.2f}x)")
+        if t.user_attrs.get("feasible") is False:
+            return f"hopeless: trial {t.number} prunes no more and already misses the accuracy constraint"
+    return ""
+
+
+class HopelessPruner(optuna.pruners.BasePruner):
+    """Stops a trial whose projected accuracy (what hard pruning now would give) at an ADMM iteration
+    trails, by `margin` points, every feasible trial at the same iteration (at least `min_trials` of
+    them). Reads the curve from the trial's `admm` user attr (see the module docstring)."""
+
+    def __init__(self, margin: float = 5.0, min_trials: int = 3, warmup: int = 3) -> None:
+        self.margin, self.min_trials, self.warmup = margin, min_trials, warmup
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        curve = trial.user_attrs.get("admm", [])
+        if len(curve) <= self.warmup:
+            return False
+        step, value = len(curve) - 1, curve[-1]["projected_acc"]
+        peers = [t.user_attrs["admm"][step]["projected_acc"] for t in study.get_trials(False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get("feasible") and len(t.user_attrs.get("admm", [])) > step]
+        return len(peers) >= self.min_trials and value < min(peers) - self.margin
+
+
+# --- the objective --------------------------------------------------------------------------------
+
+
+@dataclass
+class Search:
+    """Everything a trial needs, built once: the dense model, its data, dependencies, latency model."""
+
+    config: SearchConfig
+    model: nn.Module  # dense, on the CPU
+    data: Data
+    layers: list[Layer]
+    deps: Dependencies
+    latency: LatencyModel
+    device: torch.device
+    artifacts: Path
+    dense: dict[str, float] = field(default_factory=dict)  # val, test accuracy (%)
+    dense_ms: float = 0.0  # predicted
+
+    def __post_init__(self) -> None:
+        prediction = dense_latency(self.latency, self.model, self.data.input_shape)
+        self.dense_ms = prediction.total_ms
+        self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms)
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Uniform plans tried first: filter at 30/50/70% (the first allowed type without filter)."""
+        kind = SparsityType.FILTER if "filter" in self.config.types else SparsityType(self.config.types[0])
+        return [(f"{kind.value}={r}", self.space.uniform_params(kind, snap(r, kind))) for r in BASELINE_RATES]
+
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        plan = self.space.suggest(trial)
+        trial.set_user_attr("plan", plan.to_dict()["layers"])
+        if not plan.layers:
+            trial.set_user_attr("rejected", "prunes no layer: it is the dense model")
+            raise optuna.TrialPruned("prunes no layer")
+        predicted = predict_latency(self.latency, self.model, self.data.input_shape, plan).total_ms
+        speedup = self.dense_ms / predicted
+        trial.set_user_attr("predicted_ms", predicted)
+        trial.set_user_attr("predicted_speedup", speedup)
+        reason = rejection(plan.to_dict()["layers"], speedup, trial.study.get_trials(False, states=(TrialState.COMPLETE,)))
+        if reason and "baseline" not in trial.user_attrs:
+            trial.set_user_attr("rejected", reason)
+            raise optuna.TrialPruned(reason)
+        model, curve = self.fresh_model(), []
+
+        def on_iteration(it: Iteration) -> None:
+            curve.append({"rho": it.rho, "residual": it.residual, "val_acc": it.val_acc,
+                          "projected_acc": it.projected_acc})
+            trial.set_user_attr("admm", curve)
+            running = [t for t in trial.study.get_trials(False, states=(TrialState.RUNNING,)) if t.number == trial.number]
+            if running and "baseline" not in trial.user_attrs and trial.study.pruner.prune(trial.study, running[0]):
+                trial.set_user_attr("pruned", f"projected accuracy {it.projected_acc:.1f}% at ADMM iteration "
+                                              f"{it.index}/{it.total} trails every feasible trial")
+                raise optuna.TrialPruned("hopeless")
+
+        result = run_admm(model, self.data, plan, self.config.admm(), self.device, self.deps, on_iteration)
+        val, test = result.accuracy["final_val"], result.accuracy["final"]
+        drop = self.dense["val"] - val
+        trial.set_constraint("accuracy_drop", drop - self.config.max_acc_drop)
+        feasible = drop <= self.config.max_acc_drop
+        for key, value in {"val_acc": val, "test_acc": test, "acc_drop": drop, "feasible": feasible,
+                           "hard_pruned_test_acc": result.accuracy["hard_pruned"],
+                           "train_seconds": result.seconds}.items():
+            trial.set_user_attr(key, value)
+        if feasible or "baseline" in trial.user_attrs:
+            trial.set_user_attr("weights", self._upload(trial, model))
+        return val, speedup
+
+    def _upload(self, trial: optuna.Trial, model: nn.Module) -> str:
+        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        tmp = self.artifacts / f".trial-{trial.number}.pt"
+        torch_save(tmp, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        try:
+            return upload_artifact(artifact_store=FileSystemArtifactStore(str(self.artifacts)), file_path=str(tmp),
+                                   study_or_trial=trial)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def trained(self, trial: FrozenTrial) -> nn.Module:
+        """The masked model a trial trained (feasible and baseline trials keep their weights)."""
+        from optuna.artifacts import FileSystemArtifactStore, download_artifact
+
+        if "weights" not in trial.user_attrs:
+            raise UserError(f"trial {trial.number} kept no weights (only feasible and baseline trials do)")
+        tmp = self.artifacts / f".load-{trial.number}.pt"
+        tmp.unlink(missing_ok=True)
+        download_artifact(artifact_store=FileSystemArtifactStore(str(self.artifacts)), file_path=str(tmp),
+                          artifact_id=trial.user_attrs["weights"])
+        try:
+            state = torch.load(tmp, map_location="cpu", weights_only=True)
+        finally:
+            tmp.unlink(missing_ok=True)
+        model = self.fresh_model()
+        model.load_state_dict(state)
+        return model.eval()
+
+
+# --- studies --------------------------------------------------------------------------------------
+
+
+def study_dir(name: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", name):
+        raise UserError(f"study name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
+    return STUDIES_DIR / name
+
+
+def storage_url(name: str, storage: str | None) -> str:
+    return storage or f"sqlite:///{study_dir(name) / 'study.db'}"
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.SQLAlchemyError, ImportError)
+
+
+def open_study(name: str, storage: str | None, create: bool, sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """The study NAME in `storage` (default SQLite under studies/NAME/); created if `create`."""
+    url = storage_url(name, storage)
+    if storage is None and not create and not (study_dir(name) / "study.db").is_file():
+        known = sorted(p.name for p in STUDIES_DIR.glob("*") if (p / "study.db").is_file())
+        raise UserError(f"no study '{name}' under {STUDIES_DIR}/ (studies: {', '.join(known) or 'none'}); "
+                        f"run `sparsesearch optimize --study {name}` first, or pass --storage URL")
+    if storage is None:
+        study_dir(name).mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if create:
+                return optuna.create_study(study_name=name, storage=url, directions=["maximize", "maximize"],
+                                           sampler=sampler, pruner=pruner, load_if_exists=True)
+            return optuna.load_study(study_name=name, storage=url, sampler=sampler, pruner=pruner)
+    except KeyError:
+        raise UserError(f"storage {url} holds no study '{name}'; check --study, or run `sparsesearch optimize` "
+                        "to create it") from None
+    except _storage_errors() as e:
+        raise UserError(storage_problem(url, e)) from e
+
+
+def storage_problem(url: str, e: BaseException) -> str:
+    text = str(e).splitlines()[0][:160]
+    if "locked" in text:
+        return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
+    return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"
+
+
+def load_config(study: optuna.Study) -> SearchConfig:
+    if "config" not in study.user_attrs:
+        raise UserError(f"study '{study.study_name}' was not created by `sparsesearch optimize`")
+    return SearchConfig.from_attrs(study.user_attrs["config"])
+
+
+def reconcile(study: optuna.Study, given: dict[str, Any], defaults: SearchConfig) -> SearchConfig:
+    """The config of a new study (defaults + `given`), or a resumed one's stored config; a given
+    option that contradicts the stored one is refused, since the trials would not compare."""
+    if "config" not in study.user_attrs:
+        return SearchConfig(**{**asdict(defaults), **{k: v for k, v in given.items() if v is not None}})
+    stored = load_config(study)
+    for key, value in given.items():
+        if value is not None and getattr(stored, key) != value:
+            raise UserError(f"study '{study.study_name}' was run with {key} = {getattr(stored, key)!r}, not "
+                            f"{value!r}; drop that option to resume it, or start another with --study NEW")
+    return stored
+
+
+def make_sampler(config: SearchConfig, finished: int) -> optuna.samplers.BaseSampler:
+    """TPE (multi-objective, constraint-aware), seeded by the study's size so a resumed run draws anew."""
+    seed = config.seed + finished
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def trained_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Finished trials that trained (rejected candidates cost ~0.1 s and do not count against the budget)."""
+    return [t for t in finished_trials(study) if "rejected" not in t.user_attrs]
+
+
+@dataclass
+class RunResult:
+    trained: int  # in this run
+    rejected: int
+    stopped: str  # "budget", "time", "asked", "rejections"
+
+
+def run(search: Search, study: optuna.Study, budget: Budget,
+        on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+        should_stop: Callable[[], bool] | None = None, baselines: bool = True,
+        max_rejections: int | None = None) -> RunResult:
+    """Run trials until the study holds `budget.trials` trained ones (rejected candidates are free)
+    or `budget.seconds` pass, or `should_stop()` says so after a trial, or `max_rejections` (default
+    50 per trial of budget, at least 500) candidates in a row were rejected. Enqueues the uniform
+    baselines once (unless `baselines` is false: the benchmark's pure random search)."""
+    if baselines and not study.user_attrs.get("baselines_enqueued"):
+        for label, params in search.baselines():
+            study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+        study.set_user_attr("baselines_enqueued", True)
+    result = RunResult(0, 0, "time")
+    if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
+        result.stopped = "budget"
+        return result
+    limit = max_rejections or max(500, 50 * (budget.trials or 0))
+    in_a_row = 0
+
+    def after(study_: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal in_a_row
+        rejected = "rejected" in trial.user_attrs
+        result.rejected += rejected
+        result.trained += not rejected
+        in_a_row = in_a_row + 1 if rejected else 0
+        if on_trial is not None:
+            on_trial(study_, trial)
+        if budget.trials is not None and len(trained_trials(study_)) >= budget.trials:
+            result.stopped = "budget"
+        elif should_stop is not None and should_stop():
+            result.stopped = "asked"
+        elif in_a_row >= limit:
+            result.stopped = "rejections"
+        else:
+            return
+        study_.stop()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.optimize(search.objective, timeout=budget.seconds, callbacks=[after], gc_after_trial=False)
+    return result
+
+
+def best_feasible_speedup(study: optuna.Study) -> float | None:
+    values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")]
+    return max(values) if values else None
+
+
+# --- setting a search up --------------------------------------------------------------------------
+
+
+def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir: Path | None = None,
+          profile: Path | None = None, allow_foreign: bool = False,
+          notify: Callable[[str], None] | None = None,
+          on_progress: Callable[[str, int, int, str], None] | None = None) -> Search:
+    """Load (or first train) the dense checkpoint and (or first measure) the latency profile of this
+    device; `notify` hears what is done first, `on_progress(phase, done, total, status)` how it goes."""
+    from . import data as datasets
+    from .compact import dependencies
+    from .layers import trace
+    from .profiler import latency_model_for
+    from .profiler.measure import Target, profile_model
+    from .profiler.table import PROFILES_DIR, find_profile, fingerprint, model_key
+    from .train import TrainConfig, default_checkpoint, evaluate, prepare, train_dense
+
+    say = notify or (lambda _text: None)
+    weights = Path(config.checkpoint) if config.checkpoint else default_checkpoint(config.model, config.dataset)
+    if not weights.is_file():
+        if config.checkpoint:
+            raise UserError(f"checkpoint not found: {weights}; train one with `sparsesearch train` or fix --checkpoint")
+        epochs = datasets.info(config.dataset).epochs
+        say(f"no dense checkpoint at {weights}: training {config.model} on {config.dataset} first ({epochs} epochs)")
+        train_dense(config.model, config.dataset, TrainConfig(epochs=epochs, seed=config.seed), device, weights,
+                    data_dir, on_progress=on_progress and (lambda p: on_progress("train", p.step, p.total, "")))
+    model, data = prepare(config.model, config.dataset, data_dir, weights=weights, seed=config.seed)
+    model.eval()
+    shape = data.input_shape
+    if profile is None and find_profile(fingerprint(device, config.batch_size, "float32"), PROFILES_DIR,
+                                        model_key(model, shape)) is None:
+        say(f"no latency profile of {config.model} for this device under {PROFILES_DIR.name}/: profiling it first "
+            f"(batch {config.batch_size}, {torch.get_num_threads()} threads; done once)")
+        profile_model(Target(config.model, copy.deepcopy(model), shape), device, config.batch_size,
+                      on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))
+    latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign)
+    dense = {"val": evaluate(model.to(device), data.val, device), "test": evaluate(model, data.test, device)}
+    model.cpu()
+    return Search(config, model, data, trace(model, shape), dependencies(model, shape), latency, device, artifacts,
+                  dense)
+
+
+def record(study: optuna.Study, search: Search) -> None:
+    """Store the study's settings, dense baseline and layer order once, when it is new."""
+    from .profiler.table import fingerprint
+
+    if "config" in study.user_attrs:  # resumed: keep judging against the baseline the study started with
+        search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
+        return
+    here = fingerprint(search.device, search.config.batch_size, "float32")
+    study.set_user_attr("config", search.config.to_attrs())
+    study.set_user_attr("dense", {**search.dense, "predicted_ms": search.dense_ms,
+                                  "unit": "% top-1; predicted_ms per call of the whole batch"})
+    study.set_user_attr("setting", {"device": str(search.device), "device_name": here["device_name"],
+                                    "batch_size": search.config.batch_size, "threads": here["threads"],
+                                    "profile": str(search.latency.profile.path), "torch": here["torch"]})
+    study.set_user_attr("layers", [layer.name for layer in search.layers])
+    study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + latency-guided allocation")
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def chosen(study: optuna.Study, number: int) -> FrozenTrial:
+    """Trial `number`, if it finished and met the accuracy constraint."""
+    trials = {t.number: t for t in study.get_trials(False)}
+    if number not in trials:
+        raise UserError(f"study '{study.study_name}' has no trial {number} (trials 0-{len(trials) - 1}); "
+                        f"see studies/{study.study_name}/report.md for the Pareto trials")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE or not trial.user_attrs.get("feasible"):
+        why = trial.user_attrs.get("rejected") or trial.user_attrs.get("pruned") or (
+            f"it is {trial.state.name.lower()}" if trial.state != TrialState.COMPLETE else
+            f"its accuracy drop {trial.user_attrs.get('acc_drop', float('nan')):.2f} exceeds the constraint")
+        raise UserError(f"trial {number} is not feasible ({why}); export a Pareto trial (see pareto.json)")
+    return trial
+
+
+@dataclass
+class ExportResult:
+    accuracy: dict[str, float]
+    latency_ms: dict[str, float]
+    speedup: float
+    macs: dict[str, int]
+    params: dict[str, int]
+    files: dict[str, Path]
+    skipped: dict[str, str]
+    metrics: Path
+
+
+def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: float, retrain_epochs: float,
+                 out_dir: Path, on_progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
+    """Re-run trial `number`'s plan from the dense checkpoint with the full budget, compact, measure,
+    and write the compacted model (`export.write_all`) plus metrics.json."""
+    from .compact import verified_compact
+    from .export import write_all
+    from .files import write_json
+    from .profiler.timing import compare
+
+    trial = chosen(study, number)
+    plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
+    plan.validate(search.layers, search.deps.couplings)
+    model = search.fresh_model()
+    config = search.config.admm(admm_epochs, retrain_epochs)
+    result = run_admm(model, search.data, plan, config, search.device, search.deps,
+                      on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)))
+    model.eval()
+    compacted = verified_compact(model, plan, search.data.input_shape, search.deps, search.config.model)
+    x = torch.randn(search.config.batch_size, *search.data.input_shape, device=search.device)
+    models = {"dense": model.to(search.device), "compacted": compacted.model.to(search.device)}
+    t = compare(models, x)
+    latency = {k: v.median_ms for k, v in t.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    macs = {"dense": sum(layer.macs for layer in search.layers), "compacted": sum(compacted.macs.values())}
+    accuracy = {"dense_val": search.dense["val"], "dense_test": search.dense["test"],
+                "val": result.accuracy["final_val"], "test": result.accuracy["final"],
+                "hard_pruned_test": result.accuracy["hard_pruned"]}
+    metrics = {"schema": SCHEMA, "study": study.study_name, "trial": number, "plan": plan.to_dict(),
+               "admm_config": asdict(config), "accuracy": {**accuracy, "unit": "% top-1"},
+               "latency_ms": latency, "speedup": latency["dense"] / latency["compacted"], "params": params,
+               "macs": {**macs, "unit": "per sample, prunable layers"},
+               "measured": {"device": str(search.device), "batch_size": search.config.batch_size,
+                            "threads": torch.get_num_threads(), "rounds": t["dense"].rounds,
+                            "how": "median of interleaved rounds beside the masked dense model"},
+               "search_trial": {k: trial.user_attrs.get(k) for k in ("val_acc", "test_acc", "predicted_speedup")},
+               "seconds": round(result.seconds, 2)}
+    done = write_all(out_dir, compacted, x[:1], {"model": search.config.model, "dataset": search.config.dataset,
+                                                 "study": study.study_name, "trial": number,
+                                                 "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
+    write_json(Path(out_dir) / "metrics.json", metrics)
+    return ExportResult(accuracy, latency, metrics["speedup"], macs, params, done.files, done.skipped,
+                        Path(out_dir) / "metrics.json")

@@ -1,0 +1,94 @@
+"""The report of a study: pareto.json, the plots and report.md, from a hand-made study (no training),
+and the report/export commands' one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from sparsesearch import report
+from sparsesearch.cli import app
+
+PLANS = {
+    0: ({"0": {"type": "filter", "rate": 0.3}, "3": {"type": "filter", "rate": 0.3}}, 99.4, 1.3, "filter=0.3"),
+    1: ({"0": {"type": "filter", "rate": 0.5}, "3": {"type": "filter", "rate": 0.5}}, 98.1, 1.6, "filter=0.5"),
+    2: ({"3": {"type": "shape", "rate": 0.6}, "7": {"type": "irregular", "rate": 0.8}}, 99.3, 1.8, None),
+    3: ({"0": {"type": "filter", "rate": 0.7}}, 90.0, 2.2, None),
+}
+
+
+def _study(storage: str) -> optuna.Study:
+    study = optuna.create_study(study_name="made", storage=storage, directions=["maximize", "maximize"])
+    study.set_user_attr("config", {"model": "digits-cnn", "dataset": "digits", "max_acc_drop": 1.0,
+                                   "types": ["filter", "shape", "irregular"], "admm_epochs": 1, "retrain_epochs": 3,
+                                   "batch_size": 1, "sampler": "tpe"})
+    study.set_user_attr("dense", {"val": 99.7, "test": 98.9})
+    study.set_user_attr("setting", {"device": "cpu", "device_name": "Test CPU", "batch_size": 1, "threads": 2})
+    study.set_user_attr("layers", ["0", "3", "7", "12", "14"])
+    for number, (plan, acc, speedup, baseline) in PLANS.items():
+        attrs = {"plan": plan, "val_acc": acc, "test_acc": acc - 0.5, "acc_drop": 99.7 - acc,
+                 "feasible": 99.7 - acc <= 1.0, "predicted_speedup": speedup, "predicted_ms": 0.2 / speedup}
+        if baseline:
+            attrs["baseline"] = baseline
+        study.add_trial(optuna.trial.create_trial(values=[acc, speedup], user_attrs=attrs,
+                                                  system_attrs={"constraints:accuracy_drop": 99.7 - acc - 1.0}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
+        "plan": {}, "rejected": "predicted slower than the dense model (0.90x)"}))
+    study.set_user_attr("measured", {str(n): {"measured_speedup": s * 1.1, "latency_ms": {"dense": 0.2, "compacted": 0.2 / s},
+                                              "macs": {"dense": 100, "compacted": 40}, "params": {"dense": 10, "compacted": 5}}
+                                     for n, (_, _, s, _) in PLANS.items() if n != 3})
+    return study
+
+
+def test_front_holds_feasible_pareto_trials_only(tmp_path: Path) -> None:
+    study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert [t.number for t in report.front(study)] == [0, 2]
+    assert [t.number for t in report.baselines(study)] == [0, 1]
+
+
+def test_best_within_picks_the_fastest_measured_row_inside_the_drop(tmp_path: Path) -> None:
+    data = report.pareto(_study(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    assert report.best_within(data["pareto"], 99.7, 0.5)["trial"] == 2
+    assert report.best_within(data["baselines"], 99.7, 1.0)["trial"] == 0
+    assert report.best_within(data["baselines"], 99.7, 0.1) is None
+
+
+def test_write_produces_the_json_the_plots_and_the_markdown(tmp_path: Path) -> None:
+    study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    paths = report.write(study, tmp_path / "out")
+    assert [p.name for p in paths] == ["pareto.json", "pareto.png", "predicted_vs_measured.png", "layers.png", "report.md"]
+    for png in paths[1:4]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 2 |" in text and "1.98x" in text, "the Pareto table shows the measured speedup"
+    assert "best uniform baseline: 1.43x (filter=0.3)" in text
+
+
+def test_report_of_an_unknown_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "nope"])
+    assert result.exit_code == 2
+    assert "no study 'nope'" in result.output and "Traceback" not in result.output
+
+
+def test_export_of_a_trial_not_in_the_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    _study(storage)
+    result = CliRunner().invoke(app, ["export", "made", "--trial", "42", "--storage", storage])
+    assert result.exit_code == 2 and "has no trial 42" in result.output
+    result = CliRunner().invoke(app, ["export", "made", "--trial", "3", "--storage", storage])
+    assert result.exit_code == 2 and "not feasible" in result.output
+
+
+def test_report_command_writes_into_the_study_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    _study(storage)
+    result = CliRunner().invoke(app, ["report", "made", "--storage", storage])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "studies" / "made" / "report.md").is_file()
+    assert "not measured yet" not in result.output

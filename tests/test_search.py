@@ -1,0 +1,231 @@
+"""The Optuna study: budgets, the search space, rejection and pruning, and a tiny study end to end
+on digits (a coarse latency profile, a fraction of an epoch per trial)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import FixedTrial, TrialState
+
+from sparsesearch import models, report, search
+from sparsesearch.compact import dependencies
+from sparsesearch.errors import UserError
+from sparsesearch.layers import trace
+from sparsesearch.plan import Plan
+from sparsesearch.profiler.measure import Target, profile_model
+from sparsesearch.sparsity import SparsityType
+from sparsesearch.train import DenseResult, prepare
+
+FAST_TIMING = {"rounds": 3, "warmup_s": 0.005, "min_round_s": 0.002, "max_rounds": 3}
+TINY = {"types": ("filter", "shape"), "admm_epochs": 0.25, "retrain_epochs": 0.5, "max_acc_drop": 20.0}
+
+
+@pytest.mark.parametrize("text,expected", [("20", search.Budget(trials=20)), ("0", search.Budget(trials=0)),
+                                           ("30m", search.Budget(seconds=1800)), ("2h", search.Budget(seconds=7200)),
+                                           ("1h30m", search.Budget(seconds=5400)), ("90s", search.Budget(seconds=90))])
+def test_budget_is_a_trial_count_or_a_duration(text: str, expected: search.Budget) -> None:
+    assert search.parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "ten", "-3", "30x", "m"])
+def test_budget_refuses_what_is_neither(text: str) -> None:
+    with pytest.raises(UserError, match="--budget"):
+        search.parse_budget(text)
+
+
+def test_trial_epochs_are_admm_plus_retrain() -> None:
+    assert search.parse_trial_epochs("1+3") == (1.0, 3.0)
+    assert search.parse_trial_epochs("2") == (2.0, 1.0)
+    with pytest.raises(UserError, match="ADMM\\+RETRAIN"):
+        search.parse_trial_epochs("a+b")
+
+
+def test_admm_of_a_short_trial_has_enough_updates_for_rho_to_reach_its_end() -> None:
+    config = search.SearchConfig(admm_epochs=0.5).admm()
+    assert len(config.iterations()) >= search.ADMM_ITERATIONS
+    assert config.rho(len(config.iterations()) - 1) == pytest.approx(search.RHO_END)
+
+
+def _space(name: str, shape: tuple[int, ...], max_slots: int = search.MAX_LAYER_SLOTS) -> tuple[search.Space, list]:
+    torch.manual_seed(0)
+    model = models.create(name, in_channels=shape[0]).eval()
+    layers = trace(model, shape)
+    couplings = dependencies(model, shape).couplings
+    return search.Space(layers, couplings, tuple(t.value for t in SparsityType),
+                        {layer.name: float(i + 1) for i, layer in enumerate(layers)}, max_slots), (layers, couplings)
+
+
+def test_small_model_gets_a_type_and_rate_per_layer() -> None:
+    space, (layers, couplings) = _space("digits-cnn", (1, 8, 8))
+    assert space.per_layer and len(space.slots) == len(layers)
+    params = {f"type:{s.name}": "shape" for s in space.slots} | {f"rate:{s.name}": 0.4 for s in space.slots}
+    plan = space.suggest(FixedTrial(params))
+    assert set(plan.layers) == {layer.name for layer in layers}
+    plan.validate(layers, couplings)
+
+
+def test_many_layer_model_gets_stage_parameters_and_still_a_full_valid_per_layer_plan() -> None:
+    space, (layers, couplings) = _space("resnet20", (3, 32, 32))
+    assert not space.per_layer and len(space.stages) <= 5
+    params = space.uniform_params(SparsityType.FILTER, 0.5) | {"alloc": 1.0}
+    plan = space.suggest(FixedTrial(params))
+    plan.validate(layers, couplings)  # coupled groups share one rate
+    rates = {spec.rate for spec in plan.layers.values()}
+    assert len(rates) > 1, "alloc=1 spreads the stage rate by predicted latency"
+    assert len(plan.layers) > 15
+
+
+def test_uniform_params_draw_the_uniform_plan() -> None:
+    for name, shape, max_slots in [("digits-cnn", (1, 8, 8), 12), ("resnet20", (3, 32, 32), 12)]:
+        space, (layers, _) = _space(name, shape, max_slots)
+        plan = space.suggest(FixedTrial(space.uniform_params(SparsityType.FILTER, 0.5)))
+        assert plan == Plan.uniform(layers, SparsityType.FILTER, 0.5), name
+
+
+def test_nm_rates_snap_to_what_nm_can_take() -> None:
+    assert search.snap(0.3, SparsityType.NM) == 0.25
+    assert search.snap(0.9, SparsityType.NM) == 0.75
+    assert search.snap(0.1, SparsityType.NM) == 0.0
+    assert search.snap(0.33, SparsityType.FILTER) == 0.35
+
+
+def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(values=[99.0, speedup], user_attrs={
+        "plan": plan, "predicted_speedup": speedup, "feasible": feasible})
+
+
+def test_rejection_before_training_says_why() -> None:
+    light = {"a": {"type": "filter", "rate": 0.3}}
+    heavy = {"a": {"type": "filter", "rate": 0.5}, "b": {"type": "shape", "rate": 0.2}}
+    assert "slower than the dense" in search.rejection(heavy, 0.9, [])
+    assert "dominated on speed" in search.rejection(heavy, 1.2, [_done(0, light, 1.3, True)])
+    assert search.rejection(heavy, 1.4, [_done(0, light, 1.3, True)]) == ""
+    assert "hopeless" in search.rejection(heavy, 1.4, [_done(0, light, 1.3, False)])
+    other_type = {"a": {"type": "shape", "rate": 0.3}}
+    assert search.rejection(heavy, 1.2, [_done(0, other_type, 1.3, True)]) == ""
+
+
+def test_hopeless_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for acc in (60.0, 70.0, 80.0):
+        study.add_trial(optuna.trial.create_trial(values=[99.0, 1.5], user_attrs={
+            "feasible": True, "admm": [{"projected_acc": acc}] * 6}))
+    pruner = search.HopelessPruner(margin=5.0, min_trials=3, warmup=3)
+
+    def running(accs: list[float]) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"admm": [{"projected_acc": a} for a in accs]})
+
+    assert pruner.prune(study, running([10.0] * 5))
+    assert not pruner.prune(study, running([58.0] * 5)), "within the margin of the worst feasible trial"
+    assert not pruner.prune(study, running([10.0] * 3)), "still warming up"
+
+
+# --- a tiny study, end to end ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A coarse latency profile and a 5-trial study on digits, then resumed to 7 trials."""
+    root = tmp_path_factory.mktemp("study")
+    profile = root / "profile.json"
+    model, data = prepare("digits-cnn", "digits", weights=digits_baseline.checkpoint)
+    profile_model(Target("digits-cnn", model.eval(), data.input_shape), torch.device("cpu"), 1,
+                  rates=[0, 0.3, 0.5, 0.7], types=["filter", "shape"], out=profile, timing=FAST_TIMING)
+    config = search.SearchConfig(checkpoint=str(digits_baseline.checkpoint), **TINY)
+    built = search.build(config, torch.device("cpu"), root / "artifacts", profile=profile)
+    storage = f"sqlite:///{root / 'study.db'}"
+    study = search.open_study("tiny", storage, True, search.make_sampler(config, 0), search.HopelessPruner())
+    search.record(study, built)
+    first = search.run(built, study, search.Budget(trials=5))
+    numbers = [t.number for t in study.get_trials(False)]
+    resumed = search.open_study("tiny", storage, True, search.make_sampler(config, 5), search.HopelessPruner())
+    second = search.run(built, resumed, search.Budget(trials=7))
+    measured = report.measure_front(built, resumed)
+    return {"root": root, "search": built, "storage": storage, "study": resumed, "first": first, "second": second,
+            "numbers": numbers, "measured": measured}
+
+
+def test_tiny_study_starts_with_the_uniform_baselines(tiny: dict) -> None:
+    baselines = [t for t in tiny["study"].get_trials(False) if "baseline" in t.user_attrs]
+    assert [t.user_attrs["baseline"] for t in baselines] == ["filter=0.3", "filter=0.5", "filter=0.7"]
+    assert [t.number for t in baselines] == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in baselines)
+
+
+def test_resuming_adds_trials_to_the_same_study(tiny: dict) -> None:
+    assert tiny["first"].trained == 5 and tiny["second"].trained == 2
+    trials = tiny["study"].get_trials(False)
+    assert [t.number for t in trials][: len(tiny["numbers"])] == tiny["numbers"]
+    assert len(search.trained_trials(tiny["study"])) == 7
+
+
+def test_every_trial_stores_its_full_per_layer_plan(tiny: dict) -> None:
+    layers = {layer.name for layer in tiny["search"].layers}
+    for t in search.finished_trials(tiny["study"]):
+        assert "plan" in t.user_attrs and set(t.user_attrs["plan"]) <= layers
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs.get("rejected") or t.user_attrs.get("pruned"), "a pruned trial says why"
+    assert tiny["first"].rejected == sum("rejected" in t.user_attrs for t in search.finished_trials(tiny["study"])
+                                         if t.number in tiny["numbers"])
+
+
+def test_constraint_marks_infeasible_trials(tiny: dict) -> None:
+    study, drop = tiny["study"], tiny["search"].config.max_acc_drop
+    done = study.get_trials(False, states=(TrialState.COMPLETE,))
+    for t in done:
+        assert t.constraints["accuracy_drop"] == pytest.approx(t.user_attrs["acc_drop"] - drop)
+        assert t.user_attrs["feasible"] == (t.user_attrs["acc_drop"] <= drop)
+    assert {t.user_attrs["feasible"] for t in done} == {True, False}, "the tiny budget gives both kinds"
+    assert all(t.user_attrs["feasible"] for t in study.best_trials), "Optuna's front holds feasible trials only"
+
+
+def test_pareto_trials_carry_measured_speedups(tiny: dict) -> None:
+    front = report.front(tiny["study"])
+    assert front
+    measured = tiny["study"].user_attrs["measured"]
+    for t in front + report.baselines(tiny["study"]):
+        m = measured[str(t.number)]
+        assert m["measured_speedup"] > 0 and m["latency_ms"]["compacted"] > 0
+        assert m["macs"]["compacted"] < m["macs"]["dense"] and m["params"]["compacted"] < m["params"]["dense"]
+
+
+def test_dense_baseline_is_stored_in_the_study(tiny: dict) -> None:
+    attrs = tiny["study"].user_attrs
+    assert attrs["dense"]["val"] == pytest.approx(tiny["search"].dense["val"])
+    assert attrs["config"]["max_acc_drop"] == TINY["max_acc_drop"]
+    assert attrs["layers"] == [layer.name for layer in tiny["search"].layers]
+
+
+def test_resuming_with_other_settings_is_refused(tiny: dict) -> None:
+    with pytest.raises(UserError, match="drop that option"):
+        search.reconcile(tiny["study"], {"model": "lenet5"}, search.SearchConfig())
+    assert search.reconcile(tiny["study"], {"model": None}, search.SearchConfig()).types == TINY["types"]
+
+
+def test_export_refuses_infeasible_and_unknown_trials(tiny: dict) -> None:
+    study = tiny["study"]
+    infeasible = next(t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if not t.user_attrs["feasible"])
+    with pytest.raises(UserError, match="not feasible"):
+        search.chosen(study, infeasible.number)
+    with pytest.raises(UserError, match="has no trial 99"):
+        search.chosen(study, 99)
+
+
+def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, tmp_path: Path) -> None:
+    trial = report.front(tiny["study"])[0]
+    result = search.export_trial(tiny["search"], tiny["study"], trial.number, 0.25, 0.25, tmp_path)
+    assert result.files["state"].is_file() and result.metrics.is_file()
+    assert result.macs["compacted"] < result.macs["dense"] and result.speedup > 0
+
+
+def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no study 'nope'"):
+        search.open_study("nope", None, create=False)
+    with pytest.raises(UserError, match="holds no study"):
+        search.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
+    with pytest.raises(UserError, match="cannot open study storage"):
+        search.open_study("nope", "postgresql://127.0.0.1:1/none", create=True)
