@@ -428,6 +428,7 @@ def optimize(
     from . import report as reporting
     from . import search
     from .runtime import resolve_device, set_threads
+    from .space import HopelessPruner
     from .train import slug
 
     dev = resolve_device(device)
@@ -456,7 +457,7 @@ def optimize(
                              on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
     search.record(opened, built)
     opened.sampler = search.make_sampler(config, done_before)
-    opened.pruner = search.HopelessPruner()
+    opened.pruner = HopelessPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; predicted "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size}; feasible: val >= "
                   f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "

@@ -1,19 +1,17 @@
 """The Optuna study: which plan to try next, what it scores, when to stop.
 
-Each trial draws a sparsity plan from `Space` (a type and a rate per prunable layer, or per
-coupling group; per stage plus a latency-guided allocation when a model has many layers), asks the
-latency model for its predicted speedup, and rejects it before any training when it is predicted
-slower than the dense model or is dominated on speed alone. Otherwise it is trained briefly: ADMM,
-hard prune, masked retraining; ADMM reports the accuracy of the projection after every iteration
-and `HopelessPruner` stops trials that trail every feasible one. Objectives: validation accuracy
-and predicted speedup, both maximised; constraint (`Trial.set_constraint`): accuracy drop vs the
-dense model at most `max_acc_drop` points. The first trials are uniform filter plans (30/50/70%).
+Each trial draws a sparsity plan from `space.Space`, asks the latency model for its predicted
+speedup, and skips training when `space.rejection` says the plan is not worth it. Otherwise it is
+trained briefly: ADMM, hard prune, masked retraining; ADMM reports the accuracy of the projection
+after every iteration and `space.HopelessPruner` stops trials that trail every feasible one.
+Objectives: validation accuracy and predicted speedup, both maximised; constraint
+(`Trial.set_constraint`): accuracy drop vs the dense model at most `max_acc_drop` points. The first
+trials are uniform filter plans (30/50/70%).
 
 All state lives in the study: its settings and dense baseline in the study's user attrs; each
 trial's full per-layer plan, accuracies, prediction and ADMM curve in the trial's user attrs; the
 trained weights of feasible and baseline trials as Optuna artifacts (for measuring the front).
-Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so the ADMM curve goes
-to a user attr and the pruner, an ordinary `BasePruner`, reads it from there.
+The ADMM curve goes to the `admm` user attr, where the pruner reads it (see `space`).
 """
 
 from __future__ import annotations
@@ -38,15 +36,14 @@ from .data import Data
 from .errors import UserError
 from .files import torch_save
 from .layers import Layer
-from .plan import LayerSparsity, Plan
+from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
-from .sparsity import NM_M, SparsityType
+from .space import Space, rejection, snap
+from .sparsity import SparsityType
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
-RATE_STEP, MAX_RATE = 0.05, 0.9
 BASELINE_RATES = (0.3, 0.5, 0.7)
-MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a latency-guided allocation
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -123,152 +120,6 @@ class SearchConfig:
         return cls(**{**known, "types": tuple(known.get("types", cls.types))})
 
 
-# --- the search space -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Layers that take one type and rate together: a coupling group, or a single layer."""
-
-    name: str
-    layers: tuple[str, ...]
-    types: tuple[SparsityType, ...]
-    stage: str
-    ms: float  # predicted dense latency of its layers
-
-
-def snap(rate: float, kind: SparsityType) -> float:
-    """A drawn rate as a plan takes it: on the 0.05 grid; nm to its nearest 1 - N/M (0 = dense)."""
-    if kind == SparsityType.NM:
-        return round(round(rate * NM_M) / NM_M, 4) if rate < 1 - 0.5 / NM_M else 1 - 1 / NM_M
-    return min(round(round(rate / RATE_STEP) * RATE_STEP, 4), MAX_RATE)
-
-
-def _stage(layer: Layer) -> str:
-    return f"conv {layer.out_shape[1]}x{layer.out_shape[2]}" if layer.kind == "conv" else "linear"
-
-
-class Space:
-    """Per slot a type and a rate (`type:SLOT`, `rate:SLOT`); with more than `max_slots` slots, per
-    stage (layers of one output resolution) a type and a rate, and `alloc`, the exponent that
-    spreads a stage's rate over its layers by their predicted latency (0: uniform; 1: a layer twice
-    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan."""
-
-    def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
-                 layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS) -> None:
-        allowed = {SparsityType(t) for t in types}
-        by_name = {layer.name: layer for layer in layers}
-        grouped = {n for g in couplings for n in g}
-        units = [list(g) for g in couplings] + [[layer.name] for layer in layers if layer.name not in grouped]
-        units.sort(key=lambda u: [layer.name for layer in layers].index(u[0]))
-        self.slots = []
-        for unit in units:
-            kinds = tuple(t for t in SparsityType if t in allowed and all(t in by_name[n].types for n in unit))
-            if kinds:
-                self.slots.append(Slot(unit[0], tuple(unit), kinds, _stage(by_name[unit[0]]),
-                                       sum(layer_ms.get(n, 0.0) for n in unit)))
-        if not self.slots:
-            raise UserError(f"no prunable layer accepts the types {', '.join(types)}; allow more with --types")
-        self.per_layer = len(self.slots) <= max_slots
-        self.stages: dict[str, list[Slot]] = {}
-        for s in self.slots:
-            self.stages.setdefault(s.stage, []).append(s)
-
-    def suggest(self, trial: optuna.Trial) -> Plan:
-        rates: dict[str, tuple[SparsityType, float]] = {}
-        if self.per_layer:
-            for s in self.slots:
-                kind = SparsityType(trial.suggest_categorical(f"type:{s.name}", [t.value for t in s.types]))
-                rates[s.name] = (kind, trial.suggest_float(f"rate:{s.name}", 0.0, MAX_RATE, step=RATE_STEP))
-        else:
-            alloc = trial.suggest_float("alloc", 0.0, 1.0, step=0.25)
-            for stage, slots in self.stages.items():
-                kind = SparsityType(trial.suggest_categorical(f"type:{stage}", self.choices(stage)))
-                rate = trial.suggest_float(f"rate:{stage}", 0.0, MAX_RATE, step=RATE_STEP)
-                takers = [s for s in slots if kind in s.types]
-                weights = [max(s.ms, 1e-9) ** alloc for s in takers]
-                mean = sum(weights) / max(len(weights), 1)
-                for s, w in zip(takers, weights):
-                    rates[s.name] = (kind, min(rate * w / mean, MAX_RATE))
-        return self.plan(rates)
-
-    def choices(self, stage: str) -> list[str]:
-        return [t.value for t in SparsityType if any(t in s.types for s in self.stages[stage])]
-
-    def plan(self, rates: dict[str, tuple[SparsityType, float]]) -> Plan:
-        layers = {}
-        for s in self.slots:
-            if s.name in rates:
-                kind, rate = rates[s.name]
-                rate = snap(rate, kind)
-                if rate > 0:
-                    layers.update({n: LayerSparsity(kind, rate) for n in s.layers})
-        return Plan(layers)
-
-    def uniform_params(self, kind: SparsityType, rate: float) -> dict[str, Any]:
-        """The parameters that draw `kind` at `rate` wherever it applies (a uniform baseline)."""
-        if self.per_layer:
-            params: dict[str, Any] = {}
-            for s in self.slots:
-                params[f"type:{s.name}"] = (kind if kind in s.types else s.types[0]).value
-                params[f"rate:{s.name}"] = rate if kind in s.types else 0.0
-            return params
-        params = {"alloc": 0.0}
-        for stage in self.stages:
-            takes = kind.value in self.choices(stage)
-            params[f"type:{stage}"] = kind.value if takes else self.choices(stage)[0]
-            params[f"rate:{stage}"] = rate if takes else 0.0
-        return params
-
-
-# --- rejection and pruning ------------------------------------------------------------------------
-
-
-def _prunes_no_more(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether plan `a` removes no more than plan `b` everywhere (same type where both prune)."""
-    for name, spec in a.items():
-        other = b.get(name)
-        if other is None or other["type"] != spec["type"] or other["rate"] < spec["rate"]:
-            return False
-    return True
-
-
-def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial]) -> str:
-    """Why a candidate is not worth training, or "": predicted slower than dense; a feasible trial
-    prunes no more and is predicted at least as fast (dominated on speed alone); an infeasible trial
-    prunes no more (it can only be less accurate)."""
-    if speedup < 1:
-        return f"predicted slower than the dense model ({speedup:.2f}x)"
-    for t in finished:
-        other = t.user_attrs.get("plan")
-        if t.state != TrialState.COMPLETE or other is None or not _prunes_no_more(other, plan):
-            continue
-        if t.user_attrs.get("feasible") and t.user_attrs.get("predicted_speedup", 0) >= speedup:
-            return (f"dominated on speed: trial {t.number} prunes no more and is predicted at least as fast "
-                    f"({t.user_attrs['predicted_speedup']:.2f}x >= {speedup:.2f}x)")
-        if t.user_attrs.get("feasible") is False:
-            return f"hopeless: trial {t.number} prunes no more and already misses the accuracy constraint"
-    return ""
-
-
-class HopelessPruner(optuna.pruners.BasePruner):
-    """Stops a trial whose projected accuracy (what hard pruning now would give) at an ADMM iteration
-    trails, by `margin` points, every feasible trial at the same iteration (at least `min_trials` of
-    them). Reads the curve from the trial's `admm` user attr (see the module docstring)."""
-
-    def __init__(self, margin: float = 5.0, min_trials: int = 3, warmup: int = 3) -> None:
-        self.margin, self.min_trials, self.warmup = margin, min_trials, warmup
-
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        curve = trial.user_attrs.get("admm", [])
-        if len(curve) <= self.warmup:
-            return False
-        step, value = len(curve) - 1, curve[-1]["projected_acc"]
-        peers = [t.user_attrs["admm"][step]["projected_acc"] for t in study.get_trials(False, states=(TrialState.COMPLETE,))
-                 if t.user_attrs.get("feasible") and len(t.user_attrs.get("admm", [])) > step]
-        return len(peers) >= self.min_trials and value < min(peers) - self.margin
-
-
 # --- the objective --------------------------------------------------------------------------------
 
 
@@ -302,7 +153,8 @@ class Search:
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         plan = self.space.suggest(trial)
-        trial.set_user_attr("plan", plan.to_dict()["layers"])
+        layers = plan.to_dict()["layers"]
+        trial.set_user_attr("plan", layers)
         if not plan.layers:
             trial.set_user_attr("rejected", "prunes no layer: it is the dense model")
             raise optuna.TrialPruned("prunes no layer")
@@ -310,7 +162,7 @@ class Search:
         speedup = self.dense_ms / predicted
         trial.set_user_attr("predicted_ms", predicted)
         trial.set_user_attr("predicted_speedup", speedup)
-        reason = rejection(plan.to_dict()["layers"], speedup, trial.study.get_trials(False, states=(TrialState.COMPLETE,)))
+        reason = rejection(layers, speedup, trial.study.get_trials(False, states=(TrialState.COMPLETE,)))
         if reason and "baseline" not in trial.user_attrs:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)

@@ -16,6 +16,7 @@ from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.plan import Plan
 from sparsesearch.profiler.measure import Target, profile_model
+from sparsesearch.space import MAX_LAYER_SLOTS, HopelessPruner, Space, rejection, snap
 from sparsesearch.sparsity import SparsityType
 from sparsesearch.train import DenseResult, prepare
 
@@ -49,12 +50,12 @@ def test_admm_of_a_short_trial_has_enough_updates_for_rho_to_reach_its_end() -> 
     assert config.rho(len(config.iterations()) - 1) == pytest.approx(search.RHO_END)
 
 
-def _space(name: str, shape: tuple[int, ...], max_slots: int = search.MAX_LAYER_SLOTS) -> tuple[search.Space, list]:
+def _space(name: str, shape: tuple[int, ...], max_slots: int = MAX_LAYER_SLOTS) -> tuple[Space, list]:
     torch.manual_seed(0)
     model = models.create(name, in_channels=shape[0]).eval()
     layers = trace(model, shape)
     couplings = dependencies(model, shape).couplings
-    return search.Space(layers, couplings, tuple(t.value for t in SparsityType),
+    return Space(layers, couplings, tuple(t.value for t in SparsityType),
                         {layer.name: float(i + 1) for i, layer in enumerate(layers)}, max_slots), (layers, couplings)
 
 
@@ -86,10 +87,10 @@ def test_uniform_params_draw_the_uniform_plan() -> None:
 
 
 def test_nm_rates_snap_to_what_nm_can_take() -> None:
-    assert search.snap(0.3, SparsityType.NM) == 0.25
-    assert search.snap(0.9, SparsityType.NM) == 0.75
-    assert search.snap(0.1, SparsityType.NM) == 0.0
-    assert search.snap(0.33, SparsityType.FILTER) == 0.35
+    assert snap(0.3, SparsityType.NM) == 0.25
+    assert snap(0.9, SparsityType.NM) == 0.75
+    assert snap(0.1, SparsityType.NM) == 0.0
+    assert snap(0.33, SparsityType.FILTER) == 0.35
 
 
 def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:
@@ -100,12 +101,12 @@ def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.tri
 def test_rejection_before_training_says_why() -> None:
     light = {"a": {"type": "filter", "rate": 0.3}}
     heavy = {"a": {"type": "filter", "rate": 0.5}, "b": {"type": "shape", "rate": 0.2}}
-    assert "slower than the dense" in search.rejection(heavy, 0.9, [])
-    assert "dominated on speed" in search.rejection(heavy, 1.2, [_done(0, light, 1.3, True)])
-    assert search.rejection(heavy, 1.4, [_done(0, light, 1.3, True)]) == ""
-    assert "hopeless" in search.rejection(heavy, 1.4, [_done(0, light, 1.3, False)])
+    assert "slower than the dense" in rejection(heavy, 0.9, [])
+    assert "dominated on speed" in rejection(heavy, 1.2, [_done(0, light, 1.3, True)])
+    assert rejection(heavy, 1.4, [_done(0, light, 1.3, True)]) == ""
+    assert "hopeless" in rejection(heavy, 1.4, [_done(0, light, 1.3, False)])
     other_type = {"a": {"type": "shape", "rate": 0.3}}
-    assert search.rejection(heavy, 1.2, [_done(0, other_type, 1.3, True)]) == ""
+    assert rejection(heavy, 1.2, [_done(0, other_type, 1.3, True)]) == ""
 
 
 def test_hopeless_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
@@ -113,7 +114,7 @@ def test_hopeless_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
     for acc in (60.0, 70.0, 80.0):
         study.add_trial(optuna.trial.create_trial(values=[99.0, 1.5], user_attrs={
             "feasible": True, "admm": [{"projected_acc": acc}] * 6}))
-    pruner = search.HopelessPruner(margin=5.0, min_trials=3, warmup=3)
+    pruner = HopelessPruner(margin=5.0, min_trials=3, warmup=3)
 
     def running(accs: list[float]) -> optuna.trial.FrozenTrial:
         return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"admm": [{"projected_acc": a} for a in accs]})
@@ -137,11 +138,11 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
     config = search.SearchConfig(checkpoint=str(digits_baseline.checkpoint), **TINY)
     built = search.build(config, torch.device("cpu"), root / "artifacts", profile=profile)
     storage = f"sqlite:///{root / 'study.db'}"
-    study = search.open_study("tiny", storage, True, search.make_sampler(config, 0), search.HopelessPruner())
+    study = search.open_study("tiny", storage, True, search.make_sampler(config, 0), HopelessPruner())
     search.record(study, built)
     first = search.run(built, study, search.Budget(trials=5))
     numbers = [t.number for t in study.get_trials(False)]
-    resumed = search.open_study("tiny", storage, True, search.make_sampler(config, 5), search.HopelessPruner())
+    resumed = search.open_study("tiny", storage, True, search.make_sampler(config, 5), HopelessPruner())
     second = search.run(built, resumed, search.Budget(trials=7))
     measured = report.measure_front(built, resumed)
     return {"root": root, "search": built, "storage": storage, "study": resumed, "first": first, "second": second,
