@@ -37,4 +37,7 @@ test-all: setup
 bench: setup
 	$(PY) bench/baselines.py
 	$(PY) bench/admm_vs_oneshot.py
+	$(PY) bench/compaction.py
+	$(PY) bench/channel_blocks.py
+	$(PY) bench/latency_model.py
 	$(PY) bench/search.py

@@ -264,6 +264,28 @@ def test_prediction_is_layers_plus_measured_rest(fitted: predictor.LatencyModel,
     assert pruned.total_ms < dense.total_ms  # monotone: every kept dim shrank
 
 
+def test_layer_sums_are_scaled_to_the_calibration_plans_measured_end_to_end(
+        small_profile: measure.ProfileRun, digits: measure.Target) -> None:
+    from sparsesearch.plan import Plan
+
+    import copy
+
+    profile = copy.deepcopy(small_profile.profile)
+    calibration = next(iter(profile.rest.values()))["calibration"]
+    assert len(calibration) == measure.CALIBRATION_PLANS
+    fitted = predictor.LatencyModel().fit(profile)
+    scale = fitted.scale(digits.model, digits.input_shape)
+    rest = fitted.rest_ms(digits.model, digits.input_shape)
+    for sample in calibration:  # twice as slow in the network: the layers' share doubles, not the rest
+        sample["median_ms"] = 2 * (sample["median_ms"] - rest) + rest
+    doubled = predictor.LatencyModel().fit(profile)
+    assert doubled.scale(digits.model, digits.input_shape) == pytest.approx(2 * scale)
+    plan = Plan.from_dict({"layers": calibration[0]["plan"]["layers"]}, "test")
+    predicted = predictor.predict_latency(doubled, digits.model, digits.input_shape, plan)
+    raw = predictor.predict_latency(doubled, digits.model, digits.input_shape, plan, scaled=False)
+    assert predicted.total_ms - predicted.rest_ms == pytest.approx(2 * scale * (raw.total_ms - raw.rest_ms))
+
+
 def test_unprofiled_network_is_a_clear_error(fitted: predictor.LatencyModel) -> None:
     target = measure.target("resnet20")
     with pytest.raises(UserError, match="no rows for .* layer"):
