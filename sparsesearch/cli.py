@@ -24,22 +24,29 @@ console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written so far is intact") -> F:
+    """`fn` with user errors printed as one line (exit 2) instead of a traceback, and Ctrl-C as
+    `interrupted` (exit 130)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo(interrupted, err=True)
+            raise typer.Exit(130) from None
+
+    return run  # type: ignore[return-value]
+
+
 def command(name: str | None = None) -> Callable[[F], F]:
     """Register a command whose user errors print as one line (exit 2) instead of a traceback."""
 
     def register(fn: F) -> F:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except UserError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
-            except KeyboardInterrupt:
-                typer.echo("interrupted: everything written so far is intact", err=True)
-                raise typer.Exit(130) from None
-
-        app.command(name)(run)
+        app.command(name)(_one_line_errors(fn))
         return fn
 
     return register
@@ -266,20 +273,8 @@ ProfileBatchOpt = Annotated[int, typer.Option(help="Batch size of the timed inpu
 
 
 def _user_errors(fn: F) -> F:
-    """As `command`, for the sub-commands of `profile`: user errors print as one line (exit 2)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: every row measured so far is saved; run the same command to resume", err=True)
-            raise typer.Exit(130) from None
-
-    return run  # type: ignore[return-value]
+    """As `command`, for the sub-commands of `profile`, whose Ctrl-C keeps every row measured."""
+    return _one_line_errors(fn, "interrupted: every row measured so far is saved; run the same command to resume")
 
 
 def _floats(text: str, what: str) -> list[float]:
