@@ -436,6 +436,10 @@ def optimize(
             raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(t.value for t in SparsityType)}")
     if sampler not in (None, "tpe", "random"):
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
+    if model:  # a typo must not leave a study behind
+        models.spec(model)
+    if dataset:
+        data.info(dataset)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study or f"{slug(model or 'digits-cnn')}-{slug(dataset or 'digits')}"
     opened = search.open_study(name, storage, create=True)

@@ -230,3 +230,14 @@ def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Monke
         search.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
     with pytest.raises(UserError, match="cannot open study storage"):
         search.open_study("nope", "postgresql://127.0.0.1:1/none", create=True)
+
+
+def test_a_mistyped_model_leaves_no_study_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from sparsesearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["optimize", "--model", "resnet2O", "--budget", "1"])
+    assert result.exit_code == 2 and "did you mean resnet20" in result.stderr
+    assert not (tmp_path / "studies").exists()
