@@ -53,7 +53,7 @@ def measure(name: str, shape: tuple[int, int, int]) -> list[dict[str, object]]:
             masked.load_state_dict(base.state_dict())
             plan = Plan.uniform(layers, kind, rate)
             apply_masks(masked, prune_masks(masked, plan, deps))
-            compacted = compact(masked, plan, shape, deps)
+            compacted = compact(masked, plan, shape)
             macs = dense_macs / max(sum(compacted.macs.values()), 1)
             impls = sorted(set(compacted.impl.values()))
             for batch, x in inputs.items():

@@ -94,7 +94,7 @@ _SURGERY_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, Ze
 _TOLERANCE = 1e-4  # relative max error, float32
 
 
-def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None) -> Compacted:
+def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compacted:
     """A copy of a hard-pruned (masked) model, physically smaller; in eval mode its outputs equal
     the masked model's.
 
@@ -107,7 +107,6 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: De
     """
     from .kernels import compact_layer
 
-    del deps  # the surgery reads the graph of the copy it cuts
     masked = model.eval()
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
     with torch.inference_mode():
@@ -267,12 +266,12 @@ def _blocker(group, names: dict) -> str | None:  # noqa: ANN001 - a Torch-Prunin
     return None
 
 
-def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies,
-                     model_name: str, tolerance: float = _TOLERANCE) -> Compacted:
+def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_name: str,
+                     tolerance: float = _TOLERANCE) -> Compacted:
     """compact(), then a check on a fresh random batch that the compacted model reproduces the
     masked one: never hand back a silently different model."""
     try:
-        result = compact(masked, plan, input_shape, deps)
+        result = compact(masked, plan, input_shape)
         x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(1)).to(next(masked.parameters()).device)
         with torch.inference_mode():
             expected = masked.eval()(x)
@@ -287,7 +286,7 @@ def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]
 
 @dataclass
 class Measured:
-    """A pruned checkpoint compacted and timed beside its masked dense form, on one device."""
+    """A hard-pruned model compacted and timed beside its masked dense form, on one device."""
 
     compacted: Compacted
     params: dict[str, int]
@@ -296,36 +295,44 @@ class Measured:
     spread: dict[str, float]
     speedup: float
     setting: dict[str, object]  # how it was timed
-    origin: dict[str, object]  # model, dataset, input shape, plan and checkpoint it came from
+    origin: dict[str, object] = field(default_factory=dict)  # what it came from (model, dataset, plan, ...)
+
+
+def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_name: str, device: torch.device,
+            batch_size: int) -> Measured:
+    """Compact a hard-pruned model (verified) and time it beside its masked dense form, side by side
+    in one run on `device`, with params and MACs of both: every measured speedup comes from here.
+    The model is compacted where it is, then moved to `device`."""
+    from .profiler.timing import compare
+
+    result = verified_compact(masked, plan, input_shape, model_name)
+    dense_macs = sum(layer.macs for layer in trace(masked, input_shape))
+    models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
+    timings = compare(models, torch.randn(batch_size, *input_shape, device=device))
+    return Measured(
+        result,
+        {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        {"dense": dense_macs, "compacted": sum(result.macs.values())},
+        {k: t.median_ms for k, t in timings.items()},
+        {k: t.spread for k, t in timings.items()},
+        timings["dense"].median_ms / timings["compacted"].median_ms,
+        {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
+         "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
+    )
 
 
 def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None) -> Measured:
-    """`sparsesearch compact`: rebuild a pruned checkpoint, compact it, time dense vs compacted
-    (the model is compacted on the CPU, then moved: the check and the kernels' probes run there)."""
+    """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it."""
     from . import checkpoint
-    from .profiler.timing import compare
     from .train import prepare
 
     meta = checkpoint.read_meta(path)
     if meta.get("kind") != "pruned":
         raise UserError(f"{path} is a {meta.get('kind', 'unknown')} checkpoint; compact the output of `sparsesearch prune`")
     masked, data = prepare(meta["model"], meta["dataset"], data_dir, weights=path)
-    deps = dependencies(masked, data.input_shape)
     plan = Plan.load(Path(path).parent / meta["plan"])
-    layers = trace(masked, data.input_shape)
-    plan.validate(layers, deps.couplings)
-    result = verified_compact(masked, plan, data.input_shape, deps, meta["model"])
-    models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
-    timings = compare(models, torch.randn(batch_size, *data.input_shape, device=device))
-    return Measured(
-        result,
-        {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
-        {"dense": sum(layer.macs for layer in layers), "compacted": sum(result.macs.values())},
-        {k: t.median_ms for k, t in timings.items()},
-        {k: t.spread for k, t in timings.items()},
-        timings["dense"].median_ms / timings["compacted"].median_ms,
-        {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
-         "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
-        {"model": meta["model"], "dataset": meta["dataset"], "input_shape": list(data.input_shape),
-         "plan": plan.to_dict(), "source": str(path)},
-    )
+    plan.validate(trace(masked, data.input_shape), dependencies(masked, data.input_shape).couplings)
+    measured = measure(masked, plan, data.input_shape, meta["model"], device, batch_size)
+    measured.origin = {"model": meta["model"], "dataset": meta["dataset"], "input_shape": list(data.input_shape),
+                       "plan": plan.to_dict(), "source": str(path)}
+    return measured

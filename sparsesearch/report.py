@@ -45,36 +45,25 @@ def measure_front(search: Search, study: optuna.Study,
                   on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Compact and time (beside the masked dense model, on the search's device and batch size) every
     feasible Pareto trial and every baseline not measured yet; store and return all measurements."""
-    from .compact import verified_compact
-    from .profiler.timing import compare
+    from .compact import measure
+    from .plan import Plan
 
     measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {}))
     todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()
             if str(t.number) not in measured and "weights" in t.user_attrs]
-    shape, device = search.data.input_shape, search.device
-    dense_macs = sum(layer.macs for layer in search.layers)
     for i, trial in enumerate(todo):
         if on_progress:
             on_progress(i, len(todo), f"trial {trial.number}")
-        from .plan import Plan
-
         plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {trial.number}")
-        masked = search.trained(trial)
-        compacted = verified_compact(masked, plan, shape, search.deps, search.config.model)
-        models = {"dense": masked.to(device), "compacted": compacted.model.to(device)}
-        t = compare(models, torch.randn(search.config.batch_size, *shape, device=device))
+        m = measure(search.trained(trial), plan, search.data.input_shape, search.config.model, search.device,
+                    search.config.batch_size)
         measured[str(trial.number)] = {
-            "measured_speedup": t["dense"].median_ms / t["compacted"].median_ms,
-            "latency_ms": {k: v.median_ms for k, v in t.items()},
-            "spread": {k: v.spread for k, v in t.items()},
-            "macs": {"dense": dense_macs, "compacted": sum(compacted.macs.values())},
-            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
-            "impl": dict(Counter(compacted.impl.values())),
-            "left_dense": compacted.left_dense,
+            "measured_speedup": m.speedup, "latency_ms": m.latency_ms, "spread": m.spread, "macs": m.macs,
+            "params": m.params, "impl": dict(Counter(m.compacted.impl.values())), "left_dense": m.compacted.left_dense,
         }
         study.set_user_attr("measured", measured)  # after each plan: an interruption keeps the rest
     study.set_user_attr("measured_setting", {
-        "device": str(device), "batch_size": search.config.batch_size, "threads": torch.get_num_threads(),
+        "device": str(search.device), "batch_size": search.config.batch_size, "threads": torch.get_num_threads(),
         "how": "median of interleaved rounds beside the masked dense model, inference_mode, eval",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     if on_progress:

@@ -34,7 +34,7 @@ from .admm import ADMMConfig, Iteration, run_admm
 from .compact import Dependencies
 from .data import Data
 from .errors import UserError
-from .files import torch_save
+from .files import torch_save, write_json
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
@@ -459,10 +459,8 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                  out_dir: Path, on_progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Re-run trial `number`'s plan from the dense checkpoint with the full budget, compact, measure,
     and write the compacted model (`export.write_all`) plus metrics.json."""
-    from .compact import verified_compact
+    from .compact import measure
     from .export import write_all
-    from .files import write_json
-    from .profiler.timing import compare
 
     trial = chosen(study, number)
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
@@ -471,29 +469,21 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     config = search.config.admm(admm_epochs, retrain_epochs)
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
                       on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)))
-    model.eval()
-    compacted = verified_compact(model, plan, search.data.input_shape, search.deps, search.config.model)
-    x = torch.randn(search.config.batch_size, *search.data.input_shape, device=search.device)
-    models = {"dense": model.to(search.device), "compacted": compacted.model.to(search.device)}
-    t = compare(models, x)
-    latency = {k: v.median_ms for k, v in t.items()}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    macs = {"dense": sum(layer.macs for layer in search.layers), "compacted": sum(compacted.macs.values())}
+    m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size)
     accuracy = {"dense_val": search.dense["val"], "dense_test": search.dense["test"],
                 "val": result.accuracy["final_val"], "test": result.accuracy["final"],
                 "hard_pruned_test": result.accuracy["hard_pruned"]}
     metrics = {"schema": SCHEMA, "study": study.study_name, "trial": number, "plan": plan.to_dict(),
                "admm_config": asdict(config), "accuracy": {**accuracy, "unit": "% top-1"},
-               "latency_ms": latency, "speedup": latency["dense"] / latency["compacted"], "params": params,
-               "macs": {**macs, "unit": "per sample, prunable layers"},
-               "measured": {"device": str(search.device), "batch_size": search.config.batch_size,
-                            "threads": torch.get_num_threads(), "rounds": t["dense"].rounds,
-                            "how": "median of interleaved rounds beside the masked dense model"},
+               "latency_ms": m.latency_ms, "speedup": m.speedup, "params": m.params,
+               "macs": {**m.macs, "unit": "per sample, prunable layers"},
+               "measured": {**m.setting, "how": "median of interleaved rounds beside the masked dense model"},
                "search_trial": {k: trial.user_attrs.get(k) for k in ("val_acc", "test_acc", "predicted_speedup")},
                "seconds": round(result.seconds, 2)}
-    done = write_all(out_dir, compacted, x[:1], {"model": search.config.model, "dataset": search.config.dataset,
-                                                 "study": study.study_name, "trial": number,
-                                                 "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
+    example = torch.randn(1, *search.data.input_shape, device=search.device)
+    done = write_all(out_dir, m.compacted, example, {"model": search.config.model, "dataset": search.config.dataset,
+                                                     "study": study.study_name, "trial": number,
+                                                     "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
-    return ExportResult(accuracy, latency, metrics["speedup"], macs, params, done.files, done.skipped,
+    return ExportResult(accuracy, m.latency_ms, m.speedup, m.macs, m.params, done.files, done.skipped,
                         Path(out_dir) / "metrics.json")

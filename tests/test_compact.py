@@ -125,7 +125,7 @@ PLANS = {
 def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) -> None:
     shape = {**SMALL, **LARGE}[model_name]
     model, plan, deps = _masked(model_name, shape, PLANS[plan_name])
-    compacted = compact(model, plan, shape, deps)
+    compacted = compact(model, plan, shape)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected, got = model(x), compacted.model(x)
@@ -145,7 +145,7 @@ def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) 
 def test_filters_that_cannot_be_removed_exactly_stay_with_the_reason(model_name: str, reason: str) -> None:
     shape = LARGE[model_name]
     model, plan, deps = _masked(model_name, shape, PLANS["filter"])
-    compacted = compact(model, plan, shape, deps)
+    compacted = compact(model, plan, shape)
     assert any(re.search(reason, why) for why in compacted.left_dense.values())
     assert all(compacted.impl[n] == "dense-fallback" for n in compacted.left_dense)
 
@@ -153,7 +153,7 @@ def test_filters_that_cannot_be_removed_exactly_stay_with_the_reason(model_name:
 def test_channels_no_other_layer_reads_are_removed_at_their_producer() -> None:
     shape = (3, 32, 32)
     model, plan, deps = _masked("resnet20", shape, PLANS["channel"])
-    compacted = compact(model, plan, shape, deps)
+    compacted = compact(model, plan, shape)
     assert compacted.impl["layer1.0.conv2"] == "channels-removed"  # reads only conv1: conv1 loses filters
     assert compacted.model.get_submodule("layer1.0.conv1").weight.shape[0] == 8
     assert compacted.impl["layer1.1.conv1"] == "channels-gathered"  # the residual stream feeds other layers too
@@ -163,7 +163,7 @@ def test_channels_no_other_layer_reads_are_removed_at_their_producer() -> None:
 def test_macs_count_producer_filters_freed_by_channel_pruning() -> None:
     shape = (3, 32, 32)
     model, plan, deps = _masked("vgg16-bn", shape, PLANS["channel"])
-    compacted = compact(model, plan, shape, deps)
+    compacted = compact(model, plan, shape)
     dense = sum(layer.macs for layer in trace(model, shape))
     assert 0.24 < sum(compacted.macs.values()) / dense < 0.27  # half the inputs of half the filters
 
@@ -183,4 +183,4 @@ def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.M
 
     monkeypatch.setattr(compact_module, "compact", wrong)
     with pytest.raises(UserError, match=r"compacted digits-cnn differs from the pruned model \(relative error"):
-        compact_module.verified_compact(model, plan, shape, deps, "digits-cnn")
+        compact_module.verified_compact(model, plan, shape, "digits-cnn")

@@ -64,7 +64,7 @@ def _compacted(model_name: str, plan_name: str) -> Compacted:
     plan = PLANS[plan_name](layers, deps.couplings)
     plan.validate(layers, deps.couplings)
     apply_masks(model, prune_masks(model, plan, deps))
-    return compact(model, plan, shape, deps)
+    return compact(model, plan, shape)
 
 
 def _x(model_name: str, batch: int, seed: int = 1) -> torch.Tensor:

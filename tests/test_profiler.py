@@ -183,7 +183,7 @@ def test_builder_makes_the_layer_compact_makes(model_name: str, shape: tuple, se
     layers = trace(model, shape)
     plan = random_plan(layers, deps.couplings, random.Random(seed))
     apply_masks(model, prune_masks(model, plan, deps))
-    result = compact(model, plan, shape, deps)
+    result = compact(model, plan, shape)
     seen = predictor._seen_channels(result.model, [layer.name for layer in layers], shape)
     for layer in layers:
         real = result.model.get_submodule(layer.name)
@@ -215,7 +215,7 @@ def test_table_row_describes_the_compacted_layer_it_stands_for(small_profile: me
     plan = Plan({"0": LayerSparsity(T.FILTER, 0.5), "7": LayerSparsity(T.SHAPE, 0.5)})
     deps = dependencies(model, shape)
     apply_masks(model, prune_masks(model, plan, deps))
-    found = predictor.queries(model, compact(model, plan, shape, deps).model, shape)
+    found = predictor.queries(model, compact(model, plan, shape).model, shape)
     rows = {predictor.Query.of_row(r) for r in small_profile.profile.rows.values()}
     assert found["0"] in rows and found["0"].out_keep == 16 and found["0"].family == "plain"
     assert found["3"] in rows and found["3"].in_keep == 16 and found["3"].family == "plain"  # its producer's filters

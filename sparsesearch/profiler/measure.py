@@ -99,7 +99,7 @@ def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], l
             continue
         masked = copy.deepcopy(model)
         apply_masks(masked, prune_masks(masked, plan, deps))
-        shrunk = dict(compact(masked, plan, input_shape, deps).model.named_modules())
+        shrunk = dict(compact(masked, plan, input_shape).model.named_modules())
         dims[rate] = {n.name: _channels(shrunk[n.name]) for n in layers}
     return dims
 
@@ -257,7 +257,7 @@ def measure_calibration(target_: Target, device: torch.device, batch_size: int, 
         plan = random_plan(layers, deps.couplings, rng)
         masked = copy.deepcopy(model)
         apply_masks(masked, prune_masks(masked, plan, deps))
-        compacted[str(i)] = compact(masked, plan, shape, deps).model.to(device=device, dtype=dtype)
+        compacted[str(i)] = compact(masked, plan, shape).model.to(device=device, dtype=dtype)
         plans.append(plan)
     t = compare(compacted, torch.randn(batch_size, *shape, dtype=dtype).to(device), **timing)
     return [{"plan": plan.to_dict(), "median_ms": t[str(i)].median_ms} for i, plan in enumerate(plans)]

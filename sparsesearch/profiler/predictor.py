@@ -214,7 +214,7 @@ def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[
     deps = dependencies(masked, input_shape)
     plan.validate(trace(masked, input_shape), deps.couplings)
     apply_masks(masked, prune_masks(masked, plan, deps))
-    compacted = compact(masked, plan, input_shape, deps).model
+    compacted = compact(masked, plan, input_shape).model
     return predict_compacted(latency, masked, compacted, input_shape, scaled)
 
 

@@ -105,7 +105,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
         plan = random_plan(layers, deps.couplings, rng)
         masked = copy.deepcopy(model)
         apply_masks(masked, prune_masks(masked, plan, deps))
-        compacted = compact(masked, plan, shape, deps).model
+        compacted = compact(masked, plan, shape).model
         predicted = predict_compacted(latency, masked, compacted, shape).total_ms
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
