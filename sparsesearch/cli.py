@@ -277,6 +277,16 @@ def _user_errors(fn: F) -> F:
     return _one_line_errors(fn, "interrupted: every row measured so far is saved; run the same command to resume")
 
 
+def _type_names(text: str) -> tuple[str, ...]:
+    """--types as sparsity type names, each checked."""
+    kinds = tuple(t.strip() for t in text.split(",") if t.strip())
+    accepted = [t.value for t in SparsityType]
+    for kind in kinds:
+        if kind not in accepted:
+            raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(accepted)}")
+    return kinds
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -305,14 +315,10 @@ def profile_cmd(
     from .profiler.measure import profile_model, target
     from .profiler.predictor import LatencyModel
     from .runtime import resolve_device, set_threads
-    from .sparsity import SparsityType as T
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
-    kinds = [t.strip() for t in types.split(",") if t.strip()]
-    for kind in kinds:
-        if kind not in {t.value for t in T}:
-            raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(t.value for t in T)}")
+    kinds = _type_names(types)
     grid = _floats(rates, "--rates")
     if not all(0 <= r < 1 for r in grid):
         raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
@@ -430,10 +436,7 @@ def optimize(
     n_threads = set_threads(threads)
     limit = search.parse_budget(budget)
     admm_epochs, retrain_epochs = search.parse_trial_epochs(trial_epochs) if trial_epochs else (None, None)
-    kinds = tuple(t.strip() for t in types.split(",") if t.strip()) if types else None
-    for kind in kinds or ():
-        if kind not in {t.value for t in SparsityType}:
-            raise UserError(f"unknown sparsity type '{kind}' in --types; accepted: {', '.join(t.value for t in SparsityType)}")
+    kinds = _type_names(types) if types else None
     if sampler not in (None, "tpe", "random"):
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
     if model:  # a typo must not leave a study behind
