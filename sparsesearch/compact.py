@@ -24,7 +24,7 @@ from torch import nn
 from .errors import UserError
 from .layers import prunable, trace
 from .plan import Plan
-from .sparsity import SparsityType
+from .sparsity import SparsityType, live_groups
 
 
 @dataclass
@@ -119,7 +119,7 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
     for name, spec in plan.layers.items():
         if spec.type == SparsityType.FILTER:
             impl[name] = "dense-fallback" if name in left_dense else "filters-removed"
-        elif spec.type == SparsityType.CHANNEL and _live_inputs(modules[name]) == modules[name].weight.shape[1]:
+        elif spec.type == SparsityType.CHANNEL and live_groups(modules[name].weight, SparsityType.CHANNEL).all():
             impl[name] = "channels-removed"
     macs = {layer.name: layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type)
             if layer.name in plan.layers else layer.macs for layer in trace(model, input_shape)}
@@ -138,11 +138,6 @@ def _error(model: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
     with torch.inference_mode():
         got = model.eval()(x)
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-
-
-def _live_inputs(layer: nn.Module) -> int:
-    weight = layer.weight.detach()
-    return int(weight.transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(1).sum())
 
 
 def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], input_shape: tuple[int, ...],
@@ -200,14 +195,12 @@ def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> No
     import torch_pruning as tp
 
     layer = graph.model.get_submodule(name)
-    weight = layer.weight.detach()
+    dead = (~live_groups(layer.weight, kind)).nonzero().flatten().tolist()
     if kind == SparsityType.FILTER:
-        dead = weight.reshape(weight.shape[0], -1).eq(0).all(1).nonzero().flatten().tolist()
         if name in left_dense or not dead:
             return
         group = graph.get_pruning_group(layer, _out_handler(layer), idxs=dead)
     else:
-        dead = weight.transpose(0, 1).reshape(weight.shape[1], -1).eq(0).all(1).nonzero().flatten().tolist()
         if not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or _reads_through_reshape(graph, layer):
             return
         handler = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sparsity import SparsityType
+from .sparsity import SparsityType, live_groups
 
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
@@ -189,7 +189,7 @@ class ShapeLinear(nn.Module):
 
 def _live_channels(weight: Tensor) -> Tensor:
     """Sorted input channels that some weight reads (channel 0 if none, so that no conv is empty)."""
-    live = weight.detach().transpose(0, 1).reshape(weight.shape[1], -1).ne(0).any(1)
+    live = live_groups(weight, SparsityType.CHANNEL)
     live[0] |= ~live.any()
     return live.nonzero().flatten()
 

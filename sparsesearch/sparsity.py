@@ -202,10 +202,14 @@ def project(
     return [w.masked_fill(~keep, 0) for w, keep in zip(weights, mask(weights, kind, rate, m=m))]
 
 
+def live_groups(weight: Tensor, kind: SparsityType) -> Tensor:
+    """Which groups of `kind` hold a non-zero weight: one bool per group (not defined for nm)."""
+    return _group_view(weight.detach(), kind).ne(0).any(dim=2).any(dim=0)
+
+
 def achieved_rate(weight: Tensor, kind: SparsityType) -> float:
     """Fraction of groups that are entirely zero (nm: fraction of weights that are zero)."""
     if kind == SparsityType.NM:
         return int((weight == 0).sum()) / weight.numel()
-    view = _group_view(weight, kind)
-    nonzero = (view != 0).any(dim=2).any(dim=0)
-    return int((~nonzero).sum()) / nonzero.numel()
+    live = live_groups(weight, kind)
+    return int((~live).sum()) / live.numel()
