@@ -562,10 +562,11 @@ def export_cmd(
     acc = result.accuracy
     console.print(f"accuracy: val {acc['val']:.2f}%, test {acc['test']:.2f}% (dense {acc['dense_val']:.2f}% / "
                   f"{acc['dense_test']:.2f}%)")
-    console.print(f"latency {result.latency_ms['dense']:.3f} -> {result.latency_ms['compacted']:.3f} ms "
-                  f"({result.speedup:.2f}x, {dev}, batch {config.batch_size}, {n_threads} threads, median of "
-                  f"interleaved rounds); MACs {result.macs['dense']:,} -> {result.macs['compacted']:,}; params "
-                  f"{result.params['dense']:,} -> {result.params['compacted']:,}")
+    m = result.measured
+    console.print(f"latency {m.latency_ms['dense']:.3f} -> {m.latency_ms['compacted']:.3f} ms "
+                  f"({m.speedup:.2f}x, {dev}, batch {config.batch_size}, {n_threads} threads, median of "
+                  f"interleaved rounds); MACs {m.macs['dense']:,} -> {m.macs['compacted']:,}; params "
+                  f"{m.params['dense']:,} -> {m.params['compacted']:,}")
     for fmt, why in result.skipped.items():
         console.print(f"[yellow]{fmt} skipped[/]: {why}")
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} and {result.metrics.name} in {out_dir}")

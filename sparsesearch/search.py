@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from .admm import ADMMConfig, Iteration, run_admm
-from .compact import Dependencies
+from .compact import Dependencies, Measured
 from .data import Data
 from .errors import UserError
 from .files import torch_save, write_json
@@ -446,10 +446,7 @@ def chosen(study: optuna.Study, number: int) -> FrozenTrial:
 @dataclass
 class ExportResult:
     accuracy: dict[str, float]
-    latency_ms: dict[str, float]
-    speedup: float
-    macs: dict[str, int]
-    params: dict[str, int]
+    measured: Measured  # the compacted model timed beside its masked dense form
     files: dict[str, Path]
     skipped: dict[str, str]
     metrics: Path
@@ -485,5 +482,5 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                                                      "study": study.study_name, "trial": number,
                                                      "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
-    return ExportResult(accuracy, m.latency_ms, m.speedup, m.macs, m.params, done.files, done.skipped,
+    return ExportResult(accuracy, m, done.files, done.skipped,
                         Path(out_dir) / "metrics.json")

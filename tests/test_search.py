@@ -219,7 +219,7 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
     trial = report.front(tiny["study"])[0]
     result = search.export_trial(tiny["search"], tiny["study"], trial.number, 0.25, 0.25, tmp_path)
     assert result.files["state"].is_file() and result.metrics.is_file()
-    assert result.macs["compacted"] < result.macs["dense"] and result.speedup > 0
+    assert result.measured.macs["compacted"] < result.measured.macs["dense"] and result.measured.speedup > 0
 
 
 def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
