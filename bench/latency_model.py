@@ -13,6 +13,7 @@ Usage: python bench/latency_model.py [--threads T] [--samples N] [MODEL ...]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, record  # noqa: E402
 
-from sparsesearch.profiler.measure import profile_model, target  # noqa: E402
+from sparsesearch.profiler.measure import CALIBRATION_PLANS, profile_model, target  # noqa: E402
 from sparsesearch.profiler.predictor import LatencyModel  # noqa: E402
 from sparsesearch.profiler.validate import scatter, validate  # noqa: E402
 from sparsesearch.runtime import set_threads  # noqa: E402
@@ -45,17 +46,25 @@ def main() -> None:
         tgt = target(name)
         run = profile_model(tgt, device, 1, out=RESULTS / "profiles" / f"{slug}-t{threads}-b1-float32.json")
         fitted = LatencyModel().fit(run.profile)
+        line = fitted.in_network(tgt.model, tgt.input_shape)
         result = validate(fitted, tgt, args.samples, device, 1)
+        (RESULTS / "profiles" / f"validate-{slug}-t{threads}.json").write_text(json.dumps(result.to_dict(), indent=1))
         scatter(result, RESULTS / f"latency_model_{slug}_t{threads}.png")
         rows.append({"model": name, "input": "x".join(map(str, tgt.input_shape)), "threads": threads, "batch": 1,
                      "rows": len(run.profile.rows), "profile_s": round(run.seconds),
                      "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
+                     "line_offset_ms": round(line.offset, 3), "line_slope": round(line.slope, 3),
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
                      "within_10_%": round(100 * result.within_10), "goal_met": result.within_10 >= 0.95,
+                     "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
+                     "speedup_within_10_%": round(100 * result.speedup_within_10), "drift": round(result.drift, 2),
                      "total_s": round(time.perf_counter() - begin)})
         print(rows[-1], flush=True)
     summary = (f"Random per-layer plans (types and rates drawn per layer), compacted and timed end to end (median "
-               f"of interleaved rounds) vs the latency model's prediction (sum of predicted layers + measured rest). "
+               f"of interleaved rounds) vs the latency model's prediction (offset + slope x sum of predicted layers, the line "
+               f"fitted on the profile's {CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
+               f"speedup_*: predicted speedup (over the dense network as profiled) vs measured speedup (over the dense network "
+               f"timed beside each plan); drift: the dense network during validation over as profiled. "
                f"CPU, batch 1, float32, {threads} threads. Scatter plots: latency_model_<model>_t{threads}.png.")
     print(record(f"latency_model_t{threads}", rows, summary))
 

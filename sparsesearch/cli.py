@@ -342,8 +342,9 @@ def profile_cmd(
     cv = fitted.cv_error
     console.print(f"latency model, {cv['folds']}-fold cross-validated on {cv['rows']} rows: mean |error| "
                   f"{cv['mean_abs']:.1%}, median {cv['median_abs']:.1%}, {cv['within_10']:.0%} of rows within ±10%")
-    console.print(f"in-network scale of the layer sums: {fitted.scale(tgt.model, tgt.input_shape):.3f} "
-                  f"(from {len(rest.get('calibration', []))} random plans timed end to end)")
+    line = fitted.in_network(tgt.model, tgt.input_shape)
+    console.print(f"in network: latency = {line.offset:.4f} ms + {line.slope:.3f} x (sum of isolated layers), "
+                  f"fitted on {line.plans} plans timed end to end")
 
 
 @profile_app.command("validate")
@@ -389,8 +390,14 @@ def profile_validate(
     png = out or Path("bench/results") / f"validate-{slug(model)}-{Path(str(loaded.path)).stem}.png"
     scatter(result, png)
     write_json(png.with_suffix(".json"), result.to_dict())
-    console.print(f"{len(result.samples)} random plans: mean |predicted/measured - 1| {result.mean_abs_error:.1%}, "
-                  f"{result.within_10:.0%} within ±10% (median of interleaved rounds, {n_threads} threads)")
+    console.print(f"{len(result.samples)} random plans (median of interleaved rounds, {n_threads} threads): "
+                  f"latency mean |predicted/measured - 1| {result.mean_abs_error:.1%}, {result.within_10:.0%} within "
+                  f"±10%; speedup over the dense network {result.speedup_mean_abs_error:.1%}, "
+                  f"{result.speedup_within_10:.0%} within ±10%")
+    if abs(result.drift - 1) > 0.1:
+        console.print(f"[yellow]the dense network now runs at {result.drift:.2f}x its profiled latency: this machine "
+                      "is not in the state it was profiled in (other load, another thread regime); latencies in ms "
+                      "are off by that much, speedups are not[/]")
     console.print(f"wrote {png} and {png.with_suffix('.json').name}")
 
 

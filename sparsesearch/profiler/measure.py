@@ -33,8 +33,10 @@ from .timing import compare
 DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))
 NM_RATES = (0.0, 0.25, 0.5, 0.75)  # 1 - N/4: what nm can take
 TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.05, "max_rounds": 15}
-REST_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05}  # two models, timed once per network
-CALIBRATION_PLANS, CALIBRATION_SEED = 8, 10_000
+# whole networks (rest, dense, calibration plans; validation): timed once per network, so longer
+NETWORK_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05, "max_spread": 0.1, "max_rounds": 30,
+                  "retries": 2}
+CALIBRATION_PLANS, CALIBRATION_SEED = 16, 10_000
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -83,8 +85,8 @@ def target(model_name: str, dataset: str | None = None, image_size: int | None =
 def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], layers: list[Layer],
                                rates: Iterable[float]) -> dict[float, dict[str, tuple[int, int, int]]]:
     """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate."""
-    from ..admm import apply_masks, prune_masks
-    from ..compact import compact, dependencies
+    from ..compact import dependencies
+    from .predictor import compacted_copy
 
     modules = dict(model.named_modules())
     full = {n.name: _channels(modules[n.name]) for n in layers}
@@ -97,9 +99,7 @@ def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], l
         if not plan.layers:
             dims[rate] = full
             continue
-        masked = copy.deepcopy(model)
-        apply_masks(masked, prune_masks(masked, plan, deps))
-        shrunk = dict(compact(masked, plan, input_shape).model.named_modules())
+        shrunk = dict(compacted_copy(model, input_shape, plan, deps)[1].named_modules())
         dims[rate] = {n.name: _channels(shrunk[n.name]) for n in layers}
     return dims
 
@@ -159,11 +159,16 @@ def layer_points(layer: Layer, module: nn.Module, dims: dict[float, dict[str, tu
     return points
 
 
+def grid_of(rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None) -> tuple[list[float], set[str]]:
+    """The rates (with 0, sorted) and type names a profile run covers."""
+    return (sorted({round(float(r), 4) for r in rates} | {0.0}),
+            {SparsityType(t).value for t in (types or [t.value for t in SparsityType])})
+
+
 def grid(target_: Target, rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None
          ) -> tuple[list[Point], dict[Signature, list[str]]]:
     """Distinct points to time for a model, and the layers behind each signature."""
-    rates = sorted({round(float(r), 4) for r in rates} | {0.0})
-    types = {SparsityType(t).value for t in (types or [t.value for t in SparsityType])}
+    rates, types = grid_of(rates, types)
     layers = trace(target_.model, target_.input_shape)
     dims = _dims_under_filter_pruning(target_.model, target_.input_shape, layers,
                                       rates if "filter" in types else [0.0])
@@ -219,48 +224,61 @@ def measure_points(points: list[Point], device: torch.device, batch_size: int, d
         on_row(rows)
 
 
-def measure_rest(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
-                 timing: dict[str, float] = REST_TIMING) -> dict[str, object]:
-    """The network with every prunable layer replaced by a stub (the rest), and the dense network,
-    timed side by side."""
-    layers = trace(target_.model, target_.input_shape)  # before the cast: trace feeds float32 zeros
-    model = copy.deepcopy(target_.model).to(device=device, dtype=dtype).eval()
+def _rest(model: nn.Module, layers: list[Layer], batch_size: int) -> nn.Module:
+    """The network with every prunable layer replaced by a stub: what it costs besides them."""
     rest = copy.deepcopy(model)
     like = next(model.parameters())
     for layer in layers:
         parent, _, child = layer.name.rpartition(".")
         setattr(rest.get_submodule(parent), child, Stub((batch_size, *layer.out_shape), like))
-    x = torch.randn(batch_size, *target_.input_shape, dtype=dtype).to(device)
-    t = compare({"rest": rest, "dense": model}, x, **timing)
-    return {"model": target_.name, "input_shape": list(target_.input_shape),
-            "median_ms": t["rest"].median_ms, "spread": t["rest"].spread,
-            "dense_ms": t["dense"].median_ms, "dense_spread": t["dense"].spread}
+    return rest
 
 
-def measure_calibration(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
-                        timing: dict[str, float] = REST_TIMING) -> list[dict[str, object]]:
-    """End-to-end latency of a few random plans, compacted: a layer costs more inside a network than
-    timed alone (caches shared with its neighbours, dispatch between many small ops), and the latency
-    model scales its layer sums to these. Their seed differs from `profile validate`'s."""
+def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: list[float],
+                      types: set[str]) -> list[Plan]:
+    """Random plans of the profiled types and rates that span what a search visits: a few with
+    every layer at the lightest or the heaviest rate, the rest drawn as `profile validate` draws
+    (with a seed distinct from its)."""
     import random
 
-    from ..admm import apply_masks, prune_masks
-    from ..compact import compact, dependencies
     from .validate import random_plan
 
     rng = random.Random(CALIBRATION_SEED)
+    rates = tuple(rates)
+    if len(rates) < 2:  # only the dense point was profiled
+        return []
+    extremes = [random_plan(layers, couplings, rng, (0.0, rate), 0.0, types)
+                for rate in (rates[1], rates[-1]) for _ in range(2)]
+    return extremes + [random_plan(layers, couplings, rng, rates, types=types)
+                       for _ in range(CALIBRATION_PLANS - len(extremes))]
+
+
+def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
+                    rates: list[float], types: set[str], timing: dict[str, float] = NETWORK_TIMING
+                    ) -> dict[str, object]:
+    """The network's rest, the dense network and the calibration plans compacted, all timed side by
+    side in one run, so one burst of load on the machine cannot tilt them against each other.
+
+    A layer costs more inside a network than timed alone (weights evicted by the other layers, caches
+    shared with its neighbours); the latency model fits its in-network line to these plans."""
+    from ..compact import dependencies
+    from .predictor import compacted_copy
+
     model, shape = target_.model.eval(), target_.input_shape
+    layers = trace(model, shape)  # before the cast: trace feeds float32 zeros
     deps = dependencies(model, shape)
-    layers = trace(model, shape)
-    plans, compacted = [], {}
-    for i in range(CALIBRATION_PLANS):
-        plan = random_plan(layers, deps.couplings, rng)
-        masked = copy.deepcopy(model)
-        apply_masks(masked, prune_masks(masked, plan, deps))
-        compacted[str(i)] = compact(masked, plan, shape).model.to(device=device, dtype=dtype)
-        plans.append(plan)
-    t = compare(compacted, torch.randn(batch_size, *shape, dtype=dtype).to(device), **timing)
-    return [{"plan": plan.to_dict(), "median_ms": t[str(i)].median_ms} for i, plan in enumerate(plans)]
+    plans = calibration_plans(layers, deps.couplings, rates, types)
+    models = {str(i): compacted_copy(model, shape, plan, deps)[1].to(device=device, dtype=dtype)
+              for i, plan in enumerate(plans)}
+    dense = copy.deepcopy(model).to(device=device, dtype=dtype)
+    models |= {"rest": _rest(dense, layers, batch_size), "dense": dense}
+    t = compare(models, torch.randn(batch_size, *shape, dtype=dtype).to(device), **timing)
+    return {"model": target_.name, "input_shape": list(shape),
+            "median_ms": t["rest"].median_ms, "spread": t["rest"].spread,
+            "dense_ms": t["dense"].median_ms, "dense_spread": t["dense"].spread,
+            "grid": {"rates": rates, "types": sorted(types)},
+            "calibration": [{"plan": plan.to_dict(), "median_ms": t[str(i)].median_ms, "spread": t[str(i)].spread}
+                            for i, plan in enumerate(plans)]}
 
 
 @dataclass
@@ -296,10 +314,11 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
+    rates, types = grid_of(rates, types)
     points, names = grid(target_, rates, types)
     todo = [p for p in points if p.key not in profile.rows]
     key = model_key(target_.model, target_.input_shape)
-    total = len(todo) + (key not in profile.rest)
+    total = len(todo) + 1
     done = 0
 
     def save(rows: list[Row]) -> None:
@@ -315,12 +334,9 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     if on_progress:
         on_progress(0, total, "")
     measure_points(todo, device, batch_size, DTYPES[dtype], save, timing)
-    if key not in profile.rest:
-        profile.rest[key] = measure_rest(target_, device, batch_size, DTYPES[dtype], {**REST_TIMING, **overrides})
-        profile.save(path)
-    if "calibration" not in profile.rest[key]:
-        profile.rest[key]["calibration"] = measure_calibration(target_, device, batch_size, DTYPES[dtype],
-                                                               {**REST_TIMING, **overrides})
+    if profile.rest.get(key, {}).get("grid") != {"rates": rates, "types": sorted(types)}:  # new, or another grid's
+        profile.rest[key] = measure_network(target_, device, batch_size, DTYPES[dtype], rates, types,
+                                            {**NETWORK_TIMING, **overrides})
         profile.save(path)
     if on_progress:
         on_progress(total, total, "rest of the network, calibration plans")

@@ -3,8 +3,10 @@
 Each compact layer is described by its signature, what runs (plain dense layer or a kernel), its kept
 dims and the weights it multiplies; the target is log latency, so errors are relative. A gradient-
 boosted tree ensemble constrained to be non-decreasing in kept inputs, kept outputs, weights and
-MACs interpolates between the grid points the profiler measured. A network's latency is the sum of
-its predicted layers plus the measured rest of the network (everything that is not a prunable layer).
+MACs interpolates between the grid points the profiler measured. A network's latency is an offset
+plus a slope times the sum of its predicted layers: the line each profiled network's end-to-end
+timings (dense, and random plans compacted) follow, which carries the rest of the network and what
+being inside it costs a layer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +26,9 @@ from ..layers import trace
 from ..plan import Plan
 from .build import PLAIN, describe
 from .table import Profile, Row, Signature, model_key
+
+if TYPE_CHECKING:
+    from ..compact import Dependencies
 
 FAMILIES = ("plain", "reduced-gemm", "channels-gathered", "csr", "dense-fallback", "semi-structured")
 # (name, monotone direction): +1 where more kept work can only cost more
@@ -71,7 +77,7 @@ class LatencyModel:
     folds: int = 5
     profile: Profile | None = field(default=None, repr=False)
     cv_error: dict[str, float] = field(default_factory=dict)  # relative errors of held-out rows
-    _scales: dict[str, float] = field(default_factory=dict, repr=False)  # network -> in-network scale
+    _lines: dict[str, Line] = field(default_factory=dict, repr=False)  # network key -> its in-network line
 
     def _estimator(self):  # noqa: ANN202 - a scikit-learn regressor
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -107,28 +113,67 @@ class LatencyModel:
             return []
         return np.exp(self.estimator_.predict(np.array([features(q) for q in queries]))).tolist()
 
-    def rest_ms(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
-        key = model_key(model, input_shape)
-        if key not in self.profile.rest:
+    def network(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, object]:
+        """What the profile timed of this whole network: its rest, the dense net, calibration plans."""
+        entry = self.profile.rest.get(model_key(model, input_shape))
+        if entry is None:
             names = sorted({str(v["model"]) for v in self.profile.rest.values()})
-            raise UserError(f"profile {self.profile.path} has not timed the rest of this network "
+            raise UserError(f"profile {self.profile.path} has not timed this network end to end "
                             f"({'x'.join(map(str, input_shape))} input; it holds {', '.join(names) or 'none'}); "
                             "run `sparsesearch profile --model MODEL` on this device to add it")
-        return float(self.profile.rest[key]["median_ms"])
+        return entry
 
-    def scale(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
-        """What the prunable layers of this network cost inside it over their isolated timings: the
-        median, over the profile's calibration plans, of (measured - rest) / sum of predicted layers;
-        1 for a profile without them."""
+    def dense_ms(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """The unpruned network's latency as the profile measured it: the reference of every predicted
+        speedup (the line fits pruned plans; on resnet20 it put the dense net 20% high)."""
+        return float(self.network(model, input_shape)["dense_ms"])
+
+    def in_network(self, model: nn.Module, input_shape: tuple[int, ...]) -> Line:
+        """How this network's end-to-end latency follows the sum of its predicted layers, fitted on
+        the plans the profile timed end to end (calibration plans and the dense network)."""
         key = model_key(model, input_shape)
-        if key not in self._scales:
-            ratios = []
-            for sample in self.profile.rest.get(key, {}).get("calibration", []):
+        if key not in self._lines:
+            entry = self.network(model, input_shape)
+            raw = [sum(layer_latencies(self, model, model, input_shape).values())]
+            measured = [float(entry["dense_ms"])]
+            for sample in entry.get("calibration", []):
                 plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
-                raw = predict_latency(self, model, input_shape, plan, scaled=False)
-                ratios.append((sample["median_ms"] - raw.rest_ms) / sum(raw.layers_ms.values()))
-            self._scales[key] = float(np.median(ratios)) if ratios else 1.0
-        return self._scales[key]
+                raw.append(sum(layer_latencies(self, *compacted_copy(model, input_shape, plan), input_shape).values()))
+                measured.append(float(sample["median_ms"]))
+            self._lines[key] = Line.fit(raw, measured, float(entry["median_ms"]))
+        return self._lines[key]
+
+
+@dataclass(frozen=True)
+class Line:
+    """End-to-end latency = offset + slope x (sum of the layers' isolated latencies).
+
+    Inside a network a layer runs slower than timed alone (the other layers evict its weights; on
+    tv:resnet18 at batch 1 the layers cost 1.3-1.9x their isolated times), and the rest of the
+    network shrinks with the channels it carries; both are read off plans timed end to end. The
+    fit is Theil-Sen (median of pairwise slopes), so one plan timed during a burst of load does not
+    tilt it."""
+
+    offset: float  # ms: the plan-independent part (the rest of the network and its overheads)
+    slope: float  # in-network cost of a millisecond of isolated layer time
+    plans: int  # end-to-end timings it was fitted on
+
+    @classmethod
+    def fit(cls, raw: list[float], measured: list[float], rest_ms: float) -> Line:
+        """The line through (raw layer sum, measured) points; with fewer than three points, or a
+        fit that is not increasing, the measured rest plus the median in-network ratio."""
+        x, y = np.asarray(raw), np.asarray(measured)
+        i, j = np.triu_indices(len(x), 1)
+        apart = np.abs(x[j] - x[i]) > 1e-3 * x.max(initial=0)
+        if apart.sum() >= 3:
+            slope = float(np.median((y[j] - y[i])[apart] / (x[j] - x[i])[apart]))
+            offset = float(np.median(y - slope * x))
+            if slope > 0 and offset >= 0:
+                return cls(offset, slope, len(x))
+        return cls(rest_ms, float(np.median((y - rest_ms) / x)), len(x))
+
+    def __call__(self, layers_ms: float) -> float:
+        return self.offset + self.slope * layers_ms
 
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
@@ -187,35 +232,46 @@ def missing_signatures(latency: LatencyModel, found: dict[str, Query]) -> dict[s
     return {n: q.signature.key for n, q in found.items() if q.signature not in known}
 
 
-def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
-                      input_shape: tuple[int, ...], scaled: bool = True) -> Prediction:
-    """Sum of the predicted layers of a compacted model, scaled to in-network cost (`LatencyModel.scale`),
-    plus the measured rest of the original."""
+def layer_latencies(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
+                    input_shape: tuple[int, ...]) -> dict[str, float]:
+    """Predicted isolated latency of each prunable layer of `original` as it is in `compacted`."""
     found = queries(original, compacted, input_shape)
     missing = missing_signatures(latency, found)
     if missing:
         name, key = next(iter(missing.items()))
         raise UserError(f"profile {latency.profile.path} has no rows for {len(missing)} layer(s) of this network "
                         f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-    scale = latency.scale(original, input_shape) if scaled else 1.0
-    ms = {name: scale * t for name, t in zip(found, latency.predict(list(found.values())))}
-    rest = latency.rest_ms(original, input_shape)
-    return Prediction(sum(ms.values()) + rest, rest, ms)
+    return dict(zip(found, latency.predict(list(found.values()))))
 
 
-def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan,
-                    scaled: bool = True) -> Prediction:
-    """Predicted latency of `model` pruned by `plan` and compacted (on a copy: projections, then
-    `compact()`, so the kept dims are exactly the ones compaction will produce)."""
+def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
+                      input_shape: tuple[int, ...]) -> Prediction:
+    """End-to-end latency of a compacted model: its predicted layers on the network's in-network
+    line (`Line`); `rest_ms` is the line's offset, `layers_ms` each layer's in-network share."""
+    line = latency.in_network(original, input_shape)
+    ms = {name: line.slope * t for name, t in layer_latencies(latency, original, compacted, input_shape).items()}
+    return Prediction(line.offset + sum(ms.values()), line.offset, ms)
+
+
+def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, deps: Dependencies | None = None
+                   ) -> tuple[nn.Module, nn.Module]:
+    """`model` pruned by `plan` (on a copy: projections, masks) and that copy compacted by `compact()`,
+    so the kept dims are exactly the ones compaction will produce. Pass `deps` (the model's
+    dependencies) to skip recomputing them and checking the plan against them."""
     from ..admm import apply_masks, prune_masks
     from ..compact import compact, dependencies
 
     masked = copy.deepcopy(model).cpu().float().eval()
-    deps = dependencies(masked, input_shape)
-    plan.validate(trace(masked, input_shape), deps.couplings)
+    if deps is None:
+        deps = dependencies(masked, input_shape)
+        plan.validate(trace(masked, input_shape), deps.couplings)
     apply_masks(masked, prune_masks(masked, plan, deps))
-    compacted = compact(masked, plan, input_shape).model
-    return predict_compacted(latency, masked, compacted, input_shape, scaled)
+    return masked, compact(masked, plan, input_shape).model
+
+
+def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan) -> Prediction:
+    """Predicted latency of `model` pruned by `plan` and compacted."""
+    return predict_compacted(latency, *compacted_copy(model, input_shape, plan), input_shape)
 
 
 def dense_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...]) -> Prediction:

@@ -49,10 +49,26 @@ def _call_seconds(model: nn.Module, x: Tensor, calls: int) -> float:
 
 
 def compare(models: dict[str, nn.Module], x: Tensor, rounds: int = 15, warmup_s: float = 0.3,
-            min_round_s: float = 0.05, max_spread: float | None = None, max_rounds: int = 0) -> dict[str, Timing]:
+            min_round_s: float = 0.05, max_spread: float | None = None, max_rounds: int = 0,
+            retries: int = 0) -> dict[str, Timing]:
     """Median per-call latency of each model on input `x`, measured in interleaved rounds.
 
-    With `max_spread`, rounds go on (up to `max_rounds`) while some model's spread exceeds it."""
+    With `max_spread`, rounds go on (up to `max_rounds`) while some model's spread exceeds it; then,
+    up to `retries` times, the models still above it are timed again from scratch and each keeps its
+    steadier timing: on a shared machine, load comes in bursts of seconds that more rounds only
+    average in, while a later run often misses them."""
+    timings = _compare(models, x, rounds, warmup_s, min_round_s, max_spread, max_rounds)
+    for _ in range(retries if max_spread is not None else 0):
+        unsettled = {name: models[name] for name, t in timings.items() if t.spread > max_spread}
+        if not unsettled:
+            break
+        again = _compare(unsettled, x, rounds, warmup_s, min_round_s, max_spread, max_rounds)
+        timings |= {name: t for name, t in again.items() if t.spread < timings[name].spread}
+    return timings
+
+
+def _compare(models: dict[str, nn.Module], x: Tensor, rounds: int, warmup_s: float, min_round_s: float,
+             max_spread: float | None, max_rounds: int) -> dict[str, Timing]:
     for name, model in models.items():
         _check_clean(name, model)
         model.eval()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,21 +15,26 @@ import torch
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..sparsity import SparsityType
-from .measure import DEFAULT_RATES, NM_RATES, Target
-from .predictor import LatencyModel, predict_compacted
+from .measure import DEFAULT_RATES, NETWORK_TIMING, NM_RATES, Target
+from .predictor import LatencyModel, compacted_copy, predict_compacted
+from .table import model_key
 from .timing import compare
 
 GROUP = 5  # compacted models timed side by side per compare() call
 
 
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
-                rates: tuple[float, ...] = DEFAULT_RATES, dense_share: float = 0.15) -> Plan:
-    """A random type and grid rate per layer (some left dense); a coupled group that draws filter
-    takes one filter rate for all its members, as plans must."""
+                rates: tuple[float, ...] = DEFAULT_RATES, dense_share: float = 0.15,
+                types: Iterable[str] | None = None) -> Plan:
+    """A random type (of `types`, default all) and grid rate per layer, some left dense; a coupled
+    group that draws filter takes one filter rate for all its members, as plans must."""
     def draw(types: tuple[SparsityType, ...]) -> LayerSparsity:
         kind = rng.choice(types)
         return LayerSparsity(kind, rng.choice(NM_RATES[1:] if kind == SparsityType.NM else rates[1:]))
 
+    if types is not None:
+        allowed = {SparsityType(t) for t in types}
+        layers = [replace(layer, types=tuple(t for t in layer.types if t in allowed)) for layer in layers]
     by_name = {layer.name: layer for layer in layers}
     specs: dict[str, LayerSparsity | None] = {}
     for group in couplings:
@@ -42,10 +48,11 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
                 specs[n] = draw(others) if others and rng.random() > dense_share else None
     for layer in layers:
         if layer.name not in specs:
-            specs[layer.name] = draw(layer.types) if rng.random() > dense_share else None
+            specs[layer.name] = draw(layer.types) if layer.types and rng.random() > dense_share else None
     chosen = {n: s for n, s in specs.items() if s is not None}
-    if not chosen:  # a plan must prune something
-        chosen[layers[0].name] = draw(layers[0].types)
+    prunable = [layer for layer in layers if layer.types]
+    if not chosen and prunable:  # a plan must prune something
+        chosen[prunable[0].name] = draw(prunable[0].types)
     return Plan(chosen)
 
 
@@ -55,39 +62,73 @@ class Sample:
     predicted_ms: float
     measured_ms: float
     spread: float
+    predicted_speedup: float  # over the dense network as the profile measured it
+    measured_speedup: float  # over the dense network timed beside this plan
 
     @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1
 
+    @property
+    def speedup_error(self) -> float:
+        return self.predicted_speedup / self.measured_speedup - 1
+
+
+def _mean_abs(errors: list[float]) -> float:
+    return sum(map(abs, errors)) / len(errors)
+
+
+def _within_10(errors: list[float]) -> float:
+    return sum(abs(e) <= 0.1 for e in errors) / len(errors)
+
 
 @dataclass
 class Validation:
+    """Latency errors judge the prediction in ms; speedup errors judge what the search uses, the
+    ratio to the dense network, which also holds when the machine as a whole runs faster or slower
+    than when it was profiled (`drift`: the dense network now over then)."""
+
     model: str
     samples: list[Sample] = field(default_factory=list)
     setting: dict[str, object] = field(default_factory=dict)
 
     @property
     def mean_abs_error(self) -> float:
-        return sum(abs(s.error) for s in self.samples) / len(self.samples)
+        return _mean_abs([s.error for s in self.samples])
 
     @property
     def within_10(self) -> float:
-        return sum(abs(s.error) <= 0.1 for s in self.samples) / len(self.samples)
+        return _within_10([s.error for s in self.samples])
+
+    @property
+    def speedup_mean_abs_error(self) -> float:
+        return _mean_abs([s.speedup_error for s in self.samples])
+
+    @property
+    def speedup_within_10(self) -> float:
+        return _within_10([s.speedup_error for s in self.samples])
+
+    @property
+    def drift(self) -> float:
+        """The dense network timed now over as profiled (each speedup x its latency is a dense time)."""
+        return statistics.median((s.measured_speedup * s.measured_ms) / (s.predicted_speedup * s.predicted_ms)
+                                 for s in self.samples)
 
     def to_dict(self) -> dict[str, object]:
-        return {"schema": 1, "model": self.model, "setting": self.setting,
+        return {"schema": 2, "model": self.model, "setting": self.setting,
                 "mean_abs_error": self.mean_abs_error, "within_10": self.within_10,
-                "samples": [{**asdict(s), "error": s.error} for s in self.samples]}
+                "speedup_mean_abs_error": self.speedup_mean_abs_error, "speedup_within_10": self.speedup_within_10,
+                "drift": self.drift,
+                "samples": [{**asdict(s), "error": s.error, "speedup_error": s.speedup_error} for s in self.samples]}
 
 
 def validate(latency: LatencyModel, target_: Target, samples: int, device: torch.device, batch_size: int,
              dtype: torch.dtype = torch.float32, seed: int = 0,
              on_progress: Callable[[int, int, str], None] | None = None) -> Validation:
     """Draw `samples` random plans, compact each, time them end to end (GROUP at a time, side by
-    side) and pair each measurement with its prediction."""
-    from ..admm import apply_masks, prune_masks
-    from ..compact import compact, dependencies
+    side with the dense network, as the profile timed its calibration plans) and pair each
+    measurement with its prediction."""
+    from ..compact import dependencies
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -96,24 +137,27 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     model, shape = target_.model.eval(), target_.input_shape
     deps = dependencies(model, shape)
     layers = trace(model, shape)
+    covered = latency.profile.rest.get(model_key(model, shape), {}).get("grid", {})  # what the profile timed
+    rates = tuple(covered.get("rates", DEFAULT_RATES))
     result = Validation(target_.name, setting={"device": str(device), "batch_size": batch_size,
                                                "threads": torch.get_num_threads(), "dtype": str(dtype),
                                                "seed": seed, "profile": str(latency.profile.path)})
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
+    dense = copy.deepcopy(model).to(device=device, dtype=dtype)
+    profiled_dense_ms = latency.dense_ms(model, shape)
     pending: list[tuple[Plan, float, torch.nn.Module]] = []
     for i in range(samples):
-        plan = random_plan(layers, deps.couplings, rng)
-        masked = copy.deepcopy(model)
-        apply_masks(masked, prune_masks(masked, plan, deps))
-        compacted = compact(masked, plan, shape).model
+        plan = random_plan(layers, deps.couplings, rng, rates, types=covered.get("types"))
+        masked, compacted = compacted_copy(model, shape, plan, deps)
         predicted = predict_compacted(latency, masked, compacted, shape).total_ms
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
-            timings = compare({str(j): m for j, (_, _, m) in enumerate(pending)}, x,
-                              rounds=15, warmup_s=0.1, min_round_s=0.02)
+            timings = compare({"dense": dense, **{str(j): m for j, (_, _, m) in enumerate(pending)}}, x,
+                              **NETWORK_TIMING)
             for j, (p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
-                result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread))
+                result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread,
+                                             profiled_dense_ms / predicted_ms, timings["dense"].median_ms / t.median_ms))
             pending = []
         if on_progress:
             on_progress(i + 1, samples, f"plan {i + 1}")
@@ -121,7 +165,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
 
 
 def scatter(result: Validation, path: Path) -> Path:
-    """Predicted vs measured latency, with the ±10% band, as a PNG (written atomically)."""
+    """Predicted vs measured latency and speedup, with the ±10% band, as a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,18 +173,23 @@ def scatter(result: Validation, path: Path) -> Path:
 
     from ..files import save_with
 
-    measured = [s.measured_ms for s in result.samples]
-    predicted = [s.predicted_ms for s in result.samples]
-    lo, hi = min(measured + predicted) * 0.85, max(measured + predicted) * 1.15
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
-    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="±10%")
-    ax.scatter(measured, predicted, s=18, zorder=3)
-    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms, median)", ylabel="predicted latency (ms)",
-           title=f"{result.model}: {result.within_10:.0%} within ±10%, MAPE {result.mean_abs_error:.1%}\n"
-                 f"{result.setting['device']}, batch {result.setting['batch_size']}, "
-                 f"{result.setting['threads']} threads, {len(result.samples)} random plans")
-    ax.legend(loc="upper left")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    panels = (("latency (ms, median)", [s.measured_ms for s in result.samples],
+               [s.predicted_ms for s in result.samples], result.within_10, result.mean_abs_error),
+              ("speedup over the dense network", [s.measured_speedup for s in result.samples],
+               [s.predicted_speedup for s in result.samples], result.speedup_within_10,
+               result.speedup_mean_abs_error))
+    for ax, (what, measured, predicted, within, mape) in zip(axes, panels):
+        lo, hi = min(measured + predicted) * 0.85, max(measured + predicted) * 1.15
+        ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
+        ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="±10%")
+        ax.scatter(measured, predicted, s=18, zorder=3)
+        ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}",
+               title=f"{what}: {within:.0%} within ±10%, MAPE {mape:.1%}")
+        ax.legend(loc="upper left")
+    fig.suptitle(f"{result.model}: {len(result.samples)} random plans, {result.setting['device']}, batch "
+                 f"{result.setting['batch_size']}, {result.setting['threads']} threads; "
+                 f"dense net now {result.drift:.2f}x its profiled latency")
     fig.tight_layout()
     save_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
