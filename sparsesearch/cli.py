@@ -337,6 +337,10 @@ def profile_cmd(
     rest = run.rest
     console.print(f"rest of the network (not prunable layers): {rest['median_ms']:.4f} ms; "
                   f"dense network measured: {rest['dense_ms']:.4f} ms")
+    if run.drift is not None and abs(run.drift - 1) > 0.1:
+        console.print(f"[yellow]the dense network ran {run.drift:.2f}x as long at the end of profiling as at its start: "
+                      "this machine changed speed meanwhile (other load, or threads that flip between two speeds); "
+                      "run the profile alone, or with fewer --threads, and compare with `profile validate`[/]")
     with console.status("fitting the latency model"):
         fitted = LatencyModel().fit(run.profile)
     cv = fitted.cv_error
@@ -467,8 +471,8 @@ def optimize(
     search.record(opened, built)
     opened.sampler = search.make_sampler(config, done_before)
     opened.pruner = HopelessPruner()
-    console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; predicted "
-                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size}; feasible: val >= "
+    console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
+                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); feasible: val >= "
                   f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "
                   f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
     stop = {"asked": False}

@@ -305,6 +305,14 @@ def test_one_calibration_plan_timed_under_load_does_not_tilt_the_line(small_prof
     assert line.slope == pytest.approx(1.4, rel=0.05) and line.offset == pytest.approx(0.05, rel=0.2)
 
 
+def test_profile_records_whether_the_machine_kept_its_speed(small_profile: measure.ProfileRun) -> None:
+    stored = json.loads(small_profile.path.read_text())["rest"]
+    assert next(iter(stored.values()))["dense_ms_at_start"] > 0 and small_profile.drift > 0
+    slowed = measure.ProfileRun(small_profile.path, small_profile.profile, 0, 0, 0.0,
+                                rest={"dense_ms_at_start": 1.0, "dense_ms": 2.5})
+    assert slowed.drift == pytest.approx(2.5)
+
+
 def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: measure.ProfileRun) -> None:
     entry = next(iter(small_profile.profile.rest.values()))
     assert entry["grid"] == {"rates": list(RATES), "types": sorted(TYPES)}

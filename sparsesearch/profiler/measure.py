@@ -281,6 +281,15 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
                             for i, plan in enumerate(plans)]}
 
 
+def _dense_ms(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
+              overrides: dict[str, float]) -> float:
+    """The dense network's latency now: timed again at the end, it tells whether the machine kept
+    its speed while the profile was taken."""
+    model = copy.deepcopy(target_.model).to(device=device, dtype=dtype)
+    x = torch.randn(batch_size, *target_.input_shape, dtype=dtype).to(device)
+    return compare({"dense": model}, x, **{**NETWORK_TIMING, **overrides})["dense"].median_ms
+
+
 @dataclass
 class ProfileRun:
     """What one `sparsesearch profile` did."""
@@ -292,6 +301,14 @@ class ProfileRun:
     seconds: float
     slowest: list[tuple[str, float]] = field(default_factory=list)  # (layers, dense ms)
     rest: dict[str, object] = field(default_factory=dict)  # this network's rest and dense timing
+
+    @property
+    def drift(self) -> float | None:
+        """The dense network at the end of this run over at its start (None when it was not timed):
+        far from 1, the machine changed speed meanwhile (other load; on a 2-vCPU VM, 2 threads
+        flip between two speeds 2.5x apart every few seconds) and the profile holds a mix."""
+        start = self.rest.get("dense_ms_at_start")
+        return None if start is None else float(self.rest["dense_ms"]) / float(start)
 
 
 def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dtype: str = "float32",
@@ -318,6 +335,8 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     points, names = grid(target_, rates, types)
     todo = [p for p in points if p.key not in profile.rows]
     key = model_key(target_.model, target_.input_shape)
+    timed_whole = profile.rest.get(key, {}).get("grid") == {"rates": rates, "types": sorted(types)}
+    at_start = None if timed_whole else _dense_ms(target_, device, batch_size, DTYPES[dtype], overrides)
     total = len(todo) + 1
     done = 0
 
@@ -334,9 +353,10 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     if on_progress:
         on_progress(0, total, "")
     measure_points(todo, device, batch_size, DTYPES[dtype], save, timing)
-    if profile.rest.get(key, {}).get("grid") != {"rates": rates, "types": sorted(types)}:  # new, or another grid's
+    if not timed_whole:  # new, or another grid's
         profile.rest[key] = measure_network(target_, device, batch_size, DTYPES[dtype], rates, types,
                                             {**NETWORK_TIMING, **overrides})
+        profile.rest[key]["dense_ms_at_start"] = at_start
         profile.save(path)
     if on_progress:
         on_progress(total, total, "rest of the network, calibration plans")
