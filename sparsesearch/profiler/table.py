@@ -28,7 +28,9 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
 # environment are recorded but not compared
 MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
-_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# recorded, not matched: each changes latencies (OMP_WAIT_POLICY=PASSIVE made resnet20 at 2 threads 3x slower)
+_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
+        "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 @dataclass(frozen=True)
