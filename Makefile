@@ -26,7 +26,7 @@ data:
 	else echo "note: dataset-fashion-mnist not installed (needs apt as root); Fashion-MNIST tests will skip"; fi
 
 demo: setup
-	$(VENV)/bin/sparsesearch optimize --budget 20
+	$(VENV)/bin/sparsesearch optimize --budget 20 --threads 1
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q
