@@ -160,8 +160,9 @@ class Line:
 
     @classmethod
     def fit(cls, raw: list[float], measured: list[float], rest_ms: float) -> Line:
-        """The line through (raw layer sum, measured) points; with fewer than three points, or a
-        fit that is not increasing, the measured rest plus the median in-network ratio."""
+        """The line through (raw layer sum, measured) points; with fewer than three pairs of distinct
+        sums (a profile of rate 0 only), or a fit that is not increasing or has a negative offset,
+        the measured rest plus the median in-network ratio."""
         x, y = np.asarray(raw), np.asarray(measured)
         i, j = np.triu_indices(len(x), 1)
         apart = np.abs(x[j] - x[i]) > 1e-3 * x.max(initial=0)
@@ -171,9 +172,6 @@ class Line:
             if slope > 0 and offset >= 0:
                 return cls(offset, slope, len(x))
         return cls(rest_ms, float(np.median((y - rest_ms) / x)), len(x))
-
-    def __call__(self, layers_ms: float) -> float:
-        return self.offset + self.slope * layers_ms
 
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
