@@ -62,8 +62,16 @@ class Sample:
     predicted_ms: float
     measured_ms: float
     spread: float
-    predicted_speedup: float  # over the dense network as the profile measured it
-    measured_speedup: float  # over the dense network timed beside this plan
+    profiled_dense_ms: float  # the dense network as the profile measured it
+    dense_ms: float  # the dense network timed beside this plan
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.profiled_dense_ms / self.predicted_ms
+
+    @property
+    def measured_speedup(self) -> float:
+        return self.dense_ms / self.measured_ms
 
     @property
     def error(self) -> float:
@@ -110,16 +118,16 @@ class Validation:
 
     @property
     def drift(self) -> float:
-        """The dense network timed now over as profiled (each speedup x its latency is a dense time)."""
-        return statistics.median((s.measured_speedup * s.measured_ms) / (s.predicted_speedup * s.predicted_ms)
-                                 for s in self.samples)
+        return statistics.median(s.dense_ms / s.profiled_dense_ms for s in self.samples)
 
     def to_dict(self) -> dict[str, object]:
         return {"schema": 2, "model": self.model, "setting": self.setting,
                 "mean_abs_error": self.mean_abs_error, "within_10": self.within_10,
                 "speedup_mean_abs_error": self.speedup_mean_abs_error, "speedup_within_10": self.speedup_within_10,
                 "drift": self.drift,
-                "samples": [{**asdict(s), "error": s.error, "speedup_error": s.speedup_error} for s in self.samples]}
+                "samples": [{**asdict(s), "error": s.error, "predicted_speedup": s.predicted_speedup,
+                             "measured_speedup": s.measured_speedup, "speedup_error": s.speedup_error}
+                            for s in self.samples]}
 
 
 def validate(latency: LatencyModel, target_: Target, samples: int, device: torch.device, batch_size: int,
@@ -156,8 +164,8 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
                               **NETWORK_TIMING)
             for j, (p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
-                result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread,
-                                             profiled_dense_ms / predicted_ms, timings["dense"].median_ms / t.median_ms))
+                result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread, profiled_dense_ms,
+                                             timings["dense"].median_ms))
             pending = []
         if on_progress:
             on_progress(i + 1, samples, f"plan {i + 1}")
