@@ -337,9 +337,12 @@ def profile_cmd(
     rest = run.rest
     console.print(f"rest of the network (not prunable layers): {rest['median_ms']:.4f} ms; "
                   f"dense network measured: {rest['dense_ms']:.4f} ms")
-    if run.drift is not None and abs(run.drift - 1) > 0.1:
-        console.print(f"[yellow]the dense network ran {run.drift:.2f}x as long at the end of profiling as at its start: "
-                      "this machine changed speed meanwhile (other load, or threads that flip between two speeds); "
+    if run.speeds:
+        console.print(f"machine speed while profiling (yardstick time over its reference): "
+                      f"{min(run.speeds):.2f}-{max(run.speeds):.2f}x; latencies are scaled to the reference")
+    if run.unsteady > 0.1:
+        console.print(f"[yellow]{run.unsteady:.0%} of the timing runs found this machine more than 10% off its "
+                      "reference speed even when timed again (other load, or threads that flip between two speeds); "
                       "run the profile alone, or with fewer --threads, and compare with `profile validate`[/]")
     with console.status("fitting the latency model"):
         fitted = LatencyModel().fit(run.profile)

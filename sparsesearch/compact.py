@@ -301,14 +301,14 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
     result = verified_compact(masked, plan, input_shape, model_name)
     dense_macs = sum(layer.macs for layer in trace(masked, input_shape))
     models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
-    timings = compare(models, torch.randn(batch_size, *input_shape, device=device))
+    timings = compare(models, torch.randn(batch_size, *input_shape, device=device), reference="dense")
     return Measured(
         result,
         {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
         {"dense": dense_macs, "compacted": sum(result.macs.values())},
         {k: t.median_ms for k, t in timings.items()},
         {k: t.spread for k, t in timings.items()},
-        timings["dense"].median_ms / timings["compacted"].median_ms,
+        1 / timings["compacted"].relative,  # per-round ratios: immune to the machine changing speed between rounds
         {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
          "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
     )

@@ -305,12 +305,12 @@ def test_one_calibration_plan_timed_under_load_does_not_tilt_the_line(small_prof
     assert line.slope == pytest.approx(1.4, rel=0.05) and line.offset == pytest.approx(0.05, rel=0.2)
 
 
-def test_profile_records_whether_the_machine_kept_its_speed(small_profile: measure.ProfileRun) -> None:
-    stored = json.loads(small_profile.path.read_text())["rest"]
-    assert next(iter(stored.values()))["dense_ms_at_start"] > 0 and small_profile.drift > 0
-    slowed = measure.ProfileRun(small_profile.path, small_profile.profile, 0, 0, 0.0,
-                                rest={"dense_ms_at_start": 1.0, "dense_ms": 2.5})
-    assert slowed.drift == pytest.approx(2.5)
+def test_profile_records_the_machine_speed_it_was_measured_at(small_profile: measure.ProfileRun) -> None:
+    stored = json.loads(small_profile.path.read_text())
+    assert stored["yardstick_ms"] > 0 and next(iter(stored["rest"].values()))["speed"] > 0
+    assert small_profile.speeds and all(s > 0 for s in small_profile.speeds)
+    mixed = measure.ProfileRun(small_profile.path, small_profile.profile, 0, 0, 0.0, speeds=[1.0, 1.5, 0.95, 1.02])
+    assert mixed.unsteady == pytest.approx(0.25)
 
 
 def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: measure.ProfileRun) -> None:
@@ -359,6 +359,49 @@ def test_a_model_timed_during_a_burst_is_timed_again_and_keeps_the_steadier_timi
     assert retried.spread <= 0.5 and retried.median_ms < 2
 
 
+class _Machine:
+    """A machine that runs 3x slower every other two rounds of two calls, as a shared VM changes
+    speed every few seconds (rounds last a fraction of a second)."""
+
+    def __init__(self, steady: bool = False) -> None:
+        self.calls, self.steady = 0, steady
+
+    def sleep(self, ms: float) -> None:
+        time.sleep(ms / 1000 * (3 if self.calls // 4 % 2 and not self.steady else 1))
+        self.calls += 1
+
+
+class _Sleeper(nn.Module):
+    def __init__(self, machine: _Machine, ms: float) -> None:
+        super().__init__()
+        self.machine, self.ms, self.calls = machine, ms, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.machine.sleep(self.ms)
+        return x
+
+
+def test_timing_against_a_reference_cancels_the_machine_changing_speed() -> None:
+    machine = _Machine()
+    models = {"a": _Sleeper(machine, 1), "b": _Sleeper(machine, 2)}
+    t = compare(models, torch.zeros(1), rounds=12, warmup_s=0, min_round_s=0, reference="a")
+    assert t["b"].relative == pytest.approx(2, rel=0.1) and t["b"].relative_spread < 0.1
+    assert t["b"].spread > 0.5  # its own milliseconds jump with the machine
+    with pytest.raises(ValueError, match="reference"):
+        compare(models, torch.zeros(1), rounds=1, reference="c")
+
+
+def test_latencies_are_scaled_to_the_reference_speed_and_a_slow_machine_is_timed_again() -> None:
+    machine = _Machine(steady=True)
+    yardstick, layer = _Sleeper(machine, 2), _Sleeper(machine, 4)
+    setting = {"rounds": 3, "warmup_s": 0, "min_round_s": 0}
+    timings, speed = measure._timed({"layer": layer}, torch.zeros(1), yardstick, 1.0, setting)
+    assert speed == pytest.approx(2, rel=0.2)  # the yardstick ran at twice its reference time
+    assert timings["layer"][0] == pytest.approx(2, rel=0.1)  # so the layer counts half its 4 ms
+    assert layer.calls == 2 * (1 + 3)  # slower than SLOW: timed twice (warm-up + 3 rounds each)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_profile_on_cuda_without_a_gpu_is_a_one_line_error() -> None:
     result = CliRunner().invoke(app, ["profile", "--device", "cuda"])
@@ -373,7 +416,7 @@ def test_validation_separates_a_machine_running_faster_from_a_wrong_prediction()
 
     def run(factor: float, measured: list[float]) -> Validation:  # the machine now runs at `factor` x
         dense_now = factor * profiled_dense
-        return Validation("m", [Sample({}, p, factor * m / 2, 0.01, profiled_dense, dense_now)
+        return Validation("m", [Sample({}, p, factor * m / 2, 0.01, profiled_dense, dense_now, 2 * profiled_dense / m)
                                 for p, m in zip(predicted, measured)])
 
     faster = run(0.7, exact)

@@ -111,3 +111,22 @@ class Stub(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - the input is ignored
         return self.like.new_zeros(self.shape)
+
+
+class Yardstick(nn.Module):
+    """A fixed workload timed beside everything a profile times: the machine's speed at that moment.
+
+    Every latency in a profile is stored as its ratio to the yardstick in the same rounds times the
+    yardstick's latency when the profile was started, so rows timed minutes apart (a shared 2-vCPU
+    VM drifted 8% between two hours and 1.5x within a minute) stay comparable. It ignores its input:
+    one yardstick serves layers of every shape."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+        self.body.requires_grad_(False).to(device=device, dtype=dtype)
+        self.register_buffer("x", torch.randn(1, 64, 16, 16, generator=generator).to(device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - the input is ignored
+        return self.body(self.x)

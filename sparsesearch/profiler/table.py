@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UserError
 from ..files import read_json, write_json
 
-SCHEMA = 1
+SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
@@ -177,6 +177,7 @@ class Profile:
     rest: dict[str, dict[str, object]] = field(default_factory=dict)  # model key -> {model, input_shape, median_ms, ...}
     timing: dict[str, object] = field(default_factory=dict)
     path: Path | None = None
+    yardstick_ms: float | None = None  # the yardstick when this profile was started (schema 1: none)
 
     def add(self, row: Row) -> None:
         self.rows[row.key] = row
@@ -185,7 +186,7 @@ class Profile:
         rows = sorted(self.rows.values(), key=lambda r: (r.signature.key, r.type, r.rate, r.in_keep, r.out_keep))
         return {"schema": SCHEMA, "kind": "sparsesearch-latency-profile", "fingerprint": self.fingerprint,
                 "timing": self.timing, "units": {"median_ms": "ms per call (whole batch)", "macs": "per sample"},
-                "rest": self.rest, "rows": [r.to_dict() for r in rows]}
+                "yardstick_ms": self.yardstick_ms, "rest": self.rest, "rows": [r.to_dict() for r in rows]}
 
     def save(self, path: Path | None = None) -> Path:
         path = Path(path or self.path)
@@ -204,7 +205,8 @@ class Profile:
             rows = [Row.from_dict(r) for r in raw["rows"]]
         except (KeyError, TypeError) as e:
             raise UserError(f"{path} has a malformed row ({e}); re-run `sparsesearch profile` to rewrite it") from e
-        return cls(raw["fingerprint"], {r.key: r for r in rows}, raw.get("rest", {}), raw.get("timing", {}), Path(path))
+        return cls(raw["fingerprint"], {r.key: r for r in rows}, raw.get("rest", {}), raw.get("timing", {}), Path(path),
+                   raw.get("yardstick_ms"))
 
     def predictor(self):  # noqa: ANN201 - a fitted predictor.LatencyModel
         """The latency model fitted on this table (cross-validated error in its `cv_error`)."""

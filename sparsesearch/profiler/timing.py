@@ -2,7 +2,10 @@
 
 Models are timed side by side in interleaved rounds (A, B, A, B, ...), so a change in machine load
 hits all of them alike; each round runs enough calls to last `min_round_s`, after a warm-up; the
-result is the median per-call time and its spread. CUDA is timed with events after a synchronize.
+result is the median per-call time and its spread. Against a `reference` model, each model's time is
+also read as the median of its per-round ratios to the reference: on a VM whose speed wanders by
+1.5x over minutes (measured on the 2-vCPU CI class), a ratio taken within one round holds while
+absolute milliseconds do not. CUDA is timed with events after a synchronize.
 A model carrying forward hooks is refused: a hook left by a MAC counter once made a dense
 MobileNetV2 look 13x slower.
 """
@@ -23,6 +26,13 @@ class Timing:
     spread: float  # (p75 - p25) / median over rounds
     rounds: int
     calls_per_round: int
+    relative: float | None = None  # median over rounds of (this model's time / the reference's)
+    relative_spread: float | None = None  # (p75 - p25) / median of those ratios
+
+    @property
+    def steadiness(self) -> float:
+        """The spread that says whether this timing can be trusted: of the ratio when there is one."""
+        return self.spread if self.relative_spread is None else self.relative_spread
 
 
 def _check_clean(name: str, model: nn.Module) -> None:
@@ -50,30 +60,43 @@ def _call_seconds(model: nn.Module, x: Tensor, calls: int) -> float:
 
 def compare(models: dict[str, nn.Module], x: Tensor, rounds: int = 15, warmup_s: float = 0.3,
             min_round_s: float = 0.05, max_spread: float | None = None, max_rounds: int = 0,
-            retries: int = 0) -> dict[str, Timing]:
-    """Median per-call latency of each model on input `x`, measured in interleaved rounds.
+            retries: int = 0, reference: str | None = None) -> dict[str, Timing]:
+    """Median per-call latency of each model on input `x`, measured in interleaved rounds; with
+    `reference` (one of `models`), also each model's median per-round ratio to it.
 
-    With `max_spread`, rounds go on (up to `max_rounds`) while some model's spread exceeds it; then,
-    up to `retries` times, the models still above it are timed again from scratch and each keeps its
-    steadier timing: on a shared machine, load comes in bursts of seconds that more rounds only
-    average in, while a later run often misses them."""
-    timings = _compare(models, x, rounds, warmup_s, min_round_s, max_spread, max_rounds)
+    With `max_spread`, rounds go on (up to `max_rounds`) while some model's spread (of its ratio,
+    against a reference) exceeds it; then, up to `retries` times, the models still above it are
+    timed again from scratch (beside the reference) and each keeps its steadier timing: on a shared
+    machine, load comes in bursts of seconds that more rounds only average in, while a later run
+    often misses them."""
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models timed")
+    timings = _compare(models, x, rounds, warmup_s, min_round_s, max_spread, max_rounds, reference)
     for _ in range(retries if max_spread is not None else 0):
-        unsettled = {name: models[name] for name, t in timings.items() if t.spread > max_spread}
+        unsettled = {name: models[name] for name, t in timings.items()
+                     if t.steadiness > max_spread and name != reference}
         if not unsettled:
             break
-        again = _compare(unsettled, x, rounds, warmup_s, min_round_s, max_spread, max_rounds)
-        timings |= {name: t for name, t in again.items() if t.spread < timings[name].spread}
+        if reference is not None:
+            unsettled[reference] = models[reference]
+        again = _compare(unsettled, x, rounds, warmup_s, min_round_s, max_spread, max_rounds, reference)
+        timings |= {name: t for name, t in again.items()
+                    if name != reference and t.steadiness < timings[name].steadiness}
     return timings
 
 
 def _compare(models: dict[str, nn.Module], x: Tensor, rounds: int, warmup_s: float, min_round_s: float,
-             max_spread: float | None, max_rounds: int) -> dict[str, Timing]:
+             max_spread: float | None, max_rounds: int, reference: str | None) -> dict[str, Timing]:
     for name, model in models.items():
         _check_clean(name, model)
         model.eval()
     samples: dict[str, list[float]] = {name: [] for name in models}
     calls: dict[str, int] = {}
+
+    def summaries() -> dict[str, Timing]:
+        return {name: _summary(s, calls.get(name, 1), None if reference in (None, name) else samples[reference])
+                for name, s in samples.items()}
+
     with torch.inference_mode():
         for name, model in models.items():  # warm-up, and size each round to last min_round_s
             once, deadline = _call_seconds(model, x, 1), time.perf_counter() + warmup_s
@@ -81,14 +104,22 @@ def _compare(models: dict[str, nn.Module], x: Tensor, rounds: int, warmup_s: flo
                 once = min(once, _call_seconds(model, x, 1))
             calls[name] = max(1, int(min_round_s / max(once, 1e-7)))
         for done in range(max(rounds, max_rounds)):
-            if done >= rounds and (max_spread is None or all(_summary(s, 1).spread <= max_spread
-                                                             for s in samples.values())):
+            if done >= rounds and (max_spread is None or all(
+                    t.steadiness <= max_spread for name, t in summaries().items() if name != reference)):
                 break
             for name, model in models.items():
                 samples[name].append(_call_seconds(model, x, calls[name]))
-    return {name: _summary(s, calls[name]) for name, s in samples.items()}
+    return summaries()
 
 
-def _summary(seconds: list[float], calls: int) -> Timing:
-    q1, median, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else (seconds[0],) * 3
-    return Timing(median * 1000, (q3 - q1) / median, len(seconds), calls)
+def _median_spread(values: list[float]) -> tuple[float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return median, (q3 - q1) / median
+
+
+def _summary(seconds: list[float], calls: int, reference: list[float] | None = None) -> Timing:
+    median, spread = _median_spread(seconds)
+    if reference is None:
+        return Timing(median * 1000, spread, len(seconds), calls)
+    relative, relative_spread = _median_spread([s / r for s, r in zip(seconds, reference)])
+    return Timing(median * 1000, spread, len(seconds), calls, relative, relative_spread)

@@ -64,14 +64,11 @@ class Sample:
     spread: float
     profiled_dense_ms: float  # the dense network as the profile measured it
     dense_ms: float  # the dense network timed beside this plan
+    measured_speedup: float  # median over rounds of dense / this plan: steadier than dense_ms / measured_ms
 
     @property
     def predicted_speedup(self) -> float:
         return self.profiled_dense_ms / self.predicted_ms
-
-    @property
-    def measured_speedup(self) -> float:
-        return self.dense_ms / self.measured_ms
 
     @property
     def error(self) -> float:
@@ -121,12 +118,12 @@ class Validation:
         return statistics.median(s.dense_ms / s.profiled_dense_ms for s in self.samples)
 
     def to_dict(self) -> dict[str, object]:
-        return {"schema": 2, "model": self.model, "setting": self.setting,
+        return {"schema": 3, "model": self.model, "setting": self.setting,
                 "mean_abs_error": self.mean_abs_error, "within_10": self.within_10,
                 "speedup_mean_abs_error": self.speedup_mean_abs_error, "speedup_within_10": self.speedup_within_10,
                 "drift": self.drift,
                 "samples": [{**asdict(s), "error": s.error, "predicted_speedup": s.predicted_speedup,
-                             "measured_speedup": s.measured_speedup, "speedup_error": s.speedup_error}
+                             "speedup_error": s.speedup_error}
                             for s in self.samples]}
 
 
@@ -161,11 +158,11 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
             timings = compare({"dense": dense, **{str(j): m for j, (_, _, m) in enumerate(pending)}}, x,
-                              **NETWORK_TIMING)
+                              **NETWORK_TIMING, reference="dense")
             for j, (p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
                 result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread, profiled_dense_ms,
-                                             timings["dense"].median_ms))
+                                             timings["dense"].median_ms, 1 / t.relative))
             pending = []
         if on_progress:
             on_progress(i + 1, samples, f"plan {i + 1}")
