@@ -3,6 +3,7 @@
 Per model: profile it (the layer grid + the rest of the network, into a fresh table under
 bench/results/profiles/), fit the latency model (cross-validated error on the table's rows), then
 draw random per-layer plans, compact each, time them end to end and compare with the prediction.
+Profiles are reused when present (delete bench/results/profiles/ to re-profile).
 Goal of the profiler issue: >= 95% of random plans within +-10% on CPU for digits-cnn, resnet20
 and tv:resnet18 (nn-Meter reports 99% within +-10% on mobile CPUs).
 
@@ -54,6 +55,7 @@ def main() -> None:
                      "rows": len(run.profile.rows), "profile_s": round(run.seconds),
                      "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
                      "line_offset_ms": round(line.offset, 3), "line_slope": round(line.slope, 3),
+                     "line_ms_per_mweight": round(line.per_mweight, 4),
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
                      "within_10_%": round(100 * result.within_10), "goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
@@ -61,8 +63,8 @@ def main() -> None:
                      "total_s": round(time.perf_counter() - begin)})
         print(rows[-1], flush=True)
     summary = (f"Random per-layer plans (types and rates drawn per layer), compacted and timed end to end (median "
-               f"of interleaved rounds) vs the latency model's prediction (offset + slope x sum of predicted layers, the line "
-               f"fitted on the profile's {CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
+               f"of interleaved rounds) vs the latency model's prediction (offset + slope x sum of predicted layers + ms per "
+               f"million weights kept x those, fitted robustly on the profile's {CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
                f"speedup_*: predicted speedup (over the dense network as profiled) vs measured speedup (over the dense network "
                f"timed beside each plan); drift: the dense network during validation over as profiled. "
                f"CPU, batch 1, float32, {threads} threads. Scatter plots: latency_model_<model>_t{threads}.png.")

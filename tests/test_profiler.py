@@ -261,16 +261,18 @@ def test_prediction_is_the_in_network_line_of_the_summed_layers(fitted: predicto
     line = fitted.in_network(digits.model, digits.input_shape)
     assert line.plans == measure.CALIBRATION_PLANS + 1 and line.slope > 0  # the calibration plans and the dense net
     dense = predictor.dense_latency(fitted, digits.model, digits.input_shape)
-    isolated = predictor.layer_latencies(fitted, digits.model, digits.model, digits.input_shape)
-    assert dense.total_ms == pytest.approx(line.offset + line.slope * sum(isolated.values()))
+    isolated = predictor.isolated_layers(fitted, digits.model, digits.model, digits.input_shape)
+    assert dense.total_ms == pytest.approx(line.offset + sum(line.cost(ms, w) for ms, w in isolated.values()))
     assert dense.total_ms == pytest.approx(dense.rest_ms + sum(dense.layers_ms.values()))
     pruned = predictor.predict_latency(fitted, digits.model, digits.input_shape,
                                        Plan.uniform(trace(digits.model, digits.input_shape), T.FILTER, 0.5))
     assert pruned.total_ms < dense.total_ms  # monotone: every kept dim shrank
 
 
-def _on_line(profile: table.Profile, offset: float, slope: float, target: measure.Target) -> table.Profile:
-    """A copy of `profile` whose end-to-end timings lie exactly on offset + slope x (layer sum)."""
+def _on_line(profile: table.Profile, offset: float, slope: float, target: measure.Target,
+             per_mweight: float = 0.0) -> table.Profile:
+    """A copy of `profile` whose end-to-end timings lie exactly on offset + slope x (layer sum)
+    + per_mweight x (millions of weights kept)."""
     import copy
 
     from sparsesearch.plan import Plan
@@ -282,11 +284,12 @@ def _on_line(profile: table.Profile, offset: float, slope: float, target: measur
     def layers(plan: Plan | None) -> float:
         pair = (target.model, target.model) if plan is None else \
             predictor.compacted_copy(target.model, target.input_shape, plan)
-        return sum(predictor.layer_latencies(fitted, *pair, target.input_shape).values())
+        found = predictor.isolated_layers(fitted, *pair, target.input_shape).values()
+        return slope * sum(ms for ms, _ in found) + per_mweight * sum(w for _, w in found) / 1e6
 
-    entry["dense_ms"] = offset + slope * layers(None)
+    entry["dense_ms"] = offset + layers(None)
     for sample in entry["calibration"]:
-        sample["median_ms"] = offset + slope * layers(Plan.from_dict(sample["plan"], "test"))
+        sample["median_ms"] = offset + layers(Plan.from_dict(sample["plan"], "test"))
     return profile
 
 
@@ -294,7 +297,16 @@ def test_in_network_line_is_read_off_the_plans_timed_end_to_end(small_profile: m
                                                                  digits: measure.Target) -> None:
     profile = _on_line(small_profile.profile, 0.05, 1.4, digits)
     line = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
-    assert (line.offset, line.slope) == (pytest.approx(0.05, rel=1e-6), pytest.approx(1.4, rel=1e-6))
+    assert (line.offset, line.slope) == (pytest.approx(0.05, rel=1e-3), pytest.approx(1.4, rel=1e-3))
+    assert line.per_mweight == pytest.approx(0, abs=1e-3)
+
+
+def test_in_network_cost_of_weights_that_do_not_stay_in_cache_is_read_off_the_plans(
+        small_profile: measure.ProfileRun, digits: measure.Target) -> None:
+    profile = _on_line(small_profile.profile, 0.05, 1.4, digits, per_mweight=20.0)
+    line = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
+    assert (line.offset, line.slope, line.per_mweight) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2),
+                                                          pytest.approx(20.0, rel=1e-2))
 
 
 def test_one_calibration_plan_timed_under_load_does_not_tilt_the_line(small_profile: measure.ProfileRun,

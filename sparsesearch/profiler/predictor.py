@@ -4,9 +4,9 @@ Each compact layer is described by its signature, what runs (plain dense layer o
 dims and the weights it multiplies; the target is log latency, so errors are relative. A gradient-
 boosted tree ensemble constrained to be non-decreasing in kept inputs, kept outputs, weights and
 MACs interpolates between the grid points the profiler measured. A network's latency is an offset
-plus a slope times the sum of its predicted layers: the line each profiled network's end-to-end
-timings (dense, and random plans compacted) follow, which carries the rest of the network and what
-being inside it costs a layer.
+plus a slope times the sum of its predicted layers plus a cost per weight kept: the plane each
+profiled network's end-to-end timings (dense, and random plans compacted) follow, which carries the
+rest of the network and what being inside it costs a layer.
 """
 
 from __future__ import annotations
@@ -134,44 +134,57 @@ class LatencyModel:
         key = model_key(model, input_shape)
         if key not in self._lines:
             entry = self.network(model, input_shape)
-            raw = [sum(layer_latencies(self, model, model, input_shape).values())]
+            layers = [isolated_layers(self, model, model, input_shape)]
             measured = [float(entry["dense_ms"])]
             for sample in entry.get("calibration", []):
                 plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
-                raw.append(sum(layer_latencies(self, *compacted_copy(model, input_shape, plan), input_shape).values()))
+                layers.append(isolated_layers(self, *compacted_copy(model, input_shape, plan), input_shape))
                 measured.append(float(sample["median_ms"]))
-            self._lines[key] = Line.fit(raw, measured, float(entry["median_ms"]))
+            self._lines[key] = Line.fit([sum(ms for ms, _ in found.values()) for found in layers],
+                                        [sum(w for _, w in found.values()) / 1e6 for found in layers],
+                                        measured, float(entry["median_ms"]))
         return self._lines[key]
 
 
 @dataclass(frozen=True)
 class Line:
-    """End-to-end latency = offset + slope x (sum of the layers' isolated latencies).
+    """End-to-end latency = offset + slope x (sum of the layers' isolated latencies) + per_mweight x
+    (millions of weights the layers keep).
 
-    Inside a network a layer runs slower than timed alone (the other layers evict its weights; on
-    tv:resnet18 at batch 1 the layers cost 1.3-1.9x their isolated times), and the rest of the
-    network shrinks with the channels it carries; both are read off plans timed end to end. The
-    fit is Theil-Sen (median of pairwise slopes), so one plan timed during a burst of load does not
-    tilt it."""
+    Inside a network a layer runs slower than timed alone, and the rest of the network shrinks with
+    the channels it carries; both are read off plans timed end to end. Timed alone, a layer reads
+    its weights from cache; inside a network whose weights exceed the cache (tv:resnet18: 43 MB
+    against a 32 MB L3) each call streams them from memory again, a cost that follows the weights
+    kept rather than the isolated time (on resnet20, whose 1 MB stays in cache, it fits to 0). The
+    fit is robust (soft-L1 loss), so one plan timed during a burst of load does not tilt it, and
+    every coefficient is non-negative."""
 
     offset: float  # ms: the plan-independent part (the rest of the network and its overheads)
     slope: float  # in-network cost of a millisecond of isolated layer time
     plans: int  # end-to-end timings it was fitted on
+    per_mweight: float = 0.0  # ms per million weights kept: streaming weights that do not stay in cache
+
+    def cost(self, isolated_ms: float, weights: int) -> float:
+        """A layer's share of the end-to-end latency."""
+        return self.slope * isolated_ms + self.per_mweight * weights / 1e6
 
     @classmethod
-    def fit(cls, raw: list[float], measured: list[float], rest_ms: float) -> Line:
-        """The line through (raw layer sum, measured) points; with fewer than three pairs of distinct
-        sums (a profile of rate 0 only), or a fit that is not increasing or has a negative offset,
-        the measured rest plus the median in-network ratio."""
-        x, y = np.asarray(raw), np.asarray(measured)
-        i, j = np.triu_indices(len(x), 1)
-        apart = np.abs(x[j] - x[i]) > 1e-3 * x.max(initial=0)
-        if apart.sum() >= 3:
-            slope = float(np.median((y[j] - y[i])[apart] / (x[j] - x[i])[apart]))
-            offset = float(np.median(y - slope * x))
-            if slope > 0 and offset >= 0:
-                return cls(offset, slope, len(x))
-        return cls(rest_ms, float(np.median((y - rest_ms) / x)), len(x))
+    def fit(cls, sums: list[float], mweights: list[float], measured: list[float], rest_ms: float) -> Line:
+        """The plane through (layer sum, millions of weights, measured) points; with fewer than four
+        distinct sums (a profile of rate 0 only), or a fit with no slope, the measured rest plus the
+        median in-network ratio."""
+        from scipy.optimize import least_squares
+
+        x = np.column_stack([np.ones(len(sums)), sums, mweights])
+        y = np.asarray(measured, dtype=float)
+        if len(np.unique(np.round(x[:, 1], 6))) >= 4:
+            start = np.maximum(np.linalg.lstsq(x, y, rcond=None)[0], 1e-9)
+            found = least_squares(lambda p: x @ p - y, start, bounds=(0, np.inf), loss="soft_l1",
+                                  f_scale=0.03 * float(np.median(y)))
+            offset, slope, per_mweight = map(float, found.x)
+            if slope > 0:
+                return cls(offset, slope, len(y), per_mweight)
+        return cls(rest_ms, float(np.median((y - rest_ms) / x[:, 1])), len(y))
 
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
@@ -230,16 +243,17 @@ def missing_signatures(latency: LatencyModel, found: dict[str, Query]) -> dict[s
     return {n: q.signature.key for n, q in found.items() if q.signature not in known}
 
 
-def layer_latencies(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
-                    input_shape: tuple[int, ...]) -> dict[str, float]:
-    """Predicted isolated latency of each prunable layer of `original` as it is in `compacted`."""
+def isolated_layers(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
+                    input_shape: tuple[int, ...]) -> dict[str, tuple[float, int]]:
+    """Each prunable layer of `original` as it is in `compacted`: its predicted isolated latency (ms)
+    and the weights it keeps."""
     found = queries(original, compacted, input_shape)
     missing = missing_signatures(latency, found)
     if missing:
         name, key = next(iter(missing.items()))
         raise UserError(f"profile {latency.profile.path} has no rows for {len(missing)} layer(s) of this network "
                         f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-    return dict(zip(found, latency.predict(list(found.values()))))
+    return {name: (ms, q.weights) for (name, q), ms in zip(found.items(), latency.predict(list(found.values())))}
 
 
 def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
@@ -247,7 +261,7 @@ def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.
     """End-to-end latency of a compacted model: its predicted layers on the network's in-network
     line (`Line`); `rest_ms` is the line's offset, `layers_ms` each layer's in-network share."""
     line = latency.in_network(original, input_shape)
-    ms = {name: line.slope * t for name, t in layer_latencies(latency, original, compacted, input_shape).items()}
+    ms = {name: line.cost(t, w) for name, (t, w) in isolated_layers(latency, original, compacted, input_shape).items()}
     return Prediction(line.offset + sum(ms.values()), line.offset, ms)
 
 
