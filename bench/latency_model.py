@@ -57,10 +57,7 @@ def main() -> None:
                      "line_offset_ms": round(line.offset, 3), "line_slope": round(line.slope, 3),
                      "line_ms_per_mweight": round(line.per_mweight, 4),
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
-                     "within_10_%": round(100 * result.within_10),
-                     "scaled_mape_%": round(100 * result.scaled_mean_abs_error, 1),
-                     "scaled_within_10_%": round(100 * result.scaled_within_10),
-                     "goal_met": result.scaled_within_10 >= 0.95,
+                     "within_10_%": round(100 * result.within_10), "goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
                      "speedup_within_10_%": round(100 * result.speedup_within_10), "drift": round(result.drift, 2),
                      "total_s": round(time.perf_counter() - begin)})
@@ -69,9 +66,7 @@ def main() -> None:
                f"of interleaved rounds) vs the latency model's prediction (offset + slope x sum of predicted layers + ms per "
                f"million weights kept x those, fitted robustly on the profile's {CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
                f"speedup_*: predicted speedup (over the dense network as profiled) vs measured speedup (over the dense network "
-               f"timed beside each plan, median of per-round ratios); scaled_*: latency with the measurement scaled to "
-               f"the machine speed the profile states latencies at (the yardstick timed beside each plan over the "
-               f"profile's); goal_met: scaled_within_10 >= 95%; drift: the dense network during validation over as profiled. "
+               f"timed beside each plan); drift: the dense network during validation over as profiled. "
                f"CPU, batch 1, float32, {threads} threads. Scatter plots: latency_model_<model>_t{threads}.png.")
     print(record(f"latency_model_t{threads}", rows, summary))
 

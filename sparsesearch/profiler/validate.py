@@ -16,7 +16,6 @@ from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..sparsity import SparsityType
 from .measure import DEFAULT_RATES, NETWORK_TIMING, NM_RATES, Target
-from .build import Yardstick
 from .predictor import LatencyModel, compacted_copy, predict_compacted
 from .table import model_key
 from .timing import compare
@@ -66,7 +65,6 @@ class Sample:
     profiled_dense_ms: float  # the dense network as the profile measured it
     dense_ms: float  # the dense network timed beside this plan
     measured_speedup: float  # median over rounds of dense / this plan: steadier than dense_ms / measured_ms
-    speed: float | None = None  # the yardstick beside this plan over the profile's (None: a schema 1 profile)
 
     @property
     def predicted_speedup(self) -> float:
@@ -80,12 +78,6 @@ class Sample:
     def speedup_error(self) -> float:
         return self.predicted_speedup / self.measured_speedup - 1
 
-    @property
-    def scaled_error(self) -> float:
-        """The latency error with the measurement scaled to the machine speed the profile's latencies
-        are stated at (its yardstick): a prediction is for that speed, the machine drifts from it."""
-        return self.error if self.speed is None else self.predicted_ms * self.speed / self.measured_ms - 1
-
 
 def _mean_abs(errors: list[float]) -> float:
     return sum(map(abs, errors)) / len(errors)
@@ -97,11 +89,9 @@ def _within_10(errors: list[float]) -> float:
 
 @dataclass
 class Validation:
-    """Latency errors judge the prediction in ms as measured now, and (`scaled_*`) at the machine
-    speed the profile states its latencies at: on a shared VM the same plans ran 0.90-1.08x within
-    one validation, a drift no latency model can foresee. Speedup errors judge what the search uses,
-    the ratio to the dense network, which also holds when the machine as a whole runs faster or
-    slower than when it was profiled (`drift`: the dense network now over then)."""
+    """Latency errors judge the prediction in ms; speedup errors judge what the search uses, the
+    ratio to the dense network, which also holds when the machine as a whole runs faster or slower
+    than when it was profiled (`drift`: the dense network now over then)."""
 
     model: str
     samples: list[Sample] = field(default_factory=list)
@@ -114,14 +104,6 @@ class Validation:
     @property
     def within_10(self) -> float:
         return _within_10([s.error for s in self.samples])
-
-    @property
-    def scaled_mean_abs_error(self) -> float:
-        return _mean_abs([s.scaled_error for s in self.samples])
-
-    @property
-    def scaled_within_10(self) -> float:
-        return _within_10([s.scaled_error for s in self.samples])
 
     @property
     def speedup_mean_abs_error(self) -> float:
@@ -138,11 +120,9 @@ class Validation:
     def to_dict(self) -> dict[str, object]:
         return {"schema": 3, "model": self.model, "setting": self.setting,
                 "mean_abs_error": self.mean_abs_error, "within_10": self.within_10,
-                "scaled_mean_abs_error": self.scaled_mean_abs_error, "scaled_within_10": self.scaled_within_10,
                 "speedup_mean_abs_error": self.speedup_mean_abs_error, "speedup_within_10": self.speedup_within_10,
                 "drift": self.drift,
-                "samples": [{**asdict(s), "error": s.error, "scaled_error": s.scaled_error,
-                             "predicted_speedup": s.predicted_speedup,
+                "samples": [{**asdict(s), "error": s.error, "predicted_speedup": s.predicted_speedup,
                              "speedup_error": s.speedup_error}
                             for s in self.samples]}
 
@@ -170,8 +150,6 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
     dense = copy.deepcopy(model).to(device=device, dtype=dtype)
     profiled_dense_ms = latency.dense_ms(model, shape)
-    reference_ms = latency.profile.yardstick_ms
-    yardstick = Yardstick(device, dtype)
     pending: list[tuple[Plan, float, torch.nn.Module]] = []
     for i in range(samples):
         plan = random_plan(layers, deps.couplings, rng, rates, types=covered.get("types"))
@@ -179,14 +157,12 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
         predicted = predict_compacted(latency, masked, compacted, shape).total_ms
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
-            timings = compare({"dense": dense, "yardstick": yardstick,
-                               **{str(j): m for j, (_, _, m) in enumerate(pending)}}, x,
+            timings = compare({"dense": dense, **{str(j): m for j, (_, _, m) in enumerate(pending)}}, x,
                               **NETWORK_TIMING, reference="dense")
-            speed = None if reference_ms is None else timings["yardstick"].median_ms / reference_ms
             for j, (p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
                 result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread, profiled_dense_ms,
-                                             timings["dense"].median_ms, 1 / t.relative, speed))
+                                             timings["dense"].median_ms, 1 / t.relative))
             pending = []
         if on_progress:
             on_progress(i + 1, samples, f"plan {i + 1}")
