@@ -289,7 +289,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     cannot tilt them against each other.
 
     A layer costs more inside a network than timed alone (weights evicted by the other layers, caches
-    shared with its neighbours); the latency model fits its in-network line to these plans."""
+    shared with its neighbours); the latency model fits its in-network plane to these plans."""
     from ..compact import dependencies
     from .predictor import compacted_copy
 
