@@ -47,15 +47,16 @@ def main() -> None:
         tgt = target(name)
         run = profile_model(tgt, device, 1, out=RESULTS / "profiles" / f"{slug}-t{threads}-b1-float32.json")
         fitted = LatencyModel().fit(run.profile)
-        line = fitted.in_network(tgt.model, tgt.input_shape)
+        fit = fitted.in_network(tgt.model, tgt.input_shape)
         result = validate(fitted, tgt, args.samples, device, 1)
         (RESULTS / "profiles" / f"validate-{slug}-t{threads}.json").write_text(json.dumps(result.to_dict(), indent=1))
         scatter(result, RESULTS / f"latency_model_{slug}_t{threads}.png")
         rows.append({"model": name, "input": "x".join(map(str, tgt.input_shape)), "threads": threads, "batch": 1,
                      "rows": len(run.profile.rows), "profile_s": round(run.seconds),
                      "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
-                     "line_offset_ms": round(line.offset, 3), "line_slope": round(line.slope, 3),
-                     "line_ms_per_mweight": round(line.per_mweight, 4),
+                     "offset_ms": round(fit.offset, 3), "slope": round(fit.slope, 3),
+                     "ms_per_mweight": round(fit.per_mweight, 4),
+                     "ms_per_call": ", ".join(f"{f} {ms:.3f}" for f, ms in fit.per_call.items()) or "-",
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
                      "within_10_%": round(100 * result.within_10), "goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
@@ -63,8 +64,9 @@ def main() -> None:
                      "total_s": round(time.perf_counter() - begin)})
         print(rows[-1], flush=True)
     summary = (f"Random per-layer plans (types and rates drawn per layer), compacted and timed end to end (median "
-               f"of interleaved rounds) vs the latency model's prediction (offset + slope x sum of predicted layers + ms per "
-               f"million weights kept x those, fitted robustly on the profile's {CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
+               f"of interleaved rounds) vs the latency model's prediction (offset + per layer: slope x its predicted isolated "
+               f"latency + ms per million weights kept + ms per call of its kernel family; fitted robustly on the profile's "
+               f"{CALIBRATION_PLANS} calibration plans and the dense network timed end to end). "
                f"speedup_*: predicted speedup (over the dense network as profiled) vs measured speedup (over the dense network "
                f"timed beside each plan); drift: the dense network during validation over as profiled. "
                f"CPU, batch 1, float32, {threads} threads. Scatter plots: latency_model_<model>_t{threads}.png.")

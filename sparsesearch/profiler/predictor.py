@@ -4,9 +4,9 @@ Each compact layer is described by its signature, what runs (plain dense layer o
 dims and the weights it multiplies; the target is log latency, so errors are relative. A gradient-
 boosted tree ensemble constrained to be non-decreasing in kept inputs, kept outputs, weights and
 MACs interpolates between the grid points the profiler measured. A network's latency is an offset
-plus a slope times the sum of its predicted layers plus a cost per weight kept: the plane each
-profiled network's end-to-end timings (dense, and random plans compacted) follow, which carries the
-rest of the network and what being inside it costs a layer.
+plus, per layer, a slope times its predicted latency, a cost per weight kept and a cost per kernel
+call: read off each profiled network's end-to-end timings (dense, and random plans compacted), it
+carries the rest of the network and what being inside it costs a layer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ FEATURES = (("conv", 0), ("log_in", 1), ("log_out", 1), ("log_groups", 0), ("ker
             ("log_positions", 0), ("log_input_hw", 0), ("log_full_in", 0), ("log_full_out", 0),
             ("density", 1), ("log_macs", 1), ("log_dense_macs", 1),
             *((f"is_{f}", 0) for f in FAMILIES))
+MIN_PLANS_PER_TERM = 3  # end-to-end timings per coefficient of the in-network fit before it gets per-call terms
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class LatencyModel:
     folds: int = 5
     profile: Profile | None = field(default=None, repr=False)
     cv_error: dict[str, float] = field(default_factory=dict)  # relative errors of held-out rows
-    _lines: dict[str, Line] = field(default_factory=dict, repr=False)  # network key -> its in-network line
+    _in_network: dict[str, InNetwork] = field(default_factory=dict, repr=False)  # network key -> its fit
 
     def _estimator(self):  # noqa: ANN202 - a scikit-learn regressor
         from sklearn.ensemble import HistGradientBoostingRegressor
@@ -128,11 +129,11 @@ class LatencyModel:
         speedup (the line fits pruned plans; on resnet20 it put the dense net 20% high)."""
         return float(self.network(model, input_shape)["dense_ms"])
 
-    def in_network(self, model: nn.Module, input_shape: tuple[int, ...]) -> Line:
-        """How this network's end-to-end latency follows the sum of its predicted layers, fitted on
-        the plans the profile timed end to end (calibration plans and the dense network)."""
+    def in_network(self, model: nn.Module, input_shape: tuple[int, ...]) -> InNetwork:
+        """How this network's end-to-end latency follows its predicted layers, fitted on the plans
+        the profile timed end to end (calibration plans and the dense network)."""
         key = model_key(model, input_shape)
-        if key not in self._lines:
+        if key not in self._in_network:
             entry = self.network(model, input_shape)
             layers = [isolated_layers(self, model, model, input_shape)]
             measured = [float(entry["dense_ms"])]
@@ -140,51 +141,67 @@ class LatencyModel:
                 plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
                 layers.append(isolated_layers(self, *compacted_copy(model, input_shape, plan), input_shape))
                 measured.append(float(sample["median_ms"]))
-            self._lines[key] = Line.fit([sum(ms for ms, _ in found.values()) for found in layers],
-                                        [sum(w for _, w in found.values()) / 1e6 for found in layers],
-                                        measured, float(entry["median_ms"]))
-        return self._lines[key]
+            self._in_network[key] = InNetwork.fit([list(found.values()) for found in layers], measured,
+                                                  float(entry["median_ms"]))
+        return self._in_network[key]
+
+
+class Isolated(NamedTuple):
+    """A compact layer as the latency model sees it alone: predicted latency, weights, what runs."""
+
+    ms: float
+    weights: int
+    family: str
 
 
 @dataclass(frozen=True)
-class Line:
-    """End-to-end latency = offset + slope x (sum of the layers' isolated latencies) + per_mweight x
-    (millions of weights the layers keep).
+class InNetwork:
+    """End-to-end latency = offset + the sum over the layers of slope x (isolated latency) +
+    per_mweight x (millions of weights kept) + per_call[family] (for layers that run a kernel).
 
     Inside a network a layer runs slower than timed alone, and the rest of the network shrinks with
     the channels it carries; both are read off plans timed end to end. Timed alone, a layer reads
     its weights from cache; inside a network whose weights exceed the cache (tv:resnet18: 43 MB
     against a 32 MB L3) each call streams them from memory again, a cost that follows the weights
-    kept rather than the isolated time (on resnet20, whose 1 MB stays in cache, it fits to 0). The
-    fit is robust (soft-L1 loss), so one plan timed during a burst of load does not tilt it, and
-    every coefficient is non-negative."""
+    kept rather than the isolated time (on resnet20, whose 1 MB stays in cache, it fits to 0). A
+    kernel layer (CSR, im2col GEMM, gathered channels) also pays a fixed cost per call inside a
+    network that its isolated timing does not show (CSR: 0.03-0.1 ms on digits-cnn and resnet20),
+    fitted per family when there are plans enough (MIN_PLANS_PER_TERM per coefficient). The fit is
+    robust (soft-L1 loss), so one plan timed during a burst of load does not tilt it, and every
+    coefficient is non-negative."""
 
     offset: float  # ms: the plan-independent part (the rest of the network and its overheads)
     slope: float  # in-network cost of a millisecond of isolated layer time
     plans: int  # end-to-end timings it was fitted on
     per_mweight: float = 0.0  # ms per million weights kept: streaming weights that do not stay in cache
+    per_call: dict[str, float] = field(default_factory=dict)  # kernel family -> ms per layer running it
 
-    def cost(self, isolated_ms: float, weights: int) -> float:
+    def cost(self, layer: Isolated) -> float:
         """A layer's share of the end-to-end latency."""
-        return self.slope * isolated_ms + self.per_mweight * weights / 1e6
+        return self.slope * layer.ms + self.per_mweight * layer.weights / 1e6 + self.per_call.get(layer.family, 0.0)
 
     @classmethod
-    def fit(cls, sums: list[float], mweights: list[float], measured: list[float], rest_ms: float) -> Line:
-        """The plane through (layer sum, millions of weights, measured) points; with fewer than four
-        distinct sums (a profile of rate 0 only), or a fit with no slope, the measured rest plus the
-        median in-network ratio."""
+    def fit(cls, networks: list[list[Isolated]], measured: list[float], rest_ms: float) -> InNetwork:
+        """The fit through the networks' isolated layers and their measured end-to-end latencies;
+        with fewer than four distinct layer sums (a profile of rate 0 only), or a fit with no slope,
+        the measured rest plus the median in-network ratio."""
         from scipy.optimize import least_squares
 
-        x = np.column_stack([np.ones(len(sums)), sums, mweights])
+        sums = np.array([sum(layer.ms for layer in net) for net in networks])
+        families = sorted({layer.family for net in networks for layer in net} - {PLAIN})
+        if len(networks) < MIN_PLANS_PER_TERM * (3 + len(families)):
+            families = []
+        x = np.column_stack([np.ones(len(networks)), sums, [sum(layer.weights for layer in net) / 1e6 for net in networks],
+                             *([sum(layer.family == f for layer in net) for net in networks] for f in families)])
         y = np.asarray(measured, dtype=float)
-        if len(np.unique(np.round(x[:, 1], 6))) >= 4:
+        if len(np.unique(np.round(sums, 6))) >= 4:
             start = np.maximum(np.linalg.lstsq(x, y, rcond=None)[0], 1e-9)
             found = least_squares(lambda p: x @ p - y, start, bounds=(0, np.inf), loss="soft_l1",
                                   f_scale=0.03 * float(np.median(y)))
-            offset, slope, per_mweight = map(float, found.x)
+            offset, slope, per_mweight, *per_call = map(float, found.x)
             if slope > 0:
-                return cls(offset, slope, len(y), per_mweight)
-        return cls(rest_ms, float(np.median((y - rest_ms) / x[:, 1])), len(y))
+                return cls(offset, slope, len(y), per_mweight, dict(zip(families, per_call)))
+        return cls(rest_ms, float(np.median((y - rest_ms) / sums)), len(y))
 
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
@@ -244,25 +261,25 @@ def missing_signatures(latency: LatencyModel, found: dict[str, Query]) -> dict[s
 
 
 def isolated_layers(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
-                    input_shape: tuple[int, ...]) -> dict[str, tuple[float, int]]:
-    """Each prunable layer of `original` as it is in `compacted`: its predicted isolated latency (ms)
-    and the weights it keeps."""
+                    input_shape: tuple[int, ...]) -> dict[str, Isolated]:
+    """Each prunable layer of `original` as it is in `compacted`, with its predicted isolated latency."""
     found = queries(original, compacted, input_shape)
     missing = missing_signatures(latency, found)
     if missing:
         name, key = next(iter(missing.items()))
         raise UserError(f"profile {latency.profile.path} has no rows for {len(missing)} layer(s) of this network "
                         f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-    return {name: (ms, q.weights) for (name, q), ms in zip(found.items(), latency.predict(list(found.values())))}
+    return {name: Isolated(ms, q.weights, q.family)
+            for (name, q), ms in zip(found.items(), latency.predict(list(found.values())))}
 
 
 def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
                       input_shape: tuple[int, ...]) -> Prediction:
-    """End-to-end latency of a compacted model: its predicted layers on the network's in-network
-    line (`Line`); `rest_ms` is the line's offset, `layers_ms` each layer's in-network share."""
-    line = latency.in_network(original, input_shape)
-    ms = {name: line.cost(t, w) for name, (t, w) in isolated_layers(latency, original, compacted, input_shape).items()}
-    return Prediction(line.offset + sum(ms.values()), line.offset, ms)
+    """End-to-end latency of a compacted model: its predicted layers inside the network (`InNetwork`);
+    `rest_ms` is the fit's offset, `layers_ms` each layer's in-network share."""
+    fit = latency.in_network(original, input_shape)
+    ms = {name: fit.cost(layer) for name, layer in isolated_layers(latency, original, compacted, input_shape).items()}
+    return Prediction(fit.offset + sum(ms.values()), fit.offset, ms)
 
 
 def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, deps: Dependencies | None = None

@@ -15,12 +15,10 @@ import torch
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..sparsity import SparsityType
-from .measure import DEFAULT_RATES, NETWORK_TIMING, NM_RATES, Target
+from .measure import DEFAULT_RATES, GROUP, NETWORK_TIMING, NM_RATES, Target
 from .predictor import LatencyModel, compacted_copy, predict_compacted
 from .table import model_key
 from .timing import compare
-
-GROUP = 5  # compacted models timed side by side per compare() call
 
 
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
