@@ -356,18 +356,18 @@ def test_calibration_plans_are_timed_in_small_groups_as_ratios_to_the_dense_net_
         digits: measure.Target, monkeypatch: pytest.MonkeyPatch) -> None:
     """As validation and the search's measurement time plans: one run of all 32 put resnet20's
     ratios to the dense net 9% below what groups of 5 measured, and every prediction with them."""
-    calls = []
+    groups = []
 
-    def spy(models: dict, x: torch.Tensor, **kwargs: object) -> dict:
-        calls.append((list(models), kwargs.get("reference"), compare(models, x, **kwargs)))
-        return calls[-1][2]
+    def spy(dense: nn.Module, group: dict, *args: object) -> dict:
+        groups.append((list(group), measure_beside(dense, group, *args)))
+        return groups[-1][1]
 
-    monkeypatch.setattr(measure, "compare", spy)
+    measure_beside = measure.beside_dense
+    monkeypatch.setattr(measure, "beside_dense", spy)
     entry = measure.measure_network(digits, CPU, 1, torch.float32, list(RATES), set(TYPES), 1.0, FAST)
-    groups = [(names, t) for names, reference, t in calls if reference == "dense"]
     assert len(groups) == -(-measure.CALIBRATION_PLANS // measure.GROUP)
-    assert all(names[0] == "dense" and len(names) <= measure.GROUP + 1 for names, _ in groups)
-    relative = {name: t[name].relative for names, t in groups for name in names[1:]}
+    assert all(len(names) <= measure.GROUP for names, _ in groups)
+    relative = {name: t[name].relative for names, t in groups for name in names}
     stored = [sample["median_ms"] / entry["dense_ms"] for sample in entry["calibration"]]
     assert stored == pytest.approx([relative[str(i)] for i in range(measure.CALIBRATION_PLANS)], rel=1e-9)
 
@@ -450,6 +450,17 @@ def test_latencies_are_scaled_to_the_reference_speed_and_a_slow_machine_is_timed
     assert speed == pytest.approx(2, rel=0.2)  # the yardstick ran at twice its reference time
     assert timings["layer"][0] == pytest.approx(2, rel=0.1)  # so the layer counts half its 4 ms
     assert layer.calls == 2 * (1 + 3)  # slower than SLOW: timed twice (warm-up + 3 rounds each)
+
+
+@pytest.mark.parametrize(("profiled_dense_ms", "runs"), [(2.0, 1), (1.0, 2)])
+def test_plans_are_timed_again_when_the_dense_net_beside_them_is_off_its_profiled_latency(
+        profiled_dense_ms: float, runs: int) -> None:
+    machine = _Machine(steady=True)
+    dense, plan = _Sleeper(machine, 2), _Sleeper(machine, 1)
+    t = measure.beside_dense(dense, {"plan": plan}, torch.zeros(1), profiled_dense_ms,
+                             {"rounds": 3, "warmup_s": 0, "min_round_s": 0})
+    assert t["plan"].relative == pytest.approx(0.5, rel=0.1)
+    assert plan.calls == runs * (1 + 3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -205,22 +205,38 @@ def _prototype(sig: Signature, device: torch.device, dtype: torch.dtype) -> nn.M
                      sig.groups, sig.bias, device=device, dtype=dtype)
 
 
+def _nearer(run: Callable[[], dict[str, Timing]], speed: Callable[[dict[str, Timing]], float]
+            ) -> tuple[dict[str, Timing], float]:
+    """`run`'s timings and the machine's speed in them (1: as at the reference); a run more than
+    SLOW off is done once more, keeping the nearer: the slowdowns of a shared VM are not uniform
+    across layers (1.5 +- 0.3x in one slow minute), so ratios and scaling alone do not undo them."""
+    best: tuple[dict[str, Timing], float] | None = None
+    for _ in range(2):
+        t = run()
+        now = speed(t)
+        if best is None or abs(now - 1) < abs(best[1] - 1):
+            best = (t, now)
+        if abs(now - 1) <= SLOW:
+            break
+    return best
+
+
 def _timed(models: dict[str, nn.Module], x: torch.Tensor, yardstick: Yardstick, yardstick_ms: float,
            timing: dict[str, float]) -> tuple[dict[str, tuple[float, float]], float]:
     """(ms, spread) of each model scaled to the yardstick's reference speed, and the machine's speed
-    (yardstick now over its reference). A run whose yardstick is more than SLOW off is done once
-    more, keeping the nearer: the slowdowns of a shared VM are not uniform across layers (1.5 +- 0.3x
-    in one slow minute), so scaling alone does not undo them."""
-    best: tuple[dict[str, Timing], float] | None = None
-    for _ in range(2):
-        t = compare({**models, _YARDSTICK: yardstick}, x, **timing, reference=_YARDSTICK)
-        speed = t[_YARDSTICK].median_ms / yardstick_ms
-        if best is None or abs(speed - 1) < abs(best[1] - 1):
-            best = (t, speed)
-        if abs(speed - 1) <= SLOW:
-            break
-    t, speed = best
+    (yardstick now over its reference)."""
+    t, speed = _nearer(lambda: compare({**models, _YARDSTICK: yardstick}, x, **timing, reference=_YARDSTICK),
+                       lambda t: t[_YARDSTICK].median_ms / yardstick_ms)
     return {name: (t[name].relative * yardstick_ms, t[name].relative_spread) for name in models}, speed
+
+
+def beside_dense(dense: nn.Module, group: dict[str, nn.Module], x: torch.Tensor, dense_ms: float,
+                 timing: dict[str, float] = NETWORK_TIMING) -> dict[str, Timing]:
+    """Whole compacted networks timed beside the dense one (of `dense_ms` as the profile timed it):
+    each Timing's `relative` is its ratio to the dense net. A run whose dense net is more than SLOW
+    off `dense_ms` found the machine in another state and is done once more."""
+    return _nearer(lambda: compare({"dense": dense, **group}, x, **timing, reference="dense"),
+                   lambda t: t["dense"].median_ms / dense_ms)[0]
 
 
 def yardstick_ms(device: torch.device, dtype: torch.dtype, timing: dict[str, float] = NETWORK_TIMING) -> float:
@@ -310,7 +326,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     for start in range(0, len(plans), GROUP):
         group = {str(i): compacted_copy(model, shape, plans[i], deps)[1].to(device=device, dtype=dtype)
                  for i in range(start, min(start + GROUP, len(plans)))}
-        beside = compare({"dense": dense, **group}, x, **timing, reference="dense")
+        beside = beside_dense(dense, group, x, dense_ms, timing)
         calibration += [{"plan": plans[int(i)].to_dict(), "median_ms": beside[i].relative * dense_ms,
                          "spread": beside[i].relative_spread} for i in group]
     return {"model": target_.name, "input_shape": list(shape), "median_ms": t["rest"][0], "spread": t["rest"][1],

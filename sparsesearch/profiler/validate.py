@@ -15,10 +15,9 @@ import torch
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..sparsity import SparsityType
-from .measure import DEFAULT_RATES, GROUP, NETWORK_TIMING, NM_RATES, Target
+from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
 from .table import model_key
-from .timing import compare
 
 
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
@@ -129,8 +128,9 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
              dtype: torch.dtype = torch.float32, seed: int = 0,
              on_progress: Callable[[int, int, str], None] | None = None) -> Validation:
     """Draw `samples` random plans, compact each, time them end to end (GROUP at a time, side by
-    side with the dense network, as the profile timed its calibration plans) and pair each
-    measurement with its prediction."""
+    side with the dense network, as the profile timed its calibration plans; a group whose dense
+    net runs more than 10% off its profiled latency is timed once more) and pair each measurement
+    with its prediction."""
     from ..compact import dependencies
 
     rng = random.Random(seed)
@@ -155,8 +155,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
         predicted = predict_compacted(latency, masked, compacted, shape).total_ms
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
-            timings = compare({"dense": dense, **{str(j): m for j, (_, _, m) in enumerate(pending)}}, x,
-                              **NETWORK_TIMING, reference="dense")
+            timings = beside_dense(dense, {str(j): m for j, (_, _, m) in enumerate(pending)}, x, profiled_dense_ms)
             for j, (p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
                 result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread, profiled_dense_ms,
