@@ -187,7 +187,7 @@ def scatter(result: Validation, path: Path) -> Path:
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="±10%")
         ax.scatter(measured, predicted, s=18, zorder=3)
         ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}",
-               title=f"{what}: {within:.0%} within ±10%, MAPE {mape:.1%}")
+               title=f"{what}\n{within:.0%} within ±10%, MAPE {mape:.1%}")
         ax.legend(loc="upper left")
     fig.suptitle(f"{result.model}: {len(result.samples)} random plans, {result.setting['device']}, batch "
                  f"{result.setting['batch_size']}, {result.setting['threads']} threads; "
