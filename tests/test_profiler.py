@@ -282,9 +282,8 @@ def _on_line(profile: table.Profile, offset: float, slope: float, target: measur
     entry = next(iter(profile.rest.values()))
 
     def layers(plan: Plan | None) -> float:
-        pair = (target.model, target.model) if plan is None else \
-            predictor.compacted_copy(target.model, target.input_shape, plan)
-        found = predictor.isolated_layers(fitted, *pair, target.input_shape).values()
+        compacted = target.model if plan is None else predictor.compacted_copy(target.model, target.input_shape, plan)
+        found = predictor.isolated_layers(fitted, target.model, compacted, target.input_shape).values()
         return sum(slope * f.ms + per_mweight * f.weights / 1e6 + (per_call or {}).get(f.family, 0.0) for f in found)
 
     entry["dense_ms"] = offset + layers(None)
@@ -502,5 +501,13 @@ def test_profile_then_validate_from_the_command_line(small_profile: measure.Prof
     assert png.stat().st_size > 0
     written = json.loads(png.with_suffix(".json").read_text())
     assert len(written["samples"]) == 2 and {"within_10", "speedup_within_10", "drift"} <= set(written)
+    from sparsesearch.plan import Plan
+
+    digits = measure.target("digits-cnn")  # validation predicts what the search predicts for the same plan
+    fresh = predictor.LatencyModel().fit(table.Profile.load(profile))
+    for sample in written["samples"]:
+        plan = Plan.from_dict(sample["plan"], "test")
+        expected = predictor.predict_latency(fresh, digits.model, digits.input_shape, plan).total_ms
+        assert sample["predicted_ms"] == pytest.approx(expected, rel=1e-6)
     bad = runner.invoke(app, ["profile", "--types", "filters"])
     assert bad.exit_code == 2 and "unknown sparsity type" in bad.output

@@ -102,7 +102,7 @@ def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], l
         if not plan.layers:
             dims[rate] = full
             continue
-        shrunk = dict(compacted_copy(model, input_shape, plan, deps)[1].named_modules())
+        shrunk = dict(compacted_copy(model, input_shape, plan, deps).named_modules())
         dims[rate] = {n.name: _channels(shrunk[n.name]) for n in layers}
     return dims
 
@@ -324,7 +324,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     plans = calibration_plans(layers, deps.couplings, rates, types)
     calibration = []
     for start in range(0, len(plans), GROUP):
-        group = {str(i): compacted_copy(model, shape, plans[i], deps)[1].to(device=device, dtype=dtype)
+        group = {str(i): compacted_copy(model, shape, plans[i], deps).to(device=device, dtype=dtype)
                  for i in range(start, min(start + GROUP, len(plans)))}
         beside = beside_dense(dense, group, x, dense_ms, timing)
         calibration += [{"plan": plans[int(i)].to_dict(), "median_ms": beside[i].relative * dense_ms,

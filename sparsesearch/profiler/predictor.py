@@ -131,7 +131,9 @@ class LatencyModel:
 
     def in_network(self, model: nn.Module, input_shape: tuple[int, ...]) -> InNetwork:
         """How this network's end-to-end latency follows its predicted layers, fitted on the plans
-        the profile timed end to end (calibration plans and the dense network)."""
+        the profile timed end to end (calibration plans and the dense network). `model` must be
+        unpruned: the plans are compacted from it, and a pruned one's dead filters would leave
+        other dims (on lenet5, none: a crash)."""
         key = model_key(model, input_shape)
         if key not in self._in_network:
             entry = self.network(model, input_shape)
@@ -139,7 +141,7 @@ class LatencyModel:
             measured = [float(entry["dense_ms"])]
             for sample in entry.get("calibration", []):
                 plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
-                layers.append(isolated_layers(self, *compacted_copy(model, input_shape, plan), input_shape))
+                layers.append(isolated_layers(self, model, compacted_copy(model, input_shape, plan), input_shape))
                 measured.append(float(sample["median_ms"]))
             self._in_network[key] = InNetwork.fit([list(found.values()) for found in layers], measured,
                                                   float(entry["median_ms"]))
@@ -275,18 +277,19 @@ def isolated_layers(latency: LatencyModel, original: nn.Module, compacted: nn.Mo
 
 def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
                       input_shape: tuple[int, ...]) -> Prediction:
-    """End-to-end latency of a compacted model: its predicted layers inside the network (`InNetwork`);
-    `rest_ms` is the fit's offset, `layers_ms` each layer's in-network share."""
+    """End-to-end latency of `original` (the unpruned network: the in-network fit compacts its
+    calibration plans from it) as `compacted`: its predicted layers inside the network
+    (`InNetwork`); `rest_ms` is the fit's offset, `layers_ms` each layer's in-network share."""
     fit = latency.in_network(original, input_shape)
     ms = {name: fit.cost(layer) for name, layer in isolated_layers(latency, original, compacted, input_shape).items()}
     return Prediction(fit.offset + sum(ms.values()), fit.offset, ms)
 
 
 def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, deps: Dependencies | None = None
-                   ) -> tuple[nn.Module, nn.Module]:
-    """`model` pruned by `plan` (on a copy: projections, masks) and that copy compacted by `compact()`,
-    so the kept dims are exactly the ones compaction will produce. Pass `deps` (the model's
-    dependencies) to skip recomputing them and checking the plan against them."""
+                   ) -> nn.Module:
+    """`model` pruned by `plan` on a copy (projections, masks) and compacted by `compact()`, so the
+    kept dims are exactly the ones compaction will produce. Pass `deps` (the model's dependencies)
+    to skip recomputing them and checking the plan against them."""
     from ..admm import apply_masks, prune_masks
     from ..compact import compact, dependencies
 
@@ -295,12 +298,12 @@ def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, d
         deps = dependencies(masked, input_shape)
         plan.validate(trace(masked, input_shape), deps.couplings)
     apply_masks(masked, prune_masks(masked, plan, deps))
-    return masked, compact(masked, plan, input_shape).model
+    return compact(masked, plan, input_shape).model
 
 
 def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan) -> Prediction:
     """Predicted latency of `model` pruned by `plan` and compacted."""
-    return predict_compacted(latency, *compacted_copy(model, input_shape, plan), input_shape)
+    return predict_compacted(latency, model, compacted_copy(model, input_shape, plan), input_shape)
 
 
 def dense_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...]) -> Prediction:

@@ -151,8 +151,8 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     pending: list[tuple[Plan, float, torch.nn.Module]] = []
     for i in range(samples):
         plan = random_plan(layers, deps.couplings, rng, rates, types=covered.get("types"))
-        masked, compacted = compacted_copy(model, shape, plan, deps)
-        predicted = predict_compacted(latency, masked, compacted, shape).total_ms
+        compacted = compacted_copy(model, shape, plan, deps)
+        predicted = predict_compacted(latency, model, compacted, shape).total_ms
         pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
         if len(pending) == GROUP or i == samples - 1:
             timings = beside_dense(dense, {str(j): m for j, (_, _, m) in enumerate(pending)}, x, profiled_dense_ms)
