@@ -94,6 +94,20 @@ def test_rerun_adds_only_missing_rows(small_profile: measure.ProfileRun, digits:
     assert len(_rows(path)) == len(small_profile.profile.rows)
 
 
+def test_rerun_recalibrates_a_network_timed_with_fewer_calibration_plans(
+        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    raw = json.loads(small_profile.path.read_text())
+    entry = next(iter(raw["rest"].values()))
+    entry["calibration"] = entry["calibration"][:16]  # as an older version timed it
+    path.write_text(json.dumps(raw))
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    assert run.measured == 0 and len(run.rest["calibration"]) == measure.CALIBRATION_PLANS
+    timed = path.read_text()
+    measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    assert json.loads(path.read_text())["rest"] == json.loads(timed)["rest"]  # complete now: not timed again
+
+
 def test_interrupted_run_resumes_where_it_stopped(digits: measure.Target, tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     seen = []

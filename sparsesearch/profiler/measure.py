@@ -381,7 +381,7 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     key = model_key(target_.model, target_.input_shape)
     whole = profile.rest.get(key, {})
     timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
-                   and len(whole.get("calibration", [])) >= CALIBRATION_PLANS)
+                   and len(whole.get("calibration", [])) >= (CALIBRATION_PLANS if len(rates) > 1 else 0))
     if profile.yardstick_ms is None:  # a new profile (or one of schema 1): its reference speed is now
         profile.yardstick_ms = yardstick_ms(device, DTYPES[dtype], {**NETWORK_TIMING, **overrides})
     total = len(todo) + 1
