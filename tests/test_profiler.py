@@ -401,7 +401,8 @@ def test_compare_adds_rounds_while_the_spread_is_large() -> None:
 
 
 class _Burst(nn.Module):
-    """Sleeps 1 ms per call, and 4 ms on every other one of its first `burst` calls: load on the machine."""
+    """Sleeps 10 ms per call, and 40 ms on every other one of its first `burst` calls: load on the
+    machine (long enough that the scheduler's jitter of a busy CI machine is not itself a spread)."""
 
     def __init__(self, burst: int) -> None:
         super().__init__()
@@ -409,7 +410,7 @@ class _Burst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        time.sleep(0.004 if self.calls <= self.burst and self.calls % 2 else 0.001)
+        time.sleep(0.04 if self.calls <= self.burst and self.calls % 2 else 0.01)
         return x
 
 
@@ -419,7 +420,7 @@ def test_a_model_timed_during_a_burst_is_timed_again_and_keeps_the_steadier_timi
     once = compare({"a": _Burst(burst=7)}, x, **setting)["a"]  # 1 warm-up call + 6 rounds of 1 call
     assert once.spread > 0.5
     retried = compare({"a": _Burst(burst=7)}, x, **setting, retries=1)["a"]
-    assert retried.spread <= 0.5 and retried.median_ms < 2
+    assert retried.spread <= 0.5 and retried.median_ms < 20
 
 
 class _Machine:

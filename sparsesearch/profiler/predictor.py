@@ -167,7 +167,7 @@ class InNetwork:
     against a 32 MB L3) each call streams them from memory again, a cost that follows the weights
     kept rather than the isolated time (on resnet20, whose 1 MB stays in cache, it fits to 0). A
     kernel layer (CSR, im2col GEMM, gathered channels) also pays a fixed cost per call inside a
-    network that its isolated timing does not show (CSR: 0.03-0.1 ms on digits-cnn and resnet20),
+    network that its isolated timing does not show (CSR: 0.03 ms on digits-cnn, 0.12 on tv:resnet18),
     fitted per family when there are plans enough (MIN_PLANS_PER_TERM per coefficient). The fit is
     robust (soft-L1 loss), so one plan timed during a burst of load does not tilt it, and every
     coefficient is non-negative."""
