@@ -267,23 +267,23 @@ def test_latency_model_is_monotone_in_kept_dims(fitted: predictor.LatencyModel, 
     assert all(a <= b for a, b in zip(both, both[1:]))
 
 
-def test_prediction_is_the_in_network_line_of_the_summed_layers(fitted: predictor.LatencyModel,
+def test_prediction_is_the_in_network_fit_of_the_predicted_layers(fitted: predictor.LatencyModel,
                                                                   digits: measure.Target) -> None:
     from sparsesearch.plan import Plan
     from sparsesearch.sparsity import SparsityType as T
 
-    line = fitted.in_network(digits.model, digits.input_shape)
-    assert line.plans == measure.CALIBRATION_PLANS + 1 and line.slope > 0  # the calibration plans and the dense net
+    fit = fitted.in_network(digits.model, digits.input_shape)
+    assert fit.plans == measure.CALIBRATION_PLANS + 1 and fit.slope > 0  # the calibration plans and the dense net
     dense = predictor.dense_latency(fitted, digits.model, digits.input_shape)
     isolated = predictor.isolated_layers(fitted, digits.model, digits.model, digits.input_shape)
-    assert dense.total_ms == pytest.approx(line.offset + sum(map(line.cost, isolated.values())))
+    assert dense.total_ms == pytest.approx(fit.offset + sum(map(fit.cost, isolated.values())))
     assert dense.total_ms == pytest.approx(dense.rest_ms + sum(dense.layers_ms.values()))
     pruned = predictor.predict_latency(fitted, digits.model, digits.input_shape,
                                        Plan.uniform(trace(digits.model, digits.input_shape), T.FILTER, 0.5))
     assert pruned.total_ms < dense.total_ms  # monotone: every kept dim shrank
 
 
-def _on_line(profile: table.Profile, offset: float, slope: float, target: measure.Target,
+def _on_fit(profile: table.Profile, offset: float, slope: float, target: measure.Target,
              per_mweight: float = 0.0, per_call: dict[str, float] | None = None) -> table.Profile:
     """A copy of `profile` whose end-to-end timings lie exactly on offset + slope x (layer sum)
     + per_mweight x (millions of weights kept) + per_call[family] x (layers running it)."""
@@ -306,26 +306,26 @@ def _on_line(profile: table.Profile, offset: float, slope: float, target: measur
     return profile
 
 
-def test_in_network_line_is_read_off_the_plans_timed_end_to_end(small_profile: measure.ProfileRun,
+def test_in_network_offset_and_slope_are_read_off_the_plans_timed_end_to_end(small_profile: measure.ProfileRun,
                                                                  digits: measure.Target) -> None:
-    profile = _on_line(small_profile.profile, 0.05, 1.4, digits)
-    line = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
-    assert (line.offset, line.slope) == (pytest.approx(0.05, rel=1e-3), pytest.approx(1.4, rel=1e-3))
-    assert line.per_mweight == pytest.approx(0, abs=1e-3)
+    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits)
+    fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
+    assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-3), pytest.approx(1.4, rel=1e-3))
+    assert fit.per_mweight == pytest.approx(0, abs=1e-3)
 
 
 def test_in_network_cost_of_weights_that_do_not_stay_in_cache_is_read_off_the_plans(
         small_profile: measure.ProfileRun, digits: measure.Target) -> None:
-    profile = _on_line(small_profile.profile, 0.05, 1.4, digits, per_mweight=20.0)
-    line = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
-    assert (line.offset, line.slope, line.per_mweight) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2),
+    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits, per_mweight=20.0)
+    fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
+    assert (fit.offset, fit.slope, fit.per_mweight) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2),
                                                           pytest.approx(20.0, rel=1e-2))
 
 
 def test_in_network_cost_per_kernel_call_is_read_off_the_plans(small_profile: measure.ProfileRun,
                                                                digits: measure.Target) -> None:
     per_call = {"channels-gathered": 0.02, "reduced-gemm": 0.01}  # the kernels of the profiled channel and shape
-    profile = _on_line(small_profile.profile, 0.05, 1.4, digits, per_call=per_call)
+    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits, per_call=per_call)
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert fit.per_call == pytest.approx(per_call, rel=1e-2)
     assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2))
@@ -340,12 +340,12 @@ def test_in_network_fit_has_no_per_call_terms_without_plans_enough_for_them() ->
     assert predictor.InNetwork.fit(networks[:11], measured[:11], 0.05).per_call == {}
 
 
-def test_one_calibration_plan_timed_under_load_does_not_tilt_the_line(small_profile: measure.ProfileRun,
+def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(small_profile: measure.ProfileRun,
                                                                       digits: measure.Target) -> None:
-    profile = _on_line(small_profile.profile, 0.05, 1.4, digits)
+    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits)
     next(iter(profile.rest.values()))["calibration"][3]["median_ms"] *= 4  # a burst of load on the machine
-    line = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
-    assert line.slope == pytest.approx(1.4, rel=0.05) and line.offset == pytest.approx(0.05, rel=0.2)
+    fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
+    assert fit.slope == pytest.approx(1.4, rel=0.05) and fit.offset == pytest.approx(0.05, rel=0.2)
 
 
 def test_profile_records_the_machine_speed_it_was_measured_at(small_profile: measure.ProfileRun) -> None:

@@ -126,7 +126,7 @@ class LatencyModel:
 
     def dense_ms(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         """The unpruned network's latency as the profile measured it: the reference of every predicted
-        speedup (the line fits pruned plans; on resnet20 it put the dense net 20% high)."""
+        speedup (the in-network fit is for pruned plans; a line once put the dense resnet20 20% high)."""
         return float(self.network(model, input_shape)["dense_ms"])
 
     def in_network(self, model: nn.Module, input_shape: tuple[int, ...]) -> InNetwork:
