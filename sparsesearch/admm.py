@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .compact import Dependencies, dependencies
+from .compact import Coupling, Dependencies, dependencies
 from .data import Data
+from .errors import UserError
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
@@ -69,18 +70,23 @@ class Target:
 
     names: list[str]
     spec: LayerSparsity
+    coupling: Coupling | None = None  # filter pruning of a whole channel space: where each filter sits
+
+    @property
+    def positions(self) -> list[Tensor] | None:
+        return None if self.coupling is None else [torch.tensor(self.coupling.layers[n]) for n in self.names]
 
 
-def targets(plan: Plan, couplings: Iterable[list[str]] = ()) -> list[Target]:
-    """One target per planned layer, except layers whose output channels are coupled
-    (`compact.couplings`) and filter-pruned alike: those are projected jointly on their summed
-    filter norms, so they keep the same filters and the channels can be physically removed."""
+def targets(plan: Plan, deps: Dependencies | None = None) -> list[Target]:
+    """One target per planned layer, except filter pruning: a channel space (`compact.Coupling`)
+    whose layers are all filter-pruned alike is projected jointly on the summed norms of the filters
+    at each position, so they keep the same channels and these can be physically removed."""
     grouped, out = set(), []
-    for group in couplings:
-        specs = {plan.layers.get(n) for n in group}
+    for space in (deps or Dependencies()).spaces:
+        specs = {plan.layers.get(n) for n in space.layers}
         if len(specs) == 1 and None not in specs and next(iter(specs)).type == SparsityType.FILTER:
-            out.append(Target(list(group), plan.layers[group[0]]))
-            grouped.update(group)
+            out.append(Target(list(space.layers), plan.layers[next(iter(space.layers))], space))
+            grouped.update(space.layers)
     out += [Target([n], s) for n, s in plan.layers.items() if n not in grouped]
     return out
 
@@ -90,10 +96,10 @@ class ADMMState:
 
     def __init__(self, model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> None:
         modules = dict(model.named_modules())
-        self.targets = targets(plan, (deps or Dependencies()).couplings)
+        self.targets = targets(plan, deps)
         self.weights = [[modules[n].weight for n in t.names] for t in self.targets]
         with torch.no_grad():
-            self.Z = [project([w.detach() for w in ws], t.spec.type, t.spec.rate)
+            self.Z = [project([w.detach() for w in ws], t.spec.type, t.spec.rate, positions=t.positions)
                       for t, ws in zip(self.targets, self.weights)]
         self.U = [[torch.zeros_like(w) for w in ws] for ws in self.weights]
         self.rho = 0.0
@@ -118,7 +124,7 @@ class ADMMState:
         """Z = Proj(W + U); U += W - Z. Returns the primal residual ||W - Z|| / ||W||."""
         diff, norm = 0.0, 0.0
         for i, (t, ws, us) in enumerate(zip(self.targets, self.weights, self.U)):
-            self.Z[i] = project([w + u for w, u in zip(ws, us)], t.spec.type, t.spec.rate)
+            self.Z[i] = project([w + u for w, u in zip(ws, us)], t.spec.type, t.spec.rate, positions=t.positions)
             for w, z, u in zip(ws, self.Z[i], us):
                 u.add_(w - z)
                 diff += (w - z).pow(2).sum().item()
@@ -129,30 +135,30 @@ class ADMMState:
 def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> dict[str, Tensor]:
     """Masks of Proj_S(W) by parameter name. A pruned filter takes its bias and its BatchNorm
     entries with it, so the channel is exactly zero, as it will be once physically removed."""
-    deps = deps or Dependencies()
     modules = dict(model.named_modules())
     masks: dict[str, Tensor] = {}
-    for t in targets(plan, deps.couplings):
-        keeps = mask([modules[n].weight.detach() for n in t.names], t.spec.type, t.spec.rate)
+    for t in targets(plan, deps):
+        keeps = mask([modules[n].weight.detach() for n in t.names], t.spec.type, t.spec.rate, positions=t.positions)
         for name, keep in zip(t.names, keeps):
             masks[f"{name}.weight"] = keep
-            if t.spec.type != SparsityType.FILTER:
-                continue
-            rows = keep.reshape(keep.shape[0], -1).any(1)
-            if modules[name].bias is not None:
-                masks[f"{name}.bias"] = rows
-            for norm, channels in deps.followers.get(name, []):
-                _mask_norm(masks, modules[norm], norm, channels, rows)
+            if t.spec.type == SparsityType.FILTER and modules[name].bias is not None:
+                masks[f"{name}.bias"] = keep.reshape(keep.shape[0], -1).any(1)
+        if t.coupling is not None:
+            kept = torch.zeros(t.coupling.size, dtype=torch.bool)
+            for keep, positions in zip(keeps, t.positions):
+                kept[positions] |= keep.reshape(keep.shape[0], -1).any(1).cpu()
+            for norm, (channels, positions) in t.coupling.norms.items():
+                _mask_norm(masks, modules[norm], norm, channels, kept[positions])
     return masks
 
 
-def _mask_norm(masks: dict[str, Tensor], norm: nn.Module, name: str, channels: list[int], rows: Tensor) -> None:
-    """Zero a BatchNorm's affine entries at the channels fed by pruned filters; a BatchNorm after a
-    concatenation collects the masks of several producers."""
+def _mask_norm(masks: dict[str, Tensor], norm: nn.Module, name: str, channels: list[int], kept: Tensor) -> None:
+    """Zero a BatchNorm's affine entries at the channels whose position was pruned; a BatchNorm
+    after a concatenation collects the masks of several channel spaces."""
     if not norm.affine:
         return
     keep = masks.get(f"{name}.weight", torch.ones(norm.num_features, dtype=torch.bool)).clone()
-    keep[torch.tensor(channels)[~rows.cpu()]] = False
+    keep[torch.tensor(channels)[~kept]] = False
     masks[f"{name}.weight"] = masks[f"{name}.bias"] = keep
 
 
@@ -162,6 +168,33 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, keep in masks.items():
             params[name].mul_(keep.to(params[name].device))
+
+
+def dead_channels(model: nn.Module, masks: dict[str, Tensor], input_shape: tuple[int, ...]) -> dict[str, int]:
+    """BatchNorm channels the masks silence although their input still varies after hard pruning,
+    per BatchNorm: kept channels killed by a wrong follower mapping. Judged from one forward on
+    random inputs, independently of the dependency graph that chose the masks."""
+    norms = {n: m for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in masks}
+    live: dict[str, Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+            live[name] = args[0].detach().transpose(0, 1).flatten(1).ne(0).any(1).cpu()
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in norms.items()]
+    was_training = model.training
+    try:
+        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.eval()(x.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    dead = {n: int((live[n] & ~masks[f"{n}.weight"].cpu()).sum()) for n in live}
+    return {n: k for n, k in dead.items() if k}
 
 
 def masked_hooks(model: nn.Module, masks: dict[str, Tensor]) -> Hooks:
@@ -234,6 +267,10 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
             on_iteration(iterations[-1])
     masks = prune_masks(model, plan, deps)
     apply_masks(model, masks)
+    if dead := dead_channels(model, masks, data.input_shape):
+        raise UserError(f"hard pruning silenced {sum(dead.values())} kept channels "
+                        f"({', '.join(f'{n}: {k}' for n, k in dead.items())}); the channel mapping of this model "
+                        "is wrong, please report the model")
     accuracy["hard_pruned"] = evaluate(model, data.test, device)
     if config.retrain_epochs > 0:
         fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),

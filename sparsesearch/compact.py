@@ -28,17 +28,44 @@ from .sparsity import SparsityType, live_groups
 
 
 @dataclass
+class Coupling:
+    """One space of output channels: the prunable layers whose filters are tied there, each filter
+    at its position, and the BatchNorm channels that normalise those positions. A residual addition
+    ties filter k of every member to position k; a concatenation gives each producer its own slice,
+    so that after cat([a, b]) feeds an addition, a's filter k and b's filter k sit at positions k
+    and len(a) + k."""
+
+    layers: dict[str, list[int]]  # layer -> the position of each of its filters, definition order
+    norms: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # BN -> (channels, positions)
+
+    @property
+    def size(self) -> int:
+        return 1 + max(max(p) for p in self.layers.values())
+
+
+@dataclass
 class Dependencies:
-    couplings: list[list[str]] = field(default_factory=list)  # two or more layers, definition order
-    # layer -> (BatchNorm name, the BN channel each of the layer's filters feeds); after a
-    # concatenation a BatchNorm holds many layers' channels, each at its own offset
-    followers: dict[str, list[tuple[str, list[int]]]] = field(default_factory=dict)
+    spaces: list[Coupling] = field(default_factory=list)  # every prunable layer in exactly one
     problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
+
+    @property
+    def couplings(self) -> list[list[str]]:
+        """Groups of two or more layers whose output channels must be pruned together."""
+        return [list(c.layers) for c in self.spaces if len(c.layers) > 1]
+
+    def space(self, layer: str) -> Coupling:
+        """The coupling a layer's filters belong to (alone in its own when the graph is unknown)."""
+        return next((c for c in self.spaces if layer in c.layers), None) or Coupling({layer: []})
 
 
 def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies:
-    """Coupling groups and BatchNorm followers of every prunable layer, from one traced forward.
-    A graph Torch-Pruning cannot build (ShuffleNet's channel shuffle) gives none, and `problem`."""
+    """The output-channel spaces (`Coupling`) of every prunable layer, from one traced forward.
+
+    Torch-Pruning gives, per layer, the group of tensors its filters reach, with each reached
+    index paired to the filter it comes from (`root_idxs`); joining those pairs across all groups
+    gives the channel spaces exactly, even where a concatenation makes the groups of its producers
+    overlap. A graph Torch-Pruning cannot build (ShuffleNet's channel shuffle) gives none, and
+    `problem`."""
     modules = prunable(model)
     was_training = model.training
     model.eval()
@@ -51,18 +78,68 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
     finally:
         model.train(was_training)
     names = graph._module2name
-    order = list(modules)
-    found = Dependencies()
+    channels = _Channels()
+    for name, m in modules.items():
+        for f in range(m.weight.shape[0]):
+            channels.find((name, f))
     for name, group in groups.items():
-        outputs = [(dep.target.module, list(idxs)) for dep, idxs in group
-                   if getattr(dep.handler, "__name__", "") == "prune_out_channels"]
-        members = sorted({names[m] for m, _ in outputs if isinstance(m, nn.Module) and names.get(m) in modules},
-                         key=order.index)
-        found.followers[name] = [(names[m], idxs) for m, idxs in outputs if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if len(members) > 1 and members not in found.couplings:
-            found.couplings.append(members)
-    found.couplings.sort(key=lambda g: order.index(g[0]))
-    return found
+        for item in group.items:
+            target = item.dep.target.module
+            if getattr(item.dep.handler, "__name__", "") != "prune_out_channels" or not isinstance(target, nn.Module):
+                continue
+            if names.get(target) in modules or isinstance(target, nn.modules.batchnorm._BatchNorm):
+                for idx, root in zip(item.idxs, item.root_idxs):
+                    channels.union((names[target], idx), (name, root))
+    return Dependencies(channels.spaces(list(modules)))
+
+
+class _Channels:
+    """Union-find over (module name, channel): the channels one pruning decision must remove together."""
+
+    def __init__(self) -> None:
+        self.parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def find(self, x: tuple[str, int]) -> tuple[str, int]:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: tuple[str, int], b: tuple[str, int]) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def spaces(self, layers: list[str]) -> list[Coupling]:
+        """One Coupling per set of layers sharing a channel, positions numbered in definition order."""
+        by_module: dict[str, list[tuple[str, int]]] = {}
+        for node in sorted(self.parent, key=lambda n: n[1]):
+            by_module.setdefault(node[0], []).append(node)
+        tied = _Channels()  # layers sharing any channel share a space
+        first_layer: dict[tuple[str, int], str] = {}
+        for name in layers:
+            for node in by_module[name]:
+                tied.union((first_layer.setdefault(self.find(node), name), 0), (name, 0))
+        spaces: dict[tuple[str, int], Coupling] = {}
+        used: dict[int, int] = {}  # positions numbered so far, per space
+        position: dict[tuple[str, int], tuple[Coupling, int]] = {}
+        for name in layers:
+            space = spaces.setdefault(tied.find((name, 0)), Coupling({}))
+            space.layers[name] = []
+            for node in by_module[name]:
+                root = self.find(node)
+                if root not in position:
+                    position[root] = (space, used.get(id(space), 0))
+                    used[id(space)] = position[root][1] + 1
+                space.layers[name].append(position[root][1])
+        for name, nodes in by_module.items():
+            if name in layers:
+                continue
+            for node in nodes:
+                if (found := position.get(self.find(node))) is not None:
+                    channels, positions = found[0].norms.setdefault(name, ([], []))
+                    channels.append(node[1])
+                    positions.append(found[1])
+        return list(spaces.values())
 
 
 def _out_handler(layer: nn.Module):  # noqa: ANN202 - a Torch-Pruning handler

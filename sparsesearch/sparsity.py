@@ -159,31 +159,60 @@ def _nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     return keep.reshape(rows.shape[0], -1)[:, :cols].reshape(weight.shape)
 
 
-def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float) -> list[Tensor]:
-    """Keep the same k groups in every tensor: those with the largest summed squared norm."""
+def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float,
+                positions: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Keep the same k groups in every tensor: those with the largest summed squared norm.
+
+    Without `positions` the tensors have equal numbers of groups and group g of each is one
+    position. With them, tensor i's group g sits at position positions[i][g] of a shared space
+    (a concatenation gives each producer its own slice of it); rate counts positions, and a tensor
+    left without any group keeps its best one beyond the k, so that no layer is removed whole.
+    """
     views = [_group_view(w, kind) for w in weights]
-    counts = [v.shape[1] for v in views]
-    if len(set(counts)) != 1:
-        raise ValueError(
-            f"coupled tensors must have equal numbers of {kind.value} groups, got {counts}"
-        )
-    scores = sum(_squared_norms(v) for v in views)
-    order = torch.argsort(scores, descending=True, stable=True)  # stable: lower index wins ties
+    if positions is None:
+        counts = [v.shape[1] for v in views]
+        if len(set(counts)) != 1:
+            raise ValueError(
+                f"coupled tensors must have equal numbers of {kind.value} groups, got {counts}"
+            )
+        scores = sum(_squared_norms(v) for v in views)
+        keep = _top(scores, keep_count(counts[0], rate))
+        return [keep.view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w in zip(views, weights)]
+    if [len(p) for p in positions] != [v.shape[1] for v in views]:
+        raise ValueError("positions must give one position per group of each tensor")
+    positions = [p.to(weights[0].device) for p in positions]
+    size = max(int(p.max()) for p in positions) + 1
+    norms = [_squared_norms(v) for v in views]
+    scores = torch.zeros(size, dtype=norms[0].dtype, device=weights[0].device)
+    for n, p in zip(norms, positions):
+        scores.index_add_(0, p, n)
+    keep = _top(scores, keep_count(size, rate))
+    for p in positions:  # a member left without any group keeps its best one
+        if not keep[p].any():
+            keep[p[scores[p].argmax()]] = True
+    return [keep[p].view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w, p in zip(views, weights, positions)]
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """A bool mask of the k largest scores; stable, so the lower index wins ties."""
+    order = torch.argsort(scores, descending=True, stable=True)
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[: keep_count(counts[0], rate)]] = True
-    return [keep.view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w in zip(views, weights)]
+    keep[order[:k]] = True
+    return keep
 
 
 def mask(
-    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M
+    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M,
+    positions: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Boolean keep-masks of the exact Euclidean projection onto "at most k groups non-zero".
 
     `weights` is a coupled group. For filter and channel it is projected jointly: squared norms
-    are summed over the tensors and the same k = keep_count(n, rate) indices are kept in each.
-    Shape, irregular and nm change no layer's channels, so nothing needs to agree: each tensor is
-    projected on its own at `rate`. For nm, rate = 1 - N/M with block size `m`.
-    Ties keep the lower group index.
+    are summed over the tensors and the same k = keep_count(n, rate) indices are kept in each;
+    `positions` maps each tensor's groups into a shared space when they are not simply equal
+    (see `_joint_mask`). Shape, irregular and nm change no layer's channels, so nothing needs to
+    agree: each tensor is projected on its own at `rate`. For nm, rate = 1 - N/M with block size
+    `m`. Ties keep the lower group index.
     """
     if not weights:
         raise ValueError("weights must hold at least one tensor")
@@ -191,15 +220,17 @@ def mask(
         n = nm_keep(rate, m)
         return [_nm_mask(w, n, m) for w in weights]
     if kind.couples_layers:
-        return _joint_mask(weights, kind, rate)
+        return _joint_mask(weights, kind, rate, positions)
     return [_joint_mask([w], kind, rate)[0] for w in weights]
 
 
 def project(
-    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M
+    weights: Sequence[Tensor], kind: SparsityType, rate: float, *, m: int = NM_M,
+    positions: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Proj_S(W) of each tensor as a new tensor of the same dtype and device; inputs untouched."""
-    return [w.masked_fill(~keep, 0) for w, keep in zip(weights, mask(weights, kind, rate, m=m))]
+    keeps = mask(weights, kind, rate, m=m, positions=positions)
+    return [w.masked_fill(~keep, 0) for w, keep in zip(weights, keeps)]
 
 
 def live_groups(weight: Tensor, kind: SparsityType) -> Tensor:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, apply_masks, prune_masks, run_admm
-from sparsesearch.compact import Dependencies, dependencies
+from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, apply_masks, dead_channels, prune_masks, run_admm
+from sparsesearch.compact import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
 from sparsesearch.plan import LayerSparsity, Plan
@@ -73,10 +73,38 @@ def test_coupled_layers_keep_the_same_filters() -> None:
     torch.manual_seed(0)
     model = nn.ModuleDict({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 8, 1)})
     plan = Plan({"a": LayerSparsity(T.FILTER, 0.5), "b": LayerSparsity(T.FILTER, 0.5)})
-    masks = prune_masks(model, plan, Dependencies(couplings=[["a", "b"]]))
+    masks = prune_masks(model, plan, Dependencies([Coupling({"a": list(range(8)), "b": list(range(8))})]))
     kept_a, kept_b = (masks[f"{n}.weight"].flatten(1).any(1) for n in "ab")
     assert torch.equal(kept_a, kept_b) and int(kept_a.sum()) == 4
     assert torch.equal(masks["a.bias"], kept_a)  # a pruned filter takes its bias with it
+
+
+def test_concatenated_producers_keep_the_channels_their_coupled_reader_keeps() -> None:
+    """cat([a, b]) added to c's output: a's filter k sits at c's channel k, b's at 4 + k."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Conv2d(3, 4, 1), "b": nn.Conv2d(3, 4, 1), "c": nn.Conv2d(3, 8, 1),
+                           "bn": nn.BatchNorm2d(8)})
+    with torch.no_grad():
+        model["b"].weight.mul_(10)  # b's filters dominate the joint norms
+    spec = LayerSparsity(T.FILTER, 0.5)
+    coupling = Coupling({"a": [0, 1, 2, 3], "b": [4, 5, 6, 7], "c": list(range(8))},
+                        {"bn": (list(range(8)), list(range(8)))})
+    masks = prune_masks(model, Plan({n: spec for n in "abc"}), Dependencies([coupling]))
+    kept = {n: masks[f"{n}.weight"].flatten(1).any(1) for n in "abc"}
+    assert torch.equal(torch.cat([kept["a"], kept["b"]]), kept["c"]) and torch.equal(masks["bn.weight"], kept["c"])
+    assert kept["b"].all() and int(kept["a"].sum()) == 1  # half the positions are b's; a keeps its best filter
+
+
+def test_a_batchnorm_channel_silenced_while_its_input_lives_is_reported() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    right = {"0.weight": torch.tensor([True, False, True, True]).view(4, 1, 1, 1).expand(4, 1, 3, 3),
+             "0.bias": torch.tensor([True, False, True, True]), "1.weight": torch.tensor([True, False, True, True])}
+    right["1.bias"] = right["1.weight"]
+    apply_masks(model, right)
+    assert dead_channels(model, right, (1, 8, 8)) == {}
+    wrong = {**right, "1.weight": torch.tensor([False, True, True, True])}  # channel 0 lives, 1 is pruned
+    assert dead_channels(model, wrong, (1, 8, 8)) == {"1": 1}
 
 
 def test_pruned_filters_leave_no_ghost_channel_after_batchnorm(digits_baseline: DenseResult) -> None:

@@ -61,9 +61,31 @@ def test_other_types_in_a_coupled_group_need_no_agreement(resnet20) -> None:  # 
 
 
 def test_batchnorms_follow_the_layer_they_normalise(resnet20) -> None:  # noqa: ANN001
-    followers = dependencies(resnet20[0], (3, 32, 32)).followers
-    assert followers["layer1.0.conv1"] == [("layer1.0.bn1", list(range(16)))]
-    assert {n for n, _ in followers["layer2.0.shortcut.0"]} == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
+    deps = dependencies(resnet20[0], (3, 32, 32))
+    assert deps.space("layer1.0.conv1").norms == {"layer1.0.bn1": (list(range(16)), list(range(16)))}
+    shortcut = deps.space("layer2.0.shortcut.0")
+    assert set(shortcut.norms) == {"layer2.0.bn2", "layer2.0.shortcut.1", "layer2.1.bn2", "layer2.2.bn2"}
+    assert all(channels == positions for channels, positions in shortcut.norms.values())
+
+
+class _ConcatIntoResidual(torch.nn.Module):
+    """Two stem convs concatenated, then added to a block's output: Torch-Pruning's groups overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(1, 4, 5, padding=2)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head((self.block(x) + x).mean((2, 3)))
+
+
+def test_a_concatenation_feeding_a_residual_sum_makes_one_channel_space_with_slices() -> None:
+    space = dependencies(_ConcatIntoResidual(), (1, 8, 8)).space("a")
+    assert space.layers == {"a": [0, 1, 2, 3], "b": [4, 5, 6, 7], "block.0": list(range(8))}
+    assert space.norms == {"block.1": (list(range(8)), list(range(8)))}
 
 
 def _random_plan(layers: list, groups: list[list[str]], seed: int) -> Plan:
