@@ -37,6 +37,28 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def trained_with(path: Path, model: str | None, dataset: str | None) -> tuple[str, str]:
+    """The model and dataset of checkpoint `path`: those given, else those its sidecar records.
+    A flag that contradicts the sidecar is refused rather than silently loaded into another model."""
+    try:
+        meta = read_meta(path)
+    except UserError:
+        if model is None or dataset is None:
+            raise UserError(f"{path} has no readable sidecar ({sidecar(path).name}) saying what it was trained "
+                            "with; pass --model and --dataset") from None
+        return model, dataset
+    found = {"model": model, "dataset": dataset}
+    for key, given in found.items():
+        recorded = meta.get(key)
+        if given is not None and recorded is not None and given != recorded:
+            raise UserError(f"--{key} {given} contradicts {sidecar(path).name}, which records {key} {recorded}; "
+                            f"drop --{key} or pass the checkpoint trained with it")
+        found[key] = given if given is not None else recorded
+    if None in found.values():
+        raise UserError(f"{sidecar(path)} does not record the model and dataset; pass --model and --dataset")
+    return found["model"], found["dataset"]
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing pickled code; accepts {'state_dict': ...} wrappers too."""
     path = Path(path)

@@ -175,8 +175,10 @@ def layers(
 def prune(
     checkpoint: Annotated[Path, typer.Option(help="Dense checkpoint (from `sparsesearch train`).")],
     plan: Annotated[str, typer.Option(help="Plan file (.json/.toml) or TYPE=RATE for all layers, e.g. filter=0.5.")],
-    model: ModelOpt = "digits-cnn",
-    dataset: DatasetOpt = "digits",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Registry name, tv:NAME or package.module:factory "
+                                               "(default: the one the checkpoint's sidecar records).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name or imagefolder:PATH "
+                                                 "(default: the one the checkpoint's sidecar records).")] = None,
     admm_epochs: Annotated[float, typer.Option(help="ADMM W-step epochs in all (fractions allowed).")] = 10,
     admm_interval: Annotated[float, typer.Option(help="Epochs between Z/U updates.")] = 0.25,
     rho0: Annotated[float, typer.Option(help="Initial ADMM penalty rho.")] = 1e-3,

@@ -163,6 +163,7 @@ def test_half_the_filters_cost_at_most_one_point_on_digits(digits_baseline: Dens
 
 
 def test_prune_command_writes_weights_plan_and_metrics(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    # no --model/--dataset: the checkpoint's sidecar says digits-cnn on digits
     args = ["prune", "--checkpoint", str(digits_baseline.checkpoint), "--plan", "shape=0.5",
             "--admm-epochs", "0.5", "--retrain-epochs", "0.5", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
@@ -185,6 +186,15 @@ def test_prune_with_a_bad_plan_is_one_line(digits_baseline: DenseResult, tmp_pat
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.strip() == "error: unknown sparsity type 'fliter': did you mean filter? in --plan"
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_prune_refuses_a_model_that_contradicts_the_sidecar(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["prune", "--checkpoint", str(digits_baseline.checkpoint), "--plan", "filter=0.5",
+                                      "--model", "lenet5", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip() == ("error: --model lenet5 contradicts dense.json, which records model digits-cnn; "
+                                     "drop --model or pass the checkpoint trained with it")
+    assert not any(tmp_path.iterdir())
 
 
 def test_compact_command_measures_the_pruned_model(digits_baseline: DenseResult, tmp_path: Path) -> None:
