@@ -297,19 +297,25 @@ def _projected_accuracy(model: nn.Module, data: Data, plan: Plan, deps: Dependen
 
 
 def layer_report(model: nn.Module, layers: list[Layer], plan: Plan) -> list[dict[str, object]]:
-    """Per planned layer: type, planned and achieved rate, dense and compacted MACs per sample."""
+    """Per planned layer: type, planned and achieved rate, dense and compacted MACs per sample. A
+    sparse pattern no kernel takes on the model's device and dtype counts dense, with the reason."""
+    from .kernels import compact_layer
+
     modules = dict(model.named_modules())
     rows = []
     for layer in layers:
         spec = plan.layers.get(layer.name)
         weight = modules[layer.name].weight.detach()
+        fallback = (getattr(compact_layer(modules[layer.name], spec.type), "why", "")
+                    if spec and spec.type in (SparsityType.IRREGULAR, SparsityType.NM) else "")
         rows.append({
             "layer": layer.name,
             "type": spec.type.value if spec else "dense",
             "rate": spec.rate if spec else 0.0,
             "achieved": achieved_rate(weight, spec.type) if spec else 0.0,
             "macs": layer.macs,
-            "macs_compacted": layer.macs_with(weight, spec.type) if spec else layer.macs,
+            "macs_compacted": layer.macs_with(weight, spec.type) if spec and not fallback else layer.macs,
+            **({"runs_dense": fallback} if fallback else {}),
         })
     return rows
 

@@ -215,6 +215,8 @@ def prune(
     dense, kept = result.macs
     console.print(f"MACs per sample of the pruned layers' own kept rows/columns: {dense:,} -> {kept:,} "
                   f"({dense / max(kept, 1):.2f}x fewer; `sparsesearch compact` also counts freed inputs)")
+    for why, names in _grouped({r["layer"]: r["runs_dense"] for r in result.layers if "runs_dense" in r}).items():
+        console.print(f"[yellow]counted dense[/] ({len(names)} layers: {_fold(names)}): {why}")
     console.print(f"wrote {path}, {path.with_suffix('.json').name} and plan.json in {path.parent}")
 
 

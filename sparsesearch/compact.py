@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,10 +87,24 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
             target = item.dep.target.module
             if getattr(item.dep.handler, "__name__", "") != "prune_out_channels" or not isinstance(target, nn.Module):
                 continue
-            if names.get(target) in modules or isinstance(target, nn.modules.batchnorm._BatchNorm):
+            if (names.get(target) in modules or isinstance(target, nn.modules.batchnorm._BatchNorm)) and \
+                    _one_to_one(item.idxs, item.root_idxs, _out_channels(target)):
                 for idx, root in zip(item.idxs, item.root_idxs):
                     channels.union((names[target], idx), (name, root))
     return Dependencies(channels.spaces(list(modules)))
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.num_features if isinstance(module, nn.modules.batchnorm._BatchNorm) else module.weight.shape[0]
+
+
+def _one_to_one(idxs: list[int], roots: list[int], size: int) -> bool:
+    """Whether an index mapping pairs distinct root filters with distinct channels in range. Through
+    a reshape (an SE gate's Linear viewed as channels, a flatten behind a residual stream)
+    Torch-Pruning can hand back repeated or out-of-range indices; such a pairing is dropped, so
+    what it would tie stays apart (compaction then leaves those filters in place, checked)."""
+    return (len(idxs) == len(roots) and len(set(idxs)) == len(idxs) and len(set(roots)) == len(roots)
+            and all(0 <= i < size for i in idxs))
 
 
 class _Channels:
@@ -161,8 +175,10 @@ class Compacted:
     # layer -> "filters-removed", "channels-removed", "channels-gathered", "reduced-gemm", "csr",
     # "semi-structured", "dense-fallback"
     impl: dict[str, str]
-    macs: dict[str, int]  # per prunable layer, per sample, after every removal (consumers' freed inputs too)
-    left_dense: dict[str, str] = field(default_factory=dict)  # layer -> why its filters could not be removed
+    # per prunable layer, per sample, as it runs: after every removal (consumers' freed inputs too),
+    # sparse kernels counting their non-zeros, dense fallbacks every weight
+    macs: dict[str, int]
+    left_dense: dict[str, str] = field(default_factory=dict)  # planned layer -> why it runs dense
 
 
 # Errors Torch-Pruning raises on graphs it cannot cut (index errors on grouped convs, zero
@@ -180,26 +196,25 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
     dead input channels are removed at their producer where no other layer reads them, and
     gathered away otherwise. Shape, irregular and nm layers run compact kernels. Filters whose
     removal would not be exact (channel-mixing norms, grouped convs, graphs Torch-Pruning cannot
-    cut) stay in place, masked, and `left_dense` says why.
+    cut) stay in place, masked, as do layers no sparse kernel takes on this device and dtype;
+    `left_dense` says why, and their MACs count dense.
     """
     from .kernels import compact_layer
 
     masked = model.eval()
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
-    with torch.inference_mode():
-        expected = masked(x)
+    reference = Reference(masked, x)
     cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER]
     cuts += [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.CHANNEL]
-    model, left_dense = _remove_channels(masked, cuts, input_shape, lambda m: _error(m, x, expected) <= _TOLERANCE)
+    model, left_dense = _remove_channels(masked, cuts, input_shape, lambda m: reference.error(m) <= _TOLERANCE)
     modules = dict(model.named_modules())
+    layers = trace(model, input_shape)
     impl: dict[str, str] = {}
     for name, spec in plan.layers.items():
         if spec.type == SparsityType.FILTER:
             impl[name] = "dense-fallback" if name in left_dense else "filters-removed"
         elif spec.type == SparsityType.CHANNEL and live_groups(modules[name].weight, SparsityType.CHANNEL).all():
             impl[name] = "channels-removed"
-    macs = {layer.name: layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type)
-            if layer.name in plan.layers else layer.macs for layer in trace(model, input_shape)}
     for name, spec in plan.layers.items():
         if name in impl:
             continue
@@ -207,14 +222,80 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, replacement)
         impl[name] = replacement.impl
+        if replacement.impl == "dense-fallback":
+            left_dense[name] = replacement.why
+    macs = {layer.name: layer.macs if impl.get(layer.name, "dense-fallback") == "dense-fallback"
+            else layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type) for layer in layers}
     return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
 
 
-def _error(model: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative max error of the model's output against the masked model's."""
-    with torch.inference_mode():
-        got = model.eval()(x)
-    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+class Reference:
+    """What a compacted copy must reproduce on a fixed batch: the masked model's output, or, where
+    that output is the same for every input (a zero-initialised head, under which any compaction
+    would "match"), every module output that varies, compared wherever the copy has the same shape
+    or the shape left once the masked output's all-zero channels (removed filters) are dropped.
+    A comparison that would prove nothing is refused: `Unverifiable`."""
+
+    def __init__(self, masked: nn.Module, x: torch.Tensor) -> None:
+        self.x = x
+        output = _activations(masked, x, ())[""]
+        self.expected = {"": output} if _varies(output) else {
+            n: a for n, a in _activations(masked, x, None).items() if n and _varies(a)}
+        if not self.expected:
+            raise Unverifiable("its output and every activation are the same for every input")
+
+    def error(self, model: nn.Module) -> float:
+        """The largest relative max error |got - expected| / max|expected| over the compared points."""
+        got = _activations(model, self.x, self.expected)
+        errors = [((got[n] - e).abs().max() / e.abs().max()).item()
+                  for n, e in ((n, _shaped(e, got[n].shape)) for n, e in self.expected.items() if n in got)
+                  if e is not None]
+        if not errors:
+            raise Unverifiable("its output does not vary and the compacted model keeps no varying activation's shape")
+        return max(errors)
+
+
+def _shaped(expected: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """The masked activation as the compacted model should have it: as is, or without its all-zero
+    channels (dim 1), when that gives `shape`; else None."""
+    if expected.shape == shape:
+        return expected
+    if expected.dim() < 2:
+        return None
+    live = expected.transpose(0, 1).flatten(1).ne(0).any(1)
+    kept = expected[:, live]
+    return kept if kept.shape == shape else None
+
+
+class Unverifiable(Exception):
+    """A compacted model whose equality with the masked one no comparison could show."""
+
+
+def _varies(t: torch.Tensor) -> bool:
+    """Whether a batch of activations differs between samples (and so can tell two models apart)."""
+    return t.shape[0] > 1 and bool((t - t[:1]).abs().amax() > 1e-6 * t.abs().amax())
+
+
+def _activations(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None) -> dict[str, torch.Tensor]:
+    """One eval forward: the output under "", and the tensor outputs of the named modules (all if None)."""
+    modules = dict(model.named_modules())
+    found: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _args: object, out: object) -> None:
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                found.setdefault(name, out.detach().clone())
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in (modules if names is None else names)
+               if n and n in modules]
+    try:
+        with torch.inference_mode():
+            found[""] = model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], input_shape: tuple[int, ...],
@@ -343,9 +424,10 @@ def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]
     try:
         result = compact(masked, plan, input_shape)
         x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(1)).to(next(masked.parameters()).device)
-        with torch.inference_mode():
-            expected = masked.eval()(x)
-        error = _error(result.model, x, expected)
+        error = Reference(masked, x).error(result.model)
+    except Unverifiable as e:
+        raise UserError(f"cannot verify the compacted {model_name}: {e} (random or dead weights?); "
+                        "train it first, or load weights") from e
     except _SURGERY_ERRORS as e:
         raise UserError(f"cannot compact {model_name} with this plan ({_brief(e)})") from e
     if error > tolerance:
@@ -359,7 +441,7 @@ class Measured:
     """A hard-pruned model compacted and timed beside its masked dense form, on one device."""
 
     compacted: Compacted
-    params: dict[str, int]
+    params: dict[str, int]  # weights stored (`kernels.stored_weights`)
     macs: dict[str, int]
     latency_ms: dict[str, float]
     spread: dict[str, float]
@@ -373,6 +455,7 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
     """Compact a hard-pruned model (verified) and time it beside its masked dense form, side by side
     in one run on `device`, with params and MACs of both: every measured speedup comes from here.
     The model is compacted where it is, then moved to `device`."""
+    from .kernels import stored_weights
     from .profiler.timing import compare
 
     result = verified_compact(masked, plan, input_shape, model_name)
@@ -381,7 +464,7 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
     timings = compare(models, torch.randn(batch_size, *input_shape, device=device), reference="dense")
     return Measured(
         result,
-        {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        {k: stored_weights(m) for k, m in models.items()},
         {"dense": dense_macs, "compacted": sum(result.macs.values())},
         {k: t.median_ms for k, t in timings.items()},
         {k: t.spread for k, t in timings.items()},

@@ -3,8 +3,8 @@
 Each class takes a layer whose weight already holds its zeros (`sparsity.project`) and gives the
 output of that masked dense layer, in inference. `impl` names the kernel actually used: a format
 can be unavailable (CSR has no float16 CPU kernel, 2:4 needs an Ampere-or-newer GPU), and then the
-layer runs its dense masked weight and says "dense-fallback", so that a measured speedup is never
-credited to a kernel that did not run.
+layer runs its dense masked weight, says "dense-fallback" and `why`, so that a measured speedup
+(or a MAC count) is never credited to a kernel that did not run.
 
 - shape: "reduced-gemm", the im2col GEMM over only the K' weight columns non-zero in some filter.
 - irregular: "csr", the weight in CSR times the im2col matrix (torch.sparse.mm).
@@ -32,6 +32,7 @@ from .sparsity import SparsityType, live_groups
 
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
+_GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
 
 
 def _frozen(tensor: Tensor | None) -> nn.Parameter | None:
@@ -240,14 +241,14 @@ class _CSR(nn.Module):
         return torch.sparse.mm(matrix, dense)
 
 
-def _csr_or_none(matrix: Tensor) -> _CSR | None:
-    """The matrix in CSR, or None where no CSR kernel takes its dtype and device (one probe)."""
+def _csr_or_none(matrix: Tensor) -> tuple[_CSR | None, str]:
+    """The matrix in CSR, or None and why, where no CSR kernel takes its dtype and device (one probe)."""
     try:
         csr = _CSR(matrix)
         csr.mm(matrix.new_zeros(matrix.shape[1], 1))
     except _KERNEL_ERRORS:
-        return None
-    return csr
+        return None, f"no CSR kernel for {str(matrix.dtype).removeprefix('torch.')} on {matrix.device.type}"
+    return csr, ""
 
 
 def _dense_conv(layer: SparseConv2d | NMConv2d, x: Tensor) -> Tensor:
@@ -260,7 +261,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.csr = _csr_or_none(linear.weight)
+        self.csr, self.why = _csr_or_none(linear.weight)
         self.impl = "dense-fallback" if self.csr is None else "csr"
         self.weight = _frozen(linear.weight) if self.csr is None else None
         self.bias = _frozen(linear.bias)
@@ -281,7 +282,7 @@ class SparseConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         by_offset, rows = _live_rows(conv)
-        self.csr = _csr_or_none(rows) if conv.groups == 1 else None
+        self.csr, self.why = _csr_or_none(rows) if conv.groups == 1 else (None, _GROUPED)
         self.impl = "dense-fallback" if self.csr is None else "csr"
         self.im2col = _Windows(conv, by_offset, dim=0) if self.csr is not None else None
         self.weight = _frozen(conv.weight) if self.csr is None else None
@@ -304,30 +305,35 @@ def _is_2_4(matrix: Tensor) -> bool:
     return bool(matrix.reshape(matrix.shape[0], -1, 4).ne(0).sum(-1).le(2).all())
 
 
-def _semi_structured_or_none(matrix: Tensor) -> Tensor | None:
-    """The matrix as a 2:4 semi-structured tensor, or None where no GPU kernel takes it.
+def _semi_structured_or_none(matrix: Tensor) -> tuple[Tensor | None, str]:
+    """The matrix as a 2:4 semi-structured tensor, or None and why, where no GPU kernel takes it.
 
     Needs CUDA with compute capability >= 8.0, float16/bfloat16 and a 2:4 pattern; the kernels'
     shape limits (multiples of 16-64 rows and columns) are left to the conversion and one probe.
     """
-    if not (matrix.is_cuda and matrix.dtype in _SEMI_STRUCTURED_DTYPES and _is_2_4(matrix)):
-        return None
+    if not matrix.is_cuda:
+        return None, f"no 2:4 kernel on {matrix.device.type} (semi-structured sparsity needs a CUDA GPU)"
+    if matrix.dtype not in _SEMI_STRUCTURED_DTYPES:
+        return None, f"2:4 kernels take float16/bfloat16 weights, not {str(matrix.dtype).removeprefix('torch.')}"
+    if not _is_2_4(matrix):
+        return None, "the weight is not 2:4 (at most 2 non-zeros in every 4, rows a multiple of 4 long)"
     if torch.cuda.get_device_capability(matrix.device) < (8, 0):
-        return None
+        return None, "2:4 kernels need a GPU of compute capability 8.0 or newer"
     try:
         sparse = torch.sparse.to_sparse_semi_structured(matrix.detach().contiguous())
         F.linear(matrix.new_zeros(1, matrix.shape[1]), sparse)
-    except _KERNEL_ERRORS:
-        return None
-    return sparse
+    except _KERNEL_ERRORS as e:
+        return None, f"the 2:4 kernel refused this shape ({str(e).splitlines()[0][:80]})"
+    return sparse, ""
 
 
-def _nm_weight(matrix: Tensor, dense: Tensor) -> tuple[nn.Parameter, str]:
-    """The 2:4 weight where a GPU kernel takes it, else the dense masked weight; and its impl."""
-    sparse = _semi_structured_or_none(matrix)
+def _nm_weight(matrix: Tensor, dense: Tensor) -> tuple[nn.Parameter, str, str]:
+    """The 2:4 weight where a GPU kernel takes it, else the dense masked weight; its impl, and why
+    it fell back."""
+    sparse, why = _semi_structured_or_none(matrix)
     if sparse is None:
-        return _frozen(dense), "dense-fallback"
-    return nn.Parameter(sparse, requires_grad=False), "semi-structured"
+        return _frozen(dense), "dense-fallback", why
+    return nn.Parameter(sparse, requires_grad=False), "semi-structured", ""
 
 
 class NMLinear(nn.Module):
@@ -335,7 +341,7 @@ class NMLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight, self.impl = _nm_weight(linear.weight, linear.weight)
+        self.weight, self.impl, self.why = _nm_weight(linear.weight, linear.weight)
         self.bias = _frozen(linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -353,9 +359,9 @@ class NMConv2d(nn.Module):
         self.geometry = _Geometry.of(conv)
         if conv.groups == 1:
             rows = conv.weight.reshape(conv.out_channels, -1)
-            self.weight, self.impl = _nm_weight(rows, conv.weight)
+            self.weight, self.impl, self.why = _nm_weight(rows, conv.weight)
         else:
-            self.weight, self.impl = _frozen(conv.weight), "dense-fallback"
+            self.weight, self.impl, self.why = _frozen(conv.weight), "dense-fallback", _GROUPED
         self.bias = _frozen(conv.bias)
         self.conv_args = _conv_args(conv)
 
@@ -378,6 +384,14 @@ _COMPACT: dict[tuple[SparsityType, type[nn.Module]], type[nn.Module]] = {
     (SparsityType.NM, nn.Conv2d): NMConv2d,
     (SparsityType.NM, nn.Linear): NMLinear,
 }
+
+
+def stored_weights(model: nn.Module) -> int:
+    """The weights a model stores, as a deployed file holds them: its parameters, counting a 2:4
+    weight as its kept half, plus the values of CSR layers (buffers, so that .to() moves them)."""
+    semi = getattr(torch.sparse, "SparseSemiStructuredTensor", ())
+    count = sum(p.numel() // 2 if isinstance(p.data, semi) else p.numel() for p in model.parameters())
+    return count + sum(m.values.numel() for m in model.modules() if isinstance(m, _CSR))
 
 
 def compact_layer(module: nn.Module, kind: SparsityType | str) -> nn.Module:

@@ -29,8 +29,10 @@ class Layer:
 
     @property
     def positions(self) -> int:
-        """Output positions each weight is applied at (H_out*W_out for convs, 1 for linear)."""
-        return int(torch.Size(self.out_shape[1:]).numel()) if self.kind == "conv" else 1
+        """Output positions each weight is applied at: H_out*W_out for convs; for a Linear, every
+        vector it is applied to (a transformer's tokens), 1 after a flatten."""
+        spatial = self.out_shape[1:] if self.kind == "conv" else self.out_shape[:-1]
+        return int(torch.Size(spatial).numel())
 
     @property
     def macs(self) -> int:

@@ -20,6 +20,8 @@ from sparsesearch.models import create
 from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import SparsityType as T
 
+from helpers import lively
+
 MODELS = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32)}
 CYCLE = (T.IRREGULAR, T.NM, T.SHAPE, T.CHANNEL, T.FILTER)
 
@@ -55,10 +57,7 @@ def _cases(slow: set[str]) -> list:
 def _compacted(model_name: str, plan_name: str) -> Compacted:
     shape = MODELS[model_name]
     torch.manual_seed(0)
-    model = create(model_name, in_channels=shape[0]).eval()
-    for m in model.modules():  # BatchNorm far from identity, so a lost buffer would show
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    model = lively(create(model_name, in_channels=shape[0]), shape)  # a lost buffer would show
     deps = dependencies(model, shape)
     layers = trace(model, shape)
     plan = PLANS[plan_name](layers, deps.couplings)

@@ -19,6 +19,7 @@ from sparsesearch.kernels import (
     SparseConv2d,
     SparseLinear,
     compact_layer,
+    stored_weights,
 )
 from sparsesearch.sparsity import SparsityType, project
 
@@ -185,6 +186,7 @@ def test_csr_stores_only_the_non_zero_weights() -> None:
     dense = masked(conv(), SparsityType.IRREGULAR, 0.9)
     compact = SparseConv2d(dense)
     assert compact.csr.values.numel() == int(dense.weight.ne(0).sum()) == 22  # 216 - 194
+    assert stored_weights(compact) == 22 + dense.bias.numel()  # the CSR values count, though buffers
 
 
 @pytest.mark.parametrize("layer", ["conv", "linear"])
@@ -193,7 +195,7 @@ def test_csr_falls_back_to_dense_for_float16_on_cpu(layer: str) -> None:
     x = image() if layer == "conv" else torch.randn(3, 36)
     dense = masked(source, SparsityType.IRREGULAR, 0.5).half()
     compact = compact_layer(dense, SparsityType.IRREGULAR)
-    assert compact.impl == "dense-fallback"
+    assert compact.impl == "dense-fallback" and compact.why == "no CSR kernel for float16 on cpu"
     with torch.no_grad():
         assert torch.equal(compact(x.half()), dense(x.half()))
 
@@ -202,7 +204,7 @@ def test_csr_falls_back_to_dense_for_float16_on_cpu(layer: str) -> None:
 def test_nm_conv_fallback_equals_masked_conv(bias: bool) -> None:
     dense = masked(conv(stride=2, padding=1, bias=bias), SparsityType.NM, 0.5)
     compact = NMConv2d(dense)
-    assert compact.impl == "dense-fallback"
+    assert compact.impl == "dense-fallback" and compact.why.startswith("no 2:4 kernel on cpu")
     assert_same_output(compact, dense, image())
 
 

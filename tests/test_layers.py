@@ -17,6 +17,12 @@ def test_trace_finds_shapes_and_macs_of_digits_cnn() -> None:
     assert layers[-1].is_output and T.FILTER not in layers[-1].types
 
 
+def test_a_linear_applied_per_token_counts_every_token() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    first, last = trace(model, (197, 8))  # a transformer's MLP over 197 tokens
+    assert (first.positions, first.macs, last.macs) == (197, 197 * 8 * 16, 197 * 16 * 4)
+
+
 def test_trace_leaves_no_hooks_behind() -> None:
     model = create("resnet20")
     trace(model, (3, 32, 32))

@@ -1,0 +1,29 @@
+"""Shared by tests: a randomly initialised model made to behave like a trained one where it matters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lively(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
+    """BatchNorm statistics measured on random inputs, then affine parameters drawn away from identity.
+
+    With made-up statistics a deep random net can give the same output for every input (its
+    activations vanish under the running means), and then any equality check passes. Measured
+    statistics keep the outputs varying; random gamma and beta make a ghost channel (BN(0) != 0)
+    or a silenced one visible. Returns the model in eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.randn(8, *input_shape, generator=generator))
+        for m in norms:
+            m.momentum = 0.1
+            if m.affine:
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=generator))
+                m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.5, 0.5, generator=generator))
+    return model.eval()
