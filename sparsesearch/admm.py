@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .compact import Coupling, Dependencies, dependencies
+from .graph import Coupling, Dependencies, dependencies
 from .data import Data
 from .errors import UserError
 from .layers import Layer, trace

@@ -37,9 +37,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _must_exist(path: Path) -> Path:
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint not found: {path}; check the path or train one with `sparsesearch train`")
+    return Path(path)
+
+
 def trained_with(path: Path, model: str | None, dataset: str | None) -> tuple[str, str]:
     """The model and dataset of checkpoint `path`: those given, else those its sidecar records.
     A flag that contradicts the sidecar is refused rather than silently loaded into another model."""
+    _must_exist(path)
     try:
         meta = read_meta(path)
     except UserError:
@@ -61,9 +68,7 @@ def trained_with(path: Path, model: str | None, dataset: str | None) -> tuple[st
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing pickled code; accepts {'state_dict': ...} wrappers too."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}; check the path or train one with `sparsesearch train`")
+    path = _must_exist(path)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before failing on them
             warnings.simplefilter("ignore", UserWarning)

@@ -149,7 +149,7 @@ def layers(
     data_dir: DataDirOpt = None,
 ) -> None:
     """List the prunable layers with their shapes, MACs and applicable sparsity types."""
-    from .compact import couplings
+    from .graph import couplings
     from .layers import trace
     from .train import prepare
 

@@ -1,14 +1,6 @@
-"""Physical compaction. This first part reads the dependency graph for what pruning must respect:
-- coupling groups: prunable layers whose output channels are tied together (the convs feeding one
-  residual addition, a depthwise conv and its producer), so filter pruning must keep the same
-  indices in all of them or nothing can be removed;
-- followers: the BatchNorms normalising a layer's output channels. A pruned filter must zero its
-  BatchNorm entries too, or BN(0) = beta - gamma*mean/std leaves a constant "ghost" channel that
-  the masked model uses and the compacted model cannot have.
-
-The dependency graph is Torch-Pruning's: it follows every operator of a traced forward, so a
-sparsity type never needs to know about residual blocks.
-"""
+"""Physical compaction: a hard-pruned (masked) model made physically smaller with equal outputs,
+removing filters and channels through Torch-Pruning's dependency graph (`graph`), other types
+through compact kernels (`kernels`); checked against the masked model (`Reference`)."""
 
 from __future__ import annotations
 
@@ -22,149 +14,10 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .graph import SURGERY_ERRORS, brief, build_graph, dependencies, out_handler, reads_through_reshape, unfollowable
 from .layers import prunable, trace
 from .plan import Plan
 from .sparsity import SparsityType, live_groups
-
-
-@dataclass
-class Coupling:
-    """One space of output channels: the prunable layers whose filters are tied there, each filter
-    at its position, and the BatchNorm channels that normalise those positions. A residual addition
-    ties filter k of every member to position k; a concatenation gives each producer its own slice,
-    so that after cat([a, b]) feeds an addition, a's filter k and b's filter k sit at positions k
-    and len(a) + k."""
-
-    layers: dict[str, list[int]]  # layer -> the position of each of its filters, definition order
-    norms: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # BN -> (channels, positions)
-
-    @property
-    def size(self) -> int:
-        return 1 + max(max(p) for p in self.layers.values())
-
-
-@dataclass
-class Dependencies:
-    spaces: list[Coupling] = field(default_factory=list)  # every prunable layer in exactly one
-    problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
-
-    @property
-    def couplings(self) -> list[list[str]]:
-        """Groups of two or more layers whose output channels must be pruned together."""
-        return [list(c.layers) for c in self.spaces if len(c.layers) > 1]
-
-    def space(self, layer: str) -> Coupling:
-        """The coupling a layer's filters belong to (alone in its own when the graph is unknown)."""
-        return next((c for c in self.spaces if layer in c.layers), None) or Coupling({layer: []})
-
-
-def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies:
-    """The output-channel spaces (`Coupling`) of every prunable layer, from one traced forward.
-
-    Torch-Pruning gives, per layer, the group of tensors its filters reach, with each reached
-    index paired to the filter it comes from (`root_idxs`); joining those pairs across all groups
-    gives the channel spaces exactly, even where a concatenation makes the groups of its producers
-    overlap. A graph Torch-Pruning cannot build (ShuffleNet's channel shuffle) gives none, and
-    `problem`."""
-    modules = prunable(model)
-    was_training = model.training
-    model.eval()
-    try:
-        graph = _graph(model, input_shape)
-        groups = {name: graph.get_pruning_group(m, _out_handler(m), idxs=list(range(m.weight.shape[0])))
-                  for name, m in modules.items()}
-    except _SURGERY_ERRORS as e:
-        return Dependencies(problem=f"Torch-Pruning cannot build the dependency graph ({_brief(e)})")
-    finally:
-        model.train(was_training)
-    names = graph._module2name
-    channels = _Channels()
-    for name, m in modules.items():
-        for f in range(m.weight.shape[0]):
-            channels.find((name, f))
-    for name, group in groups.items():
-        for item in group.items:
-            target = item.dep.target.module
-            if getattr(item.dep.handler, "__name__", "") != "prune_out_channels" or not isinstance(target, nn.Module):
-                continue
-            if (names.get(target) in modules or isinstance(target, nn.modules.batchnorm._BatchNorm)) and \
-                    _one_to_one(item.idxs, item.root_idxs, _out_channels(target)):
-                for idx, root in zip(item.idxs, item.root_idxs):
-                    channels.union((names[target], idx), (name, root))
-    return Dependencies(channels.spaces(list(modules)))
-
-
-def _out_channels(module: nn.Module) -> int:
-    return module.num_features if isinstance(module, nn.modules.batchnorm._BatchNorm) else module.weight.shape[0]
-
-
-def _one_to_one(idxs: list[int], roots: list[int], size: int) -> bool:
-    """Whether an index mapping pairs distinct root filters with distinct channels in range. Through
-    a reshape (an SE gate's Linear viewed as channels, a flatten behind a residual stream)
-    Torch-Pruning can hand back repeated or out-of-range indices; such a pairing is dropped, so
-    what it would tie stays apart (compaction then leaves those filters in place, checked)."""
-    return (len(idxs) == len(roots) and len(set(idxs)) == len(idxs) and len(set(roots)) == len(roots)
-            and all(0 <= i < size for i in idxs))
-
-
-class _Channels:
-    """Union-find over (module name, channel): the channels one pruning decision must remove together."""
-
-    def __init__(self) -> None:
-        self.parent: dict[tuple[str, int], tuple[str, int]] = {}
-
-    def find(self, x: tuple[str, int]) -> tuple[str, int]:
-        self.parent.setdefault(x, x)
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: tuple[str, int], b: tuple[str, int]) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-    def spaces(self, layers: list[str]) -> list[Coupling]:
-        """One Coupling per set of layers sharing a channel, positions numbered in definition order."""
-        by_module: dict[str, list[tuple[str, int]]] = {}
-        for node in sorted(self.parent, key=lambda n: n[1]):
-            by_module.setdefault(node[0], []).append(node)
-        tied = _Channels()  # layers sharing any channel share a space
-        first_layer: dict[tuple[str, int], str] = {}
-        for name in layers:
-            for node in by_module[name]:
-                tied.union((first_layer.setdefault(self.find(node), name), 0), (name, 0))
-        spaces: dict[tuple[str, int], Coupling] = {}
-        used: dict[int, int] = {}  # positions numbered so far, per space
-        position: dict[tuple[str, int], tuple[Coupling, int]] = {}
-        for name in layers:
-            space = spaces.setdefault(tied.find((name, 0)), Coupling({}))
-            space.layers[name] = []
-            for node in by_module[name]:
-                root = self.find(node)
-                if root not in position:
-                    position[root] = (space, used.get(id(space), 0))
-                    used[id(space)] = position[root][1] + 1
-                space.layers[name].append(position[root][1])
-        for name, nodes in by_module.items():
-            if name in layers:
-                continue
-            for node in nodes:
-                if (found := position.get(self.find(node))) is not None:
-                    channels, positions = found[0].norms.setdefault(name, ([], []))
-                    channels.append(node[1])
-                    positions.append(found[1])
-        return list(spaces.values())
-
-
-def _out_handler(layer: nn.Module):  # noqa: ANN202 - a Torch-Pruning handler
-    import torch_pruning as tp
-
-    return tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-
-
-def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]:
-    """Groups of layers whose output channels must be pruned together."""
-    return dependencies(model, input_shape).couplings
 
 
 @dataclass
@@ -181,9 +34,6 @@ class Compacted:
     left_dense: dict[str, str] = field(default_factory=dict)  # planned layer -> why it runs dense
 
 
-# Errors Torch-Pruning raises on graphs it cannot cut (index errors on grouped convs, zero
-# divisions on channel shuffles, ...): any of them only means "leave these channels dense".
-_SURGERY_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, AssertionError)
 _TOLERANCE = 1e-4  # relative max error, float32
 
 
@@ -307,44 +157,31 @@ def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], in
     """
     model, left_dense = copy.deepcopy(masked), {}
     try:
-        graph = _graph(model, input_shape)
-    except _SURGERY_ERRORS as e:
-        why = f"Torch-Pruning cannot build the dependency graph ({_brief(e)})"
+        graph = build_graph(model, input_shape)
+    except SURGERY_ERRORS as e:
+        why = f"Torch-Pruning cannot build the dependency graph ({brief(e)})"
         return model, {n: why for n, kind in cuts if kind == SparsityType.FILTER}
     try:
         for name, kind in cuts:
             _cut(graph, name, kind, left_dense)
         if exact(model):
             return model, left_dense
-    except _SURGERY_ERRORS:
+    except SURGERY_ERRORS:
         pass
     model, left_dense = copy.deepcopy(masked), {}
-    graph = _graph(model, input_shape)
+    graph = build_graph(model, input_shape)
     for name, kind in cuts:
         backup = copy.deepcopy(model)
         try:
             _cut(graph, name, kind, left_dense)
             why = None if exact(model) else "removing them changes the output"
-        except _SURGERY_ERRORS as e:
-            why = f"Torch-Pruning failed ({_brief(e)})"
+        except SURGERY_ERRORS as e:
+            why = f"Torch-Pruning failed ({brief(e)})"
         if why:
-            model, graph = backup, _graph(backup, input_shape)
+            model, graph = backup, build_graph(backup, input_shape)
             if kind == SparsityType.FILTER:
                 left_dense[name] = why
     return model, left_dense
-
-
-def _graph(model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN202 - a Torch-Pruning DependencyGraph
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():  # Torch-Pruning warns about ops it treats as element-wise
-        warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-
-
-def _brief(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}" if str(e) else type(e).__name__
 
 
 def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> None:  # noqa: ANN001
@@ -357,11 +194,15 @@ def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> No
     if kind == SparsityType.FILTER:
         if name in left_dense or not dead:
             return
-        group = graph.get_pruning_group(layer, _out_handler(layer), idxs=dead)
-    else:
-        if not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or _reads_through_reshape(graph, layer):
+        if why := unfollowable(graph, layer, out_handler(layer)):
+            left_dense[name] = why
             return
+        group = graph.get_pruning_group(layer, out_handler(layer), idxs=dead)
+    else:
         handler = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
+        if (not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or reads_through_reshape(graph, layer)
+                or unfollowable(graph, layer, handler)):
+            return
         dead = _unread(graph.get_pruning_group(layer, handler, idxs=dead))
         if not dead:
             return
@@ -373,24 +214,6 @@ def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> No
         left_dense.update({graph._module2name[dep.target.module]: why for dep, _ in group
                            if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
                            and getattr(dep.handler, "__name__", "") == "prune_out_channels"})
-
-
-def _reads_through_reshape(graph, layer: nn.Module) -> bool:  # noqa: ANN001 - a DependencyGraph
-    """Whether a reshape (a flatten) lies between the layer and its producers. Torch-Pruning's index
-    mapping then multiplies indices without merging them: VGG's 25088-feature classifier exhausts
-    memory. Such layers gather their channels instead."""
-    from torch_pruning.ops import OPTYPE
-
-    seen, todo = set(), list(graph.module2node[layer].inputs)
-    while todo:
-        node = todo.pop()
-        if id(node) in seen or node.type in (OPTYPE.CONV, OPTYPE.LINEAR, OPTYPE.DEPTHWISE_CONV):
-            continue
-        if node.type == OPTYPE.RESHAPE:
-            return True
-        seen.add(id(node))
-        todo.extend(node.inputs)
-    return False
 
 
 def _unread(group) -> list[int]:  # noqa: ANN001 - a Torch-Pruning Group
@@ -428,8 +251,8 @@ def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]
     except Unverifiable as e:
         raise UserError(f"cannot verify the compacted {model_name}: {e} (random or dead weights?); "
                         "train it first, or load weights") from e
-    except _SURGERY_ERRORS as e:
-        raise UserError(f"cannot compact {model_name} with this plan ({_brief(e)})") from e
+    except SURGERY_ERRORS as e:
+        raise UserError(f"cannot compact {model_name} with this plan ({brief(e)})") from e
     if error > tolerance:
         raise UserError(f"compacted {model_name} differs from the pruned model (relative error {error:.2g} > "
                         f"{tolerance:g}); please report this model and plan")

@@ -31,7 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from .admm import ADMMConfig, Iteration, run_admm
-from .compact import Dependencies, Measured
+from .compact import Measured
+from .graph import Dependencies
 from .data import Data
 from .errors import UserError
 from .files import torch_save, write_json
@@ -375,7 +376,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
     """Load (or first train) the dense checkpoint and (or first measure) the latency profile of this
     device; `notify` hears what is done first, `on_progress(phase, done, total, status)` how it goes."""
     from . import data as datasets
-    from .compact import dependencies
+    from .graph import dependencies
     from .layers import trace
     from .profiler import latency_model_for
     from .profiler.measure import Target, profile_model

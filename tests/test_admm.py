@@ -9,7 +9,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, apply_masks, dead_channels, prune_masks, run_admm
-from sparsesearch.compact import Coupling, Dependencies, dependencies
+from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
 from sparsesearch.plan import LayerSparsity, Plan

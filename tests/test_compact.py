@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Reference, compact, couplings, dependencies
+from sparsesearch.compact import Reference, compact
+from sparsesearch.graph import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.models import create, spec
@@ -241,6 +242,49 @@ def test_a_constant_output_is_not_taken_as_proof_of_equality(monkeypatch: pytest
             p.zero_()
     with pytest.raises(UserError, match=r"cannot verify the compacted zero-head: its output and every activation"):
         compact_module.verified_compact(model, plan, shape, "zero-head")
+
+
+class _HeadSplit(torch.nn.Module):
+    """Self-attention on a channels-last map: the head split is a reshape Torch-Pruning 1.6 (on
+    torch 2.x) maps as a flatten, as it does in swin and maxvit."""
+
+    def __init__(self, c: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+        self.stem, self.head = torch.nn.Conv2d(1, c, 3, padding=1), torch.nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        n, h, w, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attended = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(n, h, w, c)
+        return self.head((x + self.proj(attended)).mean((1, 2)))
+
+
+def test_a_layer_whose_channels_reach_a_mis_mapped_reshape_stays_dense_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model, shape = _HeadSplit().eval(), (1, 8, 8)
+    deps = dependencies(model, shape)
+    assert set(deps.fixed) == {"qkv"} and "grow without bound" in deps.fixed["qkv"]
+    plan = Plan.uniform(trace(model, shape), T.FILTER, 0.5)
+    plan.validate(trace(model, shape), deps.couplings)
+    apply_masks(model, prune_masks(model, plan, deps))
+    compacted = compact(model, plan, shape)  # Torch-Pruning cannot cut the head split either: stem, proj stay
+    assert compacted.left_dense["qkv"] == deps.fixed["qkv"] and set(compacted.left_dense) == {"qkv", "stem", "proj"}
+    assert Reference(model, torch.randn(4, *shape)).error(compacted.model) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["tv:swin_t", "tv:maxvit_t"])
+def test_attention_reshapes_leave_layers_dense_instead_of_exhausting_memory(model_name: str) -> None:
+    """Before the guard: swin_t grew past 5 GB cutting features.6.reduction, maxvit_t's dependencies
+    past 10 GB; with it, about 25 s and under 2 GB each on the 2-core CI machine."""
+    shape = (3, spec(model_name).min_size, spec(model_name).min_size)
+    model, plan, deps = _masked(model_name, shape, PLANS["filter"])
+    assert any("grow without bound" in why for why in deps.fixed.values())
+    compacted = compact(model, plan, shape)
+    assert "filters-removed" in compacted.impl.values()
+    assert any("grow without bound" in why for why in compacted.left_dense.values())
 
 
 def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

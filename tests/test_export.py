@@ -13,7 +13,8 @@ from torch import nn
 
 from sparsesearch import export
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Compacted, compact, dependencies
+from sparsesearch.compact import Compacted, compact
+from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.models import create

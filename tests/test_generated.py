@@ -21,7 +21,8 @@ from torch import Tensor, nn
 import sparsesearch
 from sparsesearch import export
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Compacted, Dependencies, dependencies, verified_compact
+from sparsesearch.compact import Compacted, verified_compact
+from sparsesearch.graph import Dependencies, dependencies
 from sparsesearch.layers import Layer, trace
 from sparsesearch.plan import Plan
 from sparsesearch.profiler.validate import random_plan

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from sparsesearch.admm import apply_masks, prune_masks
 from sparsesearch.cli import app
-from sparsesearch.compact import compact, dependencies
+from sparsesearch.compact import compact
+from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.profiler import build, measure, predictor, table

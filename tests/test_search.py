@@ -11,7 +11,7 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 
 from sparsesearch import models, report, search
-from sparsesearch.compact import dependencies
+from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.plan import Plan

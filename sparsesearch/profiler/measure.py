@@ -88,7 +88,7 @@ def target(model_name: str, dataset: str | None = None, image_size: int | None =
 def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], layers: list[Layer],
                                rates: Iterable[float]) -> dict[float, dict[str, tuple[int, int, int]]]:
     """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate."""
-    from ..compact import dependencies
+    from ..graph import dependencies
     from .predictor import compacted_copy
 
     modules = dict(model.named_modules())
@@ -310,7 +310,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     timed as `profile validate` and the search's measurement time plans (in small groups, as ratios to
     the dense net beside them): all 32 in one run put their ratios to the dense net 9% lower on
     resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup."""
-    from ..compact import dependencies
+    from ..graph import dependencies
     from .predictor import compacted_copy
 
     model, shape = target_.model.eval(), target_.input_shape

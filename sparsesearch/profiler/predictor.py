@@ -28,7 +28,7 @@ from .build import PLAIN, describe
 from .table import Profile, Row, Signature, model_key
 
 if TYPE_CHECKING:
-    from ..compact import Dependencies
+    from ..graph import Dependencies
 
 FAMILIES = ("plain", "reduced-gemm", "channels-gathered", "csr", "dense-fallback", "semi-structured")
 # (name, monotone direction): +1 where more kept work can only cost more
@@ -291,7 +291,8 @@ def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, d
     kept dims are exactly the ones compaction will produce. Pass `deps` (the model's dependencies)
     to skip recomputing them and checking the plan against them."""
     from ..admm import apply_masks, prune_masks
-    from ..compact import compact, dependencies
+    from ..compact import compact
+    from ..graph import dependencies
 
     masked = copy.deepcopy(model).cpu().float().eval()
     if deps is None:

@@ -131,7 +131,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     side with the dense network, as the profile timed its calibration plans; a group whose dense
     net runs more than 10% off its profiled latency is timed once more) and pair each measurement
     with its prediction."""
-    from ..compact import dependencies
+    from ..graph import dependencies
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
