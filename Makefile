@@ -41,3 +41,4 @@ bench: setup
 	$(PY) bench/channel_blocks.py
 	$(PY) bench/latency_model.py
 	$(PY) bench/search.py
+	$(PY) bench/generated.py

@@ -27,6 +27,8 @@ from .layers import prunable
 # Errors Torch-Pruning raises on graphs it cannot cut (index errors on grouped convs, zero
 # divisions on channel shuffles, ...): any of them only means "leave these channels dense".
 SURGERY_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, AssertionError)
+
+
 @dataclass
 class Coupling:
     """One space of output channels: the prunable layers whose filters are tied there, each filter
@@ -45,6 +47,8 @@ class Coupling:
 
 @dataclass
 class Dependencies:
+    """A model's channel spaces, and what could not be read off its graph."""
+
     spaces: list[Coupling] = field(default_factory=list)  # every prunable layer in exactly one
     problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
     fixed: dict[str, str] = field(default_factory=dict)  # layer -> why its dependencies cannot be followed
@@ -54,9 +58,9 @@ class Dependencies:
         """Groups of two or more layers whose output channels must be pruned together."""
         return [list(c.layers) for c in self.spaces if len(c.layers) > 1]
 
-    def space(self, layer: str) -> Coupling:
-        """The coupling a layer's filters belong to (alone in its own when the graph is unknown)."""
-        return next((c for c in self.spaces if layer in c.layers), None) or Coupling({layer: []})
+    def space(self, layer: str) -> Coupling | None:
+        """The channel space a layer's filters belong to; None when the graph is unknown."""
+        return next((c for c in self.spaces if layer in c.layers), None)
 
 
 def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies:

@@ -227,7 +227,9 @@ def test_pruned_filters_silence_exactly_their_channels(case: Case) -> None:
     """At every BatchNorm, the channels whose input is entirely zero are exactly those whose
     affine entries the masks zeroed: a pruned filter silences its own channel downstream (the
     masks found the right BatchNorm channels), and no kept channel is dead (nothing else went
-    silent with it)."""
+    silent with it). A layer whose dependencies cannot be followed (`deps.fixed`: its channels
+    reach a reshape Torch-Pruning mis-maps) has no known BatchNorm to zero; compaction leaves it
+    dense with that reason, its outputs still equal."""
     if not any(s.type == T.FILTER for s in case.plan.layers.values()):
         pytest.skip("the plan prunes no filter")
     x = _inputs(case)
@@ -240,7 +242,7 @@ def test_pruned_filters_silence_exactly_their_channels(case: Case) -> None:
         if live.any():
             wrong.append(f"{_after(case.dense, bn)}: BatchNorm entries {_where(live)} zeroed, but their input is live")
         ghosts = silent & ~zeroed & ~_starved(case.dense, by_filters_alone, bn)
-        if ghosts.any():
+        if ghosts.any() and f"{bn.rpartition('.')[0]}.conv" not in case.deps.fixed:  # fixed: followers unknown
             wrong.append(f"{_after(case.dense, bn)}: channels {_where(ghosts)} are kept, but their input is entirely zero")
     assert not wrong, "\n".join(wrong)
 
