@@ -65,3 +65,14 @@ def test_corrupt_plan_file_is_refused(tmp_path: Path, text: str, message: str) -
 def test_missing_plan_file_suggests_the_shorthand(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"plan not found.*TYPE=RATE"):
         Plan.parse(str(tmp_path / "nope.json"), DIGITS)
+
+
+def test_an_atomically_written_file_gets_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        Plan({"0": LayerSparsity(T.FILTER, 0.5)}).save(tmp_path / "p.json")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
