@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from os import PathLike
 from typing import TYPE_CHECKING
 
@@ -11,9 +12,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(path: str | PathLike[str]) -> nn.Module:
+def load(path: str | PathLike[str], trust: Iterable[str] = ()) -> nn.Module:
     """An exported compacted model, rebuilt in eval mode without its plan (see sparsesearch.export).
-    Imported on first use, so that `import sparsesearch` stays light."""
+    Classes come from torch, torchvision and sparsesearch, plus the packages you name in `trust`
+    (your own model's package), never from the file. Imported on first use, so that
+    `import sparsesearch` stays light."""
     from .export import load as load_export
 
-    return load_export(path)
+    return load_export(path, trust)

@@ -6,8 +6,9 @@ class import path, its plain attributes, the names, shapes and dtypes of its par
 buffers, its children). `load` allocates each class without calling its `__init__`, restores the
 attributes and tensors, and so rebuilds any module tree, compact kernels included, without the
 plan that produced it. Classes are imported only from torch, torchvision, sparsesearch and the
-package of the user factory named in the sidecar's `model`, so a file cannot make us import
-arbitrary code.
+packages the caller of `load` trusts by name, never from a package the file names, so a file
+cannot make us import arbitrary code; functions only from torch's functional ops, and a stored
+attribute never replaces a method.
 
 Formats without sparse kernels get dense equivalents, always listed (`densified`) so that no
 reader mistakes them for sparse: tensors in a sparse layout or tensor subclass (2:4
@@ -27,7 +28,7 @@ import pickle
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,14 +53,19 @@ _INSTALL = "pip install 'sparsesearch[export]'"
 # --- save and load --------------------------------------------------------------------------------
 
 
-def _trusted(meta: dict[str, Any]) -> tuple[str, ...]:
-    """torch, torchvision, sparsesearch, and the package of a `package.module:factory` model."""
+def _trusted(packages: Iterable[str]) -> tuple[str, ...]:
+    """torch, torchvision, sparsesearch, and the caller's own packages (importable from the
+    working directory, as models.create resolves user factories)."""
+    packages = tuple(p.split(".")[0] for p in packages)
+    if packages and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return (*TRUSTED, *packages)
+
+
+def _user_package(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The package of the `package.module:factory` a model being saved was made by, if any."""
     model = str(meta.get("model", ""))
-    if ":" in model and not model.startswith("tv:"):
-        if os.getcwd() not in sys.path:  # as models.create resolves user factories
-            sys.path.insert(0, os.getcwd())
-        return (*TRUSTED, model.split(":")[0].split(".")[0])
-    return TRUSTED
+    return (model.split(":")[0],) if ":" in model and not model.startswith(("tv:", "timm:")) else ()
 
 
 def _sha256(path: Path) -> str:
@@ -81,7 +87,7 @@ def save(path: Path, model: nn.Module, meta: dict[str, Any], example_input: Tens
     Returns the tensors stored dense although the model held them sparse."""
     from .runtime import versions
 
-    path, trusted = Path(path), _trusted(meta)
+    path, trusted = Path(path), _trusted(_user_package(meta))
     collected = Collected()
     root = describe(model, "", trusted, collected)
     weights: dict[str, Any] = {"tensors": collected.tensors}
@@ -122,12 +128,14 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return description, stored
 
 
-def load(path: Path | str) -> nn.Module:
+def load(path: Path | str, trust: Iterable[str] = ()) -> nn.Module:
     """The exported model, rebuilt on the CPU in eval mode from `path` (the weights file, its .json
-    sidecar, or the folder `write_all` filled); no plan or original model needed."""
+    sidecar, or the folder `write_all` filled); no plan or original model needed. Its classes may
+    come from torch, torchvision and sparsesearch, and from the packages in `trust` (a model built
+    by your `mypkg.nets:build`: trust=["mypkg"]); the file itself widens nothing."""
     try:  # anything but a UserError here means content that no save() wrote
         description, stored = _read(Path(path))
-        model = build(description["root"], stored["tensors"], _trusted(description), {}).eval()
+        model = build(description["root"], stored["tensors"], _trusted(trust), {}).eval()
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UserError(f"{path} is corrupt: its description does not fit its tensors "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); export the model again") from e
@@ -139,6 +147,8 @@ def load(path: Path | str) -> nn.Module:
 def _check_probe(model: nn.Module, probe: dict[str, Tensor], what: str) -> None:
     """The rebuilt model reproduces the output saved with it: the classes' code has not changed."""
     hint = "install the versions it was exported with"
+    if not all(isinstance(probe.get(k), Tensor) for k in ("input", "output")):
+        raise UserError(f"{what} is corrupt: its probe is not a pair of tensors; export the model again")
     try:
         with torch.inference_mode():
             got, expected = model(probe["input"]), probe["output"]

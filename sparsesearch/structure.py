@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,9 @@ from torch import Tensor, nn
 from .errors import UserError
 
 _BARE = frozenset(nn.Module().__dict__)  # what nn.Module.__init__ sets: not the module's own state
+# the modules whose functions a layer may hold as an attribute (an activation such as F.relu):
+# pure tensor operations, none of which loads, compiles or runs anything else
+_FUNCTIONS = ("torch.nn.functional", "torchvision.ops.stochastic_depth")
 
 
 def _path_of(obj: Any) -> str:
@@ -29,18 +33,31 @@ def _path_of(obj: Any) -> str:
 
 
 def _import(path: str, trusted: tuple[str, ...]) -> Any:
-    """The class or function at `module:qualname`, imported only from a trusted package."""
+    """The class or function at `module:qualname`, imported only from a trusted package, defined
+    there (not reached through one: `torch:os.system` is os's), and, for a function, one of the
+    torch functional ops a layer may hold (`_FUNCTIONS`): a file names what it wants, so nothing
+    it names may run code the caller did not choose."""
     module_name, _, qualname = path.partition(":")
-    if module_name.split(".")[0] not in trusted:
+    package = module_name.split(".")[0]
+    if package not in trusted:
         raise UserError(f"{path} is outside the packages an exported model may use ({', '.join(trusted)}); "
-                        "export models built from torch, torchvision, sparsesearch or a package.module:factory")
+                        f"if {package} is your own package, pass it: sparsesearch.load(path, trust=['{package}'])")
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
+            if isinstance(obj, types.ModuleType):
+                raise UserError(f"{path} reaches through the module {obj.__name__}; an exported model names "
+                                "classes and functions where they are defined")
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot import {path} ({e}); run from the directory that contains the model's "
                         "package, with the versions it was exported with") from e
+    owner = getattr(obj, "__module__", None) or ""
+    if owner.split(".")[0] not in trusted or getattr(obj, "__qualname__", None) != qualname:
+        raise UserError(f"{path} is {owner or 'not'} defined in a trusted package under that name; refused")
+    if not isinstance(obj, type) and owner not in _FUNCTIONS:
+        raise UserError(f"{path} is a function outside the ones an exported model may hold "
+                        f"({', '.join(_FUNCTIONS)}); refused")
     return obj
 
 
@@ -101,7 +118,10 @@ def _decode(value: Any, trusted: tuple[str, ...]) -> Any:
             raise ValueError(f"not a dtype: {data}")
         return dtype
     if tag == "ref":
-        return _import(data, trusted)
+        ref = _import(data, trusted)
+        if isinstance(ref, type) and not issubclass(ref, nn.Module):
+            raise UserError(f"{data} is a class other than a torch module; an exported model holds none")
+        return ref
     cls = _import(data, trusted)
     if tag == "enum" and issubclass(cls, enum.Enum):
         return cls(rec(value["value"]))
@@ -178,7 +198,10 @@ def build(node: dict[str, Any], tensors: dict[str, Tensor], trusted: tuple[str, 
     nn.Module.__init__(module)
     built[prefix] = module
     for name, value in node["attributes"].items():
-        object.__setattr__(module, name, _decode(value, trusted))
+        value = _decode(value, trusted)
+        if callable(getattr(cls, name, None)) or isinstance(getattr(cls, name, None), property):
+            raise ValueError(f"attribute {name} would replace {node['class']}'s own {name}")
+        object.__setattr__(module, name, value)
 
     def tensor(name: str, spec: dict[str, Any] | None) -> Tensor | None:
         if spec is None or "same_as" in spec:

@@ -193,9 +193,81 @@ def test_user_factory_classes_load_from_their_own_package_only(tmp_path: Path, m
     with pytest.raises(UserError, match="export_test_nets:Net is outside the packages"):
         export.save(tmp_path / "anonymous.pt", model, {})
     export.save(tmp_path / "model.pt", model, {"model": "export_test_nets:build"})
+    with pytest.raises(UserError, match=r"pass it: sparsesearch.load\(path, trust=\['export_test_nets'\]\)"):
+        export.load(tmp_path)  # the file names its package; only the caller may trust it
     x = torch.randn(2, 1, 8, 8)
     with torch.inference_mode():
-        assert torch.equal(export.load(tmp_path)(x), model(x))
+        assert torch.equal(export.load(tmp_path, trust=["export_test_nets"])(x), model(x))
+
+
+EVIL = '''
+from pathlib import Path
+Path("IMPORTED").write_text("the module's top-level code ran")
+from torch import nn
+
+class Net(nn.Module):
+    def forward(self, x):
+        return x
+'''
+
+
+def _tampered(saved, tmp_path: Path, edit, probe_input=None) -> Path:  # noqa: ANN001
+    """A copy of a saved export whose description `edit` changed (its SHA-256 kept consistent, as an
+    attacker would), and whose probe input is replaced when given."""
+    path, _ = saved
+    weights = torch.load(path, weights_only=True)
+    if probe_input is not None:
+        weights["probe"]["input"] = probe_input
+    torch.save(weights, tmp_path / "model.pt")
+    description = json.loads(path.with_suffix(".json").read_text())
+    edit(description)
+    description["weights_sha256"] = export._sha256(tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    return tmp_path
+
+
+def test_a_package_named_by_the_file_is_never_imported(saved, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    (tmp_path / "evilmod.py").write_text(EVIL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def edit(d: dict) -> None:
+        d["model"], d["root"]["class"] = "evilmod:build", "evilmod:Net"
+
+    with pytest.raises(UserError, match="evilmod:Net is outside the packages"):
+        export.load(_tampered(saved, tmp_path, edit))
+    assert "evilmod" not in sys.modules and not (tmp_path / "IMPORTED").exists()
+
+
+def test_a_function_reached_through_a_trusted_package_is_refused(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    def edit(d: dict) -> None:
+        d["root"]["attributes"]["forward"] = {"ref": "torch:os.system"}
+
+    with pytest.raises(UserError, match="reaches through the module os"):
+        export.load(_tampered(saved, tmp_path, edit, probe_input="touch PWNED"))
+    assert not Path("PWNED").exists()
+
+
+@pytest.mark.parametrize("ref", ["torch.hub:load", "torch:load", "torch.serialization:load"])
+def test_only_functional_ops_may_be_held_as_functions(saved, tmp_path: Path, ref: str) -> None:  # noqa: ANN001
+    def edit(d: dict) -> None:
+        d["root"]["attributes"]["helper"] = {"ref": ref}
+
+    with pytest.raises(UserError, match=r"refused"):
+        export.load(_tampered(saved, tmp_path, edit))
+
+
+def test_a_stored_attribute_never_replaces_a_method(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    def edit(d: dict) -> None:
+        d["root"]["attributes"]["forward"] = {"ref": "torch.nn.functional:relu"}
+
+    with pytest.raises(UserError, match="would replace .*forward"):
+        export.load(_tampered(saved, tmp_path, edit))
+
+
+def test_a_probe_that_is_not_a_tensor_is_refused(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    with pytest.raises(UserError, match="its probe is not a pair of tensors"):
+        export.load(_tampered(saved, tmp_path, lambda d: None, probe_input="touch PWNED"))
 
 
 def test_tied_modules_and_weights_stay_tied(tmp_path: Path) -> None:
