@@ -25,7 +25,7 @@ from .errors import UserError
 _BARE = frozenset(nn.Module().__dict__)  # what nn.Module.__init__ sets: not the module's own state
 # the modules whose functions a layer may hold as an attribute (an activation such as F.relu):
 # pure tensor operations, none of which loads, compiles or runs anything else
-_FUNCTIONS = ("torch.nn.functional", "torchvision.ops.stochastic_depth")
+_FUNCTIONS = ("torch.nn.functional",)
 
 
 def _path_of(obj: Any) -> str:
