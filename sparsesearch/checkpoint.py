@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, brief
 from .files import read_json, torch_save, write_json
 
 SCHEMA = 1
@@ -74,7 +74,7 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"{path} is not a readable weights-only torch checkpoint ({str(e).splitlines()[0]}); "
+        raise UserError(f"{path} is not a readable weights-only torch checkpoint ({brief(e)}); "
                         "save it with torch.save(model.state_dict(), path)") from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

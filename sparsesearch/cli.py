@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,13 +25,30 @@ console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Numeric options that must be > 0; every other one must be >= 0. All must be finite.
+_POSITIVE = frozenset({"epochs", "batch_size", "lr", "admm_interval", "rho0", "rho_factor", "rho_max", "samples",
+                       "image_size", "threads"})
+
+
+def _check_numbers(options: dict[str, Any]) -> None:
+    """Every numeric option of every command, checked in this one place before anything runs."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        positive = name in _POSITIVE
+        if not math.isfinite(value) or value < 0 or positive and value == 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if positive else '>= 0'}, "
+                            f"got {value}")
+
+
 def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written so far is intact") -> F:
-    """`fn` with user errors printed as one line (exit 2) instead of a traceback, and Ctrl-C as
-    `interrupted` (exit 130)."""
+    """`fn` with its numeric options checked, user errors printed as one line (exit 2) instead of a
+    traceback, and Ctrl-C as `interrupted` (exit 130)."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_numbers(kwargs)
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)

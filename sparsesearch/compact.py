@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
-from .graph import SURGERY_ERRORS, brief, build_graph, dependencies, out_handler, reads_through_reshape, unfollowable
+from .errors import UserError, brief
+from .graph import SURGERY_ERRORS, build_graph, dependencies, out_handler, reads_through_reshape, unfollowable
 from .layers import prunable, trace
 from .plan import Plan
 from .sparsity import SparsityType, live_groups

@@ -10,6 +10,12 @@ class UserError(Exception):
     """Bad input from the user: unknown name, missing data, mismatched checkpoint, absent GPU."""
 
 
+def brief(e: BaseException, width: int = 120) -> str:
+    """An exception as one short line: its type and the first line of its message (if any)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:width]}" if lines else type(e).__name__
+
+
 def unknown(what: str, name: str, known: Iterable[str], hint: str) -> UserError:
     """An 'unknown X' error that lists the closest known names, so a typo fixes itself."""
     known = list(known)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from .errors import UserError, brief
 from .files import read_json, save_with, torch_save, write_json
 from .structure import Collected, build, describe, stored
 
@@ -123,7 +123,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             warnings.simplefilter("ignore", UserWarning)
             stored = torch.load(weights, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"{weights} is not a readable weights-only file ({str(e).splitlines()[0]}); "
+        raise UserError(f"{weights} is not a readable weights-only file ({brief(e)}); "
                         "export the model again") from e
     return description, stored
 
@@ -138,7 +138,7 @@ def load(path: Path | str, trust: Iterable[str] = ()) -> nn.Module:
         model = build(description["root"], stored["tensors"], _trusted(trust), {}).eval()
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UserError(f"{path} is corrupt: its description does not fit its tensors "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); export the model again") from e
+                        f"({brief(e)}); export the model again") from e
     if "probe" in stored:
         _check_probe(model, stored["probe"], f"{path} (exported with {description.get('versions')})")
     return model
@@ -153,8 +153,7 @@ def _check_probe(model: nn.Module, probe: dict[str, Tensor], what: str) -> None:
         with torch.inference_mode():
             got, expected = model(probe["input"]), probe["output"]
     except (RuntimeError, KeyError, TypeError) as e:
-        raise UserError(f"{what} rebuilt does not run on its saved input ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); {hint}") from e
+        raise UserError(f"{what} rebuilt does not run on its saved input ({brief(e)}); {hint}") from e
     error = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
     if not error <= PROBE_TOLERANCE:  # NaN too
         raise UserError(f"{what} rebuilt does not reproduce its saved output (relative error {error:.2g}); {hint}")
@@ -212,8 +211,7 @@ def to_torchscript(model: nn.Module, example_input: Tensor, path: Path,
         try:
             traced = torch.jit.trace(traced_model, example_input)
         except (RuntimeError, TypeError, ValueError) as e:
-            raise UserError(f"cannot trace the model to TorchScript ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0]})") from e
+            raise UserError(f"cannot trace the model to TorchScript ({brief(e)})") from e
         files = {"sparsesearch.json": json.dumps({**(extra or {}), "densified": densified})}
         save_with(Path(path), lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=files))
     return densified
@@ -247,7 +245,7 @@ def to_onnx(model: nn.Module, example_input: Tensor, path: Path, extra: dict[str
         onnx.helper.set_model_props(proto, {"sparsesearch": json.dumps({**(extra or {}), "densified": densified})})
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001 - the exporter raises a zoo of types; all mean "not exportable"
-        raise UserError(f"cannot export the model to ONNX ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from e
+        raise UserError(f"cannot export the model to ONNX ({brief(e)})") from e
     finally:
         onnxscript_log.setLevel(level)
     save_with(Path(path), lambda tmp: onnx.save_model(proto, str(tmp)))

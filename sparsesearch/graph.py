@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import brief
 from .layers import prunable
 
 # Errors Torch-Pruning raises on graphs it cannot cut (index errors on grouped convs, zero
@@ -244,10 +245,6 @@ def _mis_mapped(graph) -> dict:  # noqa: ANN001 - a Torch-Pruning DependencyGrap
                 if not genuine:
                     found[node] = f"a reshape of {list(sizes) if sizes else '?'}"
     return found
-
-
-def brief(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:100]}" if str(e) else type(e).__name__
 
 
 def reads_through_reshape(graph, layer: nn.Module) -> bool:  # noqa: ANN001 - a DependencyGraph

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import brief
 from .sparsity import SparsityType, live_groups
 
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -323,7 +324,7 @@ def _semi_structured_or_none(matrix: Tensor) -> tuple[Tensor | None, str]:
         sparse = torch.sparse.to_sparse_semi_structured(matrix.detach().contiguous())
         F.linear(matrix.new_zeros(1, matrix.shape[1]), sparse)
     except _KERNEL_ERRORS as e:
-        return None, f"the 2:4 kernel refused this shape ({str(e).splitlines()[0][:80]})"
+        return None, f"the 2:4 kernel refused this shape ({brief(e, 80)})"
     return sparse, ""
 
 

@@ -32,9 +32,9 @@ from torch import nn
 
 from .admm import ADMMConfig, Iteration, run_admm
 from .compact import Measured
-from .graph import Dependencies
 from .data import Data
-from .errors import UserError
+from .errors import UserError, brief
+from .graph import Dependencies
 from .files import torch_save, write_json
 from .layers import Layer
 from .plan import Plan
@@ -267,7 +267,7 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
 
 
 def storage_problem(url: str, e: BaseException) -> str:
-    text = str(e).splitlines()[0][:160]
+    text = brief(e, 160)
     if "locked" in text:
         return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
     return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"

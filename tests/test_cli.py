@@ -70,3 +70,28 @@ def test_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_is_one_line() -> None:
     assert "no CUDA GPU" in _error(["train", "--device", "cuda"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--epochs", "nan"], "--epochs must be a finite number > 0, got nan"),
+    (["train", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["train", "--batch-size", "0"], "--batch-size must be a finite number > 0, got 0"),
+    (["prune", "--checkpoint", "x.pt", "--plan", "filter=0.5", "--admm-interval", "0"], "--admm-interval must be"),
+    (["prune", "--checkpoint", "x.pt", "--plan", "filter=0.5", "--admm-epochs", "-1"], "--admm-epochs must be a finite number >= 0"),
+    (["prune", "--checkpoint", "x.pt", "--plan", "filter=0.5", "--rho0", "nan"], "--rho0 must be a finite number > 0"),
+    (["compact", "--checkpoint", "x.pt", "--batch-size", "0"], "--batch-size must be"),
+    (["profile", "--batch-size", "0"], "--batch-size must be"),
+    (["optimize", "--max-acc-drop", "nan"], "--max-acc-drop must be a finite number >= 0, got nan"),
+    (["optimize", "--max-acc-drop", "-1"], "--max-acc-drop must be a finite number >= 0"),
+])
+def test_a_numeric_option_out_of_range_is_one_line_and_runs_nothing(
+        args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert message in _error(args)
+    assert not any(tmp_path.iterdir())  # no study, checkpoint or profile started
+
+
+def test_an_empty_checkpoint_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is not a readable weights-only torch checkpoint (EOFError)" in _error(
+        ["train", "--checkpoint", str(tmp_path / "empty.pt"), "--epochs", "0.01"])
