@@ -10,6 +10,10 @@ class UserError(Exception):
     """Bad input from the user: unknown name, missing data, mismatched checkpoint, absent GPU."""
 
 
+class Diverged(UserError):
+    """Training whose loss stopped being a number: nothing it would write is worth keeping."""
+
+
 def brief(e: BaseException, width: int = 120) -> str:
     """An exception as one short line: its type and the first line of its message (if any)."""
     lines = str(e).strip().splitlines()

@@ -33,7 +33,7 @@ from torch import nn
 from .admm import ADMMConfig, Iteration, run_admm
 from .compact import Measured
 from .data import Data
-from .errors import UserError, brief
+from .errors import Diverged, UserError, brief
 from .graph import Dependencies
 from .files import torch_save, write_json
 from .layers import Layer
@@ -179,7 +179,11 @@ class Search:
                                               f"{it.index}/{it.total} trails every feasible trial")
                 raise optuna.TrialPruned("hopeless")
 
-        result = run_admm(model, self.data, plan, self.config.admm(), self.device, self.deps, on_iteration)
+        try:
+            result = run_admm(model, self.data, plan, self.config.admm(), self.device, self.deps, on_iteration)
+        except Diverged as e:  # a plan the optimizer cannot follow: hopeless, not the study's end
+            trial.set_user_attr("pruned", str(e))
+            raise optuna.TrialPruned("diverged") from e
         val, test = result.accuracy["final_val"], result.accuracy["final"]
         drop = self.dense["val"] - val
         trial.set_constraint("accuracy_drop", drop - self.config.max_acc_drop)

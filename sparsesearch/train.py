@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, data, models
-from .errors import UserError
+from .errors import Diverged, UserError
 from .runtime import versions
 
 
@@ -103,6 +103,10 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
             loss = loss_fn(model(x.to(device)), y.to(device))
             if hooks.penalty is not None:
                 loss = loss + hooks.penalty()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"training diverged: the loss is {value} at step {step + 1} of {total} (lr "
+                               f"{config.lr:g}); lower the learning rate. Nothing was written")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if hooks.before_step is not None:
@@ -112,7 +116,7 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
             step += 1
             if hooks.after_step is not None:
                 hooks.after_step(step)
-            running, seen = running + loss.item() * len(y), seen + len(y)
+            running, seen = running + value * len(y), seen + len(y)
             if step == total:
                 break
             if on_progress is not None:

@@ -95,3 +95,12 @@ def test_an_empty_checkpoint_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.pt").write_bytes(b"")
     assert "is not a readable weights-only torch checkpoint (EOFError)" in _error(
         ["train", "--checkpoint", str(tmp_path / "empty.pt"), "--epochs", "0.01"])
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_the_checkpoint(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    out = tmp_path / "dense.pt"
+    out.write_bytes(digits_baseline.checkpoint.read_bytes())
+    before = out.read_bytes()
+    line = _error(["train", "--lr", "1e6", "--epochs", "1", "--out", str(out), "--threads", "1"])
+    assert line.startswith("error: training diverged: the loss is nan") and out.read_bytes() == before
+    assert not out.with_suffix(".json").exists()  # nothing new written beside it either
