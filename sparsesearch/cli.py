@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 from collections import Counter
@@ -41,6 +42,16 @@ def _check_numbers(options: dict[str, Any]) -> None:
                             f"got {value}")
 
 
+def _os_problem(e: OSError) -> str:
+    """A file-system failure as what to do about it; files written before it are intact (atomic writes)."""
+    place = e.filename or "a file"
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device holding {place}; free some and run again (earlier files are intact)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {place} ({e.strerror}); pick a folder you can write or fix its permissions"
+    return f"{place}: {e.strerror or e}"
+
+
 def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written so far is intact") -> F:
     """`fn` with its numeric options checked, user errors printed as one line (exit 2) instead of a
     traceback, and Ctrl-C as `interrupted` (exit 130)."""
@@ -53,6 +64,9 @@ def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written 
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # the machine's fault, not the input's: exit 1
+            typer.echo(f"error: {_os_problem(e)}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo(interrupted, err=True)
             raise typer.Exit(130) from None

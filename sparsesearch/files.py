@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -17,9 +18,13 @@ from .errors import UserError
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds. A
+    file-system error names `path`, not the temporary file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -27,6 +32,8 @@ def _replacing(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shared studies and profiles private
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -38,8 +45,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def torch_save(path: Path, obj: Any) -> None:
+    """Serialised in memory, then written: a full disk is then an OSError naming the file, not
+    torch's "unexpected pos" from inside its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with _replacing(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def save_with(path: Path, writer: Callable[[Path], None]) -> None:

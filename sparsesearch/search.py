@@ -274,6 +274,8 @@ def storage_problem(url: str, e: BaseException) -> str:
     text = brief(e, 160)
     if "locked" in text:
         return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
+    if "disk is full" in text or "readonly" in text:
+        return f"cannot write study storage {url} ({text}); free space on its disk or pick a folder you can write"
     return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"
 
 

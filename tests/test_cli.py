@@ -104,3 +104,45 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_the_checkpoint(digits_basel
     line = _error(["train", "--lr", "1e6", "--epochs", "1", "--out", str(out), "--threads", "1"])
     assert line.startswith("error: training diverged: the loss is nan") and out.read_bytes() == before
     assert not out.with_suffix(".json").exists()  # nothing new written beside it either
+
+
+def _mounted(path: Path, options: str):  # noqa: ANN202
+    """A 1 MB tmpfs at `path` for one test (root only; skipped elsewhere)."""
+    import subprocess
+
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,{options}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # noqa: ANN201
+    yield from _mounted(tmp_path / "disk", "rw")
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):  # noqa: ANN201
+    yield from _mounted(tmp_path / "ro", "ro")
+
+
+@pytest.mark.parametrize("args", [["train", "--epochs", "0.05", "--out", "dense.pt"], ["optimize", "--budget", "1"]])
+def test_a_folder_that_cannot_be_written_is_one_line(read_only: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       args: list[str]) -> None:
+    monkeypatch.chdir(read_only)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "(Read-only file system); pick a folder you can write or fix its permissions" in result.stderr
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(digits_baseline: DenseResult, tiny_disk: Path) -> None:
+    out = tiny_disk / "dense.pt"
+    out.write_bytes(digits_baseline.checkpoint.read_bytes())  # 640 kB of the 1 MB: no room for a second copy
+    before = out.read_bytes()
+    result = runner.invoke(app, ["train", "--epochs", "0.05", "--out", str(out), "--threads", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip() == (f"error: no space left on the device holding {out}; free some and run again "
+                                     "(earlier files are intact)")
+    assert out.read_bytes() == before and sorted(p.name for p in tiny_disk.iterdir()) == ["dense.pt"]
