@@ -487,7 +487,7 @@ def optimize(
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     limit = search.parse_budget(budget)
-    admm_epochs, retrain_epochs = search.parse_trial_epochs(trial_epochs) if trial_epochs else (None, None)
+    admm_epochs, retrain_epochs = search.parse_epochs(trial_epochs) if trial_epochs else (None, None)
     kinds = _type_names(types) if types else None
     if sampler not in (None, "tpe", "random"):
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
@@ -603,7 +603,7 @@ def export_cmd(
     opened = search.open_study(study, storage, create=False)
     config = search.load_config(opened)
     search.chosen(opened, trial)
-    admm_epochs, retrain_epochs = search.parse_trial_epochs(epochs)
+    admm_epochs, retrain_epochs = search.parse_epochs(epochs, "--epochs")
     stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
     with console.status("loading the dense checkpoint and the latency model"):
         built = search.build(config, dev, search.study_dir(study) / "artifacts", data_dir,

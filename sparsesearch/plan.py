@@ -111,6 +111,8 @@ class Plan:
             raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
         except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"plan {path} cannot be parsed ({e}); fix the file") from e
+        if isinstance(raw, dict) and type(raw.get("schema")) is not int:
+            raise UserError(f"plan {path} has no schema; add schema = {SCHEMA} (the format version) at its top")
         return cls.from_dict(raw, str(path))
 
 
@@ -123,6 +125,8 @@ def _kind(value: object, where: str) -> SparsityType:
 
 def _rate(value: object, where: str) -> float:
     try:
+        if isinstance(value, bool):  # float(True) is 1.0: a typo, not a rate
+            raise TypeError
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise UserError(f"{where}: rate '{value}' is not a number in [0, 1)") from None

@@ -74,16 +74,17 @@ def parse_budget(text: str) -> Budget:
     return Budget(seconds=h * 3600 + m * 60 + s)
 
 
-def parse_trial_epochs(text: str) -> tuple[float, float]:
-    """`ADMM+RETRAIN` epochs per trial, e.g. `1+2`; a single number is ADMM epochs with half as much retraining."""
+def parse_epochs(text: str, option: str = "--trial-epochs") -> tuple[float, float]:
+    """`ADMM+RETRAIN` epochs, e.g. `1+2`; a single number is ADMM epochs with half as much retraining.
+    `option` is the flag the text came from, for the error."""
     try:
         parts = [float(p) for p in text.split("+")]
     except ValueError:
         parts = []
     if len(parts) == 1:
         parts.append(parts[0] / 2)
-    if len(parts) != 2 or min(parts) < 0 or sum(parts) <= 0:
-        raise UserError(f"--trial-epochs '{text}' must be ADMM+RETRAIN epochs, e.g. 1+2 (fractions allowed)")
+    if len(parts) != 2 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0:
+        raise UserError(f"{option} '{text}' must be ADMM+RETRAIN epochs, e.g. 1+2 (fractions allowed)")
     return parts[0], parts[1]
 
 

@@ -146,3 +146,13 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(digits_baseli
     assert result.stderr.strip() == (f"error: no space left on the device holding {out}; free some and run again "
                                      "(earlier files are intact)")
     assert out.read_bytes() == before and sorted(p.name for p in tiny_disk.iterdir()) == ["dense.pt"]
+
+
+def test_export_names_its_own_epochs_option(tmp_path: Path) -> None:
+    from sparsesearch.search import parse_epochs
+    from sparsesearch.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--epochs 'abc' must be ADMM\+RETRAIN epochs"):
+        parse_epochs("abc", "--epochs")
+    with pytest.raises(UserError, match="must be ADMM"):
+        parse_epochs("nan+1")

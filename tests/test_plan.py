@@ -76,3 +76,13 @@ def test_an_atomically_written_file_gets_the_usual_permissions(tmp_path: Path) -
     finally:
         os.umask(umask)
     assert (tmp_path / "p.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"layers": {"0": {"type": "filter", "rate": 0.5}}}', "has no schema; add schema = 1"),
+    ('{"schema": 1, "layers": {"0": {"type": "filter", "rate": true}}}', "rate 'True' is not a number"),
+])
+def test_a_plan_file_without_schema_or_with_a_boolean_rate_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        Plan.load(tmp_path / "p.json")

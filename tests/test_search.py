@@ -38,10 +38,10 @@ def test_budget_refuses_what_is_neither(text: str) -> None:
 
 
 def test_trial_epochs_are_admm_plus_retrain() -> None:
-    assert search.parse_trial_epochs("1+3") == (1.0, 3.0)
-    assert search.parse_trial_epochs("2") == (2.0, 1.0)
+    assert search.parse_epochs("1+3") == (1.0, 3.0)
+    assert search.parse_epochs("2") == (2.0, 1.0)
     with pytest.raises(UserError, match="ADMM\\+RETRAIN"):
-        search.parse_trial_epochs("a+b")
+        search.parse_epochs("a+b")
 
 
 def test_admm_of_a_short_trial_has_enough_updates_for_rho_to_reach_its_end() -> None:
