@@ -19,7 +19,6 @@ the dense masked matmul (same outputs, no sparse speedup).
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError, brief
-from .files import read_json, save_with, torch_save, write_json
+from .files import read_json, save_with, sha256, torch_save, write_json
 from .structure import Collected, build, describe, stored
 
 if TYPE_CHECKING:
@@ -68,14 +67,6 @@ def _user_package(meta: dict[str, Any]) -> tuple[str, ...]:
     return (model.split(":")[0],) if ":" in model and not model.startswith(("tv:", "timm:")) else ()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
@@ -97,7 +88,7 @@ def save(path: Path, model: nn.Module, meta: dict[str, Any], example_input: Tens
             weights["probe"] = {"input": probe.detach().cpu(), "output": model.eval()(probe).detach().cpu()}
     torch_save(path, weights)
     write_json(sidecar(path), {"schema": SCHEMA, **meta, "kind": KIND, "weights": path.name,
-                               "weights_sha256": _sha256(path), "versions": versions(),
+                               "weights_sha256": sha256(path), "versions": versions(),
                                "densified": collected.densified, "root": root})
     return collected.densified
 
@@ -115,7 +106,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     weights = path.with_name(Path(str(description.get("weights", path.name))).name)  # never outside the folder
     if not weights.is_file():
         raise UserError(f"weights file not found: {weights}; keep it beside {sidecar(path).name}")
-    if _sha256(weights) != description.get("weights_sha256"):
+    if sha256(weights) != description.get("weights_sha256"):
         raise UserError(f"{weights} is not the file {sidecar(path).name} describes (truncated, corrupt or "
                         "from another export); export the model again")
     try:

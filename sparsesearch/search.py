@@ -35,7 +35,7 @@ from .compact import Measured
 from .data import Data
 from .errors import Diverged, UserError, brief
 from .graph import Dependencies
-from .files import torch_save, write_json
+from .files import sha256, torch_save, write_json
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
@@ -138,6 +138,7 @@ class Search:
     device: torch.device
     artifacts: Path
     dense: dict[str, float] = field(default_factory=dict)  # val, test accuracy (%)
+    weights_sha256: str = ""  # of the dense checkpoint: a study resumed on other weights is refused
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
 
     def __post_init__(self) -> None:
@@ -412,7 +413,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
     dense = {"val": evaluate(model.to(device), data.val, device), "test": evaluate(model, data.test, device)}
     model.cpu()
     return Search(config, model, data, trace(model, shape), dependencies(model, shape), latency, device, artifacts,
-                  dense)
+                  dense, sha256(weights))
 
 
 def record(study: optuna.Study, search: Search) -> None:
@@ -420,11 +421,15 @@ def record(study: optuna.Study, search: Search) -> None:
     from .profiler.table import fingerprint
 
     if "config" in study.user_attrs:  # resumed: keep judging against the baseline the study started with
+        started = study.user_attrs["dense"].get("weights_sha256", search.weights_sha256)
+        if started != search.weights_sha256:
+            raise UserError(f"the dense checkpoint of study '{study.study_name}' changed since the study started "
+                            "(its trials were pruned from other weights); restore it, or start another with --study NEW")
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         return
     here = fingerprint(search.device, search.config.batch_size, "float32")
     study.set_user_attr("config", search.config.to_attrs())
-    study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms,
+    study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms, "weights_sha256": search.weights_sha256,
                                   "unit": "% top-1; profiled_ms per call of the whole batch"})
     study.set_user_attr("setting", {"device": str(search.device), "device_name": here["device_name"],
                                     "batch_size": search.config.batch_size, "threads": here["threads"],

@@ -16,6 +16,7 @@ from sparsesearch.admm import apply_masks, prune_masks
 from sparsesearch.compact import Compacted, compact
 from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
+from sparsesearch.files import sha256
 from sparsesearch.layers import trace
 from sparsesearch.models import create
 from sparsesearch.plan import LayerSparsity, Plan
@@ -221,7 +222,7 @@ def _tampered(saved, tmp_path: Path, edit, probe_input=None) -> Path:  # noqa: A
     torch.save(weights, tmp_path / "model.pt")
     description = json.loads(path.with_suffix(".json").read_text())
     edit(description)
-    description["weights_sha256"] = export._sha256(tmp_path / "model.pt")
+    description["weights_sha256"] = sha256(tmp_path / "model.pt")
     (tmp_path / "model.json").write_text(json.dumps(description))
     return tmp_path
 

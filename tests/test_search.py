@@ -206,6 +206,15 @@ def test_resuming_with_other_settings_is_refused(tiny: dict) -> None:
     assert search.reconcile(tiny["study"], {"model": None}, search.SearchConfig()).types == TINY["types"]
 
 
+def test_resuming_on_a_dense_checkpoint_that_changed_is_refused(tiny: dict) -> None:
+    import dataclasses
+
+    retrained = dataclasses.replace(tiny["search"], weights_sha256="0" * 64)
+    with pytest.raises(UserError, match="dense checkpoint of study 'tiny' changed since the study started"):
+        search.record(tiny["study"], retrained)
+    search.record(tiny["study"], tiny["search"])  # the same weights resume
+
+
 def test_export_refuses_infeasible_and_unknown_trials(tiny: dict) -> None:
     study = tiny["study"]
     infeasible = next(t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if not t.user_attrs["feasible"])
