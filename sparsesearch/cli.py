@@ -501,15 +501,19 @@ def optimize(
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
              "batch_size": batch_size, "seed": seed, "sampler": sampler}
-    config = search.reconcile(opened, given, search.SearchConfig())
-    done_before = len(search.trained_trials(opened))
-    console.print(f"study [bold]{name}[/] ({search.storage_url(name, storage)}): {config.model} on {config.dataset}, "
-                  f"{done_before} trials so far; budget {limit}; {dev}, {n_threads} threads")
-    with progress_bar("setup") as update:
-        built = search.build(config, dev, search.study_dir(name) / "artifacts", data_dir, profile, allow_foreign_profile,
-                             notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
-                             on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
-    search.record(opened, built)
+    try:
+        config = search.reconcile(opened, given, search.SearchConfig())
+        done_before = len(search.trained_trials(opened))
+        console.print(f"study [bold]{name}[/] ({search.storage_url(name, storage)}): {config.model} on "
+                      f"{config.dataset}, {done_before} trials so far; budget {limit}; {dev}, {n_threads} threads")
+        with progress_bar("setup") as update:
+            built = search.build(config, dev, search.study_dir(name) / "artifacts", data_dir, profile,
+                                 allow_foreign_profile, notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
+                                 on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
+        search.record(opened, built)
+    except BaseException:  # a refused or interrupted set-up leaves no empty study behind
+        search.discard_if_unused(opened, storage)
+        raise
     opened.sampler = search.make_sampler(config, done_before)
     opened.pruner = HopelessPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -270,6 +271,17 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
                         "to create it") from None
     except _storage_errors() as e:
         raise UserError(storage_problem(url, e)) from e
+
+
+def discard_if_unused(study: optuna.Study, storage: str | None) -> None:
+    """Delete a study that a refused run created and never set up, so it does not linger in the
+    study list; with the default SQLite storage its folder goes too, if nothing else is in it."""
+    if "config" in study.user_attrs or study.get_trials(deepcopy=False):
+        return
+    optuna.delete_study(study_name=study.study_name, storage=storage_url(study.study_name, storage))
+    folder = study_dir(study.study_name)
+    if storage is None and {p.name for p in folder.iterdir()} <= {"study.db"}:
+        shutil.rmtree(folder)
 
 
 def storage_problem(url: str, e: BaseException) -> str:

@@ -156,3 +156,9 @@ def test_export_names_its_own_epochs_option(tmp_path: Path) -> None:
         parse_epochs("abc", "--epochs")
     with pytest.raises(UserError, match="must be ADMM"):
         parse_epochs("nan+1")
+
+
+def test_a_refused_optimize_leaves_no_study_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "checkpoint not found: nope.pt" in _error(["optimize", "--study", "s", "--checkpoint", "nope.pt"])
+    assert not (tmp_path / "studies" / "s").exists()
