@@ -400,7 +400,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
     from .layers import trace
     from .profiler import latency_model_for
     from .profiler.measure import Target, profile_model
-    from .profiler.table import PROFILES_DIR, find_profile, fingerprint, model_key
+    from .profiler.table import find_profile, fingerprint, model_key, profiles_dir
     from .train import TrainConfig, default_checkpoint, evaluate, prepare, train_dense
 
     say = notify or (lambda _text: None)
@@ -415,9 +415,9 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
     model, data = prepare(config.model, config.dataset, data_dir, weights=weights, seed=config.seed)
     model.eval()
     shape = data.input_shape
-    if profile is None and find_profile(fingerprint(device, config.batch_size, "float32"), PROFILES_DIR,
-                                        model_key(model, shape)) is None:
-        say(f"no latency profile of {config.model} for this device under {PROFILES_DIR.name}/: profiling it first "
+    if profile is None and find_profile(fingerprint(device, config.batch_size, "float32"),
+                                        network=model_key(model, shape)) is None:
+        say(f"no latency profile of {config.model} for this device under {profiles_dir()}/: profiling it first "
             f"(batch {config.batch_size}, {torch.get_num_threads()} threads; done once)")
         profile_model(Target(config.model, copy.deepcopy(model), shape), device, config.batch_size,
                       on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))

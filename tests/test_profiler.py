@@ -166,6 +166,24 @@ def test_find_profile_locates_the_matching_file(small_profile: measure.ProfileRu
     assert table.profile_name(here).endswith("-b1-float32.json")
 
 
+def test_profiles_follow_the_working_directory_and_the_shipped_ones_are_never_written(
+        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = table.fingerprint(CPU, 1, "float32")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    _with_fingerprint(small_profile.path, shipped / table.profile_name(here))
+    before = (shipped / table.profile_name(here)).read_bytes()
+    monkeypatch.setattr(table, "SHIPPED_PROFILES", shipped)
+    monkeypatch.setattr(measure, "SHIPPED_PROFILES", shipped)
+    monkeypatch.chdir(tmp_path)
+    assert table.find_profile(here) == shipped / table.profile_name(here)  # read where nothing is local
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, (*TYPES, "irregular"), timing=FAST)
+    assert run.path == Path("hardware_profiles") / table.profile_name(here)
+    assert run.reused > 0 and run.measured > 0  # the shipped rows are not timed again; the new ones are added
+    assert (shipped / table.profile_name(here)).read_bytes() == before
+    assert table.find_profile(here) == run.path  # the working directory's copy comes first now
+
+
 # --- the grid and the builder ----------------------------------------------------------------------
 
 

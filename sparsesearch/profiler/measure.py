@@ -26,7 +26,8 @@ from ..layers import Layer, trace
 from ..plan import Plan
 from ..sparsity import SparsityType, keep_count
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
-from .table import (DTYPES, PROFILES_DIR, Profile, Row, Signature, differences, fingerprint, model_key, point_key,
+from .table import (DTYPES, SHIPPED_PROFILES, Profile, Row, Signature, differences, find_profile, fingerprint,
+                    model_key, point_key, profiles_dir,
                     profile_name)
 from .timing import Timing, compare
 
@@ -355,6 +356,17 @@ class ProfileRun:
         return sum(abs(s - 1) > SLOW for s in self.speeds) / max(len(self.speeds), 1)
 
 
+def _shipped_start(here: dict[str, object], path: Path) -> Profile | None:
+    """A copy, to be written at `path`, of the shipped profile of this machine and setting, if there
+    is one: its rows are not measured again, and the shipped file is never written."""
+    shipped = find_profile(here, SHIPPED_PROFILES)
+    if shipped is None:
+        return None
+    profile = Profile.load(shipped)
+    profile.path = path
+    return profile
+
+
 def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dtype: str = "float32",
                   rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
                   out: Path | None = None, on_progress: ProgressFn | None = None,
@@ -364,9 +376,12 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
     here = fingerprint(device, batch_size, dtype)
-    path = Path(out or PROFILES_DIR / profile_name(here))
+    path = Path(out or profiles_dir() / profile_name(here))
     overrides, timing = timing or {}, {**TIMING, **(timing or {})}
-    profile = Profile.load(path) if path.exists() else Profile(here, timing=timing, path=path)
+    if path.exists():
+        profile = Profile.load(path)
+    else:  # a new file of its own (--out) starts empty; the default one from the shipped rows, if any
+        profile = (out is None and _shipped_start(here, path)) or Profile(here, timing=timing, path=path)
     diff = differences(profile.fingerprint, here)
     if diff:
         raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "

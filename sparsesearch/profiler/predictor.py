@@ -208,12 +208,12 @@ class InNetwork:
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
                       dtype: str = "float32", path: Path | None = None, allow_foreign: bool = False) -> LatencyModel:
-    """The latency model of the profile at `path`, or of the one under hardware_profiles/ that was
+    """The latency model of the profile at `path`, or of the one (`find_profile`) that was
     measured on this device and setting and holds this network; refuses a foreign profile."""
-    from .table import PROFILES_DIR, find_profile, fingerprint, load_profile
+    from .table import find_profile, fingerprint, load_profile
 
     if path is None:
-        path = find_profile(fingerprint(device, batch_size, dtype), PROFILES_DIR, model_key(model, input_shape))
+        path = find_profile(fingerprint(device, batch_size, dtype), network=model_key(model, input_shape))
     return LatencyModel().fit(load_profile(path, device, batch_size, dtype, allow_foreign))
 
 

@@ -24,7 +24,16 @@ from ..files import read_json, write_json
 
 SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+# Profiles of known machines shipped with the source: read, never written (a run that adds rows
+# starts a copy in `profiles_dir()`).
+SHIPPED_PROFILES = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+
+def profiles_dir() -> Path:
+    """Where profiles are written and looked up first: $SPARSESEARCH_PROFILES, else hardware_profiles/
+    in the working directory, as studies/ and checkpoints/ are (from the repository's root, that is
+    the shipped folder itself)."""
+    return Path(os.environ.get("SPARSESEARCH_PROFILES", "hardware_profiles"))
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
 # environment are recorded but not compared
 MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
@@ -235,11 +244,15 @@ def profile_name(fp: dict[str, object]) -> str:
     return f"{device}-b{fp['batch_size']}-{fp['dtype']}.json"
 
 
-def find_profile(here: dict[str, object], root: Path = PROFILES_DIR, network: str | None = None) -> Path | None:
-    """The profile under `root` measured on this fingerprint (and, given a `model_key`, holding that
-    network's rest), or None."""
-    preferred = Path(root) / profile_name(here)
-    for candidate in [preferred, *sorted(set(Path(root).glob("*.json")) - {preferred})]:  # renamed files count
+def find_profile(here: dict[str, object], root: Path | None = None, network: str | None = None) -> Path | None:
+    """The profile under `root` (default: `profiles_dir()`, then the shipped ones) measured on this
+    fingerprint (and, given a `model_key`, holding that network's rest), or None."""
+    roots = [Path(root)] if root is not None else [profiles_dir(), SHIPPED_PROFILES]
+    candidates = []
+    for folder in roots:
+        preferred = folder / profile_name(here)
+        candidates += [preferred, *sorted(set(folder.glob("*.json")) - {preferred})]  # renamed files count
+    for candidate in candidates:
         try:
             raw = read_json(candidate, "latency profile")
         except UserError:
@@ -251,13 +264,13 @@ def find_profile(here: dict[str, object], root: Path = PROFILES_DIR, network: st
 
 
 def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype: str = "float32",
-                 allow_foreign: bool = False, threads: int | None = None, root: Path = PROFILES_DIR) -> Profile:
-    """The profile at `path` (or the one under `root` matching this device), checked against it."""
+                 allow_foreign: bool = False, threads: int | None = None) -> Profile:
+    """The profile at `path` (or the one `find_profile` finds for this device), checked against it."""
     here = fingerprint(device, batch_size, dtype, threads)
     if path is None:
-        path = find_profile(here, root)
+        path = find_profile(here)
         if path is None:
-            raise UserError(f"no latency profile for this device under {root} ({profile_name(here)}); "
+            raise UserError(f"no latency profile for this device under {profiles_dir()}/ ({profile_name(here)}); "
                             f"run `sparsesearch profile --device {device} --batch-size {batch_size} --dtype {dtype}`")
     profile = Profile.load(path)
     profile.check(here, allow_foreign)
