@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import locked
 from ..layers import Layer, trace
 from ..plan import Plan
 from ..sparsity import SparsityType, keep_count
@@ -377,11 +378,22 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
         raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
     here = fingerprint(device, batch_size, dtype)
     path = Path(out or profiles_dir() / profile_name(here))
+    waiting = "waiting for another run that is writing this profile"
+    # one run per profile at a time: two would disturb each other's timings and overwrite each other's rows
+    with locked(path, lambda: on_progress(0, 0, waiting) if on_progress else None):
+        return _profile_into(path, out is None, here, target_, device, batch_size, dtype, rates, types,
+                             on_progress, timing)
+
+
+def _profile_into(path: Path, default_path: bool, here: dict[str, object], target_: Target, device: torch.device,
+                  batch_size: int, dtype: str, rates: Iterable[float], types: Iterable[str] | None,
+                  on_progress: ProgressFn | None, timing: dict[str, float] | None) -> ProfileRun:
+    """profile_model's work, under its lock: the file is read only now, with every row another run added."""
     overrides, timing = timing or {}, {**TIMING, **(timing or {})}
     if path.exists():
         profile = Profile.load(path)
     else:  # a new file of its own (--out) starts empty; the default one from the shipped rows, if any
-        profile = (out is None and _shipped_start(here, path)) or Profile(here, timing=timing, path=path)
+        profile = (default_path and _shipped_start(here, path)) or Profile(here, timing=timing, path=path)
     diff = differences(profile.fingerprint, here)
     if diff:
         raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "
