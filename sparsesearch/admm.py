@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .graph import Coupling, Dependencies, dependencies
 from .data import Data
 from .errors import UserError
+from .graph import Coupling, Dependencies, dependencies
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
@@ -78,7 +78,7 @@ class Target:
 
 
 def targets(plan: Plan, deps: Dependencies | None = None) -> list[Target]:
-    """One target per planned layer, except filter pruning: a channel space (`compact.Coupling`)
+    """One target per planned layer, except filter pruning: a channel space (`graph.Coupling`)
     whose layers are all filter-pruned alike is projected jointly on the summed norms of the filters
     at each position, so they keep the same channels and these can be physically removed."""
     grouped, out = set(), []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,23 +54,24 @@ def _os_problem(e: OSError) -> str:
 
 
 def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written so far is intact") -> F:
-    """`fn` with its numeric options checked, user errors printed as one line (exit 2) instead of a
-    traceback, and Ctrl-C as `interrupted` (exit 130)."""
+    """`fn` with its numeric options checked, user errors printed as one line (exit 2) and the
+    machine's (a full disk, a folder it cannot write) too (exit 1), instead of a traceback unless
+    $SPARSESEARCH_DEBUG is set, and Ctrl-C as `interrupted` (exit 130)."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             _check_numbers(kwargs)
             return fn(*args, **kwargs)
-        except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as e:  # the machine's fault, not the input's: exit 1
-            typer.echo(f"error: {_os_problem(e)}", err=True)
-            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo(interrupted, err=True)
             raise typer.Exit(130) from None
+        except (UserError, OSError) as e:
+            if os.environ.get("SPARSESEARCH_DEBUG"):  # the whole traceback, for a bug report
+                raise
+            user = isinstance(e, UserError)
+            typer.echo(f"error: {e if user else _os_problem(e)}", err=True)
+            raise typer.Exit(2 if user else 1) from None  # 1: the machine's fault, not the input's
 
     return run  # type: ignore[return-value]
 

@@ -162,3 +162,11 @@ def test_a_refused_optimize_leaves_no_study_behind(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     assert "checkpoint not found: nope.pt" in _error(["optimize", "--study", "s", "--checkpoint", "nope.pt"])
     assert not (tmp_path / "studies" / "s").exists()
+
+
+def test_sparsesearch_debug_shows_the_whole_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsesearch.errors import UserError
+
+    monkeypatch.setenv("SPARSESEARCH_DEBUG", "1")
+    result = runner.invoke(app, ["train", "--model", "resnet-20"])
+    assert isinstance(result.exception, UserError) and "did you mean resnet20" in str(result.exception)
