@@ -73,9 +73,9 @@ class Plan:
             filtered = [n for n, s in specs.items() if s is not None and s.type == SparsityType.FILTER]
             if filtered and len(set(specs.values())) > 1:
                 raise UserError(
-                    f"layers {', '.join(group)} share their output channels (a residual addition or a "
-                    f"depthwise conv), so filter pruning applies to the group: give all of them the same "
-                    f"filter rate, or prune {', '.join(filtered)} with another type")
+                    f"layers {', '.join(group)} share their output channels (a residual addition, a depthwise "
+                    f"conv, an SE gate, or a concatenation feeding one), so filter pruning applies to the group: "
+                    f"give all of them the same filter rate, or prune {', '.join(filtered)} with another type")
 
     # --- files ------------------------------------------------------------------------------------
 
