@@ -20,6 +20,7 @@ import copy
 import math
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -249,9 +250,15 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return (sqlalchemy.exc.SQLAlchemyError, ImportError)
 
 
+HEARTBEAT_S = 30  # a running trial's worker says it is alive this often
+GRACE_S = 120  # silent this long (killed, machine lost): the trial is failed and run once more
+
+
 def open_study(name: str, storage: str | None, create: bool, sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """The study NAME in `storage` (default SQLite under studies/NAME/); created if `create`."""
+               pruner: optuna.pruners.BasePruner | None = None, grace_s: int = GRACE_S) -> optuna.Study:
+    """The study NAME in `storage` (default SQLite under studies/NAME/); created if `create`. Running
+    trials beat a heartbeat; one whose worker fell silent for `grace_s` (SIGKILL, a lost machine) is
+    failed by the next worker to start a trial, and retried once with the same plan."""
     url = storage_url(name, storage)
     if storage is None and not create and not (study_dir(name) / "study.db").is_file():
         known = sorted(p.name for p in STUDIES_DIR.glob("*") if (p / "study.db").is_file())
@@ -262,10 +269,11 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = _rdb_storage(url, grace_s)
             if create:
-                return optuna.create_study(study_name=name, storage=url, directions=["maximize", "maximize"],
+                return optuna.create_study(study_name=name, storage=rdb, directions=["maximize", "maximize"],
                                            sampler=sampler, pruner=pruner, load_if_exists=True)
-            return optuna.load_study(study_name=name, storage=url, sampler=sampler, pruner=pruner)
+            return optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
     except KeyError:
         raise UserError(f"storage {url} holds no study '{name}'; check --study, or run `sparsesearch optimize` "
                         "to create it") from None
@@ -282,6 +290,24 @@ def discard_if_unused(study: optuna.Study, storage: str | None) -> None:
     folder = study_dir(study.study_name)
     if storage is None and {p.name for p in folder.iterdir()} <= {"study.db"}:
         shutil.rmtree(folder)
+
+
+def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
+    """The storage at `url`, with heartbeats. Workers started together race to create its tables;
+    the loser sees them already there (an integrity error) and simply opens them again."""
+    import sqlalchemy.exc
+
+    def make() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=min(HEARTBEAT_S, grace_s), grace_period=grace_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+
+    for delay in (0.2, 0.4, 0.8, 1.6):
+        try:
+            return make()
+        except sqlalchemy.exc.IntegrityError:
+            time.sleep(delay)
+    return make()
 
 
 def storage_problem(url: str, e: BaseException) -> str:

@@ -11,8 +11,8 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 
 from sparsesearch import models, report, search
-from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
+from sparsesearch.graph import dependencies
 from sparsesearch.layers import trace
 from sparsesearch.plan import Plan
 from sparsesearch.profiler.measure import Target, profile_model
@@ -250,3 +250,42 @@ def test_a_mistyped_model_leaves_no_study_behind(tmp_path: Path, monkeypatch: py
     result = CliRunner().invoke(app, ["optimize", "--model", "resnet2O", "--budget", "1"])
     assert result.exit_code == 2 and "did you mean resnet20" in result.stderr
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-trial leaves its trial RUNNING; once its heartbeat is older than the
+    grace period, the next worker fails it and enqueues its plan again (real SQLite, real kill)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import warnings
+
+    from sparsesearch.profiler.table import SHIPPED_PROFILES
+
+    shipped = SHIPPED_PROFILES / "cpu-amd-epyc-t1-b1-float32.json"  # any profile: the test times nothing
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "sparsesearch"), "optimize", "--study", "k", "--budget", "3", "--threads", "1",
+         "--trial-epochs", "20+20", "--checkpoint", str(digits_baseline.checkpoint), "--profile", str(shipped),
+         "--allow-foreign-profile"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"sqlite:///{tmp_path / 'studies' / 'k' / 'study.db'}"
+    deadline, running = time.monotonic() + 300, []
+    while not running and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.5)
+        try:
+            running = optuna.load_study(study_name="k", storage=url).get_trials(False, states=(TrialState.RUNNING,))
+        except (KeyError, Exception):  # noqa: BLE001 - the worker has not created the study yet
+            running = []
+    assert running, f"no trial started: {worker.stderr.read() if worker.poll() is not None else 'timeout'}"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    time.sleep(2.5)
+    study = search.open_study("k", url, create=False, grace_s=1)
+    with warnings.catch_warnings():  # experimental in Optuna 5, as every worker runs it before a trial
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(False)
+    killed = [t for t in trials if t.number == running[0].number]
+    retried = [t for t in trials if t.state == TrialState.WAITING and t.system_attrs.get("failed_trial") == running[0].number]
+    assert killed[0].state == TrialState.FAIL and len(retried) == 1
+    assert retried[0].params == killed[0].params and retried[0].user_attrs["plan"] == killed[0].user_attrs["plan"]
