@@ -157,6 +157,9 @@ class Search:
         return copy.deepcopy(self.model)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        if (twin := _earlier_baseline(trial)) is not None:
+            trial.set_user_attr("rejected", f"baseline {trial.user_attrs['baseline']} is trial {twin}'s")
+            raise optuna.TrialPruned("duplicate baseline")
         plan = self.space.suggest(trial)
         layers = plan.to_dict()["layers"]
         trial.set_user_attr("plan", layers)
@@ -350,6 +353,18 @@ def make_sampler(config: SearchConfig, finished: int) -> optuna.samplers.BaseSam
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def _earlier_baseline(trial: optuna.Trial) -> int | None:
+    """The number of an earlier trial of the same uniform baseline, if any did not fail. Workers
+    starting together may each enqueue the baselines; the lowest-numbered copy runs, the others are
+    rejected at no cost, so each baseline is trained once whatever the storage."""
+    label = trial.user_attrs.get("baseline")
+    if label is None:
+        return None
+    return next((t.number for t in trial.study.get_trials(deepcopy=False)
+                 if t.number < trial.number and t.user_attrs.get("baseline") == label and t.state != TrialState.FAIL),
+                None)
 
 
 def trained_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -289,3 +289,17 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
     retried = [t for t in trials if t.state == TrialState.WAITING and t.system_attrs.get("failed_trial") == running[0].number]
     assert killed[0].state == TrialState.FAIL and len(retried) == 1
     assert retried[0].params == killed[0].params and retried[0].user_attrs["plan"] == killed[0].user_attrs["plan"]
+
+
+def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path: Path) -> None:
+    built = tiny["search"]
+    study = search.open_study("twice", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
+                              HopelessPruner())
+    for _worker in range(2):  # both saw no baselines yet, as two workers starting together do
+        for label, params in built.baselines():
+            study.enqueue_trial(params, user_attrs={"baseline": label})
+    search.run(built, study, search.Budget(trials=4), baselines=False)  # the 4th trained trial comes after the copies
+    trained = [t.user_attrs["baseline"] for t in search.trained_trials(study) if "baseline" in t.user_attrs]
+    assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7"]
+    duplicates = [t for t in study.get_trials(False) if "is trial" in t.user_attrs.get("rejected", "")]
+    assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
