@@ -5,7 +5,6 @@ through compact kernels (`kernels`); checked against the masked model (`Referenc
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from torch import nn
 
 from .errors import UserError, brief
 from .graph import SURGERY_ERRORS, build_graph, dependencies, out_handler, reads_through_reshape, unfollowable
-from .layers import prunable, trace
+from .layers import trace
 from .plan import Plan
 from .sparsity import SparsityType, live_groups
 

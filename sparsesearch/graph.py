@@ -10,7 +10,7 @@
 
 The graph follows every operator, so a sparsity type never needs to know about residual blocks.
 Torch-Pruning 1.6 on torch 2.x mis-maps some reshapes (attention heads, window partitions) as
-flattens whose index lists multiply without bound; `_blowup` finds them before any traversal.
+flattens whose index lists multiply without bound; `unfollowable` finds them before any traversal.
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ from ..plan import Plan
 from ..sparsity import SparsityType, keep_count
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
 from .table import (DTYPES, SHIPPED_PROFILES, Profile, Row, Signature, differences, find_profile, fingerprint,
-                    model_key, point_key, profiles_dir,
-                    profile_name)
+                    model_key, point_key, profile_name, profiles_dir)
 from .timing import Timing, compare
 
 DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))

@@ -34,6 +34,8 @@ def profiles_dir() -> Path:
     in the working directory, as studies/ and checkpoints/ are (from the repository's root, that is
     the shipped folder itself)."""
     return Path(os.environ.get("SPARSESEARCH_PROFILES", "hardware_profiles"))
+
+
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
 # environment are recorded but not compared
 MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
