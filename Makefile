@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-all bench
+.PHONY: setup data postgres demo test test-all bench
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data postgres
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,20 @@ data:
 		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
 	else echo "note: dataset-fashion-mnist not installed (needs apt as root); Fashion-MNIST tests will skip"; fi
+
+# A real PostgreSQL server for the shared-storage tests: Debian's postgresql (initdb and pg_ctl
+# under /usr/lib/postgresql/VER/bin). The tests start a throwaway cluster of their own; where apt
+# is not ours to use, they skip and say why.
+postgres:
+	@if (command -v initdb && command -v pg_ctl) >/dev/null \
+		|| ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "note: could not install postgresql; PostgreSQL tests will skip"; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+		(sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "note: could not install postgresql; PostgreSQL tests will skip"; \
+	else echo "note: postgresql not installed (needs apt as root); PostgreSQL tests will skip"; fi
 
 demo: setup
 	$(VENV)/bin/sparsesearch optimize --budget 20 --threads 1

@@ -1,4 +1,5 @@
-"""Shared fixtures: one trained digits baseline per session, and Fashion-MNIST when installed."""
+"""Shared fixtures: one trained digits baseline per session, Fashion-MNIST when installed, and a
+throwaway PostgreSQL server (tests/postgres.py) when one is installed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from sparsesearch import data
 from sparsesearch.train import DenseResult, TrainConfig, train_dense
+
+from postgres import fresh_postgres_db, postgres_cluster, postgres_url  # noqa: F401  (tests/ is on sys.path)
 
 
 @pytest.fixture(scope="session")
