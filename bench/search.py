@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, record  # noqa: E402
 
-from sparsesearch import report, search, space  # noqa: E402
+from sparsesearch import report, search, space, storage  # noqa: E402
 
 CASES = {  # model, dataset, ADMM+retrain epochs per trial
     "digits": ("digits-cnn", "digits", (1.0, 3.0)),
@@ -37,9 +37,9 @@ DROPS = (0.5, 1.0)
 
 def arm(built: search.Search, name: str, storage_dir: Path, budget: int, sampler: str) -> tuple[optuna.Study, float]:
     built.config.sampler = sampler
-    study = search.open_study(name, f"sqlite:///{storage_dir / f'{name}.db'}", True,
+    study = storage.open_study(name, f"sqlite:///{storage_dir / f'{name}.db'}", True,
                               search.make_sampler(built.config, 0), space.HopelessPruner())
-    built.artifacts = storage_dir / name
+    built.artifacts = str(storage_dir / name)
     search.record(study, built)
     start = time.perf_counter()
     search.run(built, study, search.Budget(trials=budget), baselines=sampler != "random")

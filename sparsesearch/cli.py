@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Numeric options that must be > 0; every other one must be >= 0. All must be finite.
 _POSITIVE = frozenset({"epochs", "batch_size", "lr", "admm_interval", "rho0", "rho_factor", "rho_max", "samples",
-                       "image_size", "threads"})
+                       "image_size", "threads", "stale_after"})
 
 
 def _check_numbers(options: dict[str, Any]) -> None:
@@ -72,15 +72,24 @@ def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written 
             user = isinstance(e, UserError)
             typer.echo(f"error: {e if user else _os_problem(e)}", err=True)
             raise typer.Exit(2 if user else 1) from None  # 1: the machine's fault, not the input's
+        except Exception as e:  # a study storage failing under the run: a full disk, a lost server
+            from .storage import failed_mid_run
+
+            line = failed_mid_run(e)
+            if line is None or os.environ.get("SPARSESEARCH_DEBUG"):
+                raise
+            typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(1) from None
 
     return run  # type: ignore[return-value]
 
 
-def command(name: str | None = None) -> Callable[[F], F]:
-    """Register a command whose user errors print as one line (exit 2) instead of a traceback."""
+def command(name: str | None = None, interrupted: str | None = None) -> Callable[[F], F]:
+    """Register a command whose user errors print as one line (exit 2) instead of a traceback, and
+    whose Ctrl-C says `interrupted` (default: everything written so far is intact)."""
 
     def register(fn: F) -> F:
-        app.command(name)(_one_line_errors(fn))
+        app.command(name)(_one_line_errors(fn, *([interrupted] if interrupted else [])))
         return fn
 
     return register
@@ -136,7 +145,7 @@ def list_datasets() -> None:
                   "is installed; other files from --data-dir (default ./data, or $SPARSESEARCH_DATA).")
 
 
-@command()
+@command(interrupted="interrupted: run the same command to continue from the last finished epoch")
 def train(
     model: ModelOpt = "digits-cnn",
     dataset: DatasetOpt = "digits",
@@ -166,8 +175,10 @@ def train(
     with progress_bar("train") as update:
         result = train_dense(model, dataset, config, dev, out, data_dir, download, image_size, checkpoint,
                              on_progress=lambda p: update(p.step, p.total, _status(p)))
+    resumed = result.history.resumed_after
     console.print(f"accuracy: val {result.val_acc:.2f}%, test {result.test_acc:.2f}% "
-                  f"({result.history.seconds:.1f} s training)")
+                  f"({result.history.seconds:.1f} s training"
+                  f"{f', continued after epoch {resumed} of an interrupted run' if resumed else ''})")
     console.print(f"checkpoint: {result.checkpoint} (+ {result.checkpoint.with_suffix('.json').name})")
 
 
@@ -451,7 +462,10 @@ def profile_validate(
 # --- optimize, report, export: the Optuna study -------------------------------------------------
 
 StudyArg = Annotated[str, typer.Argument(help="Study name (a folder under studies/).")]
-StorageOpt = Annotated[str | None, typer.Option(help="Optuna storage URL (default sqlite:///studies/NAME/study.db).")]
+StorageOpt = Annotated[str | None, typer.Option(
+    help="Optuna storage: sqlite:///PATH (default studies/NAME/study.db), postgresql://USER@HOST/DB, journal:///PATH.")]
+ArtifactsOpt = Annotated[str | None, typer.Option(
+    help="Where trial weights go: a folder all workers reach, or s3://BUCKET (default: the study's, else studies/NAME/artifacts).")]
 
 
 @command()
@@ -473,15 +487,18 @@ def optimize(
     profile: Annotated[Path | None, typer.Option(help="Latency profile (default: this device's under hardware_profiles/, measured if missing).")] = None,
     allow_foreign_profile: Annotated[bool, typer.Option(help="Use a profile measured on another device or setting.")] = False,
     data_dir: DataDirOpt = None,
+    artifacts: ArtifactsOpt = None,
+    stale_after: Annotated[int, typer.Option(help="Seconds a worker may fall silent before its trial is failed and retried.")] = 120,
 ) -> None:
     """Search per-layer sparsity plans with Optuna: accuracy vs predicted speedup under an accuracy
-    constraint; then measure the Pareto front on this device and write the report."""
+    constraint; then measure the Pareto front on this device and write the report. Start it on any
+    number of machines with one --storage and --study: they share one search."""
     import signal
 
     import optuna
 
     from . import report as reporting
-    from . import search
+    from . import search, storage as stores
     from .runtime import resolve_device, set_threads
     from .space import HopelessPruner
     from .train import slug
@@ -499,23 +516,31 @@ def optimize(
         data.info(dataset)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study or f"{slug(model or 'digits-cnn')}-{slug(dataset or 'digits')}"
-    opened = search.open_study(name, storage, create=True)
+    opened = stores.open_study(name, storage, create=True, grace_s=stale_after)
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
              "batch_size": batch_size, "seed": seed, "sampler": sampler}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
         done_before = len(search.trained_trials(opened))
-        console.print(f"study [bold]{name}[/] ({search.storage_url(name, storage)}): {config.model} on "
-                      f"{config.dataset}, {done_before} trials so far; budget {limit}; {dev}, {n_threads} threads")
+        url, kept = stores.storage_url(name, storage), stores.artifacts_location(opened, artifacts)
+        console.print(f"study [bold]{name}[/] ({url}): {config.model} on {config.dataset}, {done_before} trials so "
+                      f"far; budget {limit}; {dev}, {n_threads} threads; worker {stores.worker()}")
+        if stores.shared(url) and not artifacts and "://" not in kept:
+            console.print(f"[yellow]note:[/] trial weights go to {kept} on this machine; workers on other machines "
+                          "need --artifacts DIR on a folder they all mount (or s3://BUCKET)")
         with progress_bar("setup") as update:
-            built = search.build(config, dev, search.study_dir(name) / "artifacts", data_dir, profile,
+            built = search.build(config, dev, kept, data_dir, profile,
                                  allow_foreign_profile, notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
                                  on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
         search.record(opened, built)
     except BaseException:  # a refused or interrupted set-up leaves no empty study behind
-        search.discard_if_unused(opened, storage)
+        stores.discard_if_unused(opened, storage)
         raise
+    if built.foreign:
+        console.print(f"[yellow]note:[/] trials are scored by the profile of another device ({built.foreign[0]}"
+                      f"{' ...' if len(built.foreign) > 1 else ''}): the front is measured there, with "
+                      f"`sparsesearch measure {name}`")
     opened.sampler = search.make_sampler(config, done_before)
     opened.pruner = HopelessPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
@@ -551,19 +576,72 @@ def optimize(
     if ran.stopped == "rejections":
         console.print("[yellow]note:[/] the sampler kept proposing plans predicted slower than dense; "
                       "narrow --types (e.g. filter,channel) for this device")
-    with progress_bar("measure front") as update:
-        measured = reporting.measure_front(built, opened, update)
-    paths = reporting.write(opened, search.study_dir(name))
-    table = Table("trial", "val %", "test %", "predicted", "measured", "plan", title=f"Pareto front of {name} "
-                  f"(speedup end to end on {dev}, batch {config.batch_size}, {n_threads} threads)")
-    for t in reporting.front(opened):
+    stores.fail_stale(opened)
+    busy = opened.get_trials(False, states=(optuna.trial.TrialState.RUNNING,))
+    if built.foreign:  # the front is measured on the target, by `sparsesearch measure`
+        pass
+    elif busy:
+        console.print(f"[yellow]note:[/] {len(busy)} trials are still running in other workers "
+                      f"({_fold(sorted({str(t.user_attrs.get('worker', '?')) for t in busy}))}); the last worker to "
+                      f"finish measures the front (or run `sparsesearch measure {name}`)")
+    else:
+        _measure(built, opened, f"{dev}, batch {config.batch_size}, {n_threads} threads")
+    console.print("wrote " + ", ".join(str(p) for p in reporting.write(opened, stores.study_dir(name))))
+
+
+def _measure(trials: Any, study: Any, setting: str, again: bool = False) -> None:
+    """Measure the study's front on this device and print it; another worker measuring it is a note."""
+    from . import report as reporting
+    from .errors import Busy
+
+    try:
+        with progress_bar("measure front") as update:
+            measured = reporting.measure_front(trials, study, update, again)
+    except Busy as e:
+        console.print(f"[yellow]note:[/] {e}")
+        return
+    table = Table("trial", "val %", "test %", "predicted", "measured", "plan",
+                  title=f"Pareto front of {study.study_name} (speedup end to end on {setting})")
+    for t in reporting.front(study):
         m = measured.get(str(t.number), {})
         table.add_row(f"{t.number}{' ' + t.user_attrs['baseline'] if 'baseline' in t.user_attrs else ''}",
                       f"{t.user_attrs['val_acc']:.2f}", f"{t.user_attrs['test_acc']:.2f}",
                       f"{t.values[1]:.2f}x", f"{m['measured_speedup']:.2f}x" if m else "-",
                       reporting._plan_text(t.user_attrs["plan"]))
     console.print(table)
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+@command("measure")
+def measure_cmd(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    artifacts: ArtifactsOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the study's).")] = None,
+    again: Annotated[bool, typer.Option(help="Measure every plan again, even those measured on this device.")] = False,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Compact and time a study's Pareto plans and uniform baselines on this device (the target),
+    beside their masked dense forms, and write the report. Needs the study's storage and trial
+    weights, not its data or dense checkpoint."""
+    import dataclasses
+
+    import optuna
+
+    from . import report as reporting
+    from . import search, storage as stores
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = stores.open_study(study, storage, create=False)
+    trials = search.trials_of(opened, dev, stores.artifacts_location(opened, artifacts), data_dir)
+    if batch_size is not None:
+        trials.config = dataclasses.replace(trials.config, batch_size=batch_size)
+    _measure(trials, opened, f"{dev}, batch {trials.config.batch_size}, {n_threads} threads", again)
+    console.print("wrote " + ", ".join(str(p) for p in reporting.write(opened, stores.study_dir(study))))
 
 
 @command("report")
@@ -572,16 +650,16 @@ def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
     import optuna
 
     from . import report as reporting
-    from . import search
+    from . import search, storage as stores
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = search.open_study(study, storage, create=False)
+    opened = stores.open_study(study, storage, create=False)
     search.load_config(opened)
     unmeasured = [t.number for t in reporting.front(opened) if str(t.number) not in opened.user_attrs.get("measured", {})]
-    paths = reporting.write(opened, search.study_dir(study))
+    paths = reporting.write(opened, stores.study_dir(study))
     if unmeasured:
         console.print(f"[yellow]note:[/] Pareto trials {_fold([str(n) for n in unmeasured])} are not measured yet; "
-                      f"`sparsesearch optimize --study {study} --budget 0` measures them")
+                      f"`sparsesearch measure {study}` measures them on the device it runs on")
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -592,6 +670,7 @@ def export_cmd(
     epochs: Annotated[str, typer.Option(help="ADMM+RETRAIN epochs of the full run.")] = "10+5",
     out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N).")] = None,
     storage: StorageOpt = None,
+    artifacts: ArtifactsOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
@@ -600,21 +679,21 @@ def export_cmd(
     compacted model (model.pt + model.json, TorchScript, ONNX) with metrics.json."""
     import optuna
 
-    from . import search
+    from . import search, storage as stores
     from .runtime import resolve_device, set_threads
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = search.open_study(study, storage, create=False)
+    opened = stores.open_study(study, storage, create=False)
     config = search.load_config(opened)
     search.chosen(opened, trial)
     admm_epochs, retrain_epochs = search.parse_epochs(epochs, "--epochs")
     stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
     with console.status("loading the dense checkpoint and the latency model"):
-        built = search.build(config, dev, search.study_dir(study) / "artifacts", data_dir,
+        built = search.build(config, dev, stores.artifacts_location(opened, artifacts), data_dir,
                              stored if stored.is_file() else None, allow_foreign=True)
-    out_dir = out or search.study_dir(study) / "export" / f"trial-{trial}"
+    out_dir = out or stores.study_dir(study) / "export" / f"trial-{trial}"
     with progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} epochs") as update:
         result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update)
     acc = result.accuracy

@@ -14,6 +14,10 @@ class Diverged(UserError):
     """Training whose loss stopped being a number: nothing it would write is worth keeping."""
 
 
+class Busy(UserError):
+    """Another worker is doing what this one asked for (measuring a study's front)."""
+
+
 def brief(e: BaseException, width: int = 120) -> str:
     """An exception as one short line: its type and the first line of its message (if any)."""
     lines = str(e).strip().splitlines()

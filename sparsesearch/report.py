@@ -3,8 +3,10 @@
 `measure_front` compacts every feasible Pareto-optimal trial and every uniform baseline and times
 it beside its masked dense form (`profiler.timing.compare`, one call per plan, so each speedup is
 a ratio measured under the same load). Optuna forbids changing a finished trial, so the
-measurements go to the study's `measured` user attr, keyed by trial number; `rows` merges them
-with the trials' own attrs. `pareto.json`, the PNGs and `report.md` are derived from the study
+measurements go to the study's `measured` user attr, keyed by trial number, with the device that
+measured them in `measured_setting`; `rows` merges them with the trials' own attrs. One worker
+measures a study at a time (a lease in the study), and all of a study's speedups come from one
+device: measuring on another one measures every plan again. `pareto.json`, the PNGs and `report.md` are derived from the study
 alone and rewritten atomically.
 """
 
@@ -17,15 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import Busy
 from .files import save_with, write_json
+from .storage import release_lease, renew_lease, take_lease, worker
 
 if TYPE_CHECKING:
-    from .search import Search
+    from .search import Trials
 
 SCHEMA = 1
+MEASURING = "measuring"  # the lease a worker holds while it measures the front
 TYPE_COLORS = {"filter": "#1f77b4", "channel": "#ff7f0e", "shape": "#2ca02c", "irregular": "#9467bd", "nm": "#8c564b"}
 
 
@@ -41,34 +45,59 @@ def baselines(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if "baseline" in t.user_attrs]
 
 
-def measure_front(search: Search, study: optuna.Study,
-                  on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict[str, Any]]:
+def measure_front(search: Trials, study: optuna.Study, on_progress: Callable[[int, int, str], None] | None = None,
+                  again: bool = False) -> dict[str, dict[str, Any]]:
     """Compact and time (beside the masked dense model, on the search's device and batch size) every
-    feasible Pareto trial and every baseline not measured yet; store and return all measurements."""
+    feasible Pareto trial and every baseline not measured yet on this device (all of them if
+    `again`); store and return all measurements. Raises `Busy` while another worker measures."""
     from .compact import measure
     from .plan import Plan
 
-    measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {}))
-    todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()
-            if str(t.number) not in measured and "weights" in t.user_attrs]
-    for i, trial in enumerate(todo):
+    holder = take_lease(study, MEASURING)
+    if holder is not None:
+        raise Busy(f"worker {holder} is measuring the front of study '{study.study_name}'; its speedups "
+                   "appear in the report when it is done")
+    try:
+        setting = _setting(search)
+        earlier = study.user_attrs.get("measured_setting") or {}
+        same = not again and all(earlier.get(k) == v for k, v in setting.items() if k in _SAME_DEVICE)
+        measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {})) if same else {}
+        todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()
+                if str(t.number) not in measured and "weights" in t.user_attrs]
+        if todo or not same:
+            study.set_user_attr("measured", measured)
+            study.set_user_attr("measured_setting", setting)
+        for i, trial in enumerate(todo):
+            if on_progress:
+                on_progress(i, len(todo), f"trial {trial.number}")
+            plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {trial.number}")
+            m = measure(search.trained(trial), plan, search.input_shape, search.config.model, search.device,
+                        search.config.batch_size)
+            measured[str(trial.number)] = {
+                "measured_speedup": m.speedup, "latency_ms": m.latency_ms, "spread": m.spread, "macs": m.macs,
+                "params": m.params, "impl": dict(Counter(m.compacted.impl.values())),
+                "left_dense": m.compacted.left_dense, "by": worker()}
+            study.set_user_attr("measured", measured)  # after each plan: an interruption keeps the rest
+            renew_lease(study, MEASURING)
         if on_progress:
-            on_progress(i, len(todo), f"trial {trial.number}")
-        plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {trial.number}")
-        m = measure(search.trained(trial), plan, search.data.input_shape, search.config.model, search.device,
-                    search.config.batch_size)
-        measured[str(trial.number)] = {
-            "measured_speedup": m.speedup, "latency_ms": m.latency_ms, "spread": m.spread, "macs": m.macs,
-            "params": m.params, "impl": dict(Counter(m.compacted.impl.values())), "left_dense": m.compacted.left_dense,
-        }
-        study.set_user_attr("measured", measured)  # after each plan: an interruption keeps the rest
-    study.set_user_attr("measured_setting", {
-        "device": str(search.device), "batch_size": search.config.batch_size, "threads": torch.get_num_threads(),
-        "how": "median of interleaved rounds beside the masked dense model, inference_mode, eval",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    if on_progress:
-        on_progress(len(todo), len(todo), "")
-    return measured
+            on_progress(len(todo), len(todo), "")
+        return measured
+    finally:
+        release_lease(study, MEASURING)
+
+
+_SAME_DEVICE = ("device", "device_name", "batch_size", "threads", "torch")  # speedups compare only within these
+
+
+def _setting(search: Trials) -> dict[str, Any]:
+    """The device and setting measuring now, as `measured_setting` records it."""
+    from .profiler.table import fingerprint
+
+    here = fingerprint(search.device, search.config.batch_size, "float32")
+    return {"device": str(search.device), "device_name": here["device_name"], "batch_size": search.config.batch_size,
+            "threads": here["threads"], "torch": here["torch"], "by": worker(),
+            "how": "median of interleaved rounds beside the masked dense model, inference_mode, eval",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -245,6 +274,7 @@ def _num(value: Any, fmt: str) -> str:
 def markdown(study: optuna.Study) -> str:
     data = pareto(study)
     c, dense, s = data["config"] or {}, data["dense"] or {}, data["measured_setting"] or {}
+    target = study.user_attrs.get("setting", {}).get("target", {})
     trials = study.get_trials(False)
     states = Counter(t.state.name.lower() for t in trials)
     lines = [f"# Study `{study.study_name}`: {c.get('model')} on {c.get('dataset')}", "",
@@ -253,8 +283,11 @@ def markdown(study: optuna.Study) -> str:
              (f"- trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); each: "
               f"{c.get('admm_epochs')} ADMM + {c.get('retrain_epochs')} retraining epochs; "
               f"types {', '.join(c.get('types', []))}; sampler {c.get('sampler')}"),
-             (f"- speedups measured on {s.get('device', '?')}, batch {s.get('batch_size', '?')}, "
-              f"{s.get('threads', '?')} threads: {s.get('how', 'not measured yet')}"), ""]
+             (f"- trials scored by the latency profile of {target.get('device_name', '?')} "
+              f"({target.get('device', '?')}, {target.get('threads', '?')} threads)"),
+             (f"- speedups measured on {s.get('device_name', '?')} ({s.get('device', '?')}, worker "
+              f"{s.get('by', '?')}), batch {s.get('batch_size', '?')}, {s.get('threads', '?')} threads: "
+              f"{s.get('how', 'not measured yet')}"), ""]
     for drop in sorted({0.5, float(c.get("max_acc_drop", 1.0))}):
         best, base = best_within(data["pareto"], dense.get("val", 0), drop), best_within(data["baselines"], dense.get("val", 0), drop)
         which = f" (trial {best['trial']})" if best else ""

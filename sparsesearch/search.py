@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,13 +36,14 @@ from .admm import ADMMConfig, Iteration, run_admm
 from .compact import Measured
 from .data import Data
 from .errors import Diverged, UserError, brief
-from .graph import Dependencies
 from .files import sha256, torch_save, write_json
+from .graph import Dependencies
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .space import Space, rejection, snap
 from .sparsity import SparsityType
+from .storage import artifact_store, fail_stale, worker
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
@@ -128,35 +129,83 @@ class SearchConfig:
 
 
 @dataclass
-class Search:
-    """Everything a trial needs, built once: the dense model, its data, dependencies, latency model."""
+class Trials:
+    """A study's trained weights as models: the architecture, its input, the store the weights are
+    in. All that measuring a study needs; no data, profile or training (`sparsesearch measure` on a
+    bare target device)."""
 
     config: SearchConfig
     model: nn.Module  # dense, on the CPU
+    input_shape: tuple[int, ...]
+    device: torch.device
+    artifacts: str  # where trained weights go: a folder every worker reaches, or s3://BUCKET
+
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def upload(self, trial: optuna.Trial, model: nn.Module) -> str:
+        from optuna.artifacts import upload_artifact
+
+        with tempfile.TemporaryDirectory(prefix="sparsesearch-") as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.pt"
+            torch_save(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+            return upload_artifact(artifact_store=artifact_store(self.artifacts), file_path=str(path),
+                                   study_or_trial=trial)
+
+    def trained(self, trial: FrozenTrial) -> nn.Module:
+        """The masked model a trial trained (feasible and baseline trials keep their weights)."""
+        from optuna.artifacts import download_artifact
+
+        if "weights" not in trial.user_attrs:
+            raise UserError(f"trial {trial.number} kept no weights (only feasible and baseline trials do)")
+        with tempfile.TemporaryDirectory(prefix="sparsesearch-") as tmp:
+            path = Path(tmp) / "weights.pt"
+            try:
+                download_artifact(artifact_store=artifact_store(self.artifacts), file_path=str(path),
+                                  artifact_id=trial.user_attrs["weights"])
+            except Exception as e:  # noqa: BLE001 - each store raises its own kind of "not there"
+                raise UserError(f"the weights of trial {trial.number} are not in {self.artifacts} ({brief(e)}); "
+                                "pass --artifacts with the folder (or bucket) the workers wrote them to") from e
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model = self.fresh_model()
+        model.load_state_dict(state)
+        return model.eval()
+
+
+@dataclass(kw_only=True)
+class Search(Trials):
+    """Everything a trial needs, built once: the dense model, its data, dependencies, latency model."""
+
     data: Data
     layers: list[Layer]
     deps: Dependencies
     latency: LatencyModel
-    device: torch.device
-    artifacts: Path
     dense: dict[str, float] = field(default_factory=dict)  # val, test accuracy (%)
     weights_sha256: str = ""  # of the dense checkpoint: a study resumed on other weights is refused
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
+    trial_budget: int | None = None  # trained trials the study may hold, counted across its workers
 
     def __post_init__(self) -> None:
-        self.dense_ms = self.latency.dense_ms(self.model, self.data.input_shape)
-        prediction = dense_latency(self.latency, self.model, self.data.input_shape)
+        self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
+        prediction = dense_latency(self.latency, self.model, self.input_shape)
         self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms)
+
+    @property
+    def foreign(self) -> list[str]:
+        """How the profile's device differs from this one: not empty when the trials are scored for a
+        target device elsewhere (`optimize --profile target.json`), whose speedups are measured there."""
+        from .profiler.table import differences, fingerprint
+
+        return differences(self.latency.profile.fingerprint, fingerprint(self.device, self.config.batch_size, "float32"))
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
         """Uniform plans tried first: filter at 30/50/70% (the first allowed type without filter)."""
         kind = SparsityType.FILTER if "filter" in self.config.types else SparsityType(self.config.types[0])
         return [(f"{kind.value}={r}", self.space.uniform_params(kind, snap(r, kind))) for r in BASELINE_RATES]
 
-    def fresh_model(self) -> nn.Module:
-        return copy.deepcopy(self.model)
-
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", worker())
+        fail_stale(trial.study)
         if (twin := _earlier_baseline(trial)) is not None:
             trial.set_user_attr("rejected", f"baseline {trial.user_attrs['baseline']} is trial {twin}'s")
             raise optuna.TrialPruned("duplicate baseline")
@@ -166,7 +215,7 @@ class Search:
         if not plan.layers:
             trial.set_user_attr("rejected", "prunes no layer: it is the dense model")
             raise optuna.TrialPruned("prunes no layer")
-        predicted = predict_latency(self.latency, self.model, self.data.input_shape, plan).total_ms
+        predicted = predict_latency(self.latency, self.model, self.input_shape, plan).total_ms
         speedup = self.dense_ms / predicted
         trial.set_user_attr("predicted_ms", predicted)
         trial.set_user_attr("predicted_speedup", speedup)
@@ -174,6 +223,10 @@ class Search:
         if reason and "baseline" not in trial.user_attrs:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)
+        if not _claim(trial, self.trial_budget):
+            trial.set_user_attr("rejected", f"the study's budget of {self.trial_budget} trials is taken")
+            trial.study.stop()
+            raise optuna.TrialPruned("budget taken")
         model, curve = self.fresh_model(), []
 
         def on_iteration(it: Iteration) -> None:
@@ -200,126 +253,11 @@ class Search:
                            "train_seconds": result.seconds}.items():
             trial.set_user_attr(key, value)
         if feasible or "baseline" in trial.user_attrs:
-            trial.set_user_attr("weights", self._upload(trial, model))
+            trial.set_user_attr("weights", self.upload(trial, model))
         return val, speedup
-
-    def _upload(self, trial: optuna.Trial, model: nn.Module) -> str:
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        tmp = self.artifacts / f".trial-{trial.number}.pt"
-        torch_save(tmp, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-        try:
-            return upload_artifact(artifact_store=FileSystemArtifactStore(str(self.artifacts)), file_path=str(tmp),
-                                   study_or_trial=trial)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def trained(self, trial: FrozenTrial) -> nn.Module:
-        """The masked model a trial trained (feasible and baseline trials keep their weights)."""
-        from optuna.artifacts import FileSystemArtifactStore, download_artifact
-
-        if "weights" not in trial.user_attrs:
-            raise UserError(f"trial {trial.number} kept no weights (only feasible and baseline trials do)")
-        tmp = self.artifacts / f".load-{trial.number}.pt"
-        tmp.unlink(missing_ok=True)
-        download_artifact(artifact_store=FileSystemArtifactStore(str(self.artifacts)), file_path=str(tmp),
-                          artifact_id=trial.user_attrs["weights"])
-        try:
-            state = torch.load(tmp, map_location="cpu", weights_only=True)
-        finally:
-            tmp.unlink(missing_ok=True)
-        model = self.fresh_model()
-        model.load_state_dict(state)
-        return model.eval()
 
 
 # --- studies --------------------------------------------------------------------------------------
-
-
-def study_dir(name: str) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*", name):
-        raise UserError(f"study name '{name}' must be letters, digits, '.', '_' or '-' (it names a folder)")
-    return STUDIES_DIR / name
-
-
-def storage_url(name: str, storage: str | None) -> str:
-    return storage or f"sqlite:///{study_dir(name) / 'study.db'}"
-
-
-def _storage_errors() -> tuple[type[BaseException], ...]:
-    import sqlalchemy.exc
-
-    return (sqlalchemy.exc.SQLAlchemyError, ImportError)
-
-
-HEARTBEAT_S = 30  # a running trial's worker says it is alive this often
-GRACE_S = 120  # silent this long (killed, machine lost): the trial is failed and run once more
-
-
-def open_study(name: str, storage: str | None, create: bool, sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None, grace_s: int = GRACE_S) -> optuna.Study:
-    """The study NAME in `storage` (default SQLite under studies/NAME/); created if `create`. Running
-    trials beat a heartbeat; one whose worker fell silent for `grace_s` (SIGKILL, a lost machine) is
-    failed by the next worker to start a trial, and retried once with the same plan."""
-    url = storage_url(name, storage)
-    if storage is None and not create and not (study_dir(name) / "study.db").is_file():
-        known = sorted(p.name for p in STUDIES_DIR.glob("*") if (p / "study.db").is_file())
-        raise UserError(f"no study '{name}' under {STUDIES_DIR}/ (studies: {', '.join(known) or 'none'}); "
-                        f"run `sparsesearch optimize --study {name}` first, or pass --storage URL")
-    if storage is None:
-        study_dir(name).mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = _rdb_storage(url, grace_s)
-            if create:
-                return optuna.create_study(study_name=name, storage=rdb, directions=["maximize", "maximize"],
-                                           sampler=sampler, pruner=pruner, load_if_exists=True)
-            return optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
-    except KeyError:
-        raise UserError(f"storage {url} holds no study '{name}'; check --study, or run `sparsesearch optimize` "
-                        "to create it") from None
-    except _storage_errors() as e:
-        raise UserError(storage_problem(url, e)) from e
-
-
-def discard_if_unused(study: optuna.Study, storage: str | None) -> None:
-    """Delete a study that a refused run created and never set up, so it does not linger in the
-    study list; with the default SQLite storage its folder goes too, if nothing else is in it."""
-    if "config" in study.user_attrs or study.get_trials(deepcopy=False):
-        return
-    optuna.delete_study(study_name=study.study_name, storage=storage_url(study.study_name, storage))
-    folder = study_dir(study.study_name)
-    if storage is None and {p.name for p in folder.iterdir()} <= {"study.db"}:
-        shutil.rmtree(folder)
-
-
-def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
-    """The storage at `url`, with heartbeats. Workers started together race to create its tables;
-    the loser sees them already there (an integrity error) and simply opens them again."""
-    import sqlalchemy.exc
-
-    def make() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=min(HEARTBEAT_S, grace_s), grace_period=grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-
-    for delay in (0.2, 0.4, 0.8, 1.6):
-        try:
-            return make()
-        except sqlalchemy.exc.IntegrityError:
-            time.sleep(delay)
-    return make()
-
-
-def storage_problem(url: str, e: BaseException) -> str:
-    text = brief(e, 160)
-    if "locked" in text:
-        return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
-    if "disk is full" in text or "readonly" in text:
-        return f"cannot write study storage {url} ({text}); free space on its disk or pick a folder you can write"
-    return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"
 
 
 def load_config(study: optuna.Study) -> SearchConfig:
@@ -353,6 +291,22 @@ def make_sampler(config: SearchConfig, finished: int) -> optuna.samplers.BaseSam
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def _claim(trial: optuna.Trial, budget: int | None) -> bool:
+    """Whether `trial` may train without the study exceeding `budget` trained trials, counting the
+    trials other workers are training. Each trial states its claim, then counts the finished ones and
+    the earlier claims (by claim time, then number): of two claims made at once exactly one sees the
+    other first, so workers on one study train `budget` trials, not one more each."""
+    if budget is None:
+        return True
+    mine = (time.time(), trial.number)
+    trial.set_user_attr("claimed", mine[0])
+    trials = trial.study.get_trials(deepcopy=False)
+    trained = sum(t.state in FINISHED and "rejected" not in t.user_attrs for t in trials)
+    earlier = sum(t.state == TrialState.RUNNING and "claimed" in t.user_attrs
+                  and (t.user_attrs["claimed"], t.number) < mine for t in trials)
+    return trained + earlier < budget
 
 
 def _earlier_baseline(trial: optuna.Trial) -> int | None:
@@ -391,6 +345,7 @@ def run(search: Search, study: optuna.Study, budget: Budget,
         for label, params in search.baselines():
             study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
         study.set_user_attr("baselines_enqueued", True)
+    search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
         result.stopped = "budget"
@@ -430,7 +385,7 @@ def best_feasible_speedup(study: optuna.Study) -> float | None:
 # --- setting a search up --------------------------------------------------------------------------
 
 
-def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir: Path | None = None,
+def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: Path | None = None,
           profile: Path | None = None, allow_foreign: bool = False,
           notify: Callable[[str], None] | None = None,
           on_progress: Callable[[str, int, int, str], None] | None = None) -> Search:
@@ -445,6 +400,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
     from .train import TrainConfig, default_checkpoint, evaluate, prepare, train_dense
 
     say = notify or (lambda _text: None)
+    artifact_store(artifacts, check=True)  # before any training: a worker that cannot keep weights is useless
     weights = Path(config.checkpoint) if config.checkpoint else default_checkpoint(config.model, config.dataset)
     if not weights.is_file():
         if config.checkpoint:
@@ -462,11 +418,29 @@ def build(config: SearchConfig, device: torch.device, artifacts: Path, data_dir:
             f"(batch {config.batch_size}, {torch.get_num_threads()} threads; done once)")
         profile_model(Target(config.model, copy.deepcopy(model), shape), device, config.batch_size,
                       on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))
-    latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign)
+    latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign,
+                                target=profile is not None)
     dense = {"val": evaluate(model.to(device), data.val, device), "test": evaluate(model, data.test, device)}
     model.cpu()
-    return Search(config, model, data, trace(model, shape), dependencies(model, shape), latency, device, artifacts,
-                  dense, sha256(weights))
+    return Search(config, model, shape, device, artifacts, data=data, layers=trace(model, shape),
+                  deps=dependencies(model, shape), latency=latency, dense=dense, weights_sha256=sha256(weights))
+
+
+def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_dir: Path | None = None) -> Trials:
+    """The study's trained trials, rebuilt from what the study stored: no dense checkpoint, data or
+    profile needed (a study older than that record loads its data once for the input shape)."""
+    from .models import create
+    from .train import prepare
+
+    config, dense = load_config(study), study.user_attrs.get("dense", {})
+    if "input_shape" in dense and "num_classes" in dense:
+        shape = tuple(dense["input_shape"])
+        model = create(config.model, num_classes=dense["num_classes"], in_channels=shape[0])
+    else:
+        model, data = prepare(config.model, config.dataset, data_dir, seed=config.seed)
+        shape = data.input_shape
+    artifact_store(artifacts, check=True)
+    return Trials(config, model.eval(), shape, device, artifacts)
 
 
 def record(study: optuna.Study, search: Search) -> None:
@@ -483,10 +457,14 @@ def record(study: optuna.Study, search: Search) -> None:
     here = fingerprint(search.device, search.config.batch_size, "float32")
     study.set_user_attr("config", search.config.to_attrs())
     study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms, "weights_sha256": search.weights_sha256,
+                                  "input_shape": list(search.input_shape), "num_classes": search.data.info.num_classes,
                                   "unit": "% top-1; profiled_ms per call of the whole batch"})
+    target = search.latency.profile.fingerprint
     study.set_user_attr("setting", {"device": str(search.device), "device_name": here["device_name"],
                                     "batch_size": search.config.batch_size, "threads": here["threads"],
-                                    "profile": str(search.latency.profile.path), "torch": here["torch"]})
+                                    "profile": str(search.latency.profile.path), "torch": here["torch"],
+                                    "target": {k: target.get(k) for k in ("device", "device_name", "threads")}})
+    study.set_user_attr("artifacts", search.artifacts)
     study.set_user_attr("layers", [layer.name for layer in search.layers])
     study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + latency-guided allocation")
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, data, models
 from .errors import Diverged, UserError
+from .files import torch_save
 from .runtime import versions
 
 
@@ -61,11 +62,34 @@ class Hooks:
 @dataclass
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # of this run
+    resumed_after: int = 0  # epochs an interrupted run had finished, continued from its snapshot
 
     @property
     def val_acc(self) -> float:
         return self.epochs[-1]["val_acc"] if self.epochs else float("nan")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Where `fit` keeps its state at the end of each epoch (weights, optimizer, schedule, shuffling)
+    and which run it belongs to (`key`). A run that finds its own snapshot continues from it, so an
+    interrupted run ends with the weights an uninterrupted one would have; another run's is ignored."""
+
+    path: Path
+    key: dict[str, object]
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - unreadable (another torch, a damaged disk): start over
+            return None
+        return state if isinstance(state, dict) and state.get("key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        torch_save(self.path, {**state, "key": self.key})
 
 
 ProgressFn = Callable[[Progress], None]
@@ -84,8 +108,9 @@ def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_si
 
 
 def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch.device,
-        hooks: Hooks | None = None, on_progress: ProgressFn | None = None) -> History:
-    """Train `model` in place for `config.epochs` (possibly fractional) epochs on the train split."""
+        hooks: Hooks | None = None, on_progress: ProgressFn | None = None, snapshot: Snapshot | None = None) -> History:
+    """Train `model` in place for `config.epochs` (possibly fractional) epochs on the train split;
+    with a `snapshot`, resumable from the last finished epoch."""
     hooks = hooks or Hooks()
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -96,6 +121,13 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
     loss_fn = nn.CrossEntropyLoss()
     history, start, step, epoch = History(), time.perf_counter(), 0, 0
     model.to(device).train()
+    if snapshot is not None and (state := snapshot.load()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        step, epoch, history.epochs = state["step"], state["epoch"], state["history"]
+        history.resumed_after = epoch
     while step < total:
         epoch += 1
         running, seen = 0.0, 0
@@ -124,6 +156,10 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
         val_acc = evaluate(model, dataset.val, device)
         history.epochs.append({"epoch": epoch, "loss": running / seen, "val_acc": val_acc,
                                "lr": schedule.get_last_lr()[0]})
+        if snapshot is not None and step < total:
+            snapshot.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "schedule": schedule.state_dict(), "generator": generator.get_state(), "step": step,
+                           "epoch": epoch, "history": history.epochs})
         if on_progress is not None:
             on_progress(Progress(step, total, epoch, running / seen, val_acc))
     history.seconds = time.perf_counter() - start
@@ -166,11 +202,15 @@ def train_dense(model_name: str, dataset_name: str, config: TrainConfig, device:
                 out: Path | None = None, data_dir: Path | None = None, download: bool = False,
                 image_size: int | None = None, init: Path | None = None,
                 on_progress: ProgressFn | None = None) -> DenseResult:
-    """Train the dense baseline every later stage is measured against; write checkpoint + sidecar."""
+    """Train the dense baseline every later stage is measured against; write checkpoint + sidecar.
+    An interrupted run leaves a snapshot beside `out` (`.resume.pt`) at each epoch's end; the same
+    call continues from it."""
     model, dataset = prepare(model_name, dataset_name, data_dir, download, image_size, init, config.seed)
-    history = fit(model, dataset, config, device, on_progress=on_progress)
+    out = Path(out or default_checkpoint(model_name, dataset_name))
+    snapshot = Snapshot(out.with_name(f"{out.stem}.resume.pt"), {
+        "model": model_name, "data": dataset.describe(), "config": asdict(config), "init": str(init) if init else None})
+    history = fit(model, dataset, config, device, on_progress=on_progress, snapshot=snapshot)
     test_acc = evaluate(model, dataset.test, device)
-    out = out or default_checkpoint(model_name, dataset_name)
     checkpoint.save(out, model.cpu(), {
         "kind": "dense",
         "model": model_name,
@@ -184,8 +224,10 @@ def train_dense(model_name: str, dataset_name: str, config: TrainConfig, device:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "train_seconds": round(history.seconds, 2),
+        "resumed_after_epoch": history.resumed_after,
         "initialised_from": str(init) if init else None,
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
+    snapshot.path.unlink(missing_ok=True)
     return DenseResult(out, history.val_acc, test_acc, history)

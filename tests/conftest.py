@@ -1,5 +1,6 @@
-"""Shared fixtures: one trained digits baseline per session, Fashion-MNIST when installed, and a
-throwaway PostgreSQL server (tests/postgres.py) when one is installed."""
+"""Shared fixtures: one trained digits baseline per session, Fashion-MNIST when installed, a
+throwaway PostgreSQL server (tests/postgres.py) when one is installed, and tiny or read-only
+disks (tmpfs, as root)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,25 @@ def fashion_dir() -> Path:
     if not (data.FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make setup installs it as root)")
     return data.FASHION_MNIST_SYSTEM_DIR
+
+
+def _mounted(path: Path, options: str):  # noqa: ANN202
+    """A 1 MB tmpfs at `path` for one test (root only; skipped elsewhere)."""
+    import subprocess
+
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,{options}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):  # noqa: ANN201
+    yield from _mounted(tmp_path / "disk", "rw")
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):  # noqa: ANN201
+    yield from _mounted(tmp_path / "ro", "ro")

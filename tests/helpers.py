@@ -1,6 +1,10 @@
-"""Shared by tests: a randomly initialised model made to behave like a trained one where it matters."""
+"""Shared by tests: a randomly initialised model made to behave like a trained one where it matters,
+and a latency profile passed off as another device's."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,3 +31,11 @@ def lively(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> nn.
                 m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=generator))
                 m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.5, 0.5, generator=generator))
     return model.eval()
+
+
+def with_fingerprint(source: Path, dest: Path, **changes: object) -> Path:
+    """A copy of the profile at `source` whose fingerprint says `changes` (another device, batch...)."""
+    raw = json.loads(Path(source).read_text())
+    raw["fingerprint"].update(changes)
+    Path(dest).write_text(json.dumps(raw))
+    return Path(dest)

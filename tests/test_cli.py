@@ -106,28 +106,6 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_the_checkpoint(digits_basel
     assert not out.with_suffix(".json").exists()  # nothing new written beside it either
 
 
-def _mounted(path: Path, options: str):  # noqa: ANN202
-    """A 1 MB tmpfs at `path` for one test (root only; skipped elsewhere)."""
-    import subprocess
-
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,{options}", "tmpfs", str(path)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
-
-
-@pytest.fixture
-def tiny_disk(tmp_path: Path):  # noqa: ANN201
-    yield from _mounted(tmp_path / "disk", "rw")
-
-
-@pytest.fixture
-def read_only(tmp_path: Path):  # noqa: ANN201
-    yield from _mounted(tmp_path / "ro", "ro")
-
-
 @pytest.mark.parametrize("args", [["train", "--epochs", "0.05", "--out", "dense.pt"], ["optimize", "--budget", "1"]])
 def test_a_folder_that_cannot_be_written_is_one_line(read_only: Path, monkeypatch: pytest.MonkeyPatch,
                                                        args: list[str]) -> None:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from sparsesearch.admm import apply_masks, prune_masks
 from sparsesearch.cli import app
+from helpers import with_fingerprint
 from sparsesearch.compact import compact
 from sparsesearch.graph import dependencies
 from sparsesearch.errors import UserError
@@ -130,18 +131,11 @@ def test_interrupted_run_resumes_where_it_stopped(digits: measure.Target, tmp_pa
 # --- fingerprints --------------------------------------------------------------------------------
 
 
-def _with_fingerprint(source: Path, dest: Path, **changes: object) -> Path:
-    raw = json.loads(source.read_text())
-    raw["fingerprint"].update(changes)
-    dest.write_text(json.dumps(raw))
-    return dest
-
-
 @pytest.mark.parametrize("field,value", [("device_name", "Some Other CPU"), ("batch_size", 32), ("dtype", "float16"),
                                          ("threads", 64)])
 def test_profile_from_another_setting_is_refused_unless_allowed(small_profile: measure.ProfileRun, tmp_path: Path,
                                                                 field: str, value: object) -> None:
-    foreign = _with_fingerprint(small_profile.path, tmp_path / "foreign.json", **{field: value})
+    foreign = with_fingerprint(small_profile.path, tmp_path / "foreign.json", **{field: value})
     with pytest.raises(UserError, match=f"{field}.*--allow-foreign-profile"):
         table.load_profile(foreign, CPU, 1, "float32")
     assert table.load_profile(foreign, CPU, 1, "float32", allow_foreign=True).rows
@@ -149,7 +143,7 @@ def test_profile_from_another_setting_is_refused_unless_allowed(small_profile: m
 
 def test_profiling_into_a_foreign_profile_is_refused(small_profile: measure.ProfileRun, digits: measure.Target,
                                                      tmp_path: Path) -> None:
-    foreign = _with_fingerprint(small_profile.path, tmp_path / "foreign.json", device_name="Some Other CPU")
+    foreign = with_fingerprint(small_profile.path, tmp_path / "foreign.json", device_name="Some Other CPU")
     with pytest.raises(UserError, match="another setting"):
         measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, foreign, timing=FAST)
 
@@ -157,7 +151,7 @@ def test_profiling_into_a_foreign_profile_is_refused(small_profile: measure.Prof
 def test_find_profile_locates_the_matching_file(small_profile: measure.ProfileRun, tmp_path: Path) -> None:
     here = table.fingerprint(CPU, 1, "float32")
     assert table.find_profile(here, tmp_path) is None
-    _with_fingerprint(small_profile.path, tmp_path / "renamed.json")
+    with_fingerprint(small_profile.path, tmp_path / "renamed.json")
     assert table.find_profile(here, tmp_path) == tmp_path / "renamed.json"
     key = next(iter(small_profile.profile.rest))
     assert table.find_profile(here, tmp_path, network=key) == tmp_path / "renamed.json"
@@ -171,7 +165,7 @@ def test_profiles_follow_the_working_directory_and_the_shipped_ones_are_never_wr
     here = table.fingerprint(CPU, 1, "float32")
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    _with_fingerprint(small_profile.path, shipped / table.profile_name(here))
+    with_fingerprint(small_profile.path, shipped / table.profile_name(here))
     before = (shipped / table.profile_name(here)).read_bytes()
     monkeypatch.setattr(table, "SHIPPED_PROFILES", shipped)
     monkeypatch.setattr(measure, "SHIPPED_PROFILES", shipped)

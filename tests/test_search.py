@@ -3,6 +3,7 @@ on digits (a coarse latency profile, a fraction of an epoch per trial)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import optuna
@@ -11,6 +12,7 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 
 from sparsesearch import models, report, search
+from sparsesearch import storage as stores
 from sparsesearch.errors import UserError
 from sparsesearch.graph import dependencies
 from sparsesearch.layers import trace
@@ -136,13 +138,13 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
     profile_model(Target("digits-cnn", model.eval(), data.input_shape), torch.device("cpu"), 1,
                   rates=[0, 0.3, 0.5, 0.7], types=["filter", "shape"], out=profile, timing=FAST_TIMING)
     config = search.SearchConfig(checkpoint=str(digits_baseline.checkpoint), **TINY)
-    built = search.build(config, torch.device("cpu"), root / "artifacts", profile=profile)
+    built = search.build(config, torch.device("cpu"), str(root / "artifacts"), profile=profile)
     storage = f"sqlite:///{root / 'study.db'}"
-    study = search.open_study("tiny", storage, True, search.make_sampler(config, 0), HopelessPruner())
+    study = stores.open_study("tiny", storage, True, search.make_sampler(config, 0), HopelessPruner())
     search.record(study, built)
     first = search.run(built, study, search.Budget(trials=5))
     numbers = [t.number for t in study.get_trials(False)]
-    resumed = search.open_study("tiny", storage, True, search.make_sampler(config, 5), HopelessPruner())
+    resumed = stores.open_study("tiny", storage, True, search.make_sampler(config, 5), HopelessPruner())
     second = search.run(built, resumed, search.Budget(trials=7))
     measured = report.measure_front(built, resumed)
     return {"root": root, "search": built, "storage": storage, "study": resumed, "first": first, "second": second,
@@ -234,11 +236,11 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
 def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no study 'nope'"):
-        search.open_study("nope", None, create=False)
+        stores.open_study("nope", None, create=False)
     with pytest.raises(UserError, match="holds no study"):
-        search.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
+        stores.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
     with pytest.raises(UserError, match="cannot open study storage"):
-        search.open_study("nope", "postgresql://127.0.0.1:1/none", create=True)
+        stores.open_study("nope", "postgresql://127.0.0.1:1/none", create=True)
 
 
 def test_a_mistyped_model_leaves_no_study_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +282,7 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     time.sleep(2.5)
-    study = search.open_study("k", url, create=False, grace_s=1)
+    study = stores.open_study("k", url, create=False, grace_s=1)
     with warnings.catch_warnings():  # experimental in Optuna 5, as every worker runs it before a trial
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -293,7 +295,7 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
 
 def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path: Path) -> None:
     built = tiny["search"]
-    study = search.open_study("twice", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
+    study = stores.open_study("twice", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
                               HopelessPruner())
     for _worker in range(2):  # both saw no baselines yet, as two workers starting together do
         for label, params in built.baselines():
@@ -303,3 +305,68 @@ def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path
     assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7"]
     duplicates = [t for t in study.get_trials(False) if "is trial" in t.user_attrs.get("rejected", "")]
     assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
+
+
+def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseline: DenseResult, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`optimize --profile target.json` scores trials by another device's profile on purpose: it
+    says so and leaves the front unmeasured; `sparsesearch measure` on the target (here: this
+    machine, without the dense checkpoint) measures it, and the report names both devices."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from helpers import with_fingerprint
+    from sparsesearch.cli import app
+    from sparsesearch.profiler.table import fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    target = with_fingerprint(tiny["root"] / "profile.json", tmp_path / "target.json", device_name="Target Board",
+                              threads=4)
+    checkpoint = tmp_path / "dense.pt"
+    shutil.copy(digits_baseline.checkpoint, checkpoint)
+    shutil.copy(digits_baseline.checkpoint.with_suffix(".json"), checkpoint.with_suffix(".json"))
+    run = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "4", "--profile", str(target),
+                                   "--checkpoint", str(checkpoint), "--types", "filter,shape", "--max-acc-drop", "20",
+                                   "--trial-epochs", "0.25+0.5", "--threads", "1"])
+    assert run.exit_code == 0, run.output
+    assert "scored by the profile of another device" in " ".join(run.output.split())
+    study = stores.open_study("t", None, create=False)
+    assert "measured" not in study.user_attrs
+    checkpoint.unlink()
+    measured = CliRunner().invoke(app, ["measure", "t", "--threads", "1"])
+    assert measured.exit_code == 0, measured.output
+    study = stores.open_study("t", None, create=False)
+    wanted = {str(t.number) for t in [*report.front(study), *report.baselines(study)]}
+    assert wanted and wanted <= set(study.user_attrs["measured"])
+    here = fingerprint(torch.device("cpu"), 1, "float32")["device_name"]
+    text = " ".join((tmp_path / "studies" / "t" / "report.md").read_text().split())
+    assert "scored by the latency profile of Target Board" in text and f"measured on {here}" in text
+
+
+def test_a_study_whose_disk_fills_up_stops_in_one_line_and_keeps_its_trials(tiny: dict, digits_baseline: DenseResult,
+                                                                           tiny_disk: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's "database or disk is full" under a running study: one line, exit 1, the finished
+    trials still there and no journal file left behind; freeing space and rerunning resumes."""
+    from typer.testing import CliRunner
+
+    from sparsesearch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tiny_disk / 'study.db'}"
+    args = ["optimize", "--study", "f", "--storage", url, "--profile", str(tiny["root"] / "profile.json"),
+            "--checkpoint", str(digits_baseline.checkpoint), "--artifacts", str(tmp_path / "weights"),
+            "--types", "filter,shape", "--max-acc-drop", "20", "--trial-epochs", "0.1+0.1", "--threads", "1"]
+    assert CliRunner().invoke(app, [*args, "--budget", "1"]).exit_code == 0
+    free = shutil.disk_usage(tiny_disk).free
+    (tiny_disk / "filler").write_bytes(b"\0" * (free - 8192))
+    full = CliRunner().invoke(app, [*args, "--budget", "100"])
+    assert full.exit_code == 1 and "Traceback" not in full.output, full.output
+    assert full.stderr.startswith("error: the study storage failed (") and "disk is full" in full.stderr
+    assert "free space on its disk, then run the same command" in full.stderr
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "study.db"]
+    assert len(search.trained_trials(stores.open_study("f", url, create=False))) >= 1
+    (tiny_disk / "filler").unlink()
+    assert CliRunner().invoke(app, [*args, "--budget", "2"]).exit_code == 0
+    assert len(search.trained_trials(stores.open_study("f", url, create=False))) == 2

@@ -2,42 +2,50 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import optuna
+import pytest
+import torch
 from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from sparsesearch import report
+from sparsesearch import storage as stores
+from sparsesearch.cli import app
+from sparsesearch.errors import UserError
+from sparsesearch.profiler.measure import Target, profile_model
+from sparsesearch.profiler.table import fingerprint, profile_name
+from sparsesearch.train import DenseResult, prepare
+
+CPU = torch.device("cpu")
+FAST_TIMING = {"rounds": 3, "warmup_s": 0.005, "min_round_s": 0.002, "max_rounds": 3}
 
 TRIALS_PER_WORKER = 5
 
-# Each worker says "ready" once optuna is imported and waits for the parent's go, so that both open
-# the study (and its tables) at the same moment. Workers starting together race to create the tables
-# (on PostgreSQL the loser's CREATE TYPE breaks a unique index); like sparsesearch's own storage,
-# the loser finds them made and opens them again.
+# Each worker says "ready" once it has imported sparsesearch and waits for the parent's go, so that
+# both open the study (and create its tables) at the same moment: on PostgreSQL the loser of that
+# race breaks a unique index, and `storage.open_study` must open the tables the winner made.
 _WORKER = """
 import sys
-import time
 import optuna
-import sqlalchemy.exc
+from sparsesearch.storage import open_study
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 url, worker, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)
 sys.stdin.readline()
-
-def storage():
-    for delay in (0.2, 0.4, 0.8):
-        try:
-            return optuna.storages.RDBStorage(url)
-        except sqlalchemy.exc.IntegrityError:
-            time.sleep(delay)
-    return optuna.storages.RDBStorage(url)
-
-study = optuna.create_study(study_name="shared", storage=storage(), load_if_exists=True)
+study = open_study("shared", url, create=True)
 
 def objective(trial):
     trial.set_user_attr("worker", worker)
-    return trial.suggest_float("x", 0.0, 1.0)
+    return trial.suggest_float("x", 0.0, 1.0), 0.0
 
 study.optimize(objective, n_trials=trials)
 """
@@ -62,3 +70,207 @@ def test_two_workers_opening_one_postgres_study_at_once_keep_all_trials_with_dis
     assert Counter(t.user_attrs["worker"] for t in trials) == {"a": TRIALS_PER_WORKER, "b": TRIALS_PER_WORKER}
     assert sorted(t.number for t in trials) == list(range(2 * TRIALS_PER_WORKER))
     assert {t.state for t in trials} == {TrialState.COMPLETE}
+
+
+# --- workers running `sparsesearch optimize` on one study ----------------------------------------
+
+BUDGET = 8
+
+
+@pytest.fixture(scope="module")
+def project(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder holding this machine's latency profile of digits-cnn at 1 thread (coarse,
+    filter and shape only), where workers started with --threads 1 find it."""
+    root = tmp_path_factory.mktemp("project")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, data = prepare("digits-cnn", "digits", weights=digits_baseline.checkpoint)
+        out = root / "hardware_profiles" / profile_name(fingerprint(CPU, 1, "float32"))
+        profile_model(Target("digits-cnn", model.eval(), data.input_shape), CPU, 1, rates=[0, 0.3, 0.5, 0.7],
+                      types=["filter", "shape"], out=out, timing=FAST_TIMING)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def optimize(project: Path, checkpoint: Path, *options: str) -> subprocess.Popen:
+    """`sparsesearch optimize` on digits in `project`, as a worker process: short feasible trials."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "sparsesearch"), "optimize", "--study", "s", "--threads", "1",
+         "--types", "filter,shape", "--trial-epochs", "1+1", "--max-acc-drop", "20", "--checkpoint", str(checkpoint),
+         "--artifacts", str(project / "shared"), "--stale-after", "3", *options],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_a_training_worker(study: Callable[[], optuna.Study], workers: list[subprocess.Popen]) -> int:
+    """SIGKILL the worker of the first trial seen training; return that trial's number."""
+    pids = {w.pid: w for w in workers}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(w.poll() is None for w in workers):
+        try:
+            running = study().get_trials(False, states=(TrialState.RUNNING,))
+        except Exception:  # noqa: BLE001 - no worker has created the study yet
+            running = []
+        for trial in running:
+            pid = int(str(trial.user_attrs.get("worker", ":0")).rpartition(":")[2])
+            if "claimed" in trial.user_attrs and pid in pids:
+                pids[pid].send_signal(signal.SIGKILL)
+                pids[pid].wait()
+                return trial.number
+        time.sleep(0.2)
+    raise AssertionError("no worker was seen training: " + " | ".join(w.stderr.read()[-500:] for w in workers
+                                                                        if w.poll() is not None))
+
+
+def check_shared_study(study: optuna.Study, killed: int) -> None:
+    """What many workers with one kill must leave: the budget trained exactly, each baseline once,
+    the killed trial failed and its plan enqueued again, nothing running, the front measured."""
+    trials = study.get_trials(False)
+    trained = [t for t in trials if t.state.is_finished() and t.state != TrialState.FAIL
+               and "rejected" not in t.user_attrs]
+    assert len(trained) == BUDGET, Counter(str(t.user_attrs.get("rejected")) for t in trials)
+    assert Counter(t.user_attrs["baseline"] for t in trained if "baseline" in t.user_attrs) == \
+        {"filter=0.3": 1, "filter=0.5": 1, "filter=0.7": 1}
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retry) == 1 and retry[0].params == trials[killed].params
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    measured = study.user_attrs["measured"]
+    wanted = {str(t.number) for t in [*report.front(study), *report.baselines(study)]}
+    assert wanted and wanted <= set(measured), (wanted, set(measured))
+    assert study.user_attrs.get(report.MEASURING) is None, "the measuring lease was released"
+
+
+def test_three_workers_share_one_postgres_study_through_a_kill(project: Path, digits_baseline: DenseResult,
+                                                               fresh_postgres_db: str) -> None:
+    """Three `optimize` workers on one PostgreSQL study, one SIGKILLed while training: the others
+    finish the budget between them, retry the killed plan, measure the front once; the study resumes."""
+    workers = [optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET))
+               for _ in range(3)]
+    try:
+        killed = kill_a_training_worker(lambda: optuna.load_study(study_name="s", storage=fresh_postgres_db), workers)
+        outputs = {w.pid: w.communicate(timeout=600) for w in workers if w.returncode is None}
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers].count(0) == 2, [o[1][-800:] for o in outputs.values()]
+    check_shared_study(optuna.load_study(study_name="s", storage=fresh_postgres_db), killed)
+    again = optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET + 1))
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-800:]
+    assert "1 trials trained" in " ".join(out.split()), out
+
+
+# --- one host, no server: the journal file ---------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def test_a_journal_trial_whose_worker_process_ended_is_failed_and_its_plan_retried(tmp_path: Path) -> None:
+    """The journal has no heartbeat: a running trial whose worker process on this host is gone is
+    failed at once by the next worker, and its plan enqueued again, once."""
+    url = f"journal:///{tmp_path / 'study.log'}"
+    study = stores.open_study("j", url, create=True)
+    dead = study.ask({"rate": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{_dead_pid()}")
+    alive = study.ask({"rate": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    alive.set_user_attr("worker", stores.worker())
+    elsewhere = study.ask({"rate": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    elsewhere.set_user_attr("worker", "another-host:1")  # cannot be checked from here: left alone
+    reopened = stores.open_study("j", url, create=False)
+    assert stores.fail_stale(reopened) == [dead.number]
+    states = {t.number: t.state for t in reopened.get_trials(False)}
+    assert states[dead.number] == TrialState.FAIL
+    assert states[alive.number] == states[elsewhere.number] == TrialState.RUNNING
+    retry = [t for t in reopened.get_trials(False) if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == dead.params
+    assert stores.fail_stale(reopened) == [], "a second worker finds nothing left to fail"
+
+
+_LEASE = """
+import sys
+import time
+from sparsesearch import storage
+study = storage.open_study("l", sys.argv[1], create=False)
+time.sleep(float(sys.argv[2]) - time.time())  # both try at the same moment
+print("mine" if storage.take_lease(study, "measuring", settle_s=1.0) is None else "theirs")
+"""
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_two_workers_taking_the_measuring_lease_at_once_get_it_once(kind: str, tmp_path: Path) -> None:
+    url = f"journal:///{tmp_path / 'l.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'l.db'}"
+    stores.open_study("l", url, create=True)
+    start = str(time.time() + 3)
+    workers = [subprocess.Popen([sys.executable, "-c", _LEASE, url, start], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    said = sorted(w.communicate(timeout=60)[0].strip() for w in workers)
+    assert said == ["mine", "theirs"]
+
+
+# --- storages that are not there ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url,says", [
+    ("postgresql+psycopg2://u@/db", "pip install psycopg2-binary, or write postgresql:// and pip install "
+                                    "'sparsesearch[postgres]'"),
+    ("redis://localhost:6379", "not a storage sparsesearch supports"),
+    ("journal://", "names no file"),
+])
+def test_a_storage_that_cannot_be_used_is_one_line_naming_the_fix(url: str, says: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "s", "--storage", url])
+    assert result.exit_code == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
+# --- trial weights in an S3 bucket -----------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server on a free localhost port, and the environment boto3 reads to reach it."""
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed (make setup does)")
+    pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'sparsesearch[s3]')")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def test_trial_weights_round_trip_through_an_s3_bucket(s3_endpoint: str, tmp_path: Path) -> None:
+    import boto3
+
+    from sparsesearch.models import create
+    from sparsesearch.search import SearchConfig, Trials
+
+    with pytest.raises(UserError, match="cannot reach the bucket of --artifacts s3://trials"):
+        stores.artifact_store("s3://trials", check=True)
+    boto3.client("s3").create_bucket(Bucket="trials")
+    stores.artifact_store("s3://trials", check=True)
+    torch.manual_seed(0)
+    trials = Trials(SearchConfig(), create("digits-cnn", 10, 1), (1, 8, 8), CPU, "s3://trials")
+    study = stores.open_study("w", f"journal:///{tmp_path / 'w.log'}", create=True)
+    trial = study.ask()
+    trained = trials.fresh_model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(0.5)
+    trial.set_user_attr("weights", trials.upload(trial, trained))
+    study.tell(trial, [1.0, 1.0])
+    back = trials.trained(study.trials[0]).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in trained.state_dict().items())
+    assert not torch.equal(back["0.weight"], trials.model.state_dict()["0.weight"])

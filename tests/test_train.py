@@ -63,6 +63,27 @@ def test_training_is_deterministic_with_a_seed() -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_an_interrupted_training_continues_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    config = TrainConfig(epochs=3, seed=1)
+    whole = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "whole" / "dense.pt")
+
+    def stop_in_epoch_3(p) -> None:  # noqa: ANN001
+        if p.epoch == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut" / "dense.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_dense("digits-cnn", "digits", config, CPU, out, on_progress=stop_in_epoch_3)
+    assert not out.exists() and (tmp_path / "cut" / "dense.resume.pt").is_file()
+    resumed = train_dense("digits-cnn", "digits", config, CPU, out)
+    assert resumed.history.resumed_after == 2 and not (tmp_path / "cut" / "dense.resume.pt").exists()
+    assert [e["epoch"] for e in resumed.history.epochs] == [1, 2, 3]
+    a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train_dense("digits-cnn", "digits", TrainConfig(epochs=1, seed=1), CPU, out)
+    assert other.history.resumed_after == 0, "a snapshot of another run is not resumed"
+
+
 def test_fractional_epochs_run_that_share_of_steps() -> None:
     model, ds = prepare("digits-cnn", "digits")
     steps: list[int] = []

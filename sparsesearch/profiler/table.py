@@ -39,6 +39,7 @@ def profiles_dir() -> Path:
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
 # environment are recorded but not compared
 MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
+SETTING = ("batch_size", "dtype")  # what a profile predicts: a target device's profile must agree on these too
 # recorded, not matched: each changes latencies (OMP_WAIT_POLICY=PASSIVE made resnet20 at 2 threads 3x slower)
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
         "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -225,12 +226,15 @@ class Profile:
 
         return LatencyModel().fit(self)
 
-    def check(self, here: dict[str, object], allow_foreign: bool = False) -> None:
-        """Refuse a profile measured elsewhere (another device, threads, batch, dtype or torch)."""
-        diff = differences(self.fingerprint, here)
+    def check(self, here: dict[str, object], allow_foreign: bool = False, target: bool = False) -> None:
+        """Refuse a profile measured elsewhere (another device, threads, batch, dtype or torch), unless
+        `allow_foreign`. A `target` profile, named on purpose as the device the plans will run on, may
+        be another device's, but must predict the batch size and dtype asked for."""
+        diff = [d for d in differences(self.fingerprint, here) if not target or d.split(":")[0] in SETTING]
         if diff and not allow_foreign:
-            raise UserError(f"profile {self.path} was measured on another setting ({'; '.join(diff)}); "
-                            "profile this device with `sparsesearch profile`, or pass --allow-foreign-profile")
+            fix = "pass the --batch-size (and dtype) it was profiled with" if target else \
+                "profile this device with `sparsesearch profile`, or pass --allow-foreign-profile"
+            raise UserError(f"profile {self.path} was measured on another setting ({'; '.join(diff)}); {fix}")
 
 
 def slug(text: str) -> str:
@@ -266,8 +270,9 @@ def find_profile(here: dict[str, object], root: Path | None = None, network: str
 
 
 def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype: str = "float32",
-                 allow_foreign: bool = False, threads: int | None = None) -> Profile:
-    """The profile at `path` (or the one `find_profile` finds for this device), checked against it."""
+                 allow_foreign: bool = False, threads: int | None = None, target: bool = False) -> Profile:
+    """The profile at `path` (or the one `find_profile` finds for this device), checked against it
+    (`Profile.check`: a `target` profile may be another device's)."""
     here = fingerprint(device, batch_size, dtype, threads)
     if path is None:
         path = find_profile(here)
@@ -275,5 +280,5 @@ def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype
             raise UserError(f"no latency profile for this device under {profiles_dir()}/ ({profile_name(here)}); "
                             f"run `sparsesearch profile --device {device} --batch-size {batch_size} --dtype {dtype}`")
     profile = Profile.load(path)
-    profile.check(here, allow_foreign)
+    profile.check(here, allow_foreign, target)
     return profile
