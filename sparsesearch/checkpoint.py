@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import UserError, brief
 from .files import read_json, torch_save, write_json
+from .models import recorded
 
 SCHEMA = 1
 
@@ -56,14 +57,14 @@ def trained_with(path: Path, model: str | None, dataset: str | None) -> tuple[st
         return model, dataset
     found = {"model": model, "dataset": dataset}
     for key, given in found.items():
-        recorded = meta.get(key)
-        if given is not None and recorded is not None and given != recorded:
-            raise UserError(f"--{key} {given} contradicts {sidecar(path).name}, which records {key} {recorded}; "
+        kept = meta.get(key)
+        if given is not None and kept is not None and given != kept:
+            raise UserError(f"--{key} {given} contradicts {sidecar(path).name}, which records {key} {kept}; "
                             f"drop --{key} or pass the checkpoint trained with it")
-        found[key] = given if given is not None else recorded
+        found[key] = given if given is not None else kept
     if None in found.values():
         raise UserError(f"{sidecar(path)} does not record the model and dataset; pass --model and --dataset")
-    return found["model"], found["dataset"]
+    return recorded(found["model"], model, str(sidecar(path))), found["dataset"]
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -112,6 +112,9 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 # --- options shared across commands ---------------------------------------------------------------
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name, tv:NAME or package.module:factory.")]
+OwnModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="The model the study or checkpoint records, if it is a package.module:factory of yours "
+                          "(allows importing it).")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name or imagefolder:PATH.")]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Where the dataset's files live (default per dataset).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
@@ -273,6 +276,7 @@ def compact_cmd(
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the compacted model (default: compacted/ beside the checkpoint).")] = None,
+    model: OwnModelOpt = None,
 ) -> None:
     """Physically compact a pruned model, measure its latency beside the masked dense model, and
     write it: model.pt (+ model.json, for sparsesearch.load), TorchScript and ONNX."""
@@ -285,7 +289,7 @@ def compact_cmd(
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     with console.status("compacting and timing (dense and compacted, interleaved rounds)"):
-        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir)
+        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir, model)
     table = Table("", "dense", "compacted", "ratio", title=f"{checkpoint} on {dev}, batch {batch_size}, "
                   f"{n_threads} threads, median of {m.setting['rounds']} rounds")
     table.add_row("params", f"{m.params['dense']:,}", f"{m.params['compacted']:,}",
@@ -522,6 +526,7 @@ def optimize(
              "batch_size": batch_size, "seed": seed, "sampler": sampler}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
+        models.recorded(config.model, model, f"study '{name}'")
         done_before = len(search.trained_trials(opened))
         url, kept = stores.storage_url(name, storage), stores.artifacts_location(opened, artifacts)
         console.print(f"study [bold]{name}[/] ({url}): {config.model} on {config.dataset}, {done_before} trials so "
@@ -578,13 +583,11 @@ def optimize(
                       "narrow --types (e.g. filter,channel) for this device")
     stores.fail_stale(opened)
     busy = opened.get_trials(False, states=(optuna.trial.TrialState.RUNNING,))
-    if built.foreign:  # the front is measured on the target, by `sparsesearch measure`
-        pass
-    elif busy:
-        console.print(f"[yellow]note:[/] {len(busy)} trials are still running in other workers "
+    if busy and not built.foreign:
+        console.print(f"[yellow]note:[/] {_count(len(busy), 'trial')} still running in other workers "
                       f"({_fold(sorted({str(t.user_attrs.get('worker', '?')) for t in busy}))}); the last worker to "
                       f"finish measures the front (or run `sparsesearch measure {name}`)")
-    else:
+    elif not built.foreign:  # a front scored for another device is measured there, by `sparsesearch measure`
         _measure(built, opened, f"{dev}, batch {config.batch_size}, {n_threads} threads")
     console.print("wrote " + ", ".join(str(p) for p in reporting.write(opened, stores.study_dir(name))))
 
@@ -618,6 +621,7 @@ def measure_cmd(
     artifacts: ArtifactsOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the study's).")] = None,
     again: Annotated[bool, typer.Option(help="Measure every plan again, even those measured on this device.")] = False,
+    model: OwnModelOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
@@ -637,6 +641,7 @@ def measure_cmd(
     n_threads = set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = stores.open_study(study, storage, create=False)
+    models.recorded(search.load_config(opened).model, model, f"study '{study}'")
     trials = search.trials_of(opened, dev, stores.artifacts_location(opened, artifacts), data_dir)
     if batch_size is not None:
         trials.config = dataclasses.replace(trials.config, batch_size=batch_size)
@@ -671,6 +676,7 @@ def export_cmd(
     out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N).")] = None,
     storage: StorageOpt = None,
     artifacts: ArtifactsOpt = None,
+    model: OwnModelOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
@@ -687,6 +693,7 @@ def export_cmd(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = stores.open_study(study, storage, create=False)
     config = search.load_config(opened)
+    models.recorded(config.model, model, f"study '{study}'")
     search.chosen(opened, trial)
     admm_epochs, retrain_epochs = search.parse_epochs(epochs, "--epochs")
     stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
@@ -715,6 +722,10 @@ def _grouped(reasons: dict[str, str]) -> dict[str, list[str]]:
     for name, why in reasons.items():
         grouped.setdefault(why, []).append(name)
     return grouped
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fold(names: list[str], shown: int = 3) -> str:

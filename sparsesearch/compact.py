@@ -296,18 +296,21 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
     )
 
 
-def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None) -> Measured:
-    """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it."""
+def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None,
+                       model: str | None = None) -> Measured:
+    """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it. `model` confirms a
+    factory of the user's own that the sidecar names (`models.recorded`)."""
     from . import checkpoint
     from .train import prepare
 
     meta = checkpoint.read_meta(path)
     if meta.get("kind") != "pruned":
         raise UserError(f"{path} is a {meta.get('kind', 'unknown')} checkpoint; compact the output of `sparsesearch prune`")
-    masked, data = prepare(meta["model"], meta["dataset"], data_dir, weights=path)
+    name, dataset = checkpoint.trained_with(path, model, None)
+    masked, data = prepare(name, dataset, data_dir, weights=path)
     plan = Plan.load(Path(path).parent / meta["plan"])
     plan.validate(trace(masked, data.input_shape), dependencies(masked, data.input_shape).couplings)
-    measured = measure(masked, plan, data.input_shape, meta["model"], device, batch_size)
-    measured.origin = {"model": meta["model"], "dataset": meta["dataset"], "input_shape": list(data.input_shape),
+    measured = measure(masked, plan, data.input_shape, name, device, batch_size)
+    measured.origin = {"model": name, "dataset": dataset, "input_shape": list(data.input_shape),
                        "plan": plan.to_dict(), "source": str(path)}
     return measured

@@ -254,6 +254,16 @@ def builtin_specs() -> list[ModelSpec]:
     return [spec for spec, _ in _REGISTRY.values()]
 
 
+def recorded(name: str, given: str | None, source: str) -> str:
+    """The model `name` that a file (`source`: a study, a checkpoint's sidecar) records. Code of the
+    user's own (`package.module:factory`) is imported only if the caller named it too: a file handed
+    over by someone else must not get a module of its choosing imported."""
+    if ":" in name and not name.startswith(TV_PREFIX) and given != name:
+        raise UserError(f"{source} names the model '{name}', a factory of your own; pass --model {name} "
+                        "to import it")
+    return name
+
+
 def spec(name: str) -> ModelSpec:
     """What `name` needs from its input; raises UserError for an unknown name."""
     if name.startswith(TV_PREFIX):

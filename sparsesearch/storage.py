@@ -285,5 +285,6 @@ def artifact_store(location: str | Path, check: bool = False) -> Any:
         raise UserError(f"--artifacts {location}: give a folder every worker can reach, or s3://BUCKET")
     from optuna.artifacts import FileSystemArtifactStore
 
-    Path(location).mkdir(parents=True, exist_ok=True)
+    if not check:  # made when the first weights arrive: a refused run leaves no empty folder behind
+        Path(location).mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(location)

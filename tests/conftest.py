@@ -38,7 +38,7 @@ def _mounted(path: Path, options: str):  # noqa: ANN202
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield path
-    subprocess.run(["umount", str(path)], check=False)
+    subprocess.run(["umount", "--lazy", str(path)], check=False)  # lazy: a test may still hold a file open
 
 
 @pytest.fixture

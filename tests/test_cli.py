@@ -148,3 +148,30 @@ def test_sparsesearch_debug_shows_the_whole_traceback(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SPARSESEARCH_DEBUG", "1")
     result = runner.invoke(app, ["train", "--model", "resnet-20"])
     assert isinstance(result.exception, UserError) and "did you mean resnet20" in str(result.exception)
+
+
+def test_a_file_naming_a_factory_of_your_own_does_not_get_it_imported(digits_baseline: DenseResult, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint sidecar or a study from someone else may name `evilmod:net`; with evilmod.py in
+    the working directory, no command imports it unless the user names that model themselves."""
+    import json
+    import shutil
+
+    from sparsesearch import search, storage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evilmod.py").write_text("open('IMPORTED', 'w').close()\n\ndef net(num_classes=10, in_channels=1):\n"
+                                         "    raise SystemExit('ran')\n")
+    pruned = tmp_path / "pruned.pt"
+    shutil.copy(digits_baseline.checkpoint, pruned)
+    meta = json.loads(digits_baseline.checkpoint.with_suffix(".json").read_text())
+    pruned.with_suffix(".json").write_text(json.dumps({**meta, "model": "evilmod:net", "kind": "pruned",
+                                                       "plan": "plan.json"}))
+    study = storage.open_study("s", None, create=True)
+    study.set_user_attr("config", search.SearchConfig(model="evilmod:net").to_attrs())
+    says = "names the model 'evilmod:net', a factory of your own; pass --model evilmod:net to import it"
+    for args in (["prune", "--checkpoint", str(pruned), "--plan", "filter=0.5"],
+                 ["compact", "--checkpoint", str(pruned)], ["measure", "s"], ["export", "s", "--trial", "0"],
+                 ["optimize", "--study", "s", "--budget", "1"]):
+        assert says in _error(args), args
+    assert not (tmp_path / "IMPORTED").exists()
