@@ -56,3 +56,4 @@ bench: setup
 	$(PY) bench/latency_model.py
 	$(PY) bench/search.py
 	$(PY) bench/generated.py
+	$(PY) bench/scale.py

@@ -3,11 +3,14 @@
 One cluster per test session, in a temporary folder under /tmp, reached only through a unix
 socket in that folder (no TCP port to collide with another server), with trust authentication
 and without fsync. Where the server or psycopg is missing, or the server does not start, the
-tests that ask for it skip and say what to install.
+tests that ask for it skip and say what to install. Outside pytest (bench/scale.py),
+`throwaway_cluster()` is the same server as a context manager, raising `Unavailable` with that
+reason instead of skipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -30,6 +33,10 @@ synchronous_commit = off
 full_page_writes = off
 shared_buffers = 16MB
 """
+
+
+class Unavailable(Exception):
+    """No throwaway server here; the message says why and what to install."""
 
 
 @dataclass(frozen=True)
@@ -73,34 +80,35 @@ def _runner() -> list[str]:
     try:
         pwd.getpwnam(SUPERUSER)
     except KeyError:
-        pytest.skip(f"running as root needs the '{SUPERUSER}' system user to own the test server "
-                    "(make setup installs Debian's postgresql, which creates it)")
+        raise Unavailable(f"running as root needs the '{SUPERUSER}' system user to own the test server "
+                          "(make setup installs Debian's postgresql, which creates it)") from None
     if shutil.which("runuser"):
         return ["runuser", "-u", SUPERUSER, "--"]
     return ["setpriv", f"--reuid={SUPERUSER}", f"--regid={SUPERUSER}", "--init-groups", "--"]
 
 
 def _run(tool: Path, command: list[str], cwd: Path, log: Path | None = None) -> None:
-    """Run `command` (a server tool, maybe behind the runner); if it fails, skip with its last word,
-    read from `log` where the tool writes there (pg_ctl only says "Examine the log output")."""
+    """Run `command` (a server tool, maybe behind the runner); if it fails, raise Unavailable with its
+    last word, read from `log` where the tool writes there (pg_ctl only says "Examine the log output")."""
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         text = log.read_text(errors="replace") if log and log.is_file() else done.stderr + done.stdout
         last = (text.strip().splitlines() or [f"exit status {done.returncode}"])[-1].strip()
-        pytest.skip(f"PostgreSQL test server did not start ({tool.name}: {last})")
+        raise Unavailable(f"PostgreSQL test server did not start ({tool.name}: {last})")
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL cluster started for this test session, stopped and deleted at its end."""
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster in a new /tmp folder, stopped and deleted on leaving; Unavailable if it
+    cannot start here."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install -e '.[postgres]'; make setup does)")
+        raise Unavailable("psycopg is not installed (pip install -e '.[postgres]'; make setup does)") from None
     binaries = server_binaries()
     if binaries is None:
-        pytest.skip("PostgreSQL server not installed: no initdb/pg_ctl in PATH or /usr/lib/postgresql/*/bin "
-                    "(make setup installs Debian's postgresql as root)")
+        raise Unavailable("PostgreSQL server not installed: no initdb/pg_ctl in PATH or /usr/lib/postgresql/*/bin "
+                          "(make setup installs Debian's postgresql as root)")
     initdb, pg_ctl = binaries
     runner = _runner()
     # /tmp, not pytest's tmp_path: the socket path must stay under ~107 bytes, and as root the
@@ -124,6 +132,17 @@ def postgres_cluster() -> Iterator[Cluster]:
             subprocess.run([*runner, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"], cwd=root,
                            capture_output=True, timeout=60, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster started for this test session, stopped and deleted at its end."""
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(throwaway_cluster())
+        except Unavailable as e:
+            pytest.skip(str(e))
+        yield cluster
 
 
 @pytest.fixture(scope="session")
