@@ -111,10 +111,16 @@ def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
     exists") and simply opens them again."""
     import sqlalchemy.exc
 
+    sqlite = url.startswith("sqlite")
+
     def make() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, heartbeat_interval=min(HEARTBEAT_S, grace_s), grace_period=grace_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
+        if sqlite:
+            _serialise(storage.engine)
+        return storage
 
     for delay in (0.2, 0.4, 0.8, 1.6):
         try:
@@ -126,6 +132,24 @@ def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
                 raise
         time.sleep(delay)
     return make()
+
+
+def _serialise(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock when it begins. SQLite has no row locks: two
+    workers popping the same waiting trial (a baseline, a retry) both read it WAITING, both mark it
+    RUNNING and both train it, and the second to finish fails ("Cannot tell a COMPLETE trial").
+    Begun IMMEDIATE, the second transaction waits for the first and reads RUNNING."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN would come first
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made while opening the storage predate the listeners
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:

@@ -72,6 +72,44 @@ def test_two_workers_opening_one_postgres_study_at_once_keep_all_trials_with_dis
     assert {t.state for t in trials} == {TrialState.COMPLETE}
 
 
+_POPPER = """
+import sys
+import time
+import optuna
+from sparsesearch.storage import open_study
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = open_study("q", sys.argv[1], create=False)
+ran = []
+
+def objective(trial):
+    ran.append(trial.number)
+    time.sleep(0.02)
+    return trial.suggest_float("x", 0.0, 1.0), 0.0
+
+try:
+    study.optimize(objective, n_trials=15)
+finally:
+    print(" ".join(map(str, ran)))
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_workers_popping_enqueued_trials_run_each_once(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Enqueued trials (the baselines, a killed worker's retry) are taken by exactly one worker. On
+    SQLite, which has no row locks, two workers used to take the same one and both train it."""
+    url = {"sqlite": f"sqlite:///{tmp_path / 'q.db'}", "journal": f"journal:///{tmp_path / 'q.log'}"}.get(kind) \
+        or request.getfixturevalue("fresh_postgres_db")
+    study = stores.open_study("q", url, create=True)
+    for i in range(40):
+        study.enqueue_trial({"x": i / 40})
+    workers = [subprocess.Popen([sys.executable, "-c", _POPPER, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-500:] for _, err in outputs]
+    ran = [int(n) for out, _ in outputs for n in out.split()]
+    assert len(ran) == 45 and len(set(ran)) == 45, Counter(ran).most_common(3)
+
+
 # --- workers running `sparsesearch optimize` on one study ----------------------------------------
 
 BUDGET = 8
