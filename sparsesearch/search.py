@@ -309,6 +309,17 @@ def _claim(trial: optuna.Trial, budget: int | None) -> bool:
     return trained + earlier < budget
 
 
+def _enqueue_baselines(search: Search, study: optuna.Study) -> None:
+    """Enqueue each uniform baseline that no trial holds, or whose every trial failed (its workers
+    killed twice: a retried trial is not retried again). The report compares the search with them,
+    so they are never dropped; copies enqueued by workers starting together are rejected at no cost."""
+    held = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL and "rejected" not in t.user_attrs}
+    for label, params in search.baselines():
+        if label not in held:
+            study.enqueue_trial(params, user_attrs={"baseline": label})
+
+
 def _earlier_baseline(trial: optuna.Trial) -> int | None:
     """The number of an earlier trial of the same uniform baseline, if any did not fail. Workers
     starting together may each enqueue the baselines; the lowest-numbered copy runs, the others are
@@ -340,11 +351,9 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     """Run trials until the study holds `budget.trials` trained ones (rejected candidates are free)
     or `budget.seconds` pass, or `should_stop()` says so after a trial, or `max_rejections` (default
     50 per trial of budget, at least 500) candidates in a row were rejected. Enqueues the uniform
-    baselines once (unless `baselines` is false: the benchmark's pure random search)."""
-    if baselines and not study.user_attrs.get("baselines_enqueued"):
-        for label, params in search.baselines():
-            study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
-        study.set_user_attr("baselines_enqueued", True)
+    baselines the study lacks (unless `baselines` is false: the benchmark's pure random search)."""
+    if baselines:
+        _enqueue_baselines(search, study)
     search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
@@ -361,6 +370,8 @@ def run(search: Search, study: optuna.Study, budget: Budget,
         in_a_row = in_a_row + 1 if rejected else 0
         if on_trial is not None:
             on_trial(study_, trial)
+        if baselines:  # a baseline whose retry died too (another worker's, failed as stale) comes back
+            _enqueue_baselines(search, study_)
         if budget.trials is not None and len(trained_trials(study_)) >= budget.trials:
             result.stopped = "budget"
         elif should_stop is not None and should_stop():

@@ -370,3 +370,19 @@ def test_a_study_whose_disk_fills_up_stops_in_one_line_and_keeps_its_trials(tiny
     (tiny_disk / "filler").unlink()
     assert CliRunner().invoke(app, [*args, "--budget", "2"]).exit_code == 0
     assert len(search.trained_trials(stores.open_study("f", url, create=False))) == 2
+
+
+def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_path: Path) -> None:
+    """Killed twice, a baseline's retries are spent (a retry is not retried again), but the report
+    compares the search with the baselines: the next run enqueues it anew. A held baseline is not."""
+    built = tiny["search"]
+    study = stores.open_study("again", f"sqlite:///{tmp_path / 'study.db'}", True)
+    for label, state, attrs in [("filter=0.3", TrialState.FAIL, {}), ("filter=0.3", TrialState.FAIL, {}),
+                                ("filter=0.5", TrialState.COMPLETE, {}),
+                                ("filter=0.7", TrialState.FAIL, {}),
+                                ("filter=0.7", TrialState.PRUNED, {"rejected": "baseline filter=0.7 is trial 3's"})]:
+        study.add_trial(optuna.trial.create_trial(state=state, user_attrs={"baseline": label, **attrs},
+                                                  values=[1.0, 1.0] if state == TrialState.COMPLETE else None))
+    search.run(built, study, search.Budget(trials=0))
+    waiting = [t.user_attrs["baseline"] for t in study.get_trials(False, states=(TrialState.WAITING,))]
+    assert sorted(waiting) == ["filter=0.3", "filter=0.7"]
