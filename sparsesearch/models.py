@@ -1,4 +1,4 @@
-"""Model registry: one name -> one factory, for our CIFAR-style nets, torchvision and user code.
+"""Model registry: one name -> one factory, for our CIFAR-style nets, torchvision, timm and user code.
 
 `create(name, num_classes=..., in_channels=...)` is the whole interface. `spec(name)` says what input
 a model needs (channels, minimum side) so the data layer can adapt images to it instead of every
@@ -19,6 +19,8 @@ from torch import nn
 from .errors import UserError, unknown
 
 TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
+LIBRARIES = (TV_PREFIX, TIMM_PREFIX)  # `prefix:NAME` from a model library, not `package.module:factory`
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,34 @@ def _tv_create(name: str, num_classes: int) -> nn.Module:
     return tvm.get_model(arch, weights=None, num_classes=num_classes, **_TV_KWARGS.get(arch, {}))
 
 
+def _timm():  # noqa: ANN202 - the timm module, an optional extra
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise UserError("timm models need timm: pip install 'sparsesearch[timm]'") from None
+    return timm
+
+
+def timm_names() -> list[str]:
+    """timm's classifiers, or none where timm is not installed."""
+    try:
+        return sorted(_timm().list_models())
+    except UserError:
+        return []
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    """A timm model takes any channels (`in_chans`) and, unless its config says its input size is
+    fixed (ViTs, Swin), any side from 32 up: its pretrained config's size is only what it was trained at."""
+    arch = name[len(TIMM_PREFIX):]
+    known = sorted(_timm().list_models())
+    if arch not in known:
+        raise unknown("timm model", name, [TIMM_PREFIX + n for n in known], "run `sparsesearch models` for the list")
+    cfg = _timm().models.get_pretrained_cfg(arch)
+    fixed = cfg is not None and cfg.fixed_input_size
+    return ModelSpec(name, f"timm {arch}", None, int(cfg.input_size[-1]) if fixed else 32)
+
+
 def _user_factory(name: str) -> Factory:
     """Resolve `package.module:factory`, importing from the working directory like `python -m` would."""
     module_name, _, attr = name.partition(":")
@@ -258,7 +288,7 @@ def recorded(name: str, given: str | None, source: str) -> str:
     """The model `name` that a file (`source`: a study, a checkpoint's sidecar) records. Code of the
     user's own (`package.module:factory`) is imported only if the caller named it too: a file handed
     over by someone else must not get a module of its choosing imported."""
-    if ":" in name and not name.startswith(TV_PREFIX) and given != name:
+    if ":" in name and not name.startswith(LIBRARIES) and given != name:
         raise UserError(f"{source} names the model '{name}', a factory of your own; pass --model {name} "
                         "to import it")
     return name
@@ -268,6 +298,8 @@ def spec(name: str) -> ModelSpec:
     """What `name` needs from its input; raises UserError for an unknown name."""
     if name.startswith(TV_PREFIX):
         return _tv_spec(name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name)
     if ":" in name:
         _user_factory(name)
         return ModelSpec(name, "user factory", None, 1)
@@ -278,12 +310,15 @@ def spec(name: str) -> ModelSpec:
 
 
 def create(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a freshly initialised model by registry name, torchvision `tv:NAME` or `package.module:factory`."""
+    """Build a freshly initialised model by registry name, `tv:NAME`, `timm:NAME` or `package.module:factory`."""
     model_spec = spec(name)
     if model_spec.in_channels is not None and model_spec.in_channels != in_channels:
         raise UserError(f"model '{name}' takes {model_spec.in_channels}-channel input, not {in_channels}")
     if name.startswith(TV_PREFIX):
         return _tv_create(name, num_classes)
+    if name.startswith(TIMM_PREFIX):
+        return _timm().create_model(name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes,
+                                    in_chans=in_channels)
     if ":" in name:
         return _user_create(name, num_classes, in_channels)
     return _REGISTRY[name][1](num_classes=num_classes, in_channels=in_channels)

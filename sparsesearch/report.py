@@ -182,12 +182,14 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
         for t, x, y in zip(pf, xs, ys):
             ax.annotate(f"#{t.number}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     for t in baselines(study):
-        if str(t.number) in measured:
-            x, y = measured[str(t.number)]["measured_speedup"], max(t.user_attrs["val_acc"], bottom - 0.3)
-            ax.plot(x, y, "s", color="tab:green", ms=8, label="uniform baselines (measured)"
+        if str(t.number) in measured:  # labelled at its measured square; below the axis, a marker at the edge
+            x, acc = measured[str(t.number)]["measured_speedup"], t.user_attrs["val_acc"]
+            clipped = acc < bottom
+            y = bottom - 0.3 if clipped else acc
+            ax.plot(x, y, "v" if clipped else "s", color="tab:green", ms=8, label="uniform baselines (measured)"
                     if "uniform baselines (measured)" not in ax.get_legend_handles_labels()[1] else None)
-            ax.annotate(t.user_attrs["baseline"], (x, y), textcoords="offset points", xytext=(-6, -14), fontsize=8,
-                        color="tab:green", ha="right")
+            ax.annotate(t.user_attrs["baseline"] + (f" ({acc:.1f}%, below the axis)" if clipped else ""), (x, y),
+                        textcoords="offset points", xytext=(-6, -14), fontsize=8, color="tab:green", ha="right")
     ax.plot(1.0, dense.get("val", 100), "*", color="black", ms=14, label="dense model")
     ax.set_ylim(bottom - 0.6, max(dense.get("val", 100), *[t.user_attrs["val_acc"] for t in done]) + 0.5)
     ax.set_xlabel("end-to-end speedup over the dense model (x; measured = median latency ratio)")
@@ -229,6 +231,8 @@ def plot_predicted_vs_measured(study: optuna.Study, path: Path) -> Path:
 
 
 def plot_layers(study: optuna.Study, path: Path) -> Path:
+    """A grid of the Pareto trials' and baselines' per-layer plans (colour: type; shade and text:
+    rate). Up to 12 layers run across; more run down, one row each, so 20-60 layers stay readable."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -238,29 +242,30 @@ def plot_layers(study: optuna.Study, path: Path) -> Path:
         layers += [n for n in t.user_attrs["plan"] if n not in layers]
     order = study.user_attrs.get("layers") or layers
     layers = [n for n in order if n in layers] + [n for n in layers if n not in order]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(layers), 1), 1.2 + 0.45 * max(len(trials), 1)))
-    for row_i, t in enumerate(trials):
-        for col, name in enumerate(layers):
-            spec = t.user_attrs["plan"].get(name)
-            color = TYPE_COLORS.get(spec["type"], "grey") if spec else "white"
-            ax.add_patch(plt.Rectangle((col, row_i), 1, 1, facecolor=color, alpha=0.25 + 0.75 * (spec or {}).get("rate", 0),
-                                       edgecolor="lightgrey"))
-            ax.text(col + 0.5, row_i + 0.5, f"{spec['rate']:.2f}" if spec else "dense", ha="center", va="center",
-                    fontsize=8, color="black")
-    ax.set_xlim(0, max(len(layers), 1))
-    ax.set_ylim(max(len(trials), 1), 0)
-    ax.set_xticks([i + 0.5 for i in range(len(layers))], layers, rotation=45, ha="right", fontsize=8)
     labels = [f"#{t.number} {t.user_attrs.get('baseline') or 'Pareto'} ({t.values[1]:.2f}x pred, "
               f"{t.user_attrs['val_acc']:.1f}%)" for t in trials]
-    ax.set_yticks([i + 0.5 for i in range(len(trials))], labels, fontsize=8)
-    ax.set_xlabel("prunable layer (cell: rate = fraction of groups removed; colour: sparsity type)")
+    down = len(layers) > 12
+    n_layers, n_trials = max(len(layers), 1), max(len(trials), 1)
+    size = (2.5 + 1.3 * n_trials, 1.5 + 0.3 * n_layers) if down else (1.2 + 0.9 * n_layers, 1.2 + 0.45 * n_trials)
+    fig, ax = plt.subplots(figsize=size)
+    for i, t in enumerate(trials):
+        for j, name in enumerate(layers):
+            spec = t.user_attrs["plan"].get(name)
+            x, y = (i, j) if down else (j, i)
+            ax.add_patch(plt.Rectangle((x, y), 1, 1, facecolor=TYPE_COLORS.get(spec["type"], "grey") if spec else "white",
+                                       alpha=0.25 + 0.75 * (spec or {}).get("rate", 0), edgecolor="lightgrey"))
+            ax.text(x + 0.5, y + 0.5, f"{spec['rate']:.2f}" if spec else "dense", ha="center", va="center", fontsize=8)
+    across, along = (labels, layers) if down else (layers, labels)
+    ax.set_xlim(0, max(len(across), 1))
+    ax.set_ylim(max(len(along), 1), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(across))], across, rotation=30 if down else 45, ha="right", fontsize=8)
+    ax.set_yticks([i + 0.5 for i in range(len(along))], along, fontsize=8)
+    what = "prunable layer" if not down else "trial"
+    ax.set_xlabel(f"{what} (cell: rate = fraction of groups removed; colour: sparsity type)")
     ax.legend(handles=[Patch(color=c, label=k) for k, c in TYPE_COLORS.items()], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(_title(study, "per-layer plans of the Pareto trials and baselines"), fontsize=10)
     return _save(fig, path)
-
-
-# --- the report -----------------------------------------------------------------------------------
 
 
 def _plan_text(plan: dict[str, Any]) -> str:

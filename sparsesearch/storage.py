@@ -38,6 +38,7 @@ STUDIES_DIR = Path("studies")
 HEARTBEAT_S = 30  # a running trial's worker says it is alive this often
 GRACE_S = 120  # silent this long (killed, machine lost): the trial is failed and run once more
 JOURNAL = "journal://"
+OBJECTIVES = ("val_acc", "predicted_speedup")  # both maximised; named so Optuna's tools label them
 # a missing driver module -> how to install it
 _DRIVERS = {"psycopg": "pip install 'sparsesearch[postgres]'",
             "psycopg2": "pip install psycopg2-binary, or write postgresql:// and pip install 'sparsesearch[postgres]'"}
@@ -72,10 +73,13 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             backend = _storage(url, grace_s)
-            if create:
-                return optuna.create_study(study_name=name, storage=backend, directions=["maximize", "maximize"],
-                                           sampler=sampler, pruner=pruner, load_if_exists=True)
-            return optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+            if not create:
+                return optuna.load_study(study_name=name, storage=backend, sampler=sampler, pruner=pruner)
+            study = optuna.create_study(study_name=name, storage=backend, directions=["maximize"] * len(OBJECTIVES),
+                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+            if study.metric_names is None:
+                study.set_metric_names(list(OBJECTIVES))
+            return study
     except KeyError:
         raise UserError(f"storage {url} holds no study '{name}'; check --study, or run `sparsesearch optimize` "
                         "to create it") from None

@@ -175,3 +175,13 @@ def test_a_file_naming_a_factory_of_your_own_does_not_get_it_imported(digits_bas
                  ["optimize", "--study", "s", "--budget", "1"]):
         assert says in _error(args), args
     assert not (tmp_path / "IMPORTED").exists()
+
+
+def test_progress_reaches_a_log_file_as_plain_lines(tmp_path: Path) -> None:
+    """Output that is not a terminal (here, CliRunner's; in life, a log) gets the bar's progress as
+    lines: several along the way with an ETA, and the last one at the end."""
+    result = runner.invoke(app, ["train", "--epochs", "1", "--out", str(tmp_path / "dense.pt"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("train: ")]
+    assert len(lines) >= 5 and any("ETA" in line for line in lines), lines
+    assert lines[-1].startswith("train: 17/17 "), lines[-1]  # ceil(1078 / 64) steps

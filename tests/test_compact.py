@@ -126,7 +126,8 @@ def _masked(name: str, shape: tuple[int, int, int], plan_of) -> tuple:  # noqa: 
 
 
 SMALL = {"digits-cnn": (1, 8, 8), "lenet5": (1, 28, 28), "vgg16-bn": (3, 32, 32), "resnet20": (3, 32, 32),
-         "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32)}
+         "resnet56": (3, 32, 32), "tv:resnet18": (3, 32, 32), "tv:mobilenet_v2": (3, 32, 32),
+         "timm:resnet10t": (3, 32, 32), "timm:mobilenetv3_small_050": (3, 32, 32)}
 # torchvision classifiers no one tuned for: bottlenecks, SE blocks, inception branches, concatenations,
 # grouped convs (RegNet), channel shuffles (ShuffleNet), LayerNorm (ConvNeXt)
 LARGE = {name: (3, max(32, spec(name).min_size), max(32, spec(name).min_size)) for name in (
@@ -303,3 +304,25 @@ def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.M
     monkeypatch.setattr(compact_module, "compact", wrong)
     with pytest.raises(UserError, match=r"compacted digits-cnn differs from the pruned model \(relative error"):
         compact_module.verified_compact(model, plan, shape, "digits-cnn")
+
+
+# timm families whose ops differ: bottlenecks and grouped convs (resnext), SE and depthwise
+# (efficientnet, mobilenetv3, rexnet), ghost modules' concatenations, Y-blocks (regnet), LayerNorm
+# (convnext), deep aggregation and dual paths (dla, dpn), cross-stage partials, multi-resolution
+# fusion (hrnet), attention (deit, vit)
+TIMM = ["timm:resnet18", "timm:resnext26ts", "timm:efficientnet_b0", "timm:mobilenetv3_large_100",
+        "timm:regnety_002", "timm:convnext_atto", "timm:rexnet_100", "timm:ghostnet_100", "timm:dla34",
+        "timm:dpn48b", "timm:cspresnet50", "timm:hrnet_w18_small", "timm:deit_tiny_patch16_224"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan_name", ["filter", "channel", "shape"])
+@pytest.mark.parametrize("model_name", TIMM)
+def test_timm_models_compact_with_equal_outputs(model_name: str, plan_name: str) -> None:
+    side = max(32, spec(model_name).min_size)
+    shape = (3, side, side)
+    model, plan, _ = _masked(model_name, shape, PLANS[plan_name])
+    compacted = compact(model, plan, shape)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    assert Reference(model, x).error(compacted.model) <= 1e-4
+    assert {n for n, i in compacted.impl.items() if i == "dense-fallback"} == set(compacted.left_dense)

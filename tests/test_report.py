@@ -67,6 +67,27 @@ def test_write_produces_the_json_the_plots_and_the_markdown(tmp_path: Path) -> N
     assert "best uniform baseline: 1.43x (filter=0.3)" in text
 
 
+@pytest.mark.parametrize("n_layers", [5, 22, 60])
+def test_the_layers_plot_keeps_each_layer_readable(n_layers: int, tmp_path: Path) -> None:
+    """Up to 12 layers run across; more run down, one row each: at every size a layer's row or
+    column stays at least 30 px and the text 8 pt at 120 dpi."""
+    import matplotlib
+    from matplotlib.image import imread
+
+    matplotlib.use("Agg")
+    names = [f"stage{i // 10}.block{i % 10}.conv" for i in range(n_layers)]
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_user_attr("layers", names)
+    for i, rate in enumerate([0.3, 0.5, 0.7]):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - i, 1.2 + i], user_attrs={
+            "plan": {n: {"type": "filter", "rate": rate} for n in names}, "val_acc": 99.0 - i, "feasible": True,
+            "baseline": f"filter={rate}"}))
+    height, width = imread(report.plot_layers(study, tmp_path / "layers.png")).shape[:2]
+    along = height if n_layers > 12 else width
+    assert along / n_layers >= 30, (height, width)
+    assert (height > width) == (n_layers > 12)
+
+
 def test_report_of_an_unknown_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "nope"])

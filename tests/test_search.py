@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -386,3 +387,43 @@ def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_pat
     search.run(built, study, search.Budget(trials=0))
     waiting = [t.user_attrs["baseline"] for t in study.get_trials(False, states=(TrialState.WAITING,))]
     assert sorted(waiting) == ["filter=0.3", "filter=0.7"]
+
+
+def _get(app: Any, path: str) -> Any:
+    """GET `path` from a WSGI app, as JSON (the dashboard's own API, without a server)."""
+    import io
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict[str, Any] = {"PATH_INFO": path.split("?")[0], "QUERY_STRING": path.partition("?")[2]}
+    setup_testing_defaults(environ)
+    environ["wsgi.input"] = io.BytesIO()
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, _headers, _exc=None: status.append(s)))
+    assert status[0].startswith("200"), (path, status, body[:300])
+    return json.loads(body)
+
+
+def test_a_study_opens_in_optunas_own_tools(tiny: dict) -> None:
+    """Plain `optuna.load_study`, its Pareto plot, and optuna-dashboard's API read a
+    study written by the search: named objectives, JSON user attrs, the constraint visible."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    study = optuna.load_study(study_name="tiny", storage=tiny["storage"])
+    assert study.metric_names == ["val_acc", "predicted_speedup"]
+    ax = optuna.visualization.matplotlib.plot_pareto_front(study)
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("val_acc", "predicted_speedup")
+    json.dumps(study.user_attrs, allow_nan=False)
+    for t in study.trials:
+        json.dumps(t.user_attrs, allow_nan=False)
+    trained = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert all("constraints:accuracy_drop" in t.system_attrs for t in trained), "the constraint is Optuna's own"
+    dashboard = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (make setup does)")
+    app = dashboard.wsgi(tiny["storage"])
+    listed = {s["study_name"]: s for s in _get(app, "/api/studies")["study_summaries"]}
+    detail = _get(app, f"/api/studies/{listed['tiny']['study_id']}")
+    assert detail["objective_names"] == ["val_acc", "predicted_speedup"]
+    assert len(detail["trials"]) == len(study.trials)
