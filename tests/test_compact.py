@@ -307,11 +307,12 @@ def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.M
 
 
 # timm families whose ops differ: bottlenecks and grouped convs (resnext), SE and depthwise
-# (efficientnet, mobilenetv3, rexnet), ghost modules' concatenations, Y-blocks (regnet), LayerNorm
+# (efficientnet, mobilenetv3), ghost modules' concatenations, Y-blocks (regnet), LayerNorm
 # (convnext), deep aggregation and dual paths (dla, dpn), cross-stage partials, multi-resolution
-# fusion (hrnet), attention (deit, vit)
+# fusion (hrnet), attention (deit). Not rexnet: its partial-channel residual (`x[:, :c] += s`)
+# sends Torch-Pruning's get_pruning_group past 5 minutes (issue 16, open).
 TIMM = ["timm:resnet18", "timm:resnext26ts", "timm:efficientnet_b0", "timm:mobilenetv3_large_100",
-        "timm:regnety_002", "timm:convnext_atto", "timm:rexnet_100", "timm:ghostnet_100", "timm:dla34",
+        "timm:regnety_002", "timm:convnext_atto", "timm:ghostnet_100", "timm:dla34",
         "timm:dpn48b", "timm:cspresnet50", "timm:hrnet_w18_small", "timm:deit_tiny_patch16_224"]
 
 
