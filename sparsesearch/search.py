@@ -205,7 +205,7 @@ class Search(Trials):
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker())
-        fail_stale(trial.study)
+        fail_stale(trial.study, heartbeat=False)  # the journal's dead workers; Optuna fails heartbeat-stale ones
         if (twin := _earlier_baseline(trial)) is not None:
             trial.set_user_attr("rejected", f"baseline {trial.user_attrs['baseline']} is trial {twin}'s")
             raise optuna.TrialPruned("duplicate baseline")

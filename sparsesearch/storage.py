@@ -202,17 +202,20 @@ def discard_if_unused(study: optuna.Study, storage: str | None) -> None:
         shutil.rmtree(folder)
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
+def fail_stale(study: optuna.Study, heartbeat: bool = True) -> list[int]:
     """Fail the running trials whose worker is gone, and enqueue each one's plan again (once);
-    return their numbers. Heartbeat storages judge by the heartbeat; the others by the process id a
-    trial's worker recorded, for workers on this host."""
+    return their numbers. Heartbeat storages judge by the heartbeat (unless `heartbeat` is false:
+    before a trial, Optuna has just done it); the others by the process id a trial's worker
+    recorded, for workers on this host."""
     from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
     running = study.get_trials(False, states=(TrialState.RUNNING,))
     with warnings.catch_warnings():  # Optuna 5 calls both experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage):
-            optuna.storages.fail_stale_trials(study)  # as Optuna does before every trial
+            if not heartbeat:
+                return []
+            optuna.storages.fail_stale_trials(study)
             now = {t.number: t.state for t in study.get_trials(False)}
             return [t.number for t in running if now[t.number] == TrialState.FAIL]
         failed = [t for t in running if gone(str(t.user_attrs.get("worker", ""))) and _fail(study, t)]
