@@ -268,6 +268,9 @@ def plot_layers(study: optuna.Study, path: Path) -> Path:
     return _save(fig, path)
 
 
+# --- the report -----------------------------------------------------------------------------------
+
+
 def _plan_text(plan: dict[str, Any]) -> str:
     return ", ".join(f"{n}: {s['type']} {s['rate']:.2f}" for n, s in plan.items()) or "dense"
 
