@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import json
 import re
+import time
+from collections import Counter
 
 import pytest
 import torch
 
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Reference, compact
+from sparsesearch.compact import Reference, compact, verified_compact
 from sparsesearch.graph import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
-from sparsesearch.models import create, spec
+from sparsesearch.models import TV_PREFIX, create, spec, torchvision_names
 from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import SparsityType as T
 
@@ -314,16 +317,23 @@ def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.M
 TIMM = ["timm:resnet18", "timm:resnext26ts", "timm:efficientnet_b0", "timm:mobilenetv3_large_100",
         "timm:regnety_002", "timm:convnext_atto", "timm:ghostnet_100", "timm:dla34",
         "timm:dpn48b", "timm:cspresnet50", "timm:hrnet_w18_small", "timm:deit_tiny_patch16_224"]
+# every torchvision classifier; bench/zoo.py runs this test pinned to one core and reports the times
+ZOO = [TV_PREFIX + n for n in torchvision_names()] + TIMM
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plan_name", ["filter", "channel", "shape"])
-@pytest.mark.parametrize("model_name", TIMM)
-def test_timm_models_compact_with_equal_outputs(model_name: str, plan_name: str) -> None:
+@pytest.mark.parametrize("model_name", ZOO)
+def test_zoo_compacts_with_equal_outputs(model_name: str, plan_name: str, record_property) -> None:  # noqa: ANN001
     side = max(32, spec(model_name).min_size)
     shape = (3, side, side)
     model, plan, _ = _masked(model_name, shape, PLANS[plan_name])
-    compacted = compact(model, plan, shape)
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    compacted = verified_compact(model, plan, shape, model_name)  # the equality check users get
+    record_property("compact_s", round(time.perf_counter() - start, 1))
+    record_property("side", side)
+    record_property("impl", json.dumps(Counter(compacted.impl.values())))
+    record_property("left_dense", json.dumps(compacted.left_dense))
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
     assert Reference(model, x).error(compacted.model) <= 1e-4
     assert {n for n, i in compacted.impl.items() if i == "dense-fallback"} == set(compacted.left_dense)
