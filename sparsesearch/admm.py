@@ -323,11 +323,11 @@ def layer_report(model: nn.Module, layers: list[Layer], plan: Plan) -> list[dict
 def prune_checkpoint(model_name: str | None, dataset_name: str | None, weights: Path, plan_text: str,
                      config: ADMMConfig, device: torch.device, out_dir: Path, data_dir: Path | None = None,
                      on_iteration: Callable[[Iteration], None] | None = None,
-                     on_progress: ProgressFn | None = None) -> tuple[PruneResult, Path]:
+                     on_progress: ProgressFn | None = None, image_size: int | None = None) -> tuple[PruneResult, Path]:
     """`sparsesearch prune`: load, validate the plan, ADMM + prune + retrain, write weights, plan, metrics.
-    A model or dataset not given is the one the checkpoint's sidecar records."""
+    A model, dataset or input side not given is the one the checkpoint's sidecar records."""
     model_name, dataset_name = checkpoint.trained_with(weights, model_name, dataset_name)
-    model, data = prepare(model_name, dataset_name, data_dir, weights=weights, seed=config.seed)
+    model, data = prepare(model_name, dataset_name, data_dir, image_size=image_size, weights=weights, seed=config.seed)
     layers = trace(model, data.input_shape)
     deps = dependencies(model, data.input_shape)
     plan = Plan.parse(plan_text, layers, deps.couplings)

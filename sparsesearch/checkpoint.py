@@ -67,6 +67,23 @@ def trained_with(path: Path, model: str | None, dataset: str | None) -> tuple[st
     return recorded(found["model"], model, str(sidecar(path))), found["dataset"]
 
 
+def recorded_side(path: Path, given: int | None) -> int | None:
+    """The input side checkpoint `path` was trained at (its sidecar's `input_shape`), else `given`.
+    Weights trained at one side load at any other (adaptive pooling), so a side that contradicts
+    the record is refused: it would profile and search a model the user does not run."""
+    try:
+        shape = read_meta(path).get("input_shape")
+    except UserError:
+        return given
+    if not shape:
+        return given
+    side = int(shape[-1])
+    if given is not None and given != side:
+        raise UserError(f"--image-size {given} contradicts {sidecar(path).name}, which records {side} px inputs; "
+                        f"drop --image-size, or pass a checkpoint trained at {given} px")
+    return side
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict without executing pickled code; accepts {'state_dict': ...} wrappers too."""
     path = _must_exist(path)

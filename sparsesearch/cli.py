@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import math
 import os
 import time
@@ -15,10 +16,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from . import data, models
+from . import data, folders, models
 from .errors import UserError
 from .sparsity import SparsityType
 
@@ -26,6 +28,20 @@ app = typer.Typer(help="Hardware-aware AutoML for structured sparsity in conv ne
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Notes(logging.Handler):
+    """The library's notes (its `sparsesearch.*` loggers: a cache decoded, a cache it could not
+    write) as plain lines; the library itself never prints."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note = "[yellow]note[/]: " if record.levelno >= logging.WARNING else ""
+        console.print(note + escape(record.getMessage()), highlight=False, soft_wrap=True)
+
+
+_library_log = logging.getLogger("sparsesearch")
+_library_log.addHandler(_Notes())
+_library_log.setLevel(logging.INFO)
 
 
 # Numeric options that must be > 0; every other one must be >= 0. All must be finite.
@@ -146,6 +162,8 @@ OwnModelOpt = Annotated[str | None, typer.Option(
                           "(allows importing it).")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name or imagefolder:PATH.")]
 DataDirOpt = Annotated[Path | None, typer.Option(help="Where the dataset's files live (default per dataset).")]
+ImageSizeOpt = Annotated[int | None, typer.Option(
+    help="Input side in pixels (default: what the checkpoint records, else the dataset's: 224 for image folders).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
 
@@ -171,14 +189,21 @@ def list_models() -> None:
 @command("datasets")
 def list_datasets() -> None:
     """List the datasets and where each one's files are looked for."""
-    table = Table("name", "images", "classes", "dense epochs", "description", title="datasets")
+    table = Table(Column("name", no_wrap=True), "images", "classes", "dense epochs", "augmented", "description",
+                  title="datasets")
     for d in data.DATASETS.values():
-        table.add_row(d.name, f"{d.channels}x{d.size}x{d.size}", str(d.num_classes), str(d.epochs), d.summary)
-    table.add_row("imagefolder:PATH", f"3x{data.IMAGEFOLDER_SIZE}x{data.IMAGEFOLDER_SIZE}", "sub-folders", "30",
-                  "PATH/CLASS/*.png, or PATH/train + PATH/val|test")
+        table.add_row(d.name, f"{d.channels}x{d.size}x{d.size}", str(d.num_classes), str(d.epochs),
+                      "yes" if d.augment else "no", d.summary)
+    table.add_row("imagefolder:PATH", f"3x{data.IMAGEFOLDER_SIZE}x{data.IMAGEFOLDER_SIZE}", "sub-folders", "30", "yes",
+                  "your images, one sub-folder per class")
     console.print(table)
     console.print(f"Fashion-MNIST is read from {data.FASHION_MNIST_SYSTEM_DIR} when Debian's dataset-fashion-mnist "
                   "is installed; other files from --data-dir (default ./data, or $SPARSESEARCH_DATA).")
+    console.print("imagefolder:PATH reads PATH/CLASS/* (split 80/10/10) or PATH/train (90/10 train/validation) + "
+                  f"PATH/val|test (test), at --image-size (default 224), decoded once into {folders.cache_dir()} "
+                  f"(${folders.CACHE_ENV} moves it).")
+    console.print("augmented: random crop (4 px padding below 64 px, random resized crop from 64 px) and horizontal "
+                  "flip while training the dense baseline.")
 
 
 @command(interrupted="interrupted: run the same command to continue from the last finished epoch")
@@ -194,7 +219,7 @@ def train(
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
     download: Annotated[bool, typer.Option(help="Download torchvision datasets (needs network).")] = False,
-    image_size: Annotated[int | None, typer.Option(help="Resize images to this side (image folders).")] = None,
+    image_size: ImageSizeOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Start from these weights instead of random.")] = None,
     out: Annotated[Path | None, typer.Option(help="Checkpoint path (default checkpoints/MODEL-DATASET/dense.pt).")] = None,
 ) -> None:
@@ -228,13 +253,14 @@ def layers(
     model: ModelOpt = "digits-cnn",
     dataset: DatasetOpt = "digits",
     data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
 ) -> None:
     """List the prunable layers with their shapes, MACs and applicable sparsity types."""
     from .graph import couplings
     from .layers import trace
     from .train import prepare
 
-    net, ds = prepare(model, dataset, data_dir)
+    net, ds = prepare(model, dataset, data_dir, image_size=image_size)
     found = trace(net, ds.input_shape)
     group_of = {n: f"g{i}" for i, group in enumerate(couplings(net, ds.input_shape), 1) for n in group}
     headers = ("layer", "kind", "weight", "input", "output", "MACs", "types", "coupled")
@@ -272,6 +298,7 @@ def prune(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: beside the checkpoint).")] = None,
 ) -> None:
     """ADMM-train toward a sparsity plan, hard-prune, retrain with masks; write weights, plan, metrics."""
@@ -286,7 +313,7 @@ def prune(
     with progress_bar("prune") as update:
         result, path = prune_checkpoint(
             model, dataset, checkpoint, plan, config, dev, out_dir, data_dir,
-            on_progress=lambda p: update(p.step, p.total, f"{p.phase} loss {p.loss:.3f}"))
+            on_progress=lambda p: update(p.step, p.total, f"{p.phase} loss {p.loss:.3f}"), image_size=image_size)
     acc = result.accuracy
     console.print(f"test accuracy: dense {acc['dense']:.2f}%, hard-pruned {acc['hard_pruned']:.2f}%, "
                   f"after retraining {acc['final']:.2f}%")
@@ -310,6 +337,7 @@ def compact_cmd(
     data_dir: DataDirOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the compacted model (default: compacted/ beside the checkpoint).")] = None,
     model: OwnModelOpt = None,
+    image_size: ImageSizeOpt = None,
 ) -> None:
     """Physically compact a pruned model, measure its latency beside the masked dense model, and
     write it: model.pt (+ model.json, for sparsesearch.load), TorchScript and ONNX."""
@@ -322,7 +350,7 @@ def compact_cmd(
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     with console.status("compacting and timing (dense and compacted, interleaved rounds)"):
-        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir, model)
+        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir, model, image_size)
     table = Table("", "dense", "compacted", "ratio", title=f"{checkpoint} on {dev}, batch {batch_size}, "
                   f"{n_threads} threads, median of {m.setting['rounds']} rounds")
     table.add_row("params", f"{m.params['dense']:,}", f"{m.params['compacted']:,}",
@@ -394,6 +422,7 @@ def profile_cmd(
     types: Annotated[str, typer.Option(help="Sparsity types, comma-separated.")] = "filter,channel,shape,irregular,nm",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Profile file (default hardware_profiles/<device>-b<batch>-<dtype>.json).")] = None,
+    image_size: ImageSizeOpt = None,
 ) -> None:
     """Time every prunable layer's compact forms on a grid of rates; add missing rows to the profile."""
     if ctx.invoked_subcommand is not None:
@@ -409,7 +438,7 @@ def profile_cmd(
     if not all(0 <= r < 1 for r in grid):
         raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
     with console.status(f"tracing {model} and the dims each rate leaves"):
-        tgt = target(model, dataset)
+        tgt = target(model, dataset, image_size)
     console.print(f"profiling [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input) on {dev}, "
                   f"batch {batch_size}, {dtype}, {n_threads} threads")
     with progress_bar("profile") as update:
@@ -456,6 +485,7 @@ def profile_validate(
     allow_foreign_profile: Annotated[bool, typer.Option(help="Use a profile measured on another device or setting.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random plans.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Scatter plot PNG (default bench/results/validate-<model>-<profile>.png).")] = None,
+    image_size: ImageSizeOpt = None,
 ) -> None:
     """Compact random plans, time them end to end, and compare with the latency model's prediction."""
     from .files import write_json
@@ -477,7 +507,7 @@ def profile_validate(
     loaded = load_profile(profile, dev, batch_size, dtype, allow_foreign_profile)
     with console.status(f"fitting the latency model on {loaded.path}"):
         fitted = LatencyModel().fit(loaded)
-    tgt = target(model, dataset)
+    tgt = target(model, dataset, image_size)
     console.print(f"validating on [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input), {dev}, "
                   f"batch {batch_size}, {dtype}, {n_threads} threads; profile {loaded.path}")
     with progress_bar("validate") as update:
@@ -524,6 +554,7 @@ def optimize(
     profile: Annotated[Path | None, typer.Option(help="Latency profile (default: this device's under hardware_profiles/, measured if missing).")] = None,
     allow_foreign_profile: Annotated[bool, typer.Option(help="Use a profile measured on another device or setting.")] = False,
     data_dir: DataDirOpt = None,
+    image_size: ImageSizeOpt = None,
     artifacts: ArtifactsOpt = None,
     stale_after: Annotated[int, typer.Option(help="Seconds a worker may fall silent before its trial is failed and retried.")] = 120,
 ) -> None:
@@ -556,7 +587,7 @@ def optimize(
     opened = stores.open_study(name, storage, create=True, grace_s=stale_after)
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
-             "batch_size": batch_size, "seed": seed, "sampler": sampler}
+             "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
         models.recorded(config.model, model, f"study '{name}'")

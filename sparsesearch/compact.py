@@ -297,9 +297,9 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
 
 
 def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None,
-                       model: str | None = None) -> Measured:
+                       model: str | None = None, image_size: int | None = None) -> Measured:
     """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it. `model` confirms a
-    factory of the user's own that the sidecar names (`models.recorded`)."""
+    factory of the user's own that the sidecar names (`models.recorded`), `image_size` the side."""
     from . import checkpoint
     from .train import prepare
 
@@ -307,7 +307,7 @@ def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_d
     if meta.get("kind") != "pruned":
         raise UserError(f"{path} is a {meta.get('kind', 'unknown')} checkpoint; compact the output of `sparsesearch prune`")
     name, dataset = checkpoint.trained_with(path, model, None)
-    masked, data = prepare(name, dataset, data_dir, weights=path)
+    masked, data = prepare(name, dataset, data_dir, image_size=image_size, weights=path)
     plan = Plan.load(Path(path).parent / meta["plan"])
     plan.validate(trace(masked, data.input_shape), dependencies(masked, data.input_shape).couplings)
     measured = measure(masked, plan, data.input_shape, name, device, batch_size)

@@ -1,24 +1,25 @@
 """Dataset registry with fixed, seeded train/val/test splits, adapted to what the model needs.
 
-Small image sets are held in memory as tensors and batched by slicing (far faster on 2 cores than a
-per-sample DataLoader); `imagefolder:PATH` streams from disk. Either way a split yields normalised
-float batches already in the channel count and size the model asked for.
+Images are held as tensors (in memory, or memory-mapped from the decoded cache of an image folder)
+and batched by indexing: far faster on 2 cores than a per-sample DataLoader. A split yields
+normalised float batches already in the channel count and size the model asked for.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import folders
 from .errors import UserError, unknown
 
 SPLIT_SEED = 0  # the split never changes with the training seed: results stay comparable
@@ -34,7 +35,7 @@ class DatasetInfo:
     size: int
     num_classes: int
     epochs: int  # dense-training epochs that reach the documented accuracy
-    augment: bool = False  # random crop + flip while training (natural images only)
+    augment: bool = False  # `augmented` batches while training the dense baseline (natural images only)
 
 
 DATASETS = {
@@ -50,20 +51,10 @@ DATASETS = {
 IMAGEFOLDER_SIZE = 224
 
 
-class Split(Protocol):
-    """A train, val or test split: its length, its labels, and normalised batches."""
-
-    index: Tensor  # positions in the source dataset; makes splits checkable for overlap
-
-    def __len__(self) -> int: ...
-
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]: ...
-
-
 @dataclass
-class TensorSplit:
-    """Images held in memory (uint8 0..255 or float 0..1), normalised and adapted per batch."""
+class Split:
+    """The images at `index` of a pool (uint8 0..255 or float 0..1; the splits of a dataset share
+    it, so a memory-mapped pool is never copied), normalised and adapted per batch."""
 
     x: Tensor
     y: Tensor
@@ -74,18 +65,22 @@ class TensorSplit:
     size: int
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.index)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.y[self.index]
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
-            idx = order[start : start + batch_size]
+            idx = self.index[order[start : start + batch_size]]
             x = self.x[idx]
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             x = (x - self.mean) / self.std
             if augment:
-                x = _crop_flip(x, generator)
+                x = augmented(x, generator)
             yield self._adapt(x), self.y[idx]
 
     def _adapt(self, x: Tensor) -> Tensor:
@@ -96,17 +91,39 @@ class TensorSplit:
         return x.contiguous()
 
 
-def _crop_flip(x: Tensor, generator: torch.Generator | None, pad: int = 4) -> Tensor:
-    """The standard CIFAR augmentation: random crop from a zero-padded image, random horizontal flip."""
+def augmented(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Torchvision's standard training augmentation for the image's size, then a random horizontal
+    flip: CIFAR's random crop from a 4-px zero-padded image below 64 px, ImageNet's random resized
+    crop (8-100% of the area, aspect 3:4 to 4:3) from 64 px up."""
+    x = _padded_crop(x, generator) if x.shape[-1] < 64 else _resized_crop(x, generator)
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _padded_crop(x: Tensor, generator: torch.Generator | None, pad: int = 4) -> Tensor:
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
     rows = (torch.arange(h) + dy[:, None])[:, None, :, None]
     cols = (torch.arange(w) + dx[:, None])[:, None, None, :]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+
+
+def _resized_crop(x: Tensor, generator: torch.Generator | None, scale: tuple[float, float] = (0.08, 1.0),
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """A random box per image (area fraction in `scale`, aspect in `ratio`, clipped to the image)
+    resampled bilinearly to the full size, all in one batched grid_sample."""
+    n = len(x)
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    aspect = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # fractions of the side
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = w, h
+    theta[:, 0, 2] = (2 * torch.rand(n, generator=generator) - 1) * (1 - w)  # box centre, in [-1, 1] units
+    theta[:, 1, 2] = (2 * torch.rand(n, generator=generator) - 1) * (1 - h)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @dataclass
@@ -147,7 +164,8 @@ def info(name: str) -> DatasetInfo:
     """Registry entry for `name`; unknown names get close matches."""
     if name.startswith(IMAGEFOLDER_PREFIX):
         path = Path(name[len(IMAGEFOLDER_PREFIX) :])
-        return DatasetInfo(name, f"image folder {path}", 3, IMAGEFOLDER_SIZE, len(_folder_classes(path)), 30, True)
+        root = path / "train" if (path / "train").is_dir() else path
+        return DatasetInfo(name, f"image folder {path}", 3, IMAGEFOLDER_SIZE, len(folders.classes(root)), 30, True)
     if name not in DATASETS:
         raise unknown("dataset", name, DATASETS, "run `sparsesearch datasets` for the list, or use imagefolder:PATH")
     return DATASETS[name]
@@ -179,7 +197,7 @@ def load(name: str = "digits", data_dir: Path | None = None, download: bool = Fa
     scale = 255.0 if xtrain.dtype == torch.uint8 else 1.0
     mean = (xtrain.float() / scale).mean(dim=(0, 2, 3), keepdim=True)[0]
     std = (xtrain.float() / scale).std(dim=(0, 2, 3), keepdim=True)[0]
-    splits = {k: TensorSplit(xs[i], ys[i], i, mean, std, channels, size) for k, (xs, ys, i) in pools.items()}
+    splits = {k: Split(xs, ys, i, mean, std, channels, size) for k, (xs, ys, i) in pools.items()}
     return Data(meta, splits["train"], splits["val"], splits["test"], channels, size, source)
 
 
@@ -305,60 +323,24 @@ def _cifar_batches(folder: Path, files: list[str], label_key: str) -> tuple[Tens
 
 # --- image folders --------------------------------------------------------------------------------
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass
-class FolderSplit:
-    """Images streamed from disk through torchvision's ImageFolder."""
-
-    dataset: torch.utils.data.Dataset
-    index: Tensor
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        from torch.utils.data import DataLoader, Subset
-
-        workers = min(4, os.cpu_count() or 1) if len(self) > 2000 else 0
-        loader = DataLoader(Subset(self.dataset, self.index.tolist()), batch_size=batch_size, shuffle=shuffle,
-                            generator=generator, num_workers=workers)
-        for x, y in loader:
-            yield (_crop_flip(x, generator) if augment else x), y
-
-
-def _folder_classes(path: Path) -> list[str]:
-    root = path / "train" if (path / "train").is_dir() else path
-    if not root.is_dir():
-        raise UserError(f"image folder {path} does not exist; pass imagefolder:PATH with one sub-folder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if len(classes) < 2:
-        raise UserError(f"image folder {root} needs one sub-folder per class (found {len(classes)})")
-    return classes
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what pretrained weights expect
 
 
 def _load_folder(meta: DatasetInfo, path: Path, size: int) -> Data:
-    """PATH/{train,val|test}/CLASS/* when present, else PATH/CLASS/* split 80/10/10 (stratified, seeded)."""
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
-    tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)])
-
-    def folder(p: Path) -> ImageFolder:
-        return ImageFolder(str(p), transform=tf)
-
+    """PATH/train + PATH/val|test when present (10% of train/ held out as validation, stratified,
+    seeded; val|test/ is the test split), else PATH/CLASS/* split 80/10/10 the same way."""
     if (path / "train").is_dir():
-        train = folder(path / "train")
         held_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
         if held_dir is None:
             raise UserError(f"{path}/train exists but no val/ or test/ beside it; add one or flatten the folder")
-        held = folder(held_dir)
-        tr_idx, va_idx = _stratified(torch.tensor(train.targets), [0.9, 0.1])
-        splits = (FolderSplit(train, tr_idx), FolderSplit(train, va_idx), FolderSplit(held, torch.arange(len(held))))
+        if folders.classes(held_dir) != folders.classes(path / "train"):
+            raise UserError(f"{held_dir} and {path / 'train'} hold different class folders; give both the same classes")
+        train, held = folders.Folder.scan(path / "train"), folders.Folder.scan(held_dir)
+        parts = [(train, i) for i in _stratified(train.labels, [0.9, 0.1])] + [(held, torch.arange(len(held.files)))]
     else:
-        everything = folder(path)
-        idx = _stratified(torch.tensor(everything.targets), [0.8, 0.1, 0.1])
-        splits = tuple(FolderSplit(everything, i) for i in idx)
+        everything = folders.Folder.scan(path)
+        parts = [(everything, i) for i in _stratified(everything.labels, [0.8, 0.1, 0.1])]
+    pools = {folder.root: folders.images(folder, size) for folder, _ in parts}
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (_IMAGENET_MEAN, _IMAGENET_STD))
+    splits = [Split(pools[f.root], f.labels, i, mean, std, 3, size) for f, i in parts]
     return Data(meta, *splits, channels=3, size=size, source=str(path))

@@ -10,7 +10,8 @@
 
 The graph follows every operator, so a sparsity type never needs to know about residual blocks.
 Torch-Pruning 1.6 on torch 2.x mis-maps some reshapes (attention heads, window partitions) as
-flattens whose index lists multiply without bound; `unfollowable` finds them before any traversal.
+flattens whose index lists multiply without bound, and its traversal does not end on a tensor split
+by channel slices (RexNet's partial-channel residual); `unfollowable` finds both before any traversal.
 """
 
 from __future__ import annotations
@@ -178,15 +179,15 @@ def couplings(model: nn.Module, input_shape: tuple[int, ...]) -> list[list[str]]
 
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...]):  # noqa: ANN202 - a Torch-Pruning DependencyGraph
-    """Torch-Pruning's graph of one traced forward, with its mis-mapped reshapes (`_mis_mapped`)
-    found once, for `unfollowable`."""
+    """Torch-Pruning's graph of one traced forward, with the nodes it cannot follow (`_mis_mapped`,
+    `_split_by_slices`) found once, for `unfollowable`."""
     import torch_pruning as tp
 
     with warnings.catch_warnings():  # Torch-Pruning warns about ops it treats as element-wise
         warnings.simplefilter("ignore")
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    graph.sparsesearch_mis_mapped = _mis_mapped(graph)
+    graph.sparsesearch_blocked = {**_mis_mapped(graph), **_split_by_slices(graph)}
     return graph
 
 
@@ -198,16 +199,15 @@ def unfollowable(graph, module: nn.Module, handler) -> str | None:  # noqa: ANN0
 
     if module not in graph.module2node:
         return "the traced forward uses its weight without calling it as a module, so its channels cannot be followed"
-    mis_mapped = graph.sparsesearch_mis_mapped
+    blocked = graph.sparsesearch_blocked
     if isinstance(module, nn.Conv2d) and module.groups == module.out_channels > 1 and handler is out_handler(module):
         handler = tp.pruner.function.prune_depthwise_conv_out_channels  # as Torch-Pruning itself switches
     start = (graph.module2node[module], handler)
     seen, todo = {start}, [start]
-    while mis_mapped and todo:
+    while blocked and todo:
         node, fn = todo.pop()
-        if node in mis_mapped:
-            return (f"its channels reach {mis_mapped[node]}, which Torch-Pruning maps as a flatten "
-                    "(its index lists would grow without bound)")
+        if node in blocked:
+            return f"its channels reach {blocked[node]}"
         for dep in node.dependencies:
             if dep.is_triggered_by(fn) and (dep.target, dep.handler) not in seen:
                 seen.add((dep.target, dep.handler))
@@ -243,7 +243,23 @@ def _mis_mapped(graph) -> dict:  # noqa: ANN001 - a Torch-Pruning DependencyGrap
                 genuine = sizes is not None and (len(sizes) >= 3 and math.prod(sizes[2:]) == stride if flatten
                                                  else len(sizes) == 2 and sizes[1] % stride == 0)
                 if not genuine:
-                    found[node] = f"a reshape of {list(sizes) if sizes else '?'}"
+                    found[node] = (f"a reshape of {list(sizes) if sizes else '?'}, which Torch-Pruning maps as a "
+                                   "flatten (its index lists would grow without bound)")
+    return found
+
+
+def _split_by_slices(graph) -> dict:  # noqa: ANN001 - a Torch-Pruning DependencyGraph
+    """Slice nodes of a tensor that two or more slices split (RexNet's `cat([x[:, :c] + s, x[:, c:]])`):
+    node -> a description. Torch-Pruning 1.6 follows such a split round the concatenation that
+    joins it again, its index lists shifting on every pass, for minutes."""
+    from torch_pruning.ops import OPTYPE
+
+    found = {}
+    for node in graph.module2node.values():
+        slices = [n for n in node.outputs if n.type == OPTYPE.SLICE]
+        if len(slices) >= 2:
+            found.update({n: ("a tensor split by channel slices (x[:, :c], x[:, c:]), which Torch-Pruning cannot "
+                              "follow (its traversal does not end)") for n in slices})
     return found
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class SearchConfig:
     admm_epochs: float = 1.0
     retrain_epochs: float = 3.0
     batch_size: int = 1  # of the latency the speedups are predicted and measured at
+    image_size: int | None = None  # input side; None: the checkpoint's, else the dataset's
     seed: int = 0
     sampler: str = "tpe"  # or "random" (the benchmark's control)
 
@@ -419,8 +420,11 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
         epochs = datasets.info(config.dataset).epochs
         say(f"no dense checkpoint at {weights}: training {config.model} on {config.dataset} first ({epochs} epochs)")
         train_dense(config.model, config.dataset, TrainConfig(epochs=epochs, seed=config.seed), device, weights,
-                    data_dir, on_progress=on_progress and (lambda p: on_progress("train", p.step, p.total, "")))
-    model, data = prepare(config.model, config.dataset, data_dir, weights=weights, seed=config.seed)
+                    data_dir, image_size=config.image_size,
+                    on_progress=on_progress and (lambda p: on_progress("train", p.step, p.total, "")))
+    model, data = prepare(config.model, config.dataset, data_dir, image_size=config.image_size, weights=weights,
+                          seed=config.seed)
+    config = replace(config, image_size=data.size)  # the study records the side it searched at
     model.eval()
     shape = data.input_shape
     if profile is None and find_profile(fingerprint(device, config.batch_size, "float32"),
@@ -448,7 +452,7 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
         shape = tuple(dense["input_shape"])
         model = create(config.model, num_classes=dense["num_classes"], in_channels=shape[0])
     else:
-        model, data = prepare(config.model, config.dataset, data_dir, seed=config.seed)
+        model, data = prepare(config.model, config.dataset, data_dir, image_size=config.image_size, seed=config.seed)
         shape = data.input_shape
     artifact_store(artifacts, check=True)
     return Trials(config, model.eval(), shape, device, artifacts)

@@ -180,8 +180,12 @@ def default_checkpoint(model_name: str, dataset_name: str) -> Path:
 
 def prepare(model_name: str, dataset_name: str, data_dir: Path | None = None, download: bool = False,
             image_size: int | None = None, weights: Path | None = None, seed: int = 0) -> tuple[nn.Module, data.Data]:
-    """Model and data fitted to each other: data adapted to the model's input, model sized to the classes."""
+    """Model and data fitted to each other: data adapted to the model's input, model sized to the
+    classes. `weights` come from a checkpoint whose recorded input side is used (`image_size` may
+    only confirm it)."""
     spec = models.spec(model_name)
+    if weights is not None:
+        image_size = checkpoint.recorded_side(weights, image_size)
     dataset = data.load(dataset_name, data_dir, download, spec.in_channels, spec.min_size, image_size)
     torch.manual_seed(seed)
     model = models.create(model_name, num_classes=dataset.info.num_classes, in_channels=dataset.channels)
@@ -205,7 +209,9 @@ def train_dense(model_name: str, dataset_name: str, config: TrainConfig, device:
     """Train the dense baseline every later stage is measured against; write checkpoint + sidecar.
     An interrupted run leaves a snapshot beside `out` (`.resume.pt`) at each epoch's end; the same
     call continues from it."""
-    model, dataset = prepare(model_name, dataset_name, data_dir, download, image_size, init, config.seed)
+    model, dataset = prepare(model_name, dataset_name, data_dir, download, image_size, seed=config.seed)
+    if init is not None:  # initial weights only: the side they were trained at does not bind this run
+        checkpoint.load_weights(model, init, model_name)
     out = Path(out or default_checkpoint(model_name, dataset_name))
     snapshot = Snapshot(out.with_name(f"{out.stem}.resume.pt"), {
         "model": model_name, "data": dataset.describe(), "config": asdict(config), "init": str(init) if init else None})

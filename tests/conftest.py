@@ -15,6 +15,14 @@ from sparsesearch.train import DenseResult, TrainConfig, train_dense
 from postgres import fresh_postgres_db, postgres_cluster, postgres_url  # noqa: F401  (tests/ is on sys.path)
 
 
+@pytest.fixture(autouse=True)
+def image_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Decoded image folders go to a folder of the test run's, never to the user's cache."""
+    folder = tmp_path_factory.mktemp("image-cache")
+    monkeypatch.setenv("SPARSESEARCH_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_baseline(tmp_path_factory: pytest.TempPathFactory) -> DenseResult:
     """The default main job (digits-cnn on digits, default config), trained once for all tests."""

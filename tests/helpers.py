@@ -1,5 +1,5 @@
 """Shared by tests: a randomly initialised model made to behave like a trained one where it matters,
-and a latency profile passed off as another device's."""
+a latency profile passed off as another device's, and an image folder."""
 
 from __future__ import annotations
 
@@ -39,3 +39,16 @@ def with_fingerprint(source: Path, dest: Path, **changes: object) -> Path:
     raw["fingerprint"].update(changes)
     Path(dest).write_text(json.dumps(raw))
     return Path(dest)
+
+
+def image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path:
+    """ROOT/classK/I.png: small random RGB images, one sub-folder per class, as users keep them."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (12, 16, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

@@ -185,3 +185,33 @@ def test_progress_reaches_a_log_file_as_plain_lines(tmp_path: Path) -> None:
     lines = [line for line in result.stdout.splitlines() if line.startswith("train: ")]
     assert len(lines) >= 5 and any("ETA" in line for line in lines), lines
     assert lines[-1].startswith("train: 17/17 "), lines[-1]  # ceil(1078 / 64) steps
+
+
+def test_an_image_folder_is_decoded_once_and_its_side_travels_with_the_checkpoints(tmp_path: Path) -> None:
+    import json
+
+    from helpers import image_folder
+
+    dataset = f"imagefolder:{image_folder(tmp_path / 'imgs', per_class=12)}"
+    dense = tmp_path / "dense.pt"
+    trained = runner.invoke(app, ["train", "--model", "resnet20", "--dataset", dataset, "--image-size", "40",
+                                  "--epochs", "0.5", "--out", str(dense), "--threads", "1"])
+    assert trained.exit_code == 0, trained.output
+    assert "decoding 36 images" in trained.stdout
+    assert json.loads(dense.with_suffix(".json").read_text())["input_shape"] == [3, 40, 40]
+
+    listed = runner.invoke(app, ["layers", "--model", "resnet20", "--dataset", dataset, "--image-size", "40"])
+    assert listed.exit_code == 0 and "3x40x40 input" in listed.stdout and "decoding" not in listed.stdout
+
+    pruned = runner.invoke(app, ["prune", "--checkpoint", str(dense), "--plan", "filter=0.5", "--admm-epochs", "0.5",
+                                 "--retrain-epochs", "0.5", "--threads", "1", "--out", str(tmp_path / "p")])
+    assert pruned.exit_code == 0, pruned.output
+    assert "decoding" not in pruned.stdout  # read from the cache
+    assert json.loads((tmp_path / "p" / "pruned.json").read_text())["input_shape"] == [3, 40, 40]
+
+    compacted = runner.invoke(app, ["compact", "--checkpoint", str(tmp_path / "p" / "pruned.pt"), "--threads", "1"])
+    assert compacted.exit_code == 0, compacted.output
+    assert json.loads((tmp_path / "p" / "compacted" / "model.json").read_text())["input_shape"] == [3, 40, 40]
+
+    line = _error(["prune", "--checkpoint", str(dense), "--plan", "filter=0.5", "--image-size", "48"])
+    assert "--image-size 48 contradicts dense.json, which records 40 px inputs" in line

@@ -278,6 +278,33 @@ def test_a_layer_whose_channels_reach_a_mis_mapped_reshape_stays_dense_with_the_
     assert Reference(model, torch.randn(4, *shape)).error(compacted.model) <= 1e-4
 
 
+class _PartialResidual(torch.nn.Module):
+    """RexNet's block: the shortcut is added to the first channels of a wider output only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.expand = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 12, 3, padding=1)
+        self.head = torch.nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x).relu()
+        y = self.expand(s)
+        return self.head(torch.cat([y[:, :8] + s, y[:, 8:]], dim=1)).mean((2, 3))
+
+
+def test_a_partial_channel_residual_is_left_dense_in_a_second_not_traversed_for_minutes() -> None:
+    torch.manual_seed(0)
+    model, shape = _PartialResidual().eval(), (1, 8, 8)
+    start = time.perf_counter()
+    deps = dependencies(model, shape)
+    assert {"stem", "expand"} <= set(deps.fixed) and "split by channel slices" in deps.fixed["expand"]
+    plan = Plan.uniform(trace(model, shape), T.FILTER, 0.5)
+    apply_masks(model, prune_masks(model, plan, deps))
+    compacted = verified_compact(model, plan, shape, "partial-residual")
+    assert time.perf_counter() - start < 60  # before the guard: get_pruning_group did not return
+    assert "split by channel slices" in compacted.left_dense["expand"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tv:swin_t", "tv:maxvit_t"])
 def test_attention_reshapes_leave_layers_dense_instead_of_exhausting_memory(model_name: str) -> None:
@@ -312,11 +339,11 @@ def test_a_compaction_that_would_change_outputs_is_refused(monkeypatch: pytest.M
 # timm families whose ops differ: bottlenecks and grouped convs (resnext), SE and depthwise
 # (efficientnet, mobilenetv3), ghost modules' concatenations, Y-blocks (regnet), LayerNorm
 # (convnext), deep aggregation and dual paths (dla, dpn), cross-stage partials, multi-resolution
-# fusion (hrnet), attention (deit). Not rexnet: its partial-channel residual (`x[:, :c] += s`)
-# sends Torch-Pruning's get_pruning_group past 5 minutes (issue 16, open).
+# fusion (hrnet), attention (deit), partial-channel residuals (rexnet).
 TIMM = ["timm:resnet18", "timm:resnext26ts", "timm:efficientnet_b0", "timm:mobilenetv3_large_100",
         "timm:regnety_002", "timm:convnext_atto", "timm:ghostnet_100", "timm:dla34",
-        "timm:dpn48b", "timm:cspresnet50", "timm:hrnet_w18_small", "timm:deit_tiny_patch16_224"]
+        "timm:dpn48b", "timm:cspresnet50", "timm:hrnet_w18_small", "timm:deit_tiny_patch16_224",
+        "timm:rexnet_100"]
 # every torchvision classifier; bench/zoo.py runs this test pinned to one core and reports the times
 ZOO = [TV_PREFIX + n for n in torchvision_names()] + TIMM
 

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsesearch import data
+from sparsesearch import data, folders
 from sparsesearch.errors import UserError
+
+from helpers import image_folder
 
 
 def _index_sets(ds: data.Data) -> list[set[int]]:
@@ -24,7 +26,7 @@ def test_digits_split_is_deterministic_and_stratified() -> None:
     a, b = data.load("digits"), data.load("digits")
     for sa, sb in zip((a.train, a.val, a.test), (b.train, b.val, b.test)):
         assert torch.equal(sa.index, sb.index)
-    counts = torch.bincount(a.test.y, minlength=10)
+    counts = torch.bincount(a.test.labels, minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38  # 20% of ~180 per class
 
 
@@ -40,11 +42,24 @@ def test_shuffled_batches_depend_only_on_the_generator_seed() -> None:
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
 
 
-def test_augmentation_keeps_shape_and_is_seeded() -> None:
-    x = torch.randn(8, 3, 32, 32)
-    a = data._crop_flip(x, torch.Generator().manual_seed(0))
-    b = data._crop_flip(x, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("side", [32, 224])
+def test_augmentation_keeps_shape_and_is_seeded(side: int) -> None:
+    x = torch.randn(8, 3, side, side)
+    a = data.augmented(x.clone(), torch.Generator().manual_seed(0))
+    b = data.augmented(x.clone(), torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_a_resized_crop_of_the_whole_image_is_the_image() -> None:
+    x = torch.randn(4, 3, 64, 64)
+    assert torch.allclose(data._resized_crop(x, None, scale=(1, 1), ratio=(1, 1)), x, atol=1e-5)
+
+
+def test_a_resized_crop_of_a_quarter_of_the_area_magnifies_twice() -> None:
+    x = torch.arange(64.0).expand(16, 1, 64, 64).clone()  # a horizontal ramp, 0..63
+    crops = data._resized_crop(x, torch.Generator().manual_seed(0), scale=(0.25, 0.25), ratio=(1, 1))
+    assert torch.allclose(crops[..., -1] - crops[..., 0], torch.tensor(31.5), atol=1e-3)  # half the ramp
+    assert crops[:, 0, 0, 0].std() > 3  # from boxes at different places
 
 
 def test_fashion_mnist_is_found_where_debian_installs_it(fashion_dir: Path) -> None:
@@ -53,7 +68,7 @@ def test_fashion_mnist_is_found_where_debian_installs_it(fashion_dir: Path) -> N
     assert ds.input_shape == (1, 28, 28)
     train, val, test = _index_sets(ds)
     assert not train & val and len(train | val) == 60000  # test is the official 10k, its own file
-    assert torch.bincount(ds.test.y).tolist() == [1000] * 10
+    assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
 
 
 def test_missing_data_dir_says_how_to_get_the_data(tmp_path: Path) -> None:
@@ -77,20 +92,8 @@ def test_unknown_dataset_names_close_matches() -> None:
         data.load("fashion_mnist")
 
 
-def _image_folder(root: Path, classes: int = 3, per_class: int = 10) -> Path:
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = torch.randint(0, 256, (12, 16, 3), generator=gen, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def test_image_folder_is_split_and_resized(tmp_path: Path) -> None:
-    ds = data.load(f"imagefolder:{_image_folder(tmp_path / 'imgs')}", image_size=20)
+    ds = data.load(f"imagefolder:{image_folder(tmp_path / 'imgs')}", image_size=20)
     assert ds.info.num_classes == 3 and ds.input_shape == (3, 20, 20)
     train, val, test = _index_sets(ds)
     assert not (train & val or train & test or val & test) and len(train | val | test) == 30
@@ -135,3 +138,94 @@ def test_missing_cifar_batch_is_reported(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(UserError, match=r"data_batch_3 not found.*--download"):
         data.load("cifar10", data_dir=tmp_path)
+
+
+def test_image_folder_is_decoded_once_and_then_read_from_the_cache(
+        tmp_path: Path, image_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"imagefolder:{image_folder(tmp_path / 'imgs')}"
+    first = data.load(name, image_size=20)
+    assert len(list(image_cache.glob("*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("decoded again although the folder did not change")
+
+    monkeypatch.setattr(folders, "_decode_into", no_decoding)
+    second = data.load(name, image_size=20)
+    assert torch.equal(second.train.x, first.train.x) and torch.equal(second.test.labels, first.test.labels)
+
+
+def test_the_cache_holds_what_torchvision_resize_makes_of_each_image(tmp_path: Path) -> None:
+    import torchvision.transforms as T
+    from PIL import Image
+
+    folder = folders.Folder.scan(image_folder(tmp_path / "imgs"))
+    x = folders.images(folder, 20)
+    resize = T.Compose([T.Resize((20, 20)), T.PILToTensor()])
+    for i in (0, 13, 29):
+        assert torch.equal(x[i], resize(Image.open(folder.files[i]).convert("RGB")))
+    assert folder.labels.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+
+
+def test_a_changed_folder_is_decoded_again_and_its_old_cache_removed(tmp_path: Path, image_cache: Path) -> None:
+    from PIL import Image
+
+    root = image_folder(tmp_path / "imgs")
+    before = folders.images(folders.Folder.scan(root), 20).clone()
+    old = set(image_cache.glob("*.npy"))
+    Image.new("RGB", (12, 16), (255, 0, 0)).save(root / "class0" / "0.png")  # same name, new pixels
+    after = folders.images(folders.Folder.scan(root), 20)
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1:], before[1:])
+    assert after[0, 0].eq(255).all() and after[0, 1:].eq(0).all()
+    assert not old & set(image_cache.glob("*.npy")) and len(list(image_cache.glob("*.npy"))) == 1
+
+
+def test_an_unwritable_cache_costs_one_notice_and_a_decode_in_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    root = image_folder(tmp_path / "imgs")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(folders.CACHE_ENV, str(blocked / "cache"))
+    with caplog.at_level("INFO", logger="sparsesearch"):
+        x = folders.images(folders.Folder.scan(root), 20)
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(notices) == 1 and "cannot write the image cache" in notices[0] and folders.CACHE_ENV in notices[0]
+    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "cache"))
+    assert torch.equal(x, folders.images(folders.Folder.scan(root), 20))
+
+
+def test_a_cache_on_a_full_disk_falls_back_without_a_crash(tiny_disk: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image_folder(tmp_path / "imgs", per_class=200)  # 600 x 3 x 40 x 40 bytes: 2.9 MB > 1 MB
+    monkeypatch.setenv(folders.CACHE_ENV, str(tiny_disk))
+    x = folders.images(folders.Folder.scan(root), 40)
+    assert x.shape == (600, 3, 40, 40) and not list(tiny_disk.iterdir())  # nothing half-written left
+
+
+def test_a_corrupt_cache_file_is_decoded_again(tmp_path: Path, image_cache: Path) -> None:
+    folder = folders.Folder.scan(image_folder(tmp_path / "imgs"))
+    x = folders.images(folder, 20).clone()
+    (cached,) = image_cache.glob("*.npy")
+    cached.write_bytes(cached.read_bytes()[:500])  # truncated, say by a crash of another tool
+    assert torch.equal(folders.images(folder, 20), x)
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "imgs")
+    (root / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=r"cannot decode .*class1/broken\.jpg .*remove or convert"):
+        data.load(f"imagefolder:{root}", image_size=20)
+
+
+def test_train_and_test_folders_must_name_the_same_classes(tmp_path: Path) -> None:
+    image_folder(tmp_path / "imgs" / "train")
+    image_folder(tmp_path / "imgs" / "test", classes=2)
+    with pytest.raises(UserError, match="different class folders"):
+        data.load(f"imagefolder:{tmp_path / 'imgs'}", image_size=20)
+
+
+def test_train_folder_is_split_into_train_and_validation_and_test_folder_is_the_test_split(tmp_path: Path) -> None:
+    image_folder(tmp_path / "imgs" / "train", per_class=20)
+    image_folder(tmp_path / "imgs" / "test", per_class=4)
+    ds = data.load(f"imagefolder:{tmp_path / 'imgs'}", image_size=16)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (54, 6, 12)
+    assert torch.bincount(ds.val.labels).tolist() == [2, 2, 2]

@@ -201,6 +201,10 @@ def test_dense_baseline_is_stored_in_the_study(tiny: dict) -> None:
     assert attrs["dense"]["val"] == pytest.approx(tiny["search"].dense["val"])
     assert attrs["config"]["max_acc_drop"] == TINY["max_acc_drop"]
     assert attrs["layers"] == [layer.name for layer in tiny["search"].layers]
+    assert attrs["config"]["image_size"] == 8 and attrs["dense"]["input_shape"] == [1, 8, 8]  # the side it searched at
+    assert search.reconcile(tiny["study"], {"image_size": 8}, search.SearchConfig()).image_size == 8
+    with pytest.raises(UserError, match="image_size = 8, not 16"):
+        search.reconcile(tiny["study"], {"image_size": 16}, search.SearchConfig())
 
 
 def test_resuming_with_other_settings_is_refused(tiny: dict) -> None:
