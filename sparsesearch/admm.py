@@ -18,14 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .data import Data
+from .data import Data, Split
 from .errors import UserError
 from .graph import Coupling, Dependencies, dependencies
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
 from .sparsity import SparsityType, achieved_rate, mask, project
-from .train import Hooks, Progress, ProgressFn, TrainConfig, evaluate, fit, prepare
+from .train import Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, prepare
 
 
 @dataclass
@@ -41,11 +41,21 @@ class ADMMConfig:
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
+    # What is evaluated, and on how much. `prune` reports everything: validation after every period,
+    # test before, after hard pruning and at the end. A search trial scores on validation alone
+    # (never test), and checks the projection each iteration on `probe` validation images only.
+    probe: int = 0  # validation images (a fixed stratified subset) checked per iteration; 0: all, every period
+    test: bool = True  # evaluate the test split
 
     def iterations(self) -> list[float]:
         """The epochs of each ADMM period; the last is shorter when the interval does not divide."""
         full, rest = divmod(self.admm_epochs, self.admm_interval)
         return [self.admm_interval] * int(full) + ([rest] if rest > 1e-9 else [])
+
+    def steps(self, train_images: int) -> int:
+        """Training steps of the whole run, ADMM periods and retraining, on `train_images` images."""
+        retrain = [self.retrain_epochs] if self.retrain_epochs > 0 else []
+        return sum(_steps(train_images, self.batch_size, e) for e in [*self.iterations(), *retrain])
 
     def rho(self, iteration: int) -> float:
         """rho during ADMM period `iteration` (0-based): rho0 grown by rho_factor per update, capped."""
@@ -60,8 +70,8 @@ class Iteration:
     total: int
     rho: float
     residual: float  # primal residual ||W - Z|| / ||W|| over all pruned layers
-    val_acc: float  # accuracy of W (still dense)
-    projected_acc: float  # accuracy of Proj_S(W): what hard pruning now would give
+    val_acc: float | None  # accuracy of W (still dense); None with a probe (not evaluated)
+    projected_acc: float  # accuracy of Proj_S(W): what hard pruning now would give (on the probe, if any)
 
 
 @dataclass
@@ -215,7 +225,8 @@ def masked_hooks(model: nn.Module, masks: dict[str, Tensor]) -> Hooks:
 class PruneResult:
     masks: dict[str, Tensor]
     iterations: list[Iteration]
-    accuracy: dict[str, float]  # test accuracy: dense, hard_pruned (before retraining), final
+    accuracy: dict[str, float]  # final_val; with config.test, test accuracy: dense, hard_pruned, final
+    val_correct: Tensor  # per validation image, whether the final model is right (a paired comparison)
     layers: list[dict[str, object]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -226,8 +237,8 @@ class PruneResult:
         return sum(r["macs"] for r in self.layers), sum(r["macs_compacted"] for r in self.layers)
 
 
-def _steps(data: Data, batch_size: int, epochs: float) -> int:
-    return max(1, math.ceil(epochs * math.ceil(len(data.train) / batch_size)))
+def _steps(train_images: int, batch_size: int, epochs: float) -> int:
+    return max(1, math.ceil(epochs * math.ceil(train_images / batch_size)))
 
 
 def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, device: torch.device,
@@ -239,8 +250,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     deps = deps or dependencies(model, data.input_shape)
     model.to(device)
     periods = config.iterations()
-    total = sum(_steps(data, config.batch_size, e) for e in periods) + _steps(data, config.batch_size,
-                                                                              config.retrain_epochs)
+    total = config.steps(len(data.train))
     done = 0
 
     def relay(phase: str) -> ProgressFn:
@@ -252,17 +262,18 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
 
-    accuracy = {"dense": evaluate(model, data.test, device)}
+    accuracy = {"dense": evaluate(model, data.test, device)} if config.test else {}
+    probe = data.val.subset(min(1.0, config.probe / max(len(data.val), 1))) if config.probe else data.val
     state = ADMMState(model, plan, deps)
     iterations: list[Iteration] = []
     for i, epochs in enumerate(periods):
         state.set_rho(config.rho(i))
         history = fit(model, data, train_config(epochs, config.lr, config.seed + i), device,
-                      Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"))
-        done += _steps(data, config.batch_size, epochs)
+                      Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
+        done += _steps(len(data.train), config.batch_size, epochs)
         residual = state.update()
         iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc,
-                                    _projected_accuracy(model, data, plan, deps, device)))
+                                    _projected_accuracy(model, probe, plan, deps, device)))
         if on_iteration is not None:
             on_iteration(iterations[-1])
     masks = prune_masks(model, plan, deps)
@@ -271,25 +282,28 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         raise UserError(f"hard pruning silenced {sum(dead.values())} kept channels "
                         f"({', '.join(f'{n}: {k}' for n, k in dead.items())}); the channel mapping of this model "
                         "is wrong, please report the model")
-    accuracy["hard_pruned"] = evaluate(model, data.test, device)
+    if config.test:
+        accuracy["hard_pruned"] = evaluate(model, data.test, device)
     if config.retrain_epochs > 0:
         fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
-            device, masked_hooks(model, masks), relay("retrain"))
-    accuracy["final"] = evaluate(model, data.test, device)
-    accuracy["final_val"] = evaluate(model, data.val, device)
+            device, masked_hooks(model, masks), relay("retrain"), validate=not config.probe)
+    if config.test:
+        accuracy["final"] = evaluate(model, data.test, device)
+    val_correct = correct(model, data.val, device)
+    accuracy["final_val"] = 100.0 * val_correct.float().mean().item()
     seconds = (datetime.datetime.now() - start).total_seconds()
-    return PruneResult(masks, iterations, accuracy, seconds=seconds)
+    return PruneResult(masks, iterations, accuracy, val_correct, seconds=seconds)
 
 
-def _projected_accuracy(model: nn.Module, data: Data, plan: Plan, deps: Dependencies | None,
+def _projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Dependencies | None,
                         device: torch.device) -> float:
-    """Validation accuracy of Proj_S(W), computed on a swap of the weights and restored after."""
+    """Accuracy of Proj_S(W) on `split`, computed on a swap of the weights and restored after."""
     params = dict(model.named_parameters())
     masks = prune_masks(model, plan, deps)
     saved = {n: params[n].detach().clone() for n in masks}
     apply_masks(model, masks)
     try:
-        return evaluate(model, data.val, device)
+        return evaluate(model, split, device)
     finally:
         with torch.no_grad():
             for n, w in saved.items():

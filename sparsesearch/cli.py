@@ -546,6 +546,9 @@ def optimize(
     study: Annotated[str | None, typer.Option(help="Study name (default MODEL-DATASET); the same name resumes it.")] = None,
     storage: StorageOpt = None,
     trial_epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs per trial (default 1+3).")] = None,
+    trial_data: Annotated[float | None, typer.Option(help="Fraction of the training split each trial trains on: a "
+                                                          "fixed stratified subset (default 1). Trials always "
+                                                          "validate on the whole validation split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size of the predicted and measured latency (default 1).")] = None,
     sampler: Annotated[str | None, typer.Option(help="tpe (default) or random.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler and of training (default 0).")] = None,
@@ -578,6 +581,8 @@ def optimize(
     kinds = _type_names(types) if types else None
     if sampler not in (None, "tpe", "random"):
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
+    if trial_data is not None and not 0 < trial_data <= 1:
+        raise UserError(f"--trial-data must be a fraction in (0, 1] of the training split, got {trial_data}")
     if model:  # a typo must not leave a study behind
         models.spec(model)
     if dataset:
@@ -587,6 +592,7 @@ def optimize(
     opened = stores.open_study(name, storage, create=True, grace_s=stale_after)
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
+             "trial_data": trial_data,
              "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
@@ -616,6 +622,11 @@ def optimize(
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); feasible: val >= "
                   f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "
                   f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+    cost = search.trial_cost(built)
+    buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"
+            if limit.trials else f"{limit} buys ≈ {limit.seconds / cost.seconds:.0f} trials")
+    console.print(f"one trial on {len(built.trial_data.train):,} training images: {cost} on this device (timed on a "
+                  f"few steps); {buys}, less for trials stopped early")
     stop = {"asked": False}
 
     def interrupt(_sig: int, _frame: Any) -> None:
@@ -629,8 +640,10 @@ def optimize(
         with progress_bar("trials") as update:
             def on_trial(st: Any, _trial: Any) -> None:
                 best = search.best_feasible_speedup(st)
-                update(len(search.trained_trials(st)) - (0 if limit.trials else done_before),
-                       limit.trials, f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
+                pace = search.seconds_per_trial(st)
+                update(len(search.trained_trials(st)) - (0 if limit.trials else done_before), limit.trials,
+                       (f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
+                       + (f", {search.duration(pace)}/trial" if pace else ""))
 
             on_trial(opened, None)
             ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"])
@@ -667,12 +680,12 @@ def _measure(trials: Any, study: Any, setting: str, again: bool = False) -> None
     except Busy as e:
         console.print(f"[yellow]note:[/] {e}")
         return
-    table = Table("trial", "val %", "test %", "predicted", "measured", "plan",
+    table = Table("trial", "val %", "drop ± SE", "predicted", "measured", "plan",
                   title=f"Pareto front of {study.study_name} (speedup end to end on {setting})")
     for t in reporting.front(study):
         m = measured.get(str(t.number), {})
         table.add_row(f"{t.number}{' ' + t.user_attrs['baseline'] if 'baseline' in t.user_attrs else ''}",
-                      f"{t.user_attrs['val_acc']:.2f}", f"{t.user_attrs['test_acc']:.2f}",
+                      f"{t.user_attrs['val_acc']:.2f}", reporting.drop_text(reporting.row(t, {})),
                       f"{t.values[1]:.2f}x", f"{m['measured_speedup']:.2f}x" if m else "-",
                       reporting._plan_text(t.user_attrs["plan"]))
     console.print(table)

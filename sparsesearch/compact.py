@@ -199,8 +199,8 @@ def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> No
         group = graph.get_pruning_group(layer, out_handler(layer), idxs=dead)
     else:
         handler = tp.prune_conv_in_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_in_channels
-        if (not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or reads_through_reshape(graph, layer)
-                or unfollowable(graph, layer, handler)):
+        if (not dead or isinstance(layer, nn.Conv2d) and layer.groups != 1 or unfollowable(graph, layer, handler)
+                or reads_through_reshape(graph, layer)):  # unfollowable first: it knows layers the trace never called
             return
         dead = _unread(graph.get_pruning_group(layer, handler, idxs=dead))
         if not dead:
@@ -223,8 +223,8 @@ def _unread(group) -> list[int]:  # noqa: ANN001 - a Torch-Pruning Group
         module, handler = item.dep.target.module, getattr(item.dep.handler, "__name__", "")
         produced |= handler == "prune_out_channels" and isinstance(module, (nn.Conv2d, nn.Linear))
         if handler == "prune_in_channels" and isinstance(module, (nn.Conv2d, nn.Linear)):
-            columns = module.weight.detach().transpose(0, 1)
-            read |= {root for idx, root in zip(item.idxs, item.root_idxs) if columns[idx].ne(0).any()}
+            live = module.weight.detach().transpose(0, 1).flatten(1).ne(0).any(1).tolist()  # per input channel
+            read |= {root for idx, root in zip(item.idxs, item.root_idxs) if live[idx]}
     return sorted(set(group.items[0].root_idxs) - read) if produced else []
 
 

@@ -11,7 +11,7 @@ import gzip
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,17 @@ class Split:
     @property
     def labels(self) -> Tensor:
         return self.y[self.index]
+
+    def subset(self, fraction: float) -> Split:
+        """A fixed `fraction` of this split, stratified by label and seeded by SPLIT_SEED alone: the
+        same images for every trial, worker and training seed, so trials compare."""
+        if not 0 < fraction <= 1:
+            raise UserError(f"a subset must be a fraction in (0, 1], got {fraction}")
+        if fraction == 1 or round(fraction * len(self)) >= len(self):
+            return self
+        keep = max(1, round(fraction * len(self)))
+        kept, _ = _stratified(self.labels, [keep / len(self), 1 - keep / len(self)])
+        return replace(self, index=self.index[kept])
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

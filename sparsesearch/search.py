@@ -17,6 +17,7 @@ The ADMM curve goes to the `admm` user attr, where the pruner reads it (see `spa
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import re
 import tempfile
@@ -44,11 +45,13 @@ from .profiler import LatencyModel, dense_latency, predict_latency
 from .space import Space, rejection, snap
 from .sparsity import SparsityType
 from .storage import artifact_store, fail_stale, worker
+from .train import paired_drop
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
 BASELINE_RATES = (0.3, 0.5, 0.7)
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
+PROBE_IMAGES = 1000  # validation images checked per ADMM iteration (for the hopeless-trial pruner)
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -103,6 +106,7 @@ class SearchConfig:
     admm_epochs: float = 1.0
     retrain_epochs: float = 3.0
     batch_size: int = 1  # of the latency the speedups are predicted and measured at
+    trial_data: float = 1.0  # fraction of the training split a trial trains on (fixed, stratified)
     image_size: int | None = None  # input side; None: the checkpoint's, else the dataset's
     seed: int = 0
     sampler: str = "tpe"  # or "random" (the benchmark's control)
@@ -115,7 +119,7 @@ class SearchConfig:
         return ADMMConfig(admm_epochs=epochs, admm_interval=max(epochs, 1e-9) / n, rho0=rho0,
                           rho_factor=(RHO_END / rho0) ** (1 / (n - 1)), rho_max=RHO_END,
                           retrain_epochs=self.retrain_epochs if retrain_epochs is None else retrain_epochs,
-                          seed=self.seed)
+                          seed=self.seed, probe=PROBE_IMAGES, test=False)
 
     def to_attrs(self) -> dict[str, Any]:
         return {**asdict(self), "types": list(self.types), "schema": SCHEMA}
@@ -182,11 +186,14 @@ class Search(Trials):
     deps: Dependencies
     latency: LatencyModel
     dense: dict[str, float] = field(default_factory=dict)  # val, test accuracy (%)
+    dense_correct: torch.Tensor | None = None  # per validation image: the paired reference of every trial
     weights_sha256: str = ""  # of the dense checkpoint: a study resumed on other weights is refused
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
     trial_budget: int | None = None  # trained trials the study may hold, counted across its workers
 
     def __post_init__(self) -> None:
+        # trials train on a fixed stratified share of the training split; they validate on all of it
+        self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
         prediction = dense_latency(self.latency, self.model, self.input_shape)
         self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms)
@@ -241,21 +248,72 @@ class Search(Trials):
                 raise optuna.TrialPruned("hopeless")
 
         try:
-            result = run_admm(model, self.data, plan, self.config.admm(), self.device, self.deps, on_iteration)
+            result = run_admm(model, self.trial_data, plan, self.config.admm(), self.device, self.deps, on_iteration)
         except Diverged as e:  # a plan the optimizer cannot follow: hopeless, not the study's end
             trial.set_user_attr("pruned", str(e))
             raise optuna.TrialPruned("diverged") from e
-        val, test = result.accuracy["final_val"], result.accuracy["final"]
-        drop = self.dense["val"] - val
+        val = result.accuracy["final_val"]
+        drop, se = paired_drop(self.dense_correct, result.val_correct)
         trial.set_constraint("accuracy_drop", drop - self.config.max_acc_drop)
         feasible = drop <= self.config.max_acc_drop
-        for key, value in {"val_acc": val, "test_acc": test, "acc_drop": drop, "feasible": feasible,
-                           "hard_pruned_test_acc": result.accuracy["hard_pruned"],
+        for key, value in {"val_acc": val, "acc_drop": drop, "acc_drop_se": se, "feasible": feasible,
+                           "feasible_confidence": _confidence(drop, se, self.config.max_acc_drop),
                            "train_seconds": result.seconds}.items():
             trial.set_user_attr(key, value)
         if feasible or "baseline" in trial.user_attrs:
             trial.set_user_attr("weights", self.upload(trial, model))
         return val, speedup
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    """What one trial costs: its work, and the time that work takes on this device."""
+
+    steps: int  # training steps, ADMM and retraining
+    images: int  # validation images evaluated
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.steps:,} training steps + {self.images:,} validation images ≈ {duration(self.seconds)}"
+
+
+def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
+    """One trial's steps and evaluations, timed on `timed_steps` training steps and one evaluation
+    batch of a copy of the dense model (after a warm-up step): an estimate before any trial ran."""
+    config, data = search.config.admm(), search.trial_data
+    steps = config.steps(len(data.train))
+    images = len(config.iterations()) * min(config.probe or len(data.val), len(data.val)) + len(data.val)
+    model = search.fresh_model().to(search.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    batches = itertools.chain.from_iterable(data.train.batches(config.batch_size, True, generator, data.info.augment)
+                                            for _ in itertools.count())  # a tiny subset: round again
+    for i, (x, y) in zip(range(timed_steps + 1), batches):
+        if i == 1:
+            start = time.perf_counter()  # after one warm-up step
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x.to(search.device)), y.to(search.device)).backward()
+        optimizer.step()
+    per_step = (time.perf_counter() - start) / timed_steps
+    x, _ = next(data.val.batches(256))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.eval()(x.to(search.device))
+    per_image = (time.perf_counter() - start) / len(x)
+    return TrialCost(steps, images, steps * per_step + images * per_image)
+
+
+def duration(seconds: float) -> str:
+    """Seconds as people read a duration: 45 s, 12 min, 3.5 h."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _confidence(drop: float, se: float, limit: float) -> float:
+    """How sure the validation set makes us that the true drop is within `limit`: P(drop <= limit)
+    under a normal error of `se` (0.5 at the limit; ~0.84 one standard error inside it)."""
+    if se == 0 or not math.isfinite(se):
+        return float(drop <= limit)
+    return 0.5 * (1 + math.erf((limit - drop) / (se * math.sqrt(2))))
 
 
 # --- studies --------------------------------------------------------------------------------------
@@ -389,6 +447,12 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     return result
 
 
+def seconds_per_trial(study: optuna.Study) -> float | None:
+    """The median training time of the study's trained trials (what a trial really costs here)."""
+    times = sorted(t.user_attrs["train_seconds"] for t in trained_trials(study) if "train_seconds" in t.user_attrs)
+    return times[len(times) // 2] if times else None
+
+
 def best_feasible_speedup(study: optuna.Study) -> float | None:
     values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")]
     return max(values) if values else None
@@ -409,7 +473,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     from .profiler import latency_model_for
     from .profiler.measure import Target, profile_model
     from .profiler.table import find_profile, fingerprint, model_key, profiles_dir
-    from .train import TrainConfig, default_checkpoint, evaluate, prepare, train_dense
+    from .train import TrainConfig, correct, default_checkpoint, evaluate, prepare, train_dense
 
     say = notify or (lambda _text: None)
     artifact_store(artifacts, check=True)  # before any training: a worker that cannot keep weights is useless
@@ -435,10 +499,12 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
                       on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))
     latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign,
                                 target=profile is not None)
-    dense = {"val": evaluate(model.to(device), data.val, device), "test": evaluate(model, data.test, device)}
+    dense_correct = correct(model.to(device), data.val, device)
+    dense = {"val": 100.0 * dense_correct.float().mean().item(), "test": evaluate(model, data.test, device)}
     model.cpu()
     return Search(config, model, shape, device, artifacts, data=data, layers=trace(model, shape),
-                  deps=dependencies(model, shape), latency=latency, dense=dense, weights_sha256=sha256(weights))
+                  deps=dependencies(model, shape), latency=latency, dense=dense, dense_correct=dense_correct,
+                  weights_sha256=sha256(weights))
 
 
 def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_dir: Path | None = None) -> Trials:
@@ -522,7 +588,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
     plan.validate(search.layers, search.deps.couplings)
     model = search.fresh_model()
-    config = search.config.admm(admm_epochs, retrain_epochs)
+    config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True)  # the search is over: test it
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
                       on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)))
     m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size)
@@ -534,7 +600,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                "latency_ms": m.latency_ms, "speedup": m.speedup, "params": m.params,
                "macs": {**m.macs, "unit": "per sample, prunable layers"},
                "measured": {**m.setting, "how": "median of interleaved rounds beside the masked dense model"},
-               "search_trial": {k: trial.user_attrs.get(k) for k in ("val_acc", "test_acc", "predicted_speedup")},
+               "search_trial": {k: trial.user_attrs.get(k) for k in ("val_acc", "acc_drop", "predicted_speedup")},
                "seconds": round(result.seconds, 2)}
     example = torch.randn(1, *search.data.input_shape, device=search.device)
     done = write_all(out_dir, m.compacted, example, {"model": search.config.model, "dataset": search.config.dataset,

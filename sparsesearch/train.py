@@ -66,8 +66,9 @@ class History:
     resumed_after: int = 0  # epochs an interrupted run had finished, continued from its snapshot
 
     @property
-    def val_acc(self) -> float:
-        return self.epochs[-1]["val_acc"] if self.epochs else float("nan")
+    def val_acc(self) -> float | None:
+        """After the last epoch; None when not validated."""
+        return self.epochs[-1]["val_acc"] if self.epochs else None
 
 
 @dataclass(frozen=True)
@@ -95,22 +96,39 @@ class Snapshot:
 ProgressFn = Callable[[Progress], None]
 
 
-def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent, in eval mode (BatchNorm running statistics)."""
+def correct(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> Tensor:
+    """Per image of `split`, in order, whether the model's top-1 class is right (eval mode: BatchNorm
+    running statistics). Two models' vectors on one split compare image by image (a paired test)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    right = []
     with torch.inference_mode():
         for x, y in split.batches(batch_size):
-            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            right.append(model(x.to(device)).argmax(1).cpu() == y)
     model.train(was_training)
-    return 100.0 * correct / max(len(split), 1)
+    return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+
+
+def paired_drop(reference: Tensor, other: Tensor) -> tuple[float, float]:
+    """Accuracy points `other` loses against `reference` on the same images, and the standard error
+    of that drop. Taken image by image, so the images both get right (or both wrong) add no noise:
+    far tighter than the error of two accuracies measured apart (about ±1.4 pt each on 1,000 images)."""
+    d = reference.float() - other.float()
+    se = d.std().item() / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return 100.0 * d.mean().item(), 100.0 * se
+
+
+def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * correct(model, split, device, batch_size).float().mean().item() if len(split) else 0.0
 
 
 def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch.device,
-        hooks: Hooks | None = None, on_progress: ProgressFn | None = None, snapshot: Snapshot | None = None) -> History:
+        hooks: Hooks | None = None, on_progress: ProgressFn | None = None, snapshot: Snapshot | None = None,
+        validate: bool = True) -> History:
     """Train `model` in place for `config.epochs` (possibly fractional) epochs on the train split;
-    with a `snapshot`, resumable from the last finished epoch."""
+    with a `snapshot`, resumable from the last finished epoch. `validate` evaluates the validation
+    split after each epoch (a short search trial skips it: evaluation would cost more than training)."""
     hooks = hooks or Hooks()
     steps_per_epoch = math.ceil(len(dataset.train) / config.batch_size)
     total = max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -153,7 +171,7 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
                 break
             if on_progress is not None:
                 on_progress(Progress(step, total, epoch, running / seen))
-        val_acc = evaluate(model, dataset.val, device)
+        val_acc = evaluate(model, dataset.val, device) if validate else None
         history.epochs.append({"epoch": epoch, "loss": running / seen, "val_acc": val_acc,
                                "lr": schedule.get_last_lr()[0]})
         if snapshot is not None and step < total:

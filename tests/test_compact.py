@@ -305,6 +305,39 @@ def test_a_partial_channel_residual_is_left_dense_in_a_second_not_traversed_for_
     assert "split by channel slices" in compacted.left_dense["expand"]
 
 
+class _PositionBias(torch.nn.Module):
+    """Swin V2's continuous position bias: an MLP on a buffer of coordinates whose first Linear is
+    followed by an in-place ReLU, so Torch-Pruning's trace never maps that Linear to a node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bias_mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(inplace=True), torch.nn.Linear(8, 8))
+        self.head = torch.nn.Linear(8, 3)
+        self.register_buffer("coords", torch.randn(1, 3, 3, 2))  # a table, as swin's relative_coords_table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).relu() + self.bias_mlp(self.coords).mean((0, 1, 2))[None, :, None, None]
+        return self.head(self.body(y).relu().mean((2, 3)))
+
+
+def test_a_layer_the_trace_never_reaches_does_not_send_channel_compaction_one_cut_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swin V2's channel plans took minutes: the position-bias MLP raised inside the all-at-once
+    pass, and every cut was then redone and checked alone (41 checks, 14 graph builds)."""
+    from sparsesearch import compact as compact_module
+
+    torch.manual_seed(0)
+    model, shape = _PositionBias().eval(), (1, 8, 8)
+    plan = Plan.uniform(trace(model, shape), T.CHANNEL, 0.5)
+    apply_masks(model, prune_masks(model, plan, dependencies(model, shape)))
+    builds = []
+    real = compact_module.build_graph
+    monkeypatch.setattr(compact_module, "build_graph", lambda *a: builds.append(1) or real(*a))
+    compacted = verified_compact(model, plan, shape, "position-bias")
+    assert len(builds) == 1 and compacted.impl["body"] == "channels-removed"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tv:swin_t", "tv:maxvit_t"])
 def test_attention_reshapes_leave_layers_dense_instead_of_exhausting_memory(model_name: str) -> None:

@@ -229,3 +229,15 @@ def test_train_folder_is_split_into_train_and_validation_and_test_folder_is_the_
     ds = data.load(f"imagefolder:{tmp_path / 'imgs'}", image_size=16)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (54, 6, 12)
     assert torch.bincount(ds.val.labels).tolist() == [2, 2, 2]
+
+
+def test_a_subset_is_fixed_stratified_and_inside_its_split() -> None:
+    train = data.load("digits").train
+    a, b = train.subset(0.25), train.subset(0.25)
+    assert torch.equal(a.index, b.index) and len(a) == round(0.25 * len(train))
+    assert set(a.index.tolist()) <= set(train.index.tolist())
+    share = torch.bincount(a.labels, minlength=10) / torch.bincount(train.labels, minlength=10)
+    assert share.min() > 0.2 and share.max() < 0.3  # every class at about a quarter
+    assert train.subset(1.0) is train
+    with pytest.raises(UserError, match="fraction in \\(0, 1\\]"):
+        train.subset(0)

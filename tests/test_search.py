@@ -3,6 +3,7 @@ on digits (a coarse latency profile, a fraction of an epoch per trial)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ TINY = {"types": ("filter", "shape"), "admm_epochs": 0.25, "retrain_epochs": 0.5
                                            ("1h30m", search.Budget(seconds=5400)), ("90s", search.Budget(seconds=90))])
 def test_budget_is_a_trial_count_or_a_duration(text: str, expected: search.Budget) -> None:
     assert search.parse_budget(text) == expected
+
+
+def test_feasibility_confidence_is_a_half_at_the_limit_and_grows_inside_it() -> None:
+    assert search._confidence(1.0, 0.5, 1.0) == pytest.approx(0.5)
+    assert search._confidence(0.5, 0.5, 1.0) == pytest.approx(0.8413, abs=1e-4)  # one standard error inside
+    assert search._confidence(1.5, 0.5, 1.0) == pytest.approx(0.1587, abs=1e-4)
+    assert search._confidence(2.0, 0.0, 1.0) == 0.0
 
 
 @pytest.mark.parametrize("text", ["", "ten", "-3", "30x", "m"])
@@ -335,7 +343,11 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
                                    "--checkpoint", str(checkpoint), "--types", "filter,shape", "--max-acc-drop", "20",
                                    "--trial-epochs", "0.25+0.5", "--threads", "1"])
     assert run.exit_code == 0, run.output
-    assert "scored by the profile of another device" in " ".join(run.output.split())
+    said = " ".join(run.output.split())
+    assert "scored by the profile of another device" in said
+    assert re.search(r"one trial on 1,078 training images: [\d,]+ training steps \+ 4,667 validation images ≈ \d+ s "
+                     r"on this device \(timed on a few steps\); 4 more trials ≈ \d+ s", said), said
+    assert re.search(r"trials: 4/4 .*, \d+ s/trial", said), said  # the measured pace, once trials finished
     study = stores.open_study("t", None, create=False)
     assert "measured" not in study.user_attrs
     checkpoint.unlink()
@@ -431,3 +443,42 @@ def test_a_study_opens_in_optunas_own_tools(tiny: dict) -> None:
     detail = _get(app, f"/api/studies/{listed['tiny']['study_id']}")
     assert detail["objective_names"] == ["val_acc", "predicted_speedup"]
     assert len(detail["trials"]) == len(study.trials)
+
+
+class _Untouchable:
+    """A test split the search must never read."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def batches(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the search evaluated the test split")
+
+
+def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_test_split(
+        tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    base = tiny["search"]
+    quarter = dataclasses.replace(base, config=dataclasses.replace(base.config, trial_data=0.25),
+                                  data=dataclasses.replace(base.data, test=_Untouchable()))
+    trained_on = []
+    real = search.run_admm
+
+    def spy(model, data, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        trained_on.append(len(data.train))
+        return real(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(search, "run_admm", spy)
+    study = stores.open_study("quarter", f"sqlite:///{tmp_path / 'q.db'}", True, search.make_sampler(quarter.config, 0),
+                              HopelessPruner())
+    search.record(study, quarter)
+    search.run(quarter, study, search.Budget(trials=1))
+    (trial,) = search.trained_trials(study)
+    assert trained_on == [round(0.25 * len(base.data.train))] == [len(quarter.trial_data.train)]
+    assert trial.state == TrialState.COMPLETE and "test_acc" not in trial.user_attrs
+    assert trial.user_attrs["acc_drop_se"] > 0 and 0 <= trial.user_attrs["feasible_confidence"] <= 1
+    cost = search.trial_cost(quarter)
+    full = search.trial_cost(base)
+    assert cost.steps == quarter.config.admm().steps(len(quarter.trial_data.train)) < full.steps
+    assert cost.images == full.images and cost.seconds > 0

@@ -102,3 +102,18 @@ def test_lenet5_on_fashion_mnist_reaches_89_percent(fashion_dir: Path, tmp_path:
     config = TrainConfig(epochs=data.info("fashion-mnist").epochs)
     result = train_dense("lenet5", "fashion-mnist", config, CPU, tmp_path / "lenet5.pt")
     assert result.test_acc >= 89.0
+
+
+def test_a_paired_drop_counts_only_the_images_the_two_models_disagree_on() -> None:
+    from sparsesearch.train import paired_drop
+
+    dense = torch.tensor([True] * 90 + [False] * 10)
+    pruned = dense.clone()
+    pruned[:3] = False  # loses three images the dense model got right
+    drop, se = paired_drop(dense, pruned)
+    assert drop == pytest.approx(3.0)
+    d = torch.tensor([1.0] * 3 + [0.0] * 97)
+    assert se == pytest.approx(100 * d.std().item() / 10)  # per-image differences, n = 100
+    independent = 100 * (2 * 0.9 * 0.1 / 100) ** 0.5  # two accuracies measured apart: ~4.2 points
+    assert se < independent / 2
+    assert paired_drop(dense, dense) == (0.0, 0.0)
