@@ -273,7 +273,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         done += _steps(len(data.train), config.batch_size, epochs)
         residual = state.update()
         iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc,
-                                    _projected_accuracy(model, probe, plan, deps, device)))
+                                    projected_accuracy(model, probe, plan, deps, device)))
         if on_iteration is not None:
             on_iteration(iterations[-1])
     masks = prune_masks(model, plan, deps)
@@ -295,7 +295,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     return PruneResult(masks, iterations, accuracy, val_correct, seconds=seconds)
 
 
-def _projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Dependencies | None,
+def projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Dependencies | None,
                         device: torch.device) -> float:
     """Accuracy of Proj_S(W) on `split`, computed on a swap of the weights and restored after."""
     params = dict(model.named_parameters())

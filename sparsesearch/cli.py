@@ -649,6 +649,12 @@ def optimize(
             ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"])
     finally:
         signal.signal(signal.SIGINT, previous)
+    if scan := opened.user_attrs.get("sensitivity"):
+        ranked = sorted(scan["drop"].items(), key=lambda kv: kv[1])
+        console.print(f"sensitivity scan: {len(ranked)} units each pruned alone at {scan['rate']:g} without training, "
+                      f"{scan['seconds']:.1f} s ({scan['images']:,} probe images); most robust {ranked[0][0]} "
+                      f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
+                      "the study starts from its plans next to the uniform ones")
     console.print(f"{ran.trained} trials trained, {ran.rejected} candidates rejected before training "
                   "(predicted slower than dense, or dominated); see each trial's 'rejected' attr")
     if ran.stopped == "asked":

@@ -118,6 +118,7 @@ def pareto(study: optuna.Study) -> dict[str, Any]:
     measured = study.user_attrs.get("measured", {})
     return {"schema": SCHEMA, "study": study.study_name, "config": study.user_attrs.get("config"),
             "dense": study.user_attrs.get("dense"), "measured_setting": study.user_attrs.get("measured_setting"),
+            "sensitivity": study.user_attrs.get("sensitivity"),
             "units": {"val_acc": "% top-1, validation split (the objective)",
                       "acc_drop": "points of validation accuracy below the dense model, on the same images",
                       "acc_drop_se": "standard error of acc_drop, from the per-image differences (paired)",

@@ -33,6 +33,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
+from . import seeds
 from .admm import ADMMConfig, Iteration, run_admm
 from .compact import Measured
 from .data import Data
@@ -214,9 +215,9 @@ class Search(Trials):
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker())
         fail_stale(trial.study, heartbeat=False)  # the journal's dead workers; Optuna fails heartbeat-stale ones
-        if (twin := _earlier_baseline(trial)) is not None:
-            trial.set_user_attr("rejected", f"baseline {trial.user_attrs['baseline']} is trial {twin}'s")
-            raise optuna.TrialPruned("duplicate baseline")
+        if (twin := _earlier_twin(trial)) is not None:
+            trial.set_user_attr("rejected", f"{_label(trial.user_attrs)} is trial {twin}'s")
+            raise optuna.TrialPruned("duplicate of an enqueued plan")
         plan = self.space.suggest(trial)
         layers = plan.to_dict()["layers"]
         trial.set_user_attr("plan", layers)
@@ -379,16 +380,38 @@ def _enqueue_baselines(search: Search, study: optuna.Study) -> None:
             study.enqueue_trial(params, user_attrs={"baseline": label})
 
 
-def _earlier_baseline(trial: optuna.Trial) -> int | None:
-    """The number of an earlier trial of the same uniform baseline, if any did not fail. Workers
-    starting together may each enqueue the baselines; the lowest-numbered copy runs, the others are
-    rejected at no cost, so each baseline is trained once whatever the storage."""
-    label = trial.user_attrs.get("baseline")
-    if label is None:
+def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
+    """Scan the dense model's sensitivity once per study (kept in the study), then enqueue the plans
+    it suggests at the baselines' mean rates that no trial holds yet."""
+    if "sensitivity" in study.user_attrs:
+        found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
+    else:
+        probe = search.data.val.subset(min(1.0, PROBE_IMAGES / max(len(search.data.val), 1)))
+        found = seeds.scan(search.space, search.fresh_model(), search.deps, probe, search.device)
+        study.set_user_attr("sensitivity", found.to_attrs())
+    held = {t.user_attrs.get("seeded") for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL and "rejected" not in t.user_attrs}
+    for rate in BASELINE_RATES:
+        if (label := f"sensitivity at mean rate {rate}") not in held:
+            study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
+
+
+def _label(attrs: dict[str, Any]) -> str:
+    return f"baseline {attrs['baseline']}" if "baseline" in attrs else f"seed '{attrs.get('seeded')}'"
+
+
+def _earlier_twin(trial: optuna.Trial) -> int | None:
+    """The number of an earlier copy of the same enqueued plan (a uniform baseline or a seed) that
+    runs or ran: neither failed nor itself rejected as a copy. Workers starting together may each
+    enqueue them; the lowest-numbered copy runs, the others are rejected at no cost, so each is
+    trained once whatever the storage. A killed copy's retry then counts a rejected twin for nothing:
+    otherwise it would be rejected, enqueued anew, rejected again, without end."""
+    key = next((k for k in ("baseline", "seeded") if k in trial.user_attrs), None)
+    if key is None:
         return None
     return next((t.number for t in trial.study.get_trials(deepcopy=False)
-                 if t.number < trial.number and t.user_attrs.get("baseline") == label and t.state != TrialState.FAIL),
-                None)
+                 if t.number < trial.number and t.user_attrs.get(key) == trial.user_attrs[key]
+                 and t.state != TrialState.FAIL and "rejected" not in t.user_attrs), None)
 
 
 def trained_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -410,9 +433,12 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     """Run trials until the study holds `budget.trials` trained ones (rejected candidates are free)
     or `budget.seconds` pass, or `should_stop()` says so after a trial, or `max_rejections` (default
     50 per trial of budget, at least 500) candidates in a row were rejected. Enqueues the uniform
-    baselines the study lacks (unless `baselines` is false: the benchmark's pure random search)."""
+    baselines the study lacks and the plans of its sensitivity scan (`seeds`; the scan runs once per
+    study, inside a duration budget), unless `baselines` is false (the benchmark's pure random search)."""
+    start = time.monotonic()
     if baselines:
         _enqueue_baselines(search, study)
+        _enqueue_seeds(search, study)
     search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
@@ -443,7 +469,8 @@ def run(search: Search, study: optuna.Study, budget: Budget,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.optimize(search.objective, timeout=budget.seconds, callbacks=[after], gc_after_trial=False)
+        timeout = None if budget.seconds is None else max(budget.seconds - (time.monotonic() - start), 0)
+        study.optimize(search.objective, timeout=timeout, callbacks=[after], gc_after_trial=False)
     return result
 
 

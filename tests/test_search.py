@@ -104,6 +104,37 @@ def test_nm_rates_snap_to_what_nm_can_take() -> None:
     assert snap(0.33, SparsityType.FILTER) == 0.35
 
 
+def test_a_sensitivity_scan_prunes_each_unit_alone_and_leaves_the_model_as_it_was(digits_baseline: DenseResult) -> None:
+    from sparsesearch import seeds
+
+    model, data = prepare("digits-cnn", "digits", weights=digits_baseline.checkpoint)
+    layers, deps = trace(model, data.input_shape), dependencies(model, data.input_shape)
+    space = Space(layers, deps.couplings, ("filter", "shape"), {layer.name: 1.0 for layer in layers})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    found = seeds.scan(space, model, deps, data.val, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(found.drop) == [slot.name for slot in space.slots] and found.images == len(data.val) * (len(found.drop) + 1)
+    assert found.kinds[space.slots[0].name] == "filter" and found.kinds[space.slots[-1].name] == "shape"  # the classifier
+    assert max(found.drop.values()) > 5 > min(found.drop.values())  # units differ: some fragile, some robust
+
+
+@pytest.mark.parametrize("name,shape", [("digits-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
+def test_seeded_plans_prune_fragile_units_less_at_the_same_mean_rate(name: str, shape: tuple[int, ...]) -> None:
+    from sparsesearch import seeds
+
+    space, (layers, couplings) = _space(name, shape)
+    units = [s.name for s in space.slots] if space.per_layer else list(space.stages)
+    drops = {u: 10.0 * i for i, u in enumerate(units)}  # later units more fragile
+    found = seeds.Scan(0.5, {u: "filter" if "filter" in (space.choices(u) if not space.per_layer else
+                                                        [t.value for t in space.slots[i].types]) else "shape"
+                             for i, u in enumerate(units)}, drops, 0.0, 0)
+    params = seeds.seeded_params(space, found, 0.5)
+    rates = [params[f"rate:{u}"] for u in units]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
+    assert sum(rates) / len(rates) == pytest.approx(0.5, abs=0.06)  # on the 0.05 grid
+    space.suggest(FixedTrial(params)).validate(layers, couplings)
+
+
 def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(values=[99.0, speedup], user_attrs={
         "plan": plan, "predicted_speedup": speedup, "feasible": feasible})
@@ -160,11 +191,16 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
             "numbers": numbers, "measured": measured}
 
 
-def test_tiny_study_starts_with_the_uniform_baselines(tiny: dict) -> None:
-    baselines = [t for t in tiny["study"].get_trials(False) if "baseline" in t.user_attrs]
+def test_tiny_study_starts_with_the_uniform_baselines_then_the_sensitivity_seeds(tiny: dict) -> None:
+    trials = tiny["study"].get_trials(False)
+    baselines = [t for t in trials if "baseline" in t.user_attrs]
     assert [t.user_attrs["baseline"] for t in baselines] == ["filter=0.3", "filter=0.5", "filter=0.7"]
     assert [t.number for t in baselines] == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in baselines)
+    seeded = [t for t in trials if "seeded" in t.user_attrs]
+    assert [t.number for t in seeded] == [3, 4, 5] and all(t.state.is_finished() for t in seeded)
+    scan = tiny["study"].user_attrs["sensitivity"]
+    assert set(scan["drop"]) == {s.name for s in tiny["search"].space.slots} and scan["seconds"] > 0
 
 
 def test_resuming_adds_trials_to_the_same_study(tiny: dict) -> None:
@@ -288,7 +324,8 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
     while not running and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.5)
         try:
-            running = optuna.load_study(study_name="k", storage=url).get_trials(False, states=(TrialState.RUNNING,))
+            running = [t for t in optuna.load_study(study_name="k", storage=url).get_trials(
+                False, states=(TrialState.RUNNING,)) if "claimed" in t.user_attrs]  # training, its plan stored
         except (KeyError, Exception):  # noqa: BLE001 - the worker has not created the study yet
             running = []
     assert running, f"no trial started: {worker.stderr.read() if worker.poll() is not None else 'timeout'}"
@@ -318,6 +355,26 @@ def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path
     assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7"]
     duplicates = [t for t in study.get_trials(False) if "is trial" in t.user_attrs.get("rejected", "")]
     assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
+
+
+def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny: dict, tmp_path: Path) -> None:
+    """Trial 0 (a baseline) was killed; trial 1, a copy another worker enqueued, was rejected as
+    trial 0's; trial 2 is trial 0's retry. Before: the retry was rejected as trial 1's, the baseline
+    enqueued anew and rejected again, 1,039 times, until the worker gave up."""
+    built = tiny["search"]
+    study = stores.open_study("retry", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
+                              HopelessPruner())
+    label, params = built.baselines()[0]
+    distributions = {k: v for k, v in tiny["study"].get_trials(False)[0].distributions.items() if k in params}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=distributions,
+                                              user_attrs={"baseline": label}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=params, distributions=distributions,
+                                              user_attrs={"baseline": label, "rejected": f"baseline {label} is trial 0's"}))
+    study.enqueue_trial(params, user_attrs={"baseline": label})
+    search.run(built, study, search.Budget(trials=1), baselines=False)
+    trials = study.get_trials(False)
+    assert trials[2].state == TrialState.COMPLETE and "rejected" not in trials[2].user_attrs
+    assert len(trials) == 3
 
 
 def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseline: DenseResult, tmp_path: Path,
@@ -401,8 +458,8 @@ def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_pat
         study.add_trial(optuna.trial.create_trial(state=state, user_attrs={"baseline": label, **attrs},
                                                   values=[1.0, 1.0] if state == TrialState.COMPLETE else None))
     search.run(built, study, search.Budget(trials=0))
-    waiting = [t.user_attrs["baseline"] for t in study.get_trials(False, states=(TrialState.WAITING,))]
-    assert sorted(waiting) == ["filter=0.3", "filter=0.7"]
+    waiting = [t.user_attrs.get("baseline") for t in study.get_trials(False, states=(TrialState.WAITING,))]
+    assert sorted(w for w in waiting if w) == ["filter=0.3", "filter=0.7"]
 
 
 def _get(app: Any, path: str) -> Any:

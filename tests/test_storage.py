@@ -168,8 +168,10 @@ def check_shared_study(study: optuna.Study, killed: int) -> None:
     trained = [t for t in trials if t.state.is_finished() and t.state != TrialState.FAIL
                and "rejected" not in t.user_attrs]
     assert len(trained) == BUDGET, Counter(str(t.user_attrs.get("rejected")) for t in trials)
+    table = [(t.number, t.state.name, t.user_attrs.get("baseline") or t.user_attrs.get("seeded"),
+              t.user_attrs.get("rejected"), t.system_attrs.get("failed_trial")) for t in trials]
     assert Counter(t.user_attrs["baseline"] for t in trained if "baseline" in t.user_attrs) == \
-        {"filter=0.3": 1, "filter=0.5": 1, "filter=0.7": 1}
+        {"filter=0.3": 1, "filter=0.5": 1, "filter=0.7": 1}, table
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed]
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retry) == 1 and retry[0].params == trials[killed].params
