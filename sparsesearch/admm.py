@@ -263,7 +263,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
 
     accuracy = {"dense": evaluate(model, data.test, device)} if config.test else {}
-    probe = data.val.subset(min(1.0, config.probe / max(len(data.val), 1))) if config.probe else data.val
+    probe = data.val.sized(config.probe) if config.probe else data.val
     state = ADMMState(model, plan, deps)
     iterations: list[Iteration] = []
     for i, epochs in enumerate(periods):

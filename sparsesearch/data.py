@@ -82,6 +82,10 @@ class Split:
         kept, _ = _stratified(self.labels, [keep / len(self), 1 - keep / len(self)])
         return replace(self, index=self.index[kept])
 
+    def sized(self, images: int) -> Split:
+        """A fixed stratified subset of about `images` images (`subset`), or all if there are fewer."""
+        return self.subset(min(1.0, images / max(len(self), 1)))
+
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))

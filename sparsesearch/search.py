@@ -373,11 +373,17 @@ def _enqueue_baselines(search: Search, study: optuna.Study) -> None:
     """Enqueue each uniform baseline that no trial holds, or whose every trial failed (its workers
     killed twice: a retried trial is not retried again). The report compares the search with them,
     so they are never dropped; copies enqueued by workers starting together are rejected at no cost."""
-    held = {t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)
-            if t.state != TrialState.FAIL and "rejected" not in t.user_attrs}
+    held = _held(study, "baseline")
     for label, params in search.baselines():
         if label not in held:
             study.enqueue_trial(params, user_attrs={"baseline": label})
+
+
+def _held(study: optuna.Study, key: str) -> set[Any]:
+    """The `key` labels (baseline, seeded) of trials that run, ran or wait: neither failed nor
+    rejected as a copy. A label not held is enqueued again."""
+    return {t.user_attrs.get(key) for t in study.get_trials(deepcopy=False)
+            if t.state != TrialState.FAIL and "rejected" not in t.user_attrs}
 
 
 def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
@@ -386,11 +392,10 @@ def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
     if "sensitivity" in study.user_attrs:
         found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
     else:
-        probe = search.data.val.subset(min(1.0, PROBE_IMAGES / max(len(search.data.val), 1)))
-        found = seeds.scan(search.space, search.fresh_model(), search.deps, probe, search.device)
+        found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
+                           search.device)
         study.set_user_attr("sensitivity", found.to_attrs())
-    held = {t.user_attrs.get("seeded") for t in study.get_trials(deepcopy=False)
-            if t.state != TrialState.FAIL and "rejected" not in t.user_attrs}
+    held = _held(study, "seeded")
     for rate in BASELINE_RATES:
         if (label := f"sensitivity at mean rate {rate}") not in held:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
