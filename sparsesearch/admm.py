@@ -25,7 +25,7 @@ from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
 from .sparsity import SparsityType, achieved_rate, mask, project
-from .train import Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, prepare
+from .train import Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, percent, prepare
 
 
 @dataclass
@@ -290,7 +290,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     if config.test:
         accuracy["final"] = evaluate(model, data.test, device)
     val_correct = correct(model, data.val, device)
-    accuracy["final_val"] = 100.0 * val_correct.float().mean().item()
+    accuracy["final_val"] = percent(val_correct)
     seconds = (datetime.datetime.now() - start).total_seconds()
     return PruneResult(masks, iterations, accuracy, val_correct, seconds=seconds)
 

@@ -505,7 +505,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     from .profiler import latency_model_for
     from .profiler.measure import Target, profile_model
     from .profiler.table import find_profile, fingerprint, model_key, profiles_dir
-    from .train import TrainConfig, correct, default_checkpoint, evaluate, prepare, train_dense
+    from .train import TrainConfig, correct, default_checkpoint, evaluate, percent, prepare, train_dense
 
     say = notify or (lambda _text: None)
     artifact_store(artifacts, check=True)  # before any training: a worker that cannot keep weights is useless
@@ -532,7 +532,7 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign,
                                 target=profile is not None)
     dense_correct = correct(model.to(device), data.val, device)
-    dense = {"val": 100.0 * dense_correct.float().mean().item(), "test": evaluate(model, data.test, device)}
+    dense = {"val": percent(dense_correct), "test": evaluate(model, data.test, device)}
     model.cpu()
     return Search(config, model, shape, device, artifacts, data=data, layers=trace(model, shape),
                   deps=dependencies(model, shape), latency=latency, dense=dense, dense_correct=dense_correct,

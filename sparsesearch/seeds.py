@@ -20,7 +20,7 @@ from torch import nn
 from .admm import projected_accuracy
 from .data import Split
 from .graph import Dependencies
-from .space import MAX_RATE, RATE_STEP, Space, snap
+from .space import MAX_RATE, Space, snap
 from .sparsity import SparsityType
 from .train import evaluate
 
@@ -84,5 +84,5 @@ def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]
     params: dict[str, Any] = {} if space.per_layer else {"alloc": 0.0}
     for unit in found.drop:
         params[f"type:{unit}"] = found.kinds[unit]
-        params[f"rate:{unit}"] = round(round(rate[unit] / RATE_STEP) * RATE_STEP, 4)
+        params[f"rate:{unit}"] = rate[unit]  # `snap` keeps it on the space's 0.05 grid
     return params

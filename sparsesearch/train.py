@@ -120,7 +120,12 @@ def paired_drop(reference: Tensor, other: Tensor) -> tuple[float, float]:
 
 def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy in percent."""
-    return 100.0 * correct(model, split, device, batch_size).float().mean().item() if len(split) else 0.0
+    return percent(correct(model, split, device, batch_size))
+
+
+def percent(right: Tensor) -> float:
+    """Top-1 accuracy in percent from `correct`'s per-image vector (0 for no images)."""
+    return 100.0 * right.float().mean().item() if len(right) else 0.0
 
 
 def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch.device,
