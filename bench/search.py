@@ -38,7 +38,7 @@ DROPS = (0.5, 1.0)
 def arm(built: search.Search, name: str, storage_dir: Path, budget: int, sampler: str) -> tuple[optuna.Study, float]:
     built.config.sampler = sampler
     study = storage.open_study(name, f"sqlite:///{storage_dir / f'{name}.db'}", True,
-                              search.make_sampler(built.config, 0), space.HopelessPruner())
+                              search.make_sampler(built.config, 0), space.LadderPruner())
     built.artifacts = str(storage_dir / name)
     search.record(study, built)
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,8 +44,11 @@ class ADMMConfig:
     # What is evaluated, and on how much. `prune` reports everything: validation after every period,
     # test before, after hard pruning and at the end. A search trial scores on validation alone
     # (never test), and checks the projection each iteration on `probe` validation images only.
-    probe: int = 0  # validation images (a fixed stratified subset) checked per iteration; 0: all, every period
+    probe: int = 0  # validation images (a fixed stratified subset) checked at rungs; 0: all, every period
     test: bool = True  # evaluate the test split
+    # The search's fidelity ladder: fractions of the run's training steps at which the accuracy the
+    # run would end with if hard-pruned now is checked on the probe (`Rung`), so a trial can stop there.
+    rungs: tuple[float, ...] = ()
 
     def iterations(self) -> list[float]:
         """The epochs of each ADMM period; the last is shorter when the interval does not divide."""
@@ -57,6 +60,11 @@ class ADMMConfig:
         retrain = [self.retrain_epochs] if self.retrain_epochs > 0 else []
         return sum(_steps(train_images, self.batch_size, e) for e in [*self.iterations(), *retrain])
 
+    def rung_steps(self, train_images: int) -> list[int]:
+        """The training step of each rung on `train_images` images (see `rungs`)."""
+        total = self.steps(train_images)
+        return [max(1, math.ceil(f * total)) for f in self.rungs]
+
     def rho(self, iteration: int) -> float:
         """rho during ADMM period `iteration` (0-based): rho0 grown by rho_factor per update, capped."""
         return min(self.rho0 * self.rho_factor**iteration, self.rho_max)
@@ -64,14 +72,29 @@ class ADMMConfig:
 
 @dataclass
 class Iteration:
-    """What each ADMM iteration reports: the search prunes hopeless trials on it."""
+    """What each ADMM iteration reports."""
 
     index: int
     total: int
     rho: float
     residual: float  # primal residual ||W - Z|| / ||W|| over all pruned layers
     val_acc: float | None  # accuracy of W (still dense); None with a probe (not evaluated)
-    projected_acc: float  # accuracy of Proj_S(W): what hard pruning now would give (on the probe, if any)
+    # accuracy of Proj_S(W), what hard pruning now would give: every iteration on the validation
+    # split, or with a probe on the probe at the iterations that reach a rung only (else None)
+    projected_acc: float | None
+
+
+@dataclass
+class Rung:
+    """A check on the fidelity ladder: the probe accuracy of the model hard-pruned as it stands
+    after `step` of `total` training steps (in ADMM: at the end of the iteration reaching the rung,
+    its projection; in retraining: the masked model itself)."""
+
+    index: int
+    step: int
+    total: int
+    phase: str  # "admm" or "retrain"
+    acc: float
 
 
 @dataclass
@@ -243,9 +266,9 @@ def _steps(train_images: int, batch_size: int, epochs: float) -> int:
 
 def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, device: torch.device,
              deps: Dependencies | None = None, on_iteration: Callable[[Iteration], None] | None = None,
-             on_progress: ProgressFn | None = None) -> PruneResult:
+             on_progress: ProgressFn | None = None, on_rung: Callable[[Rung], None] | None = None) -> PruneResult:
     """ADMM training, hard prune and masked retraining of `model` in place; `deps` defaults to the
-    model's own dependency graph."""
+    model's own dependency graph. `on_rung` hears each rung of `config.rungs` (it may raise to stop)."""
     start = datetime.datetime.now()
     deps = deps or dependencies(model, data.input_shape)
     model.to(device)
@@ -264,6 +287,20 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
 
     accuracy = {"dense": evaluate(model, data.test, device)} if config.test else {}
     probe = data.val.sized(config.probe) if config.probe else data.val
+    rung_steps = config.rung_steps(len(data.train))
+    reached: list[Rung] = []
+
+    def reaches(at: int) -> bool:
+        return len(reached) < len(rung_steps) and at >= rung_steps[len(reached)]
+
+    def climb(at: int, phase: str, acc: Callable[[], float]) -> None:
+        """Report every rung `at` steps reach (`acc` evaluated once, and only if one is reached)."""
+        value = None
+        while reaches(at):
+            value = acc() if value is None else value
+            reached.append(Rung(len(reached), at, total, phase, value))
+            if on_rung is not None:
+                on_rung(reached[-1])
     state = ADMMState(model, plan, deps)
     iterations: list[Iteration] = []
     for i, epochs in enumerate(periods):
@@ -272,10 +309,11 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
                       Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
         done += _steps(len(data.train), config.batch_size, epochs)
         residual = state.update()
-        iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc,
-                                    projected_accuracy(model, probe, plan, deps, device)))
+        projected = projected_accuracy(model, probe, plan, deps, device) if not config.probe or reaches(done) else None
+        iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc, projected))
         if on_iteration is not None:
             on_iteration(iterations[-1])
+        climb(done, "admm", lambda: projected)
     masks = prune_masks(model, plan, deps)
     apply_masks(model, masks)
     if dead := dead_channels(model, masks, data.input_shape):
@@ -285,8 +323,14 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     if config.test:
         accuracy["hard_pruned"] = evaluate(model, data.test, device)
     if config.retrain_epochs > 0:
+        hooks = masked_hooks(model, masks)
+
+        def after_step(step: int) -> None:
+            hooks.after_step(step)  # re-mask first: the rung checks what the trial would end with
+            climb(done + step, "retrain", lambda: evaluate(model, probe, device))
+
         fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
-            device, masked_hooks(model, masks), relay("retrain"), validate=not config.probe)
+            device, replace(hooks, after_step=after_step), relay("retrain"), validate=not config.probe)
     if config.test:
         accuracy["final"] = evaluate(model, data.test, device)
     val_correct = correct(model, data.val, device)

@@ -571,7 +571,7 @@ def optimize(
     from . import report as reporting
     from . import search, storage as stores
     from .runtime import resolve_device, set_threads
-    from .space import HopelessPruner
+    from .space import LadderPruner
     from .train import slug
 
     dev = resolve_device(device)
@@ -617,7 +617,7 @@ def optimize(
                       f"{' ...' if len(built.foreign) > 1 else ''}): the front is measured there, with "
                       f"`sparsesearch measure {name}`")
     opened.sampler = search.make_sampler(config, done_before)
-    opened.pruner = HopelessPruner()
+    opened.pruner = LadderPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); feasible: val >= "
                   f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Busy
 from .files import save_with, write_json
+from .space import ETA, RUNGS
 from .storage import release_lease, renew_lease, take_lease, worker
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ def markdown(study: optuna.Study) -> str:
               f"({target.get('device', '?')}, {target.get('threads', '?')} threads)"),
              (f"- speedups measured on {s.get('device_name', '?')} ({s.get('device', '?')}, worker "
               f"{s.get('by', '?')}), batch {s.get('batch_size', '?')}, {s.get('threads', '?')} threads: "
-              f"{s.get('how', 'not measured yet')}"), ""]
+              f"{s.get('how', 'not measured yet')}"), ladder_text(trials), ""]
     for drop in sorted({0.5, float(c.get("max_acc_drop", 1.0))}):
         best, base = best_within(data["pareto"], dense.get("val", 0), drop), best_within(data["baselines"], dense.get("val", 0), drop)
         which = f" (trial {best['trial']})" if best else ""
@@ -326,6 +327,19 @@ def markdown(study: optuna.Study) -> str:
                    "listed after the front."), "", "![predicted vs measured](predicted_vs_measured.png)", "",
               "![per-layer plans](layers.png)", ""]
     return "\n".join(lines)
+
+
+def ladder_text(trials: list[FrozenTrial]) -> str:
+    """How the fidelity ladder spent the study's compute: trials stopped at each rung, mean seconds."""
+    stopped = Counter(len(t.user_attrs["rungs"]) for t in trials
+                      if t.state == TrialState.PRUNED and "rungs" in t.user_attrs and "stopped at" in t.user_attrs.get("pruned", ""))
+    spent = [t.user_attrs["train_seconds"] for t in trials if "train_seconds" in t.user_attrs]
+    full = [t.user_attrs["train_seconds"] for t in trials if t.state == TrialState.COMPLETE and "train_seconds" in t.user_attrs]
+    at = ", ".join(f"{n} at rung {k}" for k, n in sorted(stopped.items())) or "none"
+    mean = (f"; trials trained {sum(spent) / len(spent):.0f} s on average, {sum(full) / len(full):.0f} s those run to "
+            "the end" if spent and full else "")
+    return (f"- fidelity ladder (rungs at {', '.join(f'{f:.0%}' for f in RUNGS)} of a trial's training; a trial "
+            f"goes on if it ranks in the best 1/{ETA} of the trials predicted at least as fast): stopped {at}{mean}")
 
 
 def drop_text(r: dict[str, Any]) -> str:

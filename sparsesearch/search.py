@@ -2,16 +2,19 @@
 
 Each trial draws a sparsity plan from `space.Space`, asks the latency model for its predicted
 speedup, and skips training when `space.rejection` says the plan is not worth it. Otherwise it is
-trained briefly: ADMM, hard prune, masked retraining; ADMM reports the accuracy of the projection
-after every iteration and `space.HopelessPruner` stops trials that trail every feasible one.
+trained briefly: ADMM, hard prune, masked retraining. On its way it passes the rungs of a fidelity
+ladder (`space.RUNGS`: 1/9 and 1/3 of its training), where the accuracy it would end with if
+hard-pruned there is checked on the validation probe, and `space.LadderPruner` stops it unless it
+ranks in the best third of the trials predicted at least as fast (successive halving among plans
+that would dominate it), or when it trails every feasible trial.
 Objectives: validation accuracy and predicted speedup, both maximised; constraint
 (`Trial.set_constraint`): accuracy drop vs the dense model at most `max_acc_drop` points. The first
 trials are uniform filter plans (30/50/70%).
 
 All state lives in the study: its settings and dense baseline in the study's user attrs; each
-trial's full per-layer plan, accuracies, prediction and ADMM curve in the trial's user attrs; the
+trial's full per-layer plan, accuracies, prediction, ADMM curve and rungs in the trial's user attrs; the
 trained weights of feasible and baseline trials as Optuna artifacts (for measuring the front).
-The ADMM curve goes to the `admm` user attr, where the pruner reads it (see `space`).
+The rungs go to the `rungs` user attr, where the pruner reads them (see `space`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from . import seeds
-from .admm import ADMMConfig, Iteration, run_admm
+from .admm import ADMMConfig, Iteration, Rung, run_admm
 from .compact import Measured
 from .data import Data
 from .errors import Diverged, UserError, brief
@@ -43,7 +46,7 @@ from .graph import Dependencies
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
-from .space import Space, rejection, snap
+from .space import RUNGS, LadderPruner, Space, rejection, snap
 from .sparsity import SparsityType
 from .storage import artifact_store, fail_stale, worker
 from .train import paired_drop
@@ -52,7 +55,7 @@ SCHEMA = 1
 STUDIES_DIR = Path("studies")
 BASELINE_RATES = (0.3, 0.5, 0.7)
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
-PROBE_IMAGES = 1000  # validation images checked per ADMM iteration (for the hopeless-trial pruner)
+PROBE_IMAGES = 1000  # validation images a trial is checked on at its rungs (a fixed stratified subset)
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -120,7 +123,7 @@ class SearchConfig:
         return ADMMConfig(admm_epochs=epochs, admm_interval=max(epochs, 1e-9) / n, rho0=rho0,
                           rho_factor=(RHO_END / rho0) ** (1 / (n - 1)), rho_max=RHO_END,
                           retrain_epochs=self.retrain_epochs if retrain_epochs is None else retrain_epochs,
-                          seed=self.seed, probe=PROBE_IMAGES, test=False)
+                          seed=self.seed, probe=PROBE_IMAGES, test=False, rungs=RUNGS)
 
     def to_attrs(self) -> dict[str, Any]:
         return {**asdict(self), "types": list(self.types), "schema": SCHEMA}
@@ -236,20 +239,27 @@ class Search(Trials):
             trial.set_user_attr("rejected", f"the study's budget of {self.trial_budget} trials is taken")
             trial.study.stop()
             raise optuna.TrialPruned("budget taken")
-        model, curve = self.fresh_model(), []
+        model, curve, rungs, start = self.fresh_model(), [], [], time.perf_counter()
 
         def on_iteration(it: Iteration) -> None:
             curve.append({"rho": it.rho, "residual": it.residual, "val_acc": it.val_acc,
                           "projected_acc": it.projected_acc})
             trial.set_user_attr("admm", curve)
+
+        def on_rung(rung: Rung) -> None:
+            rungs.append({"step": rung.step, "of": rung.total, "phase": rung.phase, "acc": rung.acc})
+            trial.set_user_attr("rungs", rungs)
+            if "baseline" in trial.user_attrs:  # the reference every report compares with: never stopped
+                return
             running = [t for t in trial.study.get_trials(False, states=(TrialState.RUNNING,)) if t.number == trial.number]
-            if running and "baseline" not in trial.user_attrs and trial.study.pruner.prune(trial.study, running[0]):
-                trial.set_user_attr("pruned", f"projected accuracy {it.projected_acc:.1f}% at ADMM iteration "
-                                              f"{it.index}/{it.total} trails every feasible trial")
-                raise optuna.TrialPruned("hopeless")
+            if running and (why := _why_stop(trial.study, running[0])):
+                trial.set_user_attr("pruned", f"stopped at {rung.step:,}/{rung.total:,} steps: {why}")
+                trial.set_user_attr("train_seconds", time.perf_counter() - start)
+                raise optuna.TrialPruned("stopped on the fidelity ladder")
 
         try:
-            result = run_admm(model, self.trial_data, plan, self.config.admm(), self.device, self.deps, on_iteration)
+            result = run_admm(model, self.trial_data, plan, self.config.admm(), self.device, self.deps, on_iteration,
+                              on_rung=on_rung)
         except Diverged as e:  # a plan the optimizer cannot follow: hopeless, not the study's end
             trial.set_user_attr("pruned", str(e))
             raise optuna.TrialPruned("diverged") from e
@@ -283,7 +293,8 @@ def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
     batch of a copy of the dense model (after a warm-up step): an estimate before any trial ran."""
     config, data = search.config.admm(), search.trial_data
     steps = config.steps(len(data.train))
-    images = len(config.iterations()) * min(config.probe or len(data.val), len(data.val)) + len(data.val)
+    checks = len(set(config.rung_steps(len(data.train))))  # at most: rungs in one ADMM iteration share a check
+    images = checks * min(config.probe or len(data.val), len(data.val)) + len(data.val)
     model = search.fresh_model().to(search.device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
@@ -307,6 +318,14 @@ def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
 def duration(seconds: float) -> str:
     """Seconds as people read a duration: 45 s, 12 min, 3.5 h."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _why_stop(study: optuna.Study, trial: FrozenTrial) -> str:
+    """Why the study's pruner stops `trial` now ("" to go on); any other Optuna pruner says only yes."""
+    pruner = study.pruner
+    if isinstance(pruner, LadderPruner):
+        return pruner.why(study, trial)
+    return "stopped by the study's pruner" if pruner.prune(study, trial) else ""
 
 
 def _confidence(drop: float, se: float, limit: float) -> float:
@@ -480,9 +499,10 @@ def run(search: Search, study: optuna.Study, budget: Budget,
 
 
 def seconds_per_trial(study: optuna.Study) -> float | None:
-    """The median training time of the study's trained trials (what a trial really costs here)."""
-    times = sorted(t.user_attrs["train_seconds"] for t in trained_trials(study) if "train_seconds" in t.user_attrs)
-    return times[len(times) // 2] if times else None
+    """The mean training time of the study's trained trials, those stopped on the ladder included:
+    what a trial really costs here on average, so what a budget buys."""
+    times = [t.user_attrs["train_seconds"] for t in trained_trials(study) if "train_seconds" in t.user_attrs]
+    return sum(times) / len(times) if times else None
 
 
 def best_feasible_speedup(study: optuna.Study) -> float | None:
@@ -620,7 +640,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
     plan.validate(search.layers, search.deps.couplings)
     model = search.fresh_model()
-    config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True)  # the search is over: test it
+    config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True, rungs=())  # the search is over: test it
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
                       on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)))
     m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size)

@@ -4,14 +4,15 @@
 per prunable layer, or per coupling group; per stage plus a latency-guided allocation when a model
 has many layers. Rates are snapped to what a plan takes (`snap`). `rejection` says why a candidate
 is not worth training: predicted slower than the dense model, or dominated on speed alone by a
-finished trial. `HopelessPruner` stops trials whose projected ADMM accuracy trails every feasible
-one. Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so the objective
-stores the ADMM curve in the trial's `admm` user attr and the pruner, an ordinary `BasePruner`,
-reads it from there.
+finished trial. `LadderPruner` stops trials on a fidelity ladder (successive halving among plans
+at least as fast). Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so
+the objective stores each rung's accuracy in the trial's `rungs` user attr and the pruner, an
+ordinary `BasePruner`, reads it from there.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ from .plan import LayerSparsity, Plan
 from .sparsity import NM_M, SparsityType
 
 RATE_STEP, MAX_RATE = 0.05, 0.9
+ETA = 3  # successive halving: a third of the trials climb each rung
+RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
+BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
 MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a latency-guided allocation
 
 
@@ -155,19 +159,38 @@ def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial])
     return ""
 
 
-class HopelessPruner(optuna.pruners.BasePruner):
-    """Stops a trial whose projected accuracy (what hard pruning now would give) at an ADMM iteration
-    trails, by `margin` points, every feasible trial at the same iteration (at least `min_trials` of
-    them). Reads the curve from the trial's `admm` user attr (see the module docstring)."""
+class LadderPruner(optuna.pruners.BasePruner):
+    """Successive halving on the fidelity ladder, among plans at least as fast. Each trial reports
+    at its rungs (fractions of its training, the `rungs` user attr) the probe accuracy it would end
+    with if hard-pruned there. A plan's predicted speedup is known before it trains, so it competes
+    only with trials predicted at least as fast (within `band`): they are what would dominate it.
+    At each rung it goes on if it ranks in the best 1/`eta` of those that reached the rung (it runs
+    while fewer than `eta` did), and it stops if it trails every feasible trial there by `margin`
+    points (it would miss the constraint). Reads the trials' attrs, as the module docstring says."""
 
-    def __init__(self, margin: float = 5.0, min_trials: int = 3, warmup: int = 3) -> None:
-        self.margin, self.min_trials, self.warmup = margin, min_trials, warmup
+    def __init__(self, eta: int = ETA, band: float = BAND, margin: float = 5.0, min_feasible: int = 3) -> None:
+        self.eta, self.band, self.margin, self.min_feasible = eta, band, margin, min_feasible
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        curve = trial.user_attrs.get("admm", [])
-        if len(curve) <= self.warmup:
-            return False
-        step, value = len(curve) - 1, curve[-1]["projected_acc"]
-        peers = [t.user_attrs["admm"][step]["projected_acc"] for t in study.get_trials(False, states=(TrialState.COMPLETE,))
-                 if t.user_attrs.get("feasible") and len(t.user_attrs.get("admm", [])) > step]
-        return len(peers) >= self.min_trials and value < min(peers) - self.margin
+        return bool(self.why(study, trial))
+
+    def why(self, study: optuna.Study, trial: FrozenTrial) -> str:
+        """Why `trial` stops at its last rung, or "" if it goes on."""
+        rungs = trial.user_attrs.get("rungs", [])
+        if not rungs:
+            return ""
+        k, acc, speedup = len(rungs) - 1, rungs[-1]["acc"], trial.user_attrs.get("predicted_speedup", 0.0)
+        there = [t for t in study.get_trials(False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+                 if t.number != trial.number and len(t.user_attrs.get("rungs", [])) > k]
+        feasible = [t.user_attrs["rungs"][k]["acc"] for t in there
+                    if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
+        if len(feasible) >= self.min_feasible and acc < min(feasible) - self.margin:
+            return (f"{acc:.1f}% at rung {k + 1} trails every feasible trial's by more than {self.margin:g} points "
+                    "(it would miss the constraint)")
+        peers = [t.user_attrs["rungs"][k]["acc"] for t in there
+                 if t.user_attrs.get("predicted_speedup", 0.0) >= speedup / (1 + self.band)]
+        better = sum(p > acc for p in peers)
+        if len(peers) >= self.eta and better >= math.ceil((len(peers) + 1) / self.eta):
+            return (f"{acc:.1f}% at rung {k + 1}: {better} of {len(peers)} trials predicted at least as fast "
+                    f"({speedup:.2f}x) were more accurate there; only the best 1/{self.eta} go on")
+        return ""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, apply_masks, dead_channels, prune_masks, run_admm
+from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels, prune_masks, run_admm
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
@@ -144,6 +146,24 @@ def test_admm_reports_every_iteration(digits_baseline: DenseResult) -> None:
     assert [i.index for i in seen] == [1, 2, 3, 4] and all(i.total == 4 for i in seen)
     assert [i.rho for i in seen] == pytest.approx([config.rho(k) for k in range(4)])
     assert all(0 <= i.projected_acc <= 100 and i.residual >= 0 for i in seen)
+
+
+def test_rungs_report_what_the_run_would_end_with_at_each_fraction_of_its_steps(digits_baseline: DenseResult) -> None:
+    model, data = _digits(digits_baseline)
+    config = ADMMConfig(admm_epochs=1, admm_interval=0.25, retrain_epochs=4, rungs=(1 / 9, 1 / 3, 1.0))
+    iterations: list[Iteration] = []
+    rungs: list[Rung] = []
+    result = run_admm(model, data, Plan({"3": LayerSparsity(T.FILTER, 0.5)}), config, CPU,
+                      on_iteration=iterations.append, on_rung=rungs.append)
+    total = config.steps(len(data.train))
+    assert replace(config, retrain_epochs=0).steps(len(data.train)) < total / 3, "the second rung falls in retraining"
+    assert [r.index for r in rungs] == [0, 1, 2] and all(r.total == total for r in rungs)
+    first, second, last = rungs
+    assert first.phase == "admm" and first.step >= total / 9, "in ADMM: at the iteration that reaches the rung"
+    assert first.acc in [i.projected_acc for i in iterations], "the projection, as hard pruning would make it"
+    assert second.phase == "retrain" and second.step == math.ceil(total / 3), "in retraining: at its very step"
+    assert last.step == total and last.acc == pytest.approx(result.accuracy["final_val"]), \
+        "the last rung is the trial's own result"
 
 
 def test_admm_is_deterministic_with_a_seed(digits_baseline: DenseResult) -> None:

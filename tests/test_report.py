@@ -30,13 +30,17 @@ def _study(storage: str) -> optuna.Study:
     study.set_user_attr("layers", ["0", "3", "7", "12", "14"])
     for number, (plan, acc, speedup, baseline) in PLANS.items():
         attrs = {"plan": plan, "val_acc": acc, "test_acc": acc - 0.5, "acc_drop": 99.7 - acc,
-                 "feasible": 99.7 - acc <= 1.0, "predicted_speedup": speedup, "predicted_ms": 0.2 / speedup}
+                 "feasible": 99.7 - acc <= 1.0, "predicted_speedup": speedup, "predicted_ms": 0.2 / speedup,
+                 "train_seconds": 10.0}
         if baseline:
             attrs["baseline"] = baseline
         study.add_trial(optuna.trial.create_trial(values=[acc, speedup], user_attrs=attrs,
                                                   system_attrs={"constraints:accuracy_drop": 99.7 - acc - 1.0}))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
         "plan": {}, "rejected": "predicted slower than the dense model (0.90x)"}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={
+        "plan": {"3": {"type": "filter", "rate": 0.9}}, "predicted_speedup": 1.5, "train_seconds": 2.0,
+        "rungs": [{"step": 3, "of": 27, "phase": "admm", "acc": 50.0}], "pruned": "stopped at 3/27 steps: ..."}))
     study.set_user_attr("measured", {str(n): {"measured_speedup": s * 1.1, "latency_ms": {"dense": 0.2, "compacted": 0.2 / s},
                                               "macs": {"dense": 100, "compacted": 40}, "params": {"dense": 10, "compacted": 5}}
                                      for n, (_, _, s, _) in PLANS.items() if n != 3})
@@ -65,6 +69,8 @@ def test_write_produces_the_json_the_plots_and_the_markdown(tmp_path: Path) -> N
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| 2 |" in text and "1.98x" in text, "the Pareto table shows the measured speedup"
     assert "best uniform baseline: 1.43x (filter=0.3)" in text
+    assert "stopped 1 at rung 1; trials trained 8 s on average, 10 s those run to the end" in text, \
+        "what the fidelity ladder saved"
 
 
 @pytest.mark.parametrize("n_layers", [5, 22, 60])

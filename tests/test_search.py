@@ -20,7 +20,7 @@ from sparsesearch.graph import dependencies
 from sparsesearch.layers import trace
 from sparsesearch.plan import Plan
 from sparsesearch.profiler.measure import Target, profile_model
-from sparsesearch.space import MAX_LAYER_SLOTS, HopelessPruner, Space, rejection, snap
+from sparsesearch.space import MAX_LAYER_SLOTS, LadderPruner, Space, rejection, snap
 from sparsesearch.sparsity import SparsityType
 from sparsesearch.train import DenseResult, prepare
 
@@ -151,19 +151,43 @@ def test_rejection_before_training_says_why() -> None:
     assert rejection(heavy, 1.2, [_done(0, other_type, 1.3, True)]) == ""
 
 
-def test_hopeless_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
+def _on_ladder(accs: list[float], speedup: float, state: TrialState = TrialState.COMPLETE,
+               feasible: bool = True) -> optuna.trial.FrozenTrial:
+    rungs = [{"step": i, "of": 9, "phase": "admm", "acc": a} for i, a in enumerate(accs)]
+    values = [99.0, speedup] if state == TrialState.COMPLETE else None
+    return optuna.trial.create_trial(state=state, values=values, user_attrs={
+        "rungs": rungs, "predicted_speedup": speedup, "feasible": feasible})
+
+
+def test_ladder_pruner_halves_among_plans_at_least_as_fast() -> None:
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for acc in (80.0, 85.0, 90.0):
+        study.add_trial(_on_ladder([acc], 2.0))
+    pruner = LadderPruner(eta=3, band=0.05)
+
+    def stops(acc: float, speedup: float) -> str:
+        return pruner.why(study, _on_ladder([acc], speedup, TrialState.RUNNING))
+
+    assert "2 of 3 trials predicted at least as fast" in stops(84.0, 1.5), "trails two of its three faster peers"
+    assert stops(86.0, 1.5) == "", "beaten by one of three: in the best 1/3 of 4 (rounded up)"
+    assert stops(84.0, 2.5) == "", "its three peers are slower: none would dominate it"
+    assert stops(84.0, 2.05) != "", "within the 5% band, a peer counts as at least as fast"
+    study.add_trial(_on_ladder([70.0, 60.0], 3.0, TrialState.PRUNED))
+    assert stops(75.0, 2.5) == "", "one peer (stopped at a later rung still counts) is fewer than eta"
+    assert pruner.why(study, _on_ladder([], 1.0, TrialState.RUNNING)) == "", "no rung reached yet"
+
+
+def test_ladder_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
     study = optuna.create_study(directions=["maximize", "maximize"])
     for acc in (60.0, 70.0, 80.0):
-        study.add_trial(optuna.trial.create_trial(values=[99.0, 1.5], user_attrs={
-            "feasible": True, "admm": [{"projected_acc": acc}] * 6}))
-    pruner = HopelessPruner(margin=5.0, min_trials=3, warmup=3)
-
-    def running(accs: list[float]) -> optuna.trial.FrozenTrial:
-        return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"admm": [{"projected_acc": a} for a in accs]})
-
-    assert pruner.prune(study, running([10.0] * 5))
-    assert not pruner.prune(study, running([58.0] * 5)), "within the margin of the worst feasible trial"
-    assert not pruner.prune(study, running([10.0] * 3)), "still warming up"
+        study.add_trial(_on_ladder([acc], 1.2))
+    pruner = LadderPruner(margin=5.0, min_feasible=3)
+    assert "trails every feasible" in pruner.why(study, _on_ladder([50.0], 1.1, TrialState.RUNNING))
+    assert "trails every feasible" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING)), \
+        "however fast: it would miss the constraint"
+    assert pruner.why(study, _on_ladder([56.0], 9.0, TrialState.RUNNING)) == "", "within the margin"
+    assert pruner.why(study, _on_ladder([90.0, 10.0], 9.0, TrialState.RUNNING)) == "", \
+        "at rung 2 no feasible trial has a value to compare with"
 
 
 # --- a tiny study, end to end ---------------------------------------------------------------------
@@ -180,11 +204,11 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
     config = search.SearchConfig(checkpoint=str(digits_baseline.checkpoint), **TINY)
     built = search.build(config, torch.device("cpu"), str(root / "artifacts"), profile=profile)
     storage = f"sqlite:///{root / 'study.db'}"
-    study = stores.open_study("tiny", storage, True, search.make_sampler(config, 0), HopelessPruner())
+    study = stores.open_study("tiny", storage, True, search.make_sampler(config, 0), LadderPruner())
     search.record(study, built)
     first = search.run(built, study, search.Budget(trials=5))
     numbers = [t.number for t in study.get_trials(False)]
-    resumed = stores.open_study("tiny", storage, True, search.make_sampler(config, 5), HopelessPruner())
+    resumed = stores.open_study("tiny", storage, True, search.make_sampler(config, 5), LadderPruner())
     second = search.run(built, resumed, search.Budget(trials=7))
     measured = report.measure_front(built, resumed)
     return {"root": root, "search": built, "storage": storage, "study": resumed, "first": first, "second": second,
@@ -346,7 +370,7 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
 def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path: Path) -> None:
     built = tiny["search"]
     study = stores.open_study("twice", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
-                              HopelessPruner())
+                              LadderPruner())
     for _worker in range(2):  # both saw no baselines yet, as two workers starting together do
         for label, params in built.baselines():
             study.enqueue_trial(params, user_attrs={"baseline": label})
@@ -363,7 +387,7 @@ def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny
     enqueued anew and rejected again, 1,039 times, until the worker gave up."""
     built = tiny["search"]
     study = stores.open_study("retry", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
-                              HopelessPruner())
+                              LadderPruner())
     label, params = built.baselines()[0]
     distributions = {k: v for k, v in tiny["study"].get_trials(False)[0].distributions.items() if k in params}
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=distributions,
@@ -402,7 +426,7 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
     assert run.exit_code == 0, run.output
     said = " ".join(run.output.split())
     assert "scored by the profile of another device" in said
-    assert re.search(r"one trial on 1,078 training images: [\d,]+ training steps \+ 4,667 validation images ≈ \d+ s "
+    assert re.search(r"one trial on 1,078 training images: [\d,]+ training steps \+ 1,077 validation images ≈ \d+ s "
                      r"on this device \(timed on a few steps\); 4 more trials ≈ \d+ s", said), said
     assert re.search(r"trials: 4/4 .*, \d+ s/trial", said), said  # the measured pace, once trials finished
     study = stores.open_study("t", None, create=False)
@@ -502,6 +526,25 @@ def test_a_study_opens_in_optunas_own_tools(tiny: dict) -> None:
     assert len(detail["trials"]) == len(study.trials)
 
 
+def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
+    built = tiny["search"]
+    study = stores.open_study("ladder", f"sqlite:///{tmp_path / 'l.db'}", True, search.make_sampler(built.config, 0),
+                              LadderPruner())
+    search.record(study, built)
+    for _ in range(3):  # faster plans, perfect at every rung
+        study.add_trial(_on_ladder([100.0, 100.0], 50.0))
+    study.enqueue_trial(built.space.uniform_params(SparsityType.FILTER, 0.3))
+    search.run(built, study, search.Budget(trials=4), baselines=False)
+    (trial,) = [t for t in study.get_trials(False) if "plan" in t.user_attrs]
+    assert trial.state == TrialState.PRUNED and "stopped at" in trial.user_attrs["pruned"]
+    (rung,) = trial.user_attrs["rungs"]
+    assert rung["step"] < rung["of"] / 3 and trial.user_attrs["train_seconds"] > 0, "it paid for 1/9 of its training"
+    assert "val_acc" not in trial.user_attrs and "weights" not in trial.user_attrs
+    assert [c["projected_acc"] is not None for c in trial.user_attrs["admm"]][-1:] == [True], \
+        "the projection is evaluated at the rung"
+    assert sum(c["projected_acc"] is not None for c in trial.user_attrs["admm"]) == 1, "and nowhere else"
+
+
 class _Untouchable:
     """A test split the search must never read."""
 
@@ -528,7 +571,7 @@ def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_te
 
     monkeypatch.setattr(search, "run_admm", spy)
     study = stores.open_study("quarter", f"sqlite:///{tmp_path / 'q.db'}", True, search.make_sampler(quarter.config, 0),
-                              HopelessPruner())
+                              LadderPruner())
     search.record(study, quarter)
     search.run(quarter, study, search.Budget(trials=1))
     (trial,) = search.trained_trials(study)
