@@ -200,7 +200,8 @@ class Search(Trials):
         self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
         prediction = dense_latency(self.latency, self.model, self.input_shape)
-        self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms)
+        self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms,
+                           steps=self.latency.profile.steps)
 
     @property
     def foreign(self) -> list[str]:

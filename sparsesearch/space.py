@@ -22,12 +22,13 @@ from optuna.trial import FrozenTrial, TrialState
 from .errors import UserError
 from .layers import Layer
 from .plan import LayerSparsity, Plan
-from .sparsity import NM_M, SparsityType
+from .sparsity import NM_M, SparsityType, keep_count
 
 RATE_STEP, MAX_RATE = 0.05, 0.9
 ETA = 3  # successive halving: a third of the trials climb each rung
 RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
+ALIGNED = {SparsityType.FILTER: "out", SparsityType.CHANNEL: "in"}  # the dim each type removes channels from
 MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a latency-guided allocation
 
 
@@ -63,9 +64,11 @@ class Space:
     as slow is pruned twice as hard). Either way each trial yields a full per-layer plan."""
 
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
-                 layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS) -> None:
+                 layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS,
+                 steps: dict[str, object] | None = None) -> None:
         allowed = {SparsityType(t) for t in types}
-        by_name = {layer.name: layer for layer in layers}
+        self.by_name = by_name = {layer.name: layer for layer in layers}
+        self.steps = {kind: int((steps or {}).get(side, 1)) for kind, side in ALIGNED.items()}
         grouped = {n for g in couplings for n in g}
         units = [list(g) for g in couplings] + [[layer.name] for layer in layers if layer.name not in grouped]
         units.sort(key=lambda u: [layer.name for layer in layers].index(u[0]))
@@ -109,9 +112,21 @@ class Space:
             if s.name in rates:
                 kind, rate = rates[s.name]
                 rate = snap(rate, kind)
-                if rate > 0:
-                    layers.update({n: LayerSparsity(kind, rate) for n in s.layers})
+                for n in s.layers:
+                    if rate > 0 and (aligned := self.aligned(n, kind, rate)) > 0:
+                        layers[n] = LayerSparsity(kind, aligned)
         return Plan(layers)
+
+    def aligned(self, name: str, kind: SparsityType, rate: float) -> float:
+        """`rate` with the kept filters (or input channels) of layer `name` raised to the next
+        multiple of the device's step (`profiler.steps`): the same latency, more channels kept.
+        0 when that keeps them all."""
+        step, layer = self.steps.get(kind, 1), self.by_name[name]
+        if step <= 1 or (kind == SparsityType.CHANNEL and layer.groups != 1):  # a coupled group's filters align alike
+            return rate
+        n = layer.weight_shape[0 if kind == SparsityType.FILTER else 1]
+        kept = min(math.ceil(keep_count(n, rate) / step) * step, n)
+        return (n - kept) / n
 
     def uniform_params(self, kind: SparsityType, rate: float) -> dict[str, Any]:
         """The parameters that draw `kind` at `rate` wherever it applies (a uniform baseline)."""

@@ -7,10 +7,13 @@ Timings on a shared CPU are noise, so nothing here asserts a time: the tests def
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -394,6 +397,20 @@ def test_profile_records_the_machine_speed_it_was_measured_at(small_profile: mea
     assert mixed.unsteady == pytest.approx(0.25)
 
 
+def test_profile_records_where_this_devices_latency_steps_and_reads_it_back(small_profile: measure.ProfileRun,
+                                                                          tmp_path: Path) -> None:
+    from sparsesearch.profiler.steps import PERIODS, WIDTHS
+
+    stored = json.loads(small_profile.path.read_text())["steps"]
+    assert stored["out"] in PERIODS and stored["in"] in PERIODS
+    assert len(stored["out_ms"]) == len(stored["in_ms"]) == len(WIDTHS) and min(stored["out_ms"]) > 0
+    assert table.Profile.load(small_profile.path).steps == stored
+    broken = json.loads(small_profile.path.read_text()) | {"steps": {"out": "sixteen"}}
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match="malformed channel steps"):
+        table.Profile.load(tmp_path / "broken.json")
+
+
 def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: measure.ProfileRun) -> None:
     entry = next(iter(small_profile.profile.rest.values()))
     assert entry["grid"] == {"rates": list(RATES), "types": sorted(TYPES)}
@@ -547,6 +564,7 @@ def test_profile_then_validate_from_the_command_line(small_profile: measure.Prof
     result = runner.invoke(app, ["profile", "--rates", "0,0.5", "--types", "filter,channel,shape", "--out", str(profile)])
     assert result.exit_code == 0, result.output
     assert "0 rows measured" in result.output and "cross-validated" in result.output
+    assert re.search(r"latency steps every \d+ output and every \d+ input channels", " ".join(result.output.split()))
     png = tmp_path / "v.png"
     result = runner.invoke(app, ["profile", "validate", "--samples", "2", "--profile", str(profile), "--out", str(png)])
     assert result.exit_code == 0, result.output
@@ -564,3 +582,22 @@ def test_profile_then_validate_from_the_command_line(small_profile: measure.Prof
         assert sample["predicted_ms"] == pytest.approx(expected, rel=1e-6)
     bad = runner.invoke(app, ["profile", "--types", "filters"])
     assert bad.exit_code == 2 and "unknown sparsity type" in bad.output
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_the_period_of_a_latency_staircase_is_found_through_noise(block: int) -> None:
+    from sparsesearch.profiler.steps import WIDTHS, period
+
+    rng = np.random.default_rng(0)
+    widths = list(WIDTHS)
+    stairs = [0.1 + 0.02 * math.ceil(w / block) * block + rng.normal(0, 0.01) for w in widths]
+    assert period(widths, stairs) == block
+
+
+def test_no_staircase_means_period_one() -> None:
+    from sparsesearch.profiler.steps import WIDTHS, period
+
+    rng = np.random.default_rng(0)
+    widths = list(WIDTHS)
+    assert period(widths, [0.1 + 0.002 * w + rng.normal(0, 0.005) for w in widths]) == 1, "a line"
+    assert period(widths, [0.3 + rng.normal(0, 0.01) for _ in widths]) == 1, "flat noise"

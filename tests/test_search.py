@@ -61,13 +61,14 @@ def test_admm_of_a_short_trial_has_enough_updates_for_rho_to_reach_its_end() -> 
     assert config.rho(len(config.iterations()) - 1) == pytest.approx(search.RHO_END)
 
 
-def _space(name: str, shape: tuple[int, ...], max_slots: int = MAX_LAYER_SLOTS) -> tuple[Space, list]:
+def _space(name: str, shape: tuple[int, ...], max_slots: int = MAX_LAYER_SLOTS,
+           steps: dict[str, int] | None = None) -> tuple[Space, list]:
     torch.manual_seed(0)
     model = models.create(name, in_channels=shape[0]).eval()
     layers = trace(model, shape)
     couplings = dependencies(model, shape).couplings
     return Space(layers, couplings, tuple(t.value for t in SparsityType),
-                        {layer.name: float(i + 1) for i, layer in enumerate(layers)}, max_slots), (layers, couplings)
+                 {layer.name: float(i + 1) for i, layer in enumerate(layers)}, max_slots, steps), (layers, couplings)
 
 
 def test_small_model_gets_a_type_and_rate_per_layer() -> None:
@@ -95,6 +96,27 @@ def test_uniform_params_draw_the_uniform_plan() -> None:
         space, (layers, _) = _space(name, shape, max_slots)
         plan = space.suggest(FixedTrial(space.uniform_params(SparsityType.FILTER, 0.5)))
         assert plan == Plan.uniform(layers, SparsityType.FILTER, 0.5), name
+
+
+def test_kept_channels_rise_to_the_devices_latency_step() -> None:
+    """A count inside a SIMD block costs what the block costs: plans keep whole blocks."""
+    from sparsesearch.sparsity import keep_count
+
+    space, (layers, couplings) = _space("resnet20", (3, 32, 32), steps={"out": 16, "in": 8})
+    plain, _ = _space("resnet20", (3, 32, 32))
+    widths = {layer.name: layer.weight_shape for layer in layers}
+    aligned = space.suggest(FixedTrial(space.uniform_params(SparsityType.FILTER, 0.3)))
+    unaligned = plain.suggest(FixedTrial(plain.uniform_params(SparsityType.FILTER, 0.3)))
+    aligned.validate(layers, couplings)
+    for name, spec in aligned.layers.items():
+        n = widths[name][0]
+        kept = keep_count(n, spec.rate)
+        assert kept % 16 == 0 and kept >= keep_count(n, unaligned.layers[name].rate), (name, n, kept)
+    assert {widths[n][0] for n in aligned.layers} == {64}, "30% of 16 or 32 keeps every block: those stay dense"
+    assert {widths[n][0] for n in unaligned.layers} == {16, 32, 64}
+    channel = space.suggest(FixedTrial(space.uniform_params(SparsityType.CHANNEL, 0.5)))
+    assert all(keep_count(widths[n][1], spec.rate) % 8 == 0 for n, spec in channel.layers.items())
+    assert len(channel.layers) > 10
 
 
 def test_nm_rates_snap_to_what_nm_can_take() -> None:

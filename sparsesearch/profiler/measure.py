@@ -26,6 +26,7 @@ from ..files import locked
 from ..layers import Layer, trace
 from ..plan import Plan
 from ..sparsity import SparsityType, keep_count
+from . import steps
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
 from .table import (DTYPES, SHIPPED_PROFILES, Profile, Row, Signature, differences, find_profile, fingerprint,
                     model_key, point_key, profile_name, profiles_dir)
@@ -410,6 +411,9 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
                    and len(whole.get("calibration", [])) >= (CALIBRATION_PLANS if len(rates) > 1 else 0))
     if profile.yardstick_ms is None:  # a new profile (or one of schema 1): its reference speed is now
         profile.yardstick_ms = yardstick_ms(device, DTYPES[dtype], {**NETWORK_TIMING, **overrides})
+    if not profile.steps:  # once per profile: the channel widths where this device's latency steps
+        profile.steps = steps.scan(device, batch_size, DTYPES[dtype], timing)
+        profile.save(path)
     total = len(todo) + 1
     done = 0
     speeds: list[float] = []

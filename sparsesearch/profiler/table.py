@@ -190,6 +190,7 @@ class Profile:
     timing: dict[str, object] = field(default_factory=dict)
     path: Path | None = None
     yardstick_ms: float | None = None  # the yardstick when this profile was started (schema 1: none)
+    steps: dict[str, object] = field(default_factory=dict)  # `steps.scan`: channel periods "out", "in"
 
     def add(self, row: Row) -> None:
         self.rows[row.key] = row
@@ -198,7 +199,8 @@ class Profile:
         rows = sorted(self.rows.values(), key=lambda r: (r.signature.key, r.type, r.rate, r.in_keep, r.out_keep))
         return {"schema": SCHEMA, "kind": "sparsesearch-latency-profile", "fingerprint": self.fingerprint,
                 "timing": self.timing, "units": {"median_ms": "ms per call (whole batch)", "macs": "per sample"},
-                "yardstick_ms": self.yardstick_ms, "rest": self.rest, "rows": [r.to_dict() for r in rows]}
+                "yardstick_ms": self.yardstick_ms, "steps": self.steps, "rest": self.rest,
+                "rows": [r.to_dict() for r in rows]}
 
     def save(self, path: Path | None = None) -> Path:
         path = Path(path or self.path)
@@ -217,8 +219,11 @@ class Profile:
             rows = [Row.from_dict(r) for r in raw["rows"]]
         except (KeyError, TypeError) as e:
             raise UserError(f"{path} has a malformed row ({e}); re-run `sparsesearch profile` to rewrite it") from e
+        steps = raw.get("steps") or {}
+        if not isinstance(steps, dict) or not all(isinstance(steps.get(k, 1), int) for k in ("out", "in")):
+            raise UserError(f"{path} has malformed channel steps ({str(steps)[:60]}); re-run `sparsesearch profile`")
         return cls(raw["fingerprint"], {r.key: r for r in rows}, raw.get("rest", {}), raw.get("timing", {}), Path(path),
-                   raw.get("yardstick_ms"))
+                   raw.get("yardstick_ms"), steps)
 
     def predictor(self):  # noqa: ANN201 - a fitted predictor.LatencyModel
         """The latency model fitted on this table (cross-validated error in its `cv_error`)."""

@@ -1,0 +1,136 @@
+"""Do cheap trials rank plans as full training does? (issue 14: multi-fidelity must be faithful)
+
+For one case (model, dataset, dense checkpoint), N plans spread over the predicted speedups of the
+search space (random plans, one per speedup quantile) are each trained twice from the dense weights:
+at the search's trial fidelity (`--trial-data`, `--trial-epochs`, with its rungs) and at the full
+budget (`export`'s ADMM+retrain epochs on the whole training split). Reported: the Spearman rank
+correlation of the full validation accuracy with the cheap trial's final accuracy and with each
+rung's probe accuracy, over all plans and over the pairs of plans predicted within 10% of each
+other's speedup (the ladder compares a plan only with plans about as fast: there ranking is hard).
+
+Each plan's results are written to bench/results/faithfulness-CASE.partial.json as they finish,
+so a killed run (or a later session) continues where it stopped.
+Usage: python bench/faithfulness.py --model lenet5 --dataset fashion-mnist [--plans 12]
+       [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, record  # noqa: E402
+
+from sparsesearch import search  # noqa: E402
+from sparsesearch.admm import run_admm  # noqa: E402
+from sparsesearch.files import write_json  # noqa: E402
+from sparsesearch.plan import Plan  # noqa: E402
+from sparsesearch.profiler import predict_latency  # noqa: E402
+from sparsesearch.runtime import set_threads  # noqa: E402
+
+CANDIDATES = 400  # random plans drawn to pick N spread over predicted speedup
+NEAR = 0.10  # plans "about as fast": predicted speedups within 10%
+
+
+def spread_plans(built: search.Search, n: int, seed: int = 0) -> list[tuple[dict, float]]:
+    """N random plans of the space (predicted at least as fast as dense), one per speedup quantile."""
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=seed))
+    drawn = []
+    for _ in range(CANDIDATES):
+        plan = built.space.suggest(study.ask())
+        if plan.layers:
+            speedup = built.dense_ms / predict_latency(built.latency, built.model, built.input_shape, plan).total_ms
+            if speedup >= 1:
+                drawn.append((plan, speedup))
+    drawn.sort(key=lambda p: p[1])
+    picks = [drawn[round(i * (len(drawn) - 1) / (n - 1))] for i in range(n)]
+    return [(plan.to_dict()["layers"], speedup) for plan, speedup in picks]
+
+
+def train(built: search.Search, layers: dict, cheap: bool, full_epochs: tuple[float, float]) -> dict:
+    """One plan trained from the dense weights at the trial fidelity (with rungs) or the full budget."""
+    plan = Plan.from_dict({"layers": layers}, "bench")
+    rungs: list[float] = []
+    config = built.config.admm() if cheap else replace(built.config.admm(*full_epochs), rungs=())
+    data = built.trial_data if cheap else built.data
+    result = run_admm(built.fresh_model(), data, plan, config, built.device, built.deps,
+                      on_rung=lambda r: rungs.append(r.acc))
+    return {"val_acc": result.accuracy["final_val"], "rungs": rungs, "seconds": round(result.seconds, 1)}
+
+
+def correlations(rows: list[dict]) -> dict[str, float]:
+    """Spearman of full accuracy with each cheap signal, over all plans and over near pairs (concordance)."""
+    full = [r["full"]["val_acc"] for r in rows]
+    signals = {"cheap final": [r["cheap"]["val_acc"] for r in rows]}
+    for k in range(len(rows[0]["cheap"]["rungs"])):
+        signals[f"rung {k + 1}"] = [r["cheap"]["rungs"][k] for r in rows]
+    out = {}
+    near = [(i, j) for i, j in itertools.combinations(range(len(rows)), 2)
+            if abs(rows[i]["speedup"] / rows[j]["speedup"] - 1) <= NEAR and full[i] != full[j]]
+    for name, values in signals.items():
+        out[f"spearman {name}"] = round(float(spearmanr(values, full).statistic), 3)
+        agree = [(values[i] - values[j]) * (full[i] - full[j]) > 0 for i, j in near]
+        out[f"near pairs ordered alike, {name}"] = round(sum(agree) / len(agree), 3) if agree else None
+    out["near pairs"] = len(near)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="lenet5")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--plans", type=int, default=12)
+    parser.add_argument("--trial-data", type=float, default=0.1)
+    parser.add_argument("--trial-epochs", default="1+3")
+    parser.add_argument("--full-epochs", default="10+5")
+    parser.add_argument("--types", default="filter,channel,shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    admm_epochs, retrain_epochs = search.parse_epochs(args.trial_epochs)
+    full_epochs = search.parse_epochs(args.full_epochs, "--full-epochs")
+    config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
+                                 types=tuple(args.types.split(",")), admm_epochs=admm_epochs,
+                                 retrain_epochs=retrain_epochs, trial_data=args.trial_data)
+    case = f"{args.model}-{args.dataset}".replace(":", "-")
+    partial = RESULTS / f"faithfulness-{case}.partial.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        built = search.build(config, torch.device(args.device), tmp, notify=print)
+        done = json.loads(partial.read_text()) if partial.is_file() else {"plans": spread_plans(built, args.plans), "rows": {}}
+        for i, (layers, speedup) in enumerate(done["plans"]):
+            row = done["rows"].setdefault(str(i), {"plan": i, "speedup": round(speedup, 3)})
+            for fidelity in ("cheap", "full"):
+                if fidelity not in row:
+                    row[fidelity] = train(built, layers, fidelity == "cheap", full_epochs)
+                    write_json(partial, done)
+                    print(i, fidelity, row[fidelity], flush=True)
+    rows = [done["rows"][str(i)] for i in range(len(done["plans"]))]
+    table = [{"plan": r["plan"], "predicted speedup": r["speedup"], "full val %": round(r["full"]["val_acc"], 2),
+              "cheap val %": round(r["cheap"]["val_acc"], 2),
+              **{f"rung {k + 1} %": round(v, 2) for k, v in enumerate(r["cheap"]["rungs"])},
+              "cheap s": r["cheap"]["seconds"], "full s": r["full"]["seconds"]} for r in rows]
+    stats = correlations(rows)
+    summary = (f"{args.model} on {args.dataset}: {len(rows)} random plans ({args.types}) spread over predicted speedup, "
+               f"each trained from the dense weights at the trial fidelity ({args.trial_epochs} epochs on "
+               f"{args.trial_data:g} of the training split; rungs on the 1,000-image validation probe) and at the full "
+               f"budget ({args.full_epochs} epochs, whole training split); accuracy on the whole validation split. "
+               f"{args.device}, {torch.get_num_threads()} threads. Rank agreement with the full budget: "
+               + "; ".join(f"{k} {v}" for k, v in stats.items()) + ".")
+    print(record(f"faithfulness-{case}", table, summary))
+
+
+if __name__ == "__main__":
+    main()
