@@ -1,0 +1,95 @@
+"""Channel counts aligned to the device's latency steps: the same latency, more channels, more accuracy?
+
+For one case (model, dataset, dense checkpoint) and batch size, the profile's scan finds where this
+device's latency steps (`profiler.steps`). Each uniform filter rate gives two plans: as the rate
+leaves the counts (`Plan.uniform`), and with each count raised to the next multiple of the step
+(`space.Space.aligned`, what the search does). Both are trained alike from the dense weights
+(ADMM + masked retraining, `--epochs` on `--data` of the training split), compacted, and timed side
+by side with the dense model in one run (1 thread, interleaved rounds, median ratio to dense).
+
+Usage: python bench/alignment.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
+       [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1]   (run alone, pinned: taskset -c 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import record  # noqa: E402
+
+from sparsesearch.admm import run_admm  # noqa: E402
+from sparsesearch.compact import verified_compact  # noqa: E402
+from sparsesearch.graph import dependencies  # noqa: E402
+from sparsesearch.layers import trace  # noqa: E402
+from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
+from sparsesearch.profiler.measure import TIMING  # noqa: E402
+from sparsesearch.profiler.steps import scan  # noqa: E402
+from sparsesearch.profiler.timing import compare  # noqa: E402
+from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.search import SearchConfig, parse_epochs  # noqa: E402
+from sparsesearch.space import Space  # noqa: E402
+from sparsesearch.sparsity import SparsityType, keep_count  # noqa: E402
+from sparsesearch.train import correct, paired_drop, prepare  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--epochs", default="1+3")
+    parser.add_argument("--data", type=float, default=0.1)
+    args = parser.parse_args()
+    set_threads(1)
+    found = scan(CPU, args.batch, torch.float32, TIMING)
+    print(f"batch {args.batch}: latency steps every {found['out']} outputs, {found['in']} inputs", flush=True)
+    model, data = prepare(args.model, args.dataset, weights=Path(args.checkpoint))
+    model.eval()
+    shape, layers, deps = data.input_shape, trace(model, data.input_shape), dependencies(model, data.input_shape)
+    space = Space(layers, deps.couplings, ("filter",), {}, steps=found)
+    admm_epochs, retrain_epochs = parse_epochs(args.epochs)
+    config = replace(SearchConfig(admm_epochs=admm_epochs, retrain_epochs=retrain_epochs).admm(), rungs=())  # a trial's
+    trial_data = replace(data, train=data.train.subset(args.data))
+    dense_correct = correct(model, data.val, CPU)
+    widths = {layer.name: layer.weight_shape[0] for layer in layers}
+    rows = []
+    for rate in args.rates:
+        plain = Plan.uniform(layers, SparsityType.FILTER, rate)
+        aligned = Plan({n: LayerSparsity(SparsityType.FILTER, r) for n, s in plain.layers.items()
+                        if (r := space.aligned(n, SparsityType.FILTER, s.rate)) > 0})
+        compacted, row = {}, {}
+        for name, plan in (("as the rate leaves", plain), ("aligned", aligned)):
+            masked = Plan.from_dict(plan.to_dict(), name)
+            trained = prepare(args.model, args.dataset, weights=Path(args.checkpoint))[0]
+            result = run_admm(trained, trial_data, masked, config, CPU, deps)
+            drop, se = paired_drop(dense_correct, result.val_correct)
+            compacted[name] = verified_compact(trained.cpu().eval(), masked, shape, args.model).model
+            kept = sorted({keep_count(widths[n], s.rate) for n, s in plan.layers.items()})
+            row[name] = {"val %": round(result.accuracy["final_val"], 2), "drop": round(drop, 2), "se": round(se, 2),
+                         "kept counts": kept, "layers pruned": len(plan.layers)}
+            print(rate, name, row[name], flush=True)
+        timings = compare({"dense": model, **compacted}, torch.randn(args.batch, *shape), rounds=30,
+                          reference="dense", warmup_s=0.5, min_round_s=0.1)
+        for name in compacted:
+            rows.append({"filter rate": rate, "plan": name, **row[name],
+                         "speedup": round(1 / timings[name].relative, 3), "ms": round(timings[name].median_ms, 3)})
+    summary = (f"{args.model} on {args.dataset}, uniform filter plans as each rate leaves the counts and aligned to the "
+               f"device's latency step (batch {args.batch}: every {found['out']} outputs, found by the profile's scan); "
+               f"each trained alike ({args.epochs} epochs on {args.data:g} of the training split), accuracy on the whole "
+               f"validation split (drop paired with the dense model, ± SE); speedup = median per-round ratio to the dense "
+               f"model timed side by side, batch {args.batch}, 1 thread.")
+    print(record(f"alignment-{args.model}-{args.dataset}", rows, summary))
+
+
+if __name__ == "__main__":
+    main()

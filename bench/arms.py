@@ -1,0 +1,274 @@
+"""The search against what a user would pick instead, at equal compute (issue 14, section 3).
+
+For one case (model, dataset, dense checkpoint), four arms, each trained at the search's trial
+fidelity (`--trial-data`, `--trial-epochs`; accuracy on the whole validation split, paired with
+the dense model):
+  study          `optimize` as a user runs it: TPE, uniform baselines, sensitivity seeds, fidelity
+                 ladder, channel counts aligned to the profile's steps;
+  uniform        the uniform filter ladder 10..90%, each with the same ADMM + retraining recipe;
+  torch-pruning  Torch-Pruning's own global pruning (group L2-norm importance, `global_pruning`) at
+                 ratios 10..90%, then plain fine-tuning for the same epochs;
+  random         random search in the study's space (no baselines, no seeds), with the ladder.
+The two searches run until their trials' summed training seconds reach `--compute` (carried over
+sessions: the studies are journal files under bench/runs/arms-CASE/, text that git keeps). Then
+each arm's fastest plan within 0.5 and 1.0 points of the dense validation accuracy (predicted
+speedup for the searches, the largest rate or ratio for the ladders) is trained again at the full
+budget (`--full-epochs` on the whole training split), compacted, and timed beside the dense model
+at batch 1 and 8 (1 thread, interleaved rounds, median ratio). Every stage's results are written
+as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on.
+
+Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
+       [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--compute 2h] [--arms ...]
+Run alone, pinned (taskset -c 1): the final timings need a quiet core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, record  # noqa: E402
+
+from sparsesearch import search, storage  # noqa: E402
+from sparsesearch.admm import run_admm  # noqa: E402
+from sparsesearch.compact import verified_compact  # noqa: E402
+from sparsesearch.files import write_json  # noqa: E402
+from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
+from sparsesearch.profiler import predict_latency  # noqa: E402
+from sparsesearch.profiler.timing import compare  # noqa: E402
+from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.space import LadderPruner  # noqa: E402
+from sparsesearch.sparsity import SparsityType  # noqa: E402
+from sparsesearch.train import TrainConfig, correct, fit, paired_drop, percent  # noqa: E402
+
+LADDER = tuple(round(0.1 * i, 1) for i in range(1, 10))
+DROPS = (0.5, 1.0)
+BATCHES = (1, 8)
+RUNS = Path(__file__).parent / "runs"
+
+
+# --- the arms at trial fidelity -------------------------------------------------------------------
+
+
+def searched(built: search.Search, arm: str, folder: Path, compute_s: float) -> optuna.Study:
+    """The study (or random search) arm, run on until its trials' training seconds reach `compute_s`."""
+    random = arm == "random"
+    built.config = replace(built.config, sampler="random" if random else "tpe")
+    study = storage.open_study(arm, f"journal:///{folder / f'{arm}.journal'}", True, None, LadderPruner())
+    study.sampler = search.make_sampler(built.config, len(study.trials))
+    search.record(study, built)
+    left = compute_s - spent(study)
+    if left > 0:
+        search.run(built, study, search.Budget(seconds=left), baselines=not random)
+    return study
+
+
+def spent(study: optuna.Study) -> float:
+    """Training seconds of the study's trials (stopped ones too) and of its sensitivity scan."""
+    scan = study.user_attrs.get("sensitivity", {}).get("seconds", 0.0)
+    return scan + sum(t.user_attrs.get("train_seconds", 0.0) for t in search.trained_trials(study))
+
+
+def uniform_plan(built: search.Search, rate: float) -> Plan:
+    """The study's own uniform filter plan at `rate` (aligned to the profile's steps as its are)."""
+    return built.space.suggest(optuna.trial.FixedTrial(built.space.uniform_params(SparsityType.FILTER, rate)))
+
+
+def admm_trained(built: search.Search, plan: Plan, full: tuple[float, float] | None) -> tuple[nn.Module, dict]:
+    """`plan` trained from the dense weights with the search's recipe, at trial fidelity or `full`."""
+    model = built.fresh_model()
+    config = built.config.admm() if full is None else replace(built.config.admm(*full), test=True, rungs=())
+    result = run_admm(model, built.trial_data if full is None else built.data, plan, config, built.device, built.deps)
+    return model.cpu().eval(), {"val_correct": result.val_correct, "seconds": result.seconds,
+                                **({"test": result.accuracy["final"]} if full else {})}
+
+
+def torch_pruned(built: search.Search, ratio: float) -> nn.Module:
+    """The dense model pruned by Torch-Pruning's global group-norm pruning at `ratio` (classifier kept)."""
+    import torch_pruning as tp
+
+    model = built.fresh_model().eval()
+    example = torch.randn(1, *built.input_shape)
+    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
+                         pruning_ratio=ratio, ignored_layers=[classifier]).step()
+    return model
+
+
+def tp_plan(built: search.Search, pruned: nn.Module) -> Plan:
+    """What Torch-Pruning kept, as a filter plan of the dense model (layer by layer, by name)."""
+    dense = dict(built.model.named_modules())
+    return Plan({name: LayerSparsity(SparsityType.FILTER, 1 - m.weight.shape[0] / dense[name].weight.shape[0])
+                 for name, m in pruned.named_modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] < dense[name].weight.shape[0]})
+
+
+def predicted(built: search.Search, plan: Plan) -> float:
+    return built.dense_ms / predict_latency(built.latency, built.model, built.input_shape, plan).total_ms
+
+
+def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float] | None) -> tuple[nn.Module, dict]:
+    """Torch-Pruning's recipe: plain fine-tuning of the pruned model for the arm's epochs."""
+    epochs = sum(full or (built.config.admm_epochs, built.config.retrain_epochs))
+    data = built.trial_data if full is None else built.data
+    history = fit(model, data, TrainConfig(epochs, lr=0.01, seed=built.config.seed), built.device,
+                  validate=False)
+    model = model.cpu().eval()
+    out = {"val_correct": correct(model, built.data.val, torch.device("cpu")), "seconds": history.seconds}
+    if full is not None:
+        out["test"] = percent(correct(model, built.data.test, torch.device("cpu")))
+    return model, out
+
+
+def scored(built: search.Search, raw: dict) -> dict:
+    drop, se = paired_drop(built.dense_correct, raw.pop("val_correct"))
+    return {**raw, "val": built.dense["val"] - drop, "drop": drop, "se": se}
+
+
+# --- the final stage ------------------------------------------------------------------------------
+
+
+def measured(dense: nn.Module, compacted: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
+    out = {}
+    for batch in BATCHES:
+        t = compare({"dense": dense, "pruned": compacted}, torch.randn(batch, *shape), rounds=20, reference="dense")
+        out[f"speedup b{batch}"] = 1 / t["pruned"].relative
+    return out
+
+
+def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, optuna.Study]) -> list[dict]:
+    """Each arm's plans at trial fidelity: label, drop, and how fast (predicted speedup, or the ratio)."""
+    if arm in studies:
+        return [{"label": f"trial {t.number}", "trial": t.number, "drop": t.user_attrs["acc_drop"],
+                 "speed": t.user_attrs["predicted_speedup"]}
+                for t in studies[arm].get_trials(False, states=(optuna.trial.TrialState.COMPLETE,))]
+    return [{"label": f"{arm} {rate}", "rate": float(rate), "drop": row["drop"], "speed": row["speed"]}
+            for rate, row in state[arm].items()]
+
+
+def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
+          full: tuple[float, float]) -> dict:
+    """The picked plan trained at the full budget, compacted and timed beside the dense model."""
+    if arm == "torch-pruning":
+        model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full)
+        compacted = model
+    else:
+        plan = (uniform_plan(built, pick["rate"]) if arm == "uniform" else
+                Plan.from_dict({"layers": studies[arm].trials[pick["trial"]].user_attrs["plan"]}, pick["label"]))
+        model, raw = admm_trained(built, plan, full)
+        compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
+    row = scored(built, raw)
+    row["test drop"] = built.dense["test"] - row.pop("test")
+    return {**row, **measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--trial-data", type=float, default=0.1)
+    parser.add_argument("--trial-epochs", default="1+3")
+    parser.add_argument("--full-epochs", default="10+5")
+    parser.add_argument("--compute", default="2h", help="training time of each search arm, summed over its trials")
+    parser.add_argument("--arms", nargs="+", default=["study", "uniform", "torch-pruning", "random"])
+    parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    set_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    admm_epochs, retrain_epochs = search.parse_epochs(args.trial_epochs)
+    full = search.parse_epochs(args.full_epochs, "--full-epochs")
+    compute_s = search.parse_budget(args.compute).seconds
+    case = f"{args.model}-{args.dataset}".replace(":", "-")
+    folder = RUNS / f"arms-{case}"
+    results = folder / "results.json"
+    state = json.loads(results.read_text()) if results.is_file() else {}
+    config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
+                                 admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = search.build(config, torch.device("cpu"), tmp, notify=print)
+        studies = {}
+        for arm in args.arms:
+            if arm in ("study", "random"):
+                studies[arm] = searched(built, arm, folder, compute_s)
+                print(arm, f"{spent(studies[arm]):.0f} s of training in {len(studies[arm].trials)} trials", flush=True)
+                continue
+            for rate in LADDER:
+                if str(rate) not in state.setdefault(arm, {}):
+                    if arm == "uniform":
+                        plan = uniform_plan(built, rate)
+                        raw = admm_trained(built, plan, None)[1]
+                    else:
+                        pruned = torch_pruned(built, rate)
+                        plan = tp_plan(built, pruned)
+                        raw = fine_tuned(built, pruned, None)[1]
+                    state[arm][str(rate)] = {**scored(built, raw), "speed": predicted(built, plan)}
+                    write_json(results, state)
+                    print(arm, rate, state[arm][str(rate)], flush=True)
+        if args.final:
+            for arm in args.arms:
+                for drop in DROPS:
+                    key = f"{arm} within {drop}"
+                    within = [c for c in candidates(built, arm, state, studies) if c["drop"] <= drop]
+                    if key in state.setdefault("final", {}) or not within:
+                        continue
+                    pick = max(within, key=lambda c: c["speed"])
+                    state["final"][key] = {"pick": pick, **final(built, arm, pick, studies, full)}
+                    write_json(results, state)
+                    print(key, state["final"][key], flush=True)
+    rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
+             "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),
+             **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()]
+    if rows:
+        compute = {arm: round(spent(s)) for arm, s in studies.items()}
+        compute |= {arm: round(sum(r["seconds"] for r in state[arm].values())) for arm in args.arms if arm in state}
+        summary = (f"{args.model} on {args.dataset} (dense {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% "
+                   f"test). Trials: {args.trial_epochs} epochs on {args.trial_data:g} of the training split; training "
+                   f"seconds per arm: {compute}. Each arm's fastest plan within 0.5 / 1.0 points (validation, trial "
+                   f"fidelity) retrained at {args.full_epochs} epochs on the whole split, compacted, timed beside the "
+                   f"dense model at batch {' and '.join(map(str, BATCHES))}, 1 thread (median ratio, interleaved rounds).")
+        print(record(f"arms-{case}", rows, summary))
+        print(plot(built, state, studies, RESULTS / f"arms-{case}.png"))
+
+
+def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], path: Path) -> Path:
+    """Every arm's plans at trial fidelity (predicted speedup, validation accuracy) and each final pick
+    at its measured batch-1 speedup and full-budget accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, arm in enumerate(("study", "random", "uniform", "torch-pruning")):
+        points = candidates(built, arm, state, studies) if arm in studies or arm in state else []
+        color = f"C{i}"
+        ax.scatter([c["speed"] for c in points], [built.dense["val"] - c["drop"] for c in points], s=14, alpha=0.5,
+                   color=color, label=f"{arm} (trial fidelity, predicted speedup)")
+        picks = [r for key, r in state.get("final", {}).items() if key.startswith(f"{arm} within")]
+        ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
+                   edgecolors="black", label=f"{arm}: picks retrained, measured (batch 1)" if picks else None)
+    ax.axhline(built.dense["val"], color="black", lw=0.8, ls=":", label="dense model")
+    ax.set_xlabel("speedup over the dense model (x)")
+    ax.set_ylabel("validation accuracy (% top-1)")
+    ax.set_ylim(built.dense["val"] - 6, built.dense["val"] + 1)
+    ax.set_title(f"{built.config.model} on {built.config.dataset}: the search against uniform pruning, "
+                 "Torch-Pruning and random search", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
