@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from optuna.trial import FixedTrial
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
@@ -27,7 +28,6 @@ from sparsesearch.admm import run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.graph import dependencies  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
-from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler.measure import TIMING  # noqa: E402
 from sparsesearch.profiler.steps import scan  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
@@ -56,7 +56,8 @@ def main() -> None:
     model, data = prepare(args.model, args.dataset, weights=Path(args.checkpoint))
     model.eval()
     shape, layers, deps = data.input_shape, trace(model, data.input_shape), dependencies(model, data.input_shape)
-    space = Space(layers, deps.couplings, ("filter",), {}, steps=found)
+    spaces = {"as the rate leaves": Space(layers, deps.couplings, ("filter",), {}),
+              "aligned": Space(layers, deps.couplings, ("filter",), {}, steps=found)}
     admm_epochs, retrain_epochs = parse_epochs(args.epochs)
     config = replace(SearchConfig(admm_epochs=admm_epochs, retrain_epochs=retrain_epochs).admm(), rungs=())  # a trial's
     trial_data = replace(data, train=data.train.subset(args.data))
@@ -64,16 +65,13 @@ def main() -> None:
     widths = {layer.name: layer.weight_shape[0] for layer in layers}
     rows = []
     for rate in args.rates:
-        plain = Plan.uniform(layers, SparsityType.FILTER, rate)
-        aligned = Plan({n: LayerSparsity(SparsityType.FILTER, r) for n, s in plain.layers.items()
-                        if (r := space.aligned(n, SparsityType.FILTER, s.rate)) > 0})
         compacted, row = {}, {}
-        for name, plan in (("as the rate leaves", plain), ("aligned", aligned)):
-            masked = Plan.from_dict(plan.to_dict(), name)
+        for name, space in spaces.items():  # the search's own uniform plan, without and with the steps
+            plan = space.suggest(FixedTrial(space.uniform_params(SparsityType.FILTER, rate)))
             trained = prepare(args.model, args.dataset, weights=Path(args.checkpoint))[0]
-            result = run_admm(trained, trial_data, masked, config, CPU, deps)
+            result = run_admm(trained, trial_data, plan, config, CPU, deps)
             drop, se = paired_drop(dense_correct, result.val_correct)
-            compacted[name] = verified_compact(trained.cpu().eval(), masked, shape, args.model).model
+            compacted[name] = verified_compact(trained.cpu().eval(), plan, shape, args.model).model
             kept = sorted({keep_count(widths[n], s.rate) for n, s in plan.layers.items()})
             row[name] = {"val %": round(result.accuracy["final_val"], 2), "drop": round(drop, 2), "se": round(se, 2),
                          "kept counts": kept, "layers pruned": len(plan.layers)}

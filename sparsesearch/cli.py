@@ -626,6 +626,10 @@ def optimize(
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); feasible: val >= "
                   f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "
                   f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+    if built.withheld:
+        counts = Counter(kind.value for kinds in built.withheld.values() for kind in kinds)
+        console.print("withheld (predicted no faster than the dense layer even at the highest rate, on this profile): "
+                      + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
     cost = search.trial_cost(built)
     buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"
             if limit.trials else f"{limit} buys ≈ {limit.seconds / cost.seconds:.0f} trials")

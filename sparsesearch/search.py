@@ -46,12 +46,13 @@ from .graph import Dependencies
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
-from .space import RUNGS, LadderPruner, Space, rejection, snap
+from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
 from .sparsity import SparsityType
 from .storage import artifact_store, fail_stale, worker
 from .train import paired_drop
 
 SCHEMA = 1
+LAYER_LOCAL = (SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)  # whose speed is the layer's own
 STUDIES_DIR = Path("studies")
 BASELINE_RATES = (0.3, 0.5, 0.7)
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
@@ -200,8 +201,24 @@ class Search(Trials):
         self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
         prediction = dense_latency(self.latency, self.model, self.input_shape)
+        self.withheld = self._no_faster(prediction.layers_ms)
         self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms,
-                           steps=self.latency.profile.steps)
+                           steps=self.latency.profile.steps, withheld=self.withheld)
+
+    def _no_faster(self, dense_ms: dict[str, float]) -> dict[str, set[SparsityType]]:
+        """Per layer, the layer-local types (shape, irregular, nm) that the latency model predicts no
+        faster than the dense layer even at their highest rate: there they would cost accuracy and buy
+        no time (a CSR kernel on a CPU, a 2:4 layer without its GPU kernel), so the space withholds them."""
+        slow: dict[str, set[SparsityType]] = {}
+        for kind in LAYER_LOCAL:
+            plan = Plan.uniform(self.layers, kind, snap(MAX_RATE, kind))
+            if kind.value not in self.config.types or not plan.layers:
+                continue
+            pruned = predict_latency(self.latency, self.model, self.input_shape, plan).layers_ms
+            for name in plan.layers:
+                if pruned[name] >= dense_ms[name]:
+                    slow.setdefault(name, set()).add(kind)
+        return slow
 
     @property
     def foreign(self) -> list[str]:

@@ -61,11 +61,14 @@ class Space:
     """Per slot a type and a rate (`type:SLOT`, `rate:SLOT`); with more than `max_slots` slots, per
     stage (layers of one output resolution) a type and a rate, and `alloc`, the exponent that
     spreads a stage's rate over its layers by their predicted latency (0: uniform; 1: a layer twice
-    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan."""
+    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan, whose
+    filter and channel counts are raised to the device's latency `steps` (`aligned`). A layer is not
+    offered the types `withheld` from it (predicted no faster than dense there)."""
 
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
                  layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS,
-                 steps: dict[str, object] | None = None) -> None:
+                 steps: dict[str, object] | None = None,
+                 withheld: dict[str, set[SparsityType]] | None = None) -> None:
         allowed = {SparsityType(t) for t in types}
         self.by_name = by_name = {layer.name: layer for layer in layers}
         self.steps = {kind: int((steps or {}).get(side, 1)) for kind, side in ALIGNED.items()}
@@ -74,12 +77,14 @@ class Space:
         units.sort(key=lambda u: [layer.name for layer in layers].index(u[0]))
         self.slots = []
         for unit in units:
-            kinds = tuple(t for t in SparsityType if t in allowed and all(t in by_name[n].types for n in unit))
+            kinds = tuple(t for t in SparsityType if t in allowed
+                          and all(t in by_name[n].types and t not in (withheld or {}).get(n, ()) for n in unit))
             if kinds:
                 self.slots.append(Slot(unit[0], tuple(unit), kinds, _stage(by_name[unit[0]]),
                                        sum(layer_ms.get(n, 0.0) for n in unit)))
         if not self.slots:
-            raise UserError(f"no prunable layer accepts the types {', '.join(types)}; allow more with --types")
+            raise UserError(f"no prunable layer accepts the types {', '.join(types)} (or is predicted faster with them on "
+                            "this device); allow more with --types")
         self.per_layer = len(self.slots) <= max_slots
         self.stages: dict[str, list[Slot]] = {}
         for s in self.slots:

@@ -548,6 +548,28 @@ def test_a_study_opens_in_optunas_own_tools(tiny: dict) -> None:
     assert len(detail["trials"]) == len(study.trials)
 
 
+def test_the_space_offers_a_layer_local_type_only_where_it_is_predicted_faster_than_dense(tiny: dict) -> None:
+    from sparsesearch.profiler import dense_latency, predict_latency
+
+    built = tiny["search"]
+    dense = dense_latency(built.latency, built.model, built.input_shape).layers_ms
+    pruned = predict_latency(built.latency, built.model, built.input_shape,
+                             Plan.uniform(built.layers, SparsityType.SHAPE, 0.9)).layers_ms
+    offered = {n: set(slot.types) for slot in built.space.slots for n in slot.layers}
+    for name, ms in pruned.items():
+        assert (SparsityType.SHAPE in offered.get(name, set())) == (ms < dense[name]), (name, ms, dense[name])
+        assert (SparsityType.SHAPE in built.withheld.get(name, set())) == (ms >= dense[name])
+
+
+def test_a_withheld_type_is_not_offered_and_a_layer_left_without_one_is_not_a_slot() -> None:
+    space, (layers, _) = _space("digits-cnn", (1, 8, 8))
+    first, last = layers[0].name, layers[-1].name
+    withheld = {first: {SparsityType.SHAPE}, last: set(SparsityType)}
+    narrowed = Space(layers, [], ("filter", "shape"), {}, withheld=withheld)
+    assert [t for s in narrowed.slots if s.name == first for t in s.types] == [SparsityType.FILTER]
+    assert last not in {s.name for s in narrowed.slots} and last in {s.name for s in space.slots}
+
+
 def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
     built = tiny["search"]
     study = stores.open_study("ladder", f"sqlite:///{tmp_path / 'l.db'}", True, search.make_sampler(built.config, 0),
