@@ -55,5 +55,6 @@ bench: setup
 	$(PY) bench/channel_blocks.py
 	$(PY) bench/latency_model.py
 	$(PY) bench/search.py
+	$(PY) bench/faithfulness.py
 	$(PY) bench/generated.py
 	$(PY) bench/scale.py

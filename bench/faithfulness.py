@@ -8,8 +8,9 @@ correlation of the full validation accuracy with the cheap trial's final accurac
 rung's probe accuracy, over all plans and over the pairs of plans predicted within 10% of each
 other's speedup (the ladder compares a plan only with plans about as fast: there ranking is hard).
 
-Each plan's results are written to bench/results/faithfulness-CASE.partial.json as they finish,
-so a killed run (or a later session) continues where it stopped.
+Each plan's results are kept in bench/results/faithfulness-CASE.state.json as they finish: a
+killed run (or a later session) goes on where it stopped, and a run at another trial fidelity
+trains only the cheap side, reusing the plans and their full-budget results.
 Usage: python bench/faithfulness.py --model lenet5 --dataset fashion-mnist [--plans 12]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--device cpu]
 """
@@ -106,29 +107,41 @@ def main() -> None:
                                  types=tuple(args.types.split(",")), admm_epochs=admm_epochs,
                                  retrain_epochs=retrain_epochs, trial_data=args.trial_data)
     case = f"{args.model}-{args.dataset}".replace(":", "-")
-    partial = RESULTS / f"faithfulness-{case}.partial.json"
+    fidelity = f"{args.trial_data:g} of the data, {args.trial_epochs} epochs"
+    path = RESULTS / f"faithfulness-{case}.state.json"
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device(args.device), tmp, notify=print)
-        done = json.loads(partial.read_text()) if partial.is_file() else {"plans": spread_plans(built, args.plans), "rows": {}}
-        for i, (layers, speedup) in enumerate(done["plans"]):
-            row = done["rows"].setdefault(str(i), {"plan": i, "speedup": round(speedup, 3)})
-            for fidelity in ("cheap", "full"):
-                if fidelity not in row:
-                    row[fidelity] = train(built, layers, fidelity == "cheap", full_epochs)
-                    write_json(partial, done)
-                    print(i, fidelity, row[fidelity], flush=True)
-    rows = [done["rows"][str(i)] for i in range(len(done["plans"]))]
-    table = [{"plan": r["plan"], "predicted speedup": r["speedup"], "full val %": round(r["full"]["val_acc"], 2),
-              "cheap val %": round(r["cheap"]["val_acc"], 2),
-              **{f"rung {k + 1} %": round(v, 2) for k, v in enumerate(r["cheap"]["rungs"])},
-              "cheap s": r["cheap"]["seconds"], "full s": r["full"]["seconds"]} for r in rows]
-    stats = correlations(rows)
-    summary = (f"{args.model} on {args.dataset}: {len(rows)} random plans ({args.types}) spread over predicted speedup, "
-               f"each trained from the dense weights at the trial fidelity ({args.trial_epochs} epochs on "
-               f"{args.trial_data:g} of the training split; rungs on the 1,000-image validation probe) and at the full "
-               f"budget ({args.full_epochs} epochs, whole training split); accuracy on the whole validation split. "
-               f"{args.device}, {torch.get_num_threads()} threads. Rank agreement with the full budget: "
-               + "; ".join(f"{k} {v}" for k, v in stats.items()) + ".")
+        state = json.loads(path.read_text()) if path.is_file() else {
+            "plans": spread_plans(built, args.plans), "full_epochs": args.full_epochs, "full": {}, "cheap": {}}
+        if state["full_epochs"] != args.full_epochs:
+            sys.exit(f"{path} holds plans trained at --full-epochs {state['full_epochs']}; pass that, or delete it")
+        cheap = state["cheap"].setdefault(fidelity, {})
+        for i, (layers, _) in enumerate(state["plans"]):
+            for done, is_cheap in ((state["full"], False), (cheap, True)):
+                if str(i) not in done:
+                    done[str(i)] = train(built, layers, is_cheap, full_epochs)
+                    write_json(path, state)
+                    print(i, "cheap" if is_cheap else "full", done[str(i)], flush=True)
+    full = [state["full"][str(i)] for i in range(len(state["plans"]))]
+    table = [{"plan": i, "predicted speedup": round(speedup, 3), "full val %": round(full[i]["val_acc"], 2),
+              "full s": full[i]["seconds"]} for i, (_, speedup) in enumerate(state["plans"])]
+    lines = []
+    for name, runs in state["cheap"].items():
+        rows = [{"speedup": speedup, "full": full[i], "cheap": runs[str(i)]} for i, (_, speedup) in enumerate(state["plans"])]
+        stats = correlations(rows)
+        mean_s = sum(r["cheap"]["seconds"] for r in rows) / len(rows)
+        lines.append(f"{name} ({mean_s:.1f} s per trial, {mean_s / (sum(f['seconds'] for f in full) / len(full)):.1%} "
+                     f"of a full run): " + "; ".join(f"{k} {v}" for k, v in stats.items()))
+        for row, r in zip(table, rows):
+            row[f"{name}: val %"] = round(r["cheap"]["val_acc"], 2)
+            row.update({f"{name}: rung {k + 1} %": round(v, 2) for k, v in enumerate(r["cheap"]["rungs"])})
+    spread = max(f["val_acc"] for f in full) - min(f["val_acc"] for f in full)
+    summary = (f"{args.model} on {args.dataset}: {len(full)} random plans ({args.types}) spread over predicted speedup, "
+               f"each trained from the dense weights at the full budget ({state['full_epochs']} epochs, whole "
+               f"training split; full accuracies span {spread:.2f} points) and at each trial fidelity below (rungs on "
+               f"the 1,000-image validation probe); accuracy on the whole validation split. {args.device}, "
+               f"{torch.get_num_threads()} threads. Rank agreement with the full budget, per trial fidelity:\n\n"
+               + "\n".join(f"- {line}" for line in lines))
     print(record(f"faithfulness-{case}", table, summary))
 
 
