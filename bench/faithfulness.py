@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--types", default="filter,channel,shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="training seed: another seed's full runs give the noise ceiling")
     args = parser.parse_args()
     set_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -105,9 +106,10 @@ def main() -> None:
     full_epochs = search.parse_epochs(args.full_epochs, "--full-epochs")
     config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
                                  types=tuple(args.types.split(",")), admm_epochs=admm_epochs,
-                                 retrain_epochs=retrain_epochs, trial_data=args.trial_data)
+                                 retrain_epochs=retrain_epochs, trial_data=args.trial_data, seed=args.seed)
     case = f"{args.model}-{args.dataset}".replace(":", "-")
-    fidelity = f"{args.trial_data:g} of the data, {args.trial_epochs} epochs"
+    seeded = f", seed {args.seed}" if args.seed else ""
+    fidelity = f"{args.trial_data:g} of the data, {args.trial_epochs} epochs{seeded}"
     path = RESULTS / f"faithfulness-{case}.state.json"
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device(args.device), tmp, notify=print)
@@ -116,8 +118,9 @@ def main() -> None:
         if state["full_epochs"] != args.full_epochs:
             sys.exit(f"{path} holds plans trained at --full-epochs {state['full_epochs']}; pass that, or delete it")
         cheap = state["cheap"].setdefault(fidelity, {})
+        full_runs = state["full"] if not args.seed else state.setdefault("replicates", {}).setdefault(str(args.seed), {})
         for i, (layers, _) in enumerate(state["plans"]):
-            for done, is_cheap in ((state["full"], False), (cheap, True)):
+            for done, is_cheap in ((full_runs, False), (cheap, True)):
                 if str(i) not in done:
                     done[str(i)] = train(built, layers, is_cheap, full_epochs)
                     write_json(path, state)
@@ -136,6 +139,14 @@ def main() -> None:
             row[f"{name}: val %"] = round(r["cheap"]["val_acc"], 2)
             row.update({f"{name}: rung {k + 1} %": round(v, 2) for k, v in enumerate(r["cheap"]["rungs"])})
     spread = max(f["val_acc"] for f in full) - min(f["val_acc"] for f in full)
+    for seed, runs in state.get("replicates", {}).items():  # the full budget again, another training seed
+        again = [runs[str(i)]["val_acc"] for i in range(len(full))]
+        ceiling = spearmanr(again, [f["val_acc"] for f in full]).statistic
+        lines.append(f"noise ceiling: the full budget trained again with seed {seed} ranks the plans at Spearman "
+                     f"{ceiling:.3f} against seed 0 (no trial fidelity can agree with one run of the full budget much "
+                     "more than two such runs agree with each other)")
+        for row, value in zip(table, again):
+            row[f"full val % (seed {seed})"] = round(value, 2)
     summary = (f"{args.model} on {args.dataset}: {len(full)} random plans ({args.types}) spread over predicted speedup, "
                f"each trained from the dense weights at the full budget ({state['full_epochs']} epochs, whole "
                f"training split; full accuracies span {spread:.2f} points) and at each trial fidelity below (rungs on "

@@ -52,11 +52,15 @@ def digits() -> measure.Target:
     return measure.target("digits-cnn")
 
 
+PROGRESS: list[tuple[int, int, str]] = []  # what small_profile's progress callback heard
+
+
 @pytest.fixture(scope="module")
 def small_profile(digits: measure.Target, tmp_path_factory: pytest.TempPathFactory) -> measure.ProfileRun:
     """digits-cnn on a two-rate grid, timed with a minimal harness setting."""
     path = tmp_path_factory.mktemp("profile") / "p.json"
-    return measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    return measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST,
+                                 on_progress=lambda *heard: PROGRESS.append(heard))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -409,6 +413,15 @@ def test_profile_records_where_this_devices_latency_steps_and_reads_it_back(smal
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     with pytest.raises(UserError, match="malformed channel steps"):
         table.Profile.load(tmp_path / "broken.json")
+
+
+def test_every_phase_of_a_profile_shows_its_own_progress(small_profile: measure.ProfileRun) -> None:
+    rows = [h for h in PROGRESS if "calibration plans compacted" not in h[2]]
+    plans = [h for h in PROGRESS if "calibration plans compacted" in h[2]]
+    assert rows[0][:2] == (0, rows[0][1]) and rows[-1][0] == rows[-1][1], "the rows, from 0 to the end"
+    assert [d for d, _, _ in plans] == list(range(0, measure.CALIBRATION_PLANS, measure.GROUP)), \
+        "the calibration plans, group by group, with their own total"
+    assert {t for _, t, _ in plans} == {measure.CALIBRATION_PLANS}
 
 
 def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: measure.ProfileRun) -> None:

@@ -302,7 +302,8 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
 
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
                     rates: list[float], types: set[str], reference_ms: float,
-                    timing: dict[str, float] = NETWORK_TIMING) -> dict[str, object]:
+                    timing: dict[str, float] = NETWORK_TIMING,
+                    on_plans: Callable[[int, int], None] | None = None) -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
     `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
     each stored as its ratio to it times the dense latency.
@@ -311,7 +312,8 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     shared with its neighbours); the latency model fits its in-network costs to these plans. They are
     timed as `profile validate` and the search's measurement time plans (in small groups, as ratios to
     the dense net beside them): all 32 in one run put their ratios to the dense net 9% lower on
-    resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup."""
+    resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup.
+    `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network)."""
     from ..graph import dependencies
     from .predictor import compacted_copy
 
@@ -326,6 +328,8 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     plans = calibration_plans(layers, deps.couplings, rates, types)
     calibration = []
     for start in range(0, len(plans), GROUP):
+        if on_plans is not None:
+            on_plans(start, len(plans))
         group = {str(i): compacted_copy(model, shape, plans[i], deps).to(device=device, dtype=dtype)
                  for i in range(start, min(start + GROUP, len(plans)))}
         beside = beside_dense(dense, group, x, dense_ms, timing)
@@ -433,8 +437,10 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         on_progress(0, total, "")
     measure_points(todo, device, batch_size, DTYPES[dtype], profile.yardstick_ms, save, timing)
     if not timed_whole:  # new, another grid's, or from a version with fewer calibration plans
-        profile.rest[key] = measure_network(target_, device, batch_size, DTYPES[dtype], rates, types,
-                                            profile.yardstick_ms, {**NETWORK_TIMING, **overrides})
+        profile.rest[key] = measure_network(
+            target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
+            {**NETWORK_TIMING, **overrides},
+            on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")))
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
     if on_progress:
