@@ -454,8 +454,7 @@ def profile_cmd(
                   f"dense network measured: {rest['dense_ms']:.4f} ms")
     found = run.profile.steps
     console.print(f"channel steps on this device ({found['conv']}): latency steps every {found['out']} output and "
-                  f"every {found['in']} input channels; the search keeps counts at multiples of them"
-                  + (" (1: no staircase, counts are free)" if found["out"] == found["in"] == 1 else ""))
+                  f"every {found['in']} input channels (1: no staircase)")
     if run.speeds:
         console.print(f"machine speed while profiling (yardstick time over its reference): "
                       f"{min(run.speeds):.2f}-{max(run.speeds):.2f}x; latencies are scaled to the reference")

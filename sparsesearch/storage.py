@@ -111,8 +111,8 @@ def _storage(url: str, grace_s: int) -> BaseStorage:
 
 def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
     """The storage at `url`, with heartbeats. Workers started together race to create its tables;
-    the loser finds a table or type already there (an integrity error, or PostgreSQL's "already
-    exists") and simply opens them again."""
+    the loser finds a table or type already there (an integrity error, or "already exists" from
+    PostgreSQL and SQLite) and simply opens them again."""
     import sqlalchemy.exc
 
     sqlite = url.startswith("sqlite")
@@ -131,8 +131,8 @@ def _rdb_storage(url: str, grace_s: int) -> optuna.storages.RDBStorage:
             return make()
         except sqlalchemy.exc.IntegrityError:
             pass
-        except sqlalchemy.exc.ProgrammingError as e:
-            if "already exists" not in str(e):
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:
+            if "already exists" not in str(e):  # SQLite says it as an operational error
                 raise
         time.sleep(delay)
     return make()
