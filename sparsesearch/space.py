@@ -61,9 +61,11 @@ class Space:
     """Per slot a type and a rate (`type:SLOT`, `rate:SLOT`); with more than `max_slots` slots, per
     stage (layers of one output resolution) a type and a rate, and `alloc`, the exponent that
     spreads a stage's rate over its layers by their predicted latency (0: uniform; 1: a layer twice
-    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan, whose
-    filter and channel counts are raised to the device's latency `steps` (`aligned`). A layer is not
-    offered the types `withheld` from it (predicted no faster than dense there)."""
+    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan; given
+    `steps` (a channel period, as `profiler.steps` measures it), its filter and channel counts are
+    raised to multiples of it (`aligned`: measured by bench/alignment.py, not used by the search,
+    where it cost resnet56 speed). A layer is not offered the types `withheld` from it (predicted
+    no faster than dense there)."""
 
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
                  layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS,
@@ -124,8 +126,8 @@ class Space:
 
     def aligned(self, name: str, kind: SparsityType, rate: float) -> float:
         """`rate` with the kept filters (or input channels) of layer `name` raised to the next
-        multiple of the device's step (`profiler.steps`): the same latency, more channels kept.
-        0 when that keeps them all."""
+        multiple of the step: more channels kept, the same latency where one conv's staircase
+        holds for this layer. 0 when that keeps them all."""
         step, layer = self.steps.get(kind, 1), self.by_name[name]
         if step <= 1 or (kind == SparsityType.CHANNEL and layer.groups != 1):  # a coupled group's filters align alike
             return rate

@@ -4,8 +4,11 @@ oneDNN (torch's CPU conv) computes float32 channels in SIMD blocks, 16 wide with
 AVX2; GPUs tile. A width inside a block costs what the whole block costs (`bench/channel_blocks.py`:
 keeping 45 of 64 channels costs what 48 does), so a plan that keeps 45 spends accuracy on three
 channels that buy no time. The profile times one 3x3 conv at every width of a range, once varying
-its outputs and once its inputs, and finds the period of each staircase; the search keeps channel
-counts at multiples of it. Where no staircase stands out of the noise, the period is 1.
+its outputs and once its inputs, and finds the period of each staircase (1 where none stands out
+of the noise); `profile` records and prints it. The search does not raise counts to it: on resnet56
+at batch 8 plans aligned to this one conv's step ran slower, since its small layers do gain from
+every channel removed (bench/results/alignment-resnet56-fashion-mnist.md); `space.Space(steps=...)`
+keeps the mechanism for that benchmark.
 """
 
 from __future__ import annotations
