@@ -212,9 +212,9 @@ class Search(Trials):
         faster than the dense layer even at their highest rate: there they would cost accuracy and buy
         no time (a CSR kernel on a CPU, a 2:4 layer without its GPU kernel), so the space withholds them."""
         slow: dict[str, set[SparsityType]] = {}
-        for kind in LAYER_LOCAL:
+        for kind in (k for k in LAYER_LOCAL if k.value in self.config.types):
             plan = Plan.uniform(self.layers, kind, snap(MAX_RATE, kind))
-            if kind.value not in self.config.types or not plan.layers:
+            if not plan.layers:
                 continue
             pruned = predict_latency(self.latency, self.model, self.input_shape, plan).layers_ms
             for name in plan.layers:
