@@ -4,7 +4,7 @@ For one case (model, dataset, dense checkpoint), four arms, each trained at the 
 fidelity (`--trial-data`, `--trial-epochs`; accuracy on the whole validation split, paired with
 the dense model):
   study          `optimize` as a user runs it: TPE, uniform baselines, sensitivity seeds, fidelity
-                 ladder, channel counts aligned to the profile's steps;
+                 ladder, types withheld where predicted no faster;
   uniform        the uniform filter ladder 10..90%, each with the same ADMM + retraining recipe;
   torch-pruning  Torch-Pruning's own global pruning (group L2-norm importance, `global_pruning`) at
                  ratios 10..90%, then plain fine-tuning for the same epochs;
@@ -17,7 +17,8 @@ budget (`--full-epochs` on the whole training split), compacted, and timed besid
 at batch 1 and 8 (1 thread, interleaved rounds, median ratio). Every stage's results are written
 as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on.
 
-Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
+Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
+       bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--compute 2h] [--arms ...]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core.
 """
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search, storage  # noqa: E402
 from sparsesearch.admm import run_admm  # noqa: E402
@@ -188,11 +189,12 @@ def main() -> None:
     admm_epochs, retrain_epochs = search.parse_epochs(args.trial_epochs)
     full = search.parse_epochs(args.full_epochs, "--full-epochs")
     compute_s = search.parse_budget(args.compute).seconds
-    case = f"{args.model}-{args.dataset}".replace(":", "-")
+    case = case_name(args.model, args.dataset)
     folder = RUNS / f"arms-{case}"
     results = folder / "results.json"
     state = json.loads(results.read_text()) if results.is_file() else {}
-    config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
+    config = search.SearchConfig(model=args.model, dataset=args.dataset,
+                                 checkpoint=dense_checkpoint(args.model, args.dataset, args.checkpoint),
                                  admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data)
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)

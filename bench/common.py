@@ -12,6 +12,17 @@ from sparsesearch.files import write_json
 from sparsesearch.runtime import machine, versions
 
 RESULTS = Path(__file__).parent / "results"
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def case_name(model: str, dataset: str) -> str:
+    """A benchmark case as a file name: model and dataset (a tv:/timm: prefix's colon made a dash)."""
+    return f"{model}-{dataset}".replace(":", "-")
+
+
+def dense_checkpoint(model: str, dataset: str, given: str = "") -> str:
+    """`given`, else the committed dense model of the case (bench/checkpoints/CASE/dense.pt)."""
+    return given or str(CHECKPOINTS / case_name(model, dataset) / "dense.pt")
 
 
 def record(name: str, rows: list[dict[str, Any]], summary: str) -> Path:

@@ -10,7 +10,9 @@ other's speedup (the ladder compares a plan only with plans about as fast: there
 
 Each plan's results are kept in bench/results/faithfulness-CASE.state.json as they finish: a
 killed run (or a later session) goes on where it stopped, and a run at another trial fidelity
-trains only the cheap side, reusing the plans and their full-budget results.
+trains only the cheap side, reusing the plans and their full-budget results. The state records the
+dense weights' hash and refuses others: the dense model (bench/checkpoints/CASE/dense.pt, committed;
+`sparsesearch train --out` makes one) is what every result starts from.
 Usage: python bench/faithfulness.py --model lenet5 --dataset fashion-mnist [--plans 12]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--device cpu]
 """
@@ -30,7 +32,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search  # noqa: E402
 from sparsesearch.admm import run_admm  # noqa: E402
@@ -90,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="lenet5")
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--checkpoint", default="", help="dense weights (default bench/checkpoints/CASE/dense.pt)")
     parser.add_argument("--plans", type=int, default=12)
     parser.add_argument("--trial-data", type=float, default=0.1)
     parser.add_argument("--trial-epochs", default="1+3")
@@ -104,19 +106,23 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     admm_epochs, retrain_epochs = search.parse_epochs(args.trial_epochs)
     full_epochs = search.parse_epochs(args.full_epochs, "--full-epochs")
-    config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
+    case = case_name(args.model, args.dataset)
+    checkpoint = dense_checkpoint(args.model, args.dataset, args.checkpoint)
+    config = search.SearchConfig(model=args.model, dataset=args.dataset, checkpoint=checkpoint,
                                  types=tuple(args.types.split(",")), admm_epochs=admm_epochs,
                                  retrain_epochs=retrain_epochs, trial_data=args.trial_data, seed=args.seed)
-    case = f"{args.model}-{args.dataset}".replace(":", "-")
     seeded = f", seed {args.seed}" if args.seed else ""
     fidelity = f"{args.trial_data:g} of the data, {args.trial_epochs} epochs{seeded}"
     path = RESULTS / f"faithfulness-{case}.state.json"
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device(args.device), tmp, notify=print)
         state = json.loads(path.read_text()) if path.is_file() else {
-            "plans": spread_plans(built, args.plans), "full_epochs": args.full_epochs, "full": {}, "cheap": {}}
+            "plans": spread_plans(built, args.plans), "full_epochs": args.full_epochs, "full": {}, "cheap": {},
+            "dense_sha256": built.weights_sha256}
         if state["full_epochs"] != args.full_epochs:
             sys.exit(f"{path} holds plans trained at --full-epochs {state['full_epochs']}; pass that, or delete it")
+        if state.get("dense_sha256") != built.weights_sha256:
+            sys.exit(f"{path} holds plans trained from other dense weights than {checkpoint}; pass those, or delete it")
         cheap = state["cheap"].setdefault(fidelity, {})
         full_runs = state["full"] if not args.seed else state.setdefault("replicates", {}).setdefault(str(args.seed), {})
         for i, (layers, _) in enumerate(state["plans"]):

@@ -8,6 +8,7 @@ Then W = Proj_S(W) and retraining with weights and gradients masked, so no prune
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from .graph import Coupling, Dependencies, dependencies
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
-from .sparsity import SparsityType, achieved_rate, mask, project
+from .sparsity import SparsityType, achieved_rate, mask
 from .train import Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, percent, prepare
 
 
@@ -129,13 +130,19 @@ class ADMMState:
 
     def __init__(self, model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> None:
         modules = dict(model.named_modules())
+        self.model, self.plan, self.deps = model, plan, deps
         self.targets = targets(plan, deps)
         self.weights = [[modules[n].weight for n in t.names] for t in self.targets]
         with torch.no_grad():
-            self.Z = [project([w.detach() for w in ws], t.spec.type, t.spec.rate, positions=t.positions)
-                      for t, ws in zip(self.targets, self.weights)]
+            self.Z = self._project([[w.detach() for w in ws] for ws in self.weights])
         self.U = [[torch.zeros_like(w) for w in ws] for ws in self.weights]
         self.rho = 0.0
+
+    def _project(self, values: list[list[Tensor]]) -> list[list[Tensor]]:
+        """Proj_S of `values` (one list per target, as `weights`), by the hard prune's own masks."""
+        named = {n: v for t, vs in zip(self.targets, values) for n, v in zip(t.names, vs)}
+        masks = prune_masks(self.model, self.plan, self.deps, named)
+        return [[named[n].masked_fill(~masks[f"{n}.weight"], 0) for n in t.names] for t in self.targets]
 
     @torch.no_grad()
     def set_rho(self, rho: float) -> None:
@@ -156,22 +163,38 @@ class ADMMState:
     def update(self) -> float:
         """Z = Proj(W + U); U += W - Z. Returns the primal residual ||W - Z|| / ||W||."""
         diff, norm = 0.0, 0.0
-        for i, (t, ws, us) in enumerate(zip(self.targets, self.weights, self.U)):
-            self.Z[i] = project([w + u for w, u in zip(ws, us)], t.spec.type, t.spec.rate, positions=t.positions)
-            for w, z, u in zip(ws, self.Z[i], us):
+        self.Z = self._project([[w + u for w, u in zip(ws, us)] for ws, us in zip(self.weights, self.U)])
+        for ws, zs, us in zip(self.weights, self.Z, self.U):
+            for w, z, u in zip(ws, zs, us):
                 u.add_(w - z)
                 diff += (w - z).pow(2).sum().item()
                 norm += w.pow(2).sum().item()
         return math.sqrt(diff / max(norm, 1e-30))
 
 
-def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None) -> dict[str, Tensor]:
-    """Masks of Proj_S(W) by parameter name. A pruned filter takes its bias and its BatchNorm
-    entries with it, so the channel is exactly zero, as it will be once physically removed."""
+_READERS = (SparsityType.CHANNEL, SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)
+
+
+def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None,
+                weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Masks of Proj_S(W) by parameter name; of `weights` (by layer) where given: ADMM projects W + U.
+
+    A pruned filter takes its bias and its BatchNorm entries with it, so the channel is exactly
+    zero, as it will be once physically removed. A layer whose type selects among its inputs
+    (channel, shape, irregular, nm) is then projected on the inputs that removed filters leave
+    alive: weights that read a silenced channel are removed by compaction anyway, and in a short
+    run a layer's whole budget can go to them (LeNet-5's classifier at shape 80% behind a 90%
+    filter layer kept about 2 live inputs of 17, and 70.7% accuracy where the full run got 91.1%).
+    """
     modules = dict(model.named_modules())
+
+    def value(name: str) -> Tensor:
+        return (weights or {}).get(name, modules[name].weight).detach()
+
     masks: dict[str, Tensor] = {}
+    readers, filters = [], False
     for t in targets(plan, deps):
-        keeps = mask([modules[n].weight.detach() for n in t.names], t.spec.type, t.spec.rate, positions=t.positions)
+        keeps = mask([value(n) for n in t.names], t.spec.type, t.spec.rate, positions=t.positions)
         for name, keep in zip(t.names, keeps):
             masks[f"{name}.weight"] = keep
             if t.spec.type == SparsityType.FILTER and modules[name].bias is not None:
@@ -182,7 +205,58 @@ def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None) 
                 kept[positions] |= keep.reshape(keep.shape[0], -1).any(1).cpu()
             for norm, (channels, positions) in t.coupling.norms.items():
                 _mask_norm(masks, modules[norm], norm, channels, kept[positions])
+        filters |= t.spec.type == SparsityType.FILTER
+        readers += [n for n in t.names if t.spec.type in _READERS and getattr(modules[n], "groups", 1) == 1]
+    if filters and readers and deps is not None and deps.input_shape:
+        for name, silenced in _silenced_inputs(model, masks, readers, deps.input_shape).items():
+            w = value(name)
+            if silenced.numel() == w.shape[1]:
+                live = (~silenced).to(w.device).view(1, -1, *[1] * (w.dim() - 2))
+                masks[f"{name}.weight"] = mask([w * live], plan.layers[name].type, plan.layers[name].rate)[0]
     return masks
+
+
+def _nonzero_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
+    """Per named module, which features of its input (a Linear's last dim, else dim 1: channels)
+    are non-zero somewhere in one eval-mode forward on x."""
+    modules = dict(model.named_modules())
+    seen: dict[str, Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: tuple[Tensor, ...]) -> None:
+            t = args[0].detach()
+            seen[name] = (t.reshape(-1, t.shape[-1]).ne(0).any(0) if isinstance(m, nn.Linear)
+                          else t.transpose(0, 1).flatten(1).ne(0).any(1)).cpu()
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
+    """Two seeded random samples on the model's device and dtype."""
+    p = next(model.parameters())
+    return torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+
+
+def _silenced_inputs(model: nn.Module, masks: dict[str, Tensor], names: list[str],
+                     input_shape: tuple[int, ...]) -> dict[str, Tensor]:
+    """Per named layer, the input features the masks silence (non-zero before, zero after): the
+    removed filters' channels as the layer reads them, through residual sums and flattens."""
+    masked = copy.deepcopy(model)
+    x = _probe(masked, input_shape)
+    before = _nonzero_inputs(masked, names, x)
+    apply_masks(masked, masks)
+    after = _nonzero_inputs(masked, names, x)
+    return {n: before[n] & ~after[n] for n in names if (before[n] & ~after[n]).any()}
 
 
 def _mask_norm(masks: dict[str, Tensor], norm: nn.Module, name: str, channels: list[int], kept: Tensor) -> None:
@@ -207,25 +281,9 @@ def dead_channels(model: nn.Module, masks: dict[str, Tensor], input_shape: tuple
     """BatchNorm channels the masks silence although their input still varies after hard pruning,
     per BatchNorm: kept channels killed by a wrong follower mapping. Judged from one forward on
     random inputs, independently of the dependency graph that chose the masks."""
-    norms = {n: m for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in masks}
-    live: dict[str, Tensor] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
-            live[name] = args[0].detach().transpose(0, 1).flatten(1).ne(0).any(1).cpu()
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in norms.items()]
-    was_training = model.training
-    try:
-        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            model.eval()(x.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    norms = [n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in masks]
+    live = _nonzero_inputs(model, norms, _probe(model, input_shape))
     dead = {n: int((live[n] & ~masks[f"{n}.weight"].cpu()).sum()) for n in live}
     return {n: k for n, k in dead.items() if k}
 

@@ -54,6 +54,7 @@ class Dependencies:
     spaces: list[Coupling] = field(default_factory=list)  # every prunable layer in exactly one
     problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
     fixed: dict[str, str] = field(default_factory=dict)  # layer -> why its dependencies cannot be followed
+    input_shape: tuple[int, ...] = ()  # one sample, as traced: what a probe forward through the model needs
 
     @property
     def couplings(self) -> list[list[str]]:
@@ -85,7 +86,8 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
             else:
                 groups[name] = graph.get_pruning_group(m, out_handler(m), idxs=list(range(m.weight.shape[0])))
     except SURGERY_ERRORS as e:
-        return Dependencies(problem=f"Torch-Pruning cannot build the dependency graph ({brief(e)})")
+        return Dependencies(problem=f"Torch-Pruning cannot build the dependency graph ({brief(e)})",
+                            input_shape=tuple(input_shape))
     finally:
         model.train(was_training)
     names = graph._module2name
@@ -102,7 +104,7 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
                     _one_to_one(item.idxs, item.root_idxs, _out_channels(target)):
                 for idx, root in zip(item.idxs, item.root_idxs):
                     channels.union((names[target], idx), (name, root))
-    return Dependencies(channels.spaces(list(modules)), fixed=fixed)
+    return Dependencies(channels.spaces(list(modules)), fixed=fixed, input_shape=tuple(input_shape))
 
 
 def _out_channels(module: nn.Module) -> int:

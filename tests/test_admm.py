@@ -62,6 +62,37 @@ def test_z_is_the_projection_of_w_plus_u_and_u_accumulates_w_minus_z() -> None:
     assert residual == pytest.approx(((w - z).norm() / w.norm()).item())
 
 
+def _reader_behind_pruned_filters(kind: T) -> tuple[nn.Module, Plan, Dependencies]:
+    """Linear a (16 filters, the last 12 weakest) -> ReLU -> Linear b whose strongest weights read
+    exactly those 12: a projection blind to a's pruning would spend b's budget on them."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.rand(16, 8) + torch.linspace(4, 0.1, 16)[:, None])
+        model[0].bias.fill_(0.1)
+        model[2].weight.copy_(torch.rand(4, 16) * torch.linspace(0.1, 4, 16))
+    plan = Plan({"0": LayerSparsity(T.FILTER, 0.75), "2": LayerSparsity(kind, 0.5)})
+    return model, plan, dependencies(model, (8,))
+
+
+@pytest.mark.parametrize("kind", [T.SHAPE, T.IRREGULAR, T.CHANNEL])
+def test_a_reader_keeps_the_inputs_that_pruned_filters_leave_alive(kind: T) -> None:
+    torch.manual_seed(0)
+    model, plan, deps = _reader_behind_pruned_filters(kind)
+    masks = prune_masks(model, plan, deps)
+    alive = masks["0.weight"].any(1)
+    assert alive.tolist() == [True] * 4 + [False] * 12
+    assert masks["2.weight"][:, alive].all()  # every weight reading a live input kept (8 per row allowed)
+
+
+def test_admm_targets_the_live_inputs_too() -> None:
+    torch.manual_seed(0)
+    model, plan, deps = _reader_behind_pruned_filters(T.SHAPE)
+    state = ADMMState(model, plan, deps)
+    assert state.Z[1][0][:, :4].ne(0).all()
+    state.update()
+    assert state.Z[1][0][:, :4].ne(0).all()
+
+
 def test_changing_rho_keeps_the_dual_rho_times_u() -> None:
     model = nn.Sequential(nn.Linear(6, 4))
     state = ADMMState(model, Plan({"0": LayerSparsity(T.FILTER, 0.5)}))
