@@ -121,7 +121,7 @@ def _live_rows(conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
 
 
 class _Windows(nn.Module):
-    """im2col restricted to some GEMM columns: (N, groups*K', Hout, Wout), or with dim=0
+    """im2col restricted to some GEMM columns: (N, groups*K', Hout, Wout), or without batch_first
     (groups*K', N, Hout, Wout), the layout a single 2-D product (CSR) needs without a transpose.
 
     One gather (advanced indexing by channel, kernel row and kernel column) from the strided view
@@ -131,9 +131,9 @@ class _Windows(nn.Module):
     Rows run group by group, in GEMM column order within a group.
     """
 
-    def __init__(self, conv: nn.Conv2d, columns: Tensor, dim: int = 1) -> None:
+    def __init__(self, conv: nn.Conv2d, columns: Tensor, batch_first: bool = True) -> None:
         super().__init__()
-        self.batch_first = dim == 1
+        self.batch_first = batch_first
         self.geometry = _Geometry.of(conv)
         kh, kw = conv.kernel_size
         per_group = conv.in_channels // conv.groups
@@ -281,7 +281,7 @@ class SparseConv2d(nn.Module):
         columns, rows = _live_rows(conv)
         self.csr, self.why = _csr_or_none(rows) if conv.groups == 1 else (None, _GROUPED)
         self.impl = "dense-fallback" if self.csr is None else "csr"
-        self.im2col = _Windows(conv, columns, dim=0) if self.csr is not None else None
+        self.im2col = _Windows(conv, columns, batch_first=False) if self.csr is not None else None
         self.weight = _frozen(conv.weight) if self.csr is None else None
         self.bias = _frozen(conv.bias)
         self.conv_args = _conv_args(conv)
