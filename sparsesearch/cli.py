@@ -122,9 +122,12 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None, status="")
+        task, started = bar.add_task(description, total=None, status=""), []
 
         def update(completed: int, total: int, status: str = "") -> None:
+            if not started:  # a resumed job starts part-done: its rate counts from here, not from 0
+                started.append(completed)
+                bar.reset(task, completed=completed, total=total, status=status)
             bar.update(task, completed=completed, total=total, status=status)
 
         yield update
@@ -133,16 +136,19 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 def _progress_lines(description: str, every_s: float = 30.0) -> Callable[..., None]:
     """update(completed, total, status) printing a line at each tenth of the work, at most every
     `every_s` seconds otherwise, and at the end: done/total, status, elapsed and ETA."""
-    start, last = time.monotonic(), {"at": -math.inf, "tenth": -1}
+    start, last = time.monotonic(), {"at": -math.inf, "tenth": -1, "from": None}
 
     def update(completed: int, total: int | None, status: str = "") -> None:
         now = time.monotonic()
+        if last["from"] is None:  # a resumed job starts part-done: its rate counts from here
+            last["from"] = completed
         tenth = int(10 * completed / total) if total else -1
         if completed != total and tenth <= last["tenth"] and now - last["at"] < every_s:
             return
         last.update(at=now, tenth=tenth)
         elapsed = now - start
-        eta = f", ETA {_clock(elapsed * (total - completed) / completed)}" if total and 0 < completed < total else ""
+        done = completed - last["from"]
+        eta = f", ETA {_clock(elapsed * (total - completed) / done)}" if total and 0 < done and completed < total else ""
         console.print(f"{description}: {completed}/{total or '?'}{' ' + status if status else ''} "
                       f"({_clock(elapsed)} elapsed{eta})", highlight=False, soft_wrap=True)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from sparsesearch import cli
 from sparsesearch.cli import app
 from sparsesearch.train import DenseResult
 
@@ -185,6 +186,18 @@ def test_progress_reaches_a_log_file_as_plain_lines(tmp_path: Path) -> None:
     lines = [line for line in result.stdout.splitlines() if line.startswith("train: ")]
     assert len(lines) >= 5 and any("ETA" in line for line in lines), lines
     assert lines[-1].startswith("train: 17/17 "), lines[-1]  # ceil(1078 / 64) steps
+
+
+def test_a_resumed_job_estimates_its_eta_from_the_work_done_since_it_resumed(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A training run resumed at step 900 of 1000 that does 5 steps a second has 10 s left at step
+    950, not the 0.5 s that counting its 900 earlier steps as done in this run's time would say."""
+    clock = iter([0.0, 0.0, 10.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    update = cli._progress_lines("train", every_s=0)
+    update(900, 1000)
+    update(950, 1000)
+    assert capsys.readouterr().out.splitlines()[-1] == "train: 950/1000 (0:00:10 elapsed, ETA 0:00:10)"
 
 
 def test_an_image_folder_is_decoded_once_and_its_side_travels_with_the_checkpoints(tmp_path: Path) -> None:
