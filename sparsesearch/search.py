@@ -608,7 +608,6 @@ def record(study: optuna.Study, search: Search) -> None:
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         return
     here = fingerprint(search.device, search.config.batch_size, "float32")
-    study.set_user_attr("config", search.config.to_attrs())
     study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms, "weights_sha256": search.weights_sha256,
                                   "input_shape": list(search.input_shape), "num_classes": search.data.info.num_classes,
                                   "unit": "% top-1; profiled_ms per call of the whole batch"})
@@ -620,6 +619,8 @@ def record(study: optuna.Study, search: Search) -> None:
     study.set_user_attr("artifacts", search.artifacts)
     study.set_user_attr("layers", [layer.name for layer in search.layers])
     study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + latency-guided allocation")
+    # last: a worker starting beside this one takes "config" to mean the record is whole
+    study.set_user_attr("config", search.config.to_attrs())
 
 
 # --- export ---------------------------------------------------------------------------------------

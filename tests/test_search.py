@@ -312,6 +312,24 @@ def test_resuming_on_a_dense_checkpoint_that_changed_is_refused(tiny: dict) -> N
     search.record(tiny["study"], tiny["search"])  # the same weights resume
 
 
+def test_a_worker_starting_while_another_records_the_study_does_not_crash(tiny: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers started together: one writes the study's record attr by attr while the next opens it.
+    At every point in between, the second worker's record either writes its own or finds a whole one
+    (a worker once died with KeyError 'dense', having seen "config" before "dense" was written)."""
+    study, write, seen = optuna.create_study(directions=["maximize", "maximize"]), optuna.Study.set_user_attr, []
+
+    def then_another_worker_starts(self: optuna.Study, key: str, value: object) -> None:
+        write(self, key, value)
+        if self is study:  # the first worker's write; the second's own writes start no third
+            seen.append(key)
+            search.record(optuna.load_study(study_name=self.study_name, storage=self._storage), tiny["search"])
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", then_another_worker_starts)
+    search.record(study, tiny["search"])
+    assert seen[-1] == "config" and study.user_attrs["dense"]["val"] == tiny["search"].dense["val"]
+
+
 def test_export_refuses_infeasible_and_unknown_trials(tiny: dict) -> None:
     study = tiny["study"]
     infeasible = next(t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if not t.user_attrs["feasible"])
