@@ -26,7 +26,8 @@ from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
 from .sparsity import SparsityType, achieved_rate, mask
-from .train import Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, percent, prepare
+from .train import (Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, percent, prepare,
+                    refreshed_batchnorm)
 
 
 @dataclass
@@ -56,10 +57,14 @@ class ADMMConfig:
         full, rest = divmod(self.admm_epochs, self.admm_interval)
         return [self.admm_interval] * int(full) + ([rest] if rest > 1e-9 else [])
 
+    def admm_steps(self, train_images: int) -> int:
+        """Training steps of the ADMM periods on `train_images` images."""
+        return sum(_steps(train_images, self.batch_size, e) for e in self.iterations())
+
     def steps(self, train_images: int) -> int:
         """Training steps of the whole run, ADMM periods and retraining, on `train_images` images."""
-        retrain = [self.retrain_epochs] if self.retrain_epochs > 0 else []
-        return sum(_steps(train_images, self.batch_size, e) for e in [*self.iterations(), *retrain])
+        retrain = _steps(train_images, self.batch_size, self.retrain_epochs) if self.retrain_epochs > 0 else 0
+        return self.admm_steps(train_images) + retrain
 
     def rung_steps(self, train_images: int) -> list[int]:
         """The training step of each rung on `train_images` images (see `rungs`)."""
@@ -172,6 +177,7 @@ class ADMMState:
         return math.sqrt(diff / max(norm, 1e-30))
 
 
+CALIBRATION_IMAGES = 512  # training images BatchNorm statistics are re-estimated on before a projection is scored
 _READERS = (SparsityType.CHANNEL, SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)
 
 
@@ -345,6 +351,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
 
     accuracy = {"dense": evaluate(model, data.test, device)} if config.test else {}
     probe = data.val.sized(config.probe) if config.probe else data.val
+    calibration = data.train.sized(CALIBRATION_IMAGES)
     rung_steps = config.rung_steps(len(data.train))
     reached: list[Rung] = []
 
@@ -367,7 +374,8 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
                       Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
         done += _steps(len(data.train), config.batch_size, epochs)
         residual = state.update()
-        projected = projected_accuracy(model, probe, plan, deps, device) if not config.probe or reaches(done) else None
+        projected = (projected_accuracy(model, probe, plan, deps, device, calibration)
+                     if not config.probe or reaches(done) else None)
         iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc, projected))
         if on_iteration is not None:
             on_iteration(iterations[-1])
@@ -398,14 +406,17 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
 
 
 def projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Dependencies | None,
-                        device: torch.device) -> float:
-    """Accuracy of Proj_S(W) on `split`, computed on a swap of the weights and restored after."""
+                        device: torch.device, calibration: Split | None = None) -> float:
+    """Accuracy of Proj_S(W) on `split`, computed on a swap of the weights and restored after; with
+    `calibration` (training images), BatchNorm statistics re-estimated on them first, as retraining
+    would (`refreshed_batchnorm`)."""
     params = dict(model.named_parameters())
     masks = prune_masks(model, plan, deps)
     saved = {n: params[n].detach().clone() for n in masks}
     apply_masks(model, masks)
     try:
-        return evaluate(model, split, device)
+        with refreshed_batchnorm(model, calibration, device):
+            return evaluate(model, split, device)
     finally:
         with torch.no_grad():
             for n, w in saved.items():

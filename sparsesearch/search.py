@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from . import seeds
-from .admm import ADMMConfig, Iteration, Rung, run_admm
+from .admm import CALIBRATION_IMAGES, ADMMConfig, Iteration, Rung, run_admm
 from .compact import Measured
 from .data import Data
 from .errors import Diverged, UserError, brief
@@ -301,11 +301,11 @@ class TrialCost:
     """What one trial costs: its work, and the time that work takes on this device."""
 
     steps: int  # training steps, ADMM and retraining
-    images: int  # validation images evaluated
+    images: int  # images evaluated: validation, and training images BatchNorm is re-estimated on
     seconds: float
 
     def __str__(self) -> str:
-        return f"{self.steps:,} training steps + {self.images:,} validation images ≈ {duration(self.seconds)}"
+        return f"{self.steps:,} training steps + {self.images:,} images evaluated ≈ {duration(self.seconds)}"
 
 
 def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
@@ -313,8 +313,10 @@ def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
     batch of a copy of the dense model (after a warm-up step): an estimate before any trial ran."""
     config, data = search.config.admm(), search.trial_data
     steps = config.steps(len(data.train))
-    checks = len(set(config.rung_steps(len(data.train))))  # at most: rungs in one ADMM iteration share a check
-    images = checks * min(config.probe or len(data.val), len(data.val)) + len(data.val)
+    checks = set(config.rung_steps(len(data.train)))  # at most: rungs in one ADMM iteration share a check
+    projections = sum(step <= config.admm_steps(len(data.train)) for step in checks)  # BatchNorm re-estimated first
+    images = (len(checks) * min(config.probe or len(data.val), len(data.val)) + len(data.val)
+              + projections * min(CALIBRATION_IMAGES, len(data.train)))
     model = search.fresh_model().to(search.device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
@@ -432,7 +434,7 @@ def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
         found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
     else:
         found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
-                           search.device)
+                           search.device, search.data.train.sized(CALIBRATION_IMAGES))
         study.set_user_attr("sensitivity", found.to_attrs())
     held = _held(study, "seeded")
     for rate in BASELINE_RATES:

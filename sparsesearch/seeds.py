@@ -59,9 +59,10 @@ def _units(space: Space) -> dict[str, tuple[SparsityType, list[str]]]:
 
 
 def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, device: torch.device,
-         rate: float = SCAN_RATE) -> Scan:
-    """Prune each unit of `space` alone at `rate` and measure the accuracy lost on `probe`. The
-    model's weights are restored after each unit (it is evaluated on a swap)."""
+         calibration: Split | None = None, rate: float = SCAN_RATE) -> Scan:
+    """Prune each unit of `space` alone at `rate` and measure the accuracy lost on `probe`, with
+    BatchNorm statistics re-estimated on `calibration` (training images; see `projected_accuracy`).
+    The model's weights are restored after each unit (it is evaluated on a swap)."""
     start = time.perf_counter()
     model = model.to(device)
     dense = evaluate(model, probe, device)
@@ -69,7 +70,7 @@ def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, devic
     for unit, (kind, slots) in _units(space).items():
         plan = space.plan({slot: (kind, rate) for slot in slots})
         kinds[unit] = kind.value
-        drop[unit] = dense - projected_accuracy(model, probe, plan, deps, device) if plan.layers else 0.0
+        drop[unit] = dense - projected_accuracy(model, probe, plan, deps, device, calibration) if plan.layers else 0.0
     model.cpu()
     return Scan(rate, kinds, drop, time.perf_counter() - start, len(probe) * (len(drop) + 1))
 

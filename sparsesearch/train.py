@@ -8,7 +8,8 @@ import datetime
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,43 @@ def correct(model: nn.Module, split: data.Split, device: torch.device, batch_siz
             right.append(model(x.to(device)).argmax(1).cpu() == y)
     model.train(was_training)
     return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)
+
+
+@contextmanager
+def refreshed_batchnorm(model: nn.Module, split: data.Split | None, device: torch.device,
+                        batch_size: int = 64) -> Iterator[None]:
+    """Within the block, BatchNorm running statistics re-estimated on `split` (training images,
+    a forward in train mode without gradient, averaged over all its batches); restored after.
+
+    Pruning shifts every later layer's activations away from the statistics the dense model
+    gathered; scored with them, a deep BatchNorm net's projection sits near chance whatever the
+    plan (resnet56 on Fashion-MNIST, filter 30%: 16.7% stale, 67.2% re-estimated on 512 images),
+    so the check cannot rank plans. Re-estimating is the adaptive BatchNorm of EagleEye."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if split is None or not norms:
+        yield
+        return
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m.momentum, [b.clone() for b in m.buffers(recurse=False)]) for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+            m.train()
+        with torch.no_grad():
+            for x, _ in split.batches(batch_size):
+                model(x.to(device))
+        model.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, buffers) in zip(norms, saved):
+                m.momentum = momentum
+                for b, old in zip(m.buffers(recurse=False), buffers):
+                    b.copy_(old)
+        for m, training in modes.items():
+            m.training = training
 
 
 def paired_drop(reference: Tensor, other: Tensor) -> tuple[float, float]:

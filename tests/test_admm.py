@@ -10,14 +10,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from sparsesearch.admm import ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels, prune_masks, run_admm
+from sparsesearch.admm import (CALIBRATION_IMAGES, ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels,
+                               projected_accuracy, prune_masks, run_admm)
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
 from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import SparsityType as T
 from sparsesearch.sparsity import achieved_rate, keep_count, num_groups, project
-from sparsesearch.train import DenseResult, prepare
+from sparsesearch.train import DenseResult, prepare, refreshed_batchnorm
 
 CPU = torch.device("cpu")
 SHORT = ADMMConfig(admm_epochs=0.5, admm_interval=0.25, retrain_epochs=0.5)
@@ -195,6 +196,41 @@ def test_rungs_report_what_the_run_would_end_with_at_each_fraction_of_its_steps(
     assert second.phase == "retrain" and second.step == math.ceil(total / 3), "in retraining: at its very step"
     assert last.step == total and last.acc == pytest.approx(result.accuracy["final_val"]), \
         "the last rung is the trial's own result"
+
+
+def test_batchnorm_is_re_estimated_on_the_calibration_images_and_restored_after(digits_baseline: DenseResult) -> None:
+    """Inside the block a BatchNorm layer holds the mean and variance of its input over the
+    calibration images (eval mode everywhere); after it, the dense statistics, momentum and modes."""
+    model, data = _digits(digits_baseline)
+    model.train()
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    calibration, seen = data.train.sized(512), []
+    handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with refreshed_batchnorm(model, calibration, CPU, batch_size=64):
+        handle.remove()
+        assert not any(m.training for m in model.modules())
+        x = torch.cat(seen).transpose(0, 1).flatten(1)
+        assert x.shape[1] == len(calibration) * seen[0].shape[2] * seen[0].shape[3]
+        assert torch.allclose(norm.running_mean, x.mean(1), atol=1e-5)
+        batch_vars = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in seen])  # unbiased, per batch
+        assert torch.allclose(norm.running_var, batch_vars.mean(0), rtol=1e-4)
+    assert all(m.training for m in model.modules()) and norm.momentum == 0.1
+    assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
+
+
+def test_a_projection_of_a_deep_batchnorm_net_is_scored_with_its_statistics_re_estimated(fashion_dir: Path) -> None:
+    """The committed dense resnet56 with every conv at filter 30%: with the dense statistics the
+    projection scores near chance (so rungs and the sensitivity scan could not rank plans); with
+    statistics re-estimated on 512 training images, as retraining would, far above it."""
+    checkpoint = Path(__file__).parents[1] / "bench/checkpoints/resnet56-fashion-mnist/dense.pt"
+    model, data = prepare("resnet56", "fashion-mnist", fashion_dir, weights=checkpoint)
+    plan = Plan({layer.name: LayerSparsity(T.FILTER, 0.3) for layer in trace(model, data.input_shape)
+                 if layer.kind == "conv"})
+    probe, deps = data.val.sized(500), dependencies(model, data.input_shape)
+    stale = projected_accuracy(model, probe, plan, deps, CPU)
+    refreshed = projected_accuracy(model, probe, plan, deps, CPU, data.train.sized(CALIBRATION_IMAGES))
+    assert stale < 30 and refreshed > stale + 30, (stale, refreshed)
 
 
 def test_admm_is_deterministic_with_a_seed(digits_baseline: DenseResult) -> None:
