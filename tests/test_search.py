@@ -421,6 +421,39 @@ def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path
     assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
 
 
+def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint(tiny: dict, tmp_path: Path) -> None:
+    """Short trials on a deep net can lose more than the constraint allows even at 30%: the ladder
+    then adds half its lowest rate on the grid (15%, then 5%), baseline and seed, until one is
+    feasible, and trains them before the sampler's plans."""
+    built = tiny["search"]
+    distributions = tiny["study"].get_trials(False)[0].distributions
+
+    def study_of(name: str, rates: list[float]) -> optuna.Study:
+        """A study whose baselines at `rates` finished and missed the constraint."""
+        study = stores.open_study(name, f"sqlite:///{tmp_path / 'study.db'}", True,
+                                  search.make_sampler(built.config, 0), LadderPruner())
+        study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
+        for label, params in built.baselines(rates):
+            study.add_trial(optuna.trial.create_trial(
+                values=[90.0, 1.5], params=params, distributions={k: distributions[k] for k in params},
+                user_attrs={"baseline": label, "feasible": False}))
+        return study
+
+    assert built.ladder(study_of("partly", [0.3, 0.5])) == [0.3, 0.5, 0.7], "filter 70% has not run yet"
+    study = study_of("down", [0.3, 0.5, 0.7])
+    assert built.ladder(study) == [0.3, 0.5, 0.7, 0.15]
+    search.run(built, study, search.Budget(trials=4))
+    (new,) = [t for t in search.trained_trials(study) if t.number >= 3]
+    assert new.user_attrs["baseline"] == "filter=0.15"
+    assert {(v["type"], v["rate"]) for v in new.user_attrs["plan"].values()} == {("filter", 0.15)}
+    waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
+    assert "sensitivity at mean rate 0.15" in waiting
+    assert new.user_attrs["feasible"] and built.ladder(study) == [0.3, 0.5, 0.7, 0.15], "feasible: no lower"
+    assert built.ladder(study_of("further", [0.3, 0.5, 0.7, 0.15])) == [0.3, 0.5, 0.7, 0.15, 0.05]
+    assert built.ladder(study_of("floor", [0.3, 0.5, 0.7, 0.15, 0.05])) == [0.3, 0.5, 0.7, 0.15, 0.05], \
+        "not below the grid's step"
+
+
 def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny: dict, tmp_path: Path) -> None:
     """Trial 0 (a baseline) was killed; trial 1, a copy another worker enqueued, was rejected as
     trial 0's; trial 2 is trial 0's retry. Before: the retry was rejected as trial 1's, the baseline
