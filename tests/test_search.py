@@ -466,7 +466,8 @@ def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=params, distributions=distributions,
                                               user_attrs={"baseline": label}))
     study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=params, distributions=distributions,
-                                              user_attrs={"baseline": label, "rejected": f"baseline {label} is trial 0's"}))
+                                              user_attrs={"baseline": label, "rejected": f"baseline {label} is trial 0's",
+                                                          "judged": False}))
     study.enqueue_trial(params, user_attrs={"baseline": label})
     search.run(built, study, search.Budget(trials=1), baselines=False)
     trials = study.get_trials(False)
@@ -551,12 +552,26 @@ def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_pat
     for label, state, attrs in [("filter=0.3", TrialState.FAIL, {}), ("filter=0.3", TrialState.FAIL, {}),
                                 ("filter=0.5", TrialState.COMPLETE, {}),
                                 ("filter=0.7", TrialState.FAIL, {}),
-                                ("filter=0.7", TrialState.PRUNED, {"rejected": "baseline filter=0.7 is trial 3's"})]:
+                                ("filter=0.7", TrialState.PRUNED,
+                                 {"rejected": "baseline filter=0.7 is trial 3's", "judged": False})]:
         study.add_trial(optuna.trial.create_trial(state=state, user_attrs={"baseline": label, **attrs},
                                                   values=[1.0, 1.0] if state == TrialState.COMPLETE else None))
     search.run(built, study, search.Budget(trials=0))
     waiting = [t.user_attrs.get("baseline") for t in study.get_trials(False, states=(TrialState.WAITING,))]
     assert sorted(w for w in waiting if w) == ["filter=0.3", "filter=0.7"]
+
+
+def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path: Path) -> None:
+    """A seeded plan judged hopeless (it prunes no less than a trial that already misses the
+    constraint) stays judged: it was once enqueued after every trial and rejected again, 500 times
+    in a row, until the run gave up 9 minutes into its 85 (resnet56)."""
+    study = stores.open_study("judged", f"sqlite:///{tmp_path / 'study.db'}", True)
+    study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
+    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={
+        "seeded": "sensitivity at mean rate 0.5", "rejected": "hopeless: trial 3 prunes no more and already misses"}))
+    search.run(tiny["search"], study, search.Budget(trials=0))
+    waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
+    assert waiting - {None} == {"sensitivity at mean rate 0.3", "sensitivity at mean rate 0.7"}
 
 
 def _get(app: Any, path: str) -> Any:
