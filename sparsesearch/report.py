@@ -276,8 +276,13 @@ def plot_layers(study: optuna.Study, path: Path) -> Path:
 # --- the report -----------------------------------------------------------------------------------
 
 
-def _plan_text(plan: dict[str, Any]) -> str:
-    return ", ".join(f"{n}: {s['type']} {s['rate']:.2f}" for n, s in plan.items()) or "dense"
+def _plan_text(plan: dict[str, Any], spelled_out: int = 6) -> str:
+    """Layer by layer for a few layers; for more, each (type, rate) with its layer count, most
+    layers first: resnet56's 55 layers spelled out made one table cell of 2,000 characters."""
+    if len(plan) <= spelled_out:
+        return ", ".join(f"{n}: {s['type']} {s['rate']:.2f}" for n, s in plan.items()) or "dense"
+    groups = Counter((s["type"], s["rate"]) for s in plan.values())
+    return ", ".join(f"{kind} {rate:.2f} ×{n}" for (kind, rate), n in groups.most_common()) + " (layers.png)"
 
 
 def _num(value: Any, fmt: str) -> str:

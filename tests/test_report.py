@@ -94,6 +94,16 @@ def test_the_layers_plot_keeps_each_layer_readable(n_layers: int, tmp_path: Path
     assert (height > width) == (n_layers > 12)
 
 
+def test_a_deep_plan_reads_as_its_types_and_rates_with_layer_counts() -> None:
+    """A few layers are spelled out; 55 would make a table cell of 2,000 characters."""
+    few = {"0": {"type": "filter", "rate": 0.3}, "3": {"type": "shape", "rate": 0.5}}
+    assert report._plan_text(few) == "0: filter 0.30, 3: shape 0.50"
+    deep = {f"layer{i}": {"type": "filter", "rate": 0.45 if i < 19 else 0.1} for i in range(54)}
+    deep["linear"] = {"type": "channel", "rate": 0.3}
+    assert report._plan_text(deep) == "filter 0.10 ×35, filter 0.45 ×19, channel 0.30 ×1 (layers.png)"
+    assert report._plan_text({}) == "dense"
+
+
 def test_report_of_an_unknown_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "nope"])
