@@ -434,16 +434,6 @@ def _claim(trial: optuna.Trial, budget: int | None) -> bool:
     return trained + earlier < budget
 
 
-def _enqueue_baselines(search: Search, study: optuna.Study) -> None:
-    """Enqueue each uniform baseline that no trial holds, or whose every trial failed (its workers
-    killed twice: a retried trial is not retried again). The report compares the search with them,
-    so they are never dropped; copies enqueued by workers starting together are rejected at no cost."""
-    held = _held(study, "baseline")
-    for label, params in search.baselines(search.ladder(study)):
-        if label not in held:
-            study.enqueue_trial(params, user_attrs={"baseline": label})
-
-
 def _held(study: optuna.Study, key: str) -> set[Any]:
     """The `key` labels (baseline, seeded) of trials that run, ran or wait, or whose plan was judged
     and rejected (hopeless, slower than dense): neither failed nor rejected unjudged (as a copy, or
@@ -454,9 +444,17 @@ def _held(study: optuna.Study, key: str) -> set[Any]:
             if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)}
 
 
-def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
-    """Scan the dense model's sensitivity once per study (kept in the study), then enqueue the plans
-    it suggests at the baselines' mean rates that no trial holds yet."""
+def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
+    """Enqueue, at each rate of the ladder (`Search.ladder`), the uniform baseline and the seeded
+    plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
+    trial is not retried again). The report compares the search with the baselines, so they are
+    never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
+    come from the dense model's sensitivity scan, run once per study and kept in it."""
+    rates = search.ladder(study)
+    held = _held(study, "baseline")
+    for label, params in search.baselines(rates):
+        if label not in held:
+            study.enqueue_trial(params, user_attrs={"baseline": label})
     if "sensitivity" in study.user_attrs:
         found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
     else:
@@ -464,7 +462,7 @@ def _enqueue_seeds(search: Search, study: optuna.Study) -> None:
                            search.device, search.data.train.sized(CALIBRATION_IMAGES))
         study.set_user_attr("sensitivity", found.to_attrs())
     held = _held(study, "seeded")
-    for rate in search.ladder(study):
+    for rate in rates:
         if (label := f"sensitivity at mean rate {rate}") not in held:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
 
@@ -510,8 +508,7 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     study, inside a duration budget), unless `baselines` is false (the benchmark's pure random search)."""
     start = time.monotonic()
     if baselines:
-        _enqueue_baselines(search, study)
-        _enqueue_seeds(search, study)
+        _enqueue_ladder(search, study)
     search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
@@ -529,8 +526,7 @@ def run(search: Search, study: optuna.Study, budget: Budget,
         if on_trial is not None:
             on_trial(study_, trial)
         if baselines:  # the ladder goes on down, and a baseline whose retry died too (another worker's,
-            _enqueue_baselines(search, study_)  # failed as stale) comes back
-            _enqueue_seeds(search, study_)
+            _enqueue_ladder(search, study_)  # failed as stale) comes back
         if budget.trials is not None and len(trained_trials(study_)) >= budget.trials:
             result.stopped = "budget"
         elif should_stop is not None and should_stop():
