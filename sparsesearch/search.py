@@ -59,6 +59,7 @@ ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
 PROBE_IMAGES = 1000  # validation images a trial is checked on at its rungs (a fixed stratified subset)
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CLAIM_POLL_S = 1.0  # how often a trial waiting for the budget looks at the study again
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -261,9 +262,7 @@ class Search(Trials):
         trial.set_user_attr("worker", worker())
         fail_stale(trial.study, heartbeat=False)  # the journal's dead workers; Optuna fails heartbeat-stale ones
         if (twin := _earlier_twin(trial)) is not None:
-            trial.set_user_attr("rejected", f"{_label(trial.user_attrs)} is trial {twin}'s")
-            trial.set_user_attr("judged", False)
-            raise optuna.TrialPruned("duplicate of an enqueued plan")
+            _reject_unjudged(trial, f"{_label(trial.user_attrs)} is trial {twin}'s")
         plan = self.space.suggest(trial)
         layers = plan.to_dict()["layers"]
         trial.set_user_attr("plan", layers)
@@ -278,11 +277,7 @@ class Search(Trials):
         if reason and "baseline" not in trial.user_attrs:
             trial.set_user_attr("rejected", reason)
             raise optuna.TrialPruned(reason)
-        if not _claim(trial, self.trial_budget):
-            trial.set_user_attr("rejected", f"the study's budget of {self.trial_budget} trials is taken")
-            trial.set_user_attr("judged", False)
-            trial.study.stop()
-            raise optuna.TrialPruned("budget taken")
+        _claim(trial, self.trial_budget)
         model, curve, rungs, start = self.fresh_model(), [], [], time.perf_counter()
 
         def on_iteration(it: Iteration) -> None:
@@ -418,20 +413,42 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
 
-def _claim(trial: optuna.Trial, budget: int | None) -> bool:
-    """Whether `trial` may train without the study exceeding `budget` trained trials, counting the
-    trials other workers are training. Each trial states its claim, then counts the finished ones and
-    the earlier claims (by claim time, then number): of two claims made at once exactly one sees the
-    other first, so workers on one study train `budget` trials, not one more each."""
+def _claim(trial: optuna.Trial, budget: int | None) -> None:
+    """Return when `trial` may train without the study exceeding `budget` trained trials, counting
+    the trials other workers are training and the retries of killed ones waiting to run. Each trial
+    states its claim, then counts the finished trials and the earlier claims (by claim time, then
+    number): of two claims made at once exactly one sees the other first, so workers on one study
+    train `budget` trials, not one more each. While the claims fill the budget it waits: the claims
+    may end in a trial killed with its worker, and a worker that stopped then left the killed plan
+    unretried and the budget short. Rejects `trial` (unjudged) once the trained trials fill the
+    budget, stopping the study, or when a retry waits and `trial` is not one, so it runs next."""
     if budget is None:
-        return True
+        return
     mine = (time.time(), trial.number)
     trial.set_user_attr("claimed", mine[0])
-    trials = trial.study.get_trials(deepcopy=False)
-    trained = sum(t.state in FINISHED and "rejected" not in t.user_attrs for t in trials)
-    earlier = sum(t.state == TrialState.RUNNING and "claimed" in t.user_attrs
-                  and (t.user_attrs["claimed"], t.number) < mine for t in trials)
-    return trained + earlier < budget
+    while True:
+        trials = trial.study.get_trials(deepcopy=False)
+        retry = "failed_trial" in trials[trial.number].system_attrs
+        trained = sum(t.state in FINISHED and "rejected" not in t.user_attrs for t in trials)
+        if trained >= budget:
+            trial.study.stop()
+            _reject_unjudged(trial, f"the study's budget of {budget} trials is taken")
+        earlier = sum(t.state == TrialState.RUNNING and "claimed" in t.user_attrs
+                      and (t.user_attrs["claimed"], t.number) < mine for t in trials)
+        retries = [t.number for t in trials if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs]
+        if trained + earlier + len(retries) < budget:
+            return
+        if retries and not retry:
+            _reject_unjudged(trial, f"trial {retries[0]} retries a killed trial's plan and runs first")
+        time.sleep(CLAIM_POLL_S)
+        fail_stale(trial.study)
+
+
+def _reject_unjudged(trial: optuna.Trial, reason: str) -> None:
+    """Reject `trial` without judging its plan, so an enqueued plan is enqueued again (`_held`)."""
+    trial.set_user_attr("rejected", reason)
+    trial.set_user_attr("judged", False)
+    raise optuna.TrialPruned(reason)
 
 
 def _held(study: optuna.Study, key: str) -> set[Any]:
