@@ -371,7 +371,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     for i, epochs in enumerate(periods):
         state.set_rho(config.rho(i))
         history = fit(model, data, train_config(epochs, config.lr, config.seed + i), device,
-                      Hooks(penalty=state.penalty), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
+                      Hooks(penalty=state.penalty if plan.layers else None), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
         done += _steps(len(data.train), config.batch_size, epochs)
         residual = state.update()
         projected = (projected_accuracy(model, probe, plan, deps, device, calibration)

@@ -628,9 +628,18 @@ def optimize(
     opened.sampler = search.make_sampler(config, done_before)
     opened.pruner = LadderPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
-                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); feasible: val >= "
-                  f"{built.dense['val'] - config.max_acc_drop:.2f}%; space: {len(built.space.slots)} slots, "
+                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); space: "
+                  f"{len(built.space.slots)} slots, "
                   f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+    with progress_bar("control") as update:
+        search.control(built, opened, lambda p: update(p.step, p.total, p.phase))
+    if control := opened.user_attrs.get(search.CONTROL):
+        console.print(f"control (the trial recipe, nothing pruned): {control['val']:.2f}% val "
+                      f"({control['val'] - built.dense['val']:+.2f} vs dense, {search.duration(control['seconds'])}); "
+                      f"feasible: at most {config.max_acc_drop:g} points below it, image by image")
+    else:
+        console.print(f"feasible: at most {config.max_acc_drop:g} points below the dense model, image by image "
+                      "(this study's first trials were judged so, before studies had a control)")
     if built.withheld:
         counts = Counter(kind.value for kinds in built.withheld.values() for kind in kinds)
         console.print("withheld (predicted no faster than the dense layer even at the highest rate, on this profile): "

@@ -119,9 +119,10 @@ def pareto(study: optuna.Study) -> dict[str, Any]:
     measured = study.user_attrs.get("measured", {})
     return {"schema": SCHEMA, "study": study.study_name, "config": study.user_attrs.get("config"),
             "dense": study.user_attrs.get("dense"), "measured_setting": study.user_attrs.get("measured_setting"),
-            "sensitivity": study.user_attrs.get("sensitivity"),
+            "sensitivity": study.user_attrs.get("sensitivity"), "control": control(study),
             "units": {"val_acc": "% top-1, validation split (the objective)",
-                      "acc_drop": "points of validation accuracy below the dense model, on the same images",
+                      "acc_drop": "points of validation accuracy below the control (or, without one, the dense "
+                                  "model), on the same images",
                       "acc_drop_se": "standard error of acc_drop, from the per-image differences (paired)",
                       "feasible_confidence": "P(true drop <= max_acc_drop) under a normal error of acc_drop_se",
                       "latency_ms": "ms per call of the whole batch, median", "macs": "per sample, prunable layers",
@@ -130,9 +131,20 @@ def pareto(study: optuna.Study) -> dict[str, Any]:
             "baselines": [row(t, measured) for t in baselines(study)]}
 
 
-def best_within(rows: list[dict[str, Any]], dense_val: float, drop: float) -> dict[str, Any] | None:
-    """The row with the highest measured speedup among those within `drop` points of the dense model."""
-    ok = [r for r in rows if r.get("measured_speedup") and r["val_acc"] is not None and dense_val - r["val_acc"] <= drop]
+def control(study: optuna.Study) -> dict[str, float] | None:
+    """The study's control (`search.control`) without its per-image vector, or None for a study without one."""
+    found = study.user_attrs.get("control")
+    return {k: v for k, v in found.items() if k != "correct"} if found else None
+
+
+def reference_val(study: optuna.Study) -> float:
+    """The validation accuracy the trials' drops are taken from: the control's, else the dense model's."""
+    return (control(study) or study.user_attrs.get("dense", {})).get("val", 100.0)
+
+
+def best_within(rows: list[dict[str, Any]], drop: float) -> dict[str, Any] | None:
+    """The row with the highest measured speedup among those whose drop is within `drop` points."""
+    ok = [r for r in rows if r.get("measured_speedup") and r.get("acc_drop") is not None and r["acc_drop"] <= drop]
     return max(ok, key=lambda r: r["measured_speedup"], default=None)
 
 
@@ -159,12 +171,13 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
 
     measured = study.user_attrs.get("measured", {})
     dense, config = study.user_attrs.get("dense", {}), study.user_attrs.get("config", {})
-    floor = dense.get("val", 100) - config.get("max_acc_drop", 1.0)
+    floor = reference_val(study) - config.get("max_acc_drop", 1.0)
+    reference = "control" if control(study) else "dense"
     done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,))]
     bottom = min([floor - max(3 * config.get("max_acc_drop", 1.0), 2.0)]
                  + [t.user_attrs["val_acc"] for t in done if t.user_attrs.get("feasible")])
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.axhline(floor, color="crimson", ls="--", lw=1, label=f"constraint: dense - {config.get('max_acc_drop')} pts")
+    ax.axhline(floor, color="crimson", ls="--", lw=1, label=f"constraint: {reference} - {config.get('max_acc_drop')} pts")
     groups = {"feasible trials (predicted speedup)": [t for t in done if t.user_attrs.get("feasible")],
               "infeasible trials (predicted speedup)": [t for t in done if not t.user_attrs.get("feasible")]}
     for (label, trials), style in zip(groups.items(), [{"marker": "o", "mfc": "none", "color": "tab:blue"},
@@ -196,6 +209,8 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
             ax.annotate(t.user_attrs["baseline"] + (f" ({acc:.1f}%, below the axis)" if clipped else ""), (x, y),
                         textcoords="offset points", xytext=(-6, -14), fontsize=8, color="tab:green", ha="right")
     ax.plot(1.0, dense.get("val", 100), "*", color="black", ms=14, label="dense model")
+    if reference == "control":
+        ax.plot(1.0, reference_val(study), "P", color="black", ms=9, label="control: the trial recipe, nothing pruned")
     ax.set_ylim(bottom - 0.6, max(dense.get("val", 100), *[t.user_attrs["val_acc"] for t in done]) + 0.5)
     ax.set_xlabel("end-to-end speedup over the dense model (x; measured = median latency ratio)")
     ax.set_ylabel("validation accuracy (% top-1)")
@@ -289,6 +304,16 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "–"
 
 
+def control_text(found: dict[str, float] | None, dense: dict[str, Any], config: dict[str, Any]) -> str:
+    """The constraint, and what a drop is taken from: the control, or (an older study) the dense model."""
+    limit = f"constraint: a drop of at most {config.get('max_acc_drop')} points on validation"
+    if not found:
+        return f"- {limit} below the dense model, image by image"
+    return (f"- control, the dense model trained with the trial recipe and nothing pruned: {found['val']:.2f}% "
+            f"validation ({found['val'] - dense.get('val', float('nan')):+.2f} vs dense); {limit} below it, image by "
+            "image: what the pruning costs, not the short recipe")
+
+
 def markdown(study: optuna.Study) -> str:
     data = pareto(study)
     c, dense, s = data["config"] or {}, data["dense"] or {}, data["measured_setting"] or {}
@@ -297,7 +322,7 @@ def markdown(study: optuna.Study) -> str:
     states = Counter(t.state.name.lower() for t in trials)
     lines = [f"# Study `{study.study_name}`: {c.get('model')} on {c.get('dataset')}", "",
              (f"- dense model: {dense.get('val', float('nan')):.2f}% validation, {dense.get('test', float('nan')):.2f}% "
-              f"test accuracy; constraint: at most {c.get('max_acc_drop')} points below it on validation"),
+              f"test accuracy"), control_text(data["control"], dense, c),
              (f"- trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); each: "
               f"{c.get('admm_epochs')} ADMM + {c.get('retrain_epochs')} retraining epochs; "
               f"types {', '.join(c.get('types', []))}; sampler {c.get('sampler')}"),
@@ -307,7 +332,7 @@ def markdown(study: optuna.Study) -> str:
               f"{s.get('by', '?')}), batch {s.get('batch_size', '?')}, {s.get('threads', '?')} threads: "
               f"{s.get('how', 'not measured yet')}"), ladder_text(trials), ""]
     for drop in sorted({0.5, float(c.get("max_acc_drop", 1.0))}):
-        best, base = best_within(data["pareto"], dense.get("val", 0), drop), best_within(data["baselines"], dense.get("val", 0), drop)
+        best, base = best_within(data["pareto"], drop), best_within(data["baselines"], drop)
         which = f" (trial {best['trial']})" if best else ""
         lines.append(f"- best measured speedup within {drop:g} points: "
                      f"{_num(best and best['measured_speedup'], '.2f')}x{which}; "
@@ -325,8 +350,8 @@ def markdown(study: optuna.Study) -> str:
             f"{_num(macs.get('dense', 0) / max(macs.get('compacted', 1), 1) if macs else None, '.2f')}x fewer | "
             f"{_num(params.get('compacted'), ',')} | {_plan_text(r['plan'] or {})} |")
     lines += ["", ("Accuracy: % top-1 on the validation split, the search's only score (the test split is never "
-                   "evaluated in the search: `export` reports it after full retraining). Drop: points below the dense "
-                   "model on the same images, ± its standard error from the per-image differences; P(feasible): how "
+                   "evaluated in the search: `export` reports it after full retraining). Drop: points below the "
+                   "control (above) on the same images, ± its standard error from the per-image differences; P(feasible): how "
                    "sure that error makes the drop is within the limit (50% at the limit). Latency: ms per call "
                    "of the whole batch. MACs: per sample, prunable layers. Baselines that are not Pareto-optimal are "
                    "listed after the front."), "", "![predicted vs measured](predicted_vs_measured.png)", "",

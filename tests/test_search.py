@@ -476,6 +476,34 @@ def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny
     assert len(trials) == 3
 
 
+def test_a_trials_drop_is_paired_with_the_control_trained_once_with_the_trial_recipe(
+        tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short trials cost the unpruned model accuracy too: a drop is taken from the dense model
+    trained with the same recipe and nothing pruned, stored in the study and never trained again."""
+    study, built = tiny["study"], tiny["search"]
+    monkeypatch.setattr(search, "run_admm", lambda *a, **k: pytest.fail("the control was trained again"))
+    search.control(built, study)
+    found = study.user_attrs[search.CONTROL]
+    assert found["seconds"] > 0 and search._unbits(found["correct"], len(built.data.val)).float().mean().item() * 100 \
+        == pytest.approx(found["val"])
+    for trial in search.trained_trials(study):
+        if "acc_drop" in trial.user_attrs:  # stopped on the ladder: no drop
+            assert trial.user_attrs["acc_drop"] == pytest.approx(found["val"] - trial.user_attrs["val_acc"], abs=1e-4)
+    assert report.pareto(study)["control"] == {"val": found["val"], "seconds": found["seconds"]}
+    assert "control, the dense model trained with the trial recipe" in report.markdown(study)
+
+
+def test_a_study_judged_against_the_dense_model_before_it_had_a_control_keeps_judging_so(
+        tiny: dict, tmp_path: Path) -> None:
+    built = tiny["search"]
+    study = stores.open_study("older", f"sqlite:///{tmp_path / 'study.db'}", True)
+    study.add_trial(optuna.trial.create_trial(values=[90.0, 1.5], user_attrs={"acc_drop": 1.2}))
+    search.run(built, study, search.Budget(trials=1))
+    assert search.CONTROL not in study.user_attrs and built.reference is None
+    search.control(built, tiny["study"])  # the shared Search judges the fixture's study again
+    assert built.reference is not None
+
+
 def test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_killed_trials_retry(
         tiny: dict, tmp_path: Path) -> None:
     """A trial whose worker was killed holds the budget's last claim. A worker asking then used to
@@ -711,7 +739,7 @@ def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_te
     search.record(study, quarter)
     search.run(quarter, study, search.Budget(trials=1))
     (trial,) = search.trained_trials(study)
-    assert trained_on == [round(0.25 * len(base.data.train))] == [len(quarter.trial_data.train)]
+    assert trained_on == [round(0.25 * len(base.data.train))] * 2 == [len(quarter.trial_data.train)] * 2  # control, trial
     assert trial.state == TrialState.COMPLETE and "test_acc" not in trial.user_attrs
     assert trial.user_attrs["acc_drop_se"] > 0 and 0 <= trial.user_attrs["feasible_confidence"] <= 1
     cost = search.trial_cost(quarter)
