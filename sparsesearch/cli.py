@@ -458,6 +458,8 @@ def profile_cmd(
     rest = run.rest
     console.print(f"rest of the network (not prunable layers): {rest['median_ms']:.4f} ms; "
                   f"dense network measured: {rest['dense_ms']:.4f} ms")
+    for kind, verdict in run.profile.verdicts().items():
+        console.print(f"{kind}: {verdict}")
     found = run.profile.steps
     console.print(f"channel steps on this device ({found['conv']}): latency steps every {found['out']} output and "
                   f"every {found['in']} input channels (1: no staircase)")

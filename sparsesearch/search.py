@@ -50,12 +50,11 @@ from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
-from .sparsity import SparsityType
+from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, worker
 from .train import ProgressFn, paired_drop
 
 SCHEMA = 1
-LAYER_LOCAL = (SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)  # whose speed is the layer's own
 STUDIES_DIR = Path("studies")
 BASELINE_RATES = (0.3, 0.5, 0.7)
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget

@@ -42,6 +42,10 @@ class SparsityType(str, Enum):
         return self in (SparsityType.FILTER, SparsityType.CHANNEL)
 
 
+# types that keep a layer's dims: their speed is the layer's own, and needs a kernel of its own
+LAYER_LOCAL = (SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM)
+
+
 def _applicability(module: nn.Module) -> tuple[tuple[SparsityType, ...], str]:
     """The types that fit a layer, and why the others do not."""
     is_conv = isinstance(module, nn.Conv2d)

@@ -11,6 +11,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,29 @@ def test_table_round_trips_through_json(small_profile: measure.ProfileRun) -> No
     row = raw["rows"][0]
     assert {"kind", "in_channels", "out_channels", "kernel", "stride", "padding", "groups", "input_hw"} <= set(row["signature"])
     assert {"type", "rate", "in_keep", "out_keep", "impl", "macs", "median_ms", "spread"} <= set(row)
+
+
+def test_the_profile_says_which_layer_local_types_pay_on_its_device(small_profile: measure.ProfileRun) -> None:
+    """A type that never beats the dense layer (CSR on a CPU) is compression only there, and the
+    profile says so; where a type does run faster, it says on how many layer shapes."""
+    import dataclasses
+
+    assert json.loads(small_profile.path.read_text())["verdicts"].keys() == {"shape"}  # the one layer-local type profiled
+    profile = table.Profile.load(small_profile.path)
+    dense = {r.signature.key: r.median_ms for r in profile.rows.values()
+             if r.type == "plain" and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
+    shapes = sorted({r.signature.key for r in profile.rows.values() if r.type == "shape"})
+    rows = {k: r for k, r in profile.rows.items() if r.type == "shape"}
+
+    def timed(factor: Callable[[table.Row], float]) -> str:
+        for key, row in rows.items():
+            profile.rows[key] = dataclasses.replace(row, median_ms=dense[row.signature.key] * factor(row))
+        return profile.verdicts()["shape"]
+
+    assert timed(lambda r: 0.5 if r.signature.key == shapes[0] else 2.0).startswith(
+        f"1.1x faster than the dense layer on 1 of {len(shapes)} layer shapes (best 2.00x")
+    assert timed(lambda r: 1 / 1.05).startswith("never 1.1x faster than the dense layer (best 1.05x")  # noise, not a gain
+    assert "compression only on this device" in profile.verdicts()["shape"]
 
 
 def test_rows_are_keyed_by_signature_not_model(small_profile: measure.ProfileRun, digits: measure.Target) -> None:

@@ -512,7 +512,8 @@ def test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_kille
     retry run first, and the budget is trained exactly."""
     built = tiny["search"]
     study = stores.open_study("wait", f"sqlite:///{tmp_path / 'study.db'}", True, search.make_sampler(built.config, 0),
-                              LadderPruner(), grace_s=1)
+                              LadderPruner(), grace_s=2)
+    study.set_user_attr(search.CONTROL, tiny["study"].user_attrs[search.CONTROL])  # trained, or the claim goes stale first
     label, params = built.baselines()[0]
     distributions = {k: v for k, v in tiny["study"].get_trials(False)[0].distributions.items() if k in params}
     study.enqueue_trial(params, user_attrs={"baseline": label})

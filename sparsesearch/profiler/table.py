@@ -21,12 +21,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..files import read_json, write_json
+from ..sparsity import LAYER_LOCAL
 
 SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Profiles of known machines shipped with the source: read, never written (a run that adds rows
 # starts a copy in `profiles_dir()`).
 SHIPPED_PROFILES = Path(__file__).resolve().parents[2] / "hardware_profiles"
+PAYS = 1.1  # how much faster than dense a compact form must run to count as paying (timing noise is ~5%)
 
 
 def profiles_dir() -> Path:
@@ -200,7 +202,32 @@ class Profile:
         return {"schema": SCHEMA, "kind": "sparsesearch-latency-profile", "fingerprint": self.fingerprint,
                 "timing": self.timing, "units": {"median_ms": "ms per call (whole batch)", "macs": "per sample"},
                 "yardstick_ms": self.yardstick_ms, "steps": self.steps, "rest": self.rest,
-                "rows": [r.to_dict() for r in rows]}
+                "verdicts": self.verdicts(), "rows": [r.to_dict() for r in rows]}
+
+    def verdicts(self) -> dict[str, str]:
+        """Per layer-local type, whether it pays on this device, from the rows: on how many layer
+        shapes some rate runs at least `PAYS` times faster than the dense layer, and the best ratio.
+        A type that never does is compression only here (CSR on a CPU); the search withholds it where
+        the latency model says so (`search.Search._no_faster`). Written into the profile for people."""
+        dense = {r.signature.key: r.median_ms for r in self.rows.values() if r.type == "plain"
+                 and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
+        out = {}
+        for kind in sorted({r.type for r in self.rows.values()} & {k.value for k in LAYER_LOCAL}):
+            rows = [r for r in self.rows.values() if r.type == kind and r.signature.key in dense]
+            if not rows:
+                continue
+            if all(r.impl == "dense-fallback" for r in rows):
+                out[kind] = "no sparse kernel on this device: compression only (it runs the dense layer)"
+                continue
+            ratio = {r.key: dense[r.signature.key] / r.median_ms for r in rows}
+            best = max(rows, key=lambda r: ratio[r.key])
+            shapes = {r.signature.key for r in rows}
+            paying = {r.signature.key for r in rows if ratio[r.key] >= PAYS}
+            at = f"best {ratio[best.key]:.2f}x: {best.impl} at rate {best.rate:g}"
+            out[kind] = (f"{PAYS:g}x faster than the dense layer on {len(paying)} of {len(shapes)} layer shapes ({at})"
+                         if paying else f"never {PAYS:g}x faster than the dense layer ({at}): compression only "
+                         "on this device")
+        return out
 
     def save(self, path: Path | None = None) -> Path:
         path = Path(path or self.path)
