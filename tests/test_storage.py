@@ -144,10 +144,11 @@ def optimize(project: Path, checkpoint: Path, *options: str) -> subprocess.Popen
 def kill_a_training_worker(study: Callable[[], optuna.Study], workers: list[subprocess.Popen]) -> int:
     """SIGKILL the worker of the first trial seen training; return that trial's number."""
     pids = {w.pid: w for w in workers}
-    deadline = time.monotonic() + 240
+    deadline, opened = time.monotonic() + 240, None
     while time.monotonic() < deadline and all(w.poll() is None for w in workers):
-        try:
-            running = study().get_trials(False, states=(TrialState.RUNNING,))
+        try:  # opened once: a poll must be quick, or a loaded machine's short trials all slip between two
+            opened = opened or study()
+            running = opened.get_trials(False, states=(TrialState.RUNNING,))
         except Exception:  # noqa: BLE001 - no worker has created the study yet
             running = []
         for trial in running:
