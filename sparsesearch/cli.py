@@ -633,6 +633,7 @@ def optimize(
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); space: "
                   f"{len(built.space.slots)} slots, "
                   f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+    started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:
         search.control(built, opened, lambda p: update(p.step, p.total, p.phase))
     if control := opened.user_attrs.get(search.CONTROL):
@@ -647,8 +648,9 @@ def optimize(
         console.print("withheld (predicted no faster than the dense layer even at the highest rate, on this profile): "
                       + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
     cost = search.trial_cost(built)
+    left = (limit.seconds or 0) - (time.monotonic() - started)
     buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"
-            if limit.trials else f"{limit} buys ≈ {limit.seconds / cost.seconds:.0f} trials")
+            if limit.trials else f"the {search.duration(left)} left of {limit} buy ≈ {left / cost.seconds:.0f} trials")
     console.print(f"one trial on {len(built.trial_data.train):,} training images: {cost} on this device (timed on a "
                   f"few steps); {buys}, less for trials stopped early")
     stop = {"asked": False}
@@ -661,16 +663,21 @@ def optimize(
 
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        with progress_bar("trials") as update:
+        with progress_bar("search") as update:
             def on_trial(st: Any, _trial: Any) -> None:
                 best = search.best_feasible_speedup(st)
                 pace = search.seconds_per_trial(st)
-                update(len(search.trained_trials(st)) - (0 if limit.trials else done_before), limit.trials,
-                       (f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
-                       + (f", {search.duration(pace)}/trial" if pace else ""))
+                status = ((f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
+                          + (f", {search.duration(pace)}/trial" if pace else ""))
+                trained = len(search.trained_trials(st))
+                if limit.trials:
+                    update(trained, limit.trials, status)
+                else:  # a duration: the bar is the minutes of it spent
+                    update(int((time.monotonic() - started) / 60), math.ceil(limit.seconds / 60),
+                           f"min; {trained - done_before} trials, {status}")
 
             on_trial(opened, None)
-            ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"])
+            ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"], started=started)
     finally:
         signal.signal(signal.SIGINT, previous)
     if scan := opened.user_attrs.get("sensitivity"):

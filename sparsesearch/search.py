@@ -549,13 +549,14 @@ class RunResult:
 def run(search: Search, study: optuna.Study, budget: Budget,
         on_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None,
         should_stop: Callable[[], bool] | None = None, baselines: bool = True,
-        max_rejections: int | None = None) -> RunResult:
+        max_rejections: int | None = None, started: float | None = None) -> RunResult:
     """Run trials until the study holds `budget.trials` trained ones (rejected candidates are free)
     or `budget.seconds` pass, or `should_stop()` says so after a trial, or `max_rejections` (default
     50 per trial of budget, at least 500) candidates in a row were rejected. Enqueues the uniform
     baselines the study lacks and the plans of its sensitivity scan (`seeds`; the scan runs once per
-    study, inside a duration budget), unless `baselines` is false (the benchmark's pure random search)."""
-    start = time.monotonic()
+    study, inside a duration budget), unless `baselines` is false (the benchmark's pure random search).
+    A duration counts from `started` (`time.monotonic()`; default now): work done first is inside it."""
+    start = time.monotonic() if started is None else started
     control(search, study)
     if baselines:
         _enqueue_ladder(search, study)
