@@ -2,7 +2,7 @@
 
 For one case (model, dataset, dense checkpoint), four arms, each trained at the search's trial
 fidelity (`--trial-data`, `--trial-epochs`; accuracy on the whole validation split, paired with
-the dense model):
+one control, the dense model trained with the trial recipe and nothing pruned, as `optimize` does):
   study          `optimize` as a user runs it: TPE, uniform baselines, sensitivity seeds, fidelity
                  ladder, types withheld where predicted no faster;
   uniform        the uniform filter ladder 10..90%, each with the same ADMM + retraining recipe;
@@ -11,10 +11,11 @@ the dense model):
   random         random search in the study's space (no baselines, no seeds), with the ladder.
 The two searches run until their trials' summed training seconds reach `--compute` (carried over
 sessions: the studies are journal files under bench/runs/arms-CASE/, text that git keeps). Then
-each arm's fastest plan within 0.5 and 1.0 points of the dense validation accuracy (predicted
+each arm's fastest plan within 0.5 and 1.0 points of the control (predicted
 speedup for the searches, the largest rate or ratio for the ladders) is trained again at the full
 budget (`--full-epochs` on the whole training split), compacted, and timed beside the dense model
-at batch 1 and 8 (1 thread, interleaved rounds, median ratio). Every stage's results are written
+at batch 1 and 8 (1 thread, interleaved rounds, median ratio); there its drop is against
+the dense model. Every stage's results are written
 as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
@@ -60,11 +61,14 @@ RUNS = Path(__file__).parent / "runs"
 # --- the arms at trial fidelity -------------------------------------------------------------------
 
 
-def searched(built: search.Search, arm: str, folder: Path, compute_s: float) -> optuna.Study:
-    """The study (or random search) arm, run on until its trials' training seconds reach `compute_s`."""
+def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict) -> optuna.Study:
+    """The study (or random search) arm, run on until its trials' training seconds reach `compute_s`;
+    a new one is judged against the arms' one `control` (a study attr), not a control of its own."""
     random = arm == "random"
     built.config = replace(built.config, sampler="random" if random else "tpe")
     study = storage.open_study(arm, f"journal:///{folder / f'{arm}.journal'}", True, None, LadderPruner())
+    if not study.trials:
+        study.set_user_attr(search.CONTROL, control)
     study.sampler = search.make_sampler(built.config, len(study.trials))
     search.record(study, built)
     left = compute_s - spent(study)
@@ -130,9 +134,11 @@ def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float]
     return model, out
 
 
-def scored(built: search.Search, raw: dict) -> dict:
-    drop, se = paired_drop(built.dense_correct, raw.pop("val_correct"))
-    return {**raw, "val": built.dense["val"] - drop, "drop": drop, "se": se}
+def scored(built: search.Search, raw: dict, full: bool) -> dict:
+    """A plan's drop, paired image by image: at trial fidelity with the control, at full budget with the dense model."""
+    reference, val = (built.dense_correct, built.dense["val"]) if full else (built.reference, percent(built.reference))
+    drop, se = paired_drop(reference, raw.pop("val_correct"))
+    return {**raw, "val": val - drop, "drop": drop, "se": se}
 
 
 # --- the final stage ------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.
                 Plan.from_dict({"layers": studies[arm].trials[pick["trial"]].user_attrs["plan"]}, pick["label"]))
         model, raw = admm_trained(built, plan, full)
         compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
-    row = scored(built, raw)
+    row = scored(built, raw, full=True)
     row["test drop"] = built.dense["test"] - row.pop("test")
     return {**row, **measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)}
 
@@ -198,10 +204,15 @@ def main() -> None:
                                  admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data)
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
+        holder = storage.open_study("control", f"journal:///{folder / 'control.journal'}", True)
+        search.control(built, holder)
+        control = holder.user_attrs[search.CONTROL]
+        print(f"control (trial recipe, nothing pruned): {control['val']:.2f}% val", flush=True)
         studies = {}
         for arm in args.arms:
             if arm in ("study", "random"):
-                studies[arm] = searched(built, arm, folder, compute_s)
+                studies[arm] = searched(built, arm, folder, compute_s, control)
+                search.control(built, holder)  # each study set the arms' reference again: the same one
                 print(arm, f"{spent(studies[arm]):.0f} s of training in {len(studies[arm].trials)} trials", flush=True)
                 continue
             for rate in LADDER:
@@ -213,7 +224,7 @@ def main() -> None:
                         pruned = torch_pruned(built, rate)
                         plan = tp_plan(built, pruned)
                         raw = fine_tuned(built, pruned, None)[1]
-                    state[arm][str(rate)] = {**scored(built, raw), "speed": predicted(built, plan)}
+                    state[arm][str(rate)] = {**scored(built, raw, full=False), "speed": predicted(built, plan)}
                     write_json(results, state)
                     print(arm, rate, state[arm][str(rate)], flush=True)
         if args.final:
@@ -254,7 +265,7 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
     for i, arm in enumerate(("study", "random", "uniform", "torch-pruning")):
         points = candidates(built, arm, state, studies) if arm in studies or arm in state else []
         color = f"C{i}"
-        ax.scatter([c["speed"] for c in points], [built.dense["val"] - c["drop"] for c in points], s=14, alpha=0.5,
+        ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14, alpha=0.5,
                    color=color, label=f"{arm} (trial fidelity, predicted speedup)")
         picks = [r for key, r in state.get("final", {}).items() if key.startswith(f"{arm} within")]
         ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
