@@ -640,6 +640,9 @@ def optimize(
         console.print(f"control (the trial recipe, nothing pruned): {control['val']:.2f}% val "
                       f"({control['val'] - built.dense['val']:+.2f} vs dense, {search.duration(control['seconds'])}); "
                       f"feasible: at most {config.max_acc_drop:g} points below it, image by image")
+    elif holder := (opened.user_attrs.get(search.TRAINING_CONTROL) or {}).get("by"):
+        console.print(f"control: worker {holder} trains it; this worker trains trials meanwhile and judges each "
+                      f"against it (at most {config.max_acc_drop:g} points below it, image by image)")
     else:
         console.print(f"feasible: at most {config.max_acc_drop:g} points below the dense model, image by image "
                       "(this study's first trials were judged so, before studies had a control)")

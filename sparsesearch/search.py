@@ -51,8 +51,8 @@ from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
-from .storage import artifact_store, fail_stale, worker
-from .train import ProgressFn, paired_drop
+from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
+from .train import Progress, ProgressFn, paired_drop
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
@@ -62,6 +62,8 @@ PROBE_IMAGES = 1000  # validation images a trial is checked on at its rungs (a f
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CONTROL = "control"  # the study attr holding the dense model trained with the trial recipe (`control`)
+TRAINING_CONTROL = "training_control"  # the lease of the worker training the control
+LEASE_RENEW_S = 60.0  # how often a lease's holder renews it while it works
 CLAIM_POLL_S = 1.0  # how often a trial waiting for the budget looks at the study again
 
 
@@ -307,6 +309,7 @@ class Search(Trials):
             trial.set_user_attr("pruned", str(e))
             raise optuna.TrialPruned("diverged") from e
         val = result.accuracy["final_val"]
+        control(self, trial.study, wait=True)
         drop, se = paired_drop(self.dense_correct if self.reference is None else self.reference, result.val_correct)
         trial.set_constraint("accuracy_drop", drop - self.config.max_acc_drop)
         feasible = drop <= self.config.max_acc_drop
@@ -488,23 +491,48 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
 
 
-def control(search: Search, study: optuna.Study, on_progress: ProgressFn | None = None) -> None:
+def control(search: Search, study: optuna.Study, on_progress: ProgressFn | None = None, wait: bool = False) -> None:
     """Judge the study's trials against its control: the dense model trained with the trial recipe,
     nothing pruned (same data share, steps and seeds), trained once and kept in the study. A short
     trial costs the unpruned model accuracy too (resnet56 on 0.1 of Fashion-MNIST at 1+3 epochs:
     0.97 points), so judged against the dense model every 30% plan missed a 1-point limit that its
     pruning alone met with 0.5 to spare. Paired image by image and in the training noise, the drop
     is what the pruning costs. A study whose trials were judged against the dense model before it
-    had a control keeps judging so. Workers starting together may each train it; the first stored wins."""
-    if CONTROL not in study.user_attrs and not trained_trials(study):
-        config = replace(search.config.admm(), rungs=())
-        result = run_admm(search.fresh_model(), search.trial_data, Plan({}), config, search.device, search.deps,
-                          on_progress=on_progress)
-        if CONTROL not in study.user_attrs:
-            study.set_user_attr(CONTROL, {"val": result.accuracy["final_val"], "seconds": result.seconds,
-                                          "correct": _bits(result.val_correct)})
-    found = study.user_attrs.get(CONTROL)
-    search.reference = None if found is None else _unbits(found["correct"], len(search.data.val))
+    had a control keeps judging so. Of workers starting together one trains it (a lease); the others
+    train trials meanwhile and, to judge one, `wait` for it, or train it if its worker died."""
+    search.reference = None
+    while (found := study.user_attrs.get(CONTROL)) is None:
+        if TRAINING_CONTROL not in study.user_attrs and trained_trials(study):
+            return
+        if take_lease(study, TRAINING_CONTROL) is None:
+            found = _train_control(search, study, on_progress)
+        elif not wait:
+            return
+        else:
+            time.sleep(CLAIM_POLL_S)
+    search.reference = _unbits(found["correct"], len(search.data.val))
+
+
+def _train_control(search: Search, study: optuna.Study, on_progress: ProgressFn | None) -> dict[str, Any]:
+    """Train the control under the lease, renewed as it goes so that waiting workers know it alive."""
+    renewed = time.time()
+
+    def beat(progress: Progress) -> None:
+        nonlocal renewed
+        if time.time() - renewed > LEASE_RENEW_S:
+            renew_lease(study, TRAINING_CONTROL)
+            renewed = time.time()
+        if on_progress is not None:
+            on_progress(progress)
+
+    config = replace(search.config.admm(), rungs=())
+    result = run_admm(search.fresh_model(), search.trial_data, Plan({}), config, search.device, search.deps,
+                      on_progress=beat)
+    if CONTROL not in study.user_attrs:  # a worker that took the lease over from a silent one may be second
+        study.set_user_attr(CONTROL, {"val": result.accuracy["final_val"], "seconds": result.seconds,
+                                      "correct": _bits(result.val_correct)})
+    release_lease(study, TRAINING_CONTROL)
+    return study.user_attrs[CONTROL]
 
 
 def _bits(right: torch.Tensor) -> str:

@@ -504,6 +504,47 @@ def test_a_study_judged_against_the_dense_model_before_it_had_a_control_keeps_ju
     assert built.reference is not None
 
 
+def test_while_another_worker_trains_the_control_a_worker_trains_trials_and_judges_them_against_it(
+        tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers starting together train the control once: the one holding the lease trains it (here a
+    worker on another machine, storing it a moment after this worker's trial has trained); the
+    others train trials meanwhile and wait for it only to judge them."""
+    import threading
+
+    built, found = tiny["search"], tiny["study"].user_attrs[search.CONTROL]
+    study = stores.open_study("shared", f"sqlite:///{tmp_path / 'study.db'}", True)
+    study.set_user_attr(search.TRAINING_CONTROL, {"by": "another-machine:1", "at": time.time()})
+    label, params = built.baselines()[0]
+    study.enqueue_trial(params, user_attrs={"baseline": label})
+    trained, real = [], search.run_admm
+
+    def other_worker_finishes_later(model: Any, data: Any, plan: Plan, *args: Any, **kwargs: Any) -> Any:
+        trained.append(plan.layers)
+        result = real(model, data, plan, *args, **kwargs)
+        threading.Timer(1.5, study.set_user_attr, (search.CONTROL, found)).start()
+        return result
+
+    monkeypatch.setattr(search, "run_admm", other_worker_finishes_later)
+    search.run(built, study, search.Budget(trials=1), baselines=False)
+    trial = search.trained_trials(study)[0]
+    assert len(trained) == 1 and trained[0]  # one trial; the control not trained here
+    assert trial.user_attrs["acc_drop"] == pytest.approx(found["val"] - trial.user_attrs["val_acc"], abs=1e-4)
+
+
+def test_a_control_whose_worker_died_is_trained_by_the_next_worker(tiny: dict, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    study = stores.open_study("orphan", f"sqlite:///{tmp_path / 'study.db'}", True)
+    study.set_user_attr(search.TRAINING_CONTROL, {"by": f"{socket.gethostname()}:{ended.pid}", "at": time.time()})
+    search.control(tiny["search"], study)
+    assert study.user_attrs[search.CONTROL]["seconds"] > 0 and tiny["search"].reference is not None
+    assert study.user_attrs[search.TRAINING_CONTROL] is None  # released
+
+
 def test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_killed_trials_retry(
         tiny: dict, tmp_path: Path) -> None:
     """A trial whose worker was killed holds the budget's last claim. A worker asking then used to
