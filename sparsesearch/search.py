@@ -526,12 +526,14 @@ def _train_control(search: Search, study: optuna.Study, on_progress: ProgressFn 
             on_progress(progress)
 
     config = replace(search.config.admm(), rungs=())
-    result = run_admm(search.fresh_model(), search.trial_data, Plan({}), config, search.device, search.deps,
-                      on_progress=beat)
-    if CONTROL not in study.user_attrs:  # a worker that took the lease over from a silent one may be second
-        study.set_user_attr(CONTROL, {"val": result.accuracy["final_val"], "seconds": result.seconds,
-                                      "correct": _bits(result.val_correct)})
-    release_lease(study, TRAINING_CONTROL)
+    try:  # released however it ends: after a Ctrl-C the next worker need not wait for the lease to lapse
+        result = run_admm(search.fresh_model(), search.trial_data, Plan({}), config, search.device, search.deps,
+                          on_progress=beat)
+        if CONTROL not in study.user_attrs:  # a worker that took the lease over from a silent one may be second
+            study.set_user_attr(CONTROL, {"val": result.accuracy["final_val"], "seconds": result.seconds,
+                                          "correct": _bits(result.val_correct)})
+    finally:
+        release_lease(study, TRAINING_CONTROL)
     return study.user_attrs[CONTROL]
 
 

@@ -531,18 +531,24 @@ def test_while_another_worker_trains_the_control_a_worker_trains_trials_and_judg
     assert trial.user_attrs["acc_drop"] == pytest.approx(found["val"] - trial.user_attrs["val_acc"], abs=1e-4)
 
 
-def test_a_control_whose_worker_died_is_trained_by_the_next_worker(tiny: dict, tmp_path: Path) -> None:
+def test_a_control_interrupted_or_orphaned_is_trained_by_the_next_worker(tiny: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
     import subprocess
     import sys
 
+    study = stores.open_study("orphan", f"sqlite:///{tmp_path / 'study.db'}", True)
+    with monkeypatch.context() as ctrl_c:
+        ctrl_c.setattr(search, "run_admm", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            search.control(tiny["search"], study)
+    assert study.user_attrs[search.TRAINING_CONTROL] is None  # released: no worker waits for it to lapse
     ended = subprocess.Popen([sys.executable, "-c", ""])
     ended.wait()
-    study = stores.open_study("orphan", f"sqlite:///{tmp_path / 'study.db'}", True)
     study.set_user_attr(search.TRAINING_CONTROL, {"by": f"{socket.gethostname()}:{ended.pid}", "at": time.time()})
     search.control(tiny["search"], study)
     assert study.user_attrs[search.CONTROL]["seconds"] > 0 and tiny["search"].reference is not None
-    assert study.user_attrs[search.TRAINING_CONTROL] is None  # released
+    assert study.user_attrs[search.TRAINING_CONTROL] is None
 
 
 def test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_killed_trials_retry(
