@@ -21,12 +21,10 @@ from sparsesearch import report
 from sparsesearch import storage as stores
 from sparsesearch.cli import app
 from sparsesearch.errors import UserError
-from sparsesearch.profiler.measure import Target, profile_model
 from sparsesearch.profiler.table import fingerprint, profile_name
-from sparsesearch.train import DenseResult, prepare
+from sparsesearch.train import DenseResult
 
 CPU = torch.device("cpu")
-FAST_TIMING = {"rounds": 3, "warmup_s": 0.005, "min_round_s": 0.002, "max_rounds": 3}
 
 TRIALS_PER_WORKER = 5
 
@@ -116,20 +114,19 @@ BUDGET = 8
 
 
 @pytest.fixture(scope="module")
-def project(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A working folder holding this machine's latency profile of digits-cnn at 1 thread (coarse,
-    filter and shape only), where workers started with --threads 1 find it."""
-    root = tmp_path_factory.mktemp("project")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, data = prepare("digits-cnn", "digits", weights=digits_baseline.checkpoint)
-        out = root / "hardware_profiles" / profile_name(fingerprint(CPU, 1, "float32"))
-        profile_model(Target("digits-cnn", model.eval(), data.input_shape), CPU, 1, rates=[0, 0.3, 0.5, 0.7],
-                      types=["filter", "shape"], out=out, timing=FAST_TIMING)
-    finally:
-        torch.set_num_threads(threads)
-    return root
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder holding a latency profile of digits-cnn at 1 thread, where workers started
+    with --threads 1 find it: the shipped EPYC one under this machine's name. Measured here, on a
+    core shared with other work, it once predicted every filter plan at 0.96-1.00x: the workers
+    rejected 900 sampled plans as slower than dense and stopped with 3 of the 8 trained."""
+    from helpers import with_fingerprint
+    from sparsesearch.profiler.table import SHIPPED_PROFILES
+
+    here = fingerprint(CPU, 1, "float32")
+    out = tmp_path_factory.mktemp("project") / "hardware_profiles" / profile_name(here)
+    out.parent.mkdir()
+    with_fingerprint(SHIPPED_PROFILES / "cpu-amd-epyc-t1-b1-float32.json", out, **here)
+    return out.parent.parent
 
 
 def optimize(project: Path, checkpoint: Path, *options: str) -> subprocess.Popen:
