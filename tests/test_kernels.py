@@ -18,6 +18,7 @@ from sparsesearch.kernels import (
     ShapeLinear,
     SparseConv2d,
     SparseLinear,
+    _Windows,
     compact_layer,
     stored_weights,
 )
@@ -128,6 +129,31 @@ def test_compact_conv_refuses_non_zero_padding_mode(kind: SparsityType, groups: 
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still asked for
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, (1, 2), 2, 2)])
+def test_shape_conv_gathers_alike_by_flat_index_and_by_strided_view_at_any_input_size(
+        stride: int, padding: int | tuple[int, int], dilation: int, groups: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flat index (made per input size, often first in inference mode) and the strided view it
+    falls back to past FLAT_INDEX_MAX gather the same elements; an index made in inference mode
+    still serves a forward that autograd records."""
+    compact = ShapeConv2d(masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups),
+                                 SparsityType.SHAPE, 0.5))
+    sizes = (image(), torch.randn(3, 4, 11, 9))
+    with torch.inference_mode():
+        flat = [compact(x) for x in sizes]
+    assert compact(sizes[0].requires_grad_()).grad_fn is not None
+    other = ShapeConv2d(masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups),
+                               SparsityType.SHAPE, 0.5))  # other weights, other live columns
+    loaded = copy.deepcopy(compact)
+    loaded(sizes[0])
+    loaded.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(sizes[0]), other(sizes[0]))  # its columns' index, not the old one
+    monkeypatch.setattr(_Windows, "FLAT_INDEX_MAX", 0)
+    viewed = copy.deepcopy(compact)  # a new module: no index made yet
+    with torch.no_grad():
+        assert all(torch.equal(f, viewed(x)) for f, x in zip(flat, sizes))
+
+
 def test_shape_conv_traces_to_same_output_for_other_input_sizes() -> None:
     dense = masked(conv(stride=2, padding=(1, 2), groups=2), SparsityType.SHAPE, 0.5)
     traced = torch.jit.trace(ShapeConv2d(dense), image(seed=3))
