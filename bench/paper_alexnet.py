@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import record  # noqa: E402
+from common import RESULTS, record  # noqa: E402
 
 from sparsesearch.admm import apply_masks, prune_masks  # noqa: E402
 from sparsesearch.compact import compact, dependencies  # noqa: E402
@@ -192,8 +192,37 @@ def main() -> None:
                f"in every arm, so the whole network's MAC reduction is {cap:.1f}x at most. "
                f"Took {time.time() - begin:.0f} s.")
     print(record("paper_alexnet", rows, summary))
+    print(plot(rows, RESULTS / "paper_alexnet.png"))
     record("paper_alexnet_layers", per_layer, "Per conv, each arm's compact form timed alone on its real input beside "
            "the dense conv (1 thread, median of 9 interleaved rounds); `form` is the kernel that ran.")
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Each arm's measured conv stack speedup at batch 1 and 8, beside its MAC reduction and the paper's figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(row["arm"] for row in rows))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(arms) + 1.5))
+    for i, batch in enumerate(BATCHES):
+        speed = {row["arm"]: row["conv stack speedup"] for row in rows if row["batch"] == batch}
+        ax.barh([a + (i - 0.5) * 0.38 for a in range(len(arms))], [speed[arm] for arm in arms], height=0.38,
+                label=f"batch {batch}", color=f"C{i}")
+    macs = {row["arm"]: row["conv MAC reduction"] for row in rows}
+    ax.scatter([macs[arm] for arm in arms], range(len(arms)), marker="|", s=200, color="black",
+               label="conv MAC reduction")
+    ax.axvline(PAPER, color="C3", ls="--", lw=1, label=f"paper, its CPU ({PAPER}x)")
+    ax.set_yticks(range(len(arms)), arms, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("conv stack speedup over the dense AlexNet, measured (x), 1 thread")
+    ax.set_title(f"{MODEL} at {SHAPE[1]}x{SHAPE[2]}, every arm at ~{TARGET:g}x fewer conv MACs", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
