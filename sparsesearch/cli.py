@@ -451,6 +451,9 @@ def profile_cmd(
         run = profile_model(tgt, dev, batch_size, dtype, grid, kinds, out, on_progress=update)
     console.print(f"{run.measured} rows measured, {run.reused} already in the profile, {run.seconds:.0f} s; "
                   f"{len(run.profile.rows)} rows in {run.path}")
+    if run.refreshed:
+        console.print(f"timed anew: the rows of {', '.join(run.refreshed)}, changed since the profile timed them, "
+                      "and the whole networks calibrated on them")
     table = Table("layers", "dense ms", title="slowest layers (dense, median per call)")
     for names, ms in run.slowest:
         table.add_row(names, f"{ms:.4f}")

@@ -678,6 +678,10 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
                       on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))
     latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign,
                                 target=profile is not None)
+    if stale := latency.profile.stale():  # kept: the user chooses when to spend the minutes
+        say(f"note: the latency profile {latency.profile.path} timed {', '.join(stale)} before that kernel changed, "
+            f"so it predicts the old kernel's latency there; `sparsesearch profile --model {config.model}` on the "
+            "device it was measured on times those rows anew")
     dense_correct = correct(model.to(device), data.val, device)
     dense = {"val": percent(dense_correct), "test": evaluate(model, data.test, device)}
     model.cpu()

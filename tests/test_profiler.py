@@ -141,6 +141,26 @@ def test_rerun_recalibrates_a_network_timed_with_fewer_calibration_plans(
     assert json.loads(path.read_text())["rest"] == json.loads(timed)["rest"]  # complete now: not timed again
 
 
+def test_a_rerun_times_anew_the_rows_of_a_changed_kernel_and_the_networks_calibrated_on_them(
+        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path) -> None:
+    """A profile whose shape rows ran an older reduced-gemm (1.3-2x slower than today's) says so,
+    and the next `profile` run times exactly those rows and the whole network again."""
+    from sparsesearch.kernels import KERNEL_VERSIONS
+
+    path = tmp_path / "p.json"
+    raw = json.loads(small_profile.path.read_text())
+    assert raw["kernels"] == KERNEL_VERSIONS
+    raw["kernels"] = {"reduced-gemm": 1}  # as a profile made before the flat-index im2col
+    path.write_text(json.dumps(raw))
+    assert table.Profile.load(path).stale() == ["reduced-gemm"]
+    old = [r for r in raw["rows"] if r["impl"] == "reduced-gemm"]
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
+    assert old and run.refreshed == ["reduced-gemm"] and run.measured == len(old)
+    assert len(run.rest["calibration"]) == measure.CALIBRATION_PLANS
+    assert run.rest["calibration"] != next(iter(raw["rest"].values()))["calibration"]  # timed again
+    assert table.Profile.load(path).stale() == [] and json.loads(path.read_text())["kernels"] == KERNEL_VERSIONS
+
+
 def test_interrupted_run_resumes_where_it_stopped(digits: measure.Target, tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     seen = []

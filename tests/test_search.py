@@ -577,6 +577,19 @@ def test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_kille
     assert [t.system_attrs.get("failed_trial") for t in trained] == [0] and trained[0].params == params
 
 
+def test_a_search_on_a_profile_timed_with_an_older_kernel_says_so_and_how_to_time_it_anew(
+        tiny: dict, tmp_path: Path) -> None:
+    import json
+
+    raw = json.loads((tiny["root"] / "profile.json").read_text())
+    raw["kernels"] = {"reduced-gemm": 1}  # its shape rows ran the im2col before the flat index
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    heard: list[str] = []
+    search.build(tiny["search"].config, torch.device("cpu"), str(tmp_path / "artifacts"), profile=tmp_path / "old.json",
+                 notify=heard.append)
+    assert [h for h in heard if "timed reduced-gemm before that kernel changed" in h and "sparsesearch profile" in h]
+
+
 def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseline: DenseResult, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`optimize --profile target.json` scores trials by another device's profile on purpose: it

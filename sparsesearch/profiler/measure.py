@@ -352,6 +352,7 @@ class ProfileRun:
     slowest: list[tuple[str, float]] = field(default_factory=list)  # (layers, dense ms)
     rest: dict[str, object] = field(default_factory=dict)  # this network's rest and dense timing
     speeds: list[float] = field(default_factory=list)  # the yardstick over its reference, per timing run
+    refreshed: list[str] = field(default_factory=list)  # kernels changed since the file timed them: timed anew
 
     @property
     def unsteady(self) -> float:
@@ -403,6 +404,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "
                         "write this one elsewhere with --out, or delete that file")
     profile.fingerprint = {**profile.fingerprint, "date": here["date"]}
+    refreshed = profile.refresh()  # rows a changed kernel ran: measured anew below
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
@@ -449,4 +451,4 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
              if r.type == PLAIN and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
     slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])
     return ProfileRun(path, profile, len(todo), len(points) - len(todo), time.perf_counter() - started, slowest[:5],
-                      profile.rest[key], speeds)
+                      profile.rest[key], speeds, refreshed)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..files import read_json, write_json
+from ..kernels import KERNEL_VERSIONS
 from ..sparsity import LAYER_LOCAL
 
 SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
@@ -193,15 +194,31 @@ class Profile:
     path: Path | None = None
     yardstick_ms: float | None = None  # the yardstick when this profile was started (schema 1: none)
     steps: dict[str, object] = field(default_factory=dict)  # `steps.scan`: channel periods "out", "in"
+    kernels: dict[str, int] = field(default_factory=lambda: dict(KERNEL_VERSIONS))  # versions its rows ran
 
     def add(self, row: Row) -> None:
         self.rows[row.key] = row
+
+    def stale(self) -> list[str]:
+        """The kernels (`impl`) some row ran in an older version than this sparsesearch's: their
+        latencies are not what the layers cost now."""
+        return sorted({r.impl for r in self.rows.values() if self.kernels.get(r.impl, 1) < KERNEL_VERSIONS.get(r.impl, 1)})
+
+    def refresh(self) -> list[str]:
+        """Drop the rows of stale kernels, and the whole networks timed with their types (calibration
+        plans ran them), so that profiling measures them anew; return the stale kernels."""
+        stale = self.stale()
+        types = {r.type for r in self.rows.values() if r.impl in stale}
+        self.rows = {k: r for k, r in self.rows.items() if r.impl not in stale}
+        self.rest = {k: v for k, v in self.rest.items() if not types & set(v.get("grid", {}).get("types", []))}
+        self.kernels = {**self.kernels, **KERNEL_VERSIONS}
+        return stale
 
     def to_dict(self) -> dict[str, object]:
         rows = sorted(self.rows.values(), key=lambda r: (r.signature.key, r.type, r.rate, r.in_keep, r.out_keep))
         return {"schema": SCHEMA, "kind": "sparsesearch-latency-profile", "fingerprint": self.fingerprint,
                 "timing": self.timing, "units": {"median_ms": "ms per call (whole batch)", "macs": "per sample"},
-                "yardstick_ms": self.yardstick_ms, "steps": self.steps, "rest": self.rest,
+                "yardstick_ms": self.yardstick_ms, "steps": self.steps, "kernels": self.kernels, "rest": self.rest,
                 "verdicts": self.verdicts(), "rows": [r.to_dict() for r in rows]}
 
     def verdicts(self) -> dict[str, str]:
@@ -249,8 +266,11 @@ class Profile:
         steps = raw.get("steps") or {}
         if not isinstance(steps, dict) or not all(isinstance(steps.get(k, 1), int) for k in ("out", "in")):
             raise UserError(f"{path} has malformed channel steps ({str(steps)[:60]}); re-run `sparsesearch profile`")
+        kernels = raw.get("kernels") or {}
+        if not isinstance(kernels, dict) or not all(isinstance(v, int) for v in kernels.values()):
+            raise UserError(f"{path} has malformed kernel versions ({str(kernels)[:60]}); re-run `sparsesearch profile`")
         return cls(raw["fingerprint"], {r.key: r for r in rows}, raw.get("rest", {}), raw.get("timing", {}), Path(path),
-                   raw.get("yardstick_ms"), steps)
+                   raw.get("yardstick_ms"), steps, kernels)
 
     def predictor(self):  # noqa: ANN201 - a fitted predictor.LatencyModel
         """The latency model fitted on this table (cross-validated error in its `cv_error`)."""
