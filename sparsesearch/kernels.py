@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,12 @@ class _Windows(nn.Module):
                                                     for g in range(conv.groups)]))
         self.register_buffer("rows", (columns // kw % kh).repeat(conv.groups))
         self.register_buffer("cols", (columns % kw).repeat(conv.groups))
-        self.register_load_state_dict_post_hook(_forget_index)  # buffers loaded in place: other columns
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Buffers loaded in place may hold other columns: forget the index made for the old ones
+        (a method, not a load hook: an export refuses hooks, which are code)."""
+        _FLAT_INDEX.pop(self, None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.batch_first and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
@@ -189,10 +195,6 @@ class _Windows(nn.Module):
 # in it (an export describes a module's attributes as data, and a module loaded from one starts without)
 _FLAT_INDEX: weakref.WeakKeyDictionary[_Windows, tuple[tuple, dict[tuple[int, int], Tensor | None]]] = \
     weakref.WeakKeyDictionary()
-
-
-def _forget_index(module: _Windows, _keys: object) -> None:
-    _FLAT_INDEX.pop(module, None)
 
 
 class ShapeConv2d(nn.Module):
