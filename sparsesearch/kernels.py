@@ -186,7 +186,8 @@ class _Windows(nn.Module):
             else:  # made as a normal tensor: one made in inference mode cannot index a forward with autograd
                 with torch.inference_mode(False):
                     start = self.channels * (hp * wp) + self.rows * (dh * wp) + self.cols * dw
-                    window = torch.arange(h, device=start.device)[:, None] * (sh * wp) + torch.arange(w, device=start.device) * sw
+                    rows, cols = (torch.arange(size, device=start.device) for size in (h, w))
+                    window = rows[:, None] * (sh * wp) + cols * sw
                     cache[key] = (start[:, None, None] + window).flatten().int()
         return cache[key]
 

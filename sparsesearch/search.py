@@ -496,10 +496,11 @@ def control(search: Search, study: optuna.Study, on_progress: ProgressFn | None 
     nothing pruned (same data share, steps and seeds), trained once and kept in the study. A short
     trial costs the unpruned model accuracy too (resnet56 on 0.1 of Fashion-MNIST at 1+3 epochs:
     0.62 points), so judged against the dense model every 30% plan missed a 1-point limit that its
-    pruning alone met (uniform filter 30%: 0.65 below the control). Paired image by image and in the training noise, the drop
-    is what the pruning costs. A study whose trials were judged against the dense model before it
-    had a control keeps judging so. Of workers starting together one trains it (a lease); the others
-    train trials meanwhile and, to judge one, `wait` for it, or train it if its worker died."""
+    pruning alone met (uniform filter 30%: 0.65 below the control). Paired image by image and in
+    the training noise, the drop is what the pruning costs. A study whose trials were judged
+    against the dense model before it had a control keeps judging so. Of workers starting together
+    one trains it (a lease); the others train trials meanwhile and, to judge one, `wait` for it, or
+    train it if its worker died."""
     search.reference = None
     while (found := study.user_attrs.get(CONTROL)) is None:
         if TRAINING_CONTROL not in study.user_attrs and trained_trials(study):
