@@ -35,7 +35,7 @@ from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 2}  # 2: shape-wise im2col by a flat index, 1.3-2x faster
+KERNEL_VERSIONS = {"reduced-gemm": 2}  # 2: shape-wise im2col by a flat index, 1.1-2.5x faster
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
@@ -131,9 +131,10 @@ class _Windows(nn.Module):
     Rows run group by group, in GEMM column order within a group.
 
     Batch first, one index_select of the padded input, flattened per sample, by an int32 index of
-    every element (made once per input size): 1.5-5x faster than indexing the strided view of the
-    whole im2col by channel, kernel row and kernel column (AlexNet conv3 at 15x fewer MACs, batch 8:
-    0.55 ms against 1.25), which computes each element's offset from three indices. That view
+    every element (made once per input size): layers 1.1-2.5x faster than indexing the strided view
+    of the whole im2col by channel, kernel row and kernel column, which computes each element's
+    offset from three indices (bench/shape_gather.py: AlexNet conv3 at 15x fewer MACs, batch 8,
+    4.6x -> 7.2x over dense). That view
     stays for the CSR layout, for an index of more than FLAT_INDEX_MAX elements (a 224x224 plane:
     there it is no faster, and the index would take tens of MB), and under tracing and export,
     which must follow any input size. Both were measured faster than one gather and slice per

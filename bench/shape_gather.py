@@ -1,0 +1,61 @@
+"""The shape-wise im2col, two ways: a conv compacted to `reduced-gemm` timed beside the dense conv,
+with its im2col built by the flat index (the default) and by indexing the strided view by channel,
+kernel row and kernel column (what it did before, and still does past `_Windows.FLAT_INDEX_MAX`).
+AlexNet's conv2-5 at 224 px, resnet56's 16- and 64-channel convs, a VGG 128-channel conv; random
+weights projected to shape sparsity at 50% and 93.3% (the paper's 15x); batch 1 and 8; 1 thread,
+interleaved rounds, median.
+
+Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import record  # noqa: E402
+
+from sparsesearch.kernels import ShapeConv2d  # noqa: E402
+from sparsesearch.profiler.timing import compare  # noqa: E402
+from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.sparsity import SparsityType, project  # noqa: E402
+
+LAYERS = [("alexnet conv2", 64, 192, 5, 2, 27), ("alexnet conv3", 192, 384, 3, 1, 13),
+          ("alexnet conv4", 384, 256, 3, 1, 13), ("alexnet conv5", 256, 256, 3, 1, 13),
+          ("resnet56 16ch 32x32", 16, 16, 3, 1, 32), ("resnet56 64ch 8x8", 64, 64, 3, 1, 8),
+          ("vgg 128ch 16x16", 128, 128, 3, 1, 16)]
+RATES, BATCHES = (0.5, 0.933), (1, 8)
+
+
+def main() -> None:
+    set_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for name, cin, cout, k, pad, side in LAYERS:
+        for rate in RATES:
+            conv = nn.Conv2d(cin, cout, k, padding=pad).eval()
+            with torch.no_grad():
+                conv.weight.copy_(project([conv.weight], SparsityType.SHAPE, rate)[0])
+            flat = ShapeConv2d(conv).eval()
+            viewed = copy.deepcopy(flat)
+            viewed.im2col.FLAT_INDEX_MAX = 0  # this module only: the strided view
+            for batch in BATCHES:
+                t = compare({"dense": conv, "view": viewed, "flat": flat}, torch.randn(batch, cin, side, side),
+                            rounds=9, reference="dense")
+                rows.append({"layer": name, "rate": rate, "batch": batch, "dense ms": round(t["dense"].median_ms, 3),
+                             "strided view": round(1 / t["view"].relative, 2),
+                             "flat index": round(1 / t["flat"].relative, 2),
+                             "MAC reduction": round(conv.weight.numel() / flat.weight.numel(), 1)})
+                print(rows[-1], flush=True)
+    print(record("shape_gather", rows, "Speedup over the dense conv of one shape-wise conv compacted to reduced-gemm, "
+                 "its im2col built by indexing the strided view (before) and by the flat index (now); 1 thread, "
+                 "median of 9 interleaved rounds."))
+
+
+if __name__ == "__main__":
+    main()
