@@ -178,6 +178,14 @@ def test_ties_keep_lower_group_index_deterministically(kind):
     assert all(torch.equal(first, mask([w], kind, 0.5)[0]) for _ in range(3))
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.93])
+def test_irregular_keeps_the_largest_weights_and_the_first_of_equal_ones_at_the_cut(rate):
+    w = torch.randint(-4, 5, (32, 16, 3, 3), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    keep = mask([w], SparsityType.IRREGULAR, rate)[0].flatten()
+    order = torch.argsort(w.flatten() ** 2, descending=True, stable=True)  # the definition: a stable ranking
+    assert torch.equal(keep, torch.zeros_like(keep).index_fill_(0, order[:keep_count(w.numel(), rate)], True))
+
+
 def test_nm_ties_keep_first_weights_of_each_block():
     keep = mask([torch.ones(2, 8)], SparsityType.NM, 0.5)[0]
     assert keep.tolist() == [[True, True, False, False] * 2] * 2
