@@ -114,7 +114,9 @@ def command(name: str | None = None, interrupted: str | None = None) -> Callable
 
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[..., None]]:
-    """A bar with ETA; yields update(completed, total, status) for library progress callbacks. Where
+    """A bar with ETA; yields update(completed, total, status) for library progress callbacks. A call
+    whose total differs from the last, or whose count went down, starts a new phase (a profile's
+    layers, then its calibration plans): a bar of its own, whose ETA counts only its own pace. Where
     output is not a terminal (a log file), plain lines instead, so a long run's log shows it going."""
     if not console.is_terminal:
         yield _progress_lines(description)
@@ -122,12 +124,15 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task, started = bar.add_task(description, total=None, status=""), []
+        task, last = bar.add_task(description, total=None, status=""), {"at": None, "total": None}
 
         def update(completed: int, total: int, status: str = "") -> None:
-            if not started:  # a resumed job starts part-done: its rate counts from here, not from 0
-                started.append(completed)
+            nonlocal task
+            if last["at"] is not None and (total != last["total"] or completed < last["at"]):
+                task = bar.add_task(description, total=total, completed=completed, status=status)
+            elif last["at"] is None:  # a resumed job starts part-done: its rate counts from here, not from 0
                 bar.reset(task, completed=completed, total=total, status=status)
+            last.update(at=completed, total=total)
             bar.update(task, completed=completed, total=total, status=status)
 
         yield update
@@ -135,11 +140,16 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 
 def _progress_lines(description: str, every_s: float = 30.0) -> Callable[..., None]:
     """update(completed, total, status) printing a line at each tenth of the work, at most every
-    `every_s` seconds otherwise, and at the end: done/total, status, elapsed and ETA."""
-    start, last = time.monotonic(), {"at": -math.inf, "tenth": -1, "from": None}
+    `every_s` seconds otherwise, and at the end: done/total, status, elapsed and ETA. A new phase
+    (see `progress_bar`) counts its elapsed time and pace from its start."""
+    start, last = time.monotonic(), {"at": -math.inf, "tenth": -1, "from": None, "total": None, "done": None}
 
     def update(completed: int, total: int | None, status: str = "") -> None:
+        nonlocal start
         now = time.monotonic()
+        if last["from"] is not None and (total != last["total"] or completed < last["done"]):
+            start, last["from"], last["tenth"] = now, None, -1
+        last.update(total=total, done=completed)
         if last["from"] is None:  # a resumed job starts part-done: its rate counts from here
             last["from"] = completed
         tenth = int(10 * completed / total) if total else -1

@@ -200,6 +200,22 @@ def test_a_resumed_job_estimates_its_eta_from_the_work_done_since_it_resumed(
     assert capsys.readouterr().out.splitlines()[-1] == "train: 950/1000 (0:00:10 elapsed, ETA 0:00:10)"
 
 
+def test_a_new_phase_counts_its_elapsed_time_and_eta_from_its_own_start(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A profile's 100 layer rows took 100 s; its 32 calibration plans then go at their own pace
+    (half done 10 s in: 10 s left), not at the rows' pace nor on the rows' clock."""
+    clock = iter([0.0, 0.0, 100.0, 100.0, 110.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    update = cli._progress_lines("profile", every_s=0)
+    update(0, 100)
+    update(100, 100)
+    update(0, 32, "calibration plans")
+    update(16, 32, "calibration plans")
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "profile: 0/32 calibration plans (0:00:00 elapsed)",
+        "profile: 16/32 calibration plans (0:00:10 elapsed, ETA 0:00:10)"]
+
+
 def test_an_image_folder_is_decoded_once_and_its_side_travels_with_the_checkpoints(tmp_path: Path) -> None:
     import json
 

@@ -322,19 +322,21 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     deps = dependencies(model, shape)
     dense = copy.deepcopy(model).to(device=device, dtype=dtype)
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
+    plans = calibration_plans(layers, deps.couplings, rates, types)
+    if on_plans is not None:
+        on_plans(0, len(plans))
     t, speed = _timed({"rest": _rest(dense, layers, batch_size), "dense": dense}, x, Yardstick(device, dtype),
                       reference_ms, timing)
     dense_ms = t["dense"][0]
-    plans = calibration_plans(layers, deps.couplings, rates, types)
     calibration = []
     for start in range(0, len(plans), GROUP):
-        if on_plans is not None:
-            on_plans(start, len(plans))
         group = {str(i): compacted_copy(model, shape, plans[i], deps).to(device=device, dtype=dtype)
                  for i in range(start, min(start + GROUP, len(plans)))}
         beside = beside_dense(dense, group, x, dense_ms, timing)
         calibration += [{"plan": plans[int(i)].to_dict(), "median_ms": beside[i].relative * dense_ms,
                          "spread": beside[i].relative_spread} for i in group]
+        if on_plans is not None:
+            on_plans(len(calibration), len(plans))
     return {"model": target_.name, "input_shape": list(shape), "median_ms": t["rest"][0], "spread": t["rest"][1],
             "dense_ms": dense_ms, "dense_spread": t["dense"][1], "speed": speed,
             "grid": {"rates": rates, "types": sorted(types)}, "calibration": calibration}
@@ -415,12 +417,16 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     whole = profile.rest.get(key, {})
     timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
                    and len(whole.get("calibration", [])) >= (CALIBRATION_PLANS if len(rates) > 1 else 0))
-    if profile.yardstick_ms is None:  # a new profile (or one of schema 1): its reference speed is now
-        profile.yardstick_ms = yardstick_ms(device, DTYPES[dtype], {**NETWORK_TIMING, **overrides})
-    if not profile.steps:  # once per profile: the channel widths where this device's latency steps
-        profile.steps = steps.scan(device, batch_size, DTYPES[dtype], timing)
+    if profile.yardstick_ms is None or not profile.steps:
+        if on_progress:
+            on_progress(0, 1, "the yardstick and this device's channel steps")
+        if profile.yardstick_ms is None:  # a new profile (or one of schema 1): its reference speed is now
+            profile.yardstick_ms = yardstick_ms(device, DTYPES[dtype], {**NETWORK_TIMING, **overrides})
+        if not profile.steps:  # once per profile: the channel widths where this device's latency steps
+            profile.steps = steps.scan(device, batch_size, DTYPES[dtype], timing)
         profile.save(path)
-    total = len(todo) + 1
+        if on_progress:
+            on_progress(1, 1, "the yardstick and this device's channel steps")
     done = 0
     speeds: list[float] = []
 
@@ -433,10 +439,10 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         speeds.append(speed)
         if on_progress:
             layer = names.get(rows[0].signature, ["?"])[0]
-            on_progress(done, total, f"{layer} {rows[0].type}")
+            on_progress(done, len(todo), f"{layer} {rows[0].type}")
 
-    if on_progress:
-        on_progress(0, total, "")
+    if on_progress and todo:
+        on_progress(0, len(todo), "compact layers")
     measure_points(todo, device, batch_size, DTYPES[dtype], profile.yardstick_ms, save, timing)
     if not timed_whole:  # new, another grid's, or from a version with fewer calibration plans
         profile.rest[key] = measure_network(
@@ -445,8 +451,6 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
             on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")))
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
-    if on_progress:
-        on_progress(total, total, "rest of the network, calibration plans")
     dense = {r.signature: r.median_ms for r in profile.rows.values()
              if r.type == PLAIN and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
     slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])
