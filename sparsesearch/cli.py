@@ -461,6 +461,10 @@ def profile_cmd(
         run = profile_model(tgt, dev, batch_size, dtype, grid, kinds, out, on_progress=update)
     console.print(f"{run.measured} rows measured, {run.reused} already in the profile, {run.seconds:.0f} s; "
                   f"{len(run.profile.rows)} rows in {run.path}")
+    if run.skipped:
+        console.print(f"{run.skipped} grid points not timed: their type ran no faster than the dense layer at its "
+                      "highest rate (or ran the dense layer itself), and runs slower at lower rates; the search "
+                      "does not offer it there")
     if run.refreshed:
         console.print(f"timed anew: the rows of {', '.join(run.refreshed)}, changed since the profile timed them, "
                       "and the whole networks calibrated on them")

@@ -49,6 +49,7 @@ from .graph import Dependencies
 from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
+from .profiler.table import without_unpaid
 from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
@@ -216,8 +217,11 @@ class Search(Trials):
 
     def _no_faster(self, dense_ms: dict[str, float]) -> dict[str, set[SparsityType]]:
         """Per layer, the layer-local types (shape, irregular, nm) that the latency model predicts no
-        faster than the dense layer even at their highest rate: there they would cost accuracy and buy
+        faster than the dense layer even at their highest rate, or that the profile found buying no
+        time and timed at that rate only (`Profile.unpaid`): there they would cost accuracy and buy
         no time (a CSR kernel on a CPU, a 2:4 layer without its GPU kernel), so the space withholds them."""
+        offered = {layer.name: layer.types
+                   for layer in without_unpaid(self.model, self.layers, self.latency.profile.unpaid())}
         slow: dict[str, set[SparsityType]] = {}
         for kind in (k for k in LAYER_LOCAL if k.value in self.config.types):
             plan = Plan.uniform(self.layers, kind, snap(MAX_RATE, kind))
@@ -225,7 +229,7 @@ class Search(Trials):
                 continue
             pruned = predict_latency(self.latency, self.model, self.input_shape, plan).layers_ms
             for name in plan.layers:
-                if pruned[name] >= dense_ms[name]:
+                if kind not in offered[name] or pruned[name] >= dense_ms[name]:
                     slow.setdefault(name, set()).add(kind)
         return slow
 

@@ -155,7 +155,10 @@ def test_a_rerun_times_anew_the_rows_of_a_changed_kernel_and_the_networks_calibr
     assert table.Profile.load(path).stale() == ["reduced-gemm"]
     old = [r for r in raw["rows"] if r["impl"] == "reduced-gemm"]
     run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
-    assert old and run.refreshed == ["reduced-gemm"] and run.measured == len(old)
+    rows = json.loads(path.read_text())["rows"]
+    new = [r for r in rows if r["impl"] == "reduced-gemm"]
+    assert old and run.refreshed == ["reduced-gemm"] and 0 < run.measured == len(new)
+    assert len(rows) == len(raw["rows"]) - len(old) + len(new), "only the changed kernel's rows were timed again"
     assert len(run.rest["calibration"]) == measure.CALIBRATION_PLANS
     assert run.rest["calibration"] != next(iter(raw["rest"].values()))["calibration"]  # timed again
     assert table.Profile.load(path).stale() == [] and json.loads(path.read_text())["kernels"] == KERNEL_VERSIONS
@@ -376,7 +379,9 @@ def test_prediction_is_the_in_network_fit_of_the_predicted_layers(fitted: predic
 def _on_fit(profile: table.Profile, offset: float, slope: float, target: measure.Target,
              per_mweight: float = 0.0, per_call: dict[str, float] | None = None) -> table.Profile:
     """A copy of `profile` whose end-to-end timings lie exactly on offset + slope x (layer sum)
-    + per_mweight x (millions of weights kept) + per_call[family] x (layers running it)."""
+    + per_mweight x (millions of weights kept) + per_call[family] x (layers running it), for
+    calibration plans of every profiled type (the profile's own leave out a type it timed slower
+    than dense at its highest rate, which on a busy machine can be any)."""
     import copy
 
     from sparsesearch.plan import Plan
@@ -384,6 +389,10 @@ def _on_fit(profile: table.Profile, offset: float, slope: float, target: measure
     profile = copy.deepcopy(profile)
     fitted = predictor.LatencyModel().fit(profile)
     entry = next(iter(profile.rest.values()))
+    rng = random.Random(0)
+    layers_, couplings = trace(target.model, target.input_shape), dependencies(target.model, target.input_shape).couplings
+    entry["calibration"] = [{"plan": random_plan(layers_, couplings, rng, RATES, types=TYPES).to_dict(), "spread": 0.0}
+                            for _ in range(measure.CALIBRATION_PLANS)]
 
     def layers(plan: Plan | None) -> float:
         compacted = target.model if plan is None else predictor.compacted_copy(target.model, target.input_shape, plan)
@@ -466,13 +475,43 @@ def test_every_phase_of_a_profile_shows_its_own_progress(small_profile: measure.
         if not phases or heard[1] != phases[-1][-1][1] or heard[0] < phases[-1][-1][0]:
             phases.append([])
         phases[-1].append(heard)
-    assert [len({status for _, _, status in phase if "calibration" in status}) for phase in phases] == [0, 0, 1]
-    setup, rows, plans = phases
+    setup, *rows, plans = phases
     assert [d for d, _, _ in setup] == [0, 1] and "yardstick" in setup[0][2]
-    assert rows[0][0] == 0 and rows[-1][0] == rows[-1][1] == small_profile.measured, "the rows, from 0 to the end"
+    assert 1 <= len(rows) <= 2, "the dense layers and each kernel's highest rate; the rest of the grid (if any)"
+    assert all(phase[0][0] == 0 and phase[-1][0] == phase[-1][1] for phase in rows), "each from 0 to its end"
+    assert sum(phase[-1][1] for phase in rows) == small_profile.measured
     assert [d for d, _, _ in plans] == [*range(0, measure.CALIBRATION_PLANS, measure.GROUP), measure.CALIBRATION_PLANS], \
         "the calibration plans, group by group, with their own total"
     assert {t for _, t, _ in plans} == {measure.CALIBRATION_PLANS}
+
+
+def test_a_type_no_faster_than_dense_at_its_highest_rate_or_running_the_dense_layer_is_unpaid() -> None:
+    sig = table.Signature("conv", 64, 64, (3, 3), (1, 1), (1, 1), input_hw=(8, 8))
+
+    def row(kind: str, rate: float, ms: float, impl: str, in_keep: int = 64) -> table.Row:
+        return table.Row(sig, kind, rate, in_keep, 64, 1, 1, impl, 1, ms, 0.0)
+
+    profile = table.Profile({}, path=Path("p.json"))
+    for r in (row("plain", 0.0, 1.0, "dense"),
+              row("shape", 0.5, 1.3, "reduced-gemm"), row("shape", 0.9, 0.5, "reduced-gemm"),  # pays at 0.9
+              row("irregular", 0.9, 1.2, "csr"), row("irregular", 0.5, 0.2, "csr", in_keep=32),  # half the inputs
+              row("nm", 0.75, 0.9, "dense-fallback")):  # faster by noise: it runs the dense layer
+        profile.add(r)
+    assert profile.unpaid() == {(sig.key, "irregular"), (sig.key, "nm")}
+
+
+def test_a_type_that_buys_no_time_is_timed_at_its_highest_rate_only_and_calibrated_without(
+        digits: measure.Target, tmp_path: Path) -> None:
+    """On a CPU nm runs the dense layer (no 2:4 kernel): one row per layer shape says so, and the
+    calibration plans, drawn from what the search can offer, leave it out."""
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, ("filter", "nm"), tmp_path / "p.json", timing=FAST)
+    nm = [r for r in run.profile.rows.values() if r.type == "nm"]
+    shapes = {r.signature for r in run.profile.rows.values()}
+    assert len(nm) == len(shapes) and {(r.rate, r.impl) for r in nm} == {(measure.NM_RATES[-1], "dense-fallback")}
+    assert all((r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels) for r in nm)
+    assert run.skipped > 0 and run.measured + run.skipped + run.reused == len(measure.grid(digits, RATES, ("filter", "nm"))[0])
+    drawn = {spec["type"] for sample in run.rest["calibration"] for spec in sample["plan"]["layers"].values()}
+    assert drawn == {"filter"}
 
 
 def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: measure.ProfileRun) -> None:

@@ -64,7 +64,7 @@ def build_layer(module: nn.Module, kind: str, rate: float, in_keep: int, out_kee
 class Described:
     """A compact layer as the latency model sees it."""
 
-    family: str  # "plain" for a Conv2d/Linear, else the impl that runs (reduced-gemm, csr, ...)
+    family: str  # "plain" for a Conv2d/Linear or a dense fallback, else the impl that runs (reduced-gemm, csr, ...)
     in_keep: int  # channels (features) of the input the layer receives
     out_keep: int
     groups_keep: int
@@ -97,7 +97,8 @@ def describe(module: nn.Module, in_channels: int, out_channels: int) -> Describe
     and writes `out_channels` (from its input and output tensors: some compact layers store neither)."""
     plain = type(module) in (nn.Conv2d, nn.Linear)
     impl = "dense" if plain else str(getattr(module, "impl", type(module).__name__))
-    return Described(PLAIN if plain else impl, in_channels, out_channels, _groups(module), _weights(module, impl))
+    family = PLAIN if plain or impl == "dense-fallback" else impl  # a fallback runs the plain layer
+    return Described(family, in_channels, out_channels, _groups(module), _weights(module, impl))
 
 
 class Stub(nn.Module):

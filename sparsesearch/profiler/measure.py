@@ -25,11 +25,11 @@ from ..errors import UserError
 from ..files import locked
 from ..layers import Layer, trace
 from ..plan import Plan
-from ..sparsity import SparsityType, keep_count
+from ..sparsity import LAYER_LOCAL, SparsityType, keep_count
 from . import steps
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
 from .table import (DTYPES, SHIPPED_PROFILES, Profile, Row, Signature, differences, find_profile, fingerprint,
-                    model_key, point_key, profile_name, profiles_dir)
+                    model_key, point_key, profile_name, profiles_dir, without_unpaid)
 from .timing import Timing, compare
 
 DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))
@@ -162,6 +162,18 @@ def layer_points(layer: Layer, module: nn.Module, dims: dict[float, dict[str, tu
             cases = shrunk if rate in inner else {(full_in, full_out)}
             points += [Point(sig, kind, rate, i, o, groups) for i, o in cases]
     return points
+
+
+def _first(points: list[Point]) -> set[tuple]:
+    """Keys of the points timed before the rest: each layer's dense form, and each layer-local type
+    at its highest rate with all channels kept, from which `Profile.unpaid` tells the types whose
+    other points need no timing."""
+    top: dict[tuple[Signature, str], float] = {}
+    for p in points:
+        top[(p.signature, p.type)] = max(top.get((p.signature, p.type), 0.0), p.rate)
+    local = {k.value for k in LAYER_LOCAL}
+    return {p.key for p in points if (p.in_keep, p.out_keep) == (p.signature.in_channels, p.signature.out_channels)
+            and (p.type == PLAIN or (p.type in local and p.rate == top[(p.signature, p.type)]))}
 
 
 def grid_of(rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None) -> tuple[list[float], set[str]]:
@@ -303,7 +315,8 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
                     rates: list[float], types: set[str], reference_ms: float,
                     timing: dict[str, float] = NETWORK_TIMING,
-                    on_plans: Callable[[int, int], None] | None = None) -> dict[str, object]:
+                    on_plans: Callable[[int, int], None] | None = None,
+                    unpaid: set[tuple[str, str]] = frozenset()) -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
     `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
     each stored as its ratio to it times the dense latency.
@@ -313,6 +326,8 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     timed as `profile validate` and the search's measurement time plans (in small groups, as ratios to
     the dense net beside them): all 32 in one run put their ratios to the dense net 9% lower on
     resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup.
+    The plans draw from what the search can give each layer: not the `unpaid` (signature key, type)
+    pairs (`Profile.unpaid`), which the profile timed at one rate only.
     `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network)."""
     from ..graph import dependencies
     from .predictor import compacted_copy
@@ -322,7 +337,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     deps = dependencies(model, shape)
     dense = copy.deepcopy(model).to(device=device, dtype=dtype)
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
-    plans = calibration_plans(layers, deps.couplings, rates, types)
+    plans = calibration_plans(without_unpaid(model, layers, unpaid), deps.couplings, rates, types)
     if on_plans is not None:
         on_plans(0, len(plans))
     t, speed = _timed({"rest": _rest(dense, layers, batch_size), "dense": dense}, x, Yardstick(device, dtype),
@@ -355,6 +370,7 @@ class ProfileRun:
     rest: dict[str, object] = field(default_factory=dict)  # this network's rest and dense timing
     speeds: list[float] = field(default_factory=list)  # the yardstick over its reference, per timing run
     refreshed: list[str] = field(default_factory=list)  # kernels changed since the file timed them: timed anew
+    skipped: int = 0  # grid points of types that buy no time here (`Profile.unpaid`): not timed
 
     @property
     def unsteady(self) -> float:
@@ -427,32 +443,42 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         profile.save(path)
         if on_progress:
             on_progress(1, 1, "the yardstick and this device's channel steps")
-    done = 0
     speeds: list[float] = []
 
-    def save(rows: list[Row], speed: float) -> None:
-        nonlocal done
-        for row in rows:
-            profile.add(row)
-        profile.save(path)
-        done += len(rows)
-        speeds.append(speed)
-        if on_progress:
-            layer = names.get(rows[0].signature, ["?"])[0]
-            on_progress(done, len(todo), f"{layer} {rows[0].type}")
+    def timed(batch: list[Point], what: str) -> None:
+        done = 0
 
-    if on_progress and todo:
-        on_progress(0, len(todo), "compact layers")
-    measure_points(todo, device, batch_size, DTYPES[dtype], profile.yardstick_ms, save, timing)
+        def save(rows: list[Row], speed: float) -> None:
+            nonlocal done
+            for row in rows:
+                profile.add(row)
+            profile.save(path)
+            done += len(rows)
+            speeds.append(speed)
+            if on_progress:
+                layer = names.get(rows[0].signature, ["?"])[0]
+                on_progress(done, len(batch), f"{what}: {layer} {rows[0].type}")
+
+        if on_progress and batch:
+            on_progress(0, len(batch), what)
+        measure_points(batch, device, batch_size, DTYPES[dtype], profile.yardstick_ms, save, timing)
+
+    first = _first(points)
+    timed([p for p in todo if p.key in first], "dense layers, sparse kernels at their highest rate")
+    unpaid = profile.unpaid()
+    rest = [p for p in todo if p.key not in first and (p.signature.key, p.type) not in unpaid]
+    timed(rest, "the rest of the grid")
     if not timed_whole:  # new, another grid's, or from a version with fewer calibration plans
         profile.rest[key] = measure_network(
             target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
             {**NETWORK_TIMING, **overrides},
-            on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")))
+            on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")),
+            unpaid=unpaid)
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
     dense = {r.signature: r.median_ms for r in profile.rows.values()
              if r.type == PLAIN and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
     slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])
-    return ProfileRun(path, profile, len(todo), len(points) - len(todo), time.perf_counter() - started, slowest[:5],
-                      profile.rest[key], speeds, refreshed)
+    measured = sum(p.key in first for p in todo) + len(rest)
+    return ProfileRun(path, profile, measured, len(points) - len(todo), time.perf_counter() - started, slowest[:5],
+                      profile.rest[key], speeds, refreshed, len(todo) - measured)

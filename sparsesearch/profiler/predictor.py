@@ -30,7 +30,7 @@ from .table import Profile, Row, Signature, model_key
 if TYPE_CHECKING:
     from ..graph import Dependencies
 
-FAMILIES = ("plain", "reduced-gemm", "channels-gathered", "csr", "dense-fallback", "semi-structured")
+FAMILIES = ("plain", "reduced-gemm", "channels-gathered", "csr", "semi-structured")
 # (name, monotone direction): +1 where more kept work can only cost more
 FEATURES = (("conv", 0), ("log_in", 1), ("log_out", 1), ("log_groups", 0), ("kernel", 0), ("stride", 0),
             ("log_positions", 0), ("log_input_hw", 0), ("log_full_in", 0), ("log_full_out", 0),
@@ -52,7 +52,7 @@ class Query:
 
     @classmethod
     def of_row(cls, row: Row) -> Query:
-        family = PLAIN if row.type == PLAIN else row.impl
+        family = PLAIN if row.type == PLAIN or row.impl == "dense-fallback" else row.impl
         return cls(row.signature, family, row.in_keep, row.out_keep, row.groups_keep, row.weights)
 
 

@@ -13,7 +13,7 @@ import datetime
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import UserError
 from ..files import read_json, write_json
 from ..kernels import KERNEL_VERSIONS
-from ..sparsity import LAYER_LOCAL
+from ..layers import Layer
+from ..sparsity import LAYER_LOCAL, SparsityType
 
 SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -177,6 +178,16 @@ def differences(theirs: dict[str, object], ours: dict[str, object]) -> list[str]
     return [f"{k}: {theirs.get(k)} (profile) != {ours.get(k)} (here)" for k in MATCHED if theirs.get(k) != ours.get(k)]
 
 
+def without_unpaid(model: nn.Module, layers: list[Layer], unpaid: set[tuple[str, str]]) -> list[Layer]:
+    """`layers` of `model` less the types that buy no time on a profile's device (`Profile.unpaid`):
+    what the search can give each, so what calibration and validation plans draw from."""
+    def offered(layer: Layer) -> tuple[SparsityType, ...]:
+        key = Signature.of(model.get_submodule(layer.name), layer.in_shape).key
+        return tuple(t for t in layer.types if (key, t.value) not in unpaid)
+
+    return [replace(layer, types=offered(layer)) for layer in layers]
+
+
 def model_key(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     """A structural key for a network (not its name): two builds of one architecture share it."""
     text = repr(model) + "|" + "x".join(map(str, input_shape))
@@ -221,13 +232,33 @@ class Profile:
                 "yardstick_ms": self.yardstick_ms, "steps": self.steps, "kernels": self.kernels, "rest": self.rest,
                 "verdicts": self.verdicts(), "rows": [r.to_dict() for r in rows]}
 
+    def _dense_ms(self) -> dict[str, float]:
+        """The unpruned layer's latency per signature key."""
+        return {r.signature.key: r.median_ms for r in self.rows.values() if r.type == "plain"
+                and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
+
+    def unpaid(self) -> set[tuple[str, str]]:
+        """(signature key, layer-local type) pairs that buy no time on this device: at their highest
+        rate, all channels kept, they run no faster than the dense layer, or run the dense layer
+        itself (no sparse kernel here). A lower rate keeps more weights and only costs more, so
+        profiling times such a pair at that one rate, and the search withholds it (CSR kernels on
+        a CPU are 0.4-0.7x the dense conv on tv:resnet18's 3x3 layers even at 90%)."""
+        dense = self._dense_ms()
+        top: dict[tuple[str, str], Row] = {}
+        for r in self.rows.values():
+            full = (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)
+            pair = (r.signature.key, r.type)
+            if full and r.type in {k.value for k in LAYER_LOCAL} and r.signature.key in dense and (
+                    pair not in top or r.rate > top[pair].rate):
+                top[pair] = r
+        return {pair for pair, r in top.items() if r.impl == "dense-fallback" or r.median_ms >= dense[pair[0]]}
+
     def verdicts(self) -> dict[str, str]:
         """Per layer-local type, whether it pays on this device, from the rows: on how many layer
         shapes some rate runs at least `PAYS` times faster than the dense layer, and the best ratio.
         A type that never does is compression only here (CSR on a CPU); the search withholds it where
         the latency model says so (`search.Search._no_faster`). Written into the profile for people."""
-        dense = {r.signature.key: r.median_ms for r in self.rows.values() if r.type == "plain"
-                 and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)}
+        dense = self._dense_ms()
         out = {}
         for kind in sorted({r.type for r in self.rows.values()} & {k.value for k in LAYER_LOCAL}):
             rows = [r for r in self.rows.values() if r.type == kind and r.signature.key in dense]

@@ -17,7 +17,7 @@ from ..plan import LayerSparsity, Plan
 from ..sparsity import SparsityType
 from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
-from .table import model_key
+from .table import model_key, without_unpaid
 
 
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
@@ -127,7 +127,8 @@ class Validation:
 def validate(latency: LatencyModel, target_: Target, samples: int, device: torch.device, batch_size: int,
              dtype: torch.dtype = torch.float32, seed: int = 0,
              on_progress: Callable[[int, int, str], None] | None = None) -> Validation:
-    """Draw `samples` random plans, compact each, time them end to end (GROUP at a time, side by
+    """Draw `samples` random plans of what the search can offer (not the types `Profile.unpaid`
+    finds buying no time), compact each, time them end to end (GROUP at a time, side by
     side with the dense network, as the profile timed its calibration plans; a group whose dense
     net runs more than 10% off its profiled latency is timed once more) and pair each measurement
     with its prediction."""
@@ -139,7 +140,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
         torch.backends.cudnn.benchmark = True  # as the profile was measured
     model, shape = target_.model.eval(), target_.input_shape
     deps = dependencies(model, shape)
-    layers = trace(model, shape)
+    layers = without_unpaid(model, trace(model, shape), latency.profile.unpaid())  # what the search can offer
     covered = latency.profile.rest.get(model_key(model, shape), {}).get("grid", {})  # what the profile timed
     rates = tuple(covered.get("rates", DEFAULT_RATES))
     result = Validation(target_.name, setting={"device": str(device), "batch_size": batch_size,
