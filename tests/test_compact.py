@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -117,11 +119,29 @@ def _random_plan(layers: list, groups: list[list[str]], seed: int) -> Plan:
     return Plan(specs)
 
 
+_DENSE: dict[tuple, tuple] = {}  # the last dense model _masked built: its plans are tested one after another
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_last_dense_model() -> Iterator[None]:
+    yield
+    _DENSE.clear()  # tv:vgg11_bn alone holds 0.5 GB
+
+
+def _dense(name: str, shape: tuple[int, int, int]) -> tuple:
+    """A lively dense `name` (a copy), its dependencies and layers; built once for all its plans
+    (tv:densenet121's dependency graph alone takes seconds)."""
+    if (name, shape) not in _DENSE:
+        _DENSE.clear()
+        torch.manual_seed(0)
+        model = lively(create(name, in_channels=shape[0]), shape)  # a ghost channel would show
+        _DENSE[name, shape] = model, dependencies(model, shape), trace(model, shape)
+    model, deps, layers = _DENSE[name, shape]
+    return copy.deepcopy(model), deps, layers
+
+
 def _masked(name: str, shape: tuple[int, int, int], plan_of) -> tuple:  # noqa: ANN001
-    torch.manual_seed(0)
-    model = lively(create(name, in_channels=shape[0]), shape)  # a ghost channel would show
-    deps = dependencies(model, shape)
-    layers = trace(model, shape)
+    model, deps, layers = _dense(name, shape)
     plan = plan_of(layers, deps.couplings)
     plan.validate(layers, deps.couplings)
     apply_masks(model, prune_masks(model, plan, deps))
