@@ -368,7 +368,8 @@ def test_a_mistyped_model_leaves_no_study_behind(tmp_path: Path, monkeypatch: py
     assert not (tmp_path / "studies").exists()
 
 
-def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: DenseResult, tmp_path: Path) -> None:
+def test_a_trial_whose_worker_was_killed_is_failed_and_retried(tiny: dict, digits_baseline: DenseResult,
+                                                               tmp_path: Path) -> None:
     """A worker SIGKILLed mid-trial leaves its trial RUNNING; once its heartbeat is older than the
     grace period, the next worker fails it and enqueues its plan again (real SQLite, real kill)."""
     import signal
@@ -377,13 +378,13 @@ def test_a_trial_whose_worker_was_killed_is_failed_and_retried(digits_baseline: 
     import time
     import warnings
 
-    from sparsesearch.profiler.table import SHIPPED_PROFILES
-
-    shipped = SHIPPED_PROFILES / "cpu-amd-epyc-t1-b1-float32.json"  # any profile: the test times nothing
+    # any profile: the test times nothing (the tiny study's few rows fit in 2 s, a shipped
+    # profile's thousand in ten); trials of 3+3 epochs train for seconds, long enough to be seen
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "sparsesearch"), "optimize", "--study", "k", "--budget", "3", "--threads", "1",
-         "--trial-epochs", "20+20", "--checkpoint", str(digits_baseline.checkpoint), "--profile", str(shipped),
-         "--allow-foreign-profile"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--trial-epochs", "3+3", "--checkpoint", str(digits_baseline.checkpoint),
+         "--profile", str(tiny["root"] / "profile.json")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"sqlite:///{tmp_path / 'studies' / 'k' / 'study.db'}"
     deadline, running = time.monotonic() + 300, []
     while not running and time.monotonic() < deadline and worker.poll() is None:
