@@ -405,6 +405,23 @@ def _on_fit(profile: table.Profile, offset: float, slope: float, target: measure
     return profile
 
 
+def test_the_in_network_fit_reads_the_calibration_plans_as_described_without_compacting_them_again(
+        small_profile: measure.ProfileRun, digits: measure.Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    described = predictor.LatencyModel().fit(small_profile.profile).in_network(digits.model, digits.input_shape)
+    older = copy.deepcopy(small_profile.profile)  # as profiled before plans were described: compacted again
+    for sample in next(iter(older.rest.values()))["calibration"]:
+        del sample["layers"]
+    assert predictor.LatencyModel().fit(older).in_network(digits.model, digits.input_shape) == described
+    monkeypatch.setattr(predictor, "compacted_copy", None)  # the described profile needs no compaction
+    assert predictor.LatencyModel().fit(small_profile.profile).in_network(digits.model, digits.input_shape) == described
+    broken = copy.deepcopy(small_profile.profile)
+    next(iter(next(iter(broken.rest.values()))["calibration"][0]["layers"].values()))[1] = "sixteen"
+    with pytest.raises(UserError, match="malformed layer description"):
+        predictor.LatencyModel().fit(broken).in_network(digits.model, digits.input_shape)
+
+
 def test_in_network_offset_and_slope_are_read_off_the_plans_timed_end_to_end(small_profile: measure.ProfileRun,
                                                                  digits: measure.Target) -> None:
     profile = _on_fit(small_profile.profile, 0.05, 1.4, digits)

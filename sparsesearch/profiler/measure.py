@@ -330,7 +330,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     pairs (`Profile.unpaid`), which the profile timed at one rate only.
     `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network)."""
     from ..graph import dependencies
-    from .predictor import compacted_copy
+    from .predictor import compacted_copy, queries
 
     model, shape = target_.model.eval(), target_.input_shape
     layers = trace(model, shape)  # before the cast: trace feeds float32 zeros
@@ -345,10 +345,13 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     dense_ms = t["dense"][0]
     calibration = []
     for start in range(0, len(plans), GROUP):
-        group = {str(i): compacted_copy(model, shape, plans[i], deps).to(device=device, dtype=dtype)
-                 for i in range(start, min(start + GROUP, len(plans)))}
+        group, described = {}, {}
+        for i in range(start, min(start + GROUP, len(plans))):
+            compacted = compacted_copy(model, shape, plans[i], deps)
+            described[str(i)] = {name: q.description() for name, q in queries(model, compacted, shape).items()}
+            group[str(i)] = compacted.to(device=device, dtype=dtype)
         beside = beside_dense(dense, group, x, dense_ms, timing)
-        calibration += [{"plan": plans[int(i)].to_dict(), "median_ms": beside[i].relative * dense_ms,
+        calibration += [{"plan": plans[int(i)].to_dict(), "layers": described[i], "median_ms": beside[i].relative * dense_ms,
                          "spread": beside[i].relative_spread} for i in group]
         if on_plans is not None:
             on_plans(len(calibration), len(plans))

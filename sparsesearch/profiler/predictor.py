@@ -50,6 +50,17 @@ class Query:
     groups_keep: int
     weights: int
 
+    def description(self) -> list[object]:
+        """What the layer became, without its signature: how a profile stores a calibration plan's layers."""
+        return [self.family, self.in_keep, self.out_keep, self.groups_keep, self.weights]
+
+    @classmethod
+    def of_description(cls, signature: Signature, raw: list[object]) -> Query:
+        family, in_keep, out_keep, groups_keep, weights = raw
+        if not isinstance(family, str) or not all(isinstance(n, int) and n > 0 for n in (in_keep, out_keep, groups_keep)):
+            raise ValueError(f"not [family, in, out, groups, weights]: {str(raw)[:60]}")
+        return cls(signature, family, in_keep, out_keep, groups_keep, int(weights))
+
     @classmethod
     def of_row(cls, row: Row) -> Query:
         family = PLAIN if row.type == PLAIN or row.impl == "dense-fallback" else row.impl
@@ -139,13 +150,39 @@ class LatencyModel:
             entry = self.network(model, input_shape)
             layers = [isolated_layers(self, model, model, input_shape)]
             measured = [float(entry["dense_ms"])]
+            signatures = {layer.name: Signature.of(model.get_submodule(layer.name), layer.in_shape)
+                          for layer in trace(model, input_shape)}
             for sample in entry.get("calibration", []):
-                plan = Plan.from_dict(sample["plan"], f"calibration plan in {self.profile.path}")
-                layers.append(isolated_layers(self, model, compacted_copy(model, input_shape, plan), input_shape))
+                layers.append(self.isolated(self._calibrated(sample, model, input_shape, signatures)))
                 measured.append(float(sample["median_ms"]))
             self._in_network[key] = InNetwork.fit([list(found.values()) for found in layers], measured,
                                                   float(entry["median_ms"]))
         return self._in_network[key]
+
+
+    def _calibrated(self, sample: dict[str, object], model: nn.Module, input_shape: tuple[int, ...],
+                    signatures: dict[str, Signature]) -> dict[str, Query]:
+        """What each layer (of `signatures`) became in a calibration plan: as the profile described
+        it when it compacted the plan, or (a profile from before it did) compacted again, a second
+        or more per plan on tv:resnet18."""
+        where = f"calibration plan in {self.profile.path}"
+        if "layers" not in sample:
+            plan = Plan.from_dict(sample["plan"], where)
+            return queries(model, compacted_copy(model, input_shape, plan), input_shape)
+        try:
+            return {name: Query.of_description(sig, sample["layers"][name]) for name, sig in signatures.items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where} has a malformed layer description ({e}); "
+                            "re-run `sparsesearch profile` to rewrite it") from e
+
+    def isolated(self, found: dict[str, Query]) -> dict[str, Isolated]:
+        """Each layer's predicted isolated latency; one that no row's signature matches is refused."""
+        missing = missing_signatures(self, found)
+        if missing:
+            name, key = next(iter(missing.items()))
+            raise UserError(f"profile {self.profile.path} has no rows for {len(missing)} layer(s) of this network "
+                            f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
+        return {name: Isolated(ms, q.weights, q.family) for (name, q), ms in zip(found.items(), self.predict(list(found.values())))}
 
 
 class Isolated(NamedTuple):
@@ -267,14 +304,7 @@ def missing_signatures(latency: LatencyModel, found: dict[str, Query]) -> dict[s
 def isolated_layers(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
                     input_shape: tuple[int, ...]) -> dict[str, Isolated]:
     """Each prunable layer of `original` as it is in `compacted`, with its predicted isolated latency."""
-    found = queries(original, compacted, input_shape)
-    missing = missing_signatures(latency, found)
-    if missing:
-        name, key = next(iter(missing.items()))
-        raise UserError(f"profile {latency.profile.path} has no rows for {len(missing)} layer(s) of this network "
-                        f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-    return {name: Isolated(ms, q.weights, q.family)
-            for (name, q), ms in zip(found.items(), latency.predict(list(found.values())))}
+    return latency.isolated(queries(original, compacted, input_shape))
 
 
 def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.Module,
