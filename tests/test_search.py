@@ -619,10 +619,10 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
     assert re.search(r"one trial on 1,078 training images: [\d,]+ training steps \+ 2,101 images evaluated ≈ \d+ s "
                      r"on this device \(timed on a few steps\); 4 more trials ≈ \d+ s", said), said
     assert re.search(r"search: 4/4 .*, \d+ s/trial", said), said  # the measured pace, once trials finished
-    more = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "12s", "--profile", str(target),
+    more = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "6s", "--profile", str(target),
                                     "--checkpoint", str(checkpoint), "--threads", "1"])
     said = " ".join(more.output.split())
-    assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.2 min buy ≈ \d+ trials", said), said
+    assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.1 min buy ≈ \d+ trials", said), said
     assert re.search(r"search: 0/1 min; 0 trials, best feasible", said), said  # a duration's bar counts its minutes
     study = stores.open_study("t", None, create=False)
     assert "measured" not in study.user_attrs
