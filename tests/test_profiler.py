@@ -589,6 +589,15 @@ class _Burst(nn.Module):
         return x
 
 
+def test_past_the_minimum_rounds_only_the_unsteady_models_are_timed_on_beside_the_reference() -> None:
+    machine = _Machine(steady=True)
+    models = {"ref": _Sleeper(machine, 2), "steady": _Sleeper(machine, 4), "noisy": _Burst(burst=100)}
+    t = compare(models, torch.zeros(1), rounds=3, warmup_s=0, min_round_s=0, max_spread=0.2, max_rounds=8,
+                reference="ref")
+    assert (t["steady"].rounds, t["noisy"].rounds, t["ref"].rounds) == (3, 8, 8)
+    assert t["steady"].relative == pytest.approx(2, rel=0.1), "paired with the reference's first rounds"
+
+
 def test_a_model_timed_during_a_burst_is_timed_again_and_keeps_the_steadier_timing() -> None:
     x = torch.zeros(1)
     setting = {"rounds": 6, "warmup_s": 0, "min_round_s": 0, "max_spread": 0.5, "max_rounds": 6}
