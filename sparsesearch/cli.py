@@ -665,8 +665,8 @@ def optimize(
                       "(this study's first trials were judged so, before studies had a control)")
     if built.withheld:
         counts = Counter(kind.value for kinds in built.withheld.values() for kind in kinds)
-        console.print("withheld (predicted no faster than the dense layer even at the highest rate, on this profile): "
-                      + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
+        console.print("withheld (no faster than the dense layer even at the highest rate, as timed or predicted on "
+                      "this profile): " + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
     cost = search.trial_cost(built)
     left = (limit.seconds or 0) - (time.monotonic() - started)
     buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"
