@@ -180,10 +180,14 @@ def check_shared_study(study: optuna.Study, killed: int) -> None:
     assert study.user_attrs.get(report.MEASURING) is None, "the measuring lease was released"
 
 
-def test_three_workers_share_one_postgres_study_through_a_kill(project: Path, digits_baseline: DenseResult,
+@pytest.mark.parametrize("then", ["stop", pytest.param("resume", marks=pytest.mark.slow)])
+def test_three_workers_share_one_postgres_study_through_a_kill(then: str, project: Path, digits_baseline: DenseResult,
                                                                fresh_postgres_db: str) -> None:
     """Three `optimize` workers on one PostgreSQL study, one SIGKILLed while training: the others
-    finish the budget between them, retry the killed plan, measure the front once; the study resumes."""
+    finish the budget between them, retry the killed plan, measure the front once. Then (slow: a
+    fourth worker is 30 s on one core) the study resumes and trains exactly the trial its budget
+    gained; the default run resumes studies in test_search.py (test_resuming_adds_trials_to_the_same_study,
+    the tiny study's; test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once)."""
     workers = [optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET))
                for _ in range(3)]
     try:
@@ -194,6 +198,8 @@ def test_three_workers_share_one_postgres_study_through_a_kill(project: Path, di
             w.kill()
     assert [w.returncode for w in workers].count(0) == 2, [o[1][-800:] for o in outputs.values()]
     check_shared_study(optuna.load_study(study_name="s", storage=fresh_postgres_db), killed)
+    if then == "stop":
+        return
     again = optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET + 1))
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-800:]
