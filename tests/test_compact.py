@@ -109,7 +109,8 @@ def _random_plan(layers: list, groups: list[list[str]], seed: int) -> Plan:
     by_name = {layer.name: layer for layer in layers}
     specs: dict[str, LayerSparsity] = {}
     for group in groups:
-        common = tuple(set.intersection(*(set(by_name[n].types) for n in group)))
+        # in the layers' own order: a set's order follows PYTHONHASHSEED, and the plan with it
+        common = tuple(t for t in by_name[group[0]].types if all(t in by_name[n].types for n in group))
         spec = draw(common)
         for n in group:
             specs[n] = spec if spec.type == T.FILTER else draw(tuple(t for t in by_name[n].types if t != T.FILTER))
