@@ -166,8 +166,15 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("plan_name", PLANS)
-@pytest.mark.parametrize("model_name", [*SMALL, *LARGE])
+# A large model's uniform plans run in the slow suite (test_zoo_compacts_with_equal_outputs runs them on
+# every torchvision classifier): by default each large model meets the two random plans, whose layers mix
+# all five types, and the small models and the generated networks (test_generated.py) every uniform plan.
+EQUAL_OUTPUT_CASES = [pytest.param(model, plan, id=f"{model}-{plan}",
+                                   marks=[pytest.mark.slow] if model in LARGE and not plan.startswith("random") else [])
+                      for model in [*SMALL, *LARGE] for plan in PLANS]
+
+
+@pytest.mark.parametrize(("model_name", "plan_name"), EQUAL_OUTPUT_CASES)
 def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) -> None:
     shape = {**SMALL, **LARGE}[model_name]
     model, plan, deps = _masked(model_name, shape, PLANS[plan_name])
