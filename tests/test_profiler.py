@@ -376,33 +376,40 @@ def test_prediction_is_the_in_network_fit_of_the_predicted_layers(fitted: predic
     assert pruned.total_ms < dense.total_ms  # monotone: every kept dim shrank
 
 
-def _on_fit(profile: table.Profile, offset: float, slope: float, target: measure.Target,
-             per_mweight: float = 0.0, per_call: dict[str, float] | None = None) -> table.Profile:
-    """A copy of `profile` whose end-to-end timings lie exactly on offset + slope x (layer sum)
-    + per_mweight x (millions of weights kept) + per_call[family] x (layers running it), for
-    calibration plans of every profiled type (the profile's own leave out a type it timed slower
-    than dense at its highest rate, which on a busy machine can be any)."""
+@pytest.fixture(scope="module")
+def on_fit(fitted: predictor.LatencyModel, digits: measure.Target) -> Callable[..., table.Profile]:
+    """on_fit(offset, slope, per_mweight=0, per_call=None): a copy of the small profile whose
+    end-to-end timings lie exactly on offset + slope x (layer sum) + per_mweight x (millions of
+    weights kept) + per_call[family] x (layers running it), for calibration plans of every profiled
+    type (the profile's own leave out a type it timed slower than dense at its highest rate, which
+    on a busy machine can be any). Each plan is compacted and its layers predicted once, by the
+    module's fit of the same rows, for every test that asks for such a copy."""
     import copy
 
-    from sparsesearch.plan import Plan
-
-    profile = copy.deepcopy(profile)
-    fitted = predictor.LatencyModel().fit(profile)
-    entry = next(iter(profile.rest.values()))
     rng = random.Random(0)
-    layers_, couplings = trace(target.model, target.input_shape), dependencies(target.model, target.input_shape).couplings
-    entry["calibration"] = [{"plan": random_plan(layers_, couplings, rng, RATES, types=TYPES).to_dict(), "spread": 0.0}
-                            for _ in range(measure.CALIBRATION_PLANS)]
+    layers_, couplings = trace(digits.model, digits.input_shape), dependencies(digits.model, digits.input_shape).couplings
+    plans = [random_plan(layers_, couplings, rng, RATES, types=TYPES) for _ in range(measure.CALIBRATION_PLANS)]
 
-    def layers(plan: Plan | None) -> float:
-        compacted = target.model if plan is None else predictor.compacted_copy(target.model, target.input_shape, plan)
-        found = predictor.isolated_layers(fitted, target.model, compacted, target.input_shape).values()
-        return sum(slope * f.ms + per_mweight * f.weights / 1e6 + (per_call or {}).get(f.family, 0.0) for f in found)
+    def isolated(compacted: nn.Module) -> list[predictor.Isolated]:
+        return list(predictor.isolated_layers(fitted, digits.model, compacted, digits.input_shape).values())
 
-    entry["dense_ms"] = offset + layers(None)
-    for sample in entry["calibration"]:
-        sample["median_ms"] = offset + layers(Plan.from_dict(sample["plan"], "test"))
-    return profile
+    dense = isolated(digits.model)
+    found = [isolated(predictor.compacted_copy(digits.model, digits.input_shape, plan)) for plan in plans]
+
+    def make(offset: float, slope: float, per_mweight: float = 0.0,
+             per_call: dict[str, float] | None = None) -> table.Profile:
+        def timed(layers: list[predictor.Isolated]) -> float:
+            return offset + sum(slope * f.ms + per_mweight * f.weights / 1e6 + (per_call or {}).get(f.family, 0.0)
+                                for f in layers)
+
+        profile = copy.deepcopy(fitted.profile)
+        entry = next(iter(profile.rest.values()))
+        entry["dense_ms"] = timed(dense)
+        entry["calibration"] = [{"plan": plan.to_dict(), "spread": 0.0, "median_ms": timed(layers)}
+                                for plan, layers in zip(plans, found)]
+        return profile
+
+    return make
 
 
 def test_the_in_network_fit_reads_the_calibration_plans_as_described_without_compacting_them_again(
@@ -422,26 +429,26 @@ def test_the_in_network_fit_reads_the_calibration_plans_as_described_without_com
         predictor.LatencyModel().fit(broken).in_network(digits.model, digits.input_shape)
 
 
-def test_in_network_offset_and_slope_are_read_off_the_plans_timed_end_to_end(small_profile: measure.ProfileRun,
-                                                                 digits: measure.Target) -> None:
-    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits)
+def test_in_network_offset_and_slope_are_read_off_the_plans_timed_end_to_end(on_fit: Callable[..., table.Profile],
+                                                                             digits: measure.Target) -> None:
+    profile = on_fit(0.05, 1.4)
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-3), pytest.approx(1.4, rel=1e-3))
     assert fit.per_mweight == pytest.approx(0, abs=1e-3)
 
 
 def test_in_network_cost_of_weights_that_do_not_stay_in_cache_is_read_off_the_plans(
-        small_profile: measure.ProfileRun, digits: measure.Target) -> None:
-    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits, per_mweight=20.0)
+        on_fit: Callable[..., table.Profile], digits: measure.Target) -> None:
+    profile = on_fit(0.05, 1.4, per_mweight=20.0)
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert (fit.offset, fit.slope, fit.per_mweight) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2),
                                                           pytest.approx(20.0, rel=1e-2))
 
 
-def test_in_network_cost_per_kernel_call_is_read_off_the_plans(small_profile: measure.ProfileRun,
+def test_in_network_cost_per_kernel_call_is_read_off_the_plans(on_fit: Callable[..., table.Profile],
                                                                digits: measure.Target) -> None:
     per_call = {"channels-gathered": 0.02, "reduced-gemm": 0.01}  # the kernels of the profiled channel and shape
-    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits, per_call=per_call)
+    profile = on_fit(0.05, 1.4, per_call=per_call)
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert fit.per_call == pytest.approx(per_call, rel=1e-2)
     assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2))
@@ -456,9 +463,9 @@ def test_in_network_fit_has_no_per_call_terms_without_plans_enough_for_them() ->
     assert predictor.InNetwork.fit(networks[:11], measured[:11], 0.05).per_call == {}
 
 
-def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(small_profile: measure.ProfileRun,
+def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(on_fit: Callable[..., table.Profile],
                                                                       digits: measure.Target) -> None:
-    profile = _on_fit(small_profile.profile, 0.05, 1.4, digits)
+    profile = on_fit(0.05, 1.4)
     next(iter(profile.rest.values()))["calibration"][3]["median_ms"] *= 4  # a burst of load on the machine
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert fit.slope == pytest.approx(1.4, rel=0.05) and fit.offset == pytest.approx(0.05, rel=0.2)
