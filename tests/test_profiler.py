@@ -105,6 +105,11 @@ def test_the_profile_says_which_layer_local_types_pay_on_its_device(small_profil
         f"1.1x faster than the dense layer on 1 of {len(shapes)} layer shapes (best 2.00x")
     assert timed(lambda r: 1 / 1.05).startswith("never 1.1x faster than the dense layer (best 1.05x")  # noise, not a gain
     assert "compression only on this device" in profile.verdicts()["shape"]
+    full = next(r for r in rows.values() if r.in_keep == r.signature.in_channels)
+    half = dataclasses.replace(full, in_keep=full.in_keep // 2)  # half the inputs kept: their removal, not the pattern
+    profile.add(half)
+    rows[half.key] = half
+    assert timed(lambda r: 0.4 if r.in_keep < r.signature.in_channels else 1.0).startswith("never 1.1x faster")
 
 
 def test_rows_are_keyed_by_signature_not_model(small_profile: measure.ProfileRun, digits: measure.Target) -> None:

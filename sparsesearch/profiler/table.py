@@ -254,14 +254,16 @@ class Profile:
         return {pair for pair, r in top.items() if r.impl == "dense-fallback" or r.median_ms >= dense[pair[0]]}
 
     def verdicts(self) -> dict[str, str]:
-        """Per layer-local type, whether it pays on this device, from the rows: on how many layer
-        shapes some rate runs at least `PAYS` times faster than the dense layer, and the best ratio.
+        """Per layer-local type, whether it pays on this device, from the rows with all channels kept:
+        on how many layer shapes some rate runs at least `PAYS` times faster than the dense layer, and
+        the best ratio (a row with half the inputs kept would credit the pattern with their removal).
         A type that never does is compression only here (CSR on a CPU); the search withholds it where
         the latency model says so (`search.Search._no_faster`). Written into the profile for people."""
         dense = self._dense_ms()
         out = {}
         for kind in sorted({r.type for r in self.rows.values()} & {k.value for k in LAYER_LOCAL}):
-            rows = [r for r in self.rows.values() if r.type == kind and r.signature.key in dense]
+            rows = [r for r in self.rows.values() if r.type == kind and r.signature.key in dense  # all channels kept:
+                    and (r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels)]  # the rate's own gain
             if not rows:
                 continue
             if all(r.impl == "dense-fallback" for r in rows):
