@@ -110,7 +110,7 @@ def test_workers_popping_enqueued_trials_run_each_once(kind: str, tmp_path: Path
 
 # --- workers running `sparsesearch optimize` on one study ----------------------------------------
 
-BUDGET = 4  # the three uniform baselines and one more: the killed plan's retry must fit in it
+BUDGET = 8
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,7 @@ def kill_a_training_worker(study: Callable[[], optuna.Study], workers: list[subp
 
 def check_shared_study(study: optuna.Study, killed: int) -> None:
     """What many workers with one kill must leave: the budget trained exactly, each baseline once,
-    the killed trial failed and its plan trained again, nothing running, the front measured. (The
-    sensitivity seeds past the budget wait for a larger one.)"""
+    the killed trial failed and its plan enqueued again, nothing running, the front measured."""
     trials = study.get_trials(False)
     trained = [t for t in trials if t.state.is_finished() and t.state != TrialState.FAIL
                and "rejected" not in t.user_attrs]
@@ -173,9 +172,8 @@ def check_shared_study(study: optuna.Study, killed: int) -> None:
         {"filter=0.3": 1, "filter=0.5": 1, "filter=0.7": 1}, table
     assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed]
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-    assert len(retry) == 1 and retry[0].params == trials[killed].params, table
-    assert retry[0].number in {t.number for t in trained}, table
-    assert not [t for t in trials if t.state == TrialState.RUNNING], table
+    assert len(retry) == 1 and retry[0].params == trials[killed].params
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     measured = study.user_attrs["measured"]
     wanted = {str(t.number) for t in [*report.front(study), *report.baselines(study)]}
     assert wanted and wanted <= set(measured), (wanted, set(measured))
