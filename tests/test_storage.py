@@ -17,7 +17,7 @@ import torch
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sparsesearch import report
+from sparsesearch import report, search
 from sparsesearch import storage as stores
 from sparsesearch.cli import app
 from sparsesearch.errors import UserError
@@ -129,13 +129,68 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out.parent.parent
 
 
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder holding a coarse latency profile of digits-cnn measured here at 1 thread
+    (filter and shape at 0 and 50%, a few timing rounds): workers fit its few rows in 2 s, the
+    shipped profile's in 8. Measured on a busy core it may predict no plan faster than dense, which
+    only matters to a study that samples plans (see `project`), not to one that trains its baselines."""
+    from sparsesearch.profiler.measure import profile_model, target
+
+    out = tmp_path_factory.mktemp("small-project") / "hardware_profiles" / "digits.json"
+    out.parent.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting: --threads 1
+    try:
+        profile_model(target("digits-cnn"), CPU, 1, "float32", (0.0, 0.5), ("filter", "shape"), out,
+                      timing={"rounds": 3, "warmup_s": 0.0, "min_round_s": 0.001, "max_spread": None, "max_rounds": 3})
+    finally:
+        torch.set_num_threads(threads)
+    return out.parent.parent
+
+
 def optimize(project: Path, checkpoint: Path, *options: str) -> subprocess.Popen:
     """`sparsesearch optimize` on digits in `project`, as a worker process: short feasible trials."""
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "sparsesearch"), "optimize", "--study", "s", "--threads", "1",
          "--types", "filter,shape", "--trial-epochs", "1+1", "--max-acc-drop", "20", "--checkpoint", str(checkpoint),
-         "--artifacts", str(project / "shared"), "--stale-after", "3", *options],
+         "--artifacts", str(project / "shared"), *options],
         cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_one_postgres_study(small_project: Path, digits_baseline: DenseResult,
+                                              fresh_postgres_db: str) -> None:
+    """Two `optimize` workers started together on one PostgreSQL study train its budget between them:
+    each uniform baseline once (the copies both enqueued are rejected), the control once, the front
+    measured once, by the last to finish. Three workers through a kill are the slow
+    test_three_workers_share_one_postgres_study_through_a_kill; the default run has its other parts on
+    SQLite in test_search.py: a real kill (test_a_trial_whose_worker_was_killed_is_failed_and_retried),
+    a killed trial's retry within the budget
+    (test_a_trial_waits_for_a_claim_that_fills_the_budget_and_yields_to_the_killed_trials_retry),
+    a resume (test_resuming_adds_trials_to_the_same_study)."""
+    budget = 3  # the baselines; the sensitivity seeds enqueued after them wait for a larger budget
+    workers = [optimize(small_project, digits_baseline.checkpoint, "--storage", fresh_postgres_db,
+                        "--budget", str(budget)) for _ in range(2)]
+    try:
+        errors = [w.communicate(timeout=600)[1] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], [e[-800:] for e in errors]
+    study = optuna.load_study(study_name="s", storage=fresh_postgres_db)
+    trials = study.get_trials(False)
+    table = [(t.number, t.state.name, t.user_attrs.get("baseline") or t.user_attrs.get("seeded"),
+              t.user_attrs.get("rejected"), t.user_attrs.get("worker")) for t in trials]
+    trained = [t for t in trials if t.state.is_finished() and "rejected" not in t.user_attrs]
+    baselines = sorted(t.user_attrs.get("baseline", "") for t in trained)
+    assert baselines == ["filter=0.3", "filter=0.5", "filter=0.7"], table
+    assert len({t.user_attrs["worker"] for t in trials if t.state != TrialState.WAITING}) == 2, table  # both took some
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)], table
+    assert study.user_attrs[search.CONTROL]["seconds"] > 0 and study.user_attrs[search.TRAINING_CONTROL] is None
+    measured = study.user_attrs["measured"]
+    wanted = {str(t.number) for t in [*report.front(study), *report.baselines(study)]}
+    assert wanted and wanted <= set(measured) and len({m["by"] for m in measured.values()}) == 1, measured
+    assert study.user_attrs.get(report.MEASURING) is None, "the measuring lease was released"
 
 
 def kill_a_training_worker(study: Callable[[], optuna.Study], workers: list[subprocess.Popen]) -> int:
@@ -180,16 +235,16 @@ def check_shared_study(study: optuna.Study, killed: int) -> None:
     assert study.user_attrs.get(report.MEASURING) is None, "the measuring lease was released"
 
 
-@pytest.mark.parametrize("then", ["stop", pytest.param("resume", marks=pytest.mark.slow)])
-def test_three_workers_share_one_postgres_study_through_a_kill(then: str, project: Path, digits_baseline: DenseResult,
+@pytest.mark.slow
+def test_three_workers_share_one_postgres_study_through_a_kill(project: Path, digits_baseline: DenseResult,
                                                                fresh_postgres_db: str) -> None:
     """Three `optimize` workers on one PostgreSQL study, one SIGKILLed while training: the others
-    finish the budget between them, retry the killed plan, measure the front once. Then (slow: a
-    fourth worker is 30 s on one core) the study resumes and trains exactly the trial its budget
-    gained; the default run resumes studies in test_search.py (test_resuming_adds_trials_to_the_same_study,
-    the tiny study's; test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once)."""
-    workers = [optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET))
-               for _ in range(3)]
+    finish the budget between them, retry the killed plan, measure the front once; the study resumes.
+    Slow (2.5 min on one core): the default run has test_two_workers_share_one_postgres_study and the
+    parts it names."""
+    stale = ("--stale-after", "3")
+    workers = [optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET),
+                        *stale) for _ in range(3)]
     try:
         killed = kill_a_training_worker(lambda: optuna.load_study(study_name="s", storage=fresh_postgres_db), workers)
         outputs = {w.pid: w.communicate(timeout=600) for w in workers if w.returncode is None}
@@ -198,9 +253,8 @@ def test_three_workers_share_one_postgres_study_through_a_kill(then: str, projec
             w.kill()
     assert [w.returncode for w in workers].count(0) == 2, [o[1][-800:] for o in outputs.values()]
     check_shared_study(optuna.load_study(study_name="s", storage=fresh_postgres_db), killed)
-    if then == "stop":
-        return
-    again = optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET + 1))
+    again = optimize(project, digits_baseline.checkpoint, "--storage", fresh_postgres_db, "--budget", str(BUDGET + 1),
+                     *stale)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-800:]
     assert "1 trials trained" in " ".join(out.split()), out
