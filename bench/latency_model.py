@@ -65,7 +65,8 @@ def main() -> None:
                      "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
                      "offset_ms": round(fit.offset, 3), "slope": round(fit.slope, 3),
                      "ms_per_mweight": round(fit.per_mweight, 4),
-                     "ms_per_call": ", ".join(f"{f} {ms:.3f}" for f, ms in fit.per_call.items()) or "-",
+                     "ms_per_moutput": round(fit.per_moutput, 3),
+                     "ms_per_minput": ", ".join(f"{f} {ms:.3f}" for f, ms in fit.per_minput.items()) or "-",
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
                      "within_10_%": round(100 * result.within_10), "latency_goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
@@ -75,8 +76,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         summary = (f"Random per-layer plans (types and rates drawn per layer from what the search can offer), compacted "
                    f"and timed end to end (median of interleaved rounds) vs the latency model's prediction (offset + per "
-                   f"layer: slope x its predicted isolated latency + ms per million weights kept + ms per call of its "
-                   f"kernel family; fitted robustly on the profile's {CALIBRATION_PLANS} calibration plans and the dense "
+                   f"layer: slope x its predicted isolated latency + ms per million weights kept, per million outputs, "
+                   f"and per million inputs of its kernel family; fitted robustly on the profile's {CALIBRATION_PLANS} calibration plans and the dense "
                    f"network timed end to end). speedup_*: predicted speedup (over the dense network as profiled) vs "
                    f"measured speedup (over the dense network timed beside each plan), which is the latency in the machine "
                    f"speed of the profile; drift: the dense network during validation over as profiled. Goal: >= 95% "

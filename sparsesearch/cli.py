@@ -493,10 +493,10 @@ def profile_cmd(
     console.print(f"latency model, {cv['folds']}-fold cross-validated on {cv['rows']} rows: mean |error| "
                   f"{cv['mean_abs']:.1%}, median {cv['median_abs']:.1%}, {cv['within_10']:.0%} of rows within ±10%")
     fit = fitted.in_network(tgt.model, tgt.input_shape)
-    calls = "".join(f" + {ms:.4f} ms x ({family} layers)" for family, ms in fit.per_call.items())
+    reads = "".join(f" + {ms:.4f} x ({family} layers' inputs)" for family, ms in fit.per_minput.items())
     console.print(f"in network: latency = {fit.offset:.4f} ms + {fit.slope:.3f} x (sum of isolated layers) + "
-                  f"{fit.per_mweight:.4f} ms x (millions of weights kept){calls}, fitted on {fit.plans} plans "
-                  "timed end to end")
+                  f"ms per million of: {fit.per_mweight:.4f} x (weights kept) + {fit.per_moutput:.4f} x (outputs)"
+                  f"{reads}; fitted on {fit.plans} plans timed end to end")
 
 
 @profile_app.command("validate")

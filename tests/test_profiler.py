@@ -383,9 +383,10 @@ def test_prediction_is_the_in_network_fit_of_the_predicted_layers(fitted: predic
 
 @pytest.fixture(scope="module")
 def on_fit(fitted: predictor.LatencyModel, digits: measure.Target) -> Callable[..., table.Profile]:
-    """on_fit(offset, slope, per_mweight=0, per_call=None): a copy of the small profile whose
-    end-to-end timings lie exactly on offset + slope x (layer sum) + per_mweight x (millions of
-    weights kept) + per_call[family] x (layers running it), for calibration plans of every profiled
+    """on_fit(offset, slope, per_mweight=0, per_moutput=0, per_minput=None): a copy of the small
+    profile whose end-to-end timings lie exactly on offset + slope x (layer sum) + per_mweight x
+    (millions of weights kept) + per_moutput x (millions of outputs) + per_minput[family] x (millions
+    of inputs of the layers running it), for calibration plans of every profiled
     type (the profile's own leave out a type it timed slower than dense at its highest rate, which
     on a busy machine can be any). Each plan is compacted and its layers predicted once, by the
     module's fit of the same rows, for every test that asks for such a copy."""
@@ -401,10 +402,11 @@ def on_fit(fitted: predictor.LatencyModel, digits: measure.Target) -> Callable[.
     dense = isolated(digits.model)
     found = [isolated(predictor.compacted_copy(digits.model, digits.input_shape, plan)) for plan in plans]
 
-    def make(offset: float, slope: float, per_mweight: float = 0.0,
-             per_call: dict[str, float] | None = None) -> table.Profile:
+    def make(offset: float, slope: float, per_mweight: float = 0.0, per_moutput: float = 0.0,
+             per_minput: dict[str, float] | None = None) -> table.Profile:
         def timed(layers: list[predictor.Isolated]) -> float:
-            return offset + sum(slope * f.ms + per_mweight * f.weights / 1e6 + (per_call or {}).get(f.family, 0.0)
+            return offset + sum(slope * f.ms + (per_mweight * f.weights + per_moutput * f.outputs
+                                                + (per_minput or {}).get(f.family, 0.0) * f.inputs) / 1e6
                                 for f in layers)
 
         profile = copy.deepcopy(fitted.profile)
@@ -439,7 +441,7 @@ def test_in_network_offset_and_slope_are_read_off_the_plans_timed_end_to_end(on_
     profile = on_fit(0.05, 1.4)
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
     assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-3), pytest.approx(1.4, rel=1e-3))
-    assert fit.per_mweight == pytest.approx(0, abs=1e-3)
+    assert (fit.per_mweight, fit.per_moutput) == (pytest.approx(0, abs=1e-3), pytest.approx(0, abs=1e-3))
 
 
 def test_in_network_cost_of_weights_that_do_not_stay_in_cache_is_read_off_the_plans(
@@ -450,22 +452,32 @@ def test_in_network_cost_of_weights_that_do_not_stay_in_cache_is_read_off_the_pl
                                                           pytest.approx(20.0, rel=1e-2))
 
 
-def test_in_network_cost_per_kernel_call_is_read_off_the_plans(on_fit: Callable[..., table.Profile],
-                                                               digits: measure.Target) -> None:
-    per_call = {"channels-gathered": 0.02, "reduced-gemm": 0.01}  # the kernels of the profiled channel and shape
-    profile = on_fit(0.05, 1.4, per_call=per_call)
+def test_in_network_cost_of_what_follows_each_layer_on_its_outputs_is_read_off_the_plans(
+        on_fit: Callable[..., table.Profile], digits: measure.Target) -> None:
+    profile = on_fit(0.05, 1.4, per_moutput=30.0)  # e.g. BatchNorm and ReLU: filter pruning shrinks them
     fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
-    assert fit.per_call == pytest.approx(per_call, rel=1e-2)
+    assert (fit.offset, fit.slope, fit.per_moutput) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2),
+                                                          pytest.approx(30.0, rel=1e-2))
+
+
+def test_in_network_cost_per_input_a_kernel_reads_is_read_off_the_plans(on_fit: Callable[..., table.Profile],
+                                                                        digits: measure.Target) -> None:
+    per_minput = {"channels-gathered": 20.0, "reduced-gemm": 10.0}  # the kernels of the profiled channel and shape
+    profile = on_fit(0.05, 1.4, per_minput=per_minput)
+    fit = predictor.LatencyModel().fit(profile).in_network(digits.model, digits.input_shape)
+    assert fit.per_minput == pytest.approx(per_minput, rel=1e-2)
     assert (fit.offset, fit.slope) == (pytest.approx(0.05, rel=1e-2), pytest.approx(1.4, rel=1e-2))
 
 
-def test_in_network_fit_has_no_per_call_terms_without_plans_enough_for_them() -> None:
+def test_in_network_fit_has_no_per_kernel_terms_without_plans_enough_for_them() -> None:
     rng = random.Random(0)
-    networks = [[predictor.Isolated(rng.uniform(0.05, 0.2), rng.randrange(10**5), rng.choice(["csr", build.PLAIN]))
-                 for _ in range(4)] for _ in range(15)]  # 15 plans: 3 per coefficient need 12
-    measured = [0.05 + sum(1.2 * layer.ms + 0.03 * (layer.family == "csr") for layer in net) for net in networks]
-    assert predictor.InNetwork.fit(networks, measured, 0.05).per_call == {"csr": pytest.approx(0.03, rel=1e-2)}
-    assert predictor.InNetwork.fit(networks[:11], measured[:11], 0.05).per_call == {}
+    networks = [[predictor.Isolated(rng.uniform(0.05, 0.2), rng.randrange(10**5), rng.choice(["csr", build.PLAIN]),
+                                    rng.randrange(10**4), rng.randrange(10**4)) for _ in range(4)]
+                for _ in range(15)]  # 15 plans: 3 per coefficient need 15
+    measured = [0.05 + sum(1.2 * layer.ms + 30 * layer.inputs / 1e6 * (layer.family == "csr") for layer in net)
+                for net in networks]
+    assert predictor.InNetwork.fit(networks, measured, 0.05).per_minput == {"csr": pytest.approx(30, rel=1e-2)}
+    assert predictor.InNetwork.fit(networks[:14], measured[:14], 0.05).per_minput == {}
 
 
 def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(on_fit: Callable[..., table.Profile],

@@ -4,9 +4,10 @@ Each compact layer is described by its signature, what runs (plain dense layer o
 dims and the weights it multiplies; the target is log latency, so errors are relative. A gradient-
 boosted tree ensemble constrained to be non-decreasing in kept inputs, kept outputs, weights and
 MACs interpolates between the grid points the profiler measured. A network's latency is an offset
-plus, per layer, a slope times its predicted latency, a cost per weight kept and a cost per kernel
-call: read off each profiled network's end-to-end timings (dense, and random plans compacted), it
-carries the rest of the network and what being inside it costs a layer.
+plus, per layer, a slope times its predicted latency, a cost per weight kept, a cost per output
+element (the normalisation, activation and additions that follow it) and, for a kernel layer, a cost
+per input element it reads: read off each profiled network's end-to-end timings (dense, and random
+plans compacted), it carries the rest of the network and what being inside it costs a layer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ FEATURES = (("conv", 0), ("log_in", 1), ("log_out", 1), ("log_groups", 0), ("ker
             ("log_positions", 0), ("log_input_hw", 0), ("log_full_in", 0), ("log_full_out", 0),
             ("density", 1), ("log_macs", 1), ("log_dense_macs", 1),
             *((f"is_{f}", 0) for f in FAMILIES))
-MIN_PLANS_PER_TERM = 3  # end-to-end timings per coefficient of the in-network fit before it gets per-call terms
+MIN_PLANS_PER_TERM = 3  # end-to-end timings per coefficient of the in-network fit before it gets per-kernel terms
 
 
 @dataclass(frozen=True)
@@ -182,42 +183,53 @@ class LatencyModel:
             name, key = next(iter(missing.items()))
             raise UserError(f"profile {self.profile.path} has no rows for {len(missing)} layer(s) of this network "
                             f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-        return {name: Isolated(ms, q.weights, q.family) for (name, q), ms in zip(found.items(), self.predict(list(found.values())))}
+        return {name: Isolated(ms, q.weights, q.family, q.out_keep * q.signature.positions,
+                               q.in_keep * q.signature.input_hw[0] * q.signature.input_hw[1])
+                for (name, q), ms in zip(found.items(), self.predict(list(found.values())))}
 
 
 class Isolated(NamedTuple):
-    """A compact layer as the latency model sees it alone: predicted latency, weights, what runs."""
+    """A compact layer as the latency model sees it alone: predicted latency, weights, what runs,
+    and the elements it writes and reads per sample."""
 
     ms: float
     weights: int
     family: str
+    outputs: int = 0
+    inputs: int = 0
 
 
 @dataclass(frozen=True)
 class InNetwork:
     """End-to-end latency = offset + the sum over the layers of slope x (isolated latency) +
-    per_mweight x (millions of weights kept) + per_call[family] (for layers that run a kernel).
+    per_mweight x (millions of weights kept) + per_moutput x (millions of elements written) +
+    per_minput[family] x (millions of elements read, for layers that run a kernel).
 
     Inside a network a layer runs slower than timed alone, and the rest of the network shrinks with
-    the channels it carries; both are read off plans timed end to end. Timed alone, a layer reads
-    its weights from cache; inside a network whose weights exceed the cache (tv:resnet18: 43 MB
-    against a 32 MB L3) each call streams them from memory again, a cost that follows the weights
-    kept rather than the isolated time (on resnet20, whose 1 MB stays in cache, it fits to 0). A
-    kernel layer (CSR, im2col GEMM, gathered channels) also pays a fixed cost per call inside a
-    network that its isolated timing does not show (CSR: 0.03 ms on digits-cnn, 0.12 on tv:resnet18),
-    fitted per family when there are plans enough (MIN_PLANS_PER_TERM per coefficient). The fit is
-    robust (soft-L1 loss), so one plan timed during a burst of load does not tilt it, and every
-    coefficient is non-negative."""
+    the channels it carries; both are read off plans timed end to end. The rest is mostly the
+    normalisation, activation and residual additions applied to each layer's output, so it follows
+    the elements the layers write: filter pruning shrinks it, channel and shape pruning do not (on
+    tv:resnet18 at 224 px a constant offset under-predicted plans of many filter-pruned layers by up
+    to 18%; per output element, 30 random plans all within 10%). Timed alone, a layer reads its
+    weights from cache; inside a network whose weights exceed the cache (tv:resnet18: 43 MB against a
+    32 MB L3) each call streams them from memory again, a cost that follows the weights kept. A
+    kernel layer (CSR, im2col GEMM, gathered channels) copies its input, which inside a network
+    arrives from memory rather than a warm cache: a cost per input element, fitted per family when
+    there are plans enough (MIN_PLANS_PER_TERM per coefficient; a constant per call fitted worse, as
+    the inputs range over 200x). The fit is robust (soft-L1 loss), so one plan timed during a burst
+    of load does not tilt it, and every coefficient is non-negative."""
 
     offset: float  # ms: the plan-independent part (the rest of the network and its overheads)
     slope: float  # in-network cost of a millisecond of isolated layer time
     plans: int  # end-to-end timings it was fitted on
     per_mweight: float = 0.0  # ms per million weights kept: streaming weights that do not stay in cache
-    per_call: dict[str, float] = field(default_factory=dict)  # kernel family -> ms per layer running it
+    per_moutput: float = 0.0  # ms per million elements written: what follows a layer on its output
+    per_minput: dict[str, float] = field(default_factory=dict)  # kernel family -> ms per million elements read
 
     def cost(self, layer: Isolated) -> float:
         """A layer's share of the end-to-end latency."""
-        return self.slope * layer.ms + self.per_mweight * layer.weights / 1e6 + self.per_call.get(layer.family, 0.0)
+        return (self.slope * layer.ms + (self.per_mweight * layer.weights + self.per_moutput * layer.outputs
+                                         + self.per_minput.get(layer.family, 0.0) * layer.inputs) / 1e6)
 
     @classmethod
     def fit(cls, networks: list[list[Isolated]], measured: list[float], rest_ms: float) -> InNetwork:
@@ -226,20 +238,25 @@ class InNetwork:
         the measured rest plus the median in-network ratio."""
         from scipy.optimize import least_squares
 
-        sums = np.array([sum(layer.ms for layer in net) for net in networks])
         families = sorted({layer.family for net in networks for layer in net} - {PLAIN})
-        if len(networks) < MIN_PLANS_PER_TERM * (3 + len(families)):
+        if len(networks) < MIN_PLANS_PER_TERM * (4 + len(families)):
             families = []
-        x = np.column_stack([np.ones(len(networks)), sums, [sum(layer.weights for layer in net) / 1e6 for net in networks],
-                             *([sum(layer.family == f for layer in net) for net in networks] for f in families)])
+
+        def terms(net: list[Isolated]) -> list[float]:
+            return [1.0, sum(layer.ms for layer in net), sum(layer.weights for layer in net) / 1e6,
+                    sum(layer.outputs for layer in net) / 1e6,
+                    *(sum(layer.inputs for layer in net if layer.family == f) / 1e6 for f in families)]
+
+        x = np.array([terms(net) for net in networks])
+        sums = x[:, 1]
         y = np.asarray(measured, dtype=float)
         if len(np.unique(np.round(sums, 6))) >= 4:
             start = np.maximum(np.linalg.lstsq(x, y, rcond=None)[0], 1e-9)
             found = least_squares(lambda p: x @ p - y, start, bounds=(0, np.inf), loss="soft_l1",
                                   f_scale=0.03 * float(np.median(y)))
-            offset, slope, per_mweight, *per_call = map(float, found.x)
+            offset, slope, per_mweight, per_moutput, *per_minput = map(float, found.x)
             if slope > 0:
-                return cls(offset, slope, len(y), per_mweight, dict(zip(families, per_call)))
+                return cls(offset, slope, len(y), per_mweight, per_moutput, dict(zip(families, per_minput)))
         return cls(rest_ms, float(np.median((y - rest_ms) / sums)), len(y))
 
 
