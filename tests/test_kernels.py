@@ -281,6 +281,19 @@ def test_compact_layer_picks_the_kernel_for_kind_and_records_it(
     assert_same_output(compact, dense, x)
 
 
+@pytest.mark.parametrize("kind", [SparsityType.CHANNEL, SparsityType.SHAPE, SparsityType.IRREGULAR, SparsityType.NM])
+def test_compact_conv_takes_a_channels_last_input(kind: SparsityType) -> None:
+    """A CPU deployment may run the network channels-last; the gathered channels stay in that layout,
+    as the dense conv's output does (an NCHW gather made the next conv convert it back)."""
+    dense = masked(conv(padding=1), kind, 0.5)
+    x = image().contiguous(memory_format=torch.channels_last)
+    compact = compact_layer(dense, kind)
+    assert_same_output(compact, dense, x)
+    if kind == SparsityType.CHANNEL:
+        with torch.no_grad():
+            assert compact(x).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_compact_layer_refuses_filter_removal() -> None:
     with pytest.raises(ValueError, match="filter sparsity is not compacted layer by layer"):
         compact_layer(conv(), SparsityType.FILTER)
