@@ -184,7 +184,7 @@ class LatencyModel:
             raise UserError(f"profile {self.profile.path} has no rows for {len(missing)} layer(s) of this network "
                             f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
         return {name: Isolated(ms, q.weights, q.family, q.out_keep * q.signature.positions,
-                               q.in_keep * q.signature.input_hw[0] * q.signature.input_hw[1])
+                               q.in_keep * math.prod(q.signature.input_hw))
                 for (name, q), ms in zip(found.items(), self.predict(list(found.values())))}
 
 
@@ -195,8 +195,8 @@ class Isolated(NamedTuple):
     ms: float
     weights: int
     family: str
-    outputs: int = 0
-    inputs: int = 0
+    outputs: int
+    inputs: int
 
 
 @dataclass(frozen=True)
