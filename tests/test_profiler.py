@@ -480,6 +480,18 @@ def test_in_network_fit_has_no_per_kernel_terms_without_plans_enough_for_them() 
     assert predictor.InNetwork.fit(networks[:14], measured[:14], 0.05).per_minput == {}
 
 
+def test_in_network_fit_holds_to_the_dense_network_that_every_speedup_divides() -> None:
+    """Plans that follow another line than the dense network (mixed kernels, timed beside it) must
+    not move its prediction: a predicted speedup of the unpruned network is 1."""
+    rng = random.Random(0)
+    networks = [[predictor.Isolated(rng.uniform(0.05, 0.2), rng.randrange(10**5), build.PLAIN, 0, 0)
+                 for _ in range(4)] for _ in range(20)]
+    measured = [0.05 + sum(1.2 * layer.ms for layer in net) for net in networks]
+    measured[0] *= 0.85  # the dense network runs faster than the plans' line says
+    fit = predictor.InNetwork.fit(networks, measured, 0.05)
+    assert fit.offset + sum(map(fit.cost, networks[0])) == pytest.approx(measured[0], rel=1e-3)
+
+
 def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(on_fit: Callable[..., table.Profile],
                                                                       digits: measure.Target) -> None:
     profile = on_fit(0.05, 1.4)
