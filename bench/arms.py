@@ -16,7 +16,9 @@ speedup for the searches, the largest rate or ratio for the ladders) is trained 
 budget (`--full-epochs` on the whole training split), compacted, and timed beside the dense model
 at batch 1 and 8 (1 thread, interleaved rounds, median ratio); there its drop is against
 the dense model. Every stage's results are written
-as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on.
+as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a
+final's training (hours) goes on from its last ADMM period or epoch (`final-*.resume.pt`, kept out
+of git). The ladders' predicted speedups are recomputed with the current profile on every run.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
@@ -30,7 +32,7 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import optuna
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search, storage  # noqa: E402
-from sparsesearch.admm import run_admm  # noqa: E402
+from sparsesearch.admm import resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
@@ -50,7 +52,7 @@ from sparsesearch.profiler.timing import compare  # noqa: E402
 from sparsesearch.runtime import set_threads  # noqa: E402
 from sparsesearch.space import LadderPruner  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
-from sparsesearch.train import TrainConfig, correct, fit, paired_drop, percent  # noqa: E402
+from sparsesearch.train import Snapshot, TrainConfig, correct, fit, paired_drop, percent  # noqa: E402
 
 LADDER = tuple(round(0.1 * i, 1) for i in range(1, 10))
 DROPS = (0.5, 1.0)
@@ -88,11 +90,14 @@ def uniform_plan(built: search.Search, rate: float) -> Plan:
     return built.space.suggest(optuna.trial.FixedTrial(built.space.uniform_params(SparsityType.FILTER, rate)))
 
 
-def admm_trained(built: search.Search, plan: Plan, full: tuple[float, float] | None) -> tuple[nn.Module, dict]:
-    """`plan` trained from the dense weights with the search's recipe, at trial fidelity or `full`."""
+def admm_trained(built: search.Search, plan: Plan, full: tuple[float, float] | None,
+                 resume: Path | None = None) -> tuple[nn.Module, dict]:
+    """`plan` trained from the dense weights with the search's recipe, at trial fidelity or `full`
+    (resumable at `resume`: a full run outlasts a session)."""
     model = built.fresh_model()
     config = built.config.admm() if full is None else replace(built.config.admm(*full), test=True, rungs=())
-    result = run_admm(model, built.trial_data if full is None else built.data, plan, config, built.device, built.deps)
+    result = run_admm(model, built.trial_data if full is None else built.data, plan, config, built.device, built.deps,
+                      resume=resume)
     return model.cpu().eval(), {"val_correct": result.val_correct, "seconds": result.seconds,
                                 **({"test": result.accuracy["final"]} if full else {})}
 
@@ -117,16 +122,25 @@ def tp_plan(built: search.Search, pruned: nn.Module) -> Plan:
                  if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] < dense[name].weight.shape[0]})
 
 
+def ladder_plan(built: search.Search, arm: str, rate: float) -> Plan:
+    """A ladder arm's plan at `rate`: the study's uniform filter plan, or what Torch-Pruning keeps."""
+    return uniform_plan(built, rate) if arm == "uniform" else tp_plan(built, torch_pruned(built, rate))
+
+
 def predicted(built: search.Search, plan: Plan) -> float:
     return built.dense_ms / predict_latency(built.latency, built.model, built.input_shape, plan).total_ms
 
 
-def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float] | None) -> tuple[nn.Module, dict]:
-    """Torch-Pruning's recipe: plain fine-tuning of the pruned model for the arm's epochs."""
+def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float] | None,
+               resume: Path | None = None) -> tuple[nn.Module, dict]:
+    """Torch-Pruning's recipe: plain fine-tuning of the pruned model for the arm's epochs (resumable
+    from its last epoch at `resume`)."""
     epochs = sum(full or (built.config.admm_epochs, built.config.retrain_epochs))
     data = built.trial_data if full is None else built.data
-    history = fit(model, data, TrainConfig(epochs, lr=0.01, seed=built.config.seed), built.device,
-                  validate=False)
+    config = TrainConfig(epochs, lr=0.01, seed=built.config.seed)
+    snapshot = resume and Snapshot(resume, {"config": asdict(config), "data": data.describe(),
+                                            "shapes": [list(v.shape) for v in model.state_dict().values()]})
+    history = fit(model, data, config, built.device, snapshot=snapshot, validate=False)
     model = model.cpu().eval()
     out = {"val_correct": correct(model, built.data.val, torch.device("cpu")), "seconds": history.seconds}
     if full is not None:
@@ -163,15 +177,16 @@ def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, o
 
 
 def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-          full: tuple[float, float]) -> dict:
-    """The picked plan trained at the full budget, compacted and timed beside the dense model."""
+          full: tuple[float, float], resume: Path) -> dict:
+    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions),
+    compacted and timed beside the dense model."""
     if arm == "torch-pruning":
-        model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full)
+        model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)
         compacted = model
     else:
         plan = (uniform_plan(built, pick["rate"]) if arm == "uniform" else
                 Plan.from_dict({"layers": studies[arm].trials[pick["trial"]].user_attrs["plan"]}, pick["label"]))
-        model, raw = admm_trained(built, plan, full)
+        model, raw = admm_trained(built, plan, full, resume)
         compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
     row = scored(built, raw, full=True)
     row["test drop"] = built.dense["test"] - row.pop("test")
@@ -227,6 +242,9 @@ def main() -> None:
                     state[arm][str(rate)] = {**scored(built, raw, full=False), "speed": predicted(built, plan)}
                     write_json(results, state)
                     print(arm, rate, state[arm][str(rate)], flush=True)
+            for rate, row in state[arm].items():  # rows of earlier sessions: predicted by today's profile
+                row["speed"] = predicted(built, ladder_plan(built, arm, float(rate)))
+            write_json(results, state)
         if args.final:
             for arm in args.arms:
                 for drop in DROPS:
@@ -235,8 +253,11 @@ def main() -> None:
                     if key in state.setdefault("final", {}) or not within:
                         continue
                     pick = max(within, key=lambda c: c["speed"])
-                    state["final"][key] = {"pick": pick, **final(built, arm, pick, studies, full)}
+                    resume = folder / f"final-{arm}-{drop}.resume.pt"
+                    state["final"][key] = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
                     write_json(results, state)
+                    for path in resume_files(resume):
+                        path.unlink(missing_ok=True)
                     print(key, state["final"][key], flush=True)
     rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
              "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
+import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +29,7 @@ from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
 from .sparsity import SparsityType, achieved_rate, mask
-from .train import (Hooks, Progress, ProgressFn, TrainConfig, correct, evaluate, fit, percent, prepare,
+from .train import (Hooks, Progress, ProgressFn, Snapshot, TrainConfig, correct, evaluate, fit, percent, prepare,
                     refreshed_batchnorm)
 
 
@@ -315,7 +318,8 @@ class PruneResult:
     accuracy: dict[str, float]  # final_val; with config.test, test accuracy: dense, hard_pruned, final
     val_correct: Tensor  # per validation image, whether the final model is right (a paired comparison)
     layers: list[dict[str, object]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # of training and evaluation, summed over an interrupted run's parts
+    resumed_at: int = 0  # training steps an interrupted run had done when this call continued it
 
     @property
     def macs(self) -> tuple[int, int]:
@@ -328,17 +332,52 @@ def _steps(train_images: int, batch_size: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * math.ceil(train_images / batch_size)))
 
 
+def run_key(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig) -> dict[str, object]:
+    """What makes two runs the same run: the starting weights (their digest), data split, plan and
+    config. A resume file holding another run's key is ignored, never continued."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return json.loads(json.dumps({"weights": digest.hexdigest(), "data": data.describe(), "plan": plan.to_dict(),
+                                  "config": asdict(config)}))
+
+
+RESUME = "admm.resume.pt"  # an interrupted `prune` or `export` keeps its state under this name in its output folder
+
+
+def resume_files(resume: Path) -> list[Path]:
+    """The files a run resumable at `resume` keeps (its own and its retraining's); the caller deletes
+    them once it has saved what the run returned."""
+    return [resume, resume.with_name(f"retrain-{resume.name}")]
+
+
 def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, device: torch.device,
              deps: Dependencies | None = None, on_iteration: Callable[[Iteration], None] | None = None,
-             on_progress: ProgressFn | None = None, on_rung: Callable[[Rung], None] | None = None) -> PruneResult:
+             on_progress: ProgressFn | None = None, on_rung: Callable[[Rung], None] | None = None,
+             resume: Path | None = None) -> PruneResult:
     """ADMM training, hard prune and masked retraining of `model` in place; `deps` defaults to the
-    model's own dependency graph. `on_rung` hears each rung of `config.rungs` (it may raise to stop)."""
-    start = datetime.datetime.now()
+    model's own dependency graph. `on_rung` hears each rung of `config.rungs` (it may raise to stop).
+    With `resume`, a run of hours survives Ctrl-C: its state is kept there after every ADMM period,
+    at hard pruning, after every retraining epoch and at the end, and a later call for the same run
+    (`run_key`) continues from it with the result an uninterrupted run gives."""
+    start = time.perf_counter()
     deps = deps or dependencies(model, data.input_shape)
+    snapshot = Snapshot(resume, run_key(model, data, plan, config)) if resume is not None else None
+    saved = (snapshot.load() if snapshot is not None else None) or {}
     model.to(device)
     periods = config.iterations()
     total = config.steps(len(data.train))
-    done = 0
+    if saved:
+        model.load_state_dict(saved["model"])
+    done = saved.get("done", 0)
+    resumed_at = done
+
+    def keep(phase: str, **extra: object) -> None:
+        if snapshot is not None:
+            snapshot.save({"phase": phase, "model": model.state_dict(), "done": done, "accuracy": accuracy,
+                           "iterations": [asdict(i) for i in iterations], "rungs": [asdict(r) for r in reached],
+                           "seconds": time.perf_counter() - start + saved.get("seconds", 0.0), **extra})
 
     def relay(phase: str) -> ProgressFn:
         def forward(p: Progress) -> None:
@@ -349,11 +388,12 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
     def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
 
-    accuracy = {"dense": evaluate(model, data.test, device)} if config.test else {}
+    accuracy = saved.get("accuracy") or ({"dense": evaluate(model, data.test, device)} if config.test else {})
     probe = data.val.sized(config.probe) if config.probe else data.val
     calibration = data.train.sized(CALIBRATION_IMAGES)
     rung_steps = config.rung_steps(len(data.train))
-    reached: list[Rung] = []
+    reached = [Rung(**r) for r in saved.get("rungs", [])]
+    iterations = [Iteration(**i) for i in saved.get("iterations", [])]
 
     def reaches(at: int) -> bool:
         return len(reached) < len(rung_steps) and at >= rung_steps[len(reached)]
@@ -366,43 +406,58 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
             reached.append(Rung(len(reached), at, total, phase, value))
             if on_rung is not None:
                 on_rung(reached[-1])
-    state = ADMMState(model, plan, deps)
-    iterations: list[Iteration] = []
-    for i, epochs in enumerate(periods):
-        state.set_rho(config.rho(i))
-        history = fit(model, data, train_config(epochs, config.lr, config.seed + i), device,
-                      Hooks(penalty=state.penalty if plan.layers else None), relay(f"admm {i + 1}/{len(periods)}"), validate=not config.probe)
-        done += _steps(len(data.train), config.batch_size, epochs)
-        residual = state.update()
-        projected = (projected_accuracy(model, probe, plan, deps, device, calibration)
-                     if not config.probe or reaches(done) else None)
-        iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc, projected))
-        if on_iteration is not None:
-            on_iteration(iterations[-1])
-        climb(done, "admm", lambda: projected)
-    masks = prune_masks(model, plan, deps)
-    apply_masks(model, masks)
-    if dead := dead_channels(model, masks, data.input_shape):
-        raise UserError(f"hard pruning silenced {sum(dead.values())} kept channels "
-                        f"({', '.join(f'{n}: {k}' for n, k in dead.items())}); the channel mapping of this model "
-                        "is wrong, please report the model")
-    if config.test:
-        accuracy["hard_pruned"] = evaluate(model, data.test, device)
-    if config.retrain_epochs > 0:
-        hooks = masked_hooks(model, masks)
+    if saved.get("phase") in (None, "admm"):
+        state = ADMMState(model, plan, deps)
+        if saved:
+            state.Z = [[z.to(device) for z in zs] for zs in saved["Z"]]
+            state.U = [[u.to(device) for u in us] for us in saved["U"]]
+            state.rho = saved["rho"]
+        for i in range(len(iterations), len(periods)):
+            state.set_rho(config.rho(i))
+            history = fit(model, data, train_config(periods[i], config.lr, config.seed + i), device,
+                          Hooks(penalty=state.penalty if plan.layers else None), relay(f"admm {i + 1}/{len(periods)}"),
+                          validate=not config.probe)
+            done += _steps(len(data.train), config.batch_size, periods[i])
+            residual = state.update()
+            projected = (projected_accuracy(model, probe, plan, deps, device, calibration)
+                         if not config.probe or reaches(done) else None)
+            iterations.append(Iteration(i + 1, len(periods), state.rho, residual, history.val_acc, projected))
+            keep("admm", Z=state.Z, U=state.U, rho=state.rho)
+            if on_iteration is not None:
+                on_iteration(iterations[-1])
+            climb(done, "admm", lambda: projected)
+        masks = prune_masks(model, plan, deps)
+        apply_masks(model, masks)
+        if dead := dead_channels(model, masks, data.input_shape):
+            raise UserError(f"hard pruning silenced {sum(dead.values())} kept channels "
+                            f"({', '.join(f'{n}: {k}' for n, k in dead.items())}); the channel mapping of this "
+                            "model is wrong, please report the model")
+        if config.test:
+            accuracy["hard_pruned"] = evaluate(model, data.test, device)
+        keep("retrain", masks=masks)
+    else:
+        masks = {n: m.to(device) for n, m in saved["masks"].items()}
+    if saved.get("phase") != "done":
+        if config.retrain_epochs > 0:
+            hooks = masked_hooks(model, masks)
 
-        def after_step(step: int) -> None:
-            hooks.after_step(step)  # re-mask first: the rung checks what the trial would end with
-            climb(done + step, "retrain", lambda: evaluate(model, probe, device))
+            def after_step(step: int) -> None:
+                hooks.after_step(step)  # re-mask first: the rung checks what the trial would end with
+                climb(done + step, "retrain", lambda: evaluate(model, probe, device))
 
-        fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
-            device, replace(hooks, after_step=after_step), relay("retrain"), validate=not config.probe)
-    if config.test:
-        accuracy["final"] = evaluate(model, data.test, device)
+            retrain = Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain"}) if snapshot else None
+            fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
+                device, replace(hooks, after_step=after_step), relay("retrain"), retrain, validate=not config.probe)
+        done = total
+        if config.test:
+            accuracy["final"] = evaluate(model, data.test, device)
+        keep("done", masks=masks)
+        if snapshot is not None:
+            resume_files(snapshot.path)[1].unlink(missing_ok=True)
     val_correct = correct(model, data.val, device)
     accuracy["final_val"] = percent(val_correct)
-    seconds = (datetime.datetime.now() - start).total_seconds()
-    return PruneResult(masks, iterations, accuracy, val_correct, seconds=seconds)
+    seconds = time.perf_counter() - start + saved.get("seconds", 0.0)
+    return PruneResult(masks, iterations, accuracy, val_correct, seconds=seconds, resumed_at=resumed_at)
 
 
 def projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Dependencies | None,
@@ -452,13 +507,15 @@ def prune_checkpoint(model_name: str | None, dataset_name: str | None, weights: 
                      on_iteration: Callable[[Iteration], None] | None = None,
                      on_progress: ProgressFn | None = None, image_size: int | None = None) -> tuple[PruneResult, Path]:
     """`sparsesearch prune`: load, validate the plan, ADMM + prune + retrain, write weights, plan, metrics.
-    A model, dataset or input side not given is the one the checkpoint's sidecar records."""
+    A model, dataset or input side not given is the one the checkpoint's sidecar records. An
+    interrupted call leaves its state in `out_dir` (`RESUME`); the same call continues from it."""
     model_name, dataset_name = checkpoint.trained_with(weights, model_name, dataset_name)
     model, data = prepare(model_name, dataset_name, data_dir, image_size=image_size, weights=weights, seed=config.seed)
     layers = trace(model, data.input_shape)
     deps = dependencies(model, data.input_shape)
     plan = Plan.parse(plan_text, layers, deps.couplings)
-    result = run_admm(model, data, plan, config, device, deps, on_iteration, on_progress)
+    resume = out_dir / RESUME
+    result = run_admm(model, data, plan, config, device, deps, on_iteration, on_progress, resume=resume)
     model.cpu()
     result.layers = layer_report(model, layers, plan)
     plan.save(out_dir / "plan.json")
@@ -477,8 +534,11 @@ def prune_checkpoint(model_name: str | None, dataset_name: str | None, weights: 
         "admm_iterations": [asdict(i) for i in result.iterations],
         "admm_config": asdict(config),
         "seconds": round(result.seconds, 2),
+        "resumed_at_step": result.resumed_at,
         "device": str(device),
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
+    for path in resume_files(resume):
+        path.unlink(missing_ok=True)
     return result, out_dir / "pruned.pt"

@@ -101,6 +101,9 @@ def _one_line_errors(fn: F, interrupted: str = "interrupted: everything written 
     return run  # type: ignore[return-value]
 
 
+RESUMABLE = "interrupted: run the same command to continue from the last finished ADMM period or retraining epoch"
+
+
 def command(name: str | None = None, interrupted: str | None = None) -> Callable[[F], F]:
     """Register a command whose user errors print as one line (exit 2) instead of a traceback, and
     whose Ctrl-C says `interrupted` (default: everything written so far is intact)."""
@@ -294,7 +297,7 @@ def layers(
     console.print(f"{len(found)} prunable layers, {sum(layer.macs for layer in found):,} MACs per sample")
 
 
-@command()
+@command(interrupted=RESUMABLE)
 def prune(
     checkpoint: Annotated[Path, typer.Option(help="Dense checkpoint (from `sparsesearch train`).")],
     plan: Annotated[str, typer.Option(help="Plan file (.json/.toml) or TYPE=RATE for all layers, e.g. filter=0.5.")],
@@ -332,7 +335,7 @@ def prune(
             on_progress=lambda p: update(p.step, p.total, f"{p.phase} loss {p.loss:.3f}"), image_size=image_size)
     acc = result.accuracy
     console.print(f"test accuracy: dense {acc['dense']:.2f}%, hard-pruned {acc['hard_pruned']:.2f}%, "
-                  f"after retraining {acc['final']:.2f}%")
+                  f"after retraining {acc['final']:.2f}%{_resumed(result.resumed_at)}")
     if result.iterations:
         last = result.iterations[-1]
         console.print(f"ADMM: {last.total} iterations, final rho {last.rho:.3g}, primal residual {last.residual:.3f}")
@@ -802,7 +805,7 @@ def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
-@command("export")
+@command("export", interrupted=RESUMABLE)
 def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
@@ -839,7 +842,7 @@ def export_cmd(
         result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update)
     acc = result.accuracy
     console.print(f"accuracy: val {acc['val']:.2f}%, test {acc['test']:.2f}% (dense {acc['dense_val']:.2f}% / "
-                  f"{acc['dense_test']:.2f}%)")
+                  f"{acc['dense_test']:.2f}%){_resumed(result.resumed_at)}")
     m = result.measured
     console.print(f"latency {m.latency_ms['dense']:.3f} -> {m.latency_ms['compacted']:.3f} ms "
                   f"({dev}, batch {config.batch_size}, {n_threads} threads, medians of interleaved rounds): "
@@ -848,6 +851,10 @@ def export_cmd(
     for fmt, why in result.skipped.items():
         console.print(f"[yellow]{fmt} skipped[/]: {why}")
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} and {result.metrics.name} in {out_dir}")
+
+
+def _resumed(step: int) -> str:
+    return f" (continued after step {step:,} of an interrupted run)" if step else ""
 
 
 def _speedup(m: Any) -> str:

@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from . import seeds
-from .admm import CALIBRATION_IMAGES, ADMMConfig, Iteration, Rung, run_admm
+from .admm import CALIBRATION_IMAGES, RESUME, ADMMConfig, Iteration, Rung, resume_files, run_admm
 from .compact import Measured
 from .data import Data
 from .errors import Diverged, UserError, brief
@@ -764,12 +764,14 @@ class ExportResult:
     files: dict[str, Path]
     skipped: dict[str, str]
     metrics: Path
+    resumed_at: int = 0  # training steps an interrupted export had done when this call continued it
 
 
 def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: float, retrain_epochs: float,
                  out_dir: Path, on_progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Re-run trial `number`'s plan from the dense checkpoint with the full budget, compact, measure,
-    and write the compacted model (`export.write_all`) plus metrics.json."""
+    and write the compacted model (`export.write_all`) plus metrics.json. An interrupted call leaves
+    its training state in `out_dir` (`admm.RESUME`); the same call continues from it."""
     from .compact import measure
     from .export import write_all
 
@@ -778,8 +780,9 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     plan.validate(search.layers, search.deps.couplings)
     model = search.fresh_model()
     config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True, rungs=())  # the search is over: test it
+    resume = Path(out_dir) / RESUME
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
-                      on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)))
+                      on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)), resume=resume)
     m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size)
     accuracy = {"dense_val": search.dense["val"], "dense_test": search.dense["test"],
                 "val": result.accuracy["final_val"], "test": result.accuracy["final"],
@@ -790,11 +793,12 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                "macs": {**m.macs, "unit": "per sample, prunable layers"},
                "measured": {**m.setting, "how": "median of interleaved rounds beside the masked dense model"},
                "search_trial": {k: trial.user_attrs.get(k) for k in ("val_acc", "acc_drop", "predicted_speedup")},
-               "seconds": round(result.seconds, 2)}
+               "seconds": round(result.seconds, 2), "resumed_at_step": result.resumed_at}
     example = torch.randn(1, *search.data.input_shape, device=search.device)
     done = write_all(out_dir, m.compacted, example, {"model": search.config.model, "dataset": search.config.dataset,
                                                      "study": study.study_name, "trial": number,
                                                      "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
-    return ExportResult(accuracy, m, done.files, done.skipped,
-                        Path(out_dir) / "metrics.json")
+    for path in resume_files(resume):
+        path.unlink(missing_ok=True)
+    return ExportResult(accuracy, m, done.files, done.skipped, Path(out_dir) / "metrics.json", result.resumed_at)

@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsesearch.admm import (CALIBRATION_IMAGES, ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels,
-                               projected_accuracy, prune_masks, run_admm)
+                               projected_accuracy, prune_masks, resume_files, run_admm)
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
@@ -242,6 +242,79 @@ def test_admm_is_deterministic_with_a_seed(digits_baseline: DenseResult) -> None
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+RESUMABLE = ADMMConfig(admm_epochs=0.75, admm_interval=0.25, retrain_epochs=2)
+
+
+class _Cut(Exception):
+    """Stands for Ctrl-C at a chosen point of a run."""
+
+
+def _cut_at(phase: str, iteration: int = 0, epoch: int = 0) -> dict:
+    """run_admm callbacks that stop the run after ADMM `iteration` or after retraining `epoch`."""
+    def on_iteration(i: Iteration) -> None:
+        if phase == "admm" and i.index == iteration:
+            raise _Cut
+
+    def on_progress(p) -> None:  # noqa: ANN001
+        if phase == "retrain" and p.phase == "retrain" and p.epoch > epoch:
+            raise _Cut
+    return {"on_iteration": on_iteration, "on_progress": on_progress}
+
+
+@pytest.mark.parametrize("phase", ["admm", "retrain", "done"])
+def test_an_interrupted_admm_run_continues_to_the_result_of_an_uninterrupted_one(
+        digits_baseline: DenseResult, tmp_path: Path, phase: str) -> None:
+    """Cut after ADMM iteration 2, after retraining epoch 1, or after the run returned (its caller
+    died before saving): the same call continues where it stopped and ends with the weights, masks,
+    accuracies and iterations of a run never interrupted."""
+    model, data = _digits(digits_baseline)
+    whole = run_admm(model, data, Plan(dict(MIXED)), RESUMABLE, CPU)
+    resume = tmp_path / "admm.resume.pt"
+    cut, _ = _digits(digits_baseline)
+    if phase == "done":
+        run_admm(cut, data, Plan(dict(MIXED)), RESUMABLE, CPU, resume=resume)
+    else:
+        with pytest.raises(_Cut):
+            run_admm(cut, data, Plan(dict(MIXED)), RESUMABLE, CPU, resume=resume, **_cut_at(phase, 2, 1))
+    assert resume.is_file()
+    if phase == "retrain":
+        assert resume_files(resume)[1].is_file(), "retraining keeps its epochs beside the run's state"
+    again, _ = _digits(digits_baseline)
+    seen: list[Iteration] = []
+    resumed = run_admm(again, data, Plan(dict(MIXED)), RESUMABLE, CPU, on_iteration=seen.append, resume=resume)
+    steps, total = RESUMABLE.admm_steps(len(data.train)), RESUMABLE.steps(len(data.train))
+    assert resumed.resumed_at == {"admm": 2 * steps // 3, "retrain": steps, "done": total}[phase]
+    assert [i.index for i in seen] == ([3] if phase == "admm" else []), "finished iterations are not run again"
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(m, resumed.masks[k]) for k, m in whole.masks.items())
+    assert resumed.accuracy == whole.accuracy and resumed.iterations == whole.iterations
+    assert torch.equal(resumed.val_correct, whole.val_correct)
+    assert not resume_files(resume)[1].exists(), "a finished run leaves only its own state for its caller to delete"
+
+
+def test_a_resume_file_of_another_run_is_ignored(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    """Other starting weights, another plan or another config: the run starts from its first iteration."""
+    resume = tmp_path / "admm.resume.pt"
+    mixed = Plan(dict(MIXED))
+
+    def first_iteration(plan: Plan, config: ADMMConfig, scale: float = 1.0) -> int:
+        model, data = _digits(digits_baseline)
+        with torch.no_grad():
+            next(model.parameters()).mul_(scale)
+        seen: list[Iteration] = []
+        with pytest.raises(_Cut):
+            run_admm(model, data, plan, config, CPU, resume=resume,
+                     on_iteration=lambda i: (seen.append(i), _cut_at("admm", i.index)["on_iteration"](i)))
+        return seen[0].index
+
+    assert first_iteration(mixed, RESUMABLE) == 1
+    assert first_iteration(mixed, RESUMABLE) == 2, "the same run goes on"
+    for plan, config, scale in [(Plan({"3": LayerSparsity(T.FILTER, 0.5)}), RESUMABLE, 1.0),
+                                (mixed, replace(RESUMABLE, lr=0.02), 1.0), (mixed, RESUMABLE, 1.01)]:
+        first_iteration(mixed, RESUMABLE)  # the file holds the original run again
+        assert first_iteration(plan, config, scale) == 1
+
+
 def test_half_the_filters_cost_at_most_one_point_on_digits(digits_baseline: DenseResult) -> None:
     model, data = _digits(digits_baseline)
     plan = Plan.uniform([layer for layer in trace(model, data.input_shape) if layer.kind == "conv"], T.FILTER, 0.5)
@@ -260,6 +333,7 @@ def test_prune_command_writes_weights_plan_and_metrics(digits_baseline: DenseRes
     assert {r["layer"]: r["achieved"] for r in meta["layers"]}["3"] == 0.5
     assert meta["macs"]["compacted"] < meta["macs"]["dense"] and len(meta["admm_iterations"]) == 2
     assert set(meta["accuracy"]) >= {"dense", "hard_pruned", "final"}
+    assert not list(tmp_path.glob("*resume*")), "a finished prune leaves no resume state behind"
 
 
 def _model_and_shape(baseline: DenseResult):  # noqa: ANN202

@@ -3,6 +3,7 @@ on digits (a coarse latency profile, a fraction of an epoch per trial)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -15,6 +16,7 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 
 from sparsesearch import models, report, search
+from sparsesearch.admm import RESUME
 from sparsesearch import storage as stores
 from sparsesearch.errors import UserError
 from sparsesearch.graph import dependencies
@@ -345,6 +347,25 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
     result = search.export_trial(tiny["search"], tiny["study"], trial.number, 0.25, 0.25, tmp_path)
     assert result.files["state"].is_file() and result.metrics.is_file()
     assert result.measured.macs["compacted"] < result.measured.macs["dense"] and result.measured.speedup > 0
+
+
+def test_an_interrupted_export_continues_where_it_stopped(tiny: dict, tmp_path: Path) -> None:
+    """Ctrl-C in retraining keeps the ADMM periods already trained: the same call goes on from them,
+    records where it continued, and leaves no resume state once the model is written."""
+    trial = report.front(tiny["study"])[0]
+
+    def stop_in_retraining(step: int, total: int, phase: str) -> None:
+        if phase == "retrain":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search.export_trial(tiny["search"], tiny["study"], trial.number, 0.5, 0.25, tmp_path, stop_in_retraining)
+    assert (tmp_path / RESUME).is_file() and not (tmp_path / "metrics.json").exists()
+    result = search.export_trial(tiny["search"], tiny["study"], trial.number, 0.5, 0.25, tmp_path)
+    admm_steps = tiny["search"].config.admm(0.5, 0.25).admm_steps(len(tiny["search"].data.train))
+    assert result.resumed_at == admm_steps
+    assert json.loads(result.metrics.read_text())["resumed_at_step"] == admm_steps
+    assert not list(tmp_path.glob("*resume*"))
 
 
 def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
