@@ -546,10 +546,13 @@ def profile_validate(
     png = out or Path("bench/results") / f"validate-{slug(model)}-{Path(str(loaded.path)).stem}.png"
     scatter(result, png)
     write_json(png.with_suffix(".json"), result.to_dict())
-    console.print(f"{len(result.samples)} random plans (median of interleaved rounds, {n_threads} threads): "
+    console.print(f"{len(result.random)} random plans (median of interleaved rounds, {n_threads} threads): "
                   f"latency mean |predicted/measured - 1| {result.mean_abs_error:.1%}, {result.within_10:.0%} within "
                   f"±10%; speedup over the dense network {result.speedup_mean_abs_error:.1%}, "
                   f"{result.speedup_within_10:.0%} within ±10%")
+    if result.ladder:
+        console.print("uniform filter ladder, the search's baselines (predicted / measured speedup): " + ", ".join(
+            f"{s.kind.split()[-1]}: {s.predicted_speedup:.2f}x / {s.measured_speedup:.2f}x" for s in result.ladder))
     if abs(result.drift - 1) > 0.1:
         console.print(f"[yellow]the dense network now runs at {result.drift:.2f}x its profiled latency: this machine "
                       "is not in the state it was profiled in (other load, another thread regime); latencies in ms "

@@ -29,8 +29,9 @@ from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.profiler import build, measure, predictor, table
 from sparsesearch.profiler.timing import compare
-from sparsesearch.profiler.validate import random_plan
-from sparsesearch.sparsity import keep_count
+from sparsesearch.plan import Plan
+from sparsesearch.profiler.validate import random_plan, uniform_ladder
+from sparsesearch.sparsity import SparsityType, keep_count
 
 FAST = {"rounds": 3, "warmup_s": 0.0, "min_round_s": 0.001, "max_spread": None, "max_rounds": 3}
 RATES = (0.0, 0.5)
@@ -132,12 +133,16 @@ def test_rerun_adds_only_missing_rows(small_profile: measure.ProfileRun, digits:
     assert len(_rows(path)) == len(small_profile.profile.rows)
 
 
-def test_rerun_recalibrates_a_network_timed_with_fewer_calibration_plans(
-        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path) -> None:
+@pytest.mark.parametrize("older", ["fewer plans", "other plans"])
+def test_rerun_recalibrates_a_network_timed_on_an_older_version_s_calibration_plans(
+        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path, older: str) -> None:
     path = tmp_path / "p.json"
     raw = json.loads(small_profile.path.read_text())
     entry = next(iter(raw["rest"].values()))
-    entry["calibration"] = entry["calibration"][:16]  # as an older version timed it
+    if older == "fewer plans":
+        entry["calibration"] = entry["calibration"][:16]
+    else:  # as before the uniform ladder and the near-dense plans were drawn
+        entry["calibration"] = entry["calibration"][::-1]
     path.write_text(json.dumps(raw))
     run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST)
     assert run.measured == 0 and len(run.rest["calibration"]) == measure.CALIBRATION_PLANS
@@ -576,6 +581,26 @@ def test_calibration_plans_use_only_the_profiled_types_and_rates(small_profile: 
     assert drawn and all(kind in TYPES and rate in RATES for kind, rate in drawn)
 
 
+def test_the_uniform_ladder_is_the_search_s_baselines_at_the_nearest_profiled_rates(digits: measure.Target) -> None:
+    layers = trace(digits.model, digits.input_shape)
+    ladder = uniform_ladder(layers, measure.DEFAULT_RATES)
+    assert [rate for rate, _ in ladder] == [0.1, 0.3, 0.5, 0.7]
+    assert all(plan == Plan.uniform(layers, SparsityType.FILTER, rate) for rate, plan in ladder)
+    assert [rate for rate, _ in uniform_ladder(layers, (0.0, 0.25, 0.5, 0.75))] == [0.25, 0.5, 0.75]
+    assert uniform_ladder(layers, measure.DEFAULT_RATES, ("channel", "shape")) == []
+
+
+def test_calibration_holds_the_uniform_ladder_and_plans_that_leave_most_layers_dense(digits: measure.Target) -> None:
+    """Where the search's baselines and first plans live; random plans prune nearly every layer."""
+    layers = trace(digits.model, digits.input_shape)
+    deps = dependencies(digits.model, digits.input_shape)
+    plans = measure.calibration_plans(layers, deps.couplings, list(measure.DEFAULT_RATES), set(TYPES))
+    assert len(plans) == measure.CALIBRATION_PLANS
+    assert all(plan in plans for _, plan in uniform_ladder(layers, measure.DEFAULT_RATES))
+    prunable = len([layer for layer in layers if layer.types])
+    assert sum(len(plan.layers) <= prunable / 2 for plan in plans) >= 2
+
+
 def test_calibration_plans_are_timed_in_small_groups_as_ratios_to_the_dense_net_beside_them(
         digits: measure.Target, monkeypatch: pytest.MonkeyPatch) -> None:
     """As validation and the search's measurement time plans: one run of all 32 put resnet20's
@@ -740,7 +765,9 @@ def test_profile_then_validate_from_the_command_line(small_profile: measure.Prof
     assert "within ±10%" in result.output and "speedup over the dense network" in result.output
     assert png.stat().st_size > 0
     written = json.loads(png.with_suffix(".json").read_text())
-    assert len(written["samples"]) == 2 and {"within_10", "speedup_within_10", "drift"} <= set(written)
+    assert [s["kind"] for s in written["samples"]] == ["random", "random", "uniform filter 0.5"]
+    assert {"within_10", "speedup_within_10", "drift"} <= set(written)
+    assert "uniform filter ladder, the search's baselines" in " ".join(result.output.split())
     from sparsesearch.plan import Plan
 
     digits = measure.target("digits-cnn")  # validation predicts what the search predicts for the same plan

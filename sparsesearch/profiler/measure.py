@@ -39,6 +39,7 @@ TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.0
 NETWORK_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05, "max_spread": 0.1, "max_rounds": 30,
                   "retries": 2}
 CALIBRATION_PLANS, CALIBRATION_SEED = 32, 10_000  # 32: enough for per-call terms (InNetwork)
+NEAR_DENSE = 0.7  # share of layers a near-dense calibration plan leaves dense
 GROUP = 5  # whole compacted networks timed beside the dense one per compare() call
 SLOW = 0.1  # a yardstick this far off its reference: the machine is in another state, time again
 _YARDSTICK = "yardstick"
@@ -295,21 +296,35 @@ def _rest(model: nn.Module, layers: list[Layer], batch_size: int) -> nn.Module:
 
 def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: list[float],
                       types: set[str]) -> list[Plan]:
-    """Random plans of the profiled types and rates that span what a search visits: a few with
-    every layer at the lightest or the heaviest rate, the rest drawn as `profile validate` draws
-    (with a seed distinct from its)."""
+    """Plans of the profiled types and rates that span what a search visits: a few with every layer
+    at the lightest or the heaviest rate; the search's uniform filter ladder; a few that leave most
+    layers dense (where the search's first plans and its baselines live: random plans rarely do, and
+    resnet56's uniform filter 10% was predicted 14% slow without them); the rest drawn as `profile
+    validate` draws (with a seed distinct from its)."""
     import random
 
-    from .validate import random_plan
+    from .validate import random_plan, uniform_ladder
 
     rng = random.Random(CALIBRATION_SEED)
     rates = tuple(rates)
     if len(rates) < 2:  # only the dense point was profiled
         return []
-    extremes = [random_plan(layers, couplings, rng, (0.0, rate), 0.0, types)
-                for rate in (rates[1], rates[-1]) for _ in range(2)]
-    return extremes + [random_plan(layers, couplings, rng, rates, types=types)
-                       for _ in range(CALIBRATION_PLANS - len(extremes))]
+    chosen = [random_plan(layers, couplings, rng, (0.0, rate), 0.0, types)
+              for rate in (rates[1], rates[-1]) for _ in range(2)]
+    chosen += [plan for _, plan in uniform_ladder(layers, rates, types)]
+    chosen += [random_plan(layers, couplings, rng, rates, NEAR_DENSE, types) for _ in range(4)]
+    return chosen + [random_plan(layers, couplings, rng, rates, types=types)
+                     for _ in range(CALIBRATION_PLANS - len(chosen))]
+
+
+def network_plans(target_: Target, rates: list[float], types: set[str],
+                  unpaid: set[tuple[str, str]] = frozenset()) -> list[Plan]:
+    """The calibration plans of `target_`'s network, of what the search can give each layer."""
+    from ..graph import dependencies
+
+    model, shape = target_.model.eval(), target_.input_shape
+    return calibration_plans(without_unpaid(model, trace(model, shape), unpaid), dependencies(model, shape).couplings,
+                             rates, types)
 
 
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
@@ -337,7 +352,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     deps = dependencies(model, shape)
     dense = copy.deepcopy(model).to(device=device, dtype=dtype)
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
-    plans = calibration_plans(without_unpaid(model, layers, unpaid), deps.couplings, rates, types)
+    plans = network_plans(target_, rates, types, unpaid)
     if on_plans is not None:
         on_plans(0, len(plans))
     t, speed = _timed({"rest": _rest(dense, layers, batch_size), "dense": dense}, x, Yardstick(device, dtype),
@@ -434,8 +449,6 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     todo = [p for p in points if p.key not in profile.rows]
     key = model_key(target_.model, target_.input_shape)
     whole = profile.rest.get(key, {})
-    timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
-                   and len(whole.get("calibration", [])) >= (CALIBRATION_PLANS if len(rates) > 1 else 0))
     if profile.yardstick_ms is None or not profile.steps:
         if on_progress:
             on_progress(0, 1, "the yardstick and this device's channel steps")
@@ -471,7 +484,10 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     unpaid = profile.unpaid()
     rest = [p for p in todo if p.key not in first and (p.signature.key, p.type) not in unpaid]
     timed(rest, "the rest of the grid")
-    if not timed_whole:  # new, another grid's, or from a version with fewer calibration plans
+    timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
+                   and [c["plan"] for c in whole.get("calibration", [])]
+                   == [plan.to_dict() for plan in network_plans(target_, rates, types, unpaid)])
+    if not timed_whole:  # new, another grid's, or calibrated on other plans (an older version's)
         profile.rest[key] = measure_network(
             target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
             {**NETWORK_TIMING, **overrides},

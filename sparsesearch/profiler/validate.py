@@ -53,6 +53,21 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
     return Plan(chosen)
 
 
+LADDER_RATES = (0.1, 0.3, 0.5, 0.7)  # the search's uniform filter baselines that validation also times
+
+
+def uniform_ladder(layers: list[Layer], rates: tuple[float, ...], types: Iterable[str] | None = None
+                   ) -> list[tuple[float, Plan]]:
+    """The uniform filter plans the search starts from (`LADDER_RATES`, each at the nearest rate of
+    `rates`, the profiled grid): random plans mix types and rarely look like them, yet they are the
+    baselines every searched plan is judged against. Empty where filter was not profiled."""
+    if types is not None and SparsityType.FILTER.value not in types:
+        return []
+    grid = sorted({min(rates[1:], key=lambda r: abs(r - want)) for want in LADDER_RATES}) if len(rates) > 1 else []
+    plans = [(rate, Plan.uniform(layers, SparsityType.FILTER, rate)) for rate in grid]
+    return [(rate, plan) for rate, plan in plans if plan.layers]
+
+
 @dataclass
 class Sample:
     plan: dict[str, object]
@@ -62,6 +77,7 @@ class Sample:
     profiled_dense_ms: float  # the dense network as the profile measured it
     dense_ms: float  # the dense network timed beside this plan
     measured_speedup: float  # median over rounds of dense / this plan: steadier than dense_ms / measured_ms
+    kind: str = "random"  # or "uniform filter RATE": a plan of the search's baseline ladder
 
     @property
     def predicted_speedup(self) -> float:
@@ -88,34 +104,43 @@ def _within_10(errors: list[float]) -> float:
 class Validation:
     """Latency errors judge the prediction in ms; speedup errors judge what the search uses, the
     ratio to the dense network, which also holds when the machine as a whole runs faster or slower
-    than when it was profiled (`drift`: the dense network now over then)."""
+    than when it was profiled (`drift`: the dense network now over then). The figures are over the
+    random plans; the uniform ladder's plans (`ladder`) are reported one by one."""
 
     model: str
     samples: list[Sample] = field(default_factory=list)
     setting: dict[str, object] = field(default_factory=dict)
 
     @property
+    def random(self) -> list[Sample]:
+        return [s for s in self.samples if s.kind == "random"]
+
+    @property
+    def ladder(self) -> list[Sample]:
+        return [s for s in self.samples if s.kind != "random"]
+
+    @property
     def mean_abs_error(self) -> float:
-        return _mean_abs([s.error for s in self.samples])
+        return _mean_abs([s.error for s in self.random])
 
     @property
     def within_10(self) -> float:
-        return _within_10([s.error for s in self.samples])
+        return _within_10([s.error for s in self.random])
 
     @property
     def speedup_mean_abs_error(self) -> float:
-        return _mean_abs([s.speedup_error for s in self.samples])
+        return _mean_abs([s.speedup_error for s in self.random])
 
     @property
     def speedup_within_10(self) -> float:
-        return _within_10([s.speedup_error for s in self.samples])
+        return _within_10([s.speedup_error for s in self.random])
 
     @property
     def drift(self) -> float:
         return statistics.median(s.dense_ms / s.profiled_dense_ms for s in self.samples)
 
     def to_dict(self) -> dict[str, object]:
-        return {"schema": 3, "model": self.model, "setting": self.setting,
+        return {"schema": 4, "model": self.model, "setting": self.setting,
                 "mean_abs_error": self.mean_abs_error, "within_10": self.within_10,
                 "speedup_mean_abs_error": self.speedup_mean_abs_error, "speedup_within_10": self.speedup_within_10,
                 "drift": self.drift,
@@ -128,10 +153,10 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
              dtype: torch.dtype = torch.float32, seed: int = 0,
              on_progress: Callable[[int, int, str], None] | None = None) -> Validation:
     """Draw `samples` random plans of what the search can offer (not the types `Profile.unpaid`
-    finds buying no time), compact each, time them end to end (GROUP at a time, side by
-    side with the dense network, as the profile timed its calibration plans; a group whose dense
-    net runs more than 10% off its profiled latency is timed once more) and pair each measurement
-    with its prediction."""
+    finds buying no time), add the search's uniform filter ladder (`uniform_ladder`), compact each,
+    time them end to end (GROUP at a time, side by side with the dense network, as the profile timed
+    its calibration plans; a group whose dense net runs more than 10% off its profiled latency is
+    timed once more) and pair each measurement with its prediction."""
     from ..graph import dependencies
 
     rng = random.Random(seed)
@@ -149,21 +174,23 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
     dense = copy.deepcopy(model).to(device=device, dtype=dtype)
     profiled_dense_ms = latency.dense_ms(model, shape)
-    pending: list[tuple[Plan, float, torch.nn.Module]] = []
-    for i in range(samples):
-        plan = random_plan(layers, deps.couplings, rng, rates, types=covered.get("types"))
+    drawn = [("random", random_plan(layers, deps.couplings, rng, rates, types=covered.get("types")))
+             for _ in range(samples)]
+    drawn += [(f"uniform filter {rate:g}", plan) for rate, plan in uniform_ladder(layers, rates, covered.get("types"))]
+    pending: list[tuple[str, Plan, float, torch.nn.Module]] = []
+    for i, (kind, plan) in enumerate(drawn):
         compacted = compacted_copy(model, shape, plan, deps)
         predicted = predict_compacted(latency, model, compacted, shape).total_ms
-        pending.append((plan, predicted, compacted.to(device=device, dtype=dtype)))
-        if len(pending) == GROUP or i == samples - 1:
-            timings = beside_dense(dense, {str(j): m for j, (_, _, m) in enumerate(pending)}, x, profiled_dense_ms)
-            for j, (p, predicted_ms, _) in enumerate(pending):
+        pending.append((kind, plan, predicted, compacted.to(device=device, dtype=dtype)))
+        if len(pending) == GROUP or i == len(drawn) - 1:
+            timings = beside_dense(dense, {str(j): m for j, (*_, m) in enumerate(pending)}, x, profiled_dense_ms)
+            for j, (kind_, p, predicted_ms, _) in enumerate(pending):
                 t = timings[str(j)]
                 result.samples.append(Sample(p.to_dict(), predicted_ms, t.median_ms, t.spread, profiled_dense_ms,
-                                             timings["dense"].median_ms, 1 / t.relative))
+                                             timings["dense"].median_ms, 1 / t.relative, kind_))
             pending = []
         if on_progress:
-            on_progress(i + 1, samples, f"plan {i + 1}")
+            on_progress(i + 1, len(drawn), kind if kind != "random" else f"plan {i + 1}")
     return result
 
 
@@ -177,22 +204,27 @@ def scatter(result: Validation, path: Path) -> Path:
     from ..files import save_with
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    panels = (("latency (ms, median)", [s.measured_ms for s in result.samples],
-               [s.predicted_ms for s in result.samples], result.within_10, result.mean_abs_error),
-              ("speedup over the dense network", [s.measured_speedup for s in result.samples],
-               [s.predicted_speedup for s in result.samples], result.speedup_within_10,
-               result.speedup_mean_abs_error))
-    for ax, (what, measured, predicted, within, mape) in zip(axes, panels):
-        lo, hi = min(measured + predicted) * 0.85, max(measured + predicted) * 1.15
+    panels = (("latency (ms, median)", lambda s: (s.measured_ms, s.predicted_ms), result.within_10,
+               result.mean_abs_error),
+              ("speedup over the dense network", lambda s: (s.measured_speedup, s.predicted_speedup),
+               result.speedup_within_10, result.speedup_mean_abs_error))
+    for ax, (what, point, within, mape) in zip(axes, panels):
+        values = [v for s in result.samples for v in point(s)]
+        lo, hi = min(values) * 0.85, max(values) * 1.15
         ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="±10%")
-        ax.scatter(measured, predicted, s=18, zorder=3)
+        for samples, style in ((result.random, {"s": 18, "label": "random plans"}),
+                               (result.ladder, {"s": 40, "marker": "^", "label": "uniform filter ladder"})):
+            if samples:
+                ax.scatter(*zip(*map(point, samples)), zorder=3, **style)
+        for s in result.ladder:
+            ax.annotate(s.kind.split()[-1], point(s), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}",
-               title=f"{what}\n{within:.0%} within ±10%, MAPE {mape:.1%}")
+               title=f"{what}\nrandom plans: {within:.0%} within ±10%, MAPE {mape:.1%}")
         ax.legend(loc="upper left")
-    fig.suptitle(f"{result.model}: {len(result.samples)} random plans, {result.setting['device']}, batch "
-                 f"{result.setting['batch_size']}, {result.setting['threads']} threads; "
-                 f"dense net now {result.drift:.2f}x its profiled latency")
+    fig.suptitle(f"{result.model}: {len(result.random)} random plans and {len(result.ladder)} of the uniform filter "
+                 f"ladder, {result.setting['device']}, batch {result.setting['batch_size']}, "
+                 f"{result.setting['threads']} threads; dense net now {result.drift:.2f}x its profiled latency")
     fig.tight_layout()
     save_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
