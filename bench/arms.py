@@ -9,7 +9,8 @@ one control, the dense model trained with the trial recipe and nothing pruned, a
   torch-pruning  Torch-Pruning's own global pruning (group L2-norm importance, `global_pruning`) at
                  ratios 10..90%, then plain fine-tuning for the same epochs;
   random         random search in the study's space (no baselines, no seeds), with the ladder.
-The two searches run until their trials' summed training seconds reach `--compute` (carried over
+A ladder stops once two rates in a row lose more than STOP points (no higher rate can then be
+picked). The two searches run until their trials' summed training seconds reach `--compute` (carried over
 sessions: the studies are journal files under bench/runs/arms-CASE/, text that git keeps). Then
 each arm's fastest plan within 0.5 and 1.0 points of the control (predicted
 speedup for the searches, the largest rate or ratio for the ladders) is trained again at the full
@@ -22,7 +23,7 @@ of git). The ladders' predicted speedups are recomputed with the current profile
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
-       [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 10+5] [--compute 2h] [--arms ...]
+       [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core.
 """
 
@@ -56,6 +57,7 @@ from sparsesearch.train import Snapshot, TrainConfig, correct, fit, paired_drop,
 
 LADDER = tuple(round(0.1 * i, 1) for i in range(1, 10))
 DROPS = (0.5, 1.0)
+STOP = 2 * max(DROPS)  # a ladder stops once two rates in a row lose more: higher ones cannot qualify
 BATCHES = (1, 8)
 RUNS = Path(__file__).parent / "runs"
 
@@ -77,6 +79,12 @@ def searched(built: search.Search, arm: str, folder: Path, compute_s: float, con
     if left > 0:
         search.run(built, study, search.Budget(seconds=left), baselines=not random)
     return study
+
+
+def past_reach(rows: dict[str, dict]) -> bool:
+    """Whether a ladder's two highest rates so far both lost more than STOP points."""
+    drops = [rows[r]["drop"] for r in sorted(rows, key=float)]
+    return len(drops) >= 2 and min(drops[-2:]) > STOP
 
 
 def spent(study: optuna.Study) -> float:
@@ -200,7 +208,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--trial-data", type=float, default=0.1)
     parser.add_argument("--trial-epochs", default="1+3")
-    parser.add_argument("--full-epochs", default="10+5")
+    parser.add_argument("--full-epochs", default="4+2", help="the dense resnet56 trained 8 epochs here; 4+2 "
+                        "fine-tunes for 3/4 of that (10+5 would take ~4 h per plan at 1 thread)")
     parser.add_argument("--compute", default="2h", help="training time of each search arm, summed over its trials")
     parser.add_argument("--arms", nargs="+", default=["study", "uniform", "torch-pruning", "random"])
     parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
@@ -231,7 +240,9 @@ def main() -> None:
                 print(arm, f"{spent(studies[arm]):.0f} s of training in {len(studies[arm].trials)} trials", flush=True)
                 continue
             for rate in LADDER:
-                if str(rate) not in state.setdefault(arm, {}):
+                if past_reach(state.setdefault(arm, {})):
+                    break
+                if str(rate) not in state[arm]:
                     if arm == "uniform":
                         plan = uniform_plan(built, rate)
                         raw = admm_trained(built, plan, None)[1]

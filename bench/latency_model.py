@@ -67,6 +67,7 @@ def main() -> None:
                      "ms_per_mweight": round(fit.per_mweight, 4),
                      "ms_per_moutput": round(fit.per_moutput, 3),
                      "ms_per_minput": ", ".join(f"{f} {ms:.3f}" for f, ms in fit.per_minput.items()) or "-",
+                     "kernel_slope": ", ".join(f"{f} {k:.3f}" for f, k in fit.per_ms.items()) or "-",
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),
                      "within_10_%": round(100 * result.within_10), "latency_goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),

@@ -497,9 +497,10 @@ def profile_cmd(
                   f"{cv['mean_abs']:.1%}, median {cv['median_abs']:.1%}, {cv['within_10']:.0%} of rows within ±10%")
     fit = fitted.in_network(tgt.model, tgt.input_shape)
     reads = "".join(f" + {ms:.4f} x ({family} layers' inputs)" for family, ms in fit.per_minput.items())
-    console.print(f"in network: latency = {fit.offset:.4f} ms + {fit.slope:.3f} x (sum of isolated layers) + "
-                  f"ms per million of: {fit.per_mweight:.4f} x (weights kept) + {fit.per_moutput:.4f} x (outputs)"
-                  f"{reads}; fitted on {fit.plans} plans timed end to end")
+    kernels = "".join(f" + {k:.3f} x ({family} layers)" for family, k in fit.per_ms.items())
+    console.print(f"in network: latency = {fit.offset:.4f} ms + {fit.slope:.3f} x (sum of isolated layers)"
+                  f"{kernels} + ms per million of: {fit.per_mweight:.4f} x (weights kept) + {fit.per_moutput:.4f} x "
+                  f"(outputs){reads}; fitted on {fit.plans} plans timed end to end")
 
 
 @profile_app.command("validate")
