@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from sparsesearch.admm import apply_masks, prune_masks  # noqa: E402
-from sparsesearch.compact import compact, dependencies  # noqa: E402
+from sparsesearch.compact import dependencies, pruned  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.models import create  # noqa: E402
 from sparsesearch.plan import Plan  # noqa: E402
@@ -49,11 +48,7 @@ def measure(name: str, shape: tuple[int, int, int]) -> list[dict[str, object]]:
     rows = []
     for kind in TYPES:
         for rate in RATES:
-            masked = create(name, in_channels=shape[0]).eval()
-            masked.load_state_dict(base.state_dict())
-            plan = Plan.uniform(layers, kind, rate)
-            apply_masks(masked, prune_masks(masked, plan, deps))
-            compacted = compact(masked, plan, shape)
+            masked, compacted = pruned(base, Plan.uniform(layers, kind, rate), shape, deps)
             macs = dense_macs / max(sum(compacted.macs.values()), 1)
             impls = sorted(set(compacted.impl.values()))
             for batch, x in inputs.items():

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, record  # noqa: E402
 
-from sparsesearch.admm import apply_masks, prune_masks  # noqa: E402
-from sparsesearch.compact import compact, dependencies  # noqa: E402
+from sparsesearch.compact import dependencies, pruned  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.models import create  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
@@ -61,9 +60,7 @@ def conv_macs(model: nn.Module) -> int:
 
 def build(base: nn.Module, deps: object, plan: Plan) -> tuple[nn.Module, nn.Module, int]:
     """The masked model, its compacted form, and the compacted convs' MACs per sample."""
-    masked = fresh(base)
-    apply_masks(masked, prune_masks(masked, plan, deps))
-    compacted = compact(masked, plan, SHAPE)
+    masked, compacted = pruned(base, plan, SHAPE, deps)
     convs = set(conv_names(base))
     return masked, compacted.model, sum(m for name, m in compacted.macs.items() if name in convs)
 

@@ -27,8 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from sparsesearch.admm import apply_masks, prune_masks  # noqa: E402
-from sparsesearch.compact import compact, dependencies  # noqa: E402
+from sparsesearch.compact import dependencies, pruned  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.models import create  # noqa: E402
 from sparsesearch.plan import Plan  # noqa: E402
@@ -69,11 +68,7 @@ def measure(name: str, side: int, batch: int) -> list[dict[str, object]]:
     dense_macs = sum(layer.macs for layer in layers)
     networks: dict[str, tuple[nn.Module, float]] = {"dense": (dense, 1.0)}
     for kind in (SparsityType.FILTER, SparsityType.CHANNEL):
-        masked = create(name).eval()
-        masked.load_state_dict(dense.state_dict())
-        plan = Plan.uniform(layers, kind, 0.5)
-        apply_masks(masked, prune_masks(masked, plan, deps))
-        compacted = compact(masked, plan, shape)
+        compacted = pruned(dense, Plan.uniform(layers, kind, 0.5), shape, deps)[1]
         networks[f"{kind.value} 50%"] = (compacted.model, dense_macs / sum(compacted.macs.values()))
     rows = []
     for layout, fmt in LAYOUTS.items():

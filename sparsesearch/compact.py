@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .errors import UserError, brief
-from .graph import SURGERY_ERRORS, build_graph, dependencies, out_handler, reads_through_reshape, unfollowable
+from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out_handler, reads_through_reshape,
+                    unfollowable)
 from .layers import trace
 from .plan import Plan
 from .sparsity import SparsityType, live_groups
@@ -76,6 +77,21 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
     macs = {layer.name: layer.macs if impl.get(layer.name, "dense-fallback") == "dense-fallback"
             else layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type) for layer in layers}
     return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
+
+
+def pruned(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None
+           ) -> tuple[nn.Module, Compacted]:
+    """A copy of `model` (eval, float32, CPU) hard-pruned by `plan` (its projections as masks: what a
+    compacted model must match and what it is timed beside) and its compacted form. Pass `deps`
+    (the model's dependencies) to skip recomputing them and checking the plan against them."""
+    from .admm import apply_masks, prune_masks
+
+    masked = copy.deepcopy(model).cpu().float().eval()
+    if deps is None:
+        deps = dependencies(masked, input_shape)
+        plan.validate(trace(masked, input_shape), deps.couplings)
+    apply_masks(masked, prune_masks(masked, plan, deps))
+    return masked, compact(masked, plan, input_shape)
 
 
 class Reference:

@@ -12,7 +12,6 @@ plans compacted), it carries the rest of the network and what being inside it co
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,19 +352,11 @@ def predict_compacted(latency: LatencyModel, original: nn.Module, compacted: nn.
 
 def compacted_copy(model: nn.Module, input_shape: tuple[int, ...], plan: Plan, deps: Dependencies | None = None
                    ) -> nn.Module:
-    """`model` pruned by `plan` on a copy (projections, masks) and compacted by `compact()`, so the
-    kept dims are exactly the ones compaction will produce. Pass `deps` (the model's dependencies)
-    to skip recomputing them and checking the plan against them."""
-    from ..admm import apply_masks, prune_masks
-    from ..compact import compact
-    from ..graph import dependencies
+    """`model` pruned by `plan` on a copy and compacted (`compact.pruned`), so the kept dims are
+    exactly the ones compaction will produce."""
+    from ..compact import pruned
 
-    masked = copy.deepcopy(model).cpu().float().eval()
-    if deps is None:
-        deps = dependencies(masked, input_shape)
-        plan.validate(trace(masked, input_shape), deps.couplings)
-    apply_masks(masked, prune_masks(masked, plan, deps))
-    return compact(masked, plan, input_shape).model
+    return pruned(model, input_shape=input_shape, plan=plan, deps=deps)[1].model
 
 
 def predict_latency(latency: LatencyModel, model: nn.Module, input_shape: tuple[int, ...], plan: Plan) -> Prediction:
