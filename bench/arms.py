@@ -243,17 +243,12 @@ def main() -> None:
                 if past_reach(state.setdefault(arm, {})):
                     break
                 if str(rate) not in state[arm]:
-                    if arm == "uniform":
-                        plan = uniform_plan(built, rate)
-                        raw = admm_trained(built, plan, None)[1]
-                    else:
-                        pruned = torch_pruned(built, rate)
-                        plan = tp_plan(built, pruned)
-                        raw = fine_tuned(built, pruned, None)[1]
-                    state[arm][str(rate)] = {**scored(built, raw, full=False), "speed": predicted(built, plan)}
+                    raw = (admm_trained(built, uniform_plan(built, rate), None)[1] if arm == "uniform"
+                           else fine_tuned(built, torch_pruned(built, rate), None)[1])
+                    state[arm][str(rate)] = scored(built, raw, full=False)
                     write_json(results, state)
                     print(arm, rate, state[arm][str(rate)], flush=True)
-            for rate, row in state[arm].items():  # rows of earlier sessions: predicted by today's profile
+            for rate, row in state[arm].items():  # every row, earlier sessions' too: by today's profile
                 row["speed"] = predicted(built, ladder_plan(built, arm, float(rate)))
             write_json(results, state)
         if args.final:
