@@ -656,7 +656,7 @@ def optimize(
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); space: "
                   f"{len(built.space.slots)} slots, "
-                  f"{'per layer' if built.space.per_layer else 'per stage + latency-guided allocation'}")
+                  f"{'per layer' if built.space.per_layer else 'per stage + allocation by latency and sensitivity'}")
     started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:
         search.control(built, opened, lambda p: update(p.step, p.total, p.phase))
@@ -709,7 +709,7 @@ def optimize(
         signal.signal(signal.SIGINT, previous)
     if scan := opened.user_attrs.get("sensitivity"):
         ranked = sorted(scan["drop"].items(), key=lambda kv: kv[1])
-        console.print(f"sensitivity scan: {len(ranked)} units each pruned alone at {scan['rate']:g} without training, "
+        console.print(f"sensitivity scan: {len(ranked)} slots each pruned alone at {scan['rate']:g} without training, "
                       f"{scan['seconds']:.1f} s ({scan['images']:,} probe images); most robust {ranked[0][0]} "
                       f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
                       "the study starts from its plans next to the uniform ones")

@@ -477,18 +477,21 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
     trial is not retried again). The report compares the search with the baselines, so they are
     never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
-    come from the dense model's sensitivity scan, run once per study and kept in it."""
+    come from the dense model's sensitivity scan, run once per study and kept in it (again for a
+    study whose scan was of other units: before, a per-stage space was scanned per stage); it also
+    sets the space's `robustness`, so it runs before anything is enqueued."""
+    found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"]) if "sensitivity" in study.user_attrs else None
+    if found is None or set(found.drop) != {s.name for s in search.space.slots}:
+        found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
+                           search.device, search.data.train.sized(CALIBRATION_IMAGES))
+        study.set_user_attr("sensitivity", found.to_attrs())
+    if not search.space.per_layer:
+        search.space.robustness = seeds.robustness(found)
     rates = search.ladder(study)
     held = _held(study, "baseline")
     for label, params in search.baselines(rates):
         if label not in held:
             study.enqueue_trial(params, user_attrs={"baseline": label})
-    if "sensitivity" in study.user_attrs:
-        found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
-    else:
-        found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
-                           search.device, search.data.train.sized(CALIBRATION_IMAGES))
-        study.set_user_attr("sensitivity", found.to_attrs())
     held = _held(study, "seeded")
     for rate in rates:
         if (label := f"sensitivity at mean rate {rate}") not in held:
@@ -734,7 +737,7 @@ def record(study: optuna.Study, search: Search) -> None:
                                     "target": {k: target.get(k) for k in ("device", "device_name", "threads")}})
     study.set_user_attr("artifacts", search.artifacts)
     study.set_user_attr("layers", [layer.name for layer in search.layers])
-    study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + latency-guided allocation")
+    study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + allocation by latency and sensitivity")
     # last: a worker starting beside this one takes "config" to mean the record is whole
     study.set_user_attr("config", search.config.to_attrs())
 

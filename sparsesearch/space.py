@@ -1,8 +1,8 @@
 """What a trial may choose, and what is screened out before (or while) it trains.
 
 `Space` turns an Optuna trial's parameters into a full per-layer sparsity plan: a type and a rate
-per prunable layer, or per coupling group; per stage plus a latency-guided allocation when a model
-has many layers. Rates are snapped to what a plan takes (`snap`). `rejection` says why a candidate
+per prunable layer, or per coupling group; per stage plus an allocation guided by latency and by
+sensitivity when a model has many layers. Rates are snapped to what a plan takes (`snap`). `rejection` says why a candidate
 is not worth training: predicted slower than the dense model, or dominated on speed alone by a
 finished trial. `LadderPruner` stops trials on a fidelity ladder (successive halving among plans
 at least as fast). Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so
@@ -29,7 +29,8 @@ ETA = 3  # successive halving: a third of the trials climb each rung
 RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
 ALIGNED = {SparsityType.FILTER: "out", SparsityType.CHANNEL: "in"}  # the dim each type removes channels from
-MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a latency-guided allocation
+MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a guided allocation
+LEAN_MAX = 2.0  # the largest `lean`: a slot twice as robust as another pruned up to 4x as hard
 
 
 # --- the search space -----------------------------------------------------------------------------
@@ -59,9 +60,13 @@ def _stage(layer: Layer) -> str:
 
 class Space:
     """Per slot a type and a rate (`type:SLOT`, `rate:SLOT`); with more than `max_slots` slots, per
-    stage (layers of one output resolution) a type and a rate, and `alloc`, the exponent that
-    spreads a stage's rate over its layers by their predicted latency (0: uniform; 1: a layer twice
-    as slow is pruned twice as hard). Either way each trial yields a full per-layer plan; given
+    stage (layers of one output resolution) a type and a rate, and two exponents that spread a
+    stage's rate over its slots: `alloc` by their predicted latency (0: uniform; 1: a slot twice as
+    slow is pruned twice as hard) and, once a sensitivity scan has set `robustness` (per slot, in
+    (0, 1]: 1 for a slot that lost nothing pruned alone), `lean` by it (0: ignored; 1: a slot twice
+    as robust is pruned twice as hard). Stages of a ResNet hold slots that differ by tens of points
+    (a residual stream against a block's inner conv), which one rate per stage cannot tell apart;
+    the stage rate is their mean. Either way each trial yields a full per-layer plan; given
     `steps` (a channel period, as `profiler.steps` measures it), its filter and channel counts are
     raised to multiples of it (`aligned`: measured by bench/alignment.py, not used by the search,
     where it cost resnet56 speed). A layer is not offered the types `withheld` from it (predicted
@@ -88,6 +93,7 @@ class Space:
             raise UserError(f"no prunable layer accepts the types {', '.join(types)} (or is predicted faster with them on "
                             "this device); allow more with --types")
         self.per_layer = len(self.slots) <= max_slots
+        self.robustness: dict[str, float] = {}
         self.stages: dict[str, list[Slot]] = {}
         for s in self.slots:
             self.stages.setdefault(s.stage, []).append(s)
@@ -100,15 +106,20 @@ class Space:
                 rates[s.name] = (kind, trial.suggest_float(f"rate:{s.name}", 0.0, MAX_RATE, step=RATE_STEP))
         else:
             alloc = trial.suggest_float("alloc", 0.0, 1.0, step=0.25)
+            lean = trial.suggest_float("lean", 0.0, LEAN_MAX, step=0.25) if self.robustness else 0.0
             for stage, slots in self.stages.items():
                 kind = SparsityType(trial.suggest_categorical(f"type:{stage}", self.choices(stage)))
                 rate = trial.suggest_float(f"rate:{stage}", 0.0, MAX_RATE, step=RATE_STEP)
                 takers = [s for s in slots if kind in s.types]
-                weights = [max(s.ms, 1e-9) ** alloc for s in takers]
+                weights = [max(s.ms, 1e-9) ** alloc * self.robustness.get(s.name, 1.0) ** lean for s in takers]
                 mean = sum(weights) / max(len(weights), 1)
                 for s, w in zip(takers, weights):
                     rates[s.name] = (kind, min(rate * w / mean, MAX_RATE))
         return self.plan(rates)
+
+    def even(self) -> dict[str, float]:
+        """The allocation parameters that spread each stage's rate evenly over its slots."""
+        return {"alloc": 0.0} | ({"lean": 0.0} if self.robustness else {})
 
     def choices(self, stage: str) -> list[str]:
         return [t.value for t in SparsityType if any(t in s.types for s in self.stages[stage])]
@@ -143,7 +154,7 @@ class Space:
                 params[f"type:{s.name}"] = (kind if kind in s.types else s.types[0]).value
                 params[f"rate:{s.name}"] = rate if kind in s.types else 0.0
             return params
-        params = {"alloc": 0.0}
+        params = self.even()
         for stage in self.stages:
             takes = kind.value in self.choices(stage)
             params[f"type:{stage}"] = kind.value if takes else self.choices(stage)[0]

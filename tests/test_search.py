@@ -144,20 +144,41 @@ def test_a_sensitivity_scan_prunes_each_unit_alone_and_leaves_the_model_as_it_wa
 
 
 @pytest.mark.parametrize("name,shape", [("digits-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
-def test_seeded_plans_prune_fragile_units_less_at_the_same_mean_rate(name: str, shape: tuple[int, ...]) -> None:
+def test_seeded_plans_prune_fragile_slots_less_at_the_same_mean_rate(name: str, shape: tuple[int, ...]) -> None:
     from sparsesearch import seeds
 
     space, (layers, couplings) = _space(name, shape)
-    units = [s.name for s in space.slots] if space.per_layer else list(space.stages)
-    drops = {u: 10.0 * i for i, u in enumerate(units)}  # later units more fragile
-    found = seeds.Scan(0.5, {u: "filter" if "filter" in (space.choices(u) if not space.per_layer else
-                                                        [t.value for t in space.slots[i].types]) else "shape"
-                             for i, u in enumerate(units)}, drops, 0.0, 0)
+    drops = {s.name: 10.0 * i for i, s in enumerate(space.slots)}  # later slots more fragile
+    found = seeds.Scan(0.5, {s.name: "filter" if SparsityType.FILTER in s.types else "shape" for s in space.slots},
+                       drops, 0.0, 0)
+    if not space.per_layer:
+        space.robustness = seeds.robustness(found)
     params = seeds.seeded_params(space, found, 0.5)
+    units = [s.name for s in space.slots] if space.per_layer else list(space.stages)
     rates = [params[f"rate:{u}"] for u in units]
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
     assert sum(rates) / len(rates) == pytest.approx(0.5, abs=0.06)  # on the 0.05 grid
-    space.suggest(FixedTrial(params)).validate(layers, couplings)
+    plan = space.suggest(FixedTrial(params))
+    plan.validate(layers, couplings)
+    # inside each stage too, the more fragile a slot the less it is pruned
+    for slots in ([] if space.per_layer else space.stages.values()):
+        pruned = [plan.layers[s.name].rate if s.name in plan.layers else 0.0 for s in slots]
+        assert pruned == sorted(pruned, reverse=True) and (len(slots) == 1 or pruned[0] > pruned[-1])
+
+
+def test_lean_spreads_a_stage_rate_by_robustness_and_zero_lean_keeps_the_uniform_plan() -> None:
+    space, (layers, couplings) = _space("resnet20", (3, 32, 32))
+    space.robustness = {s.name: 1.0 if i % 2 else 0.25 for i, s in enumerate(space.slots)}
+    uniform = space.uniform_params(SparsityType.FILTER, 0.4)
+    assert uniform["lean"] == 0.0
+    assert space.suggest(FixedTrial(uniform)) == Plan.uniform(layers, SparsityType.FILTER, 0.4)
+    leaning = space.suggest(FixedTrial(uniform | {"lean": 1.0}))
+    leaning.validate(layers, couplings)
+    for slots in space.stages.values():
+        robust = [s for s in slots if space.robustness[s.name] == 1.0 and s.name in leaning.layers]
+        fragile = [s for s in slots if space.robustness[s.name] < 1.0 and s.name in leaning.layers]
+        if robust and fragile:
+            assert min(leaning.layers[s.name].rate for s in robust) > max(leaning.layers[s.name].rate for s in fragile)
 
 
 def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:
@@ -442,6 +463,18 @@ def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path
     assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7"]
     duplicates = [t for t in study.get_trials(False) if "is trial" in t.user_attrs.get("rejected", "")]
     assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
+
+
+def test_a_study_scanned_per_stage_before_is_scanned_again_per_slot(tiny: dict, tmp_path: Path) -> None:
+    """Studies from before kept a scan per stage: its seeds and robustness would not match the slots."""
+    built = tiny["search"]
+    study = stores.open_study("old-scan", f"sqlite:///{tmp_path / 'study.db'}", True, None, LadderPruner())
+    study.set_user_attr("sensitivity", {"rate": 0.5, "kinds": {"conv 8x8": "filter"}, "drop": {"conv 8x8": 44.0},
+                                        "seconds": 1.0, "images": 10})
+    search._enqueue_ladder(built, study)
+    assert set(study.user_attrs["sensitivity"]["drop"]) == {s.name for s in built.space.slots}
+    assert {t.user_attrs.get("seeded") for t in study.get_trials(False)} - {None} == {
+        f"sensitivity at mean rate {r}" for r in search.BASELINE_RATES}
 
 
 def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint(tiny: dict, tmp_path: Path) -> None:
