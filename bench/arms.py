@@ -8,7 +8,8 @@ one control, the dense model trained with the trial recipe and nothing pruned, a
   uniform        the uniform filter ladder 10..90%, each with the same ADMM + retraining recipe;
   torch-pruning  Torch-Pruning's own global pruning (group L2-norm importance, `global_pruning`) at
                  ratios 10..90%, then plain fine-tuning for the same epochs;
-  random         random search in the study's space (no baselines, no seeds), with the ladder.
+  random         random search in the study's space (no baselines, no seeds; its sensitivity scan,
+                 which the space's `lean` needs, is run and counted), with the ladder.
 A ladder stops once two rates in a row lose more than STOP points (no higher rate can then be
 picked). The two searches run until their trials' summed training seconds reach `--compute` (carried over
 sessions: the studies are journal files under bench/runs/arms-CASE/, text that git keeps). Then

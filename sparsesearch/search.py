@@ -472,14 +472,10 @@ def _held(study: optuna.Study, key: str) -> set[Any]:
             if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)}
 
 
-def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
-    """Enqueue, at each rate of the ladder (`Search.ladder`), the uniform baseline and the seeded
-    plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
-    trial is not retried again). The report compares the search with the baselines, so they are
-    never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
-    come from the dense model's sensitivity scan, run once per study and kept in it (again for a
-    study whose scan was of other units: before, a per-stage space was scanned per stage); it also
-    sets the space's `robustness`, so it runs before anything is enqueued."""
+def _scanned(search: Search, study: optuna.Study) -> seeds.Scan:
+    """The dense model's sensitivity scan, run once per study and kept in it (again for a study
+    whose scan was of other units: before, a per-stage space was scanned per stage). It sets the
+    space's `robustness`, so it comes before any trial is drawn or enqueued."""
     found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"]) if "sensitivity" in study.user_attrs else None
     if found is None or set(found.drop) != {s.name for s in search.space.slots}:
         found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
@@ -487,6 +483,16 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
         study.set_user_attr("sensitivity", found.to_attrs())
     if not search.space.per_layer:
         search.space.robustness = seeds.robustness(found)
+    return found
+
+
+def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
+    """Enqueue, at each rate of the ladder (`Search.ladder`), the uniform baseline and the seeded
+    plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
+    trial is not retried again). The report compares the search with the baselines, so they are
+    never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
+    come from the dense model's sensitivity scan (`_scanned`)."""
+    found = _scanned(search, study)
     rates = search.ladder(study)
     held = _held(study, "baseline")
     for label, params in search.baselines(rates):
@@ -592,12 +598,15 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     or `budget.seconds` pass, or `should_stop()` says so after a trial, or `max_rejections` (default
     50 per trial of budget, at least 500) candidates in a row were rejected. Enqueues the uniform
     baselines the study lacks and the plans of its sensitivity scan (`seeds`; the scan runs once per
-    study, inside a duration budget), unless `baselines` is false (the benchmark's pure random search).
+    study, inside a duration budget), unless `baselines` is false (the benchmark's random search:
+    the scan still runs, the space's `lean` needs it, but nothing is enqueued).
     A duration counts from `started` (`time.monotonic()`; default now): work done first is inside it."""
     start = time.monotonic() if started is None else started
     control(search, study)
     if baselines:
         _enqueue_ladder(search, study)
+    else:
+        _scanned(search, study)
     search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:
