@@ -4,8 +4,11 @@ kernel row and kernel column (what it did before, and still does past `_Windows.
 AlexNet's conv2-5 at 224 px, resnet56's 16- and 64-channel convs, a VGG 128-channel conv; random
 weights projected to shape sparsity at 50% and 93.3% (the paper's 15x); batch 1 and 8; 1 thread,
 interleaved rounds, median.
+Then whole networks (`NETWORKS`), every conv shape-pruned, timed beside the masked dense network with
+the im2col gathered into the thread's reused scratch buffer (now) and into a fresh tensor per call
+(before): a fresh 100 MB tensor is a fresh mmap whose pages fault on first write.
 
-Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py`.
+Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py [networks] [layers]`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
-from sparsesearch.kernels import ShapeConv2d  # noqa: E402
+from sparsesearch.compact import pruned  # noqa: E402
+from sparsesearch.kernels import ShapeConv2d, _Windows  # noqa: E402
+from sparsesearch.layers import trace  # noqa: E402
+from sparsesearch.models import create  # noqa: E402
+from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
 from sparsesearch.runtime import set_threads  # noqa: E402
 from sparsesearch.sparsity import SparsityType, project  # noqa: E402
@@ -30,10 +37,45 @@ LAYERS = [("alexnet conv2", 64, 192, 5, 2, 27), ("alexnet conv3", 192, 384, 3, 1
           ("resnet56 16ch 32x32", 16, 16, 3, 1, 32), ("resnet56 64ch 8x8", 64, 64, 3, 1, 8),
           ("vgg 128ch 16x16", 128, 128, 3, 1, 16)]
 RATES, BATCHES = (0.5, 0.933), (1, 8)
+NETWORKS = [("vgg16-bn", (3, 32, 32), 0.3, 32), ("vgg16-bn", (3, 32, 32), 0.5, 32),
+            ("tv:alexnet", (3, 224, 224), 0.933, 1), ("tv:alexnet", (3, 224, 224), 0.933, 8)]
+
+
+def networks() -> list[dict[str, object]]:
+    """Whole networks, every conv shape-pruned: the scratch buffer against a fresh im2col per call."""
+    rows = []
+    for name, shape, rate, batch in NETWORKS:
+        torch.manual_seed(0)
+        model = create(name, in_channels=shape[0]).eval()
+        plan = Plan({layer.name: LayerSparsity(SparsityType.SHAPE, rate)
+                     for layer in trace(model, shape) if layer.kind == "conv"})
+        masked, compacted = pruned(model, plan, shape)
+        fresh = copy.deepcopy(compacted.model)
+        for module in fresh.modules():
+            if isinstance(module, _Windows):
+                module.SCRATCH = False
+        t = compare({"dense": masked, "fresh": fresh, "scratch": compacted.model}, torch.randn(batch, *shape),
+                    rounds=9, reference="dense")
+        rows.append({"layer": f"{name} (network)", "rate": rate, "batch": batch,
+                     "dense ms": round(t["dense"].median_ms, 3), "fresh im2col": round(1 / t["fresh"].relative, 2),
+                     "scratch": round(1 / t["scratch"].relative, 2)})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
     set_threads(1)
+    parts = sys.argv[1:] or ["layers", "networks"]
+    if "networks" in parts:
+        print(record("shape_scratch", networks(), "Whole networks, every conv shape-pruned (random weights), "
+                     "speedup over the masked dense network with the im2col gathered into a fresh tensor per call "
+                     "(before) and into the thread's reused scratch buffer (now); 1 thread, median of 9 interleaved "
+                     "rounds."))
+    if "layers" in parts:
+        layers()
+
+
+def layers() -> None:
     torch.manual_seed(0)
     rows = []
     for name, cin, cout, k, pad, side in LAYERS:
@@ -53,8 +95,8 @@ def main() -> None:
                              "MAC reduction": round(conv.weight.numel() / flat.weight.numel(), 1)})
                 print(rows[-1], flush=True)
     print(record("shape_gather", rows, "Speedup over the dense conv of one shape-wise conv compacted to reduced-gemm, "
-                 "its im2col built by indexing the strided view (before) and by the flat index (now); 1 thread, "
-                 "median of 9 interleaved rounds."))
+                 "its im2col built by indexing the strided view (before) and by the flat index (now, into the "
+                 "thread's scratch buffer); 1 thread, median of 9 interleaved rounds."))
 
 
 if __name__ == "__main__":

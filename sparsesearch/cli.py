@@ -670,6 +670,13 @@ def optimize(
     else:
         console.print(f"feasible: at most {config.max_acc_drop:g} points below the dense model, image by image "
                       "(this study's first trials were judged so, before studies had a control)")
+    with progress_bar("sensitivity scan") as update:
+        scan = search.sensitivity(built, opened, update)
+    ranked = sorted(scan.drop.items(), key=lambda kv: kv[1])
+    console.print(f"sensitivity scan: {len(ranked)} slots each pruned alone at {scan.rate:g} without training, "
+                  f"{search.duration(scan.seconds)} ({scan.images:,} probe images); most robust {ranked[0][0]} "
+                  f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
+                  "the study starts from its plans next to the uniform ones")
     if built.withheld:
         counts = Counter(kind.value for kinds in built.withheld.values() for kind in kinds)
         console.print("withheld (no faster than the dense layer even at the highest rate, as timed or predicted on "
@@ -707,12 +714,6 @@ def optimize(
             ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"], started=started)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if scan := opened.user_attrs.get("sensitivity"):
-        ranked = sorted(scan["drop"].items(), key=lambda kv: kv[1])
-        console.print(f"sensitivity scan: {len(ranked)} slots each pruned alone at {scan['rate']:g} without training, "
-                      f"{scan['seconds']:.1f} s ({scan['images']:,} probe images); most robust {ranked[0][0]} "
-                      f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
-                      "the study starts from its plans next to the uniform ones")
     console.print(f"{ran.trained} trials trained, {ran.rejected} candidates rejected before training "
                   "(predicted slower than dense, or dominated); see each trial's 'rejected' attr")
     if ran.stopped == "asked":

@@ -21,6 +21,7 @@ modules are for timing and deployment, and autograd bookkeeping on some layers o
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -140,9 +141,15 @@ class _Windows(nn.Module):
     which must follow any input size. Both were measured faster than one gather and slice per
     kernel offset plus a concatenation (121 of them for an 11x11 kernel), and than F.unfold +
     index_select (which builds all C*kh*kw rows).
+
+    Without autograd on a CPU the gather writes into one scratch buffer per thread (`_scratch`),
+    reused by every layer: a fresh im2col of 100 MB (vgg16-bn at batch 32) is a fresh mmap whose
+    every page faults on first write, which cost as much as the gather itself. The result is valid
+    until the thread's next im2col, so a caller consumes it at once (the layers here do).
     """
 
     FLAT_INDEX_MAX = 1 << 21
+    SCRATCH = True  # gather into `_scratch` where it can (False on an instance: a fresh tensor, to measure it)
 
     def __init__(self, conv: nn.Conv2d, columns: Tensor, batch_first: bool = True) -> None:
         super().__init__()
@@ -167,8 +174,11 @@ class _Windows(nn.Module):
             n, _, hp, wp = padded.shape
             index = self._flat_index(hp, wp)
             if index is not None:
-                return padded.reshape(n, -1).index_select(1, index).view(n, len(self.channels),
-                                                                         *self.geometry.out_size(hp, wp))
+                flat, shape = padded.reshape(n, -1), (n, len(self.channels), *self.geometry.out_size(hp, wp))
+                if not self.SCRATCH or flat.device.type != "cpu" or (flat.requires_grad and torch.is_grad_enabled()):
+                    return flat.index_select(1, index).view(shape)
+                out = _scratch(n * len(index), flat.dtype).view(n, len(index))
+                return torch.index_select(flat, 1, index, out=out).view(shape)
         view = self.geometry.strided(x, self.batch_first)
         if self.batch_first:
             return view[:, self.channels, self.rows, self.cols]
@@ -197,6 +207,19 @@ class _Windows(nn.Module):
 # in it (an export describes a module's attributes as data, and a module loaded from one starts without)
 _FLAT_INDEX: weakref.WeakKeyDictionary[_Windows, tuple[tuple, dict[tuple[int, int], Tensor | None]]] = \
     weakref.WeakKeyDictionary()
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """A CPU buffer of `numel` elements, this thread's one per dtype, grown as needed and kept
+    (it holds the largest im2col the thread has built; `_Windows` says why)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype][:numel]
 
 
 class ShapeConv2d(nn.Module):

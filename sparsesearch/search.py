@@ -472,14 +472,15 @@ def _held(study: optuna.Study, key: str) -> set[Any]:
             if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)}
 
 
-def _scanned(search: Search, study: optuna.Study) -> seeds.Scan:
+def sensitivity(search: Search, study: optuna.Study,
+                on_progress: Callable[[int, int, str], None] | None = None) -> seeds.Scan:
     """The dense model's sensitivity scan, run once per study and kept in it (again for a study
     whose scan was of other units: before, a per-stage space was scanned per stage). It sets the
-    space's `robustness`, so it comes before any trial is drawn or enqueued."""
+    space's `robustness`, so it comes before any trial is drawn or enqueued (`run` sees to it)."""
     found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"]) if "sensitivity" in study.user_attrs else None
     if found is None or set(found.drop) != {s.name for s in search.space.slots}:
         found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
-                           search.device, search.data.train.sized(CALIBRATION_IMAGES))
+                           search.device, search.data.train.sized(CALIBRATION_IMAGES), on_progress=on_progress)
         study.set_user_attr("sensitivity", found.to_attrs())
     if not search.space.per_layer:
         search.space.robustness = seeds.robustness(found)
@@ -491,8 +492,8 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
     trial is not retried again). The report compares the search with the baselines, so they are
     never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
-    come from the dense model's sensitivity scan (`_scanned`)."""
-    found = _scanned(search, study)
+    come from the dense model's sensitivity scan (`sensitivity`)."""
+    found = sensitivity(search, study)
     rates = search.ladder(study)
     held = _held(study, "baseline")
     for label, params in search.baselines(rates):
@@ -606,7 +607,7 @@ def run(search: Search, study: optuna.Study, budget: Budget,
     if baselines:
         _enqueue_ladder(search, study)
     else:
-        _scanned(search, study)
+        sensitivity(search, study)
     search.trial_budget = budget.trials
     result = RunResult(0, 0, "time")
     if budget.trials is not None and len(trained_trials(study)) >= budget.trials:

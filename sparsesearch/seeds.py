@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,10 +55,12 @@ def _kind(kinds: list[SparsityType]) -> SparsityType:
 
 
 def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, device: torch.device,
-         calibration: Split | None = None, rate: float = SCAN_RATE) -> Scan:
+         calibration: Split | None = None, rate: float = SCAN_RATE,
+         on_progress: Callable[[int, int, str], None] | None = None) -> Scan:
     """Prune each slot of `space` alone at `rate` and measure the accuracy lost on `probe`, with
     BatchNorm statistics re-estimated on `calibration` (training images; see `projected_accuracy`).
-    The model's weights are restored after each unit (it is evaluated on a swap)."""
+    The model's weights are restored after each slot (it is evaluated on a swap). `on_progress`
+    gets (slots done, slots, the slot) after each: resnet56's 31 take minutes on a CPU core."""
     start = time.perf_counter()
     model = model.to(device)
     dense = evaluate(model, probe, device)
@@ -67,6 +70,8 @@ def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, devic
         plan = space.plan({slot.name: (kind, rate)})
         kinds[slot.name] = kind.value
         drop[slot.name] = dense - projected_accuracy(model, probe, plan, deps, device, calibration) if plan.layers else 0.0
+        if on_progress is not None:
+            on_progress(len(drop), len(space.slots), slot.name)
     model.cpu()
     return Scan(rate, kinds, drop, time.perf_counter() - start, len(probe) * (len(drop) + 1))
 

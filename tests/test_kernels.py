@@ -154,6 +154,26 @@ def test_shape_conv_gathers_alike_by_flat_index_and_by_strided_view_at_any_input
         assert all(torch.equal(f, viewed(x)) for f, x in zip(flat, sizes))
 
 
+def test_shape_convs_share_one_scratch_and_each_output_stays_its_own() -> None:
+    """Without autograd, a thread's shape layers gather into one reused buffer: what a layer returned
+    must not change when the next one runs (and grows the buffer), in or out of inference mode."""
+    from sparsesearch import kernels
+
+    small = ShapeConv2d(masked(conv(padding=1), SparsityType.SHAPE, 0.5))
+    big = ShapeConv2d(masked(conv(out_channels=8, kernel_size=5, padding=2), SparsityType.SHAPE, 0.3))
+    x, large = image(), torch.randn(4, 4, 15, 13)
+    with torch.no_grad():
+        first = small(x)
+        kept = first.clone()
+        with torch.inference_mode():
+            big(large)
+        assert torch.equal(first, kept) and torch.equal(small(x), kept)
+    gathered = len(big.im2col.channels) * 4 * 15 * 13  # the big layer's im2col, batch 4
+    assert kernels._SCRATCH.buffers[torch.float32].numel() >= gathered  # the gather went through it
+    y = small(x.requires_grad_())
+    assert y.grad_fn is not None and torch.equal(y.detach(), kept)
+
+
 def test_shape_conv_traces_to_same_output_for_other_input_sizes() -> None:
     dense = masked(conv(stride=2, padding=(1, 2), groups=2), SparsityType.SHAPE, 0.5)
     traced = torch.jit.trace(ShapeConv2d(dense), image(seed=3))

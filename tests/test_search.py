@@ -136,8 +136,10 @@ def test_a_sensitivity_scan_prunes_each_unit_alone_and_leaves_the_model_as_it_wa
     layers, deps = trace(model, data.input_shape), dependencies(model, data.input_shape)
     space = Space(layers, deps.couplings, ("filter", "shape"), {layer.name: 1.0 for layer in layers})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    found = seeds.scan(space, model, deps, data.val, torch.device("cpu"))
+    calls = []
+    found = seeds.scan(space, model, deps, data.val, torch.device("cpu"), on_progress=lambda *c: calls.append(c))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert calls == [(i + 1, len(space.slots), s.name) for i, s in enumerate(space.slots)]  # the bar moves per slot
     assert list(found.drop) == [slot.name for slot in space.slots] and found.images == len(data.val) * (len(found.drop) + 1)
     assert found.kinds[space.slots[0].name] == "filter" and found.kinds[space.slots[-1].name] == "shape"  # the classifier
     assert max(found.drop.values()) > 5 > min(found.drop.values())  # units differ: some fragile, some robust
