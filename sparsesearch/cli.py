@@ -655,8 +655,7 @@ def optimize(
     opened.pruner = LadderPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); space: "
-                  f"{len(built.space.slots)} slots, "
-                  f"{'per layer' if built.space.per_layer else 'per stage + allocation by latency and sensitivity'}")
+                  f"{len(built.space.slots)} slots, {opened.user_attrs['space']}")
     started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:
         search.control(built, opened, lambda p: update(p.step, p.total, p.phase))

@@ -747,7 +747,8 @@ def record(study: optuna.Study, search: Search) -> None:
                                     "target": {k: target.get(k) for k in ("device", "device_name", "threads")}})
     study.set_user_attr("artifacts", search.artifacts)
     study.set_user_attr("layers", [layer.name for layer in search.layers])
-    study.set_user_attr("space", "per layer" if search.space.per_layer else "per stage + allocation by latency and sensitivity")
+    study.set_user_attr("space", "per layer" if search.space.per_layer
+                        else "per stage + allocation by latency and sensitivity")
     # last: a worker starting beside this one takes "config" to mean the record is whole
     study.set_user_attr("config", search.config.to_attrs())
 
