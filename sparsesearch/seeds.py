@@ -69,7 +69,8 @@ def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, devic
         kind = _kind(list(slot.types))
         plan = space.plan({slot.name: (kind, rate)})
         kinds[slot.name] = kind.value
-        drop[slot.name] = dense - projected_accuracy(model, probe, plan, deps, device, calibration) if plan.layers else 0.0
+        lost = dense - projected_accuracy(model, probe, plan, deps, device, calibration) if plan.layers else 0.0
+        drop[slot.name] = lost
         if on_progress is not None:
             on_progress(len(drop), len(space.slots), slot.name)
     model.cpu()

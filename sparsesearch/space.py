@@ -2,10 +2,10 @@
 
 `Space` turns an Optuna trial's parameters into a full per-layer sparsity plan: a type and a rate
 per prunable layer, or per coupling group; per stage plus an allocation guided by latency and by
-sensitivity when a model has many layers. Rates are snapped to what a plan takes (`snap`). `rejection` says why a candidate
-is not worth training: predicted slower than the dense model, or dominated on speed alone by a
-finished trial. `LadderPruner` stops trials on a fidelity ladder (successive halving among plans
-at least as fast). Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so
+sensitivity when a model has many layers. Rates are snapped to what a plan takes (`snap`).
+`rejection` says why a candidate is not worth training: predicted slower than the dense model, or
+dominated on speed alone by a finished trial. `LadderPruner` stops trials on a fidelity ladder
+(successive halving among plans at least as fast). Optuna 5 refuses `Trial.report`/`should_prune` in multi-objective studies, so
 the objective stores each rung's accuracy in the trial's `rungs` user attr and the pruner, an
 ordinary `BasePruner`, reads it from there.
 """
