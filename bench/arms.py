@@ -20,7 +20,9 @@ at batch 1 and 8 (1 thread, interleaved rounds, median ratio); there its drop is
 the dense model. Every stage's results are written
 as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a
 final's training (hours) goes on from its last ADMM period or epoch (`final-*.resume.pt`, kept out
-of git). The ladders' predicted speedups are recomputed with the current profile on every run.
+of git). Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed
+with the current profile on every run: sessions land on different CPUs, and the picks and the plot
+must price all arms on the one device the finals are timed on.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
@@ -136,6 +138,10 @@ def ladder_plan(built: search.Search, arm: str, rate: float) -> Plan:
     return uniform_plan(built, rate) if arm == "uniform" else tp_plan(built, torch_pruned(built, rate))
 
 
+def trial_plan(study: optuna.Study, number: int) -> Plan:
+    return Plan.from_dict({"layers": study.trials[number].user_attrs["plan"]}, f"trial {number}")
+
+
 def predicted(built: search.Search, plan: Plan) -> float:
     return built.dense_ms / predict_latency(built.latency, built.model, built.input_shape, plan).total_ms
 
@@ -179,7 +185,7 @@ def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, o
     """Each arm's plans at trial fidelity: label, drop, and how fast (predicted speedup, or the ratio)."""
     if arm in studies:
         return [{"label": f"trial {t.number}", "trial": t.number, "drop": t.user_attrs["acc_drop"],
-                 "speed": t.user_attrs["predicted_speedup"]}
+                 "speed": predicted(built, trial_plan(studies[arm], t.number))}
                 for t in studies[arm].get_trials(False, states=(optuna.trial.TrialState.COMPLETE,))]
     return [{"label": f"{arm} {rate}", "rate": float(rate), "drop": row["drop"], "speed": row["speed"]}
             for rate, row in state[arm].items()]
@@ -193,8 +199,7 @@ def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.
         model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)
         compacted = model
     else:
-        plan = (uniform_plan(built, pick["rate"]) if arm == "uniform" else
-                Plan.from_dict({"layers": studies[arm].trials[pick["trial"]].user_attrs["plan"]}, pick["label"]))
+        plan = uniform_plan(built, pick["rate"]) if arm == "uniform" else trial_plan(studies[arm], pick["trial"])
         model, raw = admm_trained(built, plan, full, resume)
         compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
     row = scored(built, raw, full=True)
