@@ -208,12 +208,17 @@ class Search(Trials):
         # trials train on a fixed stratified share of the training split; they validate on all of it
         self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
-        prediction = dense_latency(self.latency, self.model, self.input_shape)
-        self.withheld = self._no_faster(prediction.layers_ms)
+        self.layers_ms = dense_latency(self.latency, self.model, self.input_shape).layers_ms
+        self.offer(self._no_faster(self.layers_ms))
+
+    def offer(self, withheld: dict[str, set[SparsityType]]) -> None:
+        """Build the space with `withheld` kept from the layers: what this device's profile says for a
+        new study, what the study recorded for a resumed one (its parameters' choices are fixed for
+        its life: Optuna refuses a categorical whose choices changed, on another machine or profile)."""
+        self.withheld = withheld
         # counts are not aligned to the profile's steps: on resnet56 at batch 8 the aligned plans ran
         # slower (bench/results/alignment-resnet56-fashion-mnist.md); the one-conv scan does not transfer
-        self.space = Space(self.layers, self.deps.couplings, self.config.types, prediction.layers_ms,
-                           withheld=self.withheld)
+        self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, withheld=withheld)
 
     def _no_faster(self, dense_ms: dict[str, float]) -> dict[str, set[SparsityType]]:
         """Per layer, the layer-local types (shape, irregular, nm) that the latency model predicts no
@@ -725,6 +730,9 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
     return Trials(config, model.eval(), shape, device, artifacts)
 
 
+WITHHELD = "withheld"  # the study attr: per layer, the types its space keeps from it
+
+
 def record(study: optuna.Study, search: Search) -> None:
     """Store the study's settings, dense baseline and layer order once, when it is new."""
     from .profiler.table import fingerprint
@@ -735,6 +743,7 @@ def record(study: optuna.Study, search: Search) -> None:
             raise UserError(f"the dense checkpoint of study '{study.study_name}' changed since the study started "
                             "(its trials were pruned from other weights); restore it, or start another with --study NEW")
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
+        search.offer(_withheld(study, search))
         return
     here = fingerprint(search.device, search.config.batch_size, "float32")
     study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms, "weights_sha256": search.weights_sha256,
@@ -749,8 +758,24 @@ def record(study: optuna.Study, search: Search) -> None:
     study.set_user_attr("layers", [layer.name for layer in search.layers])
     study.set_user_attr("space", "per layer" if search.space.per_layer
                         else "per stage + allocation by latency and sensitivity")
+    study.set_user_attr(WITHHELD, {name: sorted(k.value for k in kinds) for name, kinds in search.withheld.items()})
     # last: a worker starting beside this one takes "config" to mean the record is whole
     study.set_user_attr("config", search.config.to_attrs())
+
+
+def _withheld(study: optuna.Study, search: Search) -> dict[str, set[SparsityType]]:
+    """What the study's space withholds: its record, else (a study from before the record) the
+    layer-local types that its trials' `type:` parameters did not offer."""
+    if WITHHELD in study.user_attrs:
+        return {name: {SparsityType(k) for k in kinds} for name, kinds in study.user_attrs[WITHHELD].items()}
+    offered = {param.removeprefix("type:"): set(dist.choices) for t in study.get_trials(False)
+               for param, dist in t.distributions.items() if param.startswith("type:")}
+    if not offered:
+        return search.withheld
+    search.offer({})
+    return {name: {k for k in slot.types if k in LAYER_LOCAL and k.value not in offered.get(key, ())}
+            for slot in search.space.slots
+            for key in [slot.name if search.space.per_layer else slot.stage] for name in slot.layers}
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ on digits (a coarse latency profile, a fraction of an epoch per trial)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -816,6 +817,30 @@ def test_a_withheld_type_is_not_offered_and_a_layer_left_without_one_is_not_a_sl
     narrowed = Space(layers, [], ("filter", "shape"), {}, withheld=withheld)
     assert [t for s in narrowed.slots if s.name == first for t in s.types] == [SparsityType.FILTER]
     assert last not in {s.name for s in narrowed.slots} and last in {s.name for s in space.slots}
+
+
+def test_a_study_resumed_where_the_profile_withholds_other_types_keeps_the_space_it_started_with(
+        tiny: dict, tmp_path: Path) -> None:
+    """Another machine, or the profile timed anew, may find other layers where a type buys no time;
+    the study's parameters keep their choices (Optuna refuses a categorical whose choices changed)."""
+    recorded = tiny["study"].user_attrs[search.WITHHELD]
+    here = copy.copy(tiny["search"])
+    here.offer({} if any(recorded.values()) else {layer.name: {SparsityType.SHAPE} for layer in here.layers})
+    storage = f"sqlite:///{tmp_path / 'moved.db'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    trained = len(search.trained_trials(tiny["study"]))
+    study = stores.open_study("tiny", storage, True, search.make_sampler(here.config, trained), LadderPruner())
+    search.record(study, here)
+    assert {name: sorted(k.value for k in kinds) for name, kinds in here.withheld.items()} == recorded
+    assert search.run(here, study, search.Budget(trials=trained + 1)).trained == 1
+    # a study from before the record: its trials' choices say what it withheld
+    legacy, elsewhere = optuna.create_study(directions=study.directions), copy.copy(tiny["search"])
+    for key in ("dense", "config"):
+        legacy.set_user_attr(key, study.user_attrs[key])
+    legacy.add_trials(tiny["study"].get_trials(False))
+    elsewhere.offer({layer.name: {SparsityType.SHAPE} for layer in here.layers})
+    search.record(legacy, elsewhere)
+    assert {name: kinds for name, kinds in elsewhere.withheld.items() if kinds} == tiny["search"].withheld
 
 
 def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
