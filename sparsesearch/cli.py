@@ -679,7 +679,8 @@ def optimize(
     if built.withheld:
         counts = Counter(kind.value for kinds in built.withheld.values() for kind in kinds)
         console.print("withheld (no faster than the dense layer even at the highest rate, as timed or predicted on "
-                      "the profile the study started with): " + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
+                      "the profile the study started with): "
+                      + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
     cost = search.trial_cost(built)
     left = (limit.seconds or 0) - (time.monotonic() - started)
     buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"

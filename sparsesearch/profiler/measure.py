@@ -42,6 +42,7 @@ CALIBRATION_PLANS, CALIBRATION_SEED = 32, 10_000  # 32: enough for per-call term
 NEAR_DENSE = 0.7  # share of layers a near-dense calibration plan leaves dense
 GROUP = 5  # whole compacted networks timed beside the dense one per compare() call
 SLOW = 0.1  # a yardstick this far off its reference: the machine is in another state, time again
+SAVE_EVERY_S = 5.0  # rows timed are written at most this often (a save of a 1000-row profile takes ~70 ms)
 _YARDSTICK = "yardstick"
 ProgressFn = Callable[[int, int, str], None]
 
@@ -413,8 +414,8 @@ def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dt
                   rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
                   out: Path | None = None, on_progress: ProgressFn | None = None,
                   timing: dict[str, float] | None = None) -> ProfileRun:
-    """Time every missing grid point of the model and its rest; rows are saved (atomically) as
-    they come, so an interrupted run resumes where it stopped."""
+    """Time every missing grid point of the model and its rest; rows are saved (atomically) every
+    few seconds and when a phase ends or is interrupted, so an interrupted run resumes where it stopped."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
     here = fingerprint(device, batch_size, dtype)
@@ -462,13 +463,15 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     speeds: list[float] = []
 
     def timed(batch: list[Point], what: str) -> None:
-        done = 0
+        done, saved = 0, time.perf_counter()
 
-        def save(rows: list[Row], speed: float) -> None:
-            nonlocal done
+        def add(rows: list[Row], speed: float) -> None:
+            nonlocal done, saved
             for row in rows:
                 profile.add(row)
-            profile.save(path)
+            if time.perf_counter() - saved > SAVE_EVERY_S:
+                profile.save(path)
+                saved = time.perf_counter()
             done += len(rows)
             speeds.append(speed)
             if on_progress:
@@ -477,7 +480,10 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
 
         if on_progress and batch:
             on_progress(0, len(batch), what)
-        measure_points(batch, device, batch_size, DTYPES[dtype], profile.yardstick_ms, save, timing)
+        try:
+            measure_points(batch, device, batch_size, DTYPES[dtype], profile.yardstick_ms, add, timing)
+        finally:  # Ctrl-C included: every row timed is kept
+            profile.save(path)
 
     first = _first(points)
     timed([p for p in todo if p.key in first], "dense layers, sparse kernels at their highest rate")
