@@ -209,7 +209,13 @@ class Search(Trials):
         self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
         self.layers_ms = dense_latency(self.latency, self.model, self.input_shape).layers_ms
-        self.offer(self._no_faster(self.layers_ms))
+        if set(map(SparsityType, self.config.types)) <= self.unprofiled:
+            raise UserError(f"the latency profile {self.latency.profile.path} has timed none of "
+                            f"{', '.join(self.config.types)} on {self.config.model}; add them with `{self.profile_command}`")
+        withheld = self._no_faster(self.layers_ms)
+        for layer in self.layers if self.unprofiled else ():
+            withheld.setdefault(layer.name, set()).update(self.unprofiled)
+        self.offer(withheld)
 
     def offer(self, withheld: dict[str, set[SparsityType]]) -> None:
         """Build the space with `withheld` kept from the layers: what this device's profile says for a
@@ -219,6 +225,23 @@ class Search(Trials):
         # counts are not aligned to the profile's steps: on resnet56 at batch 8 the aligned plans ran
         # slower (bench/results/alignment-resnet56-fashion-mnist.md); the one-conv scan does not transfer
         self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, withheld=withheld)
+
+    @property
+    def profile_command(self) -> str:
+        """The command that adds to this search's profile every type it searches, on its network."""
+        c, fp = self.config, self.latency.profile.fingerprint
+        return (f"sparsesearch profile --model {c.model} --dataset {c.dataset} --image-size {self.input_shape[-1]} "
+                f"--types {','.join(c.types)} --batch-size {c.batch_size} --threads {fp.get('threads')} "
+                f"--out {self.latency.profile.path}")
+
+    @property
+    def unprofiled(self) -> set[SparsityType]:
+        """The searched types the profile never timed on this network (it was made with fewer
+        `--types`): their latency would be the regressor's guess from other kernels' rows, so the
+        space does not offer them."""
+        grid = self.latency.network(self.model, self.input_shape).get("grid")
+        timed = set(grid["types"]) if grid else {t.value for t in SparsityType}  # a profile from before the record
+        return {SparsityType(t) for t in self.config.types if t not in timed}
 
     def _no_faster(self, dense_ms: dict[str, float]) -> dict[str, set[SparsityType]]:
         """Per layer, the layer-local types (shape, irregular, nm) that the latency model predicts no
@@ -744,6 +767,10 @@ def record(study: optuna.Study, search: Search) -> None:
                             "(its trials were pruned from other weights); restore it, or start another with --study NEW")
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         search.offer(_withheld(study, search))
+        if untimed := sorted(t.value for t in {t for s in search.space.slots for t in s.types} & search.unprofiled):
+            raise UserError(f"study '{study.study_name}' searches {', '.join(untimed)}, which the latency profile "
+                            f"{search.latency.profile.path} has not timed on {search.config.model}; add them with "
+                            f"`{search.profile_command}`")
         return
     here = fingerprint(search.device, search.config.batch_size, "float32")
     study.set_user_attr("dense", {**search.dense, "profiled_ms": search.dense_ms, "weights_sha256": search.weights_sha256,

@@ -4,6 +4,7 @@ on digits (a coarse latency profile, a fraction of an epoch per trial)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -331,8 +332,6 @@ def test_resuming_with_other_settings_is_refused(tiny: dict) -> None:
 
 
 def test_resuming_on_a_dense_checkpoint_that_changed_is_refused(tiny: dict) -> None:
-    import dataclasses
-
     retrained = dataclasses.replace(tiny["search"], weights_sha256="0" * 64)
     with pytest.raises(UserError, match="dense checkpoint of study 'tiny' changed since the study started"):
         search.record(tiny["study"], retrained)
@@ -843,6 +842,26 @@ def test_a_study_resumed_where_the_profile_withholds_other_types_keeps_the_space
     assert {name: kinds for name, kinds in elsewhere.withheld.items() if kinds} == tiny["search"].withheld
 
 
+def test_types_the_profile_never_timed_on_the_network_are_not_searched(tiny: dict, tmp_path: Path) -> None:
+    """A profile made with fewer --types has no rows of the others' kernels: the regressor would guess
+    their latency from other kernels, so they are not offered; a study that offers them is refused."""
+    built = tiny["search"]
+    wider = dataclasses.replace(built, config=dataclasses.replace(built.config, types=("filter", "shape", "irregular")))
+    assert wider.unprofiled == {SparsityType.IRREGULAR}
+    assert all(SparsityType.IRREGULAR not in slot.types for slot in wider.space.slots)
+    others = {name: kinds - {SparsityType.IRREGULAR} for name, kinds in wider.withheld.items()}
+    assert {name: kinds for name, kinds in others.items() if kinds} == built.withheld  # the rest as before
+    with pytest.raises(UserError, match="has timed none of irregular.*--types irregular"):
+        dataclasses.replace(built, config=dataclasses.replace(built.config, types=("irregular",)))
+    narrower = copy.copy(built)
+    narrower.latency = copy.deepcopy(built.latency)
+    narrower.latency.network(built.model, built.input_shape)["grid"]["types"] = ["filter"]
+    storage = f"sqlite:///{tmp_path / 'narrower.db'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    with pytest.raises(UserError, match="searches shape, which the latency profile .* has not timed"):
+        search.record(stores.open_study("tiny", storage, True, None, LadderPruner()), narrower)
+
+
 def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
     built = tiny["search"]
     study = stores.open_study("ladder", f"sqlite:///{tmp_path / 'l.db'}", True, search.make_sampler(built.config, 0),
@@ -874,8 +893,6 @@ class _Untouchable:
 
 def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_test_split(
         tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses
-
     base = tiny["search"]
     quarter = dataclasses.replace(base, config=dataclasses.replace(base.config, trial_data=0.25),
                                   data=dataclasses.replace(base.data, test=_Untouchable()))
