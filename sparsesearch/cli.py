@@ -470,7 +470,10 @@ def profile_cmd(
                       "does not offer it there")
     if run.refreshed:
         console.print(f"timed anew: the rows of {', '.join(run.refreshed)}, changed since the profile timed them, "
-                      "and the whole networks calibrated on them")
+                      "and this network end to end")
+    if run.dropped:
+        console.print(f"[yellow]dropped[/] from the profile: {', '.join(run.dropped)}, timed end to end on the old "
+                      "kernel; `sparsesearch profile --model NAME` (with its --dataset) times them again")
     table = Table("layers", "dense ms", title="slowest layers (dense, median per call)")
     for names, ms in run.slowest:
         table.add_row(names, f"{ms:.4f}")

@@ -161,6 +161,8 @@ def test_a_rerun_times_anew_the_rows_of_a_changed_kernel_and_the_networks_calibr
     raw = json.loads(small_profile.path.read_text())
     assert raw["kernels"] == KERNEL_VERSIONS
     raw["kernels"] = {"reduced-gemm": 1}  # as a profile made before the flat-index im2col
+    (entry,) = raw["rest"].values()
+    raw["rest"]["another"] = {**entry, "model": "lenet5", "input_shape": [1, 28, 28]}  # calibrated on it too
     path.write_text(json.dumps(raw))
     assert table.Profile.load(path).stale() == ["reduced-gemm"]
     old = [r for r in raw["rows"] if r["impl"] == "reduced-gemm"]
@@ -168,9 +170,10 @@ def test_a_rerun_times_anew_the_rows_of_a_changed_kernel_and_the_networks_calibr
     rows = json.loads(path.read_text())["rows"]
     new = [r for r in rows if r["impl"] == "reduced-gemm"]
     assert old and run.refreshed == ["reduced-gemm"] and 0 < run.measured == len(new)
+    assert run.dropped == ["lenet5 (1x28x28)"] and "another" not in json.loads(path.read_text())["rest"]
     assert len(rows) == len(raw["rows"]) - len(old) + len(new), "only the changed kernel's rows were timed again"
     assert len(run.rest["calibration"]) == measure.CALIBRATION_PLANS
-    assert run.rest["calibration"] != next(iter(raw["rest"].values()))["calibration"]  # timed again
+    assert run.rest["calibration"] != entry["calibration"]  # timed again
     assert table.Profile.load(path).stale() == [] and json.loads(path.read_text())["kernels"] == KERNEL_VERSIONS
 
 

@@ -390,6 +390,7 @@ class ProfileRun:
     speeds: list[float] = field(default_factory=list)  # the yardstick over its reference, per timing run
     refreshed: list[str] = field(default_factory=list)  # kernels changed since the file timed them: timed anew
     skipped: int = 0  # grid points of types that buy no time here (`Profile.unpaid`): not timed
+    dropped: list[str] = field(default_factory=list)  # other networks timed end to end on those kernels: to profile again
 
     @property
     def unsteady(self) -> float:
@@ -441,6 +442,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "
                         "write this one elsewhere with --out, or delete that file")
     profile.fingerprint = {**profile.fingerprint, "date": here["date"]}
+    networks = dict(profile.rest)
     refreshed = profile.refresh()  # rows a changed kernel ran: measured anew below
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -506,4 +508,6 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     slowest = sorted(((", ".join(n), dense[s]) for s, n in names.items() if s in dense), key=lambda t: -t[1])
     measured = sum(p.key in first for p in todo) + len(rest)
     return ProfileRun(path, profile, measured, len(points) - len(todo), time.perf_counter() - started, slowest[:5],
-                      profile.rest[key], speeds, refreshed, len(todo) - measured)
+                      profile.rest[key], speeds, refreshed, len(todo) - measured,
+                      [f"{v['model']} ({'x'.join(map(str, v['input_shape']))})" for k, v in networks.items()
+                       if k not in profile.rest])
