@@ -211,7 +211,8 @@ class Search(Trials):
         self.layers_ms = dense_latency(self.latency, self.model, self.input_shape).layers_ms
         if set(map(SparsityType, self.config.types)) <= self.unprofiled:
             raise UserError(f"the latency profile {self.latency.profile.path} has timed none of "
-                            f"{', '.join(self.config.types)} on {self.config.model}; add them with `{self.profile_command}`")
+                            f"{', '.join(self.config.types)} on {self.config.model}; "
+                            f"add them with `{self.profile_command}`")
         withheld = self._no_faster(self.layers_ms)
         for layer in self.layers if self.unprofiled else ():
             withheld.setdefault(layer.name, set()).update(self.unprofiled)

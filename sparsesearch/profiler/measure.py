@@ -390,7 +390,7 @@ class ProfileRun:
     speeds: list[float] = field(default_factory=list)  # the yardstick over its reference, per timing run
     refreshed: list[str] = field(default_factory=list)  # kernels changed since the file timed them: timed anew
     skipped: int = 0  # grid points of types that buy no time here (`Profile.unpaid`): not timed
-    dropped: list[str] = field(default_factory=list)  # other networks timed end to end on those kernels: to profile again
+    dropped: list[str] = field(default_factory=list)  # other networks timed end to end on those kernels
 
     @property
     def unsteady(self) -> float:
