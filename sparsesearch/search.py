@@ -209,13 +209,15 @@ class Search(Trials):
         self.trial_data = replace(self.data, train=self.data.train.subset(self.config.trial_data))
         self.dense_ms = self.latency.dense_ms(self.model, self.input_shape)
         self.layers_ms = dense_latency(self.latency, self.model, self.input_shape).layers_ms
-        if set(map(SparsityType, self.config.types)) <= self.unprofiled:
+        unprofiled = self.unprofiled
+        if set(map(SparsityType, self.config.types)) <= unprofiled:
             raise UserError(f"the latency profile {self.latency.profile.path} has timed none of "
                             f"{', '.join(self.config.types)} on {self.config.model}; "
                             f"add them with `{self.profile_command}`")
         withheld = self._no_faster(self.layers_ms)
-        for layer in self.layers if self.unprofiled else ():
-            withheld.setdefault(layer.name, set()).update(self.unprofiled)
+        if unprofiled:
+            for layer in self.layers:
+                withheld.setdefault(layer.name, set()).update(unprofiled)
         self.offer(withheld)
 
     def offer(self, withheld: dict[str, set[SparsityType]]) -> None:
