@@ -679,11 +679,11 @@ def optimize(
                   f"{search.duration(scan.seconds)} ({scan.images:,} probe images); most robust {ranked[0][0]} "
                   f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
                   "the study starts from its plans next to the uniform ones")
-    if built.unprofiled:
-        untimed = sorted(k.value for k in built.unprofiled)
+    if unprofiled := built.unprofiled:
+        untimed = sorted(k.value for k in unprofiled)
         console.print(f"[yellow]not searched[/]: {', '.join(untimed)} (the profile has not timed them on this network; "
                       f"`{built.profile_command}` adds them)")
-    if counts := Counter(kind.value for kinds in built.withheld.values() for kind in kinds - built.unprofiled):
+    if counts := Counter(kind.value for kinds in built.withheld.values() for kind in kinds - unprofiled):
         console.print("withheld (no faster than the dense layer even at the highest rate, as timed or predicted on "
                       "the profile the study started with): "
                       + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
