@@ -607,7 +607,7 @@ def optimize(
     import optuna
 
     from . import report as reporting
-    from . import search, storage as stores
+    from . import search, seeds, storage as stores
     from .runtime import resolve_device, set_threads
     from .space import LadderPruner
     from .train import slug
@@ -674,11 +674,12 @@ def optimize(
                       "(this study's first trials were judged so, before studies had a control)")
     with progress_bar("sensitivity scan") as update:
         scan = search.sensitivity(built, opened, update)
-    ranked = sorted(scan.drop.items(), key=lambda kv: kv[1])
-    console.print(f"sensitivity scan: {len(ranked)} slots each pruned alone at {scan.rate:g} without training, "
-                  f"{search.duration(scan.seconds)} ({scan.images:,} probe images); most robust {ranked[0][0]} "
-                  f"({ranked[0][1]:.1f} points lost), most fragile {ranked[-1][0]} ({ranked[-1][1]:.1f}); "
-                  "the study starts from its plans next to the uniform ones")
+    fragile, floor = max(scan.drop.items(), key=lambda kv: kv[1]), seeds.noise(scan)
+    quiet = sum(d <= floor for d in scan.drop.values())
+    console.print(f"sensitivity scan: {len(scan.drop)} slots each pruned alone at {scan.rate:g} without training, "
+                  f"{search.duration(scan.seconds)} ({scan.images:,} probe images); {quiet} lost no more than its "
+                  f"noise ({floor:.1f} points, the largest gain a slot showed), most fragile {fragile[0]} "
+                  f"({fragile[1]:.1f} points lost); the study starts from its plans next to the uniform ones")
     if unprofiled := built.unprofiled:
         untimed = sorted(k.value for k in unprofiled)
         console.print(f"[yellow]not searched[/]: {', '.join(untimed)} (the profile has not timed them on this network; "

@@ -170,6 +170,20 @@ def test_seeded_plans_prune_fragile_slots_less_at_the_same_mean_rate(name: str, 
         assert pruned == sorted(pruned, reverse=True) and (len(slots) == 1 or pruned[0] > pruned[-1])
 
 
+def test_drops_within_the_scans_noise_do_not_rank_slots() -> None:
+    """resnet56's inner convs scanned from -0.5 to +0.5 points: a coin toss must not prune some twice as hard."""
+    from sparsesearch import seeds
+
+    drops = {"gained": -0.5, "a": 0.3, "b": 0.5, "c": 2.0, "d": 8.0}
+    found = seeds.Scan(0.5, dict.fromkeys(drops, "filter"), drops, 0.0, 0)
+    robust = seeds.robustness(found)
+    assert seeds.noise(found) == 0.5
+    assert robust["gained"] == robust["a"] == robust["b"] == 1.0 > robust["c"] > robust["d"]
+    assert robust["c"] == pytest.approx(1 / (1 + 2 / 5))  # the median of the drops above the noise
+    clean = seeds.Scan(0.5, dict.fromkeys(drops, "filter"), drops | {"gained": 0.0}, 0.0, 0)
+    assert seeds.noise(clean) == 0.0 and seeds.robustness(clean)["a"] > seeds.robustness(clean)["b"]
+
+
 def test_lean_spreads_a_stage_rate_by_robustness_and_zero_lean_keeps_the_uniform_plan() -> None:
     space, (layers, couplings) = _space("resnet20", (3, 32, 32))
     space.robustness = {s.name: 1.0 if i % 2 else 0.25 for i, s in enumerate(space.slots)}
