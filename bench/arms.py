@@ -27,13 +27,17 @@ must price all arms on the one device the finals are timed on.
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
-Run alone, pinned (taskset -c 1): the final timings need a quiet core.
+       [--train-threads 1]
+Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
+(the finals' training on both cores of a 2-core machine), run it unpinned: the
+timings then pin themselves to the last core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -174,11 +178,20 @@ def scored(built: search.Search, raw: dict, full: bool) -> dict:
 
 
 def measured(dense: nn.Module, compacted: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
-    out = {}
-    for batch in BATCHES:
-        t = compare({"dense": dense, "pruned": compacted}, torch.randn(batch, *shape), rounds=20, reference="dense")
-        out[f"speedup b{batch}"] = 1 / t["pruned"].relative
-    return out
+    """Speedups timed at 1 thread on one core (the last the process may use), whatever threads the
+    training before used (`--train-threads`)."""
+    set_threads(1)
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(cores)})  # this thread: at 1 thread torch computes on the caller
+    try:
+        out = {}
+        for batch in BATCHES:
+            t = compare({"dense": dense, "pruned": compacted}, torch.randn(batch, *shape), rounds=20,
+                        reference="dense")
+            out[f"speedup b{batch}"] = 1 / t["pruned"].relative
+        return out
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, optuna.Study]) -> list[dict]:
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--compute", default="2h", help="training time of each search arm, summed over its trials")
     parser.add_argument("--arms", nargs="+", default=["study", "uniform", "torch-pruning", "random"])
     parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train-threads", type=int, default=1, help="threads for the finals' training (the "
+                        "search arms train at 1: their compute is wall-clock); timings run at 1 on one core")
     args = parser.parse_args()
     set_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -266,6 +281,7 @@ def main() -> None:
                         continue
                     pick = max(within, key=lambda c: c["speed"])
                     resume = folder / f"final-{arm}-{drop}.resume.pt"
+                    set_threads(args.train_threads)
                     state["final"][key] = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
                     write_json(results, state)
                     for path in resume_files(resume):
