@@ -282,7 +282,10 @@ def main() -> None:
                     pick = max(within, key=lambda c: c["speed"])
                     resume = folder / f"final-{arm}-{drop}.resume.pt"
                     set_threads(args.train_threads)
-                    state["final"][key] = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
+                    done = [r for k, r in state["final"].items()  # a plan both limits pick is trained once
+                            if k.startswith(f"{arm} within") and r["pick"]["label"] == pick["label"]]
+                    state["final"][key] = done[0] if done else {"pick": pick, **final(built, arm, pick, studies, full,
+                                                                                       resume)}
                     write_json(results, state)
                     for path in resume_files(resume):
                         path.unlink(missing_ok=True)
