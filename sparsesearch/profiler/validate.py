@@ -222,9 +222,10 @@ def scatter(result: Validation, path: Path) -> Path:
         ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}",
                title=f"{what}\nrandom plans: {within:.0%} within ±10%, MAPE {mape:.1%}")
         ax.legend(loc="upper left")
+    threads = result.setting["threads"]
     fig.suptitle(f"{result.model}: {len(result.random)} random plans and {len(result.ladder)} of the uniform filter "
-                 f"ladder, {result.setting['device']}, batch {result.setting['batch_size']}, "
-                 f"{result.setting['threads']} threads; dense net now {result.drift:.2f}x its profiled latency")
+                 f"ladder\n{result.setting['device']}, batch {result.setting['batch_size']}, {threads} "
+                 f"thread{'s' if threads != 1 else ''}; dense net now {result.drift:.2f}x its profiled latency")
     fig.tight_layout()
     save_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
