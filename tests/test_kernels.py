@@ -75,6 +75,24 @@ def test_shape_conv_output_equals_masked_conv(
     assert_same_output(ShapeConv2d(dense), dense, image())
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_shape_conv_folds_the_batch_only_on_small_planes_with_the_same_output(
+        groups: int, bias: bool, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below FOLD_BELOW output pixels a batch runs as one product per group, above it one per sample:
+    both give the masked conv's output, and the fold is taken exactly where it should be."""
+    dense = masked(conv(padding=1, groups=groups, bias=bias), SparsityType.SHAPE, 0.5)
+    x = torch.randn(batch, 4, 7, 6)
+    folded, fold = [], ShapeConv2d._folded
+    monkeypatch.setattr(ShapeConv2d, "_folded", lambda self, cols: folded.append(1) or fold(self, cols))
+    for below in (7 * 6, 7 * 6 + 1):
+        monkeypatch.setattr(ShapeConv2d, "FOLD_BELOW", below)
+        folded.clear()
+        assert_same_output(ShapeConv2d(dense), dense, x)
+        assert len(folded) == (batch > 1 and below > 7 * 6)
+
+
 def test_shape_conv_multiplies_only_live_columns() -> None:
     dense = masked(conv(), SparsityType.SHAPE, 0.75)
     live = int(dense.weight.reshape(6, -1).ne(0).any(0).sum())
