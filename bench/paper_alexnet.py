@@ -41,6 +41,8 @@ TYPES = (SparsityType.FILTER, SparsityType.CHANNEL, SparsityType.SHAPE, Sparsity
 BATCHES = (1, 8)
 STRUCTURED = (SparsityType.FILTER, SparsityType.CHANNEL, SparsityType.SHAPE)
 MIXES = [(first, rest) for first in STRUCTURED for rest in STRUCTURED if first != rest]
+# both models run in each: channels-last is oneDNN's own layout and the shape-wise gather's fastest
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
 
 def fresh(base: nn.Module) -> nn.Module:
@@ -128,25 +130,31 @@ def timed(dense: nn.Module, pruned: nn.Module, x: Tensor, x_pruned: Tensor | Non
     return 1 / t["pruned"].relative, t["dense"].median_ms
 
 
-def measure(arm: str, masked: nn.Module, pruned: nn.Module, macs: int, dense_macs: int) -> tuple[list[dict], list[dict]]:
-    """Whole-model rows (conv stack and network, each batch) and per-conv rows of one arm."""
+def measure(arm: str, masked: nn.Module, pruned: nn.Module, macs: int,
+            dense_macs: int) -> tuple[list[dict], list[dict]]:
+    """Whole-model rows (conv stack and network, each batch and layout) and per-conv rows of one arm;
+    in each layout the dense and the compacted model both run in it, input and weights."""
     rows, layers = [], []
     names = conv_names(masked)
-    pruned_modules, masked_modules = dict(pruned.named_modules()), dict(masked.named_modules())
-    for batch in BATCHES:
-        x = torch.randn(batch, *SHAPE)
-        stack, stack_ms = timed(masked.features, pruned.features, x)
-        network, _ = timed(masked, pruned, x)
-        rows.append({"arm": arm, "batch": batch, "conv MAC reduction": round(dense_macs / macs, 2),
-                     "conv stack speedup": round(stack, 2), "network speedup": round(network, 2),
-                     "dense conv stack ms": round(stack_ms, 2)})
-        print(rows[-1], flush=True)
-        dense_in, pruned_in = layer_inputs(masked, names, x), layer_inputs(pruned, names, x)
-        for name in names:
-            layer = pruned_modules[name]
-            speedup, ms = timed(masked_modules[name], layer, dense_in[name], pruned_in[name])
-            layers.append({"arm": arm, "batch": batch, "layer": name, "form": getattr(layer, "impl", "conv"),
-                           "dense ms": round(ms, 3), "speedup": round(speedup, 2)})
+    for layout, memory_format in LAYOUTS.items():
+        masked, pruned = (model.to(memory_format=memory_format) for model in (masked, pruned))
+        pruned_modules, masked_modules = dict(pruned.named_modules()), dict(masked.named_modules())
+        for batch in BATCHES:
+            x = torch.randn(batch, *SHAPE).contiguous(memory_format=memory_format)
+            stack, stack_ms = timed(masked.features, pruned.features, x)
+            network, _ = timed(masked, pruned, x)
+            rows.append({"arm": arm, "layout": layout, "batch": batch,
+                         "conv MAC reduction": round(dense_macs / macs, 2),
+                         "conv stack speedup": round(stack, 2), "network speedup": round(network, 2),
+                         "dense conv stack ms": round(stack_ms, 2)})
+            print(rows[-1], flush=True)
+            dense_in, pruned_in = layer_inputs(masked, names, x), layer_inputs(pruned, names, x)
+            for name in names:
+                layer = pruned_modules[name]
+                speedup, ms = timed(masked_modules[name], layer, dense_in[name], pruned_in[name])
+                layers.append({"arm": arm, "layout": layout, "batch": batch, "layer": name,
+                               "form": getattr(layer, "impl", "conv"), "dense ms": round(ms, 3),
+                               "speedup": round(speedup, 2)})
     return rows, layers
 
 
@@ -179,41 +187,48 @@ def main() -> None:
     for arm, built in arms.items():
         r, lay = measure(arm, *built, dense_macs)
         rows, per_layer = rows + r, per_layer + lay
-    best = max(rows, key=lambda row: row["conv stack speedup"])
+    best = {layout: max((row for row in rows if row["layout"] == layout), key=lambda row: row["conv stack speedup"])
+            for layout in LAYOUTS}
     cap = (dense_macs + linear_macs) / (dense_macs / TARGET + linear_macs)
     summary = (f"{MODEL} at {SHAPE[1]}x{SHAPE[2]}, seeded untrained weights, 1 thread, median of 9 interleaved rounds. "
                f"Each arm's rate is bisected to {TARGET:g}x fewer conv MACs as compacted; a mix puts one type on "
-               f"conv1 and another on the rest (`mixed`). Best conv stack: {best['arm']} at batch "
-               f"{best['batch']}, {best['conv stack speedup']}x ({best['conv MAC reduction']}x fewer conv MACs); the "
-               f"paper reports {PAPER}x on its CPU. The classifier's {linear_macs / 1e6:.1f}M MACs per image stay dense "
-               f"in every arm, so the whole network's MAC reduction is {cap:.1f}x at most. "
+               f"conv1 and another on the rest (`mixed`). Each arm runs in both layouts, the dense model in the same "
+               "one. Best conv stack: " + "; ".join(
+                   f"{layout}, {b['arm']} at batch {b['batch']}, {b['conv stack speedup']}x "
+                   f"({b['conv MAC reduction']}x fewer conv MACs)" for layout, b in best.items()) + ". The "
+               f"paper reports {PAPER}x on its CPU. The classifier's {linear_macs / 1e6:.1f}M MACs per image stay "
+               f"dense in every arm, so the whole network's MAC reduction is {cap:.1f}x at most. "
                f"Took {time.time() - begin:.0f} s.")
     print(record("paper_alexnet", rows, summary))
     print(plot(rows, RESULTS / "paper_alexnet.png"))
     record("paper_alexnet_layers", per_layer, "Per conv, each arm's compact form timed alone on its real input beside "
-           "the dense conv (1 thread, median of 9 interleaved rounds); `form` is the kernel that ran.")
+           "the dense conv in the same layout (1 thread, median of 9 interleaved rounds); `form` is the kernel that "
+           "ran.")
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Each arm's measured conv stack speedup at batch 1 and 8, beside its MAC reduction and the paper's figure."""
+    """Each arm's measured conv stack speedup per layout and batch, beside its MAC reduction and the paper's figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(dict.fromkeys(row["arm"] for row in rows))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(arms) + 1.5))
-    for i, batch in enumerate(BATCHES):
-        speed = {row["arm"]: row["conv stack speedup"] for row in rows if row["batch"] == batch}
-        ax.barh([a + (i - 0.5) * 0.38 for a in range(len(arms))], [speed[arm] for arm in arms], height=0.38,
-                label=f"batch {batch}", color=f"C{i}")
+    runs = [(layout, batch) for layout in LAYOUTS for batch in BATCHES]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(arms) + 1.5))
+    height = 0.8 / len(runs)
+    for i, (layout, batch) in enumerate(runs):
+        speed = {row["arm"]: row["conv stack speedup"] for row in rows
+                 if (row["layout"], row["batch"]) == (layout, batch)}
+        ax.barh([a + (i - (len(runs) - 1) / 2) * height for a in range(len(arms))], [speed[arm] for arm in arms],
+                height=height, label=f"{layout}, batch {batch}", color=f"C{i}")
     macs = {row["arm"]: row["conv MAC reduction"] for row in rows}
     ax.scatter([macs[arm] for arm in arms], range(len(arms)), marker="|", s=200, color="black",
                label="conv MAC reduction")
     ax.axvline(PAPER, color="C3", ls="--", lw=1, label=f"paper, its CPU ({PAPER}x)")
     ax.set_yticks(range(len(arms)), arms, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("conv stack speedup over the dense AlexNet, measured (x), 1 thread")
+    ax.set_xlabel("conv stack speedup over the dense AlexNet in the same layout, measured (x), 1 thread")
     ax.set_title(f"{MODEL} at {SHAPE[1]}x{SHAPE[2]}, every arm at ~{TARGET:g}x fewer conv MACs", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -93,6 +93,30 @@ def test_shape_conv_folds_the_batch_only_on_small_planes_with_the_same_output(
         assert len(folded) == (batch > 1 and below > 7 * 6)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still asked for
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups", "kernel_size"),
+                         [(1, 1, 1, 1, 3), (2, (1, 2), 2, 1, 3), (1, 0, 1, 1, (3, 1)), (1, 1, 1, 2, 3)])
+def test_shape_conv_of_a_channels_last_input_equals_masked_conv_in_its_layout(
+        stride: int, padding: int | tuple[int, int], dilation: int, groups: int, kernel_size: int | tuple[int, int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels-last input is gathered in its own order and comes out channels-last (as from
+    a conv), by the flat index, past FLAT_INDEX_MAX, with autograd, and traced at another size."""
+    dense = masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups, kernel_size=kernel_size),
+                   SparsityType.SHAPE, 0.5)
+    compact = ShapeConv2d(dense)
+    x, other = (t.to(memory_format=torch.channels_last) for t in (image(), torch.randn(3, 4, 11, 9)))
+    assert_same_output(compact, dense, x)
+    with torch.no_grad():
+        assert compact(x).is_contiguous(memory_format=torch.channels_last) == (groups == 1)
+    assert compact(x.requires_grad_()).grad_fn is not None
+    assert rel_err(compact(x).detach(), dense(x).detach()) <= TOLERANCE
+    traced = torch.jit.trace(ShapeConv2d(dense), image(seed=3).to(memory_format=torch.channels_last))
+    with torch.no_grad():
+        assert rel_err(traced(other), dense(other)) <= TOLERANCE
+    monkeypatch.setattr(_Windows, "FLAT_INDEX_MAX", 0)
+    assert_same_output(ShapeConv2d(dense), dense, other)
+
+
 def test_shape_conv_multiplies_only_live_columns() -> None:
     dense = masked(conv(), SparsityType.SHAPE, 0.75)
     live = int(dense.weight.reshape(6, -1).ne(0).any(0).sum())
@@ -149,7 +173,8 @@ def test_compact_conv_refuses_non_zero_padding_mode(kind: SparsityType, groups: 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still asked for
 @pytest.mark.parametrize(("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, (1, 2), 2, 2)])
 def test_shape_conv_gathers_alike_by_flat_index_and_by_strided_view_at_any_input_size(
-        stride: int, padding: int | tuple[int, int], dilation: int, groups: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        stride: int, padding: int | tuple[int, int], dilation: int, groups: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The flat index (made per input size, often first in inference mode) and the strided view it
     falls back to past FLAT_INDEX_MAX gather the same elements; an index made in inference mode
     still serves a forward that autograd records."""
