@@ -8,7 +8,10 @@ Then whole networks (`NETWORKS`), every conv shape-pruned, timed beside the mask
 the im2col gathered into the thread's reused scratch buffer (now) and into a fresh tensor per call
 (before): a fresh 100 MB tensor is a fresh mmap whose pages fault on first write.
 
-Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py [networks] [layers]`.
+Then (`layouts`) the same networks, dense and compacted, each in both memory layouts: NCHW and
+channels-last, in which shape-wise gathers each pixel's columns in the input's own order.
+
+Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py [networks] [layers] [layouts]`.
 """
 
 from __future__ import annotations
@@ -39,22 +42,57 @@ LAYERS = [("alexnet conv2", 64, 192, 5, 2, 27), ("alexnet conv3", 192, 384, 3, 1
 RATES, BATCHES = (0.5, 0.933), (1, 8)
 NETWORKS = [("vgg16-bn", (3, 32, 32), 0.3, 32), ("vgg16-bn", (3, 32, 32), 0.5, 32),
             ("tv:alexnet", (3, 224, 224), 0.933, 1), ("tv:alexnet", (3, 224, 224), 0.933, 8)]
+LAYOUT_NETWORKS = NETWORKS[:1] + [("vgg16-bn", (3, 32, 32), 0.3, 1)] + NETWORKS[1:]
+
+
+def shape_pruned(name: str, shape: tuple[int, ...], rate: float) -> tuple[nn.Module, nn.Module]:
+    """A seeded network with every conv at `rate` shape sparsity: masked, and compacted."""
+    torch.manual_seed(0)
+    model = create(name, in_channels=shape[0]).eval()
+    plan = Plan({layer.name: LayerSparsity(SparsityType.SHAPE, rate)
+                 for layer in trace(model, shape) if layer.kind == "conv"})
+    masked, compacted = pruned(model, plan, shape)
+    return masked, compacted.model
+
+
+class _ChannelsLast(nn.Module):
+    """A model run channels-last, weights and input (the input converted on each call, as a
+    deployment fed NCHW images would)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def layouts() -> list[dict[str, object]]:
+    """Whole networks, every conv shape-pruned, dense and compacted, in both memory layouts."""
+    rows = []
+    for name, shape, rate, batch in LAYOUT_NETWORKS:
+        masked, compacted = shape_pruned(name, shape, rate)
+        t = compare({"dense": masked, "compacted": compacted, "dense cl": _ChannelsLast(masked),
+                     "compacted cl": _ChannelsLast(compacted)}, torch.randn(batch, *shape), rounds=9, reference="dense")
+        rows.append({"network": name, "rate": rate, "batch": batch, "dense ms": round(t["dense"].median_ms, 2),
+                     "compacted": round(1 / t["compacted"].relative, 2),
+                     "dense channels-last": round(1 / t["dense cl"].relative, 2),
+                     "compacted channels-last": round(1 / t["compacted cl"].relative, 2),
+                     "channels-last over channels-last": round(t["dense cl"].relative / t["compacted cl"].relative, 2)})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def networks() -> list[dict[str, object]]:
     """Whole networks, every conv shape-pruned: the scratch buffer against a fresh im2col per call."""
     rows = []
     for name, shape, rate, batch in NETWORKS:
-        torch.manual_seed(0)
-        model = create(name, in_channels=shape[0]).eval()
-        plan = Plan({layer.name: LayerSparsity(SparsityType.SHAPE, rate)
-                     for layer in trace(model, shape) if layer.kind == "conv"})
-        masked, compacted = pruned(model, plan, shape)
-        fresh = copy.deepcopy(compacted.model)
+        masked, compacted = shape_pruned(name, shape, rate)
+        fresh = copy.deepcopy(compacted)
         for module in fresh.modules():
             if isinstance(module, _Windows):
                 module.SCRATCH = False
-        t = compare({"dense": masked, "fresh": fresh, "scratch": compacted.model}, torch.randn(batch, *shape),
+        t = compare({"dense": masked, "fresh": fresh, "scratch": compacted}, torch.randn(batch, *shape),
                     rounds=9, reference="dense")
         rows.append({"layer": f"{name} (network)", "rate": rate, "batch": batch,
                      "dense ms": round(t["dense"].median_ms, 3), "fresh im2col": round(1 / t["fresh"].relative, 2),
@@ -65,7 +103,12 @@ def networks() -> list[dict[str, object]]:
 
 def main() -> None:
     set_threads(1)
-    parts = sys.argv[1:] or ["layers", "networks"]
+    parts = sys.argv[1:] or ["layers", "networks", "layouts"]
+    if "layouts" in parts:
+        print(record("shape_layouts", layouts(), "Whole networks, every conv shape-pruned (random weights), dense "
+                     "and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
+                     "converted on each call). Speedups over the NCHW dense network; the last column, compacted "
+                     "over dense, both channels-last. 1 thread, median of 9 interleaved rounds."))
     if "networks" in parts:
         print(record("shape_scratch", networks(), "Whole networks, every conv shape-pruned (random weights), "
                      "speedup over the masked dense network with the im2col gathered into a fresh tensor per call "
