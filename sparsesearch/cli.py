@@ -357,6 +357,9 @@ def compact_cmd(
     out: Annotated[Path | None, typer.Option(help="Folder for the compacted model (default: compacted/ beside the checkpoint).")] = None,
     model: OwnModelOpt = None,
     image_size: ImageSizeOpt = None,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", help="Time both models in channels-last memory format, as a CPU deployment may run "
+        "them (oneDNN's own layout; shape-wise layers gather fastest in it).")] = False,
 ) -> None:
     """Physically compact a pruned model, measure its latency beside the masked dense model, and
     write it: model.pt (+ model.json, for sparsesearch.load), TorchScript and ONNX."""
@@ -369,9 +372,9 @@ def compact_cmd(
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     with console.status("compacting and timing (dense and compacted, interleaved rounds)"):
-        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir, model, image_size)
+        m = compact_checkpoint(checkpoint, dev, batch_size, data_dir, model, image_size, channels_last)
     table = Table("", "dense", "compacted", "ratio", title=f"{checkpoint} on {dev}, batch {batch_size}, "
-                  f"{n_threads} threads, median of {m.setting['rounds']} rounds")
+                  f"{n_threads} threads, {m.setting['layout']}, median of {m.setting['rounds']} rounds")
     table.add_row("params", f"{m.params['dense']:,}", f"{m.params['compacted']:,}",
                   f"{m.params['dense'] / m.params['compacted']:.2f}x fewer")
     table.add_row("MACs/sample (prunable layers)", f"{m.macs['dense']:,}", f"{m.macs['compacted']:,}",

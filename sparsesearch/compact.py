@@ -289,17 +289,24 @@ class Measured:
 
 
 def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_name: str, device: torch.device,
-            batch_size: int) -> Measured:
+            batch_size: int, channels_last: bool = False) -> Measured:
     """Compact a hard-pruned model (verified) and time it beside its masked dense form, side by side
     in one run on `device`, with params and MACs of both: every measured speedup comes from here.
-    The model is compacted where it is, then moved to `device`."""
+    The model is compacted where it is, then moved to `device`. With `channels_last` both run in
+    that layout, weights and input (a CPU deployment's choice: oneDNN's own layout, and the one
+    shape-wise layers gather fastest in); they are handed back in the default layout."""
     from .kernels import stored_weights
     from .profiler.timing import compare
 
     result = verified_compact(masked, plan, input_shape, model_name)
     dense_macs = sum(layer.macs for layer in trace(masked, input_shape))
-    models = {"dense": masked.eval().to(device), "compacted": result.model.to(device)}
-    timings = compare(models, torch.randn(batch_size, *input_shape, device=device), reference="dense")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    models = {"dense": masked.eval().to(device, memory_format=layout),
+              "compacted": result.model.to(device, memory_format=layout)}
+    x = torch.randn(batch_size, *input_shape, device=device)
+    timings = compare(models, x.contiguous(memory_format=layout) if x.dim() == 4 else x, reference="dense")
+    for model in models.values():
+        model.to(memory_format=torch.contiguous_format)
     return Measured(
         result,
         {k: stored_weights(m) for k, m in models.items()},
@@ -308,14 +315,17 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
         {k: t.spread for k, t in timings.items()},
         1 / timings["compacted"].relative,  # per-round ratios: immune to the machine changing speed between rounds
         {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
-         "rounds": timings["dense"].rounds, "mode": "inference_mode, eval"},
+         "rounds": timings["dense"].rounds, "mode": "inference_mode, eval",
+         "layout": "channels-last" if channels_last else "contiguous"},
     )
 
 
 def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_dir: Path | None = None,
-                       model: str | None = None, image_size: int | None = None) -> Measured:
-    """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it. `model` confirms a
-    factory of the user's own that the sidecar names (`models.recorded`), `image_size` the side."""
+                       model: str | None = None, image_size: int | None = None,
+                       channels_last: bool = False) -> Measured:
+    """`sparsesearch compact`: rebuild a pruned checkpoint, then `measure` it (in `channels_last`).
+    `model` confirms a factory of the user's own that the sidecar names (`models.recorded`),
+    `image_size` the side."""
     from . import checkpoint
     from .train import prepare
 
@@ -326,7 +336,7 @@ def compact_checkpoint(path: Path, device: torch.device, batch_size: int, data_d
     masked, data = prepare(name, dataset, data_dir, image_size=image_size, weights=path)
     plan = Plan.load(Path(path).parent / meta["plan"])
     plan.validate(trace(masked, data.input_shape), dependencies(masked, data.input_shape).couplings)
-    measured = measure(masked, plan, data.input_shape, name, device, batch_size)
+    measured = measure(masked, plan, data.input_shape, name, device, batch_size, channels_last)
     measured.origin = {"model": name, "dataset": dataset, "input_shape": list(data.input_shape),
                        "plan": plan.to_dict(), "source": str(path)}
     return measured

@@ -372,6 +372,11 @@ def test_compact_command_measures_the_pruned_model(digits_baseline: DenseResult,
     loaded = sparsesearch.load(tmp_path / "compacted" / "model.pt")  # the written model, without the plan
     assert sum(p.numel() for p in loaded.parameters()) == 40_506
     assert (tmp_path / "compacted" / "model.torchscript.pt").exists()
+    last = runner.invoke(app, ["compact", "--checkpoint", str(tmp_path / "pruned.pt"), "--threads", "1",
+                               "--channels-last", "--out", str(tmp_path / "cl")])
+    assert last.exit_code == 0, last.output
+    assert "channels-last" in last.stdout
+    assert json.loads((tmp_path / "cl" / "model.json").read_text())["measured"]["layout"] == "channels-last"
 
 
 def test_compact_refuses_a_dense_checkpoint(digits_baseline: DenseResult) -> None:

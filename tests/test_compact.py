@@ -425,3 +425,32 @@ def test_zoo_compacts_with_equal_outputs(model_name: str, plan_name: str, record
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
     assert Reference(model, x).error(compacted.model) <= 1e-4
     assert {n for n, i in compacted.impl.items() if i == "dense-fallback"} == set(compacted.left_dense)
+
+
+def test_measure_times_both_models_in_the_layout_asked_and_hands_them_back_contiguous(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compact --channels-last`: dense and compacted both run channels-last (weights and input), the
+    speedup is of one over the other in it, and the models come back in the default layout."""
+    from sparsesearch import compact as compact_module
+    from sparsesearch.profiler import timing
+
+    torch.manual_seed(0)
+    model, shape = create("resnet20").eval(), (3, 32, 32)
+    plan = Plan.parse("shape=0.5", trace(model, shape), couplings(model, shape))
+    masked = copy.deepcopy(model)
+    apply_masks(masked, prune_masks(masked, plan, dependencies(masked, shape)))
+    seen, compare = [], timing.compare
+
+    def spy(models: dict, x: torch.Tensor, **kw: object) -> dict:
+        convs = [m.weight for model in models.values() for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        seen.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                     all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)))
+        return compare(models, x, **kw)
+    monkeypatch.setattr(timing, "compare", spy)
+    for channels_last in (False, True):
+        measured = compact_module.measure(copy.deepcopy(masked), plan, shape, "resnet20", torch.device("cpu"), 2,
+                                          channels_last)
+        assert measured.setting["layout"] == ("channels-last" if channels_last else "contiguous")
+        assert measured.speedup > 0
+        assert all(p.is_contiguous() for p in measured.compacted.model.parameters())
+    assert [s[0] for s in seen] == [False, True] and seen[1][1]
