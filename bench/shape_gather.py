@@ -72,9 +72,14 @@ def layouts() -> list[dict[str, object]]:
     rows = []
     for name, shape, rate, batch in LAYOUT_NETWORKS:
         masked, compacted = shape_pruned(name, shape, rate)
-        t = compare({"dense": masked, "compacted": compacted, "dense cl": _ChannelsLast(masked),
+        unfolded = copy.deepcopy(compacted)
+        for module in unfolded.modules():
+            if isinstance(module, ShapeConv2d):
+                module.FOLD_BELOW = 0  # this module only: a product per sample at any plane size
+        t = compare({"dense": masked, "unfolded": unfolded, "compacted": compacted, "dense cl": _ChannelsLast(masked),
                      "compacted cl": _ChannelsLast(compacted)}, torch.randn(batch, *shape), rounds=9, reference="dense")
         rows.append({"network": name, "rate": rate, "batch": batch, "dense ms": round(t["dense"].median_ms, 2),
+                     "compacted, per sample": round(1 / t["unfolded"].relative, 2),
                      "compacted": round(1 / t["compacted"].relative, 2),
                      "dense channels-last": round(1 / t["dense cl"].relative, 2),
                      "compacted channels-last": round(1 / t["compacted cl"].relative, 2),
@@ -107,8 +112,9 @@ def main() -> None:
     if "layouts" in parts:
         print(record("shape_layouts", layouts(), "Whole networks, every conv shape-pruned (random weights), dense "
                      "and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
-                     "converted on each call). Speedups over the NCHW dense network; the last column, compacted "
-                     "over dense, both channels-last. 1 thread, median of 9 interleaved rounds."))
+                     "converted on each call). Speedups over the NCHW dense network; `per sample`: one product per "
+                     "sample on every plane (before the batch was folded on small planes); the last column, "
+                     "compacted over dense, both channels-last. 1 thread, median of 9 interleaved rounds."))
     if "networks" in parts:
         print(record("shape_scratch", networks(), "Whole networks, every conv shape-pruned (random weights), "
                      "speedup over the masked dense network with the im2col gathered into a fresh tensor per call "
