@@ -185,6 +185,9 @@ ImageSizeOpt = Annotated[int | None, typer.Option(
     help="Input side in pixels (default: what the checkpoint records, else the dataset's: 224 for image folders).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
+ChannelsLastOpt = Annotated[bool, typer.Option(
+    "--channels-last", help="Run every network in channels-last memory format, weights and input, as a CPU "
+    "deployment may (oneDNN's own layout; shape-wise layers gather fastest in it).")]
 
 
 @command("models")
@@ -357,9 +360,7 @@ def compact_cmd(
     out: Annotated[Path | None, typer.Option(help="Folder for the compacted model (default: compacted/ beside the checkpoint).")] = None,
     model: OwnModelOpt = None,
     image_size: ImageSizeOpt = None,
-    channels_last: Annotated[bool, typer.Option(
-        "--channels-last", help="Time both models in channels-last memory format, as a CPU deployment may run "
-        "them (oneDNN's own layout; shape-wise layers gather fastest in it).")] = False,
+    channels_last: ChannelsLastOpt = False,
 ) -> None:
     """Physically compact a pruned model, measure its latency beside the masked dense model, and
     write it: model.pt (+ model.json, for sparsesearch.load), TorchScript and ONNX."""
@@ -445,6 +446,7 @@ def profile_cmd(
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Profile file (default hardware_profiles/<device>-b<batch>-<dtype>.json).")] = None,
     image_size: ImageSizeOpt = None,
+    channels_last: ChannelsLastOpt = False,
 ) -> None:
     """Time every prunable layer's compact forms on a grid of rates; add missing rows to the profile."""
     if ctx.invoked_subcommand is not None:
@@ -461,10 +463,11 @@ def profile_cmd(
         raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
     with console.status(f"tracing {model} and the dims each rate leaves"):
         tgt = target(model, dataset, image_size)
+    layout = "channels-last" if channels_last else "contiguous"
     console.print(f"profiling [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input) on {dev}, "
-                  f"batch {batch_size}, {dtype}, {n_threads} threads")
+                  f"batch {batch_size}, {dtype}, {layout}, {n_threads} threads")
     with progress_bar("profile") as update:
-        run = profile_model(tgt, dev, batch_size, dtype, grid, kinds, out, on_progress=update)
+        run = profile_model(tgt, dev, batch_size, dtype, grid, kinds, out, on_progress=update, layout=layout)
     console.print(f"{run.measured} rows measured, {run.reused} already in the profile, {run.seconds:.0f} s; "
                   f"{len(run.profile.rows)} rows in {run.path}")
     if run.skipped:
@@ -524,8 +527,10 @@ def profile_validate(
     seed: Annotated[int, typer.Option(help="Seed of the random plans.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Scatter plot PNG (default bench/results/validate-<model>-<profile>.png).")] = None,
     image_size: ImageSizeOpt = None,
+    channels_last: ChannelsLastOpt = False,
 ) -> None:
-    """Compact random plans, time them end to end, and compare with the latency model's prediction."""
+    """Compact random plans, time them end to end, and compare with the latency model's prediction
+    (in the memory layout the profile was measured in)."""
     from .files import write_json
     from .profiler.measure import target
     from .profiler.predictor import LatencyModel
@@ -542,12 +547,14 @@ def profile_validate(
     if dtype != "float32":
         raise UserError(f"validate compacts models with `compact`, which runs float32 only for now; "
                         f"validate a float32 profile (got --dtype {dtype})")
-    loaded = load_profile(profile, dev, batch_size, dtype, allow_foreign_profile)
+    loaded = load_profile(profile, dev, batch_size, dtype, allow_foreign_profile,
+                          layout="channels-last" if channels_last else "contiguous")
     with console.status(f"fitting the latency model on {loaded.path}"):
         fitted = LatencyModel().fit(loaded)
     tgt = target(model, dataset, image_size)
     console.print(f"validating on [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input), {dev}, "
-                  f"batch {batch_size}, {dtype}, {n_threads} threads; profile {loaded.path}")
+                  f"batch {batch_size}, {dtype}, {loaded.fingerprint.get('layout', 'contiguous')}, {n_threads} "
+                  f"threads; profile {loaded.path}")
     with progress_bar("validate") as update:
         result = validate(fitted, tgt, samples, dev, batch_size, DTYPES[dtype], seed, on_progress=update)
     png = out or Path("bench/results") / f"validate-{slug(model)}-{Path(str(loaded.path)).stem}.png"
@@ -592,6 +599,9 @@ def optimize(
                                                           "validate on the whole validation split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size of the predicted and measured latency (default 1).")] = None,
     sampler: Annotated[str | None, typer.Option(help="tpe (default) or random.")] = None,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", help="Profile, predict and measure every network in channels-last memory format, as "
+        "a CPU deployment may run them (a study keeps the layout it began with).")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler and of training (default 0).")] = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -634,7 +644,8 @@ def optimize(
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
              "trial_data": trial_data,
-             "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler}
+             "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler,
+             "layout": "channels-last" if channels_last else None}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
         models.recorded(config.model, model, f"study '{name}'")
@@ -660,7 +671,7 @@ def optimize(
     opened.sampler = search.make_sampler(config, done_before)
     opened.pruner = LadderPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
-                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled); space: "
+                  f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled, {config.layout}); space: "
                   f"{len(built.space.slots)} slots, {opened.user_attrs['space']}")
     started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:

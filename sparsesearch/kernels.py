@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import brief
+from .runtime import is_channels_last
 from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
@@ -274,8 +275,7 @@ class ShapeConv2d(nn.Module):
         product per sample; traced, always the last, which holds for any input size."""
         if _tracing():
             return self._per_sample(self.im2col(x))
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        if channels_last and self.weight.shape[0] == 1 and (rows := self.im2col.pixel_rows(x)) is not None:
+        if is_channels_last(x) and self.weight.shape[0] == 1 and (rows := self.im2col.pixel_rows(x)) is not None:
             return self._pixel_product(rows).permute(0, 3, 1, 2)
         cols = self.im2col(x)
         n, _, h, w = cols.shape

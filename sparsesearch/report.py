@@ -60,7 +60,7 @@ def measure_front(search: Trials, study: optuna.Study, on_progress: Callable[[in
                    "appear in the report when it is done")
     try:
         setting = _setting(search)
-        earlier = study.user_attrs.get("measured_setting") or {}
+        earlier = {"layout": "contiguous", **(study.user_attrs.get("measured_setting") or {})}  # before layouts
         same = not again and all(earlier.get(k) == v for k, v in setting.items() if k in _SAME_DEVICE)
         measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {})) if same else {}
         todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()
@@ -73,7 +73,7 @@ def measure_front(search: Trials, study: optuna.Study, on_progress: Callable[[in
                 on_progress(i, len(todo), f"trial {trial.number}")
             plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {trial.number}")
             m = measure(search.trained(trial), plan, search.input_shape, search.config.model, search.device,
-                        search.config.batch_size)
+                        search.config.batch_size, search.config.channels_last)
             measured[str(trial.number)] = {
                 "measured_speedup": m.speedup, "latency_ms": m.latency_ms, "spread": m.spread, "macs": m.macs,
                 "params": m.params, "impl": dict(Counter(m.compacted.impl.values())),
@@ -87,7 +87,7 @@ def measure_front(search: Trials, study: optuna.Study, on_progress: Callable[[in
         release_lease(study, MEASURING)
 
 
-_SAME_DEVICE = ("device", "device_name", "batch_size", "threads", "torch")  # speedups compare only within these
+_SAME_DEVICE = ("device", "device_name", "batch_size", "threads", "torch", "layout")  # speedups compare in these
 
 
 def _setting(search: Trials) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def _setting(search: Trials) -> dict[str, Any]:
 
     here = fingerprint(search.device, search.config.batch_size, "float32")
     return {"device": str(search.device), "device_name": here["device_name"], "batch_size": search.config.batch_size,
-            "threads": here["threads"], "torch": here["torch"], "by": worker(),
+            "threads": here["threads"], "torch": here["torch"], "layout": search.config.layout, "by": worker(),
             "how": "median of interleaved rounds beside the masked dense model, inference_mode, eval",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -122,6 +122,11 @@ class SearchConfig:
     image_size: int | None = None  # input side; None: the checkpoint's, else the dataset's
     seed: int = 0
     sampler: str = "tpe"  # or "random" (the benchmark's control)
+    layout: str = "contiguous"  # memory layout the networks are profiled, predicted and measured in
+
+    @property
+    def channels_last(self) -> bool:
+        return self.layout == "channels-last"
 
     def admm(self, admm_epochs: float | None = None, retrain_epochs: float | None = None) -> ADMMConfig:
         """ADMM with ADMM_ITERATIONS Z/U updates whatever the budget, rho growing from 1e-2 to RHO_END."""
@@ -235,7 +240,7 @@ class Search(Trials):
         c, fp = self.config, self.latency.profile.fingerprint
         return (f"sparsesearch profile --model {c.model} --dataset {c.dataset} --image-size {self.input_shape[-1]} "
                 f"--types {','.join(c.types)} --batch-size {c.batch_size} --threads {fp.get('threads')} "
-                f"--out {self.latency.profile.path}")
+                f"{'--channels-last ' if c.channels_last else ''}--out {self.latency.profile.path}")
 
     @property
     def unprofiled(self) -> set[SparsityType]:
@@ -270,7 +275,8 @@ class Search(Trials):
         target device elsewhere (`optimize --profile target.json`), whose speedups are measured there."""
         from .profiler.table import differences, fingerprint
 
-        return differences(self.latency.profile.fingerprint, fingerprint(self.device, self.config.batch_size, "float32"))
+        return differences(self.latency.profile.fingerprint,
+                           fingerprint(self.device, self.config.batch_size, "float32", layout=self.config.layout))
 
     @property
     def baseline_kind(self) -> SparsityType:
@@ -719,14 +725,15 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     config = replace(config, image_size=data.size)  # the study records the side it searched at
     model.eval()
     shape = data.input_shape
-    if profile is None and find_profile(fingerprint(device, config.batch_size, "float32"),
+    if profile is None and find_profile(fingerprint(device, config.batch_size, "float32", layout=config.layout),
                                         network=model_key(model, shape)) is None:
         say(f"no latency profile of {config.model} for this device under {profiles_dir()}/: profiling it first "
-            f"(batch {config.batch_size}, {torch.get_num_threads()} threads; done once)")
+            f"(batch {config.batch_size}, {torch.get_num_threads()} threads, {config.layout}; done once)")
         profile_model(Target(config.model, copy.deepcopy(model), shape), device, config.batch_size,
-                      on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)))
+                      on_progress=on_progress and (lambda d, t, s: on_progress("profile", d, t, s)),
+                      layout=config.layout)
     latency = latency_model_for(model, shape, device, config.batch_size, "float32", profile, allow_foreign,
-                                target=profile is not None)
+                                target=profile is not None, layout=config.layout)
     if stale := latency.profile.stale():  # kept: the user chooses when to spend the minutes
         say(f"note: the latency profile {latency.profile.path} timed {', '.join(stale)} before that kernel changed, "
             f"so it predicts the old kernel's latency there; `sparsesearch profile --model {config.model}` on the "
@@ -852,7 +859,8 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     resume = Path(out_dir) / RESUME
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
                       on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)), resume=resume)
-    m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size)
+    m = measure(model, plan, search.data.input_shape, search.config.model, search.device, search.config.batch_size,
+                search.config.channels_last)
     accuracy = {"dense_val": search.dense["val"], "dense_test": search.dense["test"],
                 "val": result.accuracy["final_val"], "test": result.accuracy["final"],
                 "hard_pruned_test": result.accuracy["hard_pruned"]}

@@ -816,3 +816,44 @@ def test_no_staircase_means_period_one() -> None:
     widths = list(WIDTHS)
     assert period(widths, [0.1 + 0.002 * w + rng.normal(0, 0.005) for w in widths]) == 1, "a line"
     assert period(widths, [0.3 + rng.normal(0, 0.01) for _ in widths]) == 1, "flat noise"
+
+
+def test_a_channels_last_profile_times_every_network_in_that_layout_and_is_kept_apart(
+        small_profile: measure.ProfileRun, digits: measure.Target, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`profile --channels-last`: layers and whole networks run channels-last (input and weights),
+    under a name and fingerprint of their own; a contiguous search is refused it, and a profile
+    written before layouts counts as contiguous. Validation runs in the profile's layout."""
+    from sparsesearch.profiler import validate as validation
+
+    seen, real = [], measure.compare
+
+    def spy(models: dict, x: torch.Tensor, **kw: object) -> dict:
+        if x.dim() == 4:  # (all channels-last, any NCHW): of the input and of the convs' weights
+            tensors = [x, *(p for name, m in models.items() if name != measure._YARDSTICK  # its own, fixed
+                            for p in m.parameters() if p.dim() == 4)]
+            seen.append((all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors),
+                         any(t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and t.is_contiguous() for t in tensors)))
+        return real(models, x, **kw)
+
+    monkeypatch.setattr(measure, "compare", spy)
+    here = table.fingerprint(CPU, 1, "float32", layout="channels-last")
+    path = tmp_path / table.profile_name(here)
+    run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST, layout="channels-last")
+    assert path.name.endswith("-float32-channels-last.json") and run.profile.fingerprint["layout"] == "channels-last"
+    assert seen and all(cl and not nchw for cl, nchw in seen)  # every 4-D input channels-last, none left NCHW
+    assert run.rest["calibration"]  # the networks were timed too
+    with pytest.raises(UserError, match="layout: channels-last \\(profile\\) != contiguous \\(here\\)"):
+        table.load_profile(path, CPU, 1)
+    loaded = table.load_profile(path, CPU, 1, layout="channels-last")
+    assert table.find_profile(here, tmp_path) == path and table.find_profile(table.fingerprint(CPU, 1, "float32"),
+                                                                            tmp_path) is None
+    older = json.loads(small_profile.path.read_text())
+    del older["fingerprint"]["layout"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    assert table.load_profile(tmp_path / "older.json", CPU, 1).fingerprint.get("layout") is None
+    seen.clear()
+    monkeypatch.setattr(validation, "beside_dense", lambda dense, group, x, *a, **kw: spy(
+        {"dense": dense, **group}, x, rounds=1, warmup_s=0.0, min_round_s=0.001, reference="dense"))
+    result = validation.validate(predictor.LatencyModel().fit(loaded), digits, 2, CPU, 1)
+    assert result.setting["layout"] == "channels-last" and seen and all(cl and not nchw for cl, nchw in seen)

@@ -930,3 +930,26 @@ def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_te
     full = search.trial_cost(base)
     assert cost.steps == quarter.config.admm().steps(len(quarter.trial_data.train)) < full.steps
     assert len(base.data.val) < cost.images <= full.images and cost.seconds > 0  # the whole validation split, always
+
+
+def test_a_channels_last_search_takes_only_a_channels_last_profile_and_measures_in_that_layout(
+        tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`optimize --channels-last`: the profile must have been measured channels-last (a contiguous
+    one is refused, saying why), the command that extends it says so, and the front is measured
+    channels-last, recorded as such (so a contiguous measurement is not reused for it)."""
+    from dataclasses import replace
+
+    from helpers import with_fingerprint
+    from sparsesearch import compact
+
+    config = replace(tiny["search"].config, layout="channels-last")
+    with pytest.raises(UserError, match="layout: contiguous \\(profile\\) != channels-last \\(here\\)"):
+        search.build(config, torch.device("cpu"), str(tmp_path / "a"), profile=tiny["root"] / "profile.json")
+    profile = with_fingerprint(tiny["root"] / "profile.json", tmp_path / "cl.json", layout="channels-last")
+    built = search.build(config, torch.device("cpu"), str(tiny["root"] / "artifacts"), profile=profile)
+    assert "--channels-last" in built.profile_command
+    asked, real = [], compact.measure
+    monkeypatch.setattr(compact, "measure", lambda *args: asked.append(args[-1]) or real(*args))
+    measured = report.measure_front(built, tiny["study"])
+    assert measured and asked and all(asked)  # every plan measured again, channels-last
+    assert tiny["study"].user_attrs["measured_setting"]["layout"] == "channels-last"

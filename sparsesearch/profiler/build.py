@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..kernels import compact_layer
+from ..runtime import is_channels_last
 from ..sparsity import SparsityType, project
 
 PLAIN = "plain"  # a dense layer of the kept dims: filter, channels removed, unpruned
@@ -103,15 +104,17 @@ def describe(module: nn.Module, in_channels: int, out_channels: int) -> Describe
 
 class Stub(nn.Module):
     """Stands in for a prunable layer when timing the rest of a network: returns zeros of the
-    layer's output shape (the allocation a real layer makes, none of its arithmetic)."""
+    layer's output shape (the allocation a real layer makes, none of its arithmetic), laid out as
+    its input is, as a conv's output would be."""
 
     def __init__(self, shape: tuple[int, ...], like: torch.Tensor) -> None:
         super().__init__()
         self.shape = shape
         self.register_buffer("like", like.new_empty(0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - the input is ignored
-        return self.like.new_zeros(self.shape)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if is_channels_last(x) and len(self.shape) == 4 else torch.contiguous_format
+        return torch.empty(self.shape, dtype=self.like.dtype, device=self.like.device, memory_format=layout).zero_()
 
 
 class Yardstick(nn.Module):

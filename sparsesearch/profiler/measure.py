@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..files import locked
 from ..layers import Layer, trace
 from ..plan import Plan
+from ..runtime import in_layout
 from ..sparsity import LAYER_LOCAL, SparsityType, keep_count
 from . import steps
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
@@ -262,9 +263,10 @@ def yardstick_ms(device: torch.device, dtype: torch.dtype, timing: dict[str, flo
 
 def measure_points(points: list[Point], device: torch.device, batch_size: int, dtype: torch.dtype,
                    reference_ms: float, on_rows: Callable[[list[Row], float], None],
-                   timing: dict[str, float] = TIMING) -> None:
+                   timing: dict[str, float] = TIMING, layout: str = "contiguous") -> None:
     """Build and time the points, those sharing an input side by side with the yardstick (of
-    `reference_ms` at the profile's start); `on_rows` gets each batch and the machine's speed."""
+    `reference_ms` at the profile's start), in memory `layout`; `on_rows` gets each batch and the
+    machine's speed."""
     batches: dict[tuple, list[Point]] = defaultdict(list)
     for p in points:
         batches[(p.signature, p.in_keep)].append(p)
@@ -273,8 +275,9 @@ def measure_points(points: list[Point], device: torch.device, batch_size: int, d
         proto = _prototype(sig, device, dtype)
         built = {str(i): build_layer(proto, p.type, p.rate, p.in_keep, p.out_keep, p.groups_keep)
                  for i, p in enumerate(batch)}
-        x = _input(sig, in_keep, batch_size, proto.weight)
-        timings, speed = _timed({k: m for k, (m, _) in built.items()}, x, yardstick, reference_ms, timing)
+        x = in_layout(_input(sig, in_keep, batch_size, proto.weight), layout)
+        timings, speed = _timed({k: in_layout(m, layout) for k, (m, _) in built.items()}, x, yardstick, reference_ms,
+                                timing)
         rows = []
         for i, p in enumerate(batch):
             module, impl = built[str(i)]
@@ -332,7 +335,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
                     rates: list[float], types: set[str], reference_ms: float,
                     timing: dict[str, float] = NETWORK_TIMING,
                     on_plans: Callable[[int, int], None] | None = None,
-                    unpaid: set[tuple[str, str]] = frozenset()) -> dict[str, object]:
+                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = "contiguous") -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
     `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
     each stored as its ratio to it times the dense latency.
@@ -344,15 +347,16 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup.
     The plans draw from what the search can give each layer: not the `unpaid` (signature key, type)
     pairs (`Profile.unpaid`), which the profile timed at one rate only.
-    `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network)."""
+    `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network).
+    Every network runs in memory `layout`, input and weights."""
     from ..graph import dependencies
     from .predictor import compacted_copy, queries
 
     model, shape = target_.model.eval(), target_.input_shape
     layers = trace(model, shape)  # before the cast: trace feeds float32 zeros
     deps = dependencies(model, shape)
-    dense = copy.deepcopy(model).to(device=device, dtype=dtype)
-    x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
+    dense = in_layout(copy.deepcopy(model).to(device=device, dtype=dtype), layout)
+    x = in_layout(torch.randn(batch_size, *shape, dtype=dtype).to(device), layout)
     plans = network_plans(target_, rates, types, unpaid)
     if on_plans is not None:
         on_plans(0, len(plans))
@@ -365,7 +369,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
         for i in range(start, min(start + GROUP, len(plans))):
             compacted = compacted_copy(model, shape, plans[i], deps)
             described[str(i)] = {name: q.description() for name, q in queries(model, compacted, shape).items()}
-            group[str(i)] = compacted.to(device=device, dtype=dtype)
+            group[str(i)] = in_layout(compacted.to(device=device, dtype=dtype), layout)
         beside = beside_dense(dense, group, x, dense_ms, timing)
         calibration += [{"plan": plans[int(i)].to_dict(), "layers": described[i], "median_ms": beside[i].relative * dense_ms,
                          "spread": beside[i].relative_spread} for i in group]
@@ -414,12 +418,13 @@ def _shipped_start(here: dict[str, object], path: Path) -> Profile | None:
 def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dtype: str = "float32",
                   rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
                   out: Path | None = None, on_progress: ProgressFn | None = None,
-                  timing: dict[str, float] | None = None) -> ProfileRun:
-    """Time every missing grid point of the model and its rest; rows are saved (atomically) every
-    few seconds and when a phase ends or is interrupted, so an interrupted run resumes where it stopped."""
+                  timing: dict[str, float] | None = None, layout: str = "contiguous") -> ProfileRun:
+    """Time every missing grid point of the model and its rest, every network and layer in memory
+    `layout`; rows are saved (atomically) every few seconds and when a phase ends or is interrupted,
+    so an interrupted run resumes where it stopped."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; accepted: {', '.join(DTYPES)}")
-    here = fingerprint(device, batch_size, dtype)
+    here = fingerprint(device, batch_size, dtype, layout=layout)
     path = Path(out or profiles_dir() / profile_name(here))
     waiting = "waiting for another run that is writing this profile"
     # one run per profile at a time: two would disturb each other's timings and overwrite each other's rows
@@ -441,7 +446,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     if diff:
         raise UserError(f"{path} holds a profile measured on another setting ({'; '.join(diff)}); "
                         "write this one elsewhere with --out, or delete that file")
-    profile.fingerprint = {**profile.fingerprint, "date": here["date"]}
+    profile.fingerprint = {**profile.fingerprint, "date": here["date"], "layout": here["layout"]}
     networks = dict(profile.rest)
     refreshed = profile.refresh()  # rows a changed kernel ran: measured anew below
     if device.type == "cuda":
@@ -483,7 +488,8 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         if on_progress and batch:
             on_progress(0, len(batch), what)
         try:
-            measure_points(batch, device, batch_size, DTYPES[dtype], profile.yardstick_ms, add, timing)
+            measure_points(batch, device, batch_size, DTYPES[dtype], profile.yardstick_ms, add, timing,
+                           str(here["layout"]))
         finally:  # Ctrl-C included: every row timed is kept
             profile.save(path)
 
@@ -500,7 +506,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
             target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
             {**NETWORK_TIMING, **overrides},
             on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")),
-            unpaid=unpaid)
+            unpaid=unpaid, layout=str(here["layout"]))
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
     dense = {r.signature: r.median_ms for r in profile.rows.values()

@@ -280,15 +280,16 @@ class InNetwork:
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
                       dtype: str = "float32", path: Path | None = None, allow_foreign: bool = False,
-                      target: bool = False) -> LatencyModel:
+                      target: bool = False, layout: str = "contiguous") -> LatencyModel:
     """The latency model of the profile at `path`, or of the one (`find_profile`) that was
-    measured on this device and setting and holds this network; refuses a foreign profile unless
-    it is the `target` device's (see `Profile.check`)."""
+    measured on this device and setting (memory `layout` included) and holds this network; refuses
+    a foreign profile unless it is the `target` device's (see `Profile.check`)."""
     from .table import find_profile, fingerprint, load_profile
 
     if path is None:
-        path = find_profile(fingerprint(device, batch_size, dtype), network=model_key(model, input_shape))
-    return LatencyModel().fit(load_profile(path, device, batch_size, dtype, allow_foreign, target=target))
+        path = find_profile(fingerprint(device, batch_size, dtype, layout=layout), network=model_key(model, input_shape))
+    return LatencyModel().fit(load_profile(path, device, batch_size, dtype, allow_foreign, target=target,
+                                           layout=layout))
 
 
 @dataclass

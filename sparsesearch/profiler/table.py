@@ -42,8 +42,9 @@ def profiles_dir() -> Path:
 
 # what must agree for a profile's numbers to hold here; date, versions of other libraries and the
 # environment are recorded but not compared
-MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch")
-SETTING = ("batch_size", "dtype")  # what a profile predicts: a target device's profile must agree on these too
+MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch", "layout")
+SETTING = ("batch_size", "dtype", "layout")  # what a profile predicts: a target device's must agree on these too
+BEFORE = {"layout": "contiguous"}  # what a profile written before a field existed was measured with
 # recorded, not matched: each changes latencies (OMP_WAIT_POLICY=PASSIVE made resnet20 at 2 threads 3x slower)
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
         "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -151,8 +152,10 @@ def point_key(signature: Signature, type_: str, rate: float, in_keep: int, out_k
     return (signature.key, type_, round(rate, 4), in_keep, out_keep, groups_keep)
 
 
-def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int | None = None) -> dict[str, object]:
-    """The device and setting a profile was measured with; MATCHED fields must agree to reuse it."""
+def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int | None = None,
+                layout: str = "contiguous") -> dict[str, object]:
+    """The device and setting a profile was measured with (`layout`: the memory layout every network
+    ran in, `runtime.LAYOUTS`); MATCHED fields must agree to reuse it."""
     from ..runtime import machine, versions
 
     cuda = device.type == "cuda"
@@ -164,6 +167,7 @@ def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int 
         "threads": threads or torch.get_num_threads(),
         "batch_size": batch_size,
         "dtype": dtype,
+        "layout": layout,
         "torch": torch.__version__,
         "cuda": versions()["cuda"],
         "cores": stamp["cores"],
@@ -175,6 +179,7 @@ def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int 
 
 def differences(theirs: dict[str, object], ours: dict[str, object]) -> list[str]:
     """The MATCHED fields on which two fingerprints disagree, as 'field: theirs != ours'."""
+    theirs, ours = ({**BEFORE, **fp} for fp in (theirs, ours))
     return [f"{k}: {theirs.get(k)} (profile) != {ours.get(k)} (here)" for k in MATCHED if theirs.get(k) != ours.get(k)]
 
 
@@ -327,12 +332,13 @@ def slug(text: str) -> str:
 
 
 def profile_name(fp: dict[str, object]) -> str:
-    """`<device-slug>-b<batch>-<dtype>.json`, e.g. cpu-amd-epyc-t2-b1-float32.json."""
+    """`<device-slug>-b<batch>-<dtype>[-channels-last].json`, e.g. cpu-amd-epyc-t2-b1-float32.json."""
     if fp["device"] == "cuda":
         device = f"cuda-{slug(str(fp['device_name']))}"
     else:
         device = f"cpu-{slug(str(fp['device_name']))}-t{fp['threads']}"
-    return f"{device}-b{fp['batch_size']}-{fp['dtype']}.json"
+    layout = fp.get("layout", BEFORE["layout"])
+    return f"{device}-b{fp['batch_size']}-{fp['dtype']}{'' if layout == BEFORE['layout'] else '-' + layout}.json"
 
 
 def find_profile(here: dict[str, object], root: Path | None = None, network: str | None = None) -> Path | None:
@@ -355,15 +361,17 @@ def find_profile(here: dict[str, object], root: Path | None = None, network: str
 
 
 def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype: str = "float32",
-                 allow_foreign: bool = False, threads: int | None = None, target: bool = False) -> Profile:
+                 allow_foreign: bool = False, threads: int | None = None, target: bool = False,
+                 layout: str = "contiguous") -> Profile:
     """The profile at `path` (or the one `find_profile` finds for this device), checked against it
     (`Profile.check`: a `target` profile may be another device's)."""
-    here = fingerprint(device, batch_size, dtype, threads)
+    here = fingerprint(device, batch_size, dtype, threads, layout)
     if path is None:
         path = find_profile(here)
         if path is None:
             raise UserError(f"no latency profile for this device under {profiles_dir()}/ ({profile_name(here)}); "
-                            f"run `sparsesearch profile --device {device} --batch-size {batch_size} --dtype {dtype}`")
+                            f"run `sparsesearch profile --device {device} --batch-size {batch_size} --dtype {dtype}"
+                            f"{' --channels-last' if layout == 'channels-last' else ''}`")
     profile = Profile.load(path)
     profile.check(here, allow_foreign, target)
     return profile

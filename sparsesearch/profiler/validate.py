@@ -14,10 +14,11 @@ import torch
 
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
+from ..runtime import in_layout
 from ..sparsity import SparsityType
 from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
-from .table import model_key, without_unpaid
+from .table import BEFORE, model_key, without_unpaid
 
 
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
@@ -156,7 +157,8 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     finds buying no time), add the search's uniform filter ladder (`uniform_ladder`), compact each,
     time them end to end (GROUP at a time, side by side with the dense network, as the profile timed
     its calibration plans; a group whose dense net runs more than 10% off its profiled latency is
-    timed once more) and pair each measurement with its prediction."""
+    timed once more) and pair each measurement with its prediction. Every network runs in the memory
+    layout the profile was measured in."""
     from ..graph import dependencies
 
     rng = random.Random(seed)
@@ -168,11 +170,12 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     layers = without_unpaid(model, trace(model, shape), latency.profile.unpaid())  # what the search can offer
     covered = latency.profile.rest.get(model_key(model, shape), {}).get("grid", {})  # what the profile timed
     rates = tuple(covered.get("rates", DEFAULT_RATES))
+    layout = str(latency.profile.fingerprint.get("layout", BEFORE["layout"]))
     result = Validation(target_.name, setting={"device": str(device), "batch_size": batch_size,
                                                "threads": torch.get_num_threads(), "dtype": str(dtype),
-                                               "seed": seed, "profile": str(latency.profile.path)})
-    x = torch.randn(batch_size, *shape, dtype=dtype).to(device)
-    dense = copy.deepcopy(model).to(device=device, dtype=dtype)
+                                               "layout": layout, "seed": seed, "profile": str(latency.profile.path)})
+    x = in_layout(torch.randn(batch_size, *shape, dtype=dtype).to(device), layout)
+    dense = in_layout(copy.deepcopy(model).to(device=device, dtype=dtype), layout)
     profiled_dense_ms = latency.dense_ms(model, shape)
     drawn = [("random", random_plan(layers, deps.couplings, rng, rates, types=covered.get("types")))
              for _ in range(samples)]
@@ -181,7 +184,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     for i, (kind, plan) in enumerate(drawn):
         compacted = compacted_copy(model, shape, plan, deps)
         predicted = predict_compacted(latency, model, compacted, shape).total_ms
-        pending.append((kind, plan, predicted, compacted.to(device=device, dtype=dtype)))
+        pending.append((kind, plan, predicted, in_layout(compacted.to(device=device, dtype=dtype), layout)))
         if len(pending) == GROUP or i == len(drawn) - 1:
             timings = beside_dense(dense, {str(j): m for j, (*_, m) in enumerate(pending)}, x, profiled_dense_ms)
             for j, (kind_, p, predicted_ms, _) in enumerate(pending):
@@ -224,7 +227,8 @@ def scatter(result: Validation, path: Path) -> Path:
         ax.legend(loc="upper left")
     threads = result.setting["threads"]
     fig.suptitle(f"{result.model}: {len(result.random)} random plans and {len(result.ladder)} of the uniform filter "
-                 f"ladder\n{result.setting['device']}, batch {result.setting['batch_size']}, {threads} "
+                 f"ladder\n{result.setting['device']}, {result.setting.get('layout', BEFORE['layout'])}, batch "
+                 f"{result.setting['batch_size']}, {threads} "
                  f"thread{'s' if threads != 1 else ''}; dense net now {result.drift:.2f}x its profiled latency")
     fig.tight_layout()
     save_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
