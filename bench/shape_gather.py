@@ -55,6 +55,16 @@ def shape_pruned(name: str, shape: tuple[int, ...], rate: float) -> tuple[nn.Mod
     return masked, compacted.model
 
 
+def variant(model: nn.Module, kind: type, **settings: object) -> nn.Module:
+    """A copy of `model` whose `kind` modules each carry `settings` (as their own attributes: the
+    class's, which `model` keeps, stay as they are)."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if isinstance(module, kind):
+            vars(module).update(settings)
+    return copied
+
+
 class _ChannelsLast(nn.Module):
     """A model run channels-last, weights and input (the input converted on each call, as a
     deployment fed NCHW images would)."""
@@ -72,10 +82,7 @@ def layouts() -> list[dict[str, object]]:
     rows = []
     for name, shape, rate, batch in LAYOUT_NETWORKS:
         masked, compacted = shape_pruned(name, shape, rate)
-        unfolded = copy.deepcopy(compacted)
-        for module in unfolded.modules():
-            if isinstance(module, ShapeConv2d):
-                module.FOLD_BELOW = 0  # this module only: a product per sample at any plane size
+        unfolded = variant(compacted, ShapeConv2d, FOLD_BELOW=0)  # a product per sample at any plane size
         t = compare({"dense": masked, "unfolded": unfolded, "compacted": compacted, "dense cl": _ChannelsLast(masked),
                      "compacted cl": _ChannelsLast(compacted)}, torch.randn(batch, *shape), rounds=9, reference="dense")
         rows.append({"network": name, "rate": rate, "batch": batch, "dense ms": round(t["dense"].median_ms, 2),
@@ -93,10 +100,7 @@ def networks() -> list[dict[str, object]]:
     rows = []
     for name, shape, rate, batch in NETWORKS:
         masked, compacted = shape_pruned(name, shape, rate)
-        fresh = copy.deepcopy(compacted)
-        for module in fresh.modules():
-            if isinstance(module, _Windows):
-                module.SCRATCH = False
+        fresh = variant(compacted, _Windows, SCRATCH=False)
         t = compare({"dense": masked, "fresh": fresh, "scratch": compacted}, torch.randn(batch, *shape),
                     rounds=9, reference="dense")
         rows.append({"layer": f"{name} (network)", "rate": rate, "batch": batch,
