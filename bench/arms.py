@@ -36,6 +36,7 @@ timings then pin themselves to the last core.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -57,7 +58,7 @@ from sparsesearch.files import write_json  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler import predict_latency  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
-from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.runtime import LAYOUTS, in_layout, set_threads  # noqa: E402
 from sparsesearch.space import LadderPruner  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
 from sparsesearch.train import Snapshot, TrainConfig, correct, fit, paired_drop, percent  # noqa: E402
@@ -179,16 +180,19 @@ def scored(built: search.Search, raw: dict, full: bool) -> dict:
 
 def measured(dense: nn.Module, compacted: nn.Module, shape: tuple[int, ...]) -> dict[str, float]:
     """Speedups timed at 1 thread on one core (the last the process may use), whatever threads the
-    training before used (`--train-threads`)."""
+    training before used (`--train-threads`): NCHW, as the arms were priced, and channels-last (both
+    models in it), as a CPU deployment may run them."""
     set_threads(1)
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {max(cores)})  # this thread: at 1 thread torch computes on the caller
     try:
         out = {}
-        for batch in BATCHES:
-            t = compare({"dense": dense, "pruned": compacted}, torch.randn(batch, *shape), rounds=20,
-                        reference="dense")
-            out[f"speedup b{batch}"] = 1 / t["pruned"].relative
+        for layout in LAYOUTS:
+            models = {"dense": in_layout(copy.deepcopy(dense), layout), "pruned": in_layout(copy.deepcopy(compacted),
+                                                                                             layout)}
+            for batch in BATCHES:
+                t = compare(models, in_layout(torch.randn(batch, *shape), layout), rounds=20, reference="dense")
+                out[f"speedup b{batch}{'' if layout == 'contiguous' else ' ' + layout}"] = 1 / t["pruned"].relative
         return out
     finally:
         os.sched_setaffinity(0, cores)
@@ -300,7 +304,8 @@ def main() -> None:
                    f"test). Trials: {args.trial_epochs} epochs on {args.trial_data:g} of the training split; training "
                    f"seconds per arm: {compute}. Each arm's fastest plan within 0.5 / 1.0 points (validation, trial "
                    f"fidelity) retrained at {args.full_epochs} epochs on the whole split, compacted, timed beside the "
-                   f"dense model at batch {' and '.join(map(str, BATCHES))}, 1 thread (median ratio, interleaved rounds).")
+                   f"dense model at batch {' and '.join(map(str, BATCHES))}, 1 thread (median ratio, interleaved "
+                   "rounds), NCHW and (both models) channels-last.")
         print(record(f"arms-{case}", rows, summary))
         print(plot(built, state, studies, RESULTS / f"arms-{case}.png"))
 
