@@ -17,6 +17,7 @@ from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out
                     unfollowable)
 from .layers import trace
 from .plan import Plan
+from .runtime import LAYOUTS, in_layout
 from .sparsity import SparsityType, live_groups
 
 
@@ -257,12 +258,13 @@ def _blocker(group, names: dict) -> str | None:  # noqa: ANN001 - a Torch-Prunin
 
 def verified_compact(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_name: str,
                      tolerance: float = _TOLERANCE) -> Compacted:
-    """compact(), then a check on a fresh random batch that the compacted model reproduces the
-    masked one: never hand back a silently different model."""
+    """compact(), then a check on a fresh random batch, in each memory layout (compact layers take
+    other paths for a channels-last input), that the compacted model reproduces the masked one:
+    never hand back a silently different model."""
     try:
         result = compact(masked, plan, input_shape)
         x = torch.randn(3, *input_shape, generator=torch.Generator().manual_seed(1)).to(next(masked.parameters()).device)
-        error = Reference(masked, x).error(result.model)
+        error = max(Reference(masked, in_layout(x, layout)).error(result.model) for layout in LAYOUTS)
     except Unverifiable as e:
         raise UserError(f"cannot verify the compacted {model_name}: {e} (random or dead weights?); "
                         "train it first, or load weights") from e
