@@ -843,7 +843,8 @@ def test_a_channels_last_profile_times_every_network_in_that_layout_and_is_kept_
     assert path.name.endswith("-float32-channels-last.json") and run.profile.fingerprint["layout"] == "channels-last"
     assert seen and all(cl and not nchw for cl, nchw in seen)  # every 4-D input channels-last, none left NCHW
     assert run.rest["calibration"]  # the networks were timed too
-    with pytest.raises(UserError, match="layout: channels-last \\(profile\\) != contiguous \\(here\\)"):
+    with pytest.raises(UserError, match="layout: channels-last \\(profile\\) != contiguous \\(here\\)\\); pass "
+                                        "--channels-last, the layout it was measured in"):
         table.load_profile(path, CPU, 1)
     loaded = table.load_profile(path, CPU, 1, layout="channels-last")
     assert table.find_profile(here, tmp_path) == path and table.find_profile(table.fingerprint(CPU, 1, "float32"),

@@ -324,6 +324,10 @@ class Profile:
         if diff and not allow_foreign:
             fix = "pass the --batch-size (and dtype) it was profiled with" if target else \
                 "profile this device with `sparsesearch profile`, or pass --allow-foreign-profile"
+            if all(d.startswith("layout:") for d in diff):  # the one field a flag changes
+                fix = ("drop --channels-last, or profile that layout with `sparsesearch profile --channels-last`"
+                       if here.get("layout") == "channels-last" else "pass --channels-last, the layout it was "
+                       "measured in")
             raise UserError(f"profile {self.path} was measured on another setting ({'; '.join(diff)}); {fix}")
 
 
