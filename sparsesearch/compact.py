@@ -302,13 +302,13 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
 
     result = verified_compact(masked, plan, input_shape, model_name)
     dense_macs = sum(layer.macs for layer in trace(masked, input_shape))
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    models = {"dense": masked.eval().to(device, memory_format=layout),
-              "compacted": result.model.to(device, memory_format=layout)}
-    x = torch.randn(batch_size, *input_shape, device=device)
-    timings = compare(models, x.contiguous(memory_format=layout) if x.dim() == 4 else x, reference="dense")
+    layout = "channels-last" if channels_last else "contiguous"
+    models = {"dense": in_layout(masked.eval().to(device), layout), "compacted": in_layout(result.model.to(device),
+                                                                                          layout)}
+    timings = compare(models, in_layout(torch.randn(batch_size, *input_shape, device=device), layout),
+                      reference="dense")
     for model in models.values():
-        model.to(memory_format=torch.contiguous_format)
+        in_layout(model, "contiguous")
     return Measured(
         result,
         {k: stored_weights(m) for k, m in models.items()},
@@ -318,7 +318,7 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
         1 / timings["compacted"].relative,  # per-round ratios: immune to the machine changing speed between rounds
         {"device": str(device), "batch_size": batch_size, "threads": torch.get_num_threads(),
          "rounds": timings["dense"].rounds, "mode": "inference_mode, eval",
-         "layout": "channels-last" if channels_last else "contiguous"},
+         "layout": layout},
     )
 
 
