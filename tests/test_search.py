@@ -872,8 +872,11 @@ def test_types_the_profile_never_timed_on_the_network_are_not_searched(tiny: dic
     narrower.latency.network(built.model, built.input_shape)["grid"]["types"] = ["filter"]
     storage = f"sqlite:///{tmp_path / 'narrower.db'}"
     optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    # a study whose space offers shape: the tiny one's may withhold it, as its profile's timings fall
+    offering = stores.open_study("tiny", storage, True, None, LadderPruner())
+    offering.set_user_attr(search.WITHHELD, {})
     with pytest.raises(UserError, match="searches shape, which the latency profile .* has not timed"):
-        search.record(stores.open_study("tiny", storage, True, None, LadderPruner()), narrower)
+        search.record(offering, narrower)
 
 
 def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
