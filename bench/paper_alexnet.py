@@ -31,7 +31,7 @@ from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.models import create  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
-from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.runtime import LAYOUTS, set_threads  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
 
 MODEL, SHAPE = "tv:alexnet", (3, 224, 224)
@@ -41,8 +41,6 @@ TYPES = (SparsityType.FILTER, SparsityType.CHANNEL, SparsityType.SHAPE, Sparsity
 BATCHES = (1, 8)
 STRUCTURED = (SparsityType.FILTER, SparsityType.CHANNEL, SparsityType.SHAPE)
 MIXES = [(first, rest) for first in STRUCTURED for rest in STRUCTURED if first != rest]
-# both models run in each: channels-last is oneDNN's own layout and the shape-wise gather's fastest
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
 
 def fresh(base: nn.Module) -> nn.Module:

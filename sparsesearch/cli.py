@@ -453,7 +453,7 @@ def profile_cmd(
         return
     from .profiler.measure import profile_model, target
     from .profiler.predictor import LatencyModel
-    from .runtime import resolve_device, set_threads
+    from .runtime import layout_of, resolve_device, set_threads
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
@@ -463,7 +463,7 @@ def profile_cmd(
         raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
     with console.status(f"tracing {model} and the dims each rate leaves"):
         tgt = target(model, dataset, image_size)
-    layout = "channels-last" if channels_last else "contiguous"
+    layout = layout_of(channels_last)
     console.print(f"profiling [bold]{model}[/] ({'x'.join(map(str, tgt.input_shape))} input) on {dev}, "
                   f"batch {batch_size}, {dtype}, {layout}, {n_threads} threads")
     with progress_bar("profile") as update:
@@ -536,7 +536,7 @@ def profile_validate(
     from .profiler.predictor import LatencyModel
     from .profiler.table import DTYPES, load_profile, slug
     from .profiler.validate import scatter, validate
-    from .runtime import resolve_device, set_threads
+    from .runtime import layout_of, resolve_device, set_threads
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
@@ -548,7 +548,7 @@ def profile_validate(
         raise UserError(f"validate compacts models with `compact`, which runs float32 only for now; "
                         f"validate a float32 profile (got --dtype {dtype})")
     loaded = load_profile(profile, dev, batch_size, dtype, allow_foreign_profile,
-                          layout="channels-last" if channels_last else "contiguous")
+                          layout=layout_of(channels_last))
     with console.status(f"fitting the latency model on {loaded.path}"):
         fitted = LatencyModel().fit(loaded)
     tgt = target(model, dataset, image_size)
@@ -621,7 +621,7 @@ def optimize(
 
     from . import report as reporting
     from . import search, seeds, storage as stores
-    from .runtime import resolve_device, set_threads
+    from .runtime import layout_of, resolve_device, set_threads
     from .space import LadderPruner
     from .train import slug
 
@@ -645,7 +645,7 @@ def optimize(
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
              "trial_data": trial_data,
              "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler,
-             "layout": "channels-last" if channels_last else None}
+             "layout": layout_of(True) if channels_last else None}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
         models.recorded(config.model, model, f"study '{name}'")

@@ -17,7 +17,7 @@ from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out
                     unfollowable)
 from .layers import trace
 from .plan import Plan
-from .runtime import LAYOUTS, in_layout
+from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, layout_of
 from .sparsity import SparsityType, live_groups
 
 
@@ -302,13 +302,13 @@ def measure(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...], model_n
 
     result = verified_compact(masked, plan, input_shape, model_name)
     dense_macs = sum(layer.macs for layer in trace(masked, input_shape))
-    layout = "channels-last" if channels_last else "contiguous"
+    layout = layout_of(channels_last)
     models = {"dense": in_layout(masked.eval().to(device), layout), "compacted": in_layout(result.model.to(device),
                                                                                           layout)}
     timings = compare(models, in_layout(torch.randn(batch_size, *input_shape, device=device), layout),
                       reference="dense")
     for model in models.values():
-        in_layout(model, "contiguous")
+        in_layout(model, DEFAULT_LAYOUT)
     return Measured(
         result,
         {k: stored_weights(m) for k, m in models.items()},

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Busy
 from .files import save_with, write_json
+from .runtime import DEFAULT_LAYOUT
 from .space import ETA, RUNGS
 from .storage import release_lease, renew_lease, take_lease, worker
 
@@ -60,7 +61,7 @@ def measure_front(search: Trials, study: optuna.Study, on_progress: Callable[[in
                    "appear in the report when it is done")
     try:
         setting = _setting(search)
-        earlier = {"layout": "contiguous", **(study.user_attrs.get("measured_setting") or {})}  # before layouts
+        earlier = {"layout": DEFAULT_LAYOUT, **(study.user_attrs.get("measured_setting") or {})}  # before layouts
         same = not again and all(earlier.get(k) == v for k, v in setting.items() if k in _SAME_DEVICE)
         measured: dict[str, dict[str, Any]] = dict(study.user_attrs.get("measured", {})) if same else {}
         todo = [t for t in {t.number: t for t in [*front(study), *baselines(study)]}.values()

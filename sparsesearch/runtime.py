@@ -13,6 +13,12 @@ from .errors import UserError
 
 # memory layouts a network can run in; channels-last is oneDNN's own, often faster for convs on a CPU
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
+DEFAULT_LAYOUT = "contiguous"  # torch's own, and what every file written before layouts were recorded ran in
+
+
+def layout_of(channels_last: bool) -> str:
+    """The layout a `--channels-last` flag (or a library call's `channels_last`) asks for."""
+    return "channels-last" if channels_last else DEFAULT_LAYOUT
 
 
 def in_layout(value: nn.Module | torch.Tensor, layout: str) -> nn.Module | torch.Tensor:

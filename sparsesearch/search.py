@@ -50,6 +50,7 @@ from .layers import Layer
 from .plan import Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
+from .runtime import DEFAULT_LAYOUT
 from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
@@ -122,7 +123,7 @@ class SearchConfig:
     image_size: int | None = None  # input side; None: the checkpoint's, else the dataset's
     seed: int = 0
     sampler: str = "tpe"  # or "random" (the benchmark's control)
-    layout: str = "contiguous"  # memory layout the networks are profiled, predicted and measured in
+    layout: str = DEFAULT_LAYOUT  # memory layout the networks are profiled, predicted and measured in
 
     @property
     def channels_last(self) -> bool:

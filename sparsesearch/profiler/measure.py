@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..files import locked
 from ..layers import Layer, trace
 from ..plan import Plan
-from ..runtime import in_layout
+from ..runtime import DEFAULT_LAYOUT, in_layout
 from ..sparsity import LAYER_LOCAL, SparsityType, keep_count
 from . import steps
 from .build import PLAIN, Stub, Yardstick, build_layer, describe
@@ -263,7 +263,7 @@ def yardstick_ms(device: torch.device, dtype: torch.dtype, timing: dict[str, flo
 
 def measure_points(points: list[Point], device: torch.device, batch_size: int, dtype: torch.dtype,
                    reference_ms: float, on_rows: Callable[[list[Row], float], None],
-                   timing: dict[str, float] = TIMING, layout: str = "contiguous") -> None:
+                   timing: dict[str, float] = TIMING, layout: str = DEFAULT_LAYOUT) -> None:
     """Build and time the points, those sharing an input side by side with the yardstick (of
     `reference_ms` at the profile's start), in memory `layout`; `on_rows` gets each batch and the
     machine's speed."""
@@ -335,7 +335,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
                     rates: list[float], types: set[str], reference_ms: float,
                     timing: dict[str, float] = NETWORK_TIMING,
                     on_plans: Callable[[int, int], None] | None = None,
-                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = "contiguous") -> dict[str, object]:
+                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = DEFAULT_LAYOUT) -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
     `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
     each stored as its ratio to it times the dense latency.
@@ -418,7 +418,7 @@ def _shipped_start(here: dict[str, object], path: Path) -> Profile | None:
 def profile_model(target_: Target, device: torch.device, batch_size: int = 1, dtype: str = "float32",
                   rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
                   out: Path | None = None, on_progress: ProgressFn | None = None,
-                  timing: dict[str, float] | None = None, layout: str = "contiguous") -> ProfileRun:
+                  timing: dict[str, float] | None = None, layout: str = DEFAULT_LAYOUT) -> ProfileRun:
     """Time every missing grid point of the model and its rest, every network and layer in memory
     `layout`; rows are saved (atomically) every few seconds and when a phase ends or is interrupted,
     so an interrupted run resumes where it stopped."""

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..layers import trace
 from ..plan import Plan
+from ..runtime import DEFAULT_LAYOUT
 from .build import PLAIN, describe
 from .table import Profile, Row, Signature, model_key
 
@@ -280,7 +281,7 @@ class InNetwork:
 
 def latency_model_for(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch_size: int,
                       dtype: str = "float32", path: Path | None = None, allow_foreign: bool = False,
-                      target: bool = False, layout: str = "contiguous") -> LatencyModel:
+                      target: bool = False, layout: str = DEFAULT_LAYOUT) -> LatencyModel:
     """The latency model of the profile at `path`, or of the one (`find_profile`) that was
     measured on this device and setting (memory `layout` included) and holds this network; refuses
     a foreign profile unless it is the `target` device's (see `Profile.check`)."""

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..files import read_json, write_json
 from ..kernels import KERNEL_VERSIONS
 from ..layers import Layer
+from ..runtime import DEFAULT_LAYOUT
 from ..sparsity import LAYER_LOCAL, SparsityType
 
 SCHEMA = 2  # 2: latencies are scaled to the yardstick's speed when the profile was started
@@ -44,7 +45,7 @@ def profiles_dir() -> Path:
 # environment are recorded but not compared
 MATCHED = ("device", "device_name", "capability", "threads", "batch_size", "dtype", "torch", "layout")
 SETTING = ("batch_size", "dtype", "layout")  # what a profile predicts: a target device's must agree on these too
-BEFORE = {"layout": "contiguous"}  # what a profile written before a field existed was measured with
+BEFORE = {"layout": DEFAULT_LAYOUT}  # what a profile written before a field existed was measured with
 # recorded, not matched: each changes latencies (OMP_WAIT_POLICY=PASSIVE made resnet20 at 2 threads 3x slower)
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
         "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -153,7 +154,7 @@ def point_key(signature: Signature, type_: str, rate: float, in_keep: int, out_k
 
 
 def fingerprint(device: torch.device, batch_size: int, dtype: str, threads: int | None = None,
-                layout: str = "contiguous") -> dict[str, object]:
+                layout: str = DEFAULT_LAYOUT) -> dict[str, object]:
     """The device and setting a profile was measured with (`layout`: the memory layout every network
     ran in, `runtime.LAYOUTS`); MATCHED fields must agree to reuse it."""
     from ..runtime import machine, versions
@@ -366,7 +367,7 @@ def find_profile(here: dict[str, object], root: Path | None = None, network: str
 
 def load_profile(path: Path | None, device: torch.device, batch_size: int, dtype: str = "float32",
                  allow_foreign: bool = False, threads: int | None = None, target: bool = False,
-                 layout: str = "contiguous") -> Profile:
+                 layout: str = DEFAULT_LAYOUT) -> Profile:
     """The profile at `path` (or the one `find_profile` finds for this device), checked against it
     (`Profile.check`: a `target` profile may be another device's)."""
     here = fingerprint(device, batch_size, dtype, threads, layout)
