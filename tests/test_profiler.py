@@ -809,6 +809,17 @@ def test_the_period_of_a_latency_staircase_is_found_through_noise(block: int) ->
     assert period(widths, stairs) == block
 
 
+def test_the_period_is_found_where_each_bit_of_a_remainder_costs_a_block() -> None:
+    """oneDNN's channels-last convs on an AVX-512 CPU: 48 outputs cost 3 blocks of 16, 55 cost 6
+    (48 + 4 + 2 + 1), 56 cost 4; the widths to keep are still multiples of 16."""
+    from sparsesearch.profiler.steps import WIDTHS, period
+
+    rng = np.random.default_rng(0)
+    widths = list(WIDTHS)
+    tails = [0.1 + 0.04 * (w // 16 + bin(w % 16).count("1")) + rng.normal(0, 0.005) for w in widths]
+    assert period(widths, tails) == 16
+
+
 def test_no_staircase_means_period_one() -> None:
     from sparsesearch.profiler.steps import WIDTHS, period
 
@@ -823,10 +834,18 @@ def test_a_channels_last_profile_times_every_network_in_that_layout_and_is_kept_
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`profile --channels-last`: layers and whole networks run channels-last (input and weights),
     under a name and fingerprint of their own; a contiguous search is refused it, and a profile
-    written before layouts counts as contiguous. Validation runs in the profile's layout."""
+    written before layouts counts as contiguous. Validation runs in the profile's layout, and so
+    does the scan of this device's channel steps (channels-last convs step where contiguous do not)."""
+    from sparsesearch.profiler import steps
     from sparsesearch.profiler import validate as validation
 
     seen, real = [], measure.compare
+    scanned, real_scan = [], steps.compare
+
+    def scan_spy(models: dict, x: torch.Tensor, **kw: object) -> dict:
+        scanned.extend(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                       for m in models.values() for t in (m.x, m.conv.weight))
+        return real_scan(models, x, **kw)
 
     def spy(models: dict, x: torch.Tensor, **kw: object) -> dict:
         if x.dim() == 4:  # (all channels-last, any NCHW): of the input and of the convs' weights
@@ -837,11 +856,13 @@ def test_a_channels_last_profile_times_every_network_in_that_layout_and_is_kept_
         return real(models, x, **kw)
 
     monkeypatch.setattr(measure, "compare", spy)
+    monkeypatch.setattr(steps, "compare", scan_spy)
     here = table.fingerprint(CPU, 1, "float32", layout="channels-last")
     path = tmp_path / table.profile_name(here)
     run = measure.profile_model(digits, CPU, 1, "float32", RATES, TYPES, path, timing=FAST, layout="channels-last")
     assert path.name.endswith("-float32-channels-last.json") and run.profile.fingerprint["layout"] == "channels-last"
     assert seen and all(cl and not nchw for cl, nchw in seen)  # every 4-D input channels-last, none left NCHW
+    assert scanned and all(scanned) and run.profile.steps["layout"] == "channels-last"
     assert run.rest["calibration"]  # the networks were timed too
     with pytest.raises(UserError, match="layout: channels-last \\(profile\\) != contiguous \\(here\\)\\); pass "
                                         "--channels-last, the layout it was measured in"):

@@ -463,7 +463,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         if profile.yardstick_ms is None:  # a new profile (or one of schema 1): its reference speed is now
             profile.yardstick_ms = yardstick_ms(device, DTYPES[dtype], {**NETWORK_TIMING, **overrides})
         if not profile.steps:  # once per profile: the channel widths where this device's latency steps
-            profile.steps = steps.scan(device, batch_size, DTYPES[dtype], timing)
+            profile.steps = steps.scan(device, batch_size, DTYPES[dtype], timing, str(here["layout"]))
         profile.save(path)
         if on_progress:
             on_progress(1, 1, "the yardstick and this device's channel steps")
