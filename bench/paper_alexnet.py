@@ -3,8 +3,10 @@
 tv:alexnet at 224x224 with seeded untrained weights (latency depends on which weights are zero,
 not on their values). For each sparsity type, one rate on all five convs, bisected until the
 compacted convs do 15x fewer MACs; Torch-Pruning's own (magnitude, uniform) filter pruning at the
-same conv MACs; and mixes of one structured type on conv1 (3 input channels, 11x11 kernels:
-filters there leave few, badly blocked outputs) and another on the rest, at the same MACs.
+same conv MACs; mixes of one structured type on conv1 (3 input channels, 11x11 kernels:
+filters there leave few, badly blocked outputs) and another on the rest, at the same MACs; and
+per-conv filter rates allocated by the product's latency model (`allocated`: a channels-last
+profile of the network, taken first on this CPU, about 2 minutes) at the same MACs.
 Each masked model is compacted and timed beside its masked dense form, as the conv stack
 (`features`) and as the whole network, at batch 1 and 8, 1 thread; then each conv's compact form
 is timed alone on its real input beside the dense conv, so that the gap between MACs and speed
@@ -15,7 +17,9 @@ Run alone on a quiet core: `taskset -c 1 python bench/paper_alexnet.py`.
 
 from __future__ import annotations
 
+import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +34,12 @@ from sparsesearch.compact import dependencies, pruned  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.models import create  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
+from sparsesearch.profiler import LatencyModel  # noqa: E402
+from sparsesearch.profiler.measure import Target, profile_model  # noqa: E402
+from sparsesearch.profiler.predictor import predict_compacted  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
 from sparsesearch.runtime import LAYOUTS, set_threads  # noqa: E402
+from sparsesearch.space import MAX_RATE  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
 
 MODEL, SHAPE = "tv:alexnet", (3, 224, 224)
@@ -81,6 +89,47 @@ def bisect(reduction: Callable[[float], float], low: float = 0.0, high: float = 
         mid = (low + high) / 2
         low, high = (mid, high) if reduction(mid) < TARGET else (low, mid)
     return high
+
+
+def allocated(base: nn.Module, deps: object, layers: list, dense_macs: int, latency: LatencyModel) -> Plan:
+    """Per-conv filter rates that `latency` (the product's model of this network on this CPU)
+    predicts fastest at TARGET fewer conv MACs, none above the search space's MAX_RATE, every conv
+    keeping a multiple of the profile's output step (the width at which this device's latency steps:
+    16 in channels-last here). NetAdapt's allocation, blind to accuracy as every arm here is
+    (untrained weights): from the dense model, each step removes one output step of filters from
+    the conv whose predicted latency falls most per MAC removed, until the target is reached; then
+    steps are given back, least predicted latency per MAC first, while the target still holds."""
+    step = int(latency.profile.steps.get("out", 1))
+    dense = {layer.name: base.get_submodule(layer.name).out_channels for layer in layers}
+    least = {n: step * math.ceil(c * (1 - MAX_RATE) / step) for n, c in dense.items()}
+
+    def plan(kept: dict[str, int]) -> Plan:
+        return Plan({n: LayerSparsity(SparsityType.FILTER, 1 - k / dense[n]) for n, k in kept.items() if k < dense[n]})
+
+    def cost(kept: dict[str, int]) -> tuple[float, int]:
+        _, compacted, macs = build(base, deps, plan(kept))
+        return predict_compacted(latency, base, compacted, SHAPE).total_ms, macs
+
+    kept = {n: step * (c // step) for n, c in dense.items()}
+    ms, macs = cost(kept)
+    while dense_macs / macs < TARGET:
+        moves = [(n, {**kept, n: k - step}) for n, k in kept.items() if k - step >= least[n]]
+        scored = [(cost(fewer), n, fewer) for n, fewer in moves]
+        (ms, macs), _, kept = max(scored, key=lambda s: (ms - s[0][0]) / max(macs - s[0][1], 1))
+    while True:
+        moves = [(n, {**kept, n: k + step}) for n, k in kept.items() if k + step <= dense[n]]
+        scored = [(c, n, more) for n, more in moves if dense_macs / (c := cost(more))[1] >= TARGET]
+        if not scored:
+            return plan(kept)
+        (ms, macs), _, kept = min(scored, key=lambda s: (s[0][0] - ms) / max(s[0][1] - macs, 1))
+
+
+def latency_model(base: nn.Module) -> LatencyModel:
+    """The product's latency model of `base` (filter-wise) on this CPU, channels-last, from a fresh profile."""
+    with tempfile.TemporaryDirectory() as folder:
+        run = profile_model(Target(MODEL, base, SHAPE), torch.device("cpu"), types=[SparsityType.FILTER.value],
+                            out=Path(folder) / "profile.json", layout="channels-last")
+        return LatencyModel().fit(run.profile)
 
 
 def torch_pruned(base: nn.Module, ratio: float) -> nn.Module:
@@ -181,6 +230,9 @@ def main() -> None:
     for first, rest in MIXES:
         t, built = at_target(lambda t, first=first, rest=rest: mixed(layers, first, rest, t))
         arms[f"{first.value} on conv1, {rest.value} on the rest, t {t:.3f}"] = built
+    plan = allocated(base, deps, layers, dense_macs, latency_model(base))
+    arms["filter, rates by the latency model: " + " ".join(f"{s.rate:.2f}" for s in plan.layers.values())] = build(
+        base, deps, plan)
     rows, per_layer = [], []
     for arm, built in arms.items():
         r, lay = measure(arm, *built, dense_macs)
