@@ -3,12 +3,14 @@
 For one case (model, dataset, dense checkpoint) and batch size, the profile's scan finds where this
 device's latency steps (`profiler.steps`). Each uniform filter rate gives two plans: as the rate
 leaves the counts (`Plan.uniform`), and with each count raised to the next multiple of the step
-(`space.Space.aligned`, what the search does). Both are trained alike from the dense weights
-(ADMM + masked retraining, `--epochs` on `--data` of the training split), compacted, and timed side
-by side with the dense model in one run (1 thread, interleaved rounds, median ratio to dense).
+(`Plan.aligned`, what the search does in layers at least `MIN_BLOCKS` steps wide). Both are trained alike from the dense weights
+(ADMM + masked retraining, `--epochs` on `--data` of the training split; `--no-train` skips this
+and keeps the dense weights), compacted, and timed side by side with the dense model in one run
+(1 thread, interleaved rounds, median ratio to dense), every network and the scan in `--layout`.
 
 Usage: python bench/alignment.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
-       [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1]   (run alone, pinned: taskset -c 1)
+       [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1] [--layout channels-last] [--no-train]
+       (run alone, pinned: taskset -c 1)
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.profiler.measure import TIMING  # noqa: E402
 from sparsesearch.profiler.steps import scan  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
-from sparsesearch.runtime import set_threads  # noqa: E402
+from sparsesearch.runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, set_threads  # noqa: E402
 from sparsesearch.search import SearchConfig, parse_epochs  # noqa: E402
 from sparsesearch.space import Space  # noqa: E402
-from sparsesearch.sparsity import SparsityType, keep_count  # noqa: E402
+from sparsesearch.sparsity import MIN_BLOCKS, SparsityType, keep_count  # noqa: E402
 from sparsesearch.train import correct, paired_drop, prepare  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -49,9 +51,11 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--epochs", default="1+3")
     parser.add_argument("--data", type=float, default=0.1)
+    parser.add_argument("--layout", choices=list(LAYOUTS), default=DEFAULT_LAYOUT)
+    parser.add_argument("--no-train", action="store_true", help="time the plans on the dense weights, untrained")
     args = parser.parse_args()
     set_threads(1)
-    found = scan(CPU, args.batch, torch.float32, TIMING)
+    found = scan(CPU, args.batch, torch.float32, TIMING, args.layout)
     print(f"batch {args.batch}: latency steps every {found['out']} outputs, {found['in']} inputs", flush=True)
     model, data = prepare(args.model, args.dataset, weights=Path(args.checkpoint))
     model.eval()
@@ -61,32 +65,41 @@ def main() -> None:
     admm_epochs, retrain_epochs = parse_epochs(args.epochs)
     config = replace(SearchConfig(admm_epochs=admm_epochs, retrain_epochs=retrain_epochs).admm(), rungs=())  # a trial's
     trial_data = replace(data, train=data.train.subset(args.data))
-    dense_correct = correct(model, data.val, CPU)
+    dense_correct = None if args.no_train else correct(model, data.val, CPU)
     widths = {layer.name: layer.weight_shape[0] for layer in layers}
+    dense_macs = sum(layer.macs for layer in layers)
     rows = []
     for rate in args.rates:
         compacted, row = {}, {}
         for name, space in spaces.items():  # the search's own uniform plan, without and with the steps
             plan = space.suggest(FixedTrial(space.uniform_params(SparsityType.FILTER, rate)))
             trained = prepare(args.model, args.dataset, weights=Path(args.checkpoint))[0]
-            result = run_admm(trained, trial_data, plan, config, CPU, deps)
-            drop, se = paired_drop(dense_correct, result.val_correct)
-            compacted[name] = verified_compact(trained.cpu().eval(), plan, shape, args.model).model
             kept = sorted({keep_count(widths[n], s.rate) for n, s in plan.layers.items()})
-            row[name] = {"val %": round(result.accuracy["final_val"], 2), "drop": round(drop, 2), "se": round(se, 2),
-                         "kept counts": kept, "layers pruned": len(plan.layers)}
+            row[name] = {"kept counts": kept, "layers pruned": len(plan.layers)}
+            if not args.no_train:
+                run = run_admm(trained, trial_data, plan, config, CPU, deps)
+                drop, se = paired_drop(dense_correct, run.val_correct)
+                row[name] |= {"val %": round(run.accuracy["final_val"], 2), "drop": round(drop, 2), "se": round(se, 2)}
+            result = verified_compact(trained.cpu().eval(), plan, shape, args.model)
+            compacted[name] = in_layout(result.model, args.layout)
+            row[name] |= {"MAC reduction": round(dense_macs / sum(result.macs.values()), 2)}
             print(rate, name, row[name], flush=True)
-        timings = compare({"dense": model, **compacted}, torch.randn(args.batch, *shape), rounds=30,
+        timings = compare({"dense": in_layout(model, args.layout), **compacted},
+                          in_layout(torch.randn(args.batch, *shape), args.layout), rounds=30,
                           reference="dense", warmup_s=0.5, min_round_s=0.1)
         for name in compacted:
             rows.append({"filter rate": rate, "plan": name, **row[name],
                          "speedup": round(1 / timings[name].relative, 3), "ms": round(timings[name].median_ms, 3)})
+    how = ("untrained: the dense weights, timed only" if args.no_train else
+               f"each trained alike ({args.epochs} epochs on {args.data:g} of the training split), accuracy on the "
+               "whole validation split (drop paired with the dense model, ± SE)")
     summary = (f"{args.model} on {args.dataset}, uniform filter plans as each rate leaves the counts and aligned to the "
-               f"device's latency step (batch {args.batch}: every {found['out']} outputs, found by the profile's scan); "
-               f"each trained alike ({args.epochs} epochs on {args.data:g} of the training split), accuracy on the whole "
-               f"validation split (drop paired with the dense model, ± SE); speedup = median per-round ratio to the dense "
-               f"model timed side by side, batch {args.batch}, 1 thread.")
-    print(record(f"alignment-{args.model}-{args.dataset}", rows, summary))
+               f"device's latency step (batch {args.batch}, {args.layout}: every {found['out']} outputs, found by the "
+               f"profile's scan; layers narrower than {MIN_BLOCKS} steps keep the rate's count); {how}; speedup = "
+               f"median per-round ratio to the dense model timed side by side, batch {args.batch}, 1 thread, "
+               f"{args.layout}.")
+    suffix = "" if args.layout == DEFAULT_LAYOUT else f"-{args.layout}"
+    print(record(f"alignment-{args.model}-{args.dataset}{suffix}", rows, summary))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from pathlib import Path
 from .errors import UserError, unknown
 from .files import save_with
 from .layers import Layer
-from .sparsity import SparsityType, nm_keep
+from .sparsity import SparsityType, aligned_keep, keep_count, nm_keep
 
 SCHEMA = 1
+ALIGNED = {SparsityType.FILTER: "out", SparsityType.CHANNEL: "in"}  # the side each type removes channels from
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,23 @@ class Plan:
     def uniform(cls, layers: Iterable[Layer], kind: SparsityType, rate: float) -> Plan:
         """`kind` at `rate` on every layer it applies to (never filter on the classifier)."""
         return cls({layer.name: LayerSparsity(kind, rate) for layer in layers if kind in layer.types})
+
+    def aligned(self, layers: Iterable[Layer], steps: dict[str, object]) -> Plan:
+        """This plan with each filter (or channel) count raised to a multiple of the device's channel
+        step on that side (`steps`, as `profiler.steps` records it; `sparsity.aligned_keep`), as the
+        search draws plans and the profile times them; a layer left whole drops out."""
+        by_name = {layer.name: layer for layer in layers}
+        specs = {}
+        for name, spec in self.layers.items():
+            layer, side = by_name[name], ALIGNED.get(spec.type)
+            if side is not None and not (side == "in" and layer.groups != 1):  # a group's filters align alike
+                n = layer.weight_shape[0 if side == "out" else 1]
+                kept = aligned_keep(n, spec.rate, int(steps.get(side, 1)))
+                if kept != keep_count(n, spec.rate):  # the rate as drawn where it already keeps whole steps
+                    spec = LayerSparsity(spec.type, (n - kept) / n)
+            if spec.rate > 0:
+                specs[name] = spec
+        return Plan(specs)
 
     @classmethod
     def parse(cls, text: str, layers: list[Layer], couplings: list[list[str]] = ()) -> Plan:

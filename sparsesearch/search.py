@@ -209,6 +209,7 @@ class Search(Trials):
     weights_sha256: str = ""  # of the dense checkpoint: a study resumed on other weights is refused
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
     trial_budget: int | None = None  # trained trials the study may hold, counted across its workers
+    steps: dict[str, int] = field(default_factory=dict)  # the channel widths counts are aligned to (`Space`)
 
     def __post_init__(self) -> None:
         # trials train on a fixed stratified share of the training split; they validate on all of it
@@ -220,6 +221,7 @@ class Search(Trials):
             raise UserError(f"the latency profile {self.latency.profile.path} has timed none of "
                             f"{', '.join(self.config.types)} on {self.config.model}; "
                             f"add them with `{self.profile_command}`")
+        self.steps = {side: int(self.latency.profile.steps.get(side, 1)) for side in ("out", "in")}
         withheld = self._no_faster(self.layers_ms)
         if unprofiled:
             for layer in self.layers:
@@ -231,9 +233,8 @@ class Search(Trials):
         new study, what the study recorded for a resumed one (its parameters' choices are fixed for
         its life: Optuna refuses a categorical whose choices changed, on another machine or profile)."""
         self.withheld = withheld
-        # counts are not aligned to the profile's steps: on resnet56 at batch 8 the aligned plans ran
-        # slower (bench/results/alignment-resnet56-fashion-mnist.md); the one-conv scan does not transfer
-        self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, withheld=withheld)
+        self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, steps=self.steps,
+                           withheld=withheld)
 
     @property
     def profile_command(self) -> str:
@@ -765,6 +766,7 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
 
 
 WITHHELD = "withheld"  # the study attr: per layer, the types its space keeps from it
+STEPS = "steps"  # the study attr: the channel widths its counts are aligned to (none recorded: not aligned)
 
 
 def record(study: optuna.Study, search: Search) -> None:
@@ -777,6 +779,7 @@ def record(study: optuna.Study, search: Search) -> None:
             raise UserError(f"the dense checkpoint of study '{study.study_name}' changed since the study started "
                             "(its trials were pruned from other weights); restore it, or start another with --study NEW")
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
+        search.steps = study.user_attrs.get(STEPS, {})  # a plan's counts stay what they were when it was drawn
         search.offer(_withheld(study, search))
         if untimed := sorted(t.value for t in {t for s in search.space.slots for t in s.types} & search.unprofiled):
             raise UserError(f"study '{study.study_name}' searches {', '.join(untimed)}, which the latency profile "
@@ -797,6 +800,7 @@ def record(study: optuna.Study, search: Search) -> None:
     study.set_user_attr("space", "per layer" if search.space.per_layer
                         else "per stage + allocation by latency and sensitivity")
     study.set_user_attr(WITHHELD, {name: sorted(k.value for k in kinds) for name, kinds in search.withheld.items()})
+    study.set_user_attr(STEPS, search.steps)
     # last: a worker starting beside this one takes "config" to mean the record is whole
     study.set_user_attr("config", search.config.to_attrs())
 

@@ -22,13 +22,12 @@ from optuna.trial import FrozenTrial, TrialState
 from .errors import UserError
 from .layers import Layer
 from .plan import LayerSparsity, Plan
-from .sparsity import NM_M, SparsityType, keep_count
+from .sparsity import NM_M, SparsityType
 
 RATE_STEP, MAX_RATE = 0.05, 0.9
 ETA = 3  # successive halving: a third of the trials climb each rung
 RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
-ALIGNED = {SparsityType.FILTER: "out", SparsityType.CHANNEL: "in"}  # the dim each type removes channels from
 MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a guided allocation
 LEAN_MAX = 2.0  # the largest `lean`: a slot twice as robust as another pruned up to 4x as hard
 
@@ -67,9 +66,9 @@ class Space:
     as robust is pruned twice as hard). Stages of a ResNet hold slots that differ by tens of points
     (a residual stream against a block's inner conv), which one rate per stage cannot tell apart;
     the stage rate is their mean. Either way each trial yields a full per-layer plan; given
-    `steps` (a channel period, as `profiler.steps` measures it), its filter and channel counts are
-    raised to multiples of it (`aligned`: measured by bench/alignment.py, not used by the search,
-    where it cost resnet56 speed). A layer is not offered the types `withheld` from it (predicted
+    `steps` (a channel period, as `profiler.steps` measures it: the search passes its profile's),
+    the filter and channel counts of layers at least MIN_BLOCKS steps wide are raised to multiples
+    of it (`Plan.aligned`). A layer is not offered the types `withheld` from it (predicted
     no faster than dense there)."""
 
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
@@ -78,7 +77,7 @@ class Space:
                  withheld: dict[str, set[SparsityType]] | None = None) -> None:
         allowed = {SparsityType(t) for t in types}
         self.by_name = by_name = {layer.name: layer for layer in layers}
-        self.steps = {kind: int((steps or {}).get(side, 1)) for kind, side in ALIGNED.items()}
+        self.steps = {side: int((steps or {}).get(side, 1)) for side in ("out", "in")}
         grouped = {n for g in couplings for n in g}
         units = [list(g) for g in couplings] + [[layer.name] for layer in layers if layer.name not in grouped]
         units.sort(key=lambda u: [layer.name for layer in layers].index(u[0]))
@@ -131,20 +130,9 @@ class Space:
                 kind, rate = rates[s.name]
                 rate = snap(rate, kind)
                 for n in s.layers:
-                    if rate > 0 and (aligned := self.aligned(n, kind, rate)) > 0:
-                        layers[n] = LayerSparsity(kind, aligned)
-        return Plan(layers)
-
-    def aligned(self, name: str, kind: SparsityType, rate: float) -> float:
-        """`rate` with the kept filters (or input channels) of layer `name` raised to the next
-        multiple of the step: more channels kept, the same latency where one conv's staircase
-        holds for this layer. 0 when that keeps them all."""
-        step, layer = self.steps.get(kind, 1), self.by_name[name]
-        if step <= 1 or (kind == SparsityType.CHANNEL and layer.groups != 1):  # a coupled group's filters align alike
-            return rate
-        n = layer.weight_shape[0 if kind == SparsityType.FILTER else 1]
-        kept = min(math.ceil(keep_count(n, rate) / step) * step, n)
-        return (n - kept) / n
+                    if rate > 0:
+                        layers[n] = LayerSparsity(kind, rate)
+        return Plan(layers).aligned(self.by_name.values(), self.steps)
 
     def uniform_params(self, kind: SparsityType, rate: float) -> dict[str, Any]:
         """The parameters that draw `kind` at `rate` wherever it applies (a uniform baseline)."""

@@ -138,6 +138,21 @@ def keep_count(n_groups: int, rate: float) -> int:
     return max(n_groups - removed, 1)
 
 
+MIN_BLOCKS = 4  # a layer narrower than this many steps is not aligned: small convs gain from every channel
+
+
+def aligned_keep(n_groups: int, rate: float, step: int) -> int:
+    """Channels to keep of `n_groups` at `rate`, raised to the next multiple of `step`, the width at
+    which this device's latency steps (`profiler.steps`): where a remainder costs a whole block or
+    more (oneDNN's channels-last convs), the multiple keeps more channels for no more time. Layers
+    narrower than MIN_BLOCKS steps keep `keep_count`: on resnet56 their 16 and 32 channels raised to
+    one step left them unpruned, and slower (bench/results/alignment-resnet56-fashion-mnist.md)."""
+    kept = keep_count(n_groups, rate)
+    if step <= 1 or n_groups < MIN_BLOCKS * step:
+        return kept
+    return min(math.ceil(kept / step) * step, n_groups)
+
+
 def nm_keep(rate: float, m: int = NM_M) -> int:
     """N, the weights kept in every block of M, for an nm rate of 1 - N/M."""
     n = m * (1 - rate)

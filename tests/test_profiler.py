@@ -577,6 +577,23 @@ def test_a_type_no_faster_than_dense_at_its_highest_rate_or_running_the_dense_la
     assert profile.unpaid() == {(sig.key, "irregular"), (sig.key, "nm")}
 
 
+def test_filter_rows_fall_on_the_counts_the_search_aligns_to(digits: measure.Target, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the scan finds a step (16 outputs: channels-last on an AVX-512 CPU), the search keeps
+    multiples of it in layers MIN_BLOCKS steps wide or wider; the profile times those counts, not the
+    ones the rate alone leaves, so that its rows lie where plans do."""
+    from sparsesearch.sparsity import MIN_BLOCKS
+
+    monkeypatch.setattr(measure.steps, "scan", lambda *a, **kw: {"out": 16, "in": 1})
+    run = measure.profile_model(digits, CPU, 1, "float32", (0.0, 0.3), ["filter"], tmp_path / "p.json", timing=FAST)
+    outs = {}
+    for row in run.profile.rows.values():
+        outs.setdefault(row.signature.out_channels, set()).add(row.out_keep)
+    wide = {n: kept for n, kept in outs.items() if n >= MIN_BLOCKS * 16}
+    assert wide and all(k % 16 == 0 for kept in wide.values() for k in kept), outs
+    assert outs[32] == {32, keep_count(32, 0.3)}, "a layer two steps wide keeps what the rate leaves"
+
+
 def test_a_type_that_buys_no_time_is_timed_at_its_highest_rate_only_and_calibrated_without(
         digits: measure.Target, tmp_path: Path) -> None:
     """On a CPU nm runs the dense layer (no 2:4 kernel): one row per layer shape says so, and the
@@ -586,7 +603,9 @@ def test_a_type_that_buys_no_time_is_timed_at_its_highest_rate_only_and_calibrat
     shapes = {r.signature for r in run.profile.rows.values()}
     assert len(nm) == len(shapes) and {(r.rate, r.impl) for r in nm} == {(measure.NM_RATES[-1], "dense-fallback")}
     assert all((r.in_keep, r.out_keep) == (r.signature.in_channels, r.signature.out_channels) for r in nm)
-    assert run.skipped > 0 and run.measured + run.skipped + run.reused == len(measure.grid(digits, RATES, ("filter", "nm"))[0])
+    step = run.profile.steps["out"]
+    assert run.skipped > 0 and run.measured + run.skipped + run.reused == len(measure.grid(digits, RATES, ("filter", "nm"),
+                                                                                           step)[0])
     drawn = {spec["type"] for sample in run.rest["calibration"] for spec in sample["plan"]["layers"].values()}
     assert drawn == {"filter"}
 

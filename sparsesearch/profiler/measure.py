@@ -3,7 +3,8 @@
 The grid follows what compaction can produce. A layer's kept inputs come from its producers'
 filter pruning (read off the model compacted at each grid rate, so flattens and concatenations
 count right) or from its own channel pruning; its kept outputs from its own (coupled) filter
-pruning. Plain layers get a 2-D grid of (kept inputs, kept outputs): the full rows and columns and
+pruning, its counts aligned as the search aligns them (`Plan.aligned`, to the profile's channel
+step), so that rows fall where plans do. Plain layers get a 2-D grid of (kept inputs, kept outputs): the full rows and columns and
 the diagonal at every rate, the rest on a coarser sub-grid. Pattern types (channel gathered, shape,
 irregular, nm) get every rate at full dims and coarse rates at half-kept inputs and/or outputs.
 The latency model interpolates between these points.
@@ -91,8 +92,9 @@ def target(model_name: str, dataset: str | None = None, image_size: int | None =
 
 
 def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], layers: list[Layer],
-                               rates: Iterable[float]) -> dict[float, dict[str, tuple[int, int, int]]]:
-    """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate."""
+                               rates: Iterable[float], step: int = 1) -> dict[float, dict[str, tuple[int, int, int]]]:
+    """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate,
+    their kept counts aligned to `step`."""
     from ..graph import dependencies
     from .predictor import compacted_copy
 
@@ -103,7 +105,7 @@ def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], l
     for rate in rates:
         if rate == 0:
             continue
-        plan = Plan.uniform(layers, SparsityType.FILTER, rate)
+        plan = Plan.uniform(layers, SparsityType.FILTER, rate).aligned(layers, {"out": step})
         if not plan.layers:
             dims[rate] = full
             continue
@@ -185,13 +187,14 @@ def grid_of(rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None 
             {SparsityType(t).value for t in (types or [t.value for t in SparsityType])})
 
 
-def grid(target_: Target, rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None
-         ) -> tuple[list[Point], dict[Signature, list[str]]]:
-    """Distinct points to time for a model, and the layers behind each signature."""
+def grid(target_: Target, rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
+         step: int = 1) -> tuple[list[Point], dict[Signature, list[str]]]:
+    """Distinct points to time for a model, and the layers behind each signature (filter counts
+    aligned to the output `step` of the profile's channel scan)."""
     rates, types = grid_of(rates, types)
     layers = trace(target_.model, target_.input_shape)
     dims = _dims_under_filter_pruning(target_.model, target_.input_shape, layers,
-                                      rates if "filter" in types else [0.0])
+                                      rates if "filter" in types else [0.0], step)
     if "filter" not in types:
         dims = {r: dims[0.0] for r in rates}
     modules = dict(target_.model.named_modules())
@@ -452,11 +455,6 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
-    rates, types = grid_of(rates, types)
-    points, names = grid(target_, rates, types)
-    todo = [p for p in points if p.key not in profile.rows]
-    key = model_key(target_.model, target_.input_shape)
-    whole = profile.rest.get(key, {})
     if profile.yardstick_ms is None or not profile.steps:
         if on_progress:
             on_progress(0, 1, "the yardstick and this device's channel steps")
@@ -467,6 +465,11 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         profile.save(path)
         if on_progress:
             on_progress(1, 1, "the yardstick and this device's channel steps")
+    rates, types = grid_of(rates, types)
+    points, names = grid(target_, rates, types, int(profile.steps.get("out", 1)))
+    todo = [p for p in points if p.key not in profile.rows]
+    key = model_key(target_.model, target_.input_shape)
+    whole = profile.rest.get(key, {})
     speeds: list[float] = []
 
     def timed(batch: list[Point], what: str) -> None:

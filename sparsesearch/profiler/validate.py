@@ -180,6 +180,8 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     drawn = [("random", random_plan(layers, deps.couplings, rng, rates, types=covered.get("types")))
              for _ in range(samples)]
     drawn += [(f"uniform filter {rate:g}", plan) for rate, plan in uniform_ladder(layers, rates, covered.get("types"))]
+    # as the search draws them: counts aligned to the device's step (a plan that then prunes nothing is left out)
+    drawn = [(kind, aligned) for kind, plan in drawn if (aligned := plan.aligned(layers, latency.profile.steps)).layers]
     pending: list[tuple[str, Plan, float, torch.nn.Module]] = []
     for i, (kind, plan) in enumerate(drawn):
         compacted = compacted_copy(model, shape, plan, deps)
