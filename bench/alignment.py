@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import record  # noqa: E402
 
 from sparsesearch.admm import run_admm  # noqa: E402
-from sparsesearch.compact import verified_compact  # noqa: E402
+from sparsesearch.compact import pruned, verified_compact  # noqa: E402
 from sparsesearch.graph import dependencies  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
 from sparsesearch.profiler.measure import TIMING  # noqa: E402
@@ -80,7 +80,8 @@ def main() -> None:
                 run = run_admm(trained, trial_data, plan, config, CPU, deps)
                 drop, se = paired_drop(dense_correct, run.val_correct)
                 row[name] |= {"val %": round(run.accuracy["final_val"], 2), "drop": round(drop, 2), "se": round(se, 2)}
-            result = verified_compact(trained.cpu().eval(), plan, shape, args.model)
+            result = (pruned(trained, plan, shape, deps)[1] if args.no_train  # hard-pruned by the plan's projection
+                      else verified_compact(trained.cpu().eval(), plan, shape, args.model))
             compacted[name] = in_layout(result.model, args.layout)
             row[name] |= {"MAC reduction": round(dense_macs / sum(result.macs.values()), 2)}
             print(rate, name, row[name], flush=True)

@@ -592,6 +592,10 @@ def test_filter_rows_fall_on_the_counts_the_search_aligns_to(digits: measure.Tar
     wide = {n: kept for n, kept in outs.items() if n >= MIN_BLOCKS * 16}
     assert wide and all(k % 16 == 0 for kept in wide.values() for k in kept), outs
     assert outs[32] == {32, keep_count(32, 0.3)}, "a layer two steps wide keeps what the rate leaves"
+    widths = {layer.name: layer.weight_shape[0] for layer in trace(digits.model, digits.input_shape)}
+    calibrated = [(widths[name], spec["rate"]) for sample in run.rest["calibration"]
+                  for name, spec in sample["plan"]["layers"].items() if spec["type"] == "filter"]
+    assert calibrated and all(keep_count(n, rate) % 16 == 0 for n, rate in calibrated if n >= MIN_BLOCKS * 16)
 
 
 def test_a_type_that_buys_no_time_is_timed_at_its_highest_rate_only_and_calibrated_without(

@@ -302,12 +302,13 @@ def _rest(model: nn.Module, layers: list[Layer], batch_size: int) -> nn.Module:
 
 
 def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: list[float],
-                      types: set[str]) -> list[Plan]:
+                      types: set[str], channel_steps: dict[str, object] | None = None) -> list[Plan]:
     """Plans of the profiled types and rates that span what a search visits: a few with every layer
     at the lightest or the heaviest rate; the search's uniform filter ladder; a few that leave most
     layers dense (where the search's first plans and its baselines live: random plans rarely do, and
     resnet56's uniform filter 10% was predicted 14% slow without them); the rest drawn as `profile
-    validate` draws (with a seed distinct from its)."""
+    validate` draws (with a seed distinct from its). Counts aligned to `channel_steps`, as the
+    search's are."""
     import random
 
     from .validate import random_plan, uniform_ladder
@@ -320,25 +321,27 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
               for rate in (rates[1], rates[-1]) for _ in range(2)]
     chosen += [plan for _, plan in uniform_ladder(layers, rates, types)]
     chosen += [random_plan(layers, couplings, rng, rates, NEAR_DENSE, types) for _ in range(4)]
-    return chosen + [random_plan(layers, couplings, rng, rates, types=types)
-                     for _ in range(CALIBRATION_PLANS - len(chosen))]
+    chosen += [random_plan(layers, couplings, rng, rates, types=types) for _ in range(CALIBRATION_PLANS - len(chosen))]
+    return [aligned for plan in chosen if (aligned := plan.aligned(layers, channel_steps or {})).layers]
 
 
 def network_plans(target_: Target, rates: list[float], types: set[str],
-                  unpaid: set[tuple[str, str]] = frozenset()) -> list[Plan]:
+                  unpaid: set[tuple[str, str]] = frozenset(),
+                  channel_steps: dict[str, object] | None = None) -> list[Plan]:
     """The calibration plans of `target_`'s network, of what the search can give each layer."""
     from ..graph import dependencies
 
     model, shape = target_.model.eval(), target_.input_shape
     return calibration_plans(without_unpaid(model, trace(model, shape), unpaid), dependencies(model, shape).couplings,
-                             rates, types)
+                             rates, types, channel_steps)
 
 
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
                     rates: list[float], types: set[str], reference_ms: float,
                     timing: dict[str, float] = NETWORK_TIMING,
                     on_plans: Callable[[int, int], None] | None = None,
-                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = DEFAULT_LAYOUT) -> dict[str, object]:
+                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = DEFAULT_LAYOUT,
+                    channel_steps: dict[str, object] | None = None) -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
     `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
     each stored as its ratio to it times the dense latency.
@@ -360,7 +363,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     deps = dependencies(model, shape)
     dense = in_layout(copy.deepcopy(model).to(device=device, dtype=dtype), layout)
     x = in_layout(torch.randn(batch_size, *shape, dtype=dtype).to(device), layout)
-    plans = network_plans(target_, rates, types, unpaid)
+    plans = network_plans(target_, rates, types, unpaid, channel_steps)
     if on_plans is not None:
         on_plans(0, len(plans))
     t, speed = _timed({"rest": _rest(dense, layers, batch_size), "dense": dense}, x, Yardstick(device, dtype),
@@ -503,13 +506,13 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     timed(rest, "the rest of the grid")
     timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
                    and [c["plan"] for c in whole.get("calibration", [])]
-                   == [plan.to_dict() for plan in network_plans(target_, rates, types, unpaid)])
+                   == [plan.to_dict() for plan in network_plans(target_, rates, types, unpaid, profile.steps)])
     if not timed_whole:  # new, another grid's, or calibrated on other plans (an older version's)
         profile.rest[key] = measure_network(
             target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
             {**NETWORK_TIMING, **overrides},
             on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")),
-            unpaid=unpaid, layout=str(here["layout"]))
+            unpaid=unpaid, layout=str(here["layout"]), channel_steps=profile.steps)
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
     dense = {r.signature: r.median_ms for r in profile.rows.values()
