@@ -6,10 +6,12 @@ leaves the counts (`Plan.uniform`), and with each count raised to the next multi
 (`Plan.aligned`, what the search does in layers at least `MIN_BLOCKS` steps wide). Both are trained alike from the dense weights
 (ADMM + masked retraining, `--epochs` on `--data` of the training split; `--no-train` skips this
 and keeps the dense weights), compacted, and timed side by side with the dense model in one run
-(1 thread, interleaved rounds, median ratio to dense), every network and the scan in `--layout`.
+(1 thread, interleaved rounds, median ratio to dense; `--no-time` skips this, for a training run
+on a core that is not quiet), every network and the scan in `--layout`.
 
 Usage: python bench/alignment.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
-       [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1] [--layout channels-last] [--no-train]
+       [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1] [--layout channels-last] [--no-train | --no-time]
+       [--step 16 (align to it, no scan)]
        (run alone, pinned: taskset -c 1)
 """
 
@@ -53,9 +55,13 @@ def main() -> None:
     parser.add_argument("--data", type=float, default=0.1)
     parser.add_argument("--layout", choices=list(LAYOUTS), default=DEFAULT_LAYOUT)
     parser.add_argument("--no-train", action="store_true", help="time the plans on the dense weights, untrained")
+    parser.add_argument("--no-time", action="store_true", help="train and score the plans, without timing them")
+    parser.add_argument("--step", type=int, help="the output step to align to, instead of scanning for it")
     args = parser.parse_args()
+    if args.no_train and args.no_time:
+        parser.error("--no-train and --no-time leave nothing to do")
     set_threads(1)
-    found = scan(CPU, args.batch, torch.float32, TIMING, args.layout)
+    found = {"out": args.step, "in": 1} if args.step else scan(CPU, args.batch, torch.float32, TIMING, args.layout)
     print(f"batch {args.batch}: latency steps every {found['out']} outputs, {found['in']} inputs", flush=True)
     model, data = prepare(args.model, args.dataset, weights=Path(args.checkpoint))
     model.eval()
@@ -85,21 +91,22 @@ def main() -> None:
             compacted[name] = in_layout(result.model, args.layout)
             row[name] |= {"MAC reduction": round(dense_macs / sum(result.macs.values()), 2)}
             print(rate, name, row[name], flush=True)
-        timings = compare({"dense": in_layout(model, args.layout), **compacted},
-                          in_layout(torch.randn(args.batch, *shape), args.layout), rounds=30,
-                          reference="dense", warmup_s=0.5, min_round_s=0.1)
+        timings = {} if args.no_time else compare({"dense": in_layout(model, args.layout), **compacted},
+                                                  in_layout(torch.randn(args.batch, *shape), args.layout), rounds=30,
+                                                  reference="dense", warmup_s=0.5, min_round_s=0.1)
         for name in compacted:
-            rows.append({"filter rate": rate, "plan": name, **row[name],
-                         "speedup": round(1 / timings[name].relative, 3), "ms": round(timings[name].median_ms, 3)})
+            rows.append({"filter rate": rate, "plan": name, **row[name]} | ({} if args.no_time else {
+                "speedup": round(1 / timings[name].relative, 3), "ms": round(timings[name].median_ms, 3)}))
     how = ("untrained: the dense weights, timed only" if args.no_train else
-               f"each trained alike ({args.epochs} epochs on {args.data:g} of the training split), accuracy on the "
-               "whole validation split (drop paired with the dense model, ± SE)")
+           f"each trained alike ({args.epochs} epochs on {args.data:g} of the training split), accuracy on the "
+           "whole validation split (drop paired with the dense model, ± SE)")
     summary = (f"{args.model} on {args.dataset}, uniform filter plans as each rate leaves the counts and aligned to the "
-               f"device's latency step (batch {args.batch}, {args.layout}: every {found['out']} outputs, found by the "
-               f"profile's scan; layers narrower than {MIN_BLOCKS} steps keep the rate's count); {how}; speedup = "
-               f"median per-round ratio to the dense model timed side by side, batch {args.batch}, 1 thread, "
-               f"{args.layout}.")
-    suffix = "" if args.layout == DEFAULT_LAYOUT else f"-{args.layout}"
+               f"device's latency step (batch {args.batch}, {args.layout}: every {found['out']} outputs, "
+               f"{'given' if args.step else 'found by the profile' + chr(39) + 's scan'}; layers narrower than {MIN_BLOCKS} steps keep the rate's count); {how}; " + (
+                   "not timed." if args.no_time else f"speedup = median per-round ratio to the dense model timed "
+                   f"side by side, batch {args.batch}, 1 thread, {args.layout}."))
+    suffix = ("" if args.layout == DEFAULT_LAYOUT else f"-{args.layout}") + (
+        "-timing" if args.no_train else "-accuracy" if args.no_time else "")
     print(record(f"alignment-{args.model}-{args.dataset}{suffix}", rows, summary))
 
 
