@@ -3,11 +3,12 @@
 For one case (model, dataset, dense checkpoint) and batch size, the profile's scan finds where this
 device's latency steps (`profiler.steps`). Each uniform filter rate gives two plans: as the rate
 leaves the counts (`Plan.uniform`), and with each count raised to the next multiple of the step
-(`Plan.aligned`, what the search does in layers at least `MIN_BLOCKS` steps wide). Both are trained alike from the dense weights
-(ADMM + masked retraining, `--epochs` on `--data` of the training split; `--no-train` skips this
-and keeps the dense weights), compacted, and timed side by side with the dense model in one run
-(1 thread, interleaved rounds, median ratio to dense; `--no-time` skips this, for a training run
-on a core that is not quiet), every network and the scan in `--layout`.
+(`Plan.aligned`, what the search does in layers at least `MIN_BLOCKS` steps wide). Both are trained
+alike from the dense weights (ADMM + masked retraining, `--epochs` on `--data` of the training
+split; `--no-train` skips this and keeps the dense weights), compacted, and timed side by side
+with the dense model in one run (1 thread, interleaved rounds, median ratio to dense; `--no-time`
+skips this, for a training run on a core that is not quiet), every network and the scan in
+`--layout`.
 
 Usage: python bench/alignment.py --model resnet56 --dataset fashion-mnist --checkpoint PATH
        [--batch 8] [--rates 0.3 0.5] [--epochs 1+3] [--data 0.1] [--layout channels-last] [--no-train | --no-time]
@@ -102,7 +103,8 @@ def main() -> None:
            "whole validation split (drop paired with the dense model, ± SE)")
     summary = (f"{args.model} on {args.dataset}, uniform filter plans as each rate leaves the counts and aligned to the "
                f"device's latency step (batch {args.batch}, {args.layout}: every {found['out']} outputs, "
-               f"{'given' if args.step else 'found by the profile' + chr(39) + 's scan'}; layers narrower than {MIN_BLOCKS} steps keep the rate's count); {how}; " + (
+               f"{'given' if args.step else 'found by the profile scan'}; layers narrower than {MIN_BLOCKS} steps "
+               f"keep the rate's count); {how}; " + (
                    "not timed." if args.no_time else f"speedup = median per-round ratio to the dense model timed "
                    f"side by side, batch {args.batch}, 1 thread, {args.layout}."))
     suffix = ("" if args.layout == DEFAULT_LAYOUT else f"-{args.layout}") + (

@@ -4,9 +4,10 @@ The grid follows what compaction can produce. A layer's kept inputs come from it
 filter pruning (read off the model compacted at each grid rate, so flattens and concatenations
 count right) or from its own channel pruning; its kept outputs from its own (coupled) filter
 pruning, its counts aligned as the search aligns them (`Plan.aligned`, to the profile's channel
-step), so that rows fall where plans do. Plain layers get a 2-D grid of (kept inputs, kept outputs): the full rows and columns and
-the diagonal at every rate, the rest on a coarser sub-grid. Pattern types (channel gathered, shape,
-irregular, nm) get every rate at full dims and coarse rates at half-kept inputs and/or outputs.
+step), so that rows fall where plans do. Plain layers get a 2-D grid of (kept inputs, kept
+outputs): the full rows and columns and the diagonal at every rate, the rest on a coarser
+sub-grid. Pattern types (channel gathered, shape, irregular, nm) get every rate at full dims and
+coarse rates at half-kept inputs and/or outputs.
 The latency model interpolates between these points.
 """
 
@@ -92,9 +93,10 @@ def target(model_name: str, dataset: str | None = None, image_size: int | None =
 
 
 def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], layers: list[Layer],
-                               rates: Iterable[float], step: int = 1) -> dict[float, dict[str, tuple[int, int, int]]]:
+                               rates: Iterable[float], channel_steps: dict[str, object] | None = None
+                               ) -> dict[float, dict[str, tuple[int, int, int]]]:
     """(in, out, groups) of every layer once all filter-prunable layers lose filters at each rate,
-    their kept counts aligned to `step`."""
+    their kept counts aligned to `channel_steps`."""
     from ..graph import dependencies
     from .predictor import compacted_copy
 
@@ -105,7 +107,7 @@ def _dims_under_filter_pruning(model: nn.Module, input_shape: tuple[int, ...], l
     for rate in rates:
         if rate == 0:
             continue
-        plan = Plan.uniform(layers, SparsityType.FILTER, rate).aligned(layers, {"out": step})
+        plan = Plan.uniform(layers, SparsityType.FILTER, rate).aligned(layers, channel_steps or {})
         if not plan.layers:
             dims[rate] = full
             continue
@@ -188,13 +190,13 @@ def grid_of(rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None 
 
 
 def grid(target_: Target, rates: Iterable[float] = DEFAULT_RATES, types: Iterable[str] | None = None,
-         step: int = 1) -> tuple[list[Point], dict[Signature, list[str]]]:
+         channel_steps: dict[str, object] | None = None) -> tuple[list[Point], dict[Signature, list[str]]]:
     """Distinct points to time for a model, and the layers behind each signature (filter counts
-    aligned to the output `step` of the profile's channel scan)."""
+    aligned to the profile's `channel_steps`, as the search's are)."""
     rates, types = grid_of(rates, types)
     layers = trace(target_.model, target_.input_shape)
     dims = _dims_under_filter_pruning(target_.model, target_.input_shape, layers,
-                                      rates if "filter" in types else [0.0], step)
+                                      rates if "filter" in types else [0.0], channel_steps)
     if "filter" not in types:
         dims = {r: dims[0.0] for r in rates}
     modules = dict(target_.model.named_modules())
@@ -469,7 +471,7 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
         if on_progress:
             on_progress(1, 1, "the yardstick and this device's channel steps")
     rates, types = grid_of(rates, types)
-    points, names = grid(target_, rates, types, int(profile.steps.get("out", 1)))
+    points, names = grid(target_, rates, types, profile.steps)
     todo = [p for p in points if p.key not in profile.rows]
     key = model_key(target_.model, target_.input_shape)
     whole = profile.rest.get(key, {})

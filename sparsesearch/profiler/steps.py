@@ -74,8 +74,8 @@ def scan(device: torch.device, batch_size: int, dtype: torch.dtype, timing: dict
     every 16 channels where contiguous ones show no step), and return each staircase's period with
     the timings it was read from."""
     torch.manual_seed(0)
-    found: dict[str, object] = {"conv": f"3x3 at {SIDE}x{SIDE}, the other side {FIXED} channels", "widths": list(WIDTHS),
-                               "layout": layout}
+    found: dict[str, object] = {"conv": f"3x3 at {SIDE}x{SIDE}, the other side {FIXED} channels",
+                                "widths": list(WIDTHS), "layout": layout}
     for side in ("out", "in"):
         convs = {}
         for w in WIDTHS:
