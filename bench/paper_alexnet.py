@@ -17,7 +17,6 @@ Run alone on a quiet core: `taskset -c 1 python bench/paper_alexnet.py`.
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from sparsesearch.profiler.predictor import predict_compacted  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
 from sparsesearch.runtime import LAYOUTS, set_threads  # noqa: E402
 from sparsesearch.space import MAX_RATE  # noqa: E402
-from sparsesearch.sparsity import SparsityType  # noqa: E402
+from sparsesearch.sparsity import SparsityType, aligned_keep  # noqa: E402
 
 MODEL, SHAPE = "tv:alexnet", (3, 224, 224)
 TARGET = 15.0  # fewer conv MACs, the paper's AlexNet compression
@@ -101,7 +100,7 @@ def allocated(base: nn.Module, deps: object, layers: list, dense_macs: int, late
     steps are given back, least predicted latency per MAC first, while the target still holds."""
     step = int(latency.profile.steps.get("out", 1))
     dense = {layer.name: base.get_submodule(layer.name).out_channels for layer in layers}
-    least = {n: step * math.ceil(c * (1 - MAX_RATE) / step) for n, c in dense.items()}
+    least = {n: aligned_keep(c, MAX_RATE, step) for n, c in dense.items()}  # what the space keeps at its most
 
     def plan(kept: dict[str, int]) -> Plan:
         return Plan({n: LayerSparsity(SparsityType.FILTER, 1 - k / dense[n]) for n, k in kept.items() if k < dense[n]})
