@@ -20,17 +20,18 @@ at batch 1 and 8 (1 thread, interleaved rounds, median ratio); there its drop is
 the dense model. Every stage's results are written
 as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a
 final's training (hours) goes on from its last ADMM period or epoch (`final-*.resume.pt`, kept out
-of git). Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed
+of git); its trained weights wait in `final-*.pt` (out of git) for their timing, which
+`--no-time` defers to a later run on a quiet core. Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed
 with the current profile on every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
-       [--train-threads 1]
+       [--train-threads 1] [--no-time]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
 (the finals' training on both cores of a 2-core machine), run it unpinned: the
-timings then pin themselves to the last core.
+timings then pin themselves to the last core. `--no-time` lets the finals train beside other work.
 """
 
 from __future__ import annotations
@@ -208,20 +209,41 @@ def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, o
             for rate, row in state[arm].items()]
 
 
+def weights(folder: Path, arm: str, pick: dict) -> Path:
+    """Where a final's trained weights wait for their timing (out of git: vgg16-bn's are 60 MB)."""
+    return folder / f"final-{arm}-{pick['label'].split()[-1]}.pt"
+
+
+def pick_plan(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study]) -> Plan:
+    return uniform_plan(built, pick["rate"]) if arm == "uniform" else trial_plan(studies[arm], pick["trial"])
+
+
 def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-          full: tuple[float, float], resume: Path) -> dict:
-    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions),
-    compacted and timed beside the dense model."""
+          full: tuple[float, float], resume: Path, weights: Path) -> dict:
+    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions); its
+    weights are kept at `weights` for `timed`, which may run later, on a quiet machine."""
     if arm == "torch-pruning":
         model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)
-        compacted = model
     else:
-        plan = uniform_plan(built, pick["rate"]) if arm == "uniform" else trial_plan(studies[arm], pick["trial"])
-        model, raw = admm_trained(built, plan, full, resume)
-        compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
+        model, raw = admm_trained(built, pick_plan(built, arm, pick, studies), full, resume)
+    torch.save(model.state_dict(), weights)
     row = scored(built, raw, full=True)
     row["test drop"] = built.dense["test"] - row.pop("test")
-    return {**row, **measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)}
+    return row
+
+
+def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], weights: Path) -> dict:
+    """The trained final at `weights`, compacted and timed beside the dense model."""
+    state = torch.load(weights, weights_only=True)  # tensors only: nothing in the file runs
+    if arm == "torch-pruning":
+        compacted = torch_pruned(built, pick["rate"])
+        compacted.load_state_dict(state)
+    else:
+        model = built.fresh_model()
+        model.load_state_dict(state)
+        compacted = verified_compact(model, pick_plan(built, arm, pick, studies), built.input_shape,
+                                     built.config.model).model
+    return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
 
 
 def main() -> None:
@@ -236,6 +258,8 @@ def main() -> None:
     parser.add_argument("--compute", default="2h", help="training time of each search arm, summed over its trials")
     parser.add_argument("--arms", nargs="+", default=["study", "uniform", "torch-pruning", "random"])
     parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the trained finals (--no-time: train only, and time them later on a quiet core)")
     parser.add_argument("--train-threads", type=int, default=1, help="threads for the finals' training (the "
                         "search arms train at 1: their compute is wall-clock); timings run at 1 on one core")
     args = parser.parse_args()
@@ -288,15 +312,22 @@ def main() -> None:
                     set_threads(args.train_threads)
                     done = [r for k, r in state["final"].items()  # a plan both limits pick is trained once
                             if k.startswith(f"{arm} within") and r["pick"]["label"] == pick["label"]]
-                    state["final"][key] = done[0] if done else {"pick": pick, **final(built, arm, pick, studies, full,
-                                                                                       resume)}
+                    state["final"][key] = done[0] if done else {
+                        "pick": pick, **final(built, arm, pick, studies, full, resume, weights(folder, arm, pick))}
                     write_json(results, state)
                     for path in resume_files(resume):
                         path.unlink(missing_ok=True)
                     print(key, state["final"][key], flush=True)
+            for key, row in state.get("final", {}).items():
+                if args.time and "speedup b1" not in row:
+                    arm = key.split(" within")[0]
+                    row |= timed(built, arm, row["pick"], studies, weights(folder, arm, row["pick"]))
+                    write_json(results, state)
+                    print(key, row, flush=True)
     rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
              "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),
-             **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()]
+             **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()
+            if "speedup b1" in r]
     if rows:
         compute = {arm: round(spent(s)) for arm, s in studies.items()}
         compute |= {arm: round(sum(r["seconds"] for r in state[arm].values())) for arm in args.arms if arm in state}
@@ -324,7 +355,8 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
         color = f"C{i}"
         ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14, alpha=0.5,
                    color=color, label=f"{arm} (trial fidelity, predicted speedup)")
-        picks = [r for key, r in state.get("final", {}).items() if key.startswith(f"{arm} within")]
+        picks = [r for key, r in state.get("final", {}).items()
+                 if key.startswith(f"{arm} within") and "speedup b1" in r]
         ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
                    edgecolors="black", label=f"{arm}: picks retrained, measured (batch 1)" if picks else None)
     ax.axhline(built.dense["val"], color="black", lw=0.8, ls=":", label="dense model")
