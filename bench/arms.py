@@ -11,18 +11,19 @@ one control, the dense model trained with the trial recipe and nothing pruned, a
   random         random search in the study's space (no baselines, no seeds; its sensitivity scan,
                  which the space's `lean` needs, is run and counted), with the ladder.
 A ladder stops once two rates in a row lose more than STOP points (no higher rate can then be
-picked). The two searches run until their trials' summed training seconds reach `--compute` (carried over
-sessions: the studies are journal files under bench/runs/arms-CASE/, text that git keeps). Then
-each arm's fastest plan within 0.5 and 1.0 points of the control (predicted
-speedup for the searches, the largest rate or ratio for the ladders) is trained again at the full
-budget (`--full-epochs` on the whole training split), compacted, and timed beside the dense model
-at batch 1 and 8 (1 thread, interleaved rounds, median ratio); there its drop is against
-the dense model. Every stage's results are written
-as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a
-final's training (hours) goes on from its last ADMM period or epoch (`final-*.resume.pt`, kept out
-of git); its trained weights wait in `final-*.pt` (out of git) for their timing, which
-`--no-time` defers to a later run on a quiet core. Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed
-with the current profile on every run: sessions land on different CPUs, and the picks and the plot
+picked). The two searches run until their trials' summed training seconds, at the pace of the
+case's fastest worker (`spent`), reach `--compute` (carried over sessions: the studies are
+journal files under bench/runs/arms-CASE/, text that git keeps). Then each arm's fastest plan
+within 0.5 and 1.0 points of the control (predicted speedup for the searches, the largest rate or
+ratio for the ladders) is trained again at the full budget (`--full-epochs` on the whole training
+split), compacted, and timed beside the dense model at batch 1 and 8 (1 thread, interleaved
+rounds, median ratio); there its drop is against the dense model. Every stage's results are
+written as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session,
+goes on; a final's training (hours) goes on from its last ADMM period or epoch
+(`final-*.resume.pt`, kept out of git); its trained weights wait in `final-*.pt` (out of git) for
+their timing, which `--no-time` defers to a later run on a quiet core. Every arm's predicted
+speedups (the ladders' and the searches' trials') are recomputed with the current profile on
+every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
@@ -40,6 +41,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -75,8 +77,9 @@ RUNS = Path(__file__).parent / "runs"
 
 
 def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict) -> optuna.Study:
-    """The study (or random search) arm, run on until its trials' training seconds reach `compute_s`;
-    a new one is judged against the arms' one `control` (a study attr), not a control of its own."""
+    """The study (or random search) arm, run on until its training reaches `compute_s` (`spent`, checked
+    after every trial); a new one is judged against the arms' one `control` (a study attr), not a
+    control of its own."""
     random = arm == "random"
     built.config = replace(built.config, sampler="random" if random else "tpe")
     study = storage.open_study(arm, f"journal:///{folder / f'{arm}.journal'}", True, None, LadderPruner())
@@ -84,9 +87,9 @@ def searched(built: search.Search, arm: str, folder: Path, compute_s: float, con
         study.set_user_attr(search.CONTROL, control)
     study.sampler = search.make_sampler(built.config, len(study.trials))
     search.record(study, built)
-    left = compute_s - spent(study)
-    if left > 0:
-        search.run(built, study, search.Budget(seconds=left), baselines=not random)
+    if spent(study, folder) < compute_s:
+        search.run(built, study, search.Budget(), baselines=not random,
+                   should_stop=lambda: spent(study, folder) >= compute_s)
     return study
 
 
@@ -96,10 +99,33 @@ def past_reach(rows: dict[str, dict]) -> bool:
     return len(drops) >= 2 and min(drops[-2:]) > STOP
 
 
-def spent(study: optuna.Study) -> float:
-    """Training seconds of the study's trials (stopped ones too) and of its sensitivity scan."""
-    scan = study.user_attrs.get("sensitivity", {}).get("seconds", 0.0)
-    return scan + sum(t.user_attrs.get("train_seconds", 0.0) for t in search.trained_trials(study))
+def paces(folder: Path) -> dict[str, float]:
+    """Each worker's (process's) median seconds per complete trial, over both searches' journals. A
+    complete trial is the same work whatever its plan (the masked model trains at full size), so this
+    is the speed of the machine the worker ran on, and of what ran beside it."""
+    times: dict[str, list[float]] = {}
+    for arm in ("study", "random"):
+        if (path := folder / f"{arm}.journal").is_file():
+            for t in storage.open_study(arm, f"journal:///{path}", True).get_trials(
+                    False, states=(optuna.trial.TrialState.COMPLETE,)):
+                times.setdefault(t.user_attrs.get("worker", ""), []).append(t.user_attrs["train_seconds"])
+    return {worker: statistics.median(seconds) for worker, seconds in times.items()}
+
+
+def spent(study: optuna.Study, folder: Path) -> float:
+    """Training seconds of the study's trials (stopped ones too) and of its sensitivity scan, each at
+    the pace of the fastest worker of the case (`paces`): the arms ran over sessions, on different
+    CPUs and beside other jobs (resnet56's study trials took 460-560 s on one day, 285-307 s on
+    the next), and equal compute means equal work at one machine's speed."""
+    pace = paces(folder)
+    fastest = min(pace.values(), default=1.0)
+    trials = search.trained_trials(study)
+
+    def scale(trial: optuna.trial.FrozenTrial) -> float:
+        return fastest / pace.get(trial.user_attrs.get("worker", ""), fastest)
+
+    scan = study.user_attrs.get("sensitivity", {}).get("seconds", 0.0) * (scale(trials[0]) if trials else 1.0)
+    return scan + sum(t.user_attrs.get("train_seconds", 0.0) * scale(t) for t in trials)
 
 
 def uniform_plan(built: search.Search, rate: float) -> Plan:
@@ -286,7 +312,8 @@ def main() -> None:
             if arm in ("study", "random"):
                 studies[arm] = searched(built, arm, folder, compute_s, control)
                 search.control(built, holder)  # each study set the arms' reference again: the same one
-                print(arm, f"{spent(studies[arm]):.0f} s of training in {len(studies[arm].trials)} trials", flush=True)
+                print(arm, f"{spent(studies[arm], folder):.0f} s of training (at the fastest worker's pace) in "
+                      f"{len(studies[arm].trials)} trials", flush=True)
                 continue
             for rate in LADDER:
                 if past_reach(state.setdefault(arm, {})):
@@ -329,7 +356,7 @@ def main() -> None:
              **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()
             if "speedup b1" in r]
     if rows:
-        compute = {arm: round(spent(s)) for arm, s in studies.items()}
+        compute = {arm: round(spent(s, folder)) for arm, s in studies.items()}
         compute |= {arm: round(sum(r["seconds"] for r in state[arm].values())) for arm in args.arms if arm in state}
         summary = (f"{args.model} on {args.dataset} (dense {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% "
                    f"test). Trials: {args.trial_epochs} epochs on {args.trial_data:g} of the training split; training "
@@ -353,8 +380,8 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
     for i, arm in enumerate(("study", "random", "uniform", "torch-pruning")):
         points = candidates(built, arm, state, studies) if arm in studies or arm in state else []
         color = f"C{i}"
-        ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14, alpha=0.5,
-                   color=color, label=f"{arm} (trial fidelity, predicted speedup)")
+        ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14,
+                   alpha=0.5, color=color, label=f"{arm} (trial fidelity, predicted speedup)")
         picks = [r for key, r in state.get("final", {}).items()
                  if key.startswith(f"{arm} within") and "speedup b1" in r]
         ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
