@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--types", default="filter,channel,shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="training seed: another seed's full runs give the noise ceiling")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: another seed's full runs give the noise ceiling")
     args = parser.parse_args()
     set_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -124,7 +125,9 @@ def main() -> None:
         if state.get("dense_sha256") != built.weights_sha256:
             sys.exit(f"{path} holds plans trained from other dense weights than {checkpoint}; pass those, or delete it")
         cheap = state["cheap"].setdefault(fidelity, {})
-        full_runs = state["full"] if not args.seed else state.setdefault("replicates", {}).setdefault(str(args.seed), {})
+        state.setdefault("work", {})[fidelity] = args.trial_data * (admm_epochs + retrain_epochs) / sum(full_epochs)
+        replicates = state.setdefault("replicates", {}) if args.seed else {}
+        full_runs = replicates.setdefault(str(args.seed), {}) if args.seed else state["full"]
         for i, (layers, _) in enumerate(state["plans"]):
             for done, is_cheap in ((full_runs, False), (cheap, True)):
                 if str(i) not in done:
@@ -136,11 +139,14 @@ def main() -> None:
               "full s": full[i]["seconds"]} for i, (_, speedup) in enumerate(state["plans"])]
     lines = []
     for name, runs in state["cheap"].items():
-        rows = [{"speedup": speedup, "full": full[i], "cheap": runs[str(i)]} for i, (_, speedup) in enumerate(state["plans"])]
+        rows = [{"speedup": speedup, "full": full[i], "cheap": runs[str(i)]}
+                for i, (_, speedup) in enumerate(state["plans"])]
         stats = correlations(rows)
         mean_s = sum(r["cheap"]["seconds"] for r in rows) / len(rows)
-        lines.append(f"{name} ({mean_s:.1f} s per trial, {mean_s / (sum(f['seconds'] for f in full) / len(full)):.1%} "
-                     f"of a full run): " + "; ".join(f"{k} {v}" for k, v in stats.items()))
+        work = state.get("work", {}).get(name)  # the machine-free cost: seconds here depend on what ran beside
+        lines.append(f"{name} ({'' if work is None else f'{work:.1%} of a full run in training images, '}"
+                     f"{mean_s:.1f} s per trial, {mean_s / (sum(f['seconds'] for f in full) / len(full)):.1%} "
+                     f"of a full run in seconds): " + "; ".join(f"{k} {v}" for k, v in stats.items()))
         for row, r in zip(table, rows):
             row[f"{name}: val %"] = round(r["cheap"]["val_acc"], 2)
             row.update({f"{name}: rung {k + 1} %": round(v, 2) for k, v in enumerate(r["cheap"]["rungs"])})
@@ -153,8 +159,8 @@ def main() -> None:
                      "more than two such runs agree with each other)")
         for row, value in zip(table, again):
             row[f"full val % (seed {seed})"] = round(value, 2)
-    summary = (f"{args.model} on {args.dataset}: {len(full)} random plans ({args.types}) spread over predicted speedup, "
-               f"each trained from the dense weights at the full budget ({state['full_epochs']} epochs, whole "
+    summary = (f"{args.model} on {args.dataset}: {len(full)} random plans ({args.types}) spread over predicted "
+               f"speedup, each trained from the dense weights at the full budget ({state['full_epochs']} epochs, whole "
                f"training split; full accuracies span {spread:.2f} points) and at each trial fidelity below (rungs on "
                f"the 1,000-image validation probe); accuracy on the whole validation split. {args.device}, "
                f"{torch.get_num_threads()} threads. Rank agreement with the full budget, per trial fidelity:\n\n"

@@ -365,6 +365,24 @@ class Search(Trials):
         return val, speedup
 
 
+FULL_EPOCHS = (10.0, 5.0)  # a full run: `export`'s default ADMM+retraining epochs, on the whole training split
+FAITHFUL_SHARE = 0.05  # of a full run's training images, the least at which LeNet-5's trials ranked plans as it did
+
+
+def trial_share(config: SearchConfig) -> float:
+    """A trial's training images as a share of a full run's: what sets how faithfully trials rank
+    plans (bench/results/faithfulness-lenet5-fashion-mnist.md: at 2.7% Spearman 0.56 against full
+    training, at 5.3-8% 0.92-0.97, whether the share came from more data or more epochs)."""
+    return config.trial_data * (config.admm_epochs + config.retrain_epochs) / sum(FULL_EPOCHS)
+
+
+def faithful_epochs(config: SearchConfig) -> tuple[float, float]:
+    """The trial epochs, in the config's ADMM:retraining proportion and rounded up to half epochs,
+    at which a trial on the config's data share trains FAITHFUL_SHARE of a full run."""
+    scale = FAITHFUL_SHARE / trial_share(config)
+    return math.ceil(2 * config.admm_epochs * scale) / 2, math.ceil(2 * config.retrain_epochs * scale) / 2
+
+
 @dataclass(frozen=True)
 class TrialCost:
     """What one trial costs: its work, and the time that work takes on this device."""
