@@ -21,7 +21,8 @@ rounds, median ratio); there its drop is against the dense model. Every stage's 
 written as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session,
 goes on; a final's training (hours) goes on from its last ADMM period or epoch
 (`final-*.resume.pt`, kept out of git); its trained weights wait in `final-*.pt` (out of git) for
-their timing, which `--no-time` defers to a later run on a quiet core. Every arm's predicted
+their timing, which `--no-time` defers to a later run on a quiet core (`--no-final` then times
+what is trained, and trains no final). Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
 every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
@@ -346,12 +347,12 @@ def main() -> None:
                     for path in resume_files(resume):
                         path.unlink(missing_ok=True)
                     print(key, state["final"][key], flush=True)
-            for key, row in state.get("final", {}).items():
-                if args.time and "speedup b1" not in row:
-                    arm = key.split(" within")[0]
-                    row |= timed(built, arm, row["pick"], studies, weights(folder, arm, row["pick"]))
-                    write_json(results, state)
-                    print(key, row, flush=True)
+        for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
+            arm = key.split(" within")[0]
+            if args.time and "speedup b1" not in row and arm in args.arms:
+                row |= timed(built, arm, row["pick"], studies, weights(folder, arm, row["pick"]))
+                write_json(results, state)
+                print(key, row, flush=True)
     rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
              "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),
              **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()
