@@ -125,7 +125,7 @@ def main() -> None:
         if state.get("dense_sha256") != built.weights_sha256:
             sys.exit(f"{path} holds plans trained from other dense weights than {checkpoint}; pass those, or delete it")
         cheap = state["cheap"].setdefault(fidelity, {})
-        state.setdefault("work", {})[fidelity] = args.trial_data * (admm_epochs + retrain_epochs) / sum(full_epochs)
+        state.setdefault("work", {})[fidelity] = search.trial_share(config, full_epochs)
         replicates = state.setdefault("replicates", {}) if args.seed else {}
         full_runs = replicates.setdefault(str(args.seed), {}) if args.seed else state["full"]
         for i, (layers, _) in enumerate(state["plans"]):
