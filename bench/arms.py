@@ -330,8 +330,8 @@ def main() -> None:
                 row["speed"] = predicted(built, ladder_plan(built, arm, float(rate)))
             write_json(results, state)
         if args.final:
-            for arm in args.arms:
-                for drop in DROPS:
+            for drop in DROPS:  # every arm's pick within 0.5 first: the goal's comparison comes soonest
+                for arm in args.arms:
                     key = f"{arm} within {drop}"
                     within = [c for c in candidates(built, arm, state, studies) if c["drop"] <= drop]
                     if key in state.setdefault("final", {}) or not within:
