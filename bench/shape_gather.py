@@ -11,6 +11,10 @@ the im2col gathered into the thread's reused scratch buffer (now) and into a fre
 Then (`layouts`) the same networks, dense and compacted, each in both memory layouts: NCHW and
 channels-last, in which shape-wise gathers each pixel's columns in the input's own order.
 
+Then (`ceiling`) where a channels-last AlexNet conv2-5 at 93.3% spends its time: the gather alone, the
+product alone, and the dense conv's own im2col GEMM (all K columns, gathered beforehand), whose rate
+against oneDNN's direct conv bounds any im2col form.
+
 Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py [networks] [layers] [layouts]`.
 """
 
@@ -95,6 +99,53 @@ def layouts() -> list[dict[str, object]]:
     return rows
 
 
+class _Fixed(nn.Module):
+    """One step of a compact conv on an operand prepared beforehand (the input it is given is ignored),
+    so that `compare` times that step alone, interleaved with the whole layer."""
+
+    def __init__(self, step: object, operand: torch.Tensor) -> None:
+        super().__init__()
+        self.step, self.operand = step, operand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(self.operand)
+
+
+def ceiling() -> list[dict[str, object]]:
+    """AlexNet's conv2-5 at the paper's 15x, channels-last: each step of the compact form timed beside
+    the dense conv, and the speedup the product would reach at the rate of the dense conv's own GEMM."""
+    torch.manual_seed(0)
+    rows = []
+    for name, cin, cout, k, pad, side in LAYERS[:4]:
+        conv = nn.Conv2d(cin, cout, k, padding=pad).eval()
+        with torch.no_grad():
+            conv.weight.copy_(project([conv.weight], SparsityType.SHAPE, 0.933)[0])
+        conv = conv.to(memory_format=torch.channels_last)
+        every = copy.deepcopy(conv)
+        with torch.no_grad():  # every column live: the shape form of the dense conv, its full im2col GEMM
+            every.weight.add_(1e-3)
+        compact, full = ShapeConv2d(conv).eval(), ShapeConv2d(every).eval()
+        for batch in BATCHES:
+            x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                t = compare({"dense": conv, "compact": compact,
+                             "gather": _Fixed(compact.im2col.pixel_rows, x),
+                             "product": _Fixed(compact._pixel_product, compact.im2col.pixel_rows(x).clone()),
+                             "dense GEMM": _Fixed(full._pixel_product, full.im2col.pixel_rows(x).clone())},
+                            x, rounds=9, reference="dense")
+            reduction = conv.weight.numel() / compact.weight.numel()
+            speedup = 1 / t["compact"].relative
+            rows.append({"layer": name, "batch": batch, "dense conv ms": round(t["dense"].median_ms, 3),
+                         "MAC reduction": round(reduction, 1), "speedup": round(speedup, 2),
+                         "speedup / MACs": round(speedup / reduction, 2),
+                         "gather ms": round(t["gather"].median_ms, 3), "product ms": round(t["product"].median_ms, 3),
+                         "product alone": round(1 / t["product"].relative, 2),
+                         "dense GEMM / conv ms": round(t["dense GEMM"].relative, 2),
+                         "GEMM-rate bound": round(reduction / t["dense GEMM"].relative, 1)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def networks() -> list[dict[str, object]]:
     """Whole networks, every conv shape-pruned: the scratch buffer against a fresh im2col per call."""
     rows = []
@@ -112,7 +163,15 @@ def networks() -> list[dict[str, object]]:
 
 def main() -> None:
     set_threads(1)
-    parts = sys.argv[1:] or ["layers", "networks", "layouts"]
+    parts = sys.argv[1:] or ["layers", "networks", "layouts", "ceiling"]
+    if "ceiling" in parts:
+        print(record("shape_ceiling", ceiling(), "AlexNet's conv2-5 (224 px input) at 93.3% shape sparsity "
+                     "(random weights), channels-last, timed beside the dense conv (oneDNN's direct conv, "
+                     "channels-last): the compact layer; its two steps alone, the gather of the reduced im2col "
+                     "and the product over it; and the dense conv computed as the same product over all its "
+                     "columns (`dense GEMM / conv ms`: that GEMM's time over the conv's). `GEMM-rate bound`: the "
+                     "speedup of a product at that GEMM's rate with a free gather, MAC reduction / that ratio. "
+                     "1 thread, median of 9 interleaved rounds."))
     if "layouts" in parts:
         print(record("shape_layouts", layouts(), "Whole networks, every conv shape-pruned (random weights), dense "
                      "and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
