@@ -673,7 +673,8 @@ def optimize(
     opened.pruner = LadderPruner()
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled, {config.layout}); space: "
-                  f"{len(built.space.slots)} slots, {opened.user_attrs['space']}")
+                  f"{len(built.space.slots)} slots, {opened.user_attrs['space']}"
+                  + (f"; {len(built.removable)} residual branches it may remove whole" if built.removable else ""))
     started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:
         search.control(built, opened, lambda p: update(p.step, p.total, p.phase))
@@ -695,6 +696,10 @@ def optimize(
                   f"{search.duration(scan.seconds)} ({scan.images:,} probe images); {quiet} lost no more than its "
                   f"noise ({floor:.1f} points, the largest gain a slot showed), most fragile {fragile[0]} "
                   f"({fragile[1]:.1f} points lost); the study starts from its plans next to the uniform ones")
+    if scan.removed:
+        cheap = sum(d <= floor for d in scan.removed.values())
+        console.print(f"residual branches removed alone: {len(scan.removed)}, {cheap} within the noise, the most costly "
+                      f"{max(scan.removed.values()):.1f} points; a trial removes the cheapest first")
     if unprofiled := built.unprofiled:
         untimed = sorted(k.value for k in unprofiled)
         console.print(f"[yellow]not searched[/]: {', '.join(untimed)} (the profile has not timed them on this network; "

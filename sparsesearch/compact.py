@@ -18,7 +18,7 @@ from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out
 from .layers import trace
 from .plan import Plan
 from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, layout_of
-from .sparsity import SparsityType, live_groups
+from .sparsity import REMOVED, SparsityType, live_groups
 
 
 @dataclass
@@ -26,8 +26,8 @@ class Compacted:
     """A physically smaller model and how each planned layer was compacted."""
 
     model: nn.Module
-    # layer -> "filters-removed", "channels-removed", "channels-gathered", "reduced-gemm", "csr",
-    # "semi-structured", "dense-fallback"
+    # layer -> "filters-removed", "branch-removed", "channels-removed", "channels-gathered", "reduced-gemm",
+    # "csr", "semi-structured", "dense-fallback"
     impl: dict[str, str]
     # per prunable layer, per sample, as it runs: after every removal (consumers' freed inputs too),
     # sparse kernels counting their non-zeros, dense fallbacks every weight
@@ -54,14 +54,31 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
 
     masked = model.eval()
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
-    reference = Reference(masked, x)
-    cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER]
+    modules = dict(masked.named_modules())
+    dead = [n for n, s in plan.layers.items() if s.type == SparsityType.FILTER
+            and not live_groups(modules[n].weight, SparsityType.FILTER).any()]
+    try:
+        reference = Reference(masked, x)
+        constant = "" not in reference.expected
+    except Unverifiable:
+        if not dead:
+            raise
+        constant = True
+    if dead and constant:
+        raise UserError(f"filter rate {REMOVED:g} empties {', '.join(dead)}, and no residual path bypasses "
+                        f"{'it' if len(dead) == 1 else 'them'}: the network's output is the same for every input; "
+                        "remove a layer whole only inside a residual branch, or give it a rate below 1")
+    exact = lambda m: reference.error(m) <= _TOLERANCE  # noqa: E731
+    cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER and n not in dead]
     cuts += [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.CHANNEL]
-    model, left_dense = _remove_channels(masked, cuts, input_shape, lambda m: reference.error(m) <= _TOLERANCE)
+    model, left_dense = _remove_channels(masked, cuts, input_shape, exact)
+    model, gone = _remove_branches(model, dead, input_shape, reference, left_dense)
     modules = dict(model.named_modules())
     layers = trace(model, input_shape)
-    impl: dict[str, str] = {}
+    impl: dict[str, str] = {n: BRANCH_REMOVED for n in plan.layers if n in gone}
     for name, spec in plan.layers.items():
+        if name in impl:
+            continue
         if spec.type == SparsityType.FILTER:
             impl[name] = "dense-fallback" if name in left_dense else "filters-removed"
         elif spec.type == SparsityType.CHANNEL and live_groups(modules[name].weight, SparsityType.CHANNEL).all():
@@ -77,6 +94,7 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
             left_dense[name] = replacement.why
     macs = {layer.name: layer.macs if impl.get(layer.name, "dense-fallback") == "dense-fallback"
             else layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type) for layer in layers}
+    macs |= {name: 0 for name in gone}
     return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
 
 
@@ -198,6 +216,134 @@ def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], in
             if kind == SparsityType.FILTER:
                 left_dense[name] = why
     return model, left_dense
+
+
+BRANCH_REMOVED = "branch-removed"  # the `impl` of a planned layer whose residual branch was replaced by a constant
+
+
+class Vanished(nn.Module):
+    """A layer inside a removed residual branch: a tensor without channels, at the size the layer's
+    output has, so that the branch's remaining steps (an activation called on it) cost nothing."""
+
+    impl = BRANCH_REMOVED
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.geometry = _geometry(module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], 0, *_out_size(self.geometry, x)))
+
+
+class Constant(nn.Module):
+    """Where a removed residual branch ends: the constant it leaves (filters all removed, what
+    follows adds its bias: a BatchNorm's shift), per channel ((C, 1, 1) for a plane), broadcast over
+    the batch and the plane as a view. `materialize`: as a tensor of its own, for a forward that adds into it in
+    place (torchvision's `out += identity`)."""
+
+    impl = BRANCH_REMOVED
+
+    def __init__(self, module: nn.Module, value: torch.Tensor, materialize: bool = False) -> None:
+        super().__init__()
+        self.geometry = _geometry(module)
+        self.materialize = materialize
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.value.expand(x.shape[0], self.value.shape[0], *_out_size(self.geometry, x))
+        return out.clone() if self.materialize else out
+
+
+def _geometry(module: nn.Module) -> list[int]:
+    """A conv's padding, kernel, stride and dilation per side (h first), or [] for a layer that
+    keeps the plane's size; ints, so that a scripted export keeps them."""
+    if not isinstance(module, nn.Conv2d):
+        return []
+    from .kernels import _Geometry
+
+    g = _Geometry.of(module)
+    return [g.pads[2] + g.pads[3], g.pads[0] + g.pads[1], *g.kernel_size, *g.stride, *g.dilation]
+
+
+def _out_size(geometry: list[int], x: torch.Tensor) -> list[int]:
+    """The plane a layer of `geometry` makes of x's (none for a 2-D x)."""
+    if x.dim() < 3:
+        return []
+    if not geometry:
+        return list(x.shape[2:])
+    ph, pw, kh, kw, sh, sw, dh, dw = geometry
+    return [(x.shape[2] + ph - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] + pw - dw * (kw - 1) - 1) // sw + 1]
+
+
+_KEEPS_SHAPE = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish,
+                nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout)
+
+
+def _remove_branches(model: nn.Module, dead: list[str], input_shape: tuple[int, ...], reference: Reference,
+                     left_dense: dict[str, str]) -> tuple[nn.Module, set[str]]:
+    """The model with each dead layer's branch (the layer, whose filters are all removed, and all
+    that only it feeds) replaced by the constant the branch leaves where it joins the rest (a
+    residual addition), and the names of the layers so removed. A dead layer whose branch cannot be
+    replaced exactly goes to `left_dense` (it then runs masked)."""
+    gone: set[str] = set()
+    for name in dead:
+        if name in gone:  # inside a branch removed already
+            continue
+        backup = copy.deepcopy(model)
+        try:
+            why = _replace_branch(model, name, input_shape, reference, gone)
+        except (*SURGERY_ERRORS, Unverifiable) as e:
+            why = f"its branch could not be replaced ({brief(e)})"
+        if why:
+            model, left_dense[name] = backup, why
+    return model, gone
+
+
+def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], reference: Reference,
+                    gone: set[str]) -> str | None:
+    """Replace one dead layer's branch in place (`_remove_branches`); why it could not, or None."""
+    graph = build_graph(model, input_shape)
+    names = graph._module2name
+    region, todo = {graph.module2node[model.get_submodule(name)]}, [graph.module2node[model.get_submodule(name)]]
+    while todo:  # every node all of whose inputs come from the branch
+        for node in todo.pop().outputs:
+            if node not in region and all(i in region for i in node.inputs):
+                region.add(node)
+                todo.append(node)
+    exits = [n for n in region if not n.outputs or any(o not in region for o in n.outputs)]
+    if any(not n.outputs for n in exits):
+        return "removing it leaves the network's output constant"
+    ends, todo = set(), list(exits)
+    while todo:  # the layers whose outputs leave the branch, directly or through functional steps
+        node = todo.pop()
+        if node.module in names:
+            ends.add(node)
+        else:
+            todo += [i for i in node.inputs if i in region]
+    layers = {names[n.module]: n.module for n in region if n.module in names}
+    if odd := [n for n, m in layers.items() if not isinstance(m, (nn.Conv2d, *_KEEPS_SHAPE))]:
+        return f"its branch holds {odd[0]} ({type(layers[odd[0]]).__name__}), which a removed branch cannot follow"
+    values = {n: a for n, a in _activations(model, reference.x, [names[e.module] for e in ends]).items() if n}
+    for end, value in values.items():
+        channel = value[:1].flatten(2).transpose(1, 2)[..., :1, :] if value.dim() > 2 else value[:1]
+        if (value - channel.reshape(1, -1, *[1] * (value.dim() - 2))).abs().max() > 1e-6 * value.abs().max():
+            return f"what its branch leaves at {end} is not one constant per channel"
+        values[end] = channel.reshape(-1, *[1] * (value.dim() - 2))  # (C, 1, 1): broadcast over a plane
+    for layer, module in layers.items():
+        parent, _, child = layer.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                Constant(module, values[layer]) if layer in values else Vanished(module))
+    for materialize in (False, True):
+        for module in model.modules():
+            if isinstance(module, Constant):
+                module.materialize = materialize
+        try:
+            if reference.error(model) <= _TOLERANCE:
+                gone.update(n for n, m in layers.items() if isinstance(m, nn.Conv2d))
+                return None
+        except RuntimeError:  # a forward that adds into the view in place
+            continue
+    return "replacing its branch by a constant changes the output"
 
 
 def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import UserError, unknown
 from .files import save_with
 from .layers import Layer
-from .sparsity import SparsityType, aligned_keep, keep_count, nm_keep
+from .sparsity import REMOVED, SparsityType, aligned_keep, keep_count, nm_keep
 
 SCHEMA = 1
 ALIGNED = {SparsityType.FILTER: "out", SparsityType.CHANNEL: "in"}  # the side each type removes channels from
@@ -66,14 +66,15 @@ class Plan:
     # --- validation -------------------------------------------------------------------------------
 
     def validate(self, layers: list[Layer], couplings: list[list[str]] = ()) -> None:
-        """Refuse unknown layers, rates outside [0, 1), types the layer cannot take, and filter
+        """Refuse unknown layers, rates outside [0, 1) (filter: [0, 1]), types the layer cannot take, and filter
         pruning that differs within a group of layers whose output channels are coupled."""
         by_name = {layer.name: layer for layer in layers}
         for name, spec in self.layers.items():
             if name not in by_name:
                 raise unknown("layer", name, by_name, f"prunable layers: {', '.join(by_name)}")
-            if not 0 <= spec.rate < 1:
-                raise UserError(f"layer '{name}': rate {spec.rate} outside [0, 1) (the fraction of groups removed)")
+            if not (0 <= spec.rate < 1 or spec.rate == REMOVED and spec.type == SparsityType.FILTER):
+                raise UserError(f"layer '{name}': rate {spec.rate} outside [0, 1) (the fraction of groups removed; "
+                                f"filter also takes {REMOVED:g}, which removes the layer's whole residual branch)")
             layer = by_name[name]
             if spec.type not in layer.types:
                 why = " (it is the classifier: its rows are the classes)" if layer.is_output else ""

@@ -47,12 +47,12 @@ from .errors import Diverged, UserError, brief
 from .files import sha256, torch_save, write_json
 from .graph import Dependencies
 from .layers import Layer
-from .plan import Plan
+from .plan import LayerSparsity, Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
 from .runtime import DEFAULT_LAYOUT
-from .space import MAX_RATE, RUNGS, LadderPruner, Space, rejection, snap
-from .sparsity import LAYER_LOCAL, SparsityType
+from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, rejection, snap
+from .sparsity import LAYER_LOCAL, REMOVED, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
 from .train import Progress, ProgressFn, paired_drop
 
@@ -210,6 +210,7 @@ class Search(Trials):
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
     trial_budget: int | None = None  # trained trials the study may hold, counted across its workers
     steps: dict[str, int] = field(default_factory=dict)  # the channel widths counts are aligned to (`Space`)
+    removable: list[str] = field(default_factory=list)  # slots whose residual branch a plan may remove (`Space`)
 
     def __post_init__(self) -> None:
         # trials train on a fixed stratified share of the training split; they validate on all of it
@@ -234,7 +235,29 @@ class Search(Trials):
         its life: Optuna refuses a categorical whose choices changed, on another machine or profile)."""
         self.withheld = withheld
         self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, steps=self.steps,
-                           withheld=withheld)
+                           withheld=withheld, removable=self.removable)
+
+    def find_removable(self) -> list[str]:
+        """The space's slots whose filters, all removed, leave a residual branch that `compact`
+        replaces by a constant (a block dropped): tried on the dense model, the slots of one layer
+        all at once (where each branch is a block of its own), else, like slots of several layers
+        (whose removal usually silences a whole stream), one at a time."""
+        from .compact import BRANCH_REMOVED, Unverifiable, pruned
+        from .graph import SURGERY_ERRORS
+
+        def removed(slots: list[Slot]) -> set[str]:
+            plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for s in slots for n in s.layers})
+            try:
+                impl = pruned(self.model, plan, self.input_shape, self.deps)[1].impl
+            except (*SURGERY_ERRORS, Unverifiable, UserError):
+                return set()
+            return {s.name for s in slots if all(impl.get(n) == BRANCH_REMOVED for n in s.layers)}
+
+        slots = [s for s in self.space.slots if SparsityType.FILTER in s.types]
+        single = [s for s in slots if len(s.layers) == 1]
+        found = (removed(single) or {name for s in single for name in removed([s])}) if single else set()
+        found |= {name for s in slots if len(s.layers) > 1 for name in removed([s])}
+        return [s.name for s in slots if s.name in found]
 
     @property
     def profile_command(self) -> str:
@@ -536,12 +559,14 @@ def sensitivity(search: Search, study: optuna.Study,
     whose scan was of other units: before, a per-stage space was scanned per stage). It sets the
     space's `robustness`, so it comes before any trial is drawn or enqueued (`run` sees to it)."""
     found = seeds.Scan.from_attrs(study.user_attrs["sensitivity"]) if "sensitivity" in study.user_attrs else None
-    if found is None or set(found.drop) != {s.name for s in search.space.slots}:
+    if found is None or set(found.drop) != {s.name for s in search.space.slots} or set(found.removed) != {
+            s.name for slots in search.space.removable.values() for s in slots}:
         found = seeds.scan(search.space, search.fresh_model(), search.deps, search.data.val.sized(PROBE_IMAGES),
                            search.device, search.data.train.sized(CALIBRATION_IMAGES), on_progress=on_progress)
         study.set_user_attr("sensitivity", found.to_attrs())
     if not search.space.per_layer:
         search.space.robustness = seeds.robustness(found)
+    search.space.removal_drop = found.removed
     return found
 
 
@@ -786,6 +811,7 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
 
 WITHHELD = "withheld"  # the study attr: per layer, the types its space keeps from it
 STEPS = "steps"  # the study attr: the channel widths its counts are aligned to (none recorded: not aligned)
+REMOVABLE = "removable"  # the study attr: the slots whose residual branch its plans may remove
 
 
 def record(study: optuna.Study, search: Search) -> None:
@@ -799,6 +825,7 @@ def record(study: optuna.Study, search: Search) -> None:
                             "(its trials were pruned from other weights); restore it, or start another with --study NEW")
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         search.steps = study.user_attrs.get(STEPS, {})  # a plan's counts stay what they were when it was drawn
+        search.removable = study.user_attrs.get(REMOVABLE, [])  # none recorded: a study from before removal
         search.offer(_withheld(study, search))
         if untimed := sorted(t.value for t in {t for s in search.space.slots for t in s.types} & search.unprofiled):
             raise UserError(f"study '{study.study_name}' searches {', '.join(untimed)}, which the latency profile "
@@ -820,6 +847,9 @@ def record(study: optuna.Study, search: Search) -> None:
                         else "per stage + allocation by latency and sensitivity")
     study.set_user_attr(WITHHELD, {name: sorted(k.value for k in kinds) for name, kinds in search.withheld.items()})
     study.set_user_attr(STEPS, search.steps)
+    search.removable = search.find_removable()
+    search.offer(search.withheld)
+    study.set_user_attr(REMOVABLE, search.removable)
     # last: a worker starting beside this one takes "config" to mean the record is whole
     study.set_user_attr("config", search.config.to_attrs())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from .admm import projected_accuracy
 from .data import Split
 from .graph import Dependencies
 from .space import MAX_RATE, Space, snap
-from .sparsity import SparsityType
+from .sparsity import REMOVED, SparsityType
 from .train import evaluate
 
 SCAN_RATE = 0.5
@@ -33,13 +33,15 @@ SCAN_RATE = 0.5
 
 @dataclass
 class Scan:
-    """Accuracy points each unit loses when pruned alone at `rate` (its `kinds` type), no training."""
+    """Accuracy points each unit loses when pruned alone at `rate` (its `kinds` type), no training;
+    and each removable slot when its residual branch is removed alone (`removed`)."""
 
     rate: float
     kinds: dict[str, str]
     drop: dict[str, float]
     seconds: float
     images: int  # evaluated, in all
+    removed: dict[str, float] = field(default_factory=dict)
 
     def to_attrs(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,21 +62,28 @@ def scan(space: Space, model: nn.Module, deps: Dependencies, probe: Split, devic
     """Prune each slot of `space` alone at `rate` and measure the accuracy lost on `probe`, with
     BatchNorm statistics re-estimated on `calibration` (training images; see `projected_accuracy`).
     The model's weights are restored after each slot (it is evaluated on a swap). `on_progress`
-    gets (slots done, slots, the slot) after each: resnet56's 31 take minutes on a CPU core."""
+    gets (units done, units, the unit) after each: resnet56's 31 take minutes on a CPU core.
+    Then each of `space.removable`'s slots is removed alone (filter rate `REMOVED`): blocks that
+    lose nothing pruned at `rate` differ once removed (a stage's first block carries its change of
+    width), and removal takes the least harmful first."""
     start = time.perf_counter()
     model = model.to(device)
     dense = evaluate(model, probe, device)
-    kinds, drop = {}, {}
-    for slot in space.slots:
-        kind = _kind(list(slot.types))
-        plan = space.plan({slot.name: (kind, rate)})
-        kinds[slot.name] = kind.value
+    removable = [s for slots in space.removable.values() for s in slots]
+    units = [(s, _kind(list(s.types)), rate) for s in space.slots]
+    units += [(s, SparsityType.FILTER, REMOVED) for s in removable]
+    kinds, drop, removed = {}, {}, {}
+    for slot, kind, at in units:
+        plan = space.plan({slot.name: (kind, at)})
         lost = dense - projected_accuracy(model, probe, plan, deps, device, calibration) if plan.layers else 0.0
-        drop[slot.name] = lost
+        if at == REMOVED:
+            removed[slot.name] = lost
+        else:
+            kinds[slot.name], drop[slot.name] = kind.value, lost
         if on_progress is not None:
-            on_progress(len(drop), len(space.slots), slot.name)
+            on_progress(len(drop) + len(removed), len(units), slot.name)
     model.cpu()
-    return Scan(rate, kinds, drop, time.perf_counter() - start, len(probe) * (len(drop) + 1))
+    return Scan(rate, kinds, drop, time.perf_counter() - start, len(probe) * (len(units) + 1), removed)
 
 
 def noise(found: Scan) -> float:
@@ -103,7 +112,7 @@ def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]
     robust = robustness(found)
     if space.per_layer:
         units = {u: ([u], SparsityType(found.kinds[u])) for u in found.drop}
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = space.none_removed()
     else:
         units = {stage: ([s.name for s in slots], _kind([SparsityType(k) for k in space.choices(stage)]))
                  for stage, slots in space.stages.items()}

@@ -125,19 +125,25 @@ def group_scores(weight: Tensor, kind: SparsityType) -> Tensor:
 
 
 def keep_count(n_groups: int, rate: float) -> int:
-    """Groups to keep when a fraction `rate` in [0, 1) of `n_groups` is removed.
+    """Groups to keep when a fraction `rate` in [0, 1] of `n_groups` is removed.
 
     removed = floor(rate * n_groups + 1e-6): rounding down never prunes more than asked, and the
-    1e-6 stops float error (0.57 * 100 = 56.99...) from pruning less. At least one group is kept.
+    1e-6 stops float error (0.57 * 100 = 56.99...) from pruning less. Below rate 1 at least one
+    group is kept; rate 1 keeps none (`REMOVED`: a whole residual branch's filters).
     """
-    if not 0 <= rate < 1:
-        raise ValueError(f"rate, the fraction of groups removed, must be in [0, 1), got {rate}")
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate, the fraction of groups removed, must be in [0, 1], got {rate}")
     if n_groups < 1:
         raise ValueError(f"n_groups must be at least 1, got {n_groups}")
+    if rate == REMOVED:
+        return 0
     removed = math.floor(rate * n_groups + _ROUNDING_SLACK)
     return max(n_groups - removed, 1)
 
 
+# Filter pruning at this rate removes a layer whole: where a residual path bypasses it, its branch
+# leaves a constant, and `compact` replaces the branch by that constant (a residual block dropped).
+REMOVED = 1.0
 MIN_BLOCKS = 4  # a layer narrower than this many steps is not aligned: small convs gain from every channel
 
 
@@ -184,8 +190,9 @@ def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float,
 
     Without `positions` the tensors have equal numbers of groups and group g of each is one
     position. With them, tensor i's group g sits at position positions[i][g] of a shared space
-    (a concatenation gives each producer its own slice of it); rate counts positions, and a tensor
-    left without any group keeps its best one beyond the k, so that no layer is removed whole.
+    (a concatenation gives each producer its own slice of it); rate counts positions, and below
+    `REMOVED` a tensor left without any group keeps its best one beyond the k, so that no layer is
+    removed whole unless asked.
     """
     views = [_group_view(w, kind) for w in weights]
     if positions is None:
@@ -206,7 +213,7 @@ def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float,
     for n, p in zip(norms, positions):
         scores.index_add_(0, p, n)
     keep = _top(scores, keep_count(size, rate))
-    for p in positions:  # a member left without any group keeps its best one
+    for p in positions if rate < REMOVED else ():  # a member left without any group keeps its best one
         if not keep[p].any():
             keep[p[scores[p].argmax()]] = True
     return [keep[p].view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w, p in zip(views, weights, positions)]

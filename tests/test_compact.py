@@ -17,6 +17,7 @@ from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
 from sparsesearch.models import TV_PREFIX, create, spec, torchvision_names
 from sparsesearch.plan import LayerSparsity, Plan
+from sparsesearch.sparsity import REMOVED
 from sparsesearch.sparsity import SparsityType as T
 
 from helpers import lively
@@ -472,3 +473,43 @@ def test_compaction_is_verified_on_a_channels_last_input_too(monkeypatch: pytest
         *rows.shape[:-1], self.weight.shape[1], dtype=rows.dtype))
     with pytest.raises(UserError, match="compacted resnet20 differs from the pruned model"):
         verified_compact(masked, plan, shape, "resnet20")
+
+
+REMOVING = {  # slots of their own inside residual blocks and inception or dense branches
+    "resnet20": ["layer1.1.conv1", "layer2.0.conv1", "layer3.2.conv1"],
+    "tv:resnet18": ["layer1.1.conv1", "layer3.0.conv1"],
+    "tv:resnet50": ["layer2.1.conv1", "layer3.0.conv2"],  # a bottleneck's first and middle convs
+    "tv:mobilenet_v2": ["features.3.conv.0.0", "features.3.conv.1.0"],  # expansion + depthwise: one group
+    "tv:googlenet": ["inception3a.branch2.0.conv", "inception4b.branch1.conv"],  # into a concatenation
+    "tv:densenet121": ["features.denseblock1.denselayer2.conv1", "features.denseblock3.denselayer5.conv2"],
+}
+
+
+@pytest.mark.parametrize("model_name", REMOVING)
+def test_a_removed_residual_branch_becomes_the_constant_it_leaves(model_name: str) -> None:
+    """Rate 1 empties a layer; where a residual addition (or a concatenation) joins its branch to a
+    live path, the branch runs as the constant it leaves, equal to the masked model on both layouts,
+    its layers gone (no MACs, no weights); in-place additions (torchvision's) included."""
+    from sparsesearch.compact import BRANCH_REMOVED, Constant
+
+    shape = {**SMALL, **LARGE}[model_name]
+    model, plan, deps = _masked(model_name, shape, lambda layers, groups: Plan(
+        {n: LayerSparsity(T.FILTER, REMOVED) for n in REMOVING[model_name]}))
+    result = verified_compact(model, plan, shape, model_name)  # equal outputs, NCHW and channels-last
+    removed = [n for n, i in result.impl.items() if i == BRANCH_REMOVED]
+    assert removed == REMOVING[model_name] and not result.left_dense
+    assert all(result.macs[n] == 0 for n in removed)
+    assert not any(isinstance(result.model.get_submodule(n), torch.nn.Conv2d) for n in removed)
+    assert sum(isinstance(m, Constant) for m in result.model.modules()) >= 1
+    params = sum(p.numel() for p in result.model.parameters())
+    assert params < sum(p.numel() for p in model.parameters())
+
+
+def test_rate_one_on_a_layer_no_residual_path_bypasses_is_refused_with_the_reason() -> None:
+    """In a plain chain an emptied layer leaves the output the same for every input: the error says
+    so, instead of a compaction checked only on the layers before it."""
+    shape = SMALL["vgg16-bn"]
+    model, plan, deps = _masked("vgg16-bn", shape, lambda layers, groups: Plan(
+        {"0.3": LayerSparsity(T.FILTER, REMOVED)}))
+    with pytest.raises(UserError, match=r"empties 0\.3, and no residual path bypasses it"):
+        verified_compact(model, plan, shape, "vgg16-bn")

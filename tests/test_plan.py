@@ -30,7 +30,8 @@ def test_uniform_shorthand_covers_every_layer_but_the_classifier_for_filter() ->
 
 @pytest.mark.parametrize(("layers", "message"), [
     ({"8": {"type": "filter", "rate": 0.5}}, r"unknown layer '8'.*prunable layers: 0, 3, 7, 12, 14"),
-    ({"3": {"type": "filter", "rate": 1.0}}, r"rate 1.0 outside \[0, 1\)"),
+    ({"3": {"type": "shape", "rate": 1.0}}, r"rate 1.0 outside \[0, 1\).*filter also takes 1"),
+    ({"3": {"type": "filter", "rate": 1.5}}, r"rate 1.5 outside"),
     ({"3": {"type": "filter", "rate": -0.1}}, r"rate -0.1 outside"),
     ({"14": {"type": "filter", "rate": 0.5}}, r"cannot take filter sparsity \(it is the classifier"),
     ({"3": {"type": "nm", "rate": 0.6}}, r"nm rate 0.6 is not 1 - N/4.*accepted"),

@@ -27,7 +27,7 @@ from sparsesearch.layers import trace
 from sparsesearch.plan import Plan
 from sparsesearch.profiler.measure import Target, profile_model
 from sparsesearch.space import MAX_LAYER_SLOTS, LadderPruner, Space, rejection, snap
-from sparsesearch.sparsity import SparsityType
+from sparsesearch.sparsity import REMOVED, SparsityType
 from sparsesearch.train import DenseResult, prepare
 
 FAST_TIMING = {"rounds": 3, "warmup_s": 0.005, "min_round_s": 0.002, "max_rounds": 3}
@@ -154,6 +154,23 @@ def test_a_sensitivity_scan_prunes_each_unit_alone_and_leaves_the_model_as_it_wa
     assert max(found.drop.values()) > 5 > min(found.drop.values())  # units differ: some fragile, some robust
 
 
+def test_the_scan_also_removes_each_removable_branch_alone() -> None:
+    from sparsesearch import seeds
+
+    model, data = prepare("resnet20", "digits", image_size=32)
+    shape = data.input_shape
+    layers, deps = trace(model, shape), dependencies(model, shape)
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    space = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, removable=inner)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    found = seeds.scan(space, model, deps, data.val, torch.device("cpu"), on_progress=lambda *c: calls.append(c))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sorted(found.removed) == sorted(inner) and list(found.drop) == [s.name for s in space.slots]
+    assert [c[:2] for c in calls] == [(i + 1, len(space.slots) + 9) for i in range(len(space.slots) + 9)]
+    assert seeds.Scan.from_attrs(json.loads(json.dumps(found.to_attrs()))) == found  # kept in the study
+
+
 @pytest.mark.parametrize("name,shape", [("digits-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32))])
 def test_seeded_plans_prune_fragile_slots_less_at_the_same_mean_rate(name: str, shape: tuple[int, ...]) -> None:
     from sparsesearch import seeds
@@ -204,6 +221,46 @@ def test_lean_spreads_a_stage_rate_by_robustness_and_zero_lean_keeps_the_uniform
         fragile = [s for s in slots if space.robustness[s.name] < 1.0 and s.name in leaning.layers]
         if robust and fragile:
             assert min(leaning.layers[s.name].rate for s in robust) > max(leaning.layers[s.name].rate for s in fragile)
+
+
+def test_a_stage_removes_the_blocks_whose_removal_cost_least_and_the_uniform_plan_removes_none() -> None:
+    torch.manual_seed(0)
+    model = models.create("resnet20").eval()
+    shape = (3, 32, 32)
+    layers, deps = trace(model, shape), dependencies(model, shape)
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    space = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, max_slots=8,
+                  removable=inner)
+    assert {f"remove:{stage}" for stage in space.removable} == {k for k in space.even() if k.startswith("remove:")}
+    assert sum(len(slots) for slots in space.removable.values()) == 9  # the stream groups are not removable
+    space.robustness = {name: 0.5 for name in inner}
+    space.removal_drop = {name: 3.0 for name in inner} | {"layer2.2.conv1": 0.1, "layer2.0.conv1": 0.2}
+    uniform = space.uniform_params(SparsityType.FILTER, 0.3)
+    assert space.suggest(FixedTrial(uniform)) == Plan.uniform(layers, SparsityType.FILTER, 0.3)
+    stage = next(stage for stage, slots in space.removable.items() if slots[0].name.startswith("layer2"))
+    plan = space.suggest(FixedTrial(uniform | {f"remove:{stage}": 2}))
+    plan.validate(layers, deps.couplings)
+    assert {n for n, spec in plan.layers.items() if spec.rate == REMOVED} == {"layer2.2.conv1", "layer2.0.conv1"}
+    assert plan.layers["layer2.1.conv1"].rate == 0.3
+    per_layer = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, removable=inner)
+    assert per_layer.per_layer and per_layer.none_removed() == {f"remove:{name}": 0 for name in inner}
+    uniform = per_layer.uniform_params(SparsityType.FILTER, 0.3)
+    assert per_layer.suggest(FixedTrial(uniform)) == Plan.uniform(layers, SparsityType.FILTER, 0.3)
+    assert per_layer.suggest(FixedTrial(uniform | {"remove:layer1.1.conv1": 1})).layers["layer1.1.conv1"].rate == REMOVED
+
+
+def test_the_search_finds_the_removable_blocks_of_a_resnet_and_none_in_a_chain(tiny: dict) -> None:
+    """Each slot whose emptying `compact` turns into a constant, tried on the dense model: a
+    ResNet's inner convs, not its residual streams; nothing in digits-cnn's plain chain."""
+    built = copy.copy(tiny["search"])
+    assert built.find_removable() == []
+    resnet = models.create("resnet20").eval()
+    shape = (3, 32, 32)
+    built.model, built.input_shape = resnet, shape
+    built.layers, built.deps = trace(resnet, shape), dependencies(resnet, shape)
+    built.layers_ms = {layer.name: 1.0 for layer in built.layers}
+    built.offer({})
+    assert built.find_removable() == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
 
 
 def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:

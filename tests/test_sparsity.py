@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsesearch.sparsity import (
+    REMOVED,
     SparsityType,
     achieved_rate,
     applicable_types,
@@ -164,10 +165,19 @@ def test_keep_count_rounds_removed_groups_down(n, rate, kept):
     assert keep_count(n, rate) == kept
 
 
-@pytest.mark.parametrize("rate", [1.0, -0.1, math.nan])
+@pytest.mark.parametrize("rate", [1.01, -0.1, math.nan])
 def test_keep_count_rejects_rates_outside_unit_interval(rate):
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         keep_count(10, rate)
+
+
+def test_only_rate_one_removes_every_group():
+    """Rate 1 (`REMOVED`) keeps nothing, even a member of a concatenation; just below it one group stays."""
+    assert keep_count(10, REMOVED) == 0 and keep_count(10, 0.999) == 1
+    w = [torch.randn(4, 3, 3, 3), torch.randn(6, 3, 3, 3)]
+    positions = [torch.arange(4), torch.arange(4, 10)]
+    assert not any(k.any() for k in mask(w, SparsityType.FILTER, REMOVED, positions=positions))
+    assert all(k.any() for k in mask(w, SparsityType.FILTER, 0.99, positions=positions))
 
 
 @pytest.mark.parametrize("kind", GROUPED, ids=lambda k: k.value)
