@@ -238,15 +238,15 @@ class Vanished(nn.Module):
 class Constant(nn.Module):
     """Where a removed residual branch ends: the constant it leaves (filters all removed, what
     follows adds its bias: a BatchNorm's shift), per channel ((C, 1, 1) for a plane), broadcast over
-    the batch and the plane as a view. `materialize`: as a tensor of its own, for a forward that adds into it in
-    place (torchvision's `out += identity`)."""
+    the batch and the plane as a view; with `materialize`, as a tensor of its own, for a forward that
+    adds into it in place (torchvision's `out += identity`)."""
 
     impl = BRANCH_REMOVED
 
-    def __init__(self, module: nn.Module, value: torch.Tensor, materialize: bool = False) -> None:
+    def __init__(self, module: nn.Module, value: torch.Tensor) -> None:
         super().__init__()
         self.geometry = _geometry(module)
-        self.materialize = materialize
+        self.materialize = False
         self.register_buffer("value", value.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +304,8 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
     """Replace one dead layer's branch in place (`_remove_branches`); why it could not, or None."""
     graph = build_graph(model, input_shape)
     names = graph._module2name
-    region, todo = {graph.module2node[model.get_submodule(name)]}, [graph.module2node[model.get_submodule(name)]]
+    start = graph.module2node[model.get_submodule(name)]
+    region, todo = {start}, [start]
     while todo:  # every node all of whose inputs come from the branch
         for node in todo.pop().outputs:
             if node not in region and all(i in region for i in node.inputs):

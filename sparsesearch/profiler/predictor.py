@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..compact import BRANCH_REMOVED
+from ..errors import UserError
 from ..layers import trace
 from ..plan import Plan
 from ..runtime import DEFAULT_LAYOUT
