@@ -536,7 +536,7 @@ def profile_validate(
     from .profiler.measure import target
     from .profiler.predictor import LatencyModel
     from .profiler.table import DTYPES, load_profile, slug
-    from .profiler.validate import scatter, validate
+    from .profiler.validate import mean_abs, scatter, share_within_10, validate
     from .runtime import layout_of, resolve_device, set_threads
 
     dev = resolve_device(device)
@@ -565,6 +565,11 @@ def profile_validate(
                   f"latency mean |predicted/measured - 1| {result.mean_abs_error:.1%}, {result.within_10:.0%} within "
                   f"±10%; speedup over the dense network {result.speedup_mean_abs_error:.1%}, "
                   f"{result.speedup_within_10:.0%} within ±10%")
+    if removing := result.removing:
+        errors = [s.speedup_error for s in removing]
+        console.print(f"{len(removing)} of them remove {min(s.removed for s in removing)}-"
+                      f"{max(s.removed for s in removing)} residual branches whole: speedup mean |error| "
+                      f"{mean_abs(errors):.1%}, {share_within_10(errors):.0%} within ±10%")
     if result.ladder:
         console.print("uniform filter ladder, the search's baselines (predicted / measured speedup): " + ", ".join(
             f"{s.kind.split()[-1]}: {s.predicted_speedup:.2f}x / {s.measured_speedup:.2f}x" for s in result.ladder))

@@ -16,7 +16,7 @@ from .errors import UserError, brief
 from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out_handler, reads_through_reshape,
                     unfollowable)
 from .layers import trace
-from .plan import Plan
+from .plan import LayerSparsity, Plan
 from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, layout_of
 from .sparsity import REMOVED, SparsityType, live_groups
 
@@ -111,6 +111,26 @@ def pruned(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dep
         plan.validate(trace(masked, input_shape), deps.couplings)
     apply_masks(masked, prune_masks(masked, plan, deps))
     return masked, compact(masked, plan, input_shape)
+
+
+def removable(model: nn.Module, input_shape: tuple[int, ...], deps: Dependencies,
+              groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Of `groups` (layers whose filters go together), those whose filters, all removed, leave a
+    residual branch that `compact` replaces by a constant (a block dropped): tried on `model`, the
+    one-layer groups all at once (where each branch is a block of its own), else, like groups of
+    several layers (whose removal usually silences a whole stream), one at a time."""
+    def removed(tried: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
+        plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for g in tried for n in g})
+        try:
+            impl = pruned(model, plan, input_shape, deps)[1].impl
+        except (*SURGERY_ERRORS, Unverifiable, UserError):
+            return set()
+        return {g for g in tried if all(impl.get(n) == BRANCH_REMOVED for n in g)}
+
+    single = [g for g in groups if len(g) == 1]
+    found = (removed(single) or {g for s in single for g in removed([s])}) if single else set()
+    found |= {g for g in groups if len(g) > 1 and removed([g])}
+    return [g for g in groups if g in found]
 
 
 class Reference:

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import seeds
 from .admm import CALIBRATION_IMAGES, RESUME, ADMMConfig, Iteration, Rung, resume_files, run_admm
-from .compact import Measured
+from .compact import Measured, removable
 from .data import Data
 from .errors import Diverged, UserError, brief
 from .files import sha256, torch_save, write_json
@@ -52,7 +52,7 @@ from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
 from .runtime import DEFAULT_LAYOUT
 from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, rejection, snap
-from .sparsity import LAYER_LOCAL, REMOVED, SparsityType
+from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
 from .train import Progress, ProgressFn, paired_drop
 
@@ -242,22 +242,9 @@ class Search(Trials):
         replaces by a constant (a block dropped): tried on the dense model, the slots of one layer
         all at once (where each branch is a block of its own), else, like slots of several layers
         (whose removal usually silences a whole stream), one at a time."""
-        from .compact import BRANCH_REMOVED, Unverifiable, pruned
-        from .graph import SURGERY_ERRORS
-
-        def removed(slots: list[Slot]) -> set[str]:
-            plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for s in slots for n in s.layers})
-            try:
-                impl = pruned(self.model, plan, self.input_shape, self.deps)[1].impl
-            except (*SURGERY_ERRORS, Unverifiable, UserError):
-                return set()
-            return {s.name for s in slots if all(impl.get(n) == BRANCH_REMOVED for n in s.layers)}
-
         slots = [s for s in self.space.slots if SparsityType.FILTER in s.types]
-        single = [s for s in slots if len(s.layers) == 1]
-        found = (removed(single) or {name for s in single for name in removed([s])}) if single else set()
-        found |= {name for s in slots if len(s.layers) > 1 for name in removed([s])}
-        return [s.name for s in slots if s.name in found]
+        found = set(removable(self.model, self.input_shape, self.deps, [tuple(s.layers) for s in slots]))
+        return [s.name for s in slots if tuple(s.layers) in found]
 
     @property
     def profile_command(self) -> str:

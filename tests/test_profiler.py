@@ -324,6 +324,37 @@ def test_builder_makes_the_layer_compact_makes(model_name: str, shape: tuple, se
             assert shapes == expected, layer.name
 
 
+def test_validation_draws_plans_that_remove_residual_branches_as_the_search_does() -> None:
+    """`profile validate` must check the plans the search offers, removed blocks among them: a
+    resnet's inner convs are the removable groups (its streams are not), random plans remove some
+    of them and no others, compaction drops those branches, and without removable groups the same
+    seed draws what it drew before (the profile's calibration plans)."""
+    from sparsesearch import models
+    from sparsesearch.compact import BRANCH_REMOVED, pruned, removable
+    from sparsesearch.profiler.validate import filter_groups
+    from sparsesearch.sparsity import REMOVED
+
+    model = models.create("resnet20", in_channels=1).eval()
+    shape = (1, 16, 16)
+    deps, layers = dependencies(model, shape), trace(model, shape)
+    groups = filter_groups(layers, deps.couplings)
+    assert all(g in groups for g in map(tuple, deps.couplings))
+    branches = removable(model, shape, deps, groups)
+    assert branches == [(f"layer{s}.{b}.conv1",) for s in (1, 2, 3) for b in range(3)]
+    plans = [random_plan(layers, deps.couplings, random.Random(seed), removable=branches) for seed in range(6)]
+    removed = [{n for n, spec in p.layers.items() if spec.rate == REMOVED} for p in plans]
+    assert all(names <= {g[0] for g in branches} for names in removed) and any(removed)
+    plan = plans[max(range(len(plans)), key=lambda i: len(removed[i]))]
+    impl = pruned(model, plan, shape, deps)[1].impl
+    gone = {n for n, kind in impl.items() if kind == BRANCH_REMOVED}  # with the convs inside those branches
+    most = max(removed, key=len)
+    assert most <= gone and {n.rsplit(".", 1)[0] for n in gone} == {n.rsplit(".", 1)[0] for n in most}
+    for seed in range(6):
+        without = random_plan(layers, deps.couplings, random.Random(seed))
+        assert all(spec.rate < REMOVED for spec in without.layers.values())
+        assert without == random_plan(layers, deps.couplings, random.Random(seed), removable=[])
+
+
 def test_table_row_describes_the_compacted_layer_it_stands_for(small_profile: measure.ProfileRun) -> None:
     """A row's description (family, kept dims, weights) is what the latency model reads off the
     compacted model's layer, so the row times the same computation."""

@@ -12,20 +12,35 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..runtime import in_layout
-from ..sparsity import SparsityType
+from ..sparsity import REMOVED, SparsityType
 from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
 from .table import BEFORE, model_key, without_unpaid
 
 
+def filter_groups(layers: list[Layer], couplings: list[list[str]]) -> list[tuple[str, ...]]:
+    """The layers whose filters a plan prunes together: each coupled group that takes filter, and
+    every other layer that does, alone."""
+    by_name, coupled = {layer.name: layer for layer in layers}, {n for group in couplings for n in group}
+    return ([tuple(g) for g in couplings if all(SparsityType.FILTER in by_name[n].types for n in g)]
+            + [(layer.name,) for layer in layers if SparsityType.FILTER in layer.types and layer.name not in coupled])
+
+
+REMOVE_SHARE = 0.15  # each removable branch's chance to be removed in a validation plan: ~4 of resnet56's 27
+
+
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
                 rates: tuple[float, ...] = DEFAULT_RATES, dense_share: float = 0.15,
-                types: Iterable[str] | None = None) -> Plan:
+                types: Iterable[str] | None = None, removable: Iterable[tuple[str, ...]] = (),
+                remove_share: float = REMOVE_SHARE) -> Plan:
     """A random type (of `types`, default all) and grid rate per layer, some left dense; a coupled
-    group that draws filter takes one filter rate for all its members, as plans must."""
+    group that draws filter takes one filter rate for all its members, as plans must. Each of the
+    `removable` groups (`compact.removable`) has its residual branch removed whole with probability
+    `remove_share`, as the search's `remove:` parameters do."""
     def draw(types: tuple[SparsityType, ...]) -> LayerSparsity:
         kind = rng.choice(types)
         return LayerSparsity(kind, rng.choice(NM_RATES[1:] if kind == SparsityType.NM else rates[1:]))
@@ -47,6 +62,9 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
     for layer in layers:
         if layer.name not in specs:
             specs[layer.name] = draw(layer.types) if layer.types and rng.random() > dense_share else None
+    for group in removable:
+        if rng.random() < remove_share:
+            specs.update({n: LayerSparsity(SparsityType.FILTER, REMOVED) for n in group})
     chosen = {n: s for n, s in specs.items() if s is not None}
     prunable = [layer for layer in layers if layer.types]
     if not chosen and prunable:  # a plan must prune something
@@ -85,6 +103,11 @@ class Sample:
         return self.profiled_dense_ms / self.predicted_ms
 
     @property
+    def removed(self) -> int:
+        """Layers whose residual branch this plan removes whole."""
+        return sum(spec["rate"] == REMOVED for spec in self.plan["layers"].values())
+
+    @property
     def error(self) -> float:
         return self.predicted_ms / self.measured_ms - 1
 
@@ -93,11 +116,11 @@ class Sample:
         return self.predicted_speedup / self.measured_speedup - 1
 
 
-def _mean_abs(errors: list[float]) -> float:
+def mean_abs(errors: list[float]) -> float:
     return sum(map(abs, errors)) / len(errors)
 
 
-def _within_10(errors: list[float]) -> float:
+def share_within_10(errors: list[float]) -> float:
     return sum(abs(e) <= 0.1 for e in errors) / len(errors)
 
 
@@ -121,20 +144,26 @@ class Validation:
         return [s for s in self.samples if s.kind != "random"]
 
     @property
+    def removing(self) -> list[Sample]:
+        """The random plans that remove residual branches whole, which the latency model prices at
+        nothing: judged apart as well."""
+        return [s for s in self.random if s.removed]
+
+    @property
     def mean_abs_error(self) -> float:
-        return _mean_abs([s.error for s in self.random])
+        return mean_abs([s.error for s in self.random])
 
     @property
     def within_10(self) -> float:
-        return _within_10([s.error for s in self.random])
+        return share_within_10([s.error for s in self.random])
 
     @property
     def speedup_mean_abs_error(self) -> float:
-        return _mean_abs([s.speedup_error for s in self.random])
+        return mean_abs([s.speedup_error for s in self.random])
 
     @property
     def speedup_within_10(self) -> float:
-        return _within_10([s.speedup_error for s in self.random])
+        return share_within_10([s.speedup_error for s in self.random])
 
     @property
     def drift(self) -> float:
@@ -159,6 +188,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     its calibration plans; a group whose dense net runs more than 10% off its profiled latency is
     timed once more) and pair each measurement with its prediction. Every network runs in the memory
     layout the profile was measured in."""
+    from ..compact import removable
     from ..graph import dependencies
 
     rng = random.Random(seed)
@@ -170,6 +200,8 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     layers = without_unpaid(model, trace(model, shape), latency.profile.unpaid())  # what the search can offer
     covered = latency.profile.rest.get(model_key(model, shape), {}).get("grid", {})  # what the profile timed
     rates = tuple(covered.get("rates", DEFAULT_RATES))
+    branches = removable(model, shape, deps, filter_groups(layers, deps.couplings)) if (
+        SparsityType.FILTER.value in covered.get("types", [SparsityType.FILTER.value])) else []
     layout = str(latency.profile.fingerprint.get("layout", BEFORE["layout"]))
     result = Validation(target_.name, setting={"device": str(device), "batch_size": batch_size,
                                                "threads": torch.get_num_threads(), "dtype": str(dtype),
@@ -177,14 +209,18 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     x = in_layout(torch.randn(batch_size, *shape, dtype=dtype).to(device), layout)
     dense = in_layout(copy.deepcopy(model).to(device=device, dtype=dtype), layout)
     profiled_dense_ms = latency.dense_ms(model, shape)
-    drawn = [("random", random_plan(layers, deps.couplings, rng, rates, types=covered.get("types")))
+    drawn = [("random", random_plan(layers, deps.couplings, rng, rates, types=covered.get("types"), removable=branches))
              for _ in range(samples)]
     drawn += [(f"uniform filter {rate:g}", plan) for rate, plan in uniform_ladder(layers, rates, covered.get("types"))]
     # as the search draws them: counts aligned to the device's step (a plan that then prunes nothing is left out)
     drawn = [(kind, aligned) for kind, plan in drawn if (aligned := plan.aligned(layers, latency.profile.steps)).layers]
     pending: list[tuple[str, Plan, float, torch.nn.Module]] = []
     for i, (kind, plan) in enumerate(drawn):
-        compacted = compacted_copy(model, shape, plan, deps)
+        try:
+            compacted = compacted_copy(model, shape, plan, deps)
+        except UserError:  # its removals together leave no path around them (every branch into a concatenation)
+            plan = Plan({n: spec for n, spec in plan.layers.items() if spec.rate != REMOVED})
+            compacted = compacted_copy(model, shape, plan, deps)
         predicted = predict_compacted(latency, model, compacted, shape).total_ms
         pending.append((kind, plan, predicted, in_layout(compacted.to(device=device, dtype=dtype), layout)))
         if len(pending) == GROUP or i == len(drawn) - 1:
@@ -218,7 +254,9 @@ def scatter(result: Validation, path: Path) -> Path:
         lo, hi = min(values) * 0.85, max(values) * 1.15
         ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="exact")
         ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", label="±10%")
-        for samples, style in ((result.random, {"s": 18, "label": "random plans"}),
+        for samples, style in (([s for s in result.random if not s.removed], {"s": 18, "label": "random plans"}),
+                               (result.removing,
+                                {"s": 22, "marker": "s", "label": "random plans removing residual branches"}),
                                (result.ladder, {"s": 40, "marker": "^", "label": "uniform filter ladder"})):
             if samples:
                 ax.scatter(*zip(*map(point, samples)), zorder=3, **style)
