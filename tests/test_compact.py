@@ -513,3 +513,23 @@ def test_rate_one_on_a_layer_no_residual_path_bypasses_is_refused_with_the_reaso
         {"0.3": LayerSparsity(T.FILTER, REMOVED)}))
     with pytest.raises(UserError, match=r"empties 0\.3, and no residual path bypasses it"):
         verified_compact(model, plan, shape, "vgg16-bn")
+
+
+def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None:
+    """`compact.removable` (what the search offers to remove, what `profile validate` draws): all of a
+    net's one-layer groups removed at once leave a constant when one of them carries the only path,
+    and the groups that can still go are found around it."""
+    from sparsesearch.compact import removable
+    from sparsesearch.models import BasicBlock
+    from sparsesearch.profiler.validate import filter_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                BasicBlock(8, 8, 1), BasicBlock(8, 8, 1), torch.nn.Conv2d(8, 8, 1),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    shape = (3, 8, 8)
+    deps, layers = dependencies(model, shape), trace(model, shape)
+    groups = filter_groups(layers, deps.couplings)
+    assert ("5",) in groups  # the head conv: every path runs through it
+    assert removable(model, shape, deps, groups) == [("3.conv1",), ("4.conv1",)]
