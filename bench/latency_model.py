@@ -29,7 +29,8 @@ from common import RESULTS, record  # noqa: E402
 
 from sparsesearch.profiler.measure import CALIBRATION_PLANS, profile_model, target  # noqa: E402
 from sparsesearch.profiler.predictor import LatencyModel  # noqa: E402
-from sparsesearch.profiler.validate import scatter, validate  # noqa: E402
+from sparsesearch.profiler.validate import (REMOVE_SHARE, Validation, mean_abs, scatter,  # noqa: E402
+                                           share_within_10, validate)
 from sparsesearch.runtime import set_threads  # noqa: E402
 
 MODELS = ("resnet56", "tv:resnet18@224", "tv:mobilenet_v2@224")
@@ -72,7 +73,8 @@ def main() -> None:
                      "within_10_%": round(100 * result.within_10), "latency_goal_met": result.within_10 >= 0.95,
                      "speedup_mape_%": round(100 * result.speedup_mean_abs_error, 1),
                      "speedup_within_10_%": round(100 * result.speedup_within_10),
-                     "speedup_goal_met": result.speedup_within_10 >= 0.95, "drift": round(result.drift, 2),
+                     "speedup_goal_met": result.speedup_within_10 >= 0.95,
+                     **removing(result), "drift": round(result.drift, 2),
                      "total_s": round(time.perf_counter() - begin)})
         print(rows[-1], flush=True)
         summary = (f"Random per-layer plans (types and rates drawn per layer from what the search can offer), compacted "
@@ -84,9 +86,19 @@ def main() -> None:
                    f"speed of the profile; drift: the dense network during validation over as profiled. Goal: >= 95% "
                    f"within +-10%. profile_s: the profile from scratch; command_s: with the latency model's fit, as "
                    f"`sparsesearch profile` runs it; skipped: grid points of types no faster than dense at their highest "
-                   f"rate. CPU, batch 1, float32, {threads} threads, plans of seed {args.seed}. "
+                   f"rate; removing_*: the random plans that remove residual branches whole (each removable one with "
+                   f"probability {REMOVE_SHARE:g}), judged apart. CPU, batch 1, float32, {threads} threads, plans of seed {args.seed}. "
                    f"Scatter plots: latency_model_<model>_{run_name}.png.")
         print(record(f"latency_model_{run_name}", rows, summary), flush=True)  # after each model: a long run keeps what it has
+
+
+def removing(result: Validation) -> dict[str, object]:
+    """The random plans that remove residual branches whole, judged apart: the latency model prices
+    a removed branch at nothing."""
+    errors = [s.speedup_error for s in result.removing]
+    return {"removing_plans": len(errors),
+            "removing_speedup_mape_%": round(100 * mean_abs(errors), 1) if errors else "-",
+            "removing_speedup_within_10_%": round(100 * share_within_10(errors)) if errors else "-"}
 
 
 if __name__ == "__main__":
