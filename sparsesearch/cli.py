@@ -666,7 +666,9 @@ def optimize(
             built = search.build(config, dev, kept, data_dir, profile,
                                  allow_foreign_profile, notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
                                  on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
-        search.record(opened, built)
+        with console.status("recording the study's space: compacting the dense model to find the residual "
+                            "branches it may remove whole"):
+            search.record(opened, built)
     except BaseException:  # a refused or interrupted set-up leaves no empty study behind
         stores.discard_if_unused(opened, storage)
         raise
