@@ -332,7 +332,7 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
     region, todo = {start}, [start]
     while todo:  # every node all of whose inputs come from the branch
         for node in todo.pop().outputs:
-            if node not in region and all(i in region for i in node.inputs):
+            if node not in region and all(i in region for i in node.inputs) and not _reads_outside(node, names):
                 region.add(node)
                 todo.append(node)
     exits = [n for n in region if not n.outputs or any(o not in region for o in n.outputs)]
@@ -369,6 +369,13 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
         except RuntimeError:  # a forward that adds into the view in place
             continue
     return "replacing its branch by a constant changes the output"
+
+
+def _reads_outside(node, names: dict) -> bool:  # noqa: ANN001 - a Torch-Pruning Node
+    """Whether a functional step (an addition, a concatenation) also reads a tensor the graph has no
+    node for: the network's input (a residual block right on it) or a buffer, which autograd records
+    as None. Such a step joins the branch to the rest, whatever its listed inputs say."""
+    return node.module not in names and any(f is None for f, _ in getattr(node.grad_fn, "next_functions", ()))
 
 
 def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> None:  # noqa: ANN001

@@ -518,7 +518,8 @@ def test_rate_one_on_a_layer_no_residual_path_bypasses_is_refused_with_the_reaso
 def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None:
     """`compact.removable` (what the search offers to remove, what `profile validate` draws): all of a
     net's one-layer groups removed at once leave a constant when one of them carries the only path,
-    and the groups that can still go are found around it."""
+    and the groups that can still go are found around it; a block right on the network's input too
+    (its addition reads a tensor the dependency graph has no node for)."""
     from sparsesearch.compact import removable
     from sparsesearch.models import BasicBlock
     from sparsesearch.profiler.validate import filter_groups
@@ -533,3 +534,7 @@ def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None
     groups = filter_groups(layers, deps.couplings)
     assert ("5",) in groups  # the head conv: every path runs through it
     assert removable(model, shape, deps, groups) == [("3.conv1",), ("4.conv1",)]
+    on_input = torch.nn.Sequential(*list(model)[3:]).eval()  # the first block adds the network's input itself
+    deps, layers = dependencies(on_input, (8, 8, 8)), trace(on_input, (8, 8, 8))
+    found = removable(on_input, (8, 8, 8), deps, filter_groups(layers, deps.couplings))
+    assert found == [("0.conv2", "1.conv2"), ("0.conv1",), ("1.conv1",)]  # both blocks' ends only add to the input
