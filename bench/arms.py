@@ -22,7 +22,10 @@ written as they finish to bench/runs/arms-CASE/results.json: a killed run, or a 
 goes on; a final's training (hours) goes on from its last ADMM period or epoch
 (`final-*.resume.pt`, kept out of git); its trained weights wait in `final-*.pt` (out of git) for
 their timing, which `--no-time` defers to a later run on a quiet core (`--no-final` then times
-what is trained, and trains no final). Every arm's predicted
+what is trained, and trains no final). Then more of the study's front (`--spread`: until 12 plans
+in all are retrained) is trained and timed the same way: with the picks, the plans over which the
+drops at trial fidelity and at the full budget are ranked against each other (the faithfulness of
+cheap trials on this network, issue 14 section 1). Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
 every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
@@ -274,6 +277,41 @@ def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.
     return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
 
 
+def arm_of(key: str) -> str:
+    """The arm of a final's key: "ARM within DROP" (a pick) or "study front trial N" (`spread`)."""
+    return key.split(" within")[0].split(" front ")[0]
+
+
+def retrained(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
+              full: tuple[float, float], resume: Path, threads: int) -> dict:
+    """A final's row: the pick trained at the full budget (`final`), its resume files then removed."""
+    set_threads(threads)
+    row = {"pick": pick, **final(built, arm, pick, studies, full, resume, weights(resume.parent, arm, pick))}
+    for path in resume_files(resume):
+        path.unlink(missing_ok=True)
+    return row
+
+
+def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], n: int) -> list[dict]:
+    """Plans of the study's front at trial fidelity (most speed, least drop; the next front where it
+    has too few), spread over predicted speedup, to retrain beside the arms' picks until `n` plans in
+    all are: chosen once (`state["spread"]`), so that a resumed run trains the same ones."""
+    done = {(arm_of(key), r["pick"]["label"]) for key, r in state.get("final", {}).items()}
+    plans = {c["label"]: c for c in candidates(built, "study", state, studies)}
+    if "spread" not in state:
+        left, pool = [c for c in plans.values() if ("study", c["label"]) not in done], []
+        while left and len(pool) < n - len(done):  # peel the fronts
+            front = [c for c in left if not any(o["speed"] >= c["speed"] and o["drop"] <= c["drop"]
+                                                 and (o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in left)]
+            pool += front
+            left = [c for c in left if c not in front]
+        pool.sort(key=lambda c: c["speed"])
+        k = min(max(n - len(done), 0), len(pool))
+        state["spread"] = list(dict.fromkeys(pool[round(i * (len(pool) - 1) / max(k - 1, 1))]["label"]
+                                             for i in range(k)))
+    return [plans[label] for label in state["spread"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet56")
@@ -288,6 +326,9 @@ def main() -> None:
     parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
                         help="time the trained finals (--no-time: train only, and time them later on a quiet core)")
+    parser.add_argument("--spread", type=int, default=12, help="after the picks, retrain more of the study's front "
+                        "(trial fidelity) until this many plans in all are retrained: cheap trials' faithfulness "
+                        "on this network needs plans spread over the front, and the picks all sit near the limits")
     parser.add_argument("--train-threads", type=int, default=1, help="threads for the finals' training (the "
                         "search arms train at 1: their compute is wall-clock); timings run at 1 on one core")
     args = parser.parse_args()
@@ -337,18 +378,22 @@ def main() -> None:
                     if key in state.setdefault("final", {}) or not within:
                         continue
                     pick = max(within, key=lambda c: c["speed"])
-                    resume = folder / f"final-{arm}-{drop}.resume.pt"
-                    set_threads(args.train_threads)
                     done = [r for k, r in state["final"].items()  # a plan both limits pick is trained once
-                            if k.startswith(f"{arm} within") and r["pick"]["label"] == pick["label"]]
-                    state["final"][key] = done[0] if done else {
-                        "pick": pick, **final(built, arm, pick, studies, full, resume, weights(folder, arm, pick))}
+                            if arm_of(k) == arm and r["pick"]["label"] == pick["label"]]
+                    state["final"][key] = done[0] if done else retrained(
+                        built, arm, pick, studies, full, folder / f"final-{arm}-{drop}.resume.pt", args.train_threads)
                     write_json(results, state)
-                    for path in resume_files(resume):
-                        path.unlink(missing_ok=True)
+                    print(key, state["final"][key], flush=True)
+            for pick in spread(built, state, studies, args.spread) if "study" in studies else ():
+                key = f"study front {pick['label']}"
+                if key not in state["final"]:
+                    state["final"][key] = retrained(built, "study", pick, studies, full,
+                                                    folder / f"final-study-front-{pick['trial']}.resume.pt",
+                                                    args.train_threads)
+                    write_json(results, state)
                     print(key, state["final"][key], flush=True)
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
-            arm = key.split(" within")[0]
+            arm = arm_of(key)
             if args.time and "speedup b1" not in row and arm in args.arms:
                 row |= timed(built, arm, row["pick"], studies, weights(folder, arm, row["pick"]))
                 write_json(results, state)
@@ -372,15 +417,16 @@ def main() -> None:
 
 
 def agreement(state: dict) -> str:
-    """How the retrained picks' drops at trial fidelity rank against their drops at the full budget
-    (each plan once): the faithfulness of cheap trials on this network, where it is hardest, among
-    plans all near the limits."""
-    once = {(key.split(" within")[0], r["pick"]["label"]): r for key, r in state.get("final", {}).items()}
+    """How the retrained plans' drops at trial fidelity rank against their drops at the full budget
+    (each plan once): the faithfulness of cheap trials on this network, over the arms' picks (all
+    near the limits, where ranking is hardest) and the study's front beyond them (`spread`)."""
+    once = {(arm_of(key), r["pick"]["label"]): r for key, r in state.get("final", {}).items()}
     if len(once) < 4:
         return ""
     rho = spearmanr([r["pick"]["drop"] for r in once.values()], [r["drop"] for r in once.values()]).statistic
-    return (f" Over the {len(once)} plans retrained, the drops at trial fidelity and at the full budget rank "
-            f"alike at Spearman {rho:.2f}.")
+    front = sum(key.startswith("study front") for key in state.get("final", {}))
+    return (f" Over the {len(once)} plans retrained ({front} of them more of the study's front, `--spread`), the "
+            f"drops at trial fidelity and at the full budget rank alike at Spearman {rho:.2f}.")
 
 
 def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], path: Path) -> Path:
@@ -397,8 +443,7 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
         color = f"C{i}"
         ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14,
                    alpha=0.5, color=color, label=f"{arm} (trial fidelity, predicted speedup)")
-        picks = [r for key, r in state.get("final", {}).items()
-                 if key.startswith(f"{arm} within") and "speedup b1" in r]
+        picks = [r for key, r in state.get("final", {}).items() if arm_of(key) == arm and "speedup b1" in r]
         ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
                    edgecolors="black", label=f"{arm}: picks retrained, measured (batch 1)" if picks else None)
     ax.axhline(built.dense["val"], color="black", lw=0.8, ls=":", label="dense model")
