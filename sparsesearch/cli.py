@@ -566,9 +566,9 @@ def profile_validate(
                   f"±10%; speedup over the dense network {result.speedup_mean_abs_error:.1%}, "
                   f"{result.speedup_within_10:.0%} within ±10%")
     if removing := result.removing:
-        errors = [s.speedup_error for s in removing]
-        console.print(f"{len(removing)} of them remove {min(s.removed for s in removing)}-"
-                      f"{max(s.removed for s in removing)} residual branches whole: speedup mean |error| "
+        errors, counts = [s.speedup_error for s in removing], sorted({s.removed for s in removing})
+        span = "-".join(map(str, dict.fromkeys((counts[0], counts[-1]))))
+        console.print(f"{len(removing)} of them remove {span} residual branches whole: speedup mean |error| "
                       f"{mean_abs(errors):.1%}, {share_within_10(errors):.0%} within ±10%")
     if result.ladder:
         console.print("uniform filter ladder, the search's baselines (predicted / measured speedup): " + ", ".join(
