@@ -717,11 +717,14 @@ def optimize(
                       + ", ".join(f"{kind} on {_count(n, 'layer')}" for kind, n in sorted(counts.items())))
     cost = search.trial_cost(built)
     left = (limit.seconds or 0) - (time.monotonic() - started)
-    buys = (f"{limit.trials - done_before} more trials ≈ {search.duration(cost.seconds * (limit.trials - done_before))}"
-            if limit.trials else f"the {search.duration(left)} left of {limit} buy ≈ {left / cost.seconds:.0f} trials")
+    more = max((limit.trials or 0) - done_before, 0)
+    buys = (f"the {search.duration(left)} left of {limit} buy ≈ {left / cost.seconds:.0f} trials" if not limit.trials
+            else f"{more} more trials ≈ {search.duration(cost.seconds * more)}" if more
+            else f"the study already has {done_before} trials (--budget {limit.trials}); a larger --budget adds more")
     share = search.trial_share(built.config)
     console.print(f"one trial on {len(built.trial_data.train):,} training images ({share:.1%} of a full run's): "
-                  f"{cost} on this device (timed on a few steps); {buys}, less for trials stopped early")
+                  f"{cost} on this device (timed on a few steps); {buys}"
+                  + (", less for trials stopped early" if more or not limit.trials else ""))
     if share < search.FAITHFUL_SHARE * (1 - 1e-9):
         admm, retrain = search.faithful_epochs(built.config)
         enough = search.trial_share(dataclasses.replace(built.config, admm_epochs=admm, retrain_epochs=retrain))
@@ -746,7 +749,7 @@ def optimize(
                           + (f", {search.duration(pace)}/trial" if pace else ""))
                 trained = len(search.trained_trials(st))
                 if limit.trials:
-                    update(trained, limit.trials, status)
+                    update(trained, max(limit.trials, trained), status)
                 else:  # a duration: the bar is the minutes of it spent
                     update(int((time.monotonic() - started) / 60), math.ceil(limit.seconds / 60),
                            f"min; {trained - done_before} trials, {status}")

@@ -762,6 +762,13 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
     said = " ".join(more.output.split())
     assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.1 min buy ≈ \d+ trials", said), said
     assert re.search(r"search: 0/1 min; 0 trials, best feasible", said), said  # a duration's bar counts its minutes
+    done = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "2", "--profile", str(target),
+                                    "--checkpoint", str(checkpoint), "--threads", "1"])
+    said = " ".join(done.output.split())  # a budget the study has reached: nothing to train, no negative counts
+    so_far = re.search(r"(\d+) trials so far", said)
+    assert done.exit_code == 0 and so_far, said
+    assert f"the study already has {so_far[1]} trials (--budget 2); a larger --budget adds more" in said, said
+    assert re.search(rf"search: {so_far[1]}/{so_far[1]} .*0 trials trained", said), said
     study = stores.open_study("t", None, create=False)
     assert "measured" not in study.user_attrs
     checkpoint.unlink()
