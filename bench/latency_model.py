@@ -29,7 +29,7 @@ from common import RESULTS, record  # noqa: E402
 
 from sparsesearch.profiler.measure import CALIBRATION_PLANS, profile_model, target  # noqa: E402
 from sparsesearch.profiler.predictor import LatencyModel  # noqa: E402
-from sparsesearch.profiler.validate import (REMOVE_SHARE, Validation, mean_abs, scatter,  # noqa: E402
+from sparsesearch.profiler.validate import (REMOVE_SHARE, REMOVING_PLANS, Validation, mean_abs, scatter,  # noqa: E402
                                            share_within_10, validate)
 from sparsesearch.runtime import set_threads  # noqa: E402
 
@@ -86,8 +86,9 @@ def main() -> None:
                    f"speed of the profile; drift: the dense network during validation over as profiled. Goal: >= 95% "
                    f"within +-10%. profile_s: the profile from scratch; command_s: with the latency model's fit, as "
                    f"`sparsesearch profile` runs it; skipped: grid points of types no faster than dense at their highest "
-                   f"rate; removing_*: the random plans that remove residual branches whole (half the plans, each "
-                   f"removable branch with probability {REMOVE_SHARE:g}), judged apart. CPU, batch 1, float32, {threads} threads, plans of seed {args.seed}. "
+                   f"rate; removing_*: the random plans that remove residual branches whole ({REMOVING_PLANS:.0%} "
+                   f"of them, each removable branch with probability {REMOVE_SHARE:g}), judged apart. CPU, batch 1, "
+                   f"float32, {threads} threads, plans of seed {args.seed}. "
                    f"Scatter plots: latency_model_<model>_{run_name}.png.")
         print(record(f"latency_model_{run_name}", rows, summary), flush=True)  # after each model: a long run keeps what it has
 

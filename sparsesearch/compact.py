@@ -119,8 +119,8 @@ def removable(model: nn.Module, input_shape: tuple[int, ...], deps: Dependencies
     residual branch that `compact` replaces by a constant (a block dropped), tried on `model`. The
     one-layer groups are tried all at once (where each branch is a block of its own), and a set the
     model cannot lose whole is halved until its parts can be lost (tv:densenet121's 120 convs, which
-    all removed leave a constant, in 41 compactions rather than 121). Groups of several layers (whose removal
-    usually silences a whole stream) are tried one at a time."""
+    all removed leave a constant: 41 compactions rather than 121). Groups of several layers (whose
+    removal usually silences a whole stream) are tried one at a time."""
     def removed(tried: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
         plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for g in tried for n in g})
         try:

@@ -30,6 +30,7 @@ def filter_groups(layers: list[Layer], couplings: list[list[str]]) -> list[tuple
             + [(layer.name,) for layer in layers if SparsityType.FILTER in layer.types and layer.name not in coupled])
 
 
+REMOVING_PLANS = 0.5  # the share of random plans that remove residual branches
 REMOVE_SHARE = 0.15  # each removable branch's chance to go in a plan that removes some: ~4 of resnet56's 27
 
 
@@ -38,10 +39,11 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
                 types: Iterable[str] | None = None, removable: Iterable[tuple[str, ...]] = (),
                 remove_share: float = REMOVE_SHARE) -> Plan:
     """A random type (of `types`, default all) and grid rate per layer, some left dense; a coupled
-    group that draws filter takes one filter rate for all its members, as plans must. Half the
-    plans also remove residual branches whole, as the search's `remove:` parameters do: each of the
-    `removable` groups (`compact.removable`) with probability `remove_share` (so the other half,
-    priced without that, are still judged on a net with many removable branches)."""
+    group that draws filter takes one filter rate for all its members, as plans must. A share
+    `REMOVING_PLANS` of the plans also remove residual branches whole, as the search's `remove:`
+    parameters do: each of the `removable` groups (`compact.removable`) with probability
+    `remove_share`. The others remove none, so that plans without removals are still judged on a
+    net with many removable branches."""
     def draw(types: tuple[SparsityType, ...]) -> LayerSparsity:
         kind = rng.choice(types)
         return LayerSparsity(kind, rng.choice(NM_RATES[1:] if kind == SparsityType.NM else rates[1:]))
@@ -64,7 +66,7 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
         if layer.name not in specs:
             specs[layer.name] = draw(layer.types) if layer.types and rng.random() > dense_share else None
     removable = list(removable)
-    for group in removable if removable and rng.random() < 0.5 else ():
+    for group in removable if removable and rng.random() < REMOVING_PLANS else ():
         if rng.random() < remove_share:
             specs.update({n: LayerSparsity(SparsityType.FILTER, REMOVED) for n in group})
     chosen = {n: s for n, s in specs.items() if s is not None}
