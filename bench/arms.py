@@ -445,7 +445,7 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
                    alpha=0.5, color=color, label=f"{arm} (trial fidelity, predicted speedup)")
         picks = [r for key, r in state.get("final", {}).items() if arm_of(key) == arm and "speedup b1" in r]
         ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
-                   edgecolors="black", label=f"{arm}: picks retrained, measured (batch 1)" if picks else None)
+                   edgecolors="black", label=f"{arm}: retrained, measured (batch 1)" if picks else None)
     ax.axhline(built.dense["val"], color="black", lw=0.8, ls=":", label="dense model")
     ax.set_xlabel("speedup over the dense model (x)")
     ax.set_ylabel("validation accuracy (% top-1)")
