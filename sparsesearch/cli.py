@@ -536,7 +536,7 @@ def profile_validate(
     from .profiler.measure import target
     from .profiler.predictor import LatencyModel
     from .profiler.table import DTYPES, load_profile, slug
-    from .profiler.validate import mean_abs, scatter, share_within_10, validate
+    from .profiler.validate import scatter, validate
     from .runtime import layout_of, resolve_device, set_threads
 
     dev = resolve_device(device)
@@ -566,10 +566,11 @@ def profile_validate(
                   f"±10%; speedup over the dense network {result.speedup_mean_abs_error:.1%}, "
                   f"{result.speedup_within_10:.0%} within ±10%")
     if removing := result.removing:
-        errors, counts = [s.speedup_error for s in removing], sorted({s.removed for s in removing})
+        counts = sorted({s.removed for s in removing})
         span = "-".join(map(str, dict.fromkeys((counts[0], counts[-1]))))
         console.print(f"{len(removing)} of them remove {span} residual branches whole: speedup mean |error| "
-                      f"{mean_abs(errors):.1%}, {share_within_10(errors):.0%} within ±10%")
+                      f"{result.removing_speedup_mean_abs_error:.1%}, {result.removing_speedup_within_10:.0%} within "
+                      "±10%")
     if result.ladder:
         console.print("uniform filter ladder, the search's baselines (predicted / measured speedup): " + ", ".join(
             f"{s.kind.split()[-1]}: {s.predicted_speedup:.2f}x / {s.measured_speedup:.2f}x" for s in result.ladder))

@@ -120,11 +120,11 @@ class Sample:
         return self.predicted_speedup / self.measured_speedup - 1
 
 
-def mean_abs(errors: list[float]) -> float:
+def _mean_abs(errors: list[float]) -> float:
     return sum(map(abs, errors)) / len(errors)
 
 
-def share_within_10(errors: list[float]) -> float:
+def _within_10(errors: list[float]) -> float:
     return sum(abs(e) <= 0.1 for e in errors) / len(errors)
 
 
@@ -155,19 +155,27 @@ class Validation:
 
     @property
     def mean_abs_error(self) -> float:
-        return mean_abs([s.error for s in self.random])
+        return _mean_abs([s.error for s in self.random])
 
     @property
     def within_10(self) -> float:
-        return share_within_10([s.error for s in self.random])
+        return _within_10([s.error for s in self.random])
 
     @property
     def speedup_mean_abs_error(self) -> float:
-        return mean_abs([s.speedup_error for s in self.random])
+        return _mean_abs([s.speedup_error for s in self.random])
 
     @property
     def speedup_within_10(self) -> float:
-        return share_within_10([s.speedup_error for s in self.random])
+        return _within_10([s.speedup_error for s in self.random])
+
+    @property
+    def removing_speedup_mean_abs_error(self) -> float:
+        return _mean_abs([s.speedup_error for s in self.removing])
+
+    @property
+    def removing_speedup_within_10(self) -> float:
+        return _within_10([s.speedup_error for s in self.removing])
 
     @property
     def drift(self) -> float:
