@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data postgres demo test test-all bench
+.PHONY: setup data postgres compiler demo test test-all bench
 
-setup: $(VENV)/.installed data postgres
+setup: $(VENV)/.installed data postgres compiler
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,15 @@ data:
 		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
 	else echo "note: dataset-fashion-mnist not installed (needs apt as root); Fashion-MNIST tests will skip"; fi
+
+# A C compiler: shape-wise layers compile their kernel on first use (sparsesearch/native.py); without
+# one they run their eager forms, 1.2-2x slower, and say so.
+compiler:
+	@if command -v $${CC:-cc} >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null) \
+		|| echo "note: could not install gcc; shape-wise layers will run without their compiled kernel"; \
+	else echo "note: no C compiler (apt-get install gcc); shape-wise layers will run without their compiled kernel"; fi
 
 # A real PostgreSQL server for the shared-storage tests: Debian's postgresql (initdb and pg_ctl
 # under /usr/lib/postgresql/VER/bin). The tests start a throwaway cluster of their own; where apt

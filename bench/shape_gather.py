@@ -1,21 +1,21 @@
-"""The shape-wise im2col, two ways: a conv compacted to `reduced-gemm` timed beside the dense conv,
-with its im2col built by the flat index (the default) and by indexing the strided view by channel,
-kernel row and kernel column (what it did before, and still does past `_Windows.FLAT_INDEX_MAX`).
-AlexNet's conv2-5 at 224 px, resnet56's 16- and 64-channel convs, a VGG 128-channel conv; random
-weights projected to shape sparsity at 50% and 93.3% (the paper's 15x); batch 1 and 8; 1 thread,
-interleaved rounds, median.
-Then whole networks (`NETWORKS`), every conv shape-pruned, timed beside the masked dense network with
-the im2col gathered into the thread's reused scratch buffer (now) and into a fresh tensor per call
-(before): a fresh 100 MB tensor is a fresh mmap whose pages fault on first write.
+"""Shape-wise convs, measured: a conv compacted to `reduced-gemm` timed beside the dense conv.
 
-Then (`layouts`) the same networks, dense and compacted, each in both memory layouts: NCHW and
-channels-last, in which shape-wise gathers each pixel's columns in the input's own order.
+`layers`, `networks` (the eager form's im2col): built by the flat index (the default) and by indexing
+the strided view by channel, kernel row and kernel column (what it did before, and still does past
+`_Windows.FLAT_INDEX_MAX`), on AlexNet's conv2-5 at 224 px, resnet56's 16- and 64-channel convs and a
+VGG 128-channel conv at 50% and 93.3% (the paper's 15x), batch 1 and 8; then whole networks
+(`NETWORKS`) with the im2col gathered into the thread's reused scratch buffer and into a fresh tensor
+per call: a fresh 100 MB tensor is a fresh mmap whose pages fault on first write.
 
-Then (`ceiling`) where a channels-last AlexNet conv2-5 at 93.3% spends its time: the gather alone, the
-product alone, and the dense conv's own im2col GEMM (all K columns, gathered beforehand), whose rate
-against oneDNN's direct conv bounds any im2col form.
+`layouts`: the same networks, dense and compacted, in both memory layouts, compacted with the eager
+forms only and as they run now (the compiled kernel where faster).
 
-Run alone on a quiet core: `taskset -c 1 python bench/shape_gather.py [networks] [layers] [layouts]`.
+`ceiling`: AlexNet's conv2-5 at 93.3%, both layouts: the layer as it runs against its eager form, and
+where the eager form spends its time (the gather alone, the product alone, and the dense conv's own
+im2col GEMM, whose rate against oneDNN's direct conv bounds any form that builds the im2col).
+
+Random weights; 1 thread, interleaved rounds, median. Run alone on a quiet core:
+`taskset -c 1 python bench/shape_gather.py [layers] [networks] [layouts] [ceiling]`.
 """
 
 from __future__ import annotations
@@ -82,19 +82,22 @@ class _ChannelsLast(nn.Module):
 
 
 def layouts() -> list[dict[str, object]]:
-    """Whole networks, every conv shape-pruned, dense and compacted, in both memory layouts."""
+    """Whole networks, every conv shape-pruned, dense and compacted, in both memory layouts; compacted
+    with its eager forms only (before) and with the compiled kernel where faster (now)."""
     rows = []
     for name, shape, rate, batch in LAYOUT_NETWORKS:
         masked, compacted = shape_pruned(name, shape, rate)
-        unfolded = variant(compacted, ShapeConv2d, FOLD_BELOW=0)  # a product per sample at any plane size
-        t = compare({"dense": masked, "unfolded": unfolded, "compacted": compacted, "dense cl": _ChannelsLast(masked),
-                     "compacted cl": _ChannelsLast(compacted)}, torch.randn(batch, *shape), rounds=9, reference="dense")
+        eager = variant(compacted, ShapeConv2d, FUSED=False)
+        t = compare({"dense": masked, "eager": eager, "compacted": compacted, "dense cl": _ChannelsLast(masked),
+                     "eager cl": _ChannelsLast(eager), "compacted cl": _ChannelsLast(compacted)},
+                    torch.randn(batch, *shape), rounds=9, reference="dense")
+        over_cl = t["dense cl"].relative
         rows.append({"network": name, "rate": rate, "batch": batch, "dense ms": round(t["dense"].median_ms, 2),
-                     "compacted, per sample": round(1 / t["unfolded"].relative, 2),
-                     "compacted": round(1 / t["compacted"].relative, 2),
-                     "dense channels-last": round(1 / t["dense cl"].relative, 2),
-                     "compacted channels-last": round(1 / t["compacted cl"].relative, 2),
-                     "channels-last over channels-last": round(t["dense cl"].relative / t["compacted cl"].relative, 2)})
+                     "NCHW, eager": round(1 / t["eager"].relative, 2),
+                     "NCHW, compiled": round(1 / t["compacted"].relative, 2),
+                     "dense channels-last": round(1 / over_cl, 2),
+                     "channels-last, eager": round(over_cl / t["eager cl"].relative, 2),
+                     "channels-last, compiled": round(over_cl / t["compacted cl"].relative, 2)})
         print(rows[-1], flush=True)
     return rows
 
@@ -112,37 +115,48 @@ class _Fixed(nn.Module):
 
 
 def ceiling() -> list[dict[str, object]]:
-    """AlexNet's conv2-5 at the paper's 15x, channels-last: each step of the compact form timed beside
-    the dense conv, and the speedup the product would reach at the rate of the dense conv's own GEMM."""
+    """AlexNet's conv2-5 at the paper's 15x, in both layouts: the layer as it runs (the compiled kernel,
+    which never builds the im2col, where faster) and its eager form, beside the dense conv; channels-last,
+    the eager form's two steps alone, and the speedup a product at the rate of the dense conv's own GEMM
+    would reach with a free gather."""
     torch.manual_seed(0)
     rows = []
     for name, cin, cout, k, pad, side in LAYERS[:4]:
-        conv = nn.Conv2d(cin, cout, k, padding=pad).eval()
-        with torch.no_grad():
-            conv.weight.copy_(project([conv.weight], SparsityType.SHAPE, 0.933)[0])
-        conv = conv.to(memory_format=torch.channels_last)
-        every = copy.deepcopy(conv)
-        with torch.no_grad():  # every column live: the shape form of the dense conv, its full im2col GEMM
-            every.weight.add_(1e-3)
-        compact, full = ShapeConv2d(conv).eval(), ShapeConv2d(every).eval()
-        for batch in BATCHES:
-            x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
+        for channels_last in (True, False):
+            conv = nn.Conv2d(cin, cout, k, padding=pad).eval()
             with torch.no_grad():
-                t = compare({"dense": conv, "compact": compact,
-                             "gather": _Fixed(compact.im2col.pixel_rows, x),
-                             "product": _Fixed(compact._pixel_product, compact.im2col.pixel_rows(x).clone()),
-                             "dense GEMM": _Fixed(full._pixel_product, full.im2col.pixel_rows(x).clone())},
-                            x, rounds=9, reference="dense")
-            reduction = conv.weight.numel() / compact.weight.numel()
-            speedup = 1 / t["compact"].relative
-            rows.append({"layer": name, "batch": batch, "dense conv ms": round(t["dense"].median_ms, 3),
-                         "MAC reduction": round(reduction, 1), "speedup": round(speedup, 2),
-                         "speedup / MACs": round(speedup / reduction, 2),
-                         "gather ms": round(t["gather"].median_ms, 3), "product ms": round(t["product"].median_ms, 3),
-                         "product alone": round(1 / t["product"].relative, 2),
-                         "dense GEMM / conv ms": round(t["dense GEMM"].relative, 2),
-                         "GEMM-rate bound": round(reduction / t["dense GEMM"].relative, 1)})
-            print(rows[-1], flush=True)
+                conv.weight.copy_(project([conv.weight], SparsityType.SHAPE, 0.933)[0])
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            conv = conv.to(memory_format=layout)
+            every = copy.deepcopy(conv)
+            with torch.no_grad():  # every column live: the shape form of the dense conv, its full im2col GEMM
+                every.weight.add_(1e-3)
+            compact, full = ShapeConv2d(conv).eval(), ShapeConv2d(every).eval()
+            eager = copy.deepcopy(compact)
+            eager.FUSED = False
+            for batch in BATCHES:
+                x = torch.randn(batch, cin, side, side).contiguous(memory_format=layout)
+                models = {"dense": conv, "compact": compact, "eager": eager}
+                if channels_last:
+                    models |= {"gather": _Fixed(eager.im2col.pixel_rows, x),
+                               "product": _Fixed(eager._pixel_product, eager.im2col.pixel_rows(x).clone()),
+                               "dense GEMM": _Fixed(full._pixel_product, full.im2col.pixel_rows(x).clone())}
+                with torch.no_grad():
+                    t = compare(models, x, rounds=9, reference="dense")
+                reduction = conv.weight.numel() / compact.weight.numel()
+                speedup, before = 1 / t["compact"].relative, 1 / t["eager"].relative
+                row = {"layer": name, "layout": "channels-last" if channels_last else "NCHW", "batch": batch,
+                       "dense conv ms": round(t["dense"].median_ms, 3), "MAC reduction": round(reduction, 1),
+                       "speedup": round(speedup, 2), "speedup / MACs": round(speedup / reduction, 2),
+                       "form": compact.form(x),
+                       "eager speedup": round(before, 2), "eager / MACs": round(before / reduction, 2)}
+                if channels_last:
+                    row |= {"eager gather ms": round(t["gather"].median_ms, 3),
+                            "eager product ms": round(t["product"].median_ms, 3),
+                            "dense GEMM / conv ms": round(t["dense GEMM"].relative, 2),
+                            "GEMM-rate bound": round(reduction / t["dense GEMM"].relative, 1)}
+                rows.append(row)
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -151,6 +165,7 @@ def networks() -> list[dict[str, object]]:
     rows = []
     for name, shape, rate, batch in NETWORKS:
         masked, compacted = shape_pruned(name, shape, rate)
+        compacted = variant(compacted, ShapeConv2d, FUSED=False)  # the eager form, whose im2col this compares
         fresh = variant(compacted, _Windows, SCRATCH=False)
         t = compare({"dense": masked, "fresh": fresh, "scratch": compacted}, torch.randn(batch, *shape),
                     rounds=9, reference="dense")
@@ -166,18 +181,22 @@ def main() -> None:
     parts = sys.argv[1:] or ["layers", "networks", "layouts", "ceiling"]
     if "ceiling" in parts:
         print(record("shape_ceiling", ceiling(), "AlexNet's conv2-5 (224 px input) at 93.3% shape sparsity "
-                     "(random weights), channels-last, timed beside the dense conv (oneDNN's direct conv, "
-                     "channels-last): the compact layer; its two steps alone, the gather of the reduced im2col "
-                     "and the product over it; and the dense conv computed as the same product over all its "
-                     "columns (`dense GEMM / conv ms`: that GEMM's time over the conv's). `GEMM-rate bound`: the "
-                     "speedup of a product at that GEMM's rate with a free gather, MAC reduction / that ratio. "
-                     "1 thread, median of 9 interleaved rounds."))
+                     "(random weights), channels-last and NCHW, timed beside the dense conv (oneDNN's direct conv, "
+                     "in the same layout): the layer as it runs (`form`: the compiled gather-GEMM on a channels-last "
+                     "(`fused`) or NCHW (`fused planar`) copy of the padded input, or the eager form, whichever its "
+                     "first call timed faster) and its eager form (the reduced im2col built, then torch's product: "
+                     "before). Channels-last, the eager form's two steps alone, and the dense conv computed as the "
+                     "same product over all its columns (`dense GEMM / conv ms`: that GEMM's time over the conv's); "
+                     "`GEMM-rate bound`: the speedup of a product at that GEMM's rate with a free gather. 1 thread, "
+                     "median of 9 interleaved rounds."))
     if "layouts" in parts:
         print(record("shape_layouts", layouts(), "Whole networks, every conv shape-pruned (random weights), dense "
                      "and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
-                     "converted on each call). Speedups over the NCHW dense network; `per sample`: one product per "
-                     "sample on every plane (before the batch was folded on small planes); the last column, "
-                     "compacted over dense, both channels-last. 1 thread, median of 9 interleaved rounds."))
+                     "converted on each call); compacted with its eager forms only (before the compiled kernel) and "
+                     "as it runs now (each shape-wise layer in the faster of the compiled kernel and its eager "
+                     "form). NCHW speedups are over the NCHW dense network, channels-last ones over the "
+                     "channels-last dense network (`dense channels-last`: its speedup over NCHW). 1 thread, median "
+                     "of 9 interleaved rounds."))
     if "networks" in parts:
         print(record("shape_scratch", networks(), "Whole networks, every conv shape-pruned (random weights), "
                      "speedup over the masked dense network with the im2col gathered into a fresh tensor per call "
@@ -196,6 +215,7 @@ def layers() -> None:
             with torch.no_grad():
                 conv.weight.copy_(project([conv.weight], SparsityType.SHAPE, rate)[0])
             flat = ShapeConv2d(conv).eval()
+            flat.FUSED = False  # the eager form, whose im2col this compares
             viewed = copy.deepcopy(flat)
             viewed.im2col.FLAT_INDEX_MAX = 0  # this module only: the strided view
             for batch in BATCHES:

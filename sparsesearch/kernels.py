@@ -6,7 +6,8 @@ can be unavailable (CSR has no float16 CPU kernel, 2:4 needs an Ampere-or-newer 
 layer runs its dense masked weight, says "dense-fallback" and `why`, so that a measured speedup
 (or a MAC count) is never credited to a kernel that did not run.
 
-- shape: "reduced-gemm", the im2col GEMM over only the K' weight columns non-zero in some filter.
+- shape: "reduced-gemm", the im2col GEMM over only the K' weight columns non-zero in some filter; on a
+  CPU in inference, by the compiled gather-GEMM (`native`) where that is the faster.
 - irregular: "csr", the weight in CSR times the im2col matrix (torch.sparse.mm).
 - nm: "semi-structured", a 2:4 weight (torch.sparse.to_sparse_semi_structured) on CUDA.
 
@@ -21,23 +22,27 @@ modules are for timing and deployment, and autograd bookkeeping on some layers o
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .errors import brief
 from .runtime import is_channels_last
 from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 3}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small planes
+KERNEL_VERSIONS = {"reduced-gemm": 4}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
+# planes; 4: the compiled gather-GEMM (`native`) where it is the faster
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
@@ -168,7 +173,7 @@ class _Windows(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         """Buffers loaded in place may hold other columns: forget the index made for the old ones
         (a method, not a load hook: an export refuses hooks, which are code)."""
-        _FLAT_INDEX.pop(self, None)
+        _INDEXES.pop(self, None)
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -208,28 +213,44 @@ class _Windows(nn.Module):
     def _flat_index(self, hp: int, wp: int, channels: int = 0) -> Tensor | None:
         """Each im2col element's offset in a padded sample, or None if there are too many: row by row
         in a (C, hp, wp) sample, or pixel by pixel in a channels-last (hp, wp, C) one of `channels` C."""
-        stamp = tuple(b.data_ptr() for b in (self.channels, self.rows, self.cols))
-        if self not in _FLAT_INDEX or _FLAT_INDEX[self][0] != stamp:  # new, or its buffers moved (`to`)
-            _FLAT_INDEX[self] = (stamp, {})
-        cache, key = _FLAT_INDEX[self][1], (hp, wp, channels)
-        if key not in cache:
-            (h, w), (sh, sw), (dh, dw) = self.geometry.out_size(hp, wp), self.geometry.stride, self.geometry.dilation
+        def make() -> Tensor | None:
+            (h, w), (sh, sw) = self.geometry.out_size(hp, wp), self.geometry.stride
             if len(self.channels) * h * w > self.FLAT_INDEX_MAX:
-                cache[key] = None
-            else:  # made as a normal tensor: one made in inference mode cannot index a forward with autograd
-                with torch.inference_mode(False):
-                    pixel, channel = (channels, 1) if channels else (1, hp * wp)  # strides in the sample
-                    start = self.channels * channel + (self.rows * (dh * wp) + self.cols * dw) * pixel
-                    rows, cols = (torch.arange(size, device=start.device) for size in (h, w))
-                    window = ((rows[:, None] * (sh * wp) + cols * sw) * pixel).flatten()
-                    index = window[:, None] + start if channels else start[:, None] + window
-                    cache[key] = index.flatten().int()
+                return None
+            start, pixel = self._starts(hp, wp, channels), channels or 1
+            rows, cols = (torch.arange(size, device=start.device) for size in (h, w))
+            window = ((rows[:, None] * (sh * wp) + cols * sw) * pixel).flatten()
+            return (window[:, None] + start if channels else start[:, None] + window).flatten().int()
+        return self._memo(("flat", hp, wp, channels), make)
+
+    def window_starts(self, hp: int, wp: int, channels: int) -> Tensor:
+        """Each kept column's offset from its window's first element in a padded channels-last sample of
+        hp x wp pixels of `channels` C, or a (C, hp, wp) one where `channels` is 0 (int32): what the
+        compiled kernel reads (`native`)."""
+        return self._memo(("starts", hp, wp, channels), lambda: self._starts(hp, wp, channels).int())
+
+    def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
+        """Each kept column's offset in a window of a padded sample: (C, hp, wp), or channels-last of `channels` C."""
+        dh, dw = self.geometry.dilation
+        pixel, channel = (channels, 1) if channels else (1, hp * wp)  # strides in the sample
+        return self.channels * channel + (self.rows * (dh * wp) + self.cols * dw) * pixel
+
+    def _memo(self, key: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
+        """make(), made once per key for these buffers as they are (they move with `to`). Made as a normal
+        tensor: one made in inference mode cannot index a forward with autograd."""
+        stamp = tuple(b.data_ptr() for b in (self.channels, self.rows, self.cols))
+        if self not in _INDEXES or _INDEXES[self][0] != stamp:
+            _INDEXES[self] = (stamp, {})
+        cache = _INDEXES[self][1]
+        if key not in cache:
+            with torch.inference_mode(False):
+                cache[key] = make()
         return cache[key]
 
 
-# each _Windows' flat indices by input size, for its buffers as they are: a cache beside the module, not
-# in it (an export describes a module's attributes as data, and a module loaded from one starts without)
-_FLAT_INDEX: weakref.WeakKeyDictionary[_Windows, tuple[tuple, dict[tuple[int, int], Tensor | None]]] = \
+# each _Windows' flat indices and window starts by input size, for its buffers as they are: a cache beside the
+# module, not in it (an export describes a module's attributes as data, and a module loaded from one starts without)
+_INDEXES: weakref.WeakKeyDictionary[_Windows, tuple[tuple, dict[tuple, Tensor | None]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -241,23 +262,27 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
-    """A CPU buffer of `numel` elements, this thread's one per dtype, grown as needed and kept
-    (it holds the largest im2col the thread has built; `_Windows` says why)."""
+def _scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """A CPU buffer of `numel` elements, this thread's one per dtype and slot (for a caller that needs
+    two at once), grown as needed and kept (it holds the largest im2col the thread has built;
+    `_Windows` says why)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    if dtype not in buffers or buffers[dtype].numel() < numel:
+    if (dtype, slot) not in buffers or buffers[dtype, slot].numel() < numel:
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
-            buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buffers[dtype][:numel]
+            buffers[dtype, slot] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype, slot][:numel]
 
 
 class ShapeConv2d(nn.Module):
     """Shape sparsity: the conv as one GEMM of F x K' weights by the K' live im2col rows.
 
-    The output keeps the input's memory format, as a conv's does. A channels-last input (without
-    groups) is gathered pixel by pixel in its own order and multiplied in one product over the whole
-    batch, whose output is channels-last as it comes: tv:alexnet at 93.3% shape, batch 8, 2.9x over
-    the channels-last dense network against 2.2x contiguous over contiguous (bench/shape_gather.py)."""
+    On a CPU in inference, in float32 without groups, the compiled kernel (`_fused`) multiplies the
+    im2col without building it; the eager forms (`_eager`) build it and call torch's product; each
+    layer runs the faster for its input (`_fastest`). The output keeps the input's memory format, as
+    a conv's does. A channels-last input is gathered pixel by pixel in its own order and multiplied
+    in one product over the whole batch, whose output is channels-last as it comes: tv:alexnet at
+    93.3% shape, batch 8, 2.9x over the channels-last dense network against 2.2x contiguous over
+    contiguous (bench/shape_gather.py, eager)."""
 
     impl = "reduced-gemm"
 
@@ -269,17 +294,98 @@ class ShapeConv2d(nn.Module):
         self.bias = _frozen(conv.bias)
 
     FOLD_BELOW = 256  # output pixels per sample under which one product over the whole batch is faster
+    FUSED = True  # the compiled kernel where it can run (False on an instance: the eager forms, to measure them)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Weights loaded in place: forget the panels packed from the old ones (see `_Windows`)."""
+        _PANELS.pop(self, None)
+        _WAYS.pop(self, None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Channels-last (`pixel_rows`), folded over the batch on small planes (`_folded`), or one
-        product per sample; traced, always the last, which holds for any input size."""
+        """The fastest of the compiled kernel's forms (`_fused`) and the eager one (`_eager`) for this
+        input's size and layout, timed on its first call (`_fastest`); traced, always one product per
+        sample, which holds for any input size."""
         if _tracing():
             return self._per_sample(self.im2col(x))
+        if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x)):
+            return self._eager(x)
+        ways = _WAYS.setdefault(self, {})
+        key = self._key(x)
+        if key not in ways:
+            ways[key] = _fastest(self._ways(x), x)
+        return self._ways(x)[ways[key]](x)
+
+    def form(self, x: Tensor) -> str | None:
+        """The form this layer runs inputs like x in, once one has run: "fused", "fused planar" or "eager"."""
+        return _WAYS.get(self, {}).get(self._key(x))
+
+    @staticmethod
+    def _key(x: Tensor) -> tuple:
+        return tuple(x.shape), x.stride(), torch.get_num_threads()
+
+    def _ways(self, x: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+        """The forms to choose from: the compiled kernel reading a channels-last copy of the padded input,
+        and for an NCHW input also an NCHW copy (no transpose: AlexNet's conv1, 3 channels, where the
+        transposing copy costs as much as the product), and the eager form (on small or thin layers,
+        and at several threads, torch's own product can still win)."""
+        ways = {"eager": self._eager, "fused": self._fused}
+        if not is_channels_last(x):
+            ways["fused planar"] = functools.partial(self._fused, gathered=False)
+        return ways
+
+    def _eager(self, x: Tensor) -> Tensor:
+        """Channels-last (`pixel_rows`), folded over the batch on small planes (`_folded`), or one product
+        per sample."""
         if is_channels_last(x) and self.weight.shape[0] == 1 and (rows := self.im2col.pixel_rows(x)) is not None:
             return self._pixel_product(rows).permute(0, 3, 1, 2)
         cols = self.im2col(x)
         n, _, h, w = cols.shape
         return self._folded(cols) if n > 1 and h * w < self.FOLD_BELOW else self._per_sample(cols)
+
+    def _fused(self, x: Tensor, gathered: bool = True) -> Tensor:
+        """The conv by `native`'s gather-GEMM, which reads each pixel's kept columns where they lie in a
+        padded copy of the input, channels-last where `gathered`: AlexNet's conv2-5 at 15x fewer MACs,
+        channels-last, batch 1 and 8, ran at 0.62-0.72 of their MAC reduction with the im2col built
+        first, and at TODO with it fused (bench/results/shape_ceiling.md). The output keeps the input's
+        layout. Tiles that run across samples (planes of fewer pixels than a tile) are gathered once
+        per tile for all panels: vgg16-bn's 2x2 planes at batch 8."""
+        kernel = native.kernel()
+        n, c, h, w = x.shape
+        geometry = self.im2col.geometry
+        left, right, top, bottom = geometry.pads
+        hp, wp = h + top + bottom, w + left + right
+        oh, ow = geometry.out_size(hp, wp)
+        f = self.weight.shape[1]
+        panels, bias = self._panels(kernel.panel_width)
+        channels_last = is_channels_last(x)
+        if channels_last:
+            y, strides = x.new_empty(n, oh, ow, f), (oh * ow * f, f, 1)
+        else:
+            y, strides = x.new_empty(n, f, oh, ow), (f * oh * ow, 1, oh * ow)
+        gathered |= channels_last
+        start = self.im2col.window_starts(hp, wp, c if gathered else 0)
+        pack = channels_last and n > 1 and oh * ow < kernel.tile_pixels
+        kernel.shape_conv(x, (top, left, hp, wp, *geometry.stride, oh, ow, gathered), start, panels, bias, f,
+                          _scratch(n * hp * wp * c, x.dtype),
+                          _scratch(kernel.packed_floats(len(start)), x.dtype, slot=1) if pack else None, y, strides)
+        return y.permute(0, 3, 1, 2) if channels_last else y
+
+    def _panels(self, width: int) -> tuple[Tensor, Tensor | None]:
+        """The weights as the kernel reads them: panels of `width` output channels, each K' rows of
+        `width` (zero past the last channel), and the bias padded alike; packed once."""
+        stamp = (self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), width)
+        if self not in _PANELS or _PANELS[self][0] != stamp:
+            weight = self.weight[0].detach()
+            f, k = weight.shape
+            count = -(-f // width)
+            with torch.inference_mode(False):
+                panels = weight.new_zeros(count * width, k)
+                panels[:f] = weight
+                panels = panels.view(count, width, k).transpose(1, 2).contiguous()
+                bias = None if self.bias is None else torch.cat([self.bias.detach(), weight.new_zeros(count * width - f)])
+            _PANELS[self] = (stamp, (panels, bias))
+        return _PANELS[self][1]
 
     ONEDNN_ROWS = 1024  # output pixels over the batch from which oneDNN's product is the faster
 
@@ -321,6 +427,26 @@ class ShapeConv2d(nn.Module):
         else:
             out = torch.baddbmm(self.bias.view(groups, f, 1).expand(groups, f, n * h * w), self.weight, cols)
         return out.view(groups * f, n, h, w).permute(1, 0, 2, 3).contiguous()
+
+
+# each ShapeConv2d's weights packed for the compiled kernel, and its fastest form by input size, layout and
+# threads: beside the module like `_INDEXES`
+_PANELS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, tuple[Tensor, Tensor | None]]] = weakref.WeakKeyDictionary()
+_WAYS: weakref.WeakKeyDictionary[ShapeConv2d, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _fastest(ways: dict[str, Callable[[Tensor], Tensor]], x: Tensor, rounds: int = 5) -> str:
+    """The way that runs x fastest: each timed `rounds` times in turn after one warm-up call, best time.
+    Which form wins depends on the layer's shape and the CPU (the compiled kernel's tile is set by its
+    vector registers), so it is measured, as cuDNN's benchmark mode does, not guessed."""
+    best = dict.fromkeys(ways, float("inf"))
+    for round_ in range(rounds + 1):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way(x)
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.__getitem__)
 
 
 class ShapeLinear(nn.Module):

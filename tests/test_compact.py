@@ -457,11 +457,15 @@ def test_measure_times_both_models_in_the_layout_asked_and_hands_them_back_conti
     assert [s[0] for s in seen] == [False, True] and seen[1][1]
 
 
-def test_compaction_is_verified_on_a_channels_last_input_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shape-wise layers take another path for a channels-last input: a fault there is refused at
-    compaction, not found by a deployment that runs the model channels-last."""
+@pytest.mark.parametrize(("way", "faulty"), [("eager", "_pixel_product"), ("fused", "_fused")])
+def test_compaction_is_verified_on_a_channels_last_input_too(way: str, faulty: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shape-wise layers take other paths for a channels-last input (eager, and the compiled kernel): a
+    fault there is refused at compaction, not found by a deployment that runs the model channels-last."""
+    from sparsesearch import kernels
     from sparsesearch.kernels import ShapeConv2d
 
+    monkeypatch.setattr(kernels, "_fastest", lambda ways, x: way)
     torch.manual_seed(0)
     shape = (3, 32, 32)
     model = lively(create("resnet20"), shape)
@@ -469,8 +473,8 @@ def test_compaction_is_verified_on_a_channels_last_input_too(monkeypatch: pytest
     masked = copy.deepcopy(model)
     apply_masks(masked, prune_masks(masked, plan, dependencies(masked, shape)))
     verified_compact(masked, plan, shape, "resnet20")
-    monkeypatch.setattr(ShapeConv2d, "_pixel_product", lambda self, rows: torch.zeros(
-        *rows.shape[:-1], self.weight.shape[1], dtype=rows.dtype))
+    right = getattr(ShapeConv2d, faulty)
+    monkeypatch.setattr(ShapeConv2d, faulty, lambda *args, **kwargs: right(*args, **kwargs) * 0)
     with pytest.raises(UserError, match="compacted resnet20 differs from the pruned model"):
         verified_compact(masked, plan, shape, "resnet20")
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import time
+import warnings
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from sparsesearch import native
 from sparsesearch.kernels import (
     ChannelConv2d,
     ChannelLinear,
@@ -75,6 +78,76 @@ def test_shape_conv_output_equals_masked_conv(
     assert_same_output(ShapeConv2d(dense), dense, image())
 
 
+def test_the_compiled_kernel_builds_on_this_machine() -> None:
+    """The setup installs a C compiler: without the kernel, shape-wise layers run 1.2-2x slower."""
+    assert native.unavailable() is None and native.kernel() is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_channels", [6, 40])  # one weight panel, or more than one with a tail
+@pytest.mark.parametrize(("stride", "padding", "dilation", "kernel_size", "size"),
+                         [(1, 1, 1, 3, (7, 6)), (2, (1, 2), 2, 3, (11, 9)), (1, "same", 2, (3, 2), (5, 8)),
+                          (3, 0, 1, 1, (7, 6)), (1, 1, 1, 3, (2, 2))])  # the last: tiles run across samples
+def test_shape_conv_every_form_equals_masked_conv(stride: int, padding: int | tuple[int, int] | str,
+                                                   dilation: int, kernel_size: int | tuple[int, int],
+                                                   size: tuple[int, int], out_channels: int,
+                                                   channels_last: bool) -> None:
+    """Each form a layer may choose (the compiled kernel on a channels-last or planar copy, the eager
+    ones) gives the masked conv's output in the input's layout, batch 1 and 5, with and without bias,
+    and on a strided (sliced) input."""
+    for bias in (True, False):
+        dense = masked(conv(out_channels=out_channels, stride=stride, padding=padding, dilation=dilation,
+                            kernel_size=kernel_size, bias=bias), SparsityType.SHAPE, 0.6)
+        compact = ShapeConv2d(dense)
+        for x in (torch.randn(1, 4, *size), torch.randn(5, 4, *size), torch.randn(5, 8, *size)[:, ::2]):
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            ways = compact._ways(x)
+            assert "fused" in ways and ("fused planar" in ways) != channels_last
+            with torch.no_grad():
+                want = dense(x)
+                for name, way in ways.items():
+                    got = way(x)
+                    assert got.shape == want.shape and rel_err(got, want) <= TOLERANCE, name
+                    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last, name
+
+
+def test_shape_conv_runs_the_fastest_form_and_times_each_input_size_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forms are timed on a layer's first call for an input size and the fastest kept: a slow form
+    is not chosen, and a second call of that size times nothing."""
+    from sparsesearch import kernels
+
+    assert kernels._fastest({"slow": lambda x: time.sleep(0.01), "quick": lambda x: x}, torch.zeros(1)) == "quick"
+    timed = []
+    monkeypatch.setattr(kernels, "_fastest", lambda ways, x: timed.append(x.shape) or "fused")
+    dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
+    compact = ShapeConv2d(dense)
+    for x in (image(), image(seed=2), torch.randn(3, 4, 9, 9)):
+        assert_same_output(compact, dense, x)
+    assert timed == [image().shape, (3, 4, 9, 9)]
+
+
+def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler (or SPARSESEARCH_NATIVE=0): the kernel is unavailable, says why, and layers still
+    give the masked conv's output."""
+    dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
+    monkeypatch.setattr(native, "_WARNED", [])
+    for setting, reason in ((("CC", "no-such-compiler"), "no C compiler"), (("SPARSESEARCH_NATIVE", "0"), "=0")):
+        monkeypatch.setenv(*setting)
+        native._built.cache_clear()
+        try:
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                assert native.kernel() is None and reason in native.unavailable()
+                assert_same_output(ShapeConv2d(dense), dense, image())
+            assert [str(w.message) for w in warned] == (
+                [] if setting[0] == "SPARSESEARCH_NATIVE" else [f"shape-wise convs run without their compiled "
+                                                                f"kernel, up to 2x slower: {native.unavailable()}"])
+        finally:
+            monkeypatch.delenv(setting[0])
+            native._built.cache_clear()
+    assert native.kernel() is not None
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("groups", [1, 2])
@@ -82,6 +155,7 @@ def test_shape_conv_folds_the_batch_only_on_small_planes_with_the_same_output(
         groups: int, bias: bool, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below FOLD_BELOW output pixels a batch runs as one product per group, above it one per sample:
     both give the masked conv's output, and the fold is taken exactly where it should be."""
+    monkeypatch.setattr(ShapeConv2d, "FUSED", False)
     dense = masked(conv(padding=1, groups=groups, bias=bias), SparsityType.SHAPE, 0.5)
     x = torch.randn(batch, 4, 7, 6)
     folded, fold = [], ShapeConv2d._folded
@@ -101,6 +175,7 @@ def test_shape_conv_of_a_channels_last_input_equals_masked_conv_in_its_layout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A channels-last input is gathered in its own order and comes out channels-last (as from
     a conv), by the flat index, past FLAT_INDEX_MAX, with autograd, and traced at another size."""
+    monkeypatch.setattr(ShapeConv2d, "FUSED", False)  # the eager forms (`test_shape_conv_every_form_...`: all)
     dense = masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups, kernel_size=kernel_size),
                    SparsityType.SHAPE, 0.5)
     compact = ShapeConv2d(dense)
@@ -184,6 +259,7 @@ def test_shape_conv_gathers_alike_by_flat_index_and_by_strided_view_at_any_input
     """The flat index (made per input size, often first in inference mode) and the strided view it
     falls back to past FLAT_INDEX_MAX gather the same elements; an index made in inference mode
     still serves a forward that autograd records."""
+    monkeypatch.setattr(ShapeConv2d, "FUSED", False)
     compact = ShapeConv2d(masked(conv(stride=stride, padding=padding, dilation=dilation, groups=groups),
                                  SparsityType.SHAPE, 0.5))
     sizes = (image(), torch.randn(3, 4, 11, 9))
@@ -218,9 +294,9 @@ def test_shape_convs_share_one_scratch_and_each_output_stays_its_own() -> None:
             big(large)
         assert torch.equal(first, kept) and torch.equal(small(x), kept)
     gathered = len(big.im2col.channels) * 4 * 15 * 13  # the big layer's im2col, batch 4
-    assert kernels._SCRATCH.buffers[torch.float32].numel() >= gathered  # the gather went through it
-    y = small(x.requires_grad_())
-    assert y.grad_fn is not None and torch.equal(y.detach(), kept)
+    assert kernels._SCRATCH.buffers[torch.float32, 0].numel() >= gathered  # the gather went through it
+    y = small(x.requires_grad_())  # autograd: the eager form, whichever form ran without it
+    assert y.grad_fn is not None and rel_err(y.detach(), kept) <= TOLERANCE
 
 
 def test_shape_conv_traces_to_same_output_for_other_input_sizes() -> None:

@@ -1,0 +1,176 @@
+/* Shape-wise conv as one fused gather-GEMM: the reduced im2col is never built.
+
+   y[q, o] = bias[o] + sum_k w[k, o] * x[base(q) + start[k]]
+
+   for every output pixel q (over the whole batch) and output channel o, where x is the input padded
+   into a channels-last buffer, base(q) the offset of q's window in it and start[k] the offset of
+   kept GEMM column k in a window. The microkernel is the usual register-blocked GEMM tile (MR
+   pixels by NR output channels of accumulators, a weight panel row loaded as vectors, one input
+   element broadcast per pixel), except that each pixel's inputs are read where they lie instead of
+   from a packed copy: the packing that a BLAS does anyway is the gather, so it costs nothing more.
+   Built by sparsesearch/native.py with the machine's own vector width (-march=native). */
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16 /* floats per vector */
+#define MR 14 /* pixels per tile: 28 accumulators of the 32 vector registers */
+#else
+#define VW 8
+#define MR 6 /* 12 accumulators of 16 registers */
+#endif
+#define NR (2 * VW) /* output channels per tile, and per weight panel */
+#ifndef BLOCK
+#define BLOCK 8 /* tiles that share a weight panel while it is in L1 */
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+
+int ss_panel_width(void) { return NR; }
+int ss_tile_pixels(void) { return MR; }
+
+/* One tile: mr pixels (their window starts in `at`) by one panel of NR output channels, nr of them real. */
+static inline __attribute__((always_inline)) void tile(
+    int mr, const float *const *at, const int *start, long k_count, const float *panel, const float *bias,
+    float *y, long ypix, long ych, int nr)
+{
+    vf acc[MR][2];
+    vf b0 = {0}, b1 = {0};
+    if (bias) {
+        memcpy(&b0, bias, sizeof b0);
+        memcpy(&b1, bias + VW, sizeof b1);
+    }
+    for (int i = 0; i < mr; i++) {
+        acc[i][0] = b0;
+        acc[i][1] = b1;
+    }
+    for (long k = 0; k < k_count; k++) {
+        vf w0, w1;
+        memcpy(&w0, panel + k * NR, sizeof w0);
+        memcpy(&w1, panel + k * NR + VW, sizeof w1);
+        long s = start[k];
+        for (int i = 0; i < mr; i++) {
+            float a = at[i][s];
+            acc[i][0] += w0 * a;
+            acc[i][1] += w1 * a;
+        }
+    }
+    if (ych == 1 && nr == NR) {
+        for (int i = 0; i < mr; i++) {
+            memcpy(y + i * ypix, &acc[i][0], sizeof(vf));
+            memcpy(y + i * ypix + VW, &acc[i][1], sizeof(vf));
+        }
+        return;
+    }
+    float out[MR * NR]; /* through memory: a register array indexed by a variable would stay in memory throughout */
+    for (int i = 0; i < mr; i++) {
+        memcpy(out + i * NR, &acc[i][0], sizeof(vf));
+        memcpy(out + i * NR + VW, &acc[i][1], sizeof(vf));
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++)
+            y[i * ypix + j * ych] = out[i * NR + j];
+}
+
+#define TILE(m) case m: tile(m, at, start, k_count, panel, bias, y, ypix, ych, nr); break;
+
+/* the tile with mr a constant, so that its accumulators live in registers */
+static void any_tile(int mr, const float *const *at, const int *start, long k_count, const float *panel,
+                     const float *bias, float *y, long ypix, long ych, int nr)
+{
+    switch (mr) {
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+#if MR > 6
+        TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14)
+#endif
+    }
+}
+
+/* Pad x (n samples of c x h x w, any element strides) into buf, n samples of c x hp x wp in x's layout:
+   channels-last (`run` = c channels per pixel, one plane) or not (c planes of one float per pixel), zero
+   where the conv pads. */
+static void pad(const float *x, long n, long c, long h, long w, const long *strides, long top, long left,
+                long hp, long wp, int channels_last, float *buf)
+{
+    long sn = strides[0], sc = strides[1], sh = strides[2], sw = strides[3];
+    long planes = channels_last ? 1 : c, run = channels_last ? c : 1;
+    int contiguous = channels_last ? sc == 1 && sw == c : sw == 1;
+    for (long s = 0; s < n; s++)
+        for (long pl = 0; pl < planes; pl++) {
+            float *plane = buf + (s * planes + pl) * hp * wp * run;
+            memset(plane, 0, (size_t)(top * wp * run) * sizeof(float));
+            memset(plane + (top + h) * wp * run, 0, (size_t)((hp - top - h) * wp * run) * sizeof(float));
+            for (long r = 0; r < h; r++) {
+                float *row = plane + (top + r) * wp * run;
+                const float *in = x + s * sn + pl * sc + r * sh;
+                memset(row, 0, (size_t)(left * run) * sizeof(float));
+                memset(row + (left + w) * run, 0, (size_t)((wp - left - w) * run) * sizeof(float));
+                if (contiguous)
+                    memcpy(row + left * run, in, (size_t)(w * run) * sizeof(float));
+                else
+                    for (long q = 0; q < w; q++)
+                        for (long ch = 0; ch < run; ch++)
+                            row[(left + q) * run + ch] = in[q * sw + ch * sc];
+            }
+        }
+}
+
+/* The conv: x as above; geometry = {top, left, hp, wp, stride_h, stride_w, out_h, out_w}; start: k_count
+   window offsets of the kept columns in the padded buffer; panels: ceil(o_count / NR) panels of
+   k_count x NR weights (zero past o_count); bias: as many panels' worth, or NULL; buf: n * hp * wp * c
+   floats of scratch. Output pixel q of sample s at y + s * ys + q * ypix + channel * ych. */
+void ss_shape_conv(const float *x, long n, long c, long h, long w, const long *strides, const long *geometry,
+                   const int *start, long k_count, const float *panels, const float *bias, long o_count,
+                   float *buf, float *packed, float *y, long ys, long ypix, long ych)
+{
+    long top = geometry[0], left = geometry[1], hp = geometry[2], wp = geometry[3];
+    long sh = geometry[4], sw = geometry[5], oh = geometry[6], ow = geometry[7];
+    int channels_last = (int)geometry[8];
+    long pixel = channels_last ? c : 1; /* floats between adjacent pixels of the padded buffer */
+    long plane = oh * ow, pixels = n * plane, n_panels = (o_count + NR - 1) / NR;
+    long span = ys == plane * ypix ? pixels : plane; /* a tile runs across samples where the output does */
+    pad(x, n, c, h, w, strides, top, left, hp, wp, channels_last, buf);
+    int *packed_starts = (int *)packed; /* packed: each tile's columns gathered once, k-major */
+    float *tiles_packed = packed + k_count;
+    if (packed)
+        for (long k = 0; k < k_count; k++)
+            packed_starts[k] = (int)(k * MR);
+    for (long b0 = 0; b0 < pixels;) { /* a block of up to BLOCK tiles; each panel runs over all of them */
+        const float *at[BLOCK][MR];
+        long first[BLOCK];
+        int widths[BLOCK], tiles = 0;
+        for (long q0 = b0; tiles < BLOCK && q0 < pixels; tiles++) {
+            long end = (q0 / span + 1) * span;
+            int mr = (int)(end - q0 < MR ? end - q0 : MR);
+            for (int i = 0; i < mr; i++) {
+                long q = q0 + i, s = q / plane, r = q % plane;
+                at[tiles][i] = buf + s * hp * wp * c + ((r / ow) * sh * wp + (r % ow) * sw) * pixel;
+            }
+            if (packed) {
+                float *a = tiles_packed + tiles * k_count * MR;
+                for (long k = 0; k < k_count; k++)
+                    for (int i = 0; i < mr; i++)
+                        a[k * MR + i] = at[tiles][i][start[k]];
+                for (int i = 0; i < mr; i++)
+                    at[tiles][i] = a + i;
+            }
+            first[tiles] = q0;
+            widths[tiles] = mr;
+            q0 += mr;
+        }
+        for (long p = 0; p < n_panels; p++) {
+            int nr = (int)(o_count - p * NR < NR ? o_count - p * NR : NR);
+            for (int t = 0; t < tiles; t++) {
+                long q0 = first[t];
+                any_tile(widths[t], at[t], packed ? packed_starts : start, k_count, panels + p * k_count * NR,
+                         bias ? bias + p * NR : NULL, y + (q0 / plane) * ys + (q0 % plane) * ypix + p * NR * ych,
+                         ypix, ych, nr);
+            }
+        }
+        b0 = first[tiles - 1] + widths[tiles - 1];
+    }
+}
+
+/* floats of the packed block that ss_shape_conv needs for k_count kept columns */
+long ss_packed_size(long k_count) { return (BLOCK * MR + 1) * k_count; }
