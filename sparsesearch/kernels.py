@@ -383,7 +383,8 @@ class ShapeConv2d(nn.Module):
                 panels = weight.new_zeros(count * width, k)
                 panels[:f] = weight
                 panels = panels.view(count, width, k).transpose(1, 2).contiguous()
-                bias = None if self.bias is None else torch.cat([self.bias.detach(), weight.new_zeros(count * width - f)])
+                pad = weight.new_zeros(count * width - f)
+                bias = None if self.bias is None else torch.cat([self.bias.detach(), pad])
             _PANELS[self] = (stamp, (panels, bias))
         return _PANELS[self][1]
 
@@ -431,7 +432,8 @@ class ShapeConv2d(nn.Module):
 
 # each ShapeConv2d's weights packed for the compiled kernel, and its fastest form by input size, layout and
 # threads: beside the module like `_INDEXES`
-_PANELS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, tuple[Tensor, Tensor | None]]] = weakref.WeakKeyDictionary()
+_PANELS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, tuple[Tensor, Tensor | None]]] = \
+    weakref.WeakKeyDictionary()
 _WAYS: weakref.WeakKeyDictionary[ShapeConv2d, dict[tuple, str]] = weakref.WeakKeyDictionary()
 
 
