@@ -150,10 +150,11 @@ def ceiling() -> list[dict[str, object]]:
                        "speedup": round(speedup, 2), "speedup / MACs": round(speedup / reduction, 2),
                        "form": compact.form(x),
                        "eager speedup": round(before, 2), "eager / MACs": round(before / reduction, 2)}
+                steps = {"eager gather ms": "gather", "eager product ms": "product", "dense GEMM / conv ms": "dense GEMM"}
+                row |= {column: "" for column in [*steps, "GEMM-rate bound"]}  # channels-last only
                 if channels_last:
-                    row |= {"eager gather ms": round(t["gather"].median_ms, 3),
-                            "eager product ms": round(t["product"].median_ms, 3),
-                            "dense GEMM / conv ms": round(t["dense GEMM"].relative, 2),
+                    row |= {column: round(t[step].median_ms, 3) for column, step in steps.items()}
+                    row |= {"dense GEMM / conv ms": round(t["dense GEMM"].relative, 2),
                             "GEMM-rate bound": round(reduction / t["dense GEMM"].relative, 1)}
                 rows.append(row)
                 print(rows[-1], flush=True)

@@ -30,61 +30,69 @@ typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 int ss_panel_width(void) { return NR; }
 int ss_tile_pixels(void) { return MR; }
 
-/* One tile: mr pixels (their window starts in `at`) by one panel of NR output channels, nr of them real. */
+/* One tile: mr pixels (their window starts in `at`) by nv vectors of output channels of a panel, nr of
+   them real. Full panels take MR pixels by two vectors; a panel of at most one vector's channels (a
+   layer's last, or its only, as in a 16-channel layer) takes twice the pixels by one vector, so that no
+   accumulator computes zeros. */
 static inline __attribute__((always_inline)) void tile(
-    int mr, const float *const *at, const int *start, long k_count, const float *panel, const float *bias,
+    int mr, int nv, const float *const *at, const int *start, long k_count, const float *panel, const float *bias,
     float *y, long ypix, long ych, int nr)
 {
-    vf acc[MR][2];
-    vf b0 = {0}, b1 = {0};
-    if (bias) {
-        memcpy(&b0, bias, sizeof b0);
-        memcpy(&b1, bias + VW, sizeof b1);
-    }
-    for (int i = 0; i < mr; i++) {
-        acc[i][0] = b0;
-        acc[i][1] = b1;
-    }
+    vf acc[2 * MR][2], b[2] = {{0}, {0}};
+    for (int v = 0; v < nv; v++)
+        if (bias)
+            memcpy(&b[v], bias + v * VW, sizeof(vf));
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++)
+            acc[i][v] = b[v];
     for (long k = 0; k < k_count; k++) {
-        vf w0, w1;
-        memcpy(&w0, panel + k * NR, sizeof w0);
-        memcpy(&w1, panel + k * NR + VW, sizeof w1);
+        vf w[2];
+        for (int v = 0; v < nv; v++)
+            memcpy(&w[v], panel + k * NR + v * VW, sizeof(vf));
         long s = start[k];
         for (int i = 0; i < mr; i++) {
             float a = at[i][s];
-            acc[i][0] += w0 * a;
-            acc[i][1] += w1 * a;
+            for (int v = 0; v < nv; v++)
+                acc[i][v] += w[v] * a;
         }
     }
-    if (ych == 1 && nr == NR) {
-        for (int i = 0; i < mr; i++) {
-            memcpy(y + i * ypix, &acc[i][0], sizeof(vf));
-            memcpy(y + i * ypix + VW, &acc[i][1], sizeof(vf));
-        }
+    if (ych == 1 && nr == nv * VW) {
+        for (int i = 0; i < mr; i++)
+            for (int v = 0; v < nv; v++)
+                memcpy(y + i * ypix + v * VW, &acc[i][v], sizeof(vf));
         return;
     }
-    float out[MR * NR]; /* through memory: a register array indexed by a variable would stay in memory throughout */
-    for (int i = 0; i < mr; i++) {
-        memcpy(out + i * NR, &acc[i][0], sizeof(vf));
-        memcpy(out + i * NR + VW, &acc[i][1], sizeof(vf));
-    }
+    float out[2 * MR * NR]; /* through memory: a register array indexed by a variable would stay in memory */
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < nv; v++)
+            memcpy(out + i * NR + v * VW, &acc[i][v], sizeof(vf));
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             y[i * ypix + j * ych] = out[i * NR + j];
 }
 
-#define TILE(m) case m: tile(m, at, start, k_count, panel, bias, y, ypix, ych, nr); break;
+#define TILE(m, v) case m: tile(m, v, at, start, k_count, panel, bias, y, ypix, ych, nr); break;
 
-/* the tile with mr a constant, so that its accumulators live in registers */
-static void any_tile(int mr, const float *const *at, const int *start, long k_count, const float *panel,
+/* the tile with mr and nv constants, so that its accumulators live in registers */
+static void any_tile(int mr, int nv, const float *const *at, const int *start, long k_count, const float *panel,
                      const float *bias, float *y, long ypix, long ych, int nr)
 {
-    switch (mr) {
-        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+    if (nv == 2)
+        switch (mr) {
+            TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2)
 #if MR > 6
-        TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14)
+            TILE(7, 2) TILE(8, 2) TILE(9, 2) TILE(10, 2) TILE(11, 2) TILE(12, 2) TILE(13, 2) TILE(14, 2)
 #endif
-    }
+        }
+    else
+        switch (mr) {
+            TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1) TILE(8, 1) TILE(9, 1)
+            TILE(10, 1) TILE(11, 1) TILE(12, 1)
+#if MR > 6
+            TILE(13, 1) TILE(14, 1) TILE(15, 1) TILE(16, 1) TILE(17, 1) TILE(18, 1) TILE(19, 1) TILE(20, 1)
+            TILE(21, 1) TILE(22, 1) TILE(23, 1) TILE(24, 1) TILE(25, 1) TILE(26, 1) TILE(27, 1) TILE(28, 1)
+#endif
+        }
 }
 
 /* Pad x (n samples of c x h x w, any element strides) into buf, n samples of c x hp x wp in x's layout:
@@ -136,39 +144,40 @@ void ss_shape_conv(const float *x, long n, long c, long h, long w, const long *s
     if (packed)
         for (long k = 0; k < k_count; k++)
             packed_starts[k] = (int)(k * MR);
-    for (long b0 = 0; b0 < pixels;) { /* a block of up to BLOCK tiles; each panel runs over all of them */
-        const float *at[BLOCK][MR];
-        long first[BLOCK];
-        int widths[BLOCK], tiles = 0;
-        for (long q0 = b0; tiles < BLOCK && q0 < pixels; tiles++) {
-            long end = (q0 / span + 1) * span;
+    for (long b0 = 0; b0 < pixels;) { /* a block of up to BLOCK * MR pixels; each panel runs over all of them */
+        const float *at[BLOCK * MR];
+        long count = 0; /* pixels in the block */
+        for (int t = 0; t < BLOCK && b0 + count < pixels; t++) {
+            long q0 = b0 + count, end = (q0 / span + 1) * span;
             int mr = (int)(end - q0 < MR ? end - q0 : MR);
+            const float **tile_at = at + count;
             for (int i = 0; i < mr; i++) {
                 long q = q0 + i, s = q / plane, r = q % plane;
-                at[tiles][i] = buf + s * hp * wp * c + ((r / ow) * sh * wp + (r % ow) * sw) * pixel;
+                tile_at[i] = buf + s * hp * wp * c + ((r / ow) * sh * wp + (r % ow) * sw) * pixel;
             }
             if (packed) {
-                float *a = tiles_packed + tiles * k_count * MR;
+                float *a = tiles_packed + t * k_count * MR;
                 for (long k = 0; k < k_count; k++)
                     for (int i = 0; i < mr; i++)
-                        a[k * MR + i] = at[tiles][i][start[k]];
+                        a[k * MR + i] = tile_at[i][start[k]];
                 for (int i = 0; i < mr; i++)
-                    at[tiles][i] = a + i;
+                    tile_at[i] = a + i;
             }
-            first[tiles] = q0;
-            widths[tiles] = mr;
-            q0 += mr;
+            count += mr;
         }
         for (long p = 0; p < n_panels; p++) {
-            int nr = (int)(o_count - p * NR < NR ? o_count - p * NR : NR);
-            for (int t = 0; t < tiles; t++) {
-                long q0 = first[t];
-                any_tile(widths[t], at[t], packed ? packed_starts : start, k_count, panels + p * k_count * NR,
+            int nr = (int)(o_count - p * NR < NR ? o_count - p * NR : NR), nv = nr > VW ? 2 : 1;
+            for (long done = 0; done < count;) { /* runs of pixels within one span */
+                long q0 = b0 + done, end = (q0 / span + 1) * span, width = nv == 2 ? MR : 2 * MR;
+                int mr = (int)(end - q0 < width ? end - q0 : width);
+                mr = mr < count - done ? mr : (int)(count - done);
+                any_tile(mr, nv, at + done, packed ? packed_starts : start, k_count, panels + p * k_count * NR,
                          bias ? bias + p * NR : NULL, y + (q0 / plane) * ys + (q0 % plane) * ypix + p * NR * ych,
                          ypix, ych, nr);
+                done += mr;
             }
         }
-        b0 = first[tiles - 1] + widths[tiles - 1];
+        b0 += count;
     }
 }
 
