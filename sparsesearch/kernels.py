@@ -308,7 +308,7 @@ class ShapeConv2d(nn.Module):
         sample, which holds for any input size."""
         if _tracing():
             return self._per_sample(self.im2col(x))
-        if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x)):
+        if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x, self.weight)):
             return self._eager(x)
         ways = _WAYS.setdefault(self, {})
         key = self._key(x)

@@ -124,8 +124,9 @@ def unavailable() -> str | None:
     return None if isinstance(built, Kernel) else built
 
 
-def usable(x: Tensor) -> bool:
-    """Whether a call on x can take the compiled kernel: float32 on a CPU, without autograd. It runs on
-    the calling thread only; at several threads the layer times it against torch's threaded product."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and not (x.requires_grad and torch.is_grad_enabled()) and kernel() is not None)
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether a call on x can take the compiled kernel: float32 input and weights on a CPU, without
+    autograd. It runs on the calling thread only; at several threads the layer times it against torch's
+    threaded product."""
+    return (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()) and kernel() is not None)

@@ -127,6 +127,16 @@ def test_shape_conv_runs_the_fastest_form_and_times_each_input_size_once(monkeyp
     assert timed == [image().shape, (3, 4, 9, 9)]
 
 
+def test_shape_conv_with_weights_of_another_dtype_refuses_as_a_conv_does() -> None:
+    """The compiled kernel reads float32 weights only: float64 weights with a float32 input must raise
+    as torch's own conv does, never read the weights' bytes as float32."""
+    dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        dense.double()(image())
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        ShapeConv2d(dense).double()(image())
+
+
 def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler (or SPARSESEARCH_NATIVE=0): the kernel is unavailable, says why, and layers still
     give the masked conv's output."""
