@@ -66,9 +66,14 @@ static inline __attribute__((always_inline)) void tile(
     for (int i = 0; i < mr; i++)
         for (int v = 0; v < nv; v++)
             memcpy(out + i * NR + v * VW, &acc[i][v], sizeof(vf));
-    for (int i = 0; i < mr; i++)
+    if (ypix == 1) /* NCHW: a channel's pixels are adjacent in y, so store them in a row */
         for (int j = 0; j < nr; j++)
-            y[i * ypix + j * ych] = out[i * NR + j];
+            for (int i = 0; i < mr; i++)
+                y[j * ych + i] = out[i * NR + j];
+    else
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                y[i * ypix + j * ych] = out[i * NR + j];
 }
 
 #define TILE(m, v) case m: tile(m, v, at, start, k_count, panel, bias, y, ypix, ych, nr); break;

@@ -41,8 +41,8 @@ from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 4}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
-# planes; 4: the compiled gather-GEMM (`native`) where it is the faster
+KERNEL_VERSIONS = {"reduced-gemm": 5}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
+# planes; 4: the compiled gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
