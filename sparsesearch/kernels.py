@@ -346,10 +346,10 @@ class ShapeConv2d(nn.Module):
     def _fused(self, x: Tensor, gathered: bool = True) -> Tensor:
         """The conv by `native`'s gather-GEMM, which reads each pixel's kept columns where they lie in a
         padded copy of the input, channels-last where `gathered`: AlexNet's conv2-5 at 15x fewer MACs,
-        channels-last, batch 1 and 8, ran at 0.62-0.72 of their MAC reduction with the im2col built
-        first, and at TODO with it fused (bench/results/shape_ceiling.md). The output keeps the input's
-        layout. Tiles that run across samples (planes of fewer pixels than a tile) are gathered once
-        per tile for all panels: vgg16-bn's 2x2 planes at batch 8."""
+        channels-last, batch 1 and 8, run at 0.59-0.75 of their MAC reduction with the im2col built
+        first, and at 0.69-0.83 without it (bench/results/shape_ceiling.md, README). The output keeps
+        the input's layout. Tiles that run across samples (planes of fewer pixels than a tile) are
+        gathered once per tile for all panels: vgg16-bn's 2x2 planes at batch 8."""
         kernel = native.kernel()
         n, c, h, w = x.shape
         geometry = self.im2col.geometry
