@@ -150,7 +150,8 @@ def ceiling() -> list[dict[str, object]]:
                        "speedup": round(speedup, 2), "speedup / MACs": round(speedup / reduction, 2),
                        "form": compact.form(x),
                        "eager speedup": round(before, 2), "eager / MACs": round(before / reduction, 2)}
-                steps = {"eager gather ms": "gather", "eager product ms": "product", "dense GEMM / conv ms": "dense GEMM"}
+                steps = {"eager gather ms": "gather", "eager product ms": "product",
+                         "dense GEMM / conv ms": "dense GEMM"}
                 row |= {column: "" for column in [*steps, "GEMM-rate bound"]}  # channels-last only
                 if channels_last:
                     row |= {column: round(t[step].median_ms, 3) for column, step in steps.items()}
