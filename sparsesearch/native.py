@@ -73,6 +73,25 @@ class Kernel:
                                    data(bias), out_channels, data(scratch), data(packed), data(y), *y_strides)
 
 
+def _compile(compiler: str, path: Path) -> str | None:
+    """Build the library at `path`: beside it, then renamed (atomic, so concurrent builds do no harm);
+    why it failed, or None."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    except OSError as e:
+        return f"cannot write its cache {path.parent}: {e.strerror} (set XDG_CACHE_HOME to a writable folder)"
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"{compiler} failed on {SOURCE.name}: {(done.stderr.strip().splitlines() or [''])[-1]}"
+        os.replace(tmp, path)
+        return None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 @functools.cache
 def _built() -> Kernel | str:
     """The kernel, or why there is none."""
@@ -84,17 +103,8 @@ def _built() -> Kernel | str:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu().encode()]))
     path = _cache_dir() / f"gather_gemm-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # built beside, then renamed: atomic
-        os.close(fd)
-        try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode != 0:
-                return f"{compiler} failed on {SOURCE.name}: {done.stderr.strip().splitlines()[-1:]}"
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    if not path.exists() and (failed := _compile(compiler, path)):
+        return failed
     try:
         library = ctypes.CDLL(str(path))
     except OSError as e:

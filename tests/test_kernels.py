@@ -138,11 +138,14 @@ def test_shape_conv_with_weights_of_another_dtype_refuses_as_a_conv_does() -> No
 
 
 def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No compiler (or SPARSESEARCH_NATIVE=0): the kernel is unavailable, says why, and layers still
-    give the masked conv's output."""
+    """No compiler, a compiler that fails, a cache that cannot be written (or SPARSESEARCH_NATIVE=0): the
+    kernel is unavailable, a warning says why (not when the user turned it off), and layers still give
+    the masked conv's output."""
     dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
     monkeypatch.setattr(native, "_WARNED", [])
-    for setting, reason in ((("CC", "no-such-compiler"), "no C compiler"), (("SPARSESEARCH_NATIVE", "0"), "=0")):
+    for setting, reason in ((("CC", "no-such-compiler"), "no C compiler"), (("CC", "false"), "false failed"),
+                            (("XDG_CACHE_HOME", "/proc/no-cache"), "cannot write its cache"),
+                            (("SPARSESEARCH_NATIVE", "0"), "=0")):
         monkeypatch.setenv(*setting)
         native._built.cache_clear()
         try:
@@ -153,6 +156,7 @@ def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch
             assert [str(w.message) for w in warned] == (
                 [] if setting[0] == "SPARSESEARCH_NATIVE" else [f"shape-wise convs run without their compiled "
                                                                 f"kernel, up to 2x slower: {native.unavailable()}"])
+            native._WARNED.clear()
         finally:
             monkeypatch.delenv(setting[0])
             native._built.cache_clear()
