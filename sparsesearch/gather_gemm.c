@@ -3,8 +3,8 @@
    y[q, o] = bias[o] + sum_k w[k, o] * x[base(q) + start[k]]
 
    for every output pixel q (over the whole batch) and output channel o, where x is the input padded
-   into a channels-last buffer, base(q) the offset of q's window in it and start[k] the offset of
-   kept GEMM column k in a window. The microkernel is the usual register-blocked GEMM tile (MR
+   into a buffer (channels-last, or in planes), base(q) the offset of q's window in it and start[k]
+   the offset of kept GEMM column k in a window. The microkernel is the usual register-blocked GEMM tile (MR
    pixels by NR output channels of accumulators, a weight panel row loaded as vectors, one input
    element broadcast per pixel), except that each pixel's inputs are read where they lie instead of
    from a packed copy: the packing that a BLAS does anyway is the gather, so it costs nothing more.
@@ -129,10 +129,13 @@ static void pad(const float *x, long n, long c, long h, long w, const long *stri
         }
 }
 
-/* The conv: x as above; geometry = {top, left, hp, wp, stride_h, stride_w, out_h, out_w}; start: k_count
-   window offsets of the kept columns in the padded buffer; panels: ceil(o_count / NR) panels of
-   k_count x NR weights (zero past o_count); bias: as many panels' worth, or NULL; buf: n * hp * wp * c
-   floats of scratch. Output pixel q of sample s at y + s * ys + q * ypix + channel * ych. */
+/* The conv: x as above; geometry = {top, left, hp, wp, stride_h, stride_w, out_h, out_w, channels_last
+   (of the padded buffer)}; start: k_count window offsets of the kept columns in the padded buffer;
+   panels: ceil(o_count / NR) panels of k_count x NR weights (zero past o_count); bias: as many panels'
+   worth, or NULL; buf: n * hp * wp * c floats of scratch; packed: NULL, or ss_packed_size(k_count)
+   floats in which each tile's columns are gathered once for all panels (worth it where tiles run across
+   samples: planes of fewer pixels than a tile). Output pixel q of sample s at y + s * ys + q * ypix +
+   channel * ych. */
 void ss_shape_conv(const float *x, long n, long c, long h, long w, const long *strides, const long *geometry,
                    const int *start, long k_count, const float *panels, const float *bias, long o_count,
                    float *buf, float *packed, float *y, long ys, long ypix, long ych)
@@ -144,8 +147,8 @@ void ss_shape_conv(const float *x, long n, long c, long h, long w, const long *s
     long plane = oh * ow, pixels = n * plane, n_panels = (o_count + NR - 1) / NR;
     long span = ys == plane * ypix ? pixels : plane; /* a tile runs across samples where the output does */
     pad(x, n, c, h, w, strides, top, left, hp, wp, channels_last, buf);
-    int *packed_starts = (int *)packed; /* packed: each tile's columns gathered once, k-major */
-    float *tiles_packed = packed + k_count;
+    int *packed_starts = (int *)packed; /* packed: k_count offsets, then each tile's columns, k-major */
+    float *tiles_packed = packed ? packed + k_count : NULL;
     if (packed)
         for (long k = 0; k < k_count; k++)
             packed_starts[k] = (int)(k * MR);
