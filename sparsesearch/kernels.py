@@ -314,7 +314,8 @@ class ShapeConv2d(nn.Module):
         key = self._key(x)
         if key not in ways:
             ways[key] = _fastest(self._ways(x), x)
-        return self._ways(x)[ways[key]](x)
+        way = ways[key]  # dispatched without building the candidates again: this is every call's path
+        return self._eager(x) if way == "eager" else self._fused(x, gathered=way == "fused")
 
     def form(self, x: Tensor) -> str | None:
         """The form this layer runs inputs like x in, once one has run: "fused", "fused planar" or "eager"."""
