@@ -16,14 +16,15 @@ case's fastest worker (`spent`), reach `--compute` (carried over sessions: the s
 journal files under bench/runs/arms-CASE/, text that git keeps). Then each arm's fastest plan
 within 0.5 and 1.0 points of the control (predicted speedup for the searches, the largest rate or
 ratio for the ladders) is trained again at the full budget (`--full-epochs` on the whole training
-split), compacted, and timed beside the dense model at batch 1 and 8 (1 thread, interleaved
-rounds, median ratio); there its drop is against the dense model. Every stage's results are
-written as they finish to bench/runs/arms-CASE/results.json: a killed run, or a later session,
-goes on; a final's training (hours) goes on from its last ADMM period or epoch
-(`final-*.resume.pt`, kept out of git); its trained weights wait in `final-*.pt` (out of git) for
-their timing, which `--no-time` defers to a later run on a quiet core (`--no-final` then times
-what is trained, and trains no final). Then more of the study's front (`--spread`: until 12 plans
-in all are retrained) is trained and timed the same way: with the picks, the plans over which the
+split); there its drop is against the dense model. Its network, compacted, is timed beside the
+dense model at batch 1 and 8 (1 thread, interleaved rounds, median ratio; built from the dense
+weights, see `timed`; each CPU's timings apart), which `--no-time` defers to a later run on a quiet
+core (`--no-final` then times what is trained and not yet timed on this CPU, and trains no final;
+`--retime` times again what this CPU timed before). Every stage's results are written as they
+finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a final's
+training (hours) goes on from its last ADMM period or epoch while its machine lives
+(`final-*.resume.pt`, out of git). Then more of the study's front (`--spread`: until 12 plans in
+all are retrained) is trained and timed the same way: with the picks, the plans over which the
 drops at trial fidelity and at the full budget are ranked against each other (the faithfulness of
 cheap trials on this network, issue 14 section 1). Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
@@ -33,7 +34,7 @@ must price all arms on the one device the finals are timed on.
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
-       [--train-threads 1] [--no-time]
+       [--train-threads 1] [--no-time] [--no-final] [--retime]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
 (the finals' training on both cores of a 2-core machine), run it unpinned: the
 timings then pin themselves to the last core. `--no-time` lets the finals train beside other work.
@@ -60,13 +61,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search, storage  # noqa: E402
-from sparsesearch.admm import resume_files, run_admm  # noqa: E402
+from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler import predict_latency  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
-from sparsesearch.runtime import LAYOUTS, in_layout, set_threads  # noqa: E402
+from sparsesearch.runtime import LAYOUTS, in_layout, machine, set_threads  # noqa: E402
 from sparsesearch.space import LadderPruner  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
 from sparsesearch.train import Snapshot, TrainConfig, correct, fit, paired_drop, percent  # noqa: E402
@@ -240,40 +241,36 @@ def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, o
             for rate, row in state[arm].items()]
 
 
-def weights(folder: Path, arm: str, pick: dict) -> Path:
-    """Where a final's trained weights wait for their timing (out of git: vgg16-bn's are 60 MB)."""
-    return folder / f"final-{arm}-{pick['label'].split()[-1]}.pt"
-
-
 def pick_plan(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study]) -> Plan:
     return uniform_plan(built, pick["rate"]) if arm == "uniform" else trial_plan(studies[arm], pick["trial"])
 
 
 def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-          full: tuple[float, float], resume: Path, weights: Path) -> dict:
-    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions); its
-    weights are kept at `weights` for `timed`, which may run later, on a quiet machine."""
+          full: tuple[float, float], resume: Path) -> dict:
+    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions)."""
     if arm == "torch-pruning":
-        model, raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)
+        raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)[1]
     else:
-        model, raw = admm_trained(built, pick_plan(built, arm, pick, studies), full, resume)
-    torch.save(model.state_dict(), weights)
+        raw = admm_trained(built, pick_plan(built, arm, pick, studies), full, resume)[1]
     row = scored(built, raw, full=True)
     row["test drop"] = built.dense["test"] - row.pop("test")
     return row
 
 
-def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], weights: Path) -> dict:
-    """The trained final at `weights`, compacted and timed beside the dense model."""
-    state = torch.load(weights, weights_only=True)  # tensors only: nothing in the file runs
+def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study]) -> dict:
+    """The pick's compacted network timed beside the dense model, built from the dense weights: the
+    plan's projection (or Torch-Pruning's pruning) keeps as many filters, channels and columns per
+    layer as the trained final, and no kernel's latency depends on the weights' values. So any
+    machine can time every final of a case side by side (`--retime`), without the finals' weights
+    (hours of training each; vgg16-bn's are 60 MB, out of git, and gone with a session's machine).
+    Each CPU's timings are kept apart (a final's `timed`, by CPU): sessions land on an Intel Xeon or an
+    AMD EPYC, whose speedups for one plan differ (vgg16-bn's study pick: 4.16x against 2.86x, batch 1)."""
     if arm == "torch-pruning":
         compacted = torch_pruned(built, pick["rate"])
-        compacted.load_state_dict(state)
     else:
-        model = built.fresh_model()
-        model.load_state_dict(state)
-        compacted = verified_compact(model, pick_plan(built, arm, pick, studies), built.input_shape,
-                                     built.config.model).model
+        model, plan = built.fresh_model(), pick_plan(built, arm, pick, studies)
+        apply_masks(model, prune_masks(model, plan, built.deps))
+        compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
     return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
 
 
@@ -286,7 +283,7 @@ def retrained(built: search.Search, arm: str, pick: dict, studies: dict[str, opt
               full: tuple[float, float], resume: Path, threads: int) -> dict:
     """A final's row: the pick trained at the full budget (`final`), its resume files then removed."""
     set_threads(threads)
-    row = {"pick": pick, **final(built, arm, pick, studies, full, resume, weights(resume.parent, arm, pick))}
+    row = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return row
@@ -326,6 +323,8 @@ def main() -> None:
     parser.add_argument("--final", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
                         help="time the trained finals (--no-time: train only, and time them later on a quiet core)")
+    parser.add_argument("--retime", action="store_true", help="time again the finals this CPU timed before (a "
+                        "run disturbed by other load)")
     parser.add_argument("--spread", type=int, default=12, help="after the picks, retrain more of the study's front "
                         "(trial fidelity) until this many plans in all are retrained: cheap trials' faithfulness "
                         "on this network needs plans spread over the front, and the picks all sit near the limits")
@@ -344,6 +343,7 @@ def main() -> None:
     config = search.SearchConfig(model=args.model, dataset=args.dataset,
                                  checkpoint=dense_checkpoint(args.model, args.dataset, args.checkpoint),
                                  admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data)
+    cpu = machine()["processor"]
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
         holder = storage.open_study("control", f"journal:///{folder / 'control.journal'}", True)
@@ -393,15 +393,15 @@ def main() -> None:
                     write_json(results, state)
                     print(key, state["final"][key], flush=True)
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
-            arm = arm_of(key)
-            if args.time and "speedup b1" not in row and arm in args.arms:
-                row |= timed(built, arm, row["pick"], studies, weights(folder, arm, row["pick"]))
+            if args.time and arm_of(key) in args.arms and (cpu not in row.setdefault("timed", {}) or args.retime):
+                row["timed"][cpu] = timed(built, arm_of(key), row["pick"], studies)
                 write_json(results, state)
                 print(key, row, flush=True)
     rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
              "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),
-             **{k: round(r[k], 2) for k in r if k.startswith("speedup")}} for key, r in state.get("final", {}).items()
-            if "speedup b1" in r]
+             "timed on": on, **{k: round(v, 2) for k, v in speeds.items()}}
+            for on in sorted({on for r in state.get("final", {}).values() for on in r.get("timed", {})})
+            for key, r in state.get("final", {}).items() if (speeds := r.get("timed", {}).get(on))]
     if rows:
         compute = {arm: round(spent(s, folder)) for arm, s in studies.items()}
         compute |= {arm: round(sum(r["seconds"] for r in state[arm].values())) for arm in args.arms if arm in state}
@@ -411,9 +411,10 @@ def main() -> None:
                    "arm's fastest plan within 0.5 / 1.0 points (validation, trial fidelity) retrained at "
                    f"{args.full_epochs} epochs on the whole split, compacted, timed beside the dense model at batch "
                    f"{' and '.join(map(str, BATCHES))}, 1 thread (median ratio, interleaved "
-                   "rounds), NCHW and (both models) channels-last." + agreement(state))
+                   "rounds), NCHW and (both models) channels-last, on each CPU a session ran on (`timed on`: "
+                   "one CPU's rows are timed side by side, in one run)." + agreement(state))
         print(record(f"arms-{case}", rows, summary))
-        print(plot(built, state, studies, RESULTS / f"arms-{case}.png"))
+        print(plot(built, state, studies, cpu, RESULTS / f"arms-{case}.png"))
 
 
 def agreement(state: dict) -> str:
@@ -429,9 +430,9 @@ def agreement(state: dict) -> str:
             f"drops at trial fidelity and at the full budget rank alike at Spearman {rho:.2f}.")
 
 
-def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], path: Path) -> Path:
-    """Every arm's plans at trial fidelity (predicted speedup, validation accuracy) and each final pick
-    at its measured batch-1 speedup and full-budget accuracy."""
+def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], cpu: str, path: Path) -> Path:
+    """Every arm's plans at trial fidelity (speedup predicted by this CPU's profile, validation accuracy)
+    and each final pick at its batch-1 speedup measured on this CPU and full-budget accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,15 +444,15 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], pa
         color = f"C{i}"
         ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14,
                    alpha=0.5, color=color, label=f"{arm} (trial fidelity, predicted speedup)")
-        picks = [r for key, r in state.get("final", {}).items() if arm_of(key) == arm and "speedup b1" in r]
-        ax.scatter([r["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*", color=color,
-                   edgecolors="black", label=f"{arm}: retrained, measured (batch 1)" if picks else None)
+        picks = [r for key, r in state.get("final", {}).items() if arm_of(key) == arm and cpu in r.get("timed", {})]
+        ax.scatter([r["timed"][cpu]["speedup b1"] for r in picks], [r["val"] for r in picks], s=90, marker="*",
+                   color=color, edgecolors="black", label=f"{arm}: retrained, measured (batch 1)" if picks else None)
     ax.axhline(built.dense["val"], color="black", lw=0.8, ls=":", label="dense model")
     ax.set_xlabel("speedup over the dense model (x)")
     ax.set_ylabel("validation accuracy (% top-1)")
     ax.set_ylim(built.dense["val"] - 6, built.dense["val"] + 1)
     ax.set_title(f"{built.config.model} on {built.config.dataset}: the search against uniform pruning, "
-                 "Torch-Pruning and random search", fontsize=9)
+                 f"Torch-Pruning and random search ({cpu}, 1 thread)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
