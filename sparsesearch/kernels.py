@@ -22,7 +22,6 @@ modules are for timing and deployment, and autograd bookkeeping on some layers o
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 import warnings
@@ -41,8 +40,9 @@ from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 5}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
-# planes; 4: the compiled gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row
+KERNEL_VERSIONS = {"reduced-gemm": 6}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
+# planes; 4: the compiled gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row;
+# 6: its call prepared once per input size (15-20 us less per call)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
@@ -266,17 +266,22 @@ def _scratch(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
     """A CPU buffer of `numel` elements, this thread's one per dtype and slot (for a caller that needs
     two at once), grown as needed and kept (it holds the largest im2col the thread has built;
     `_Windows` says why)."""
+    return _buffer(numel, dtype, slot)[:numel]
+
+
+def _buffer(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    """`_scratch`'s whole buffer, of `numel` elements or more (the compiled kernel takes its address)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     if (dtype, slot) not in buffers or buffers[dtype, slot].numel() < numel:
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
             buffers[dtype, slot] = torch.empty(numel, dtype=dtype)
-    return buffers[dtype, slot][:numel]
+    return buffers[dtype, slot]
 
 
 class ShapeConv2d(nn.Module):
     """Shape sparsity: the conv as one GEMM of F x K' weights by the K' live im2col rows.
 
-    On a CPU in inference, in float32 without groups, the compiled kernel (`_fused`) multiplies the
+    On a CPU in inference, in float32 without groups, the compiled kernel (`_compiled`) multiplies the
     im2col without building it; the eager forms (`_eager`) build it and call torch's product; each
     layer runs the faster for its input (`_fastest`). The output keeps the input's memory format, as
     a conv's does. A channels-last input is gathered pixel by pixel in its own order and multiplied
@@ -303,36 +308,49 @@ class ShapeConv2d(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The fastest of the compiled kernel's forms (`_fused`) and the eager one (`_eager`) for this
-        input's size and layout, timed on its first call (`_fastest`); traced, always one product per
-        sample, which holds for any input size."""
+        """The fastest of the compiled kernel's forms (`_compiled`) and the eager one (`_eager`) for this
+        input's size and layout, timed on its first call (`_fastest`) and then called as prepared then;
+        traced, always one product per sample, which holds for any input size."""
         if _tracing():
             return self._per_sample(self.im2col(x))
-        if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x, self.weight)):
-            return self._eager(x)
-        ways = _WAYS.setdefault(self, {})
         key = self._key(x)
-        if key not in ways:
-            ways[key] = _fastest(self._ways(x), x)
-        way = ways[key]  # dispatched without building the candidates again: this is every call's path
-        return self._eager(x) if way == "eager" else self._fused(x, gathered=way == "fused")
+        way = self._chosen().get(key)
+        if way is None:  # the first call of this size, or not one the kernel can run (each time: cheap)
+            if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x, self.weight)):
+                return self._eager(x)
+            ways = self._ways(x)
+            name = _fastest(ways, x)
+            way = self._chosen()[key] = (name, None if name == "eager" else ways[name])
+        return self._eager(x) if way[1] is None else way[1](x)
 
     def form(self, x: Tensor) -> str | None:
         """The form this layer runs inputs like x in, once one has run: "fused", "fused planar" or "eager"."""
-        return _WAYS.get(self, {}).get(self._key(x))
+        way = self._chosen().get(self._key(x))
+        return way and way[0]
+
+    def _chosen(self) -> dict[tuple, _Way]:
+        """Each input size's chosen form (None: the eager one), for the weights and columns as they are
+        now: moved or replaced (`to`, a new Parameter), they are chosen and prepared again."""
+        stamp = (self.weight.data_ptr(), self.bias is not None and self.bias.data_ptr(),
+                 self.im2col.channels.data_ptr())
+        if self not in _WAYS or _WAYS[self][0] != stamp:
+            _WAYS[self] = (stamp, {})
+        return _WAYS[self][1]
 
     @staticmethod
     def _key(x: Tensor) -> tuple:
-        return tuple(x.shape), x.stride(), torch.get_num_threads()
+        """What a prepared call depends on; under autograd (the kernel has no gradient) never prepared."""
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, torch.get_num_threads(),
+                x.requires_grad and torch.is_grad_enabled())
 
     def _ways(self, x: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
         """The forms to choose from: the compiled kernel reading a channels-last copy of the padded input,
         and for an NCHW input also an NCHW copy (no transpose: AlexNet's conv1, 3 channels, where the
         transposing copy costs as much as the product), and the eager form (on small or thin layers,
         and at several threads, torch's own product can still win)."""
-        ways = {"eager": self._eager, "fused": self._fused}
+        ways = {"eager": self._eager, "fused": self._compiled(x)}
         if not is_channels_last(x):
-            ways["fused planar"] = functools.partial(self._fused, gathered=False)
+            ways["fused planar"] = self._compiled(x, gathered=False)
         return ways
 
     def _eager(self, x: Tensor) -> Tensor:
@@ -344,13 +362,16 @@ class ShapeConv2d(nn.Module):
         n, _, h, w = cols.shape
         return self._folded(cols) if n > 1 and h * w < self.FOLD_BELOW else self._per_sample(cols)
 
-    def _fused(self, x: Tensor, gathered: bool = True) -> Tensor:
-        """The conv by `native`'s gather-GEMM, which reads each pixel's kept columns where they lie in a
-        padded copy of the input, channels-last where `gathered`: AlexNet's conv2-5 at 15x fewer MACs,
-        channels-last, batch 1 and 8, run at 0.59-0.75 of their MAC reduction with the im2col built
-        first, and at 0.69-0.83 without it (bench/results/shape_ceiling.md, README). The output keeps
-        the input's layout. Tiles that run across samples (planes of fewer pixels than a tile) are
-        gathered once per tile for all panels: vgg16-bn's 2x2 planes at batch 8."""
+    def _compiled(self, x: Tensor, gathered: bool = True) -> Callable[[Tensor], Tensor]:
+        """The conv, for inputs shaped and strided as x, by `native`'s gather-GEMM, which reads each
+        pixel's kept columns where they lie in a padded copy of the input, channels-last where
+        `gathered`: AlexNet's conv2-5 at 15x fewer MACs, channels-last, batch 1 and 8, run at 0.59-0.75
+        of their MAC reduction with the im2col built first, and at 0.69-0.83 without it
+        (bench/results/shape_ceiling.md, README). The output keeps the input's layout. Tiles that run
+        across samples (planes of fewer pixels than a tile) are gathered once per tile for all panels:
+        vgg16-bn's 2x2 planes at batch 8. Prepared once per input size: at batch 1 the per-call work in
+        Python (arguments, caches, scratch) had cost 15 us a layer, a sixth of a 15x-pruned AlexNet
+        conv's time."""
         kernel = native.kernel()
         n, c, h, w = x.shape
         geometry = self.im2col.geometry
@@ -360,17 +381,20 @@ class ShapeConv2d(nn.Module):
         f = self.weight.shape[1]
         panels, bias = self._panels(kernel.panel_width)
         channels_last = is_channels_last(x)
-        if channels_last:
-            y, strides = x.new_empty(n, oh, ow, f), (oh * ow * f, f, 1)
-        else:
-            y, strides = x.new_empty(n, f, oh, ow), (f * oh * ow, 1, oh * ow)
         gathered |= channels_last
         start = self.im2col.window_starts(hp, wp, c if gathered else 0)
         pack = channels_last and n > 1 and oh * ow < kernel.tile_pixels
-        kernel.shape_conv(x, (top, left, hp, wp, *geometry.stride, oh, ow, gathered), start, panels, bias, f,
-                          _scratch(n * hp * wp * c, x.dtype),
-                          _scratch(kernel.packed_floats(len(start)), x.dtype, slot=1) if pack else None, y, strides)
-        return y.permute(0, 3, 1, 2) if channels_last else y
+        strides = (oh * ow * f, f, 1) if channels_last else (f * oh * ow, 1, oh * ow)
+        call = kernel.shape_conv(x, (top, left, hp, wp, *geometry.stride, oh, ow, gathered), start, panels, bias, f,
+                                 strides)
+        size, packed = n * hp * wp * c, kernel.packed_floats(len(start)) if pack else 0
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+
+        def run(x: Tensor) -> Tensor:
+            y = torch.empty((n, f, oh, ow), dtype=x.dtype, memory_format=layout)
+            call.run(x, _buffer(size, x.dtype).data_ptr(), _buffer(packed, x.dtype, 1).data_ptr() if pack else None, y)
+            return y
+        return run
 
     def _panels(self, width: int) -> tuple[Tensor, Tensor | None]:
         """The weights as the kernel reads them: panels of `width` output channels, each K' rows of
@@ -432,10 +456,11 @@ class ShapeConv2d(nn.Module):
 
 
 # each ShapeConv2d's weights packed for the compiled kernel, and its fastest form by input size, layout and
-# threads: beside the module like `_INDEXES`
+# threads (name, and the prepared call, which holds no reference to the module): beside the module like `_INDEXES`
 _PANELS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, tuple[Tensor, Tensor | None]]] = \
     weakref.WeakKeyDictionary()
-_WAYS: weakref.WeakKeyDictionary[ShapeConv2d, dict[tuple, str]] = weakref.WeakKeyDictionary()
+_Way = tuple[str, Callable[[Tensor], Tensor] | None]
+_WAYS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, dict[tuple, _Way]]] = weakref.WeakKeyDictionary()
 
 
 def _fastest(ways: dict[str, Callable[[Tensor], Tensor]], x: Tensor, rounds: int = 5) -> str:

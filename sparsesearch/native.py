@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -62,15 +63,26 @@ class Kernel:
         return self.library.ss_packed_size(columns)
 
     def shape_conv(self, x: Tensor, geometry: tuple[int, ...], start: Tensor, panels: Tensor, bias: Tensor | None,
-                   out_channels: int, scratch: Tensor, packed: Tensor | None, y: Tensor,
-                   y_strides: tuple[int, int, int]) -> None:
-        """y = the shape-wise conv of x (N, C, H, W float32, any strides); the arguments as `ss_shape_conv`
-        takes them, tensors by their data."""
-        def data(t: Tensor | None) -> int | None:
-            return None if t is None else t.data_ptr()
-        self.library.ss_shape_conv(data(x), *x.shape, (ctypes.c_long * 4)(*x.stride()),
-                                   (ctypes.c_long * len(geometry))(*geometry), data(start), len(start), data(panels),
-                                   data(bias), out_channels, data(scratch), data(packed), data(y), *y_strides)
+                   out_channels: int, y_strides: tuple[int, int, int]) -> ShapeConv:
+        """The shape-wise conv of inputs shaped and strided as x (N, C, H, W float32), its arguments (as
+        `ss_shape_conv` takes them) packed once: a layer calls it on every input of that size."""
+        pointers = [t.data_ptr() if t is not None else 0 for t in (start, panels, bias)]
+        values = [*x.shape, *x.stride(), *geometry, pointers[0], len(start), *pointers[1:], out_channels, *y_strides]
+        return ShapeConv(self.library.ss_shape_conv, (ctypes.c_longlong * len(values))(*values), (start, panels, bias))
+
+
+@dataclass(frozen=True)
+class ShapeConv:
+    """One layer's compiled conv for one input size and layout: `run(x, buf, packed, y)`, with x and y as
+    the layer's input and output of that size and layout, buf and packed its scratch (`Kernel`'s sizes;
+    packed None where the layer does not pack). Holds the tensors its arguments point into."""
+
+    function: Callable[..., None]
+    arguments: ctypes.Array
+    holds: tuple[Tensor | None, ...]
+
+    def run(self, x: Tensor, buf: int, packed: int | None, y: Tensor) -> None:
+        self.function(x.data_ptr(), buf, packed, y.data_ptr(), self.arguments)
 
 
 def _compile(compiler: str, path: Path) -> str | None:
@@ -113,8 +125,7 @@ def _built() -> Kernel | str:
     library.ss_packed_size.restype = ctypes.c_long
     library.ss_packed_size.argtypes = [_LONG]
     library.ss_shape_conv.restype = None
-    library.ss_shape_conv.argtypes = [_PTR, _LONG, _LONG, _LONG, _LONG, _PTR, _PTR, _PTR, _LONG, _PTR, _PTR, _LONG,
-                                      _PTR, _PTR, _PTR, _LONG, _LONG, _LONG]
+    library.ss_shape_conv.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR]
     return Kernel(library, library.ss_panel_width(), library.ss_tile_pixels())
 
 

@@ -127,6 +127,42 @@ def test_shape_conv_runs_the_fastest_form_and_times_each_input_size_once(monkeyp
     assert timed == [image().shape, (3, 4, 9, 9)]
 
 
+def test_shape_conv_prepared_for_an_input_size_follows_weights_replaced_after_it() -> None:
+    """A layer prepares its compiled call once per input size, with its weights packed: weights
+    replaced afterwards (a new Parameter, as `to` or a user's surgery makes) or loaded in place are
+    the ones used, never the packed copy of the old."""
+    dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
+    compact = ShapeConv2d(dense)
+    x = image()
+    assert_same_output(compact, dense, x)
+    with torch.no_grad():
+        dense.weight.mul_(2)
+        dense.bias.add_(1)
+    compact.weight = nn.Parameter(compact.weight * 2, requires_grad=False)
+    compact.bias = nn.Parameter(compact.bias + 1, requires_grad=False)
+    assert_same_output(compact, dense, x)
+    with torch.no_grad():
+        dense.weight.mul_(-1)
+    compact.load_state_dict(ShapeConv2d(dense).state_dict())
+    assert_same_output(compact, dense, x)
+
+
+def test_shape_conv_prepared_calls_do_not_keep_the_layer_alive() -> None:
+    """The prepared calls live beside the layer, in a weak mapping: they must hold no reference to it,
+    or every compacted model ever run would stay in memory."""
+    import gc
+    import weakref
+
+    compact = ShapeConv2d(masked(conv(padding=1), SparsityType.SHAPE, 0.5))
+    with torch.no_grad():
+        compact(image())
+    assert compact.form(image()) is not None
+    alive = weakref.ref(compact)
+    del compact
+    gc.collect()
+    assert alive() is None
+
+
 def test_shape_conv_with_weights_of_another_dtype_refuses_as_a_conv_does() -> None:
     """The compiled kernel reads float32 weights only: float64 weights with a float32 input must raise
     as torch's own conv does, never read the weights' bytes as float32."""
