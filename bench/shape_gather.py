@@ -15,7 +15,8 @@ where the eager form spends its time (the gather alone, the product alone, and t
 im2col GEMM, whose rate against oneDNN's direct conv bounds any form that builds the im2col).
 
 Random weights; 1 thread, interleaved rounds, median. Run alone on a quiet core:
-`taskset -c 1 python bench/shape_gather.py [layers] [networks] [layouts] [ceiling]`.
+`taskset -c 1 python bench/shape_gather.py [layers] [networks] [layouts] [ceiling] [--tag=MACHINE]`
+(`--tag`: appended to the results' names).
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ class _Fixed(nn.Module):
 
 def ceiling() -> list[dict[str, object]]:
     """AlexNet's conv2-5 at the paper's 15x, in both layouts: the layer as it runs (the compiled kernel,
-    which never builds the im2col, where faster) and its eager form, beside the dense conv; channels-last,
-    the eager form's two steps alone, and the speedup a product at the rate of the dense conv's own GEMM
-    would reach with a free gather."""
+    which never builds the im2col, where faster) and its eager form, beside the dense conv; the layer
+    with every column kept, as it runs (the kernel's own rate against oneDNN's, where no per-call cost
+    is large beside the product: what the speedup over MACs would be if the copy of the padded input
+    and the writing of the output shrank with the MACs, which they do not); channels-last, the eager
+    form's two steps alone, and the speedup a product at the rate of the dense conv's own GEMM would
+    reach with a free gather."""
     torch.manual_seed(0)
     rows = []
     for name, cin, cout, k, pad, side in LAYERS[:4]:
@@ -136,7 +140,7 @@ def ceiling() -> list[dict[str, object]]:
             eager.FUSED = False
             for batch in BATCHES:
                 x = torch.randn(batch, cin, side, side).contiguous(memory_format=layout)
-                models = {"dense": conv, "compact": compact, "eager": eager}
+                models = {"dense": conv, "compact": compact, "eager": eager, "every column": full}
                 if channels_last:
                     models |= {"gather": _Fixed(eager.im2col.pixel_rows, x),
                                "product": _Fixed(eager._pixel_product, eager.im2col.pixel_rows(x).clone()),
@@ -148,7 +152,7 @@ def ceiling() -> list[dict[str, object]]:
                 row = {"layer": name, "layout": "channels-last" if channels_last else "NCHW", "batch": batch,
                        "dense conv ms": round(t["dense"].median_ms, 3), "MAC reduction": round(reduction, 1),
                        "speedup": round(speedup, 2), "speedup / MACs": round(speedup / reduction, 2),
-                       "form": compact.form(x),
+                       "form": compact.form(x), "every column kept": round(1 / t["every column"].relative, 2),
                        "eager speedup": round(before, 2), "eager / MACs": round(before / reduction, 2)}
                 steps = {"eager gather ms": "gather", "eager product ms": "product",
                          "dense GEMM / conv ms": "dense GEMM"}
@@ -180,35 +184,40 @@ def networks() -> list[dict[str, object]]:
 
 def main() -> None:
     set_threads(1)
-    parts = sys.argv[1:] or ["layers", "networks", "layouts", "ceiling"]
+    tag = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--tag=")), "")
+    suffix = f"_{tag}" if tag else ""  # results of another machine beside this one's
+    parts = [a for a in sys.argv[1:] if not a.startswith("--tag=")] or ["layers", "networks", "layouts", "ceiling"]
     if "ceiling" in parts:
-        print(record("shape_ceiling", ceiling(), "AlexNet's conv2-5 (224 px input) at 93.3% shape sparsity "
+        print(record(f"shape_ceiling{suffix}", ceiling(), "AlexNet's conv2-5 (224 px input) at 93.3% shape sparsity "
                      "(random weights), channels-last and NCHW, timed beside the dense conv (oneDNN's direct conv, "
                      "in the same layout): the layer as it runs (`form`: the compiled gather-GEMM on a channels-last "
                      "(`fused`) or NCHW (`fused planar`) copy of the padded input, or the eager form, whichever its "
                      "first call timed faster) and its eager form (the reduced im2col built, then torch's product: "
                      "before). Channels-last, the eager form's two steps alone, and the dense conv computed as the "
                      "same product over all its columns (`dense GEMM / conv ms`: that GEMM's time over the conv's); "
-                     "`GEMM-rate bound`: the speedup of a product at that GEMM's rate with a free gather. 1 thread, "
-                     "median of 9 interleaved rounds."))
+                     "`GEMM-rate bound`: the speedup of a product at that GEMM's rate with a free gather. `every "
+                     "column kept`: the layer with no column pruned, as it runs, over the dense conv (the kernel's own "
+                     "rate against oneDNN's, where the per-call copy of the padded input and the writing of the "
+                     "output are small beside the product; at 15x fewer MACs they are not). 1 thread, median of 9 "
+                     "interleaved rounds."))
     if "layouts" in parts:
-        print(record("shape_layouts", layouts(), "Whole networks, every conv shape-pruned (random weights), dense "
-                     "and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
+        print(record(f"shape_layouts{suffix}", layouts(), "Whole networks, every conv shape-pruned (random weights), "
+                     "dense and compacted, each in NCHW (contiguous) and channels-last (weights and input; the input "
                      "converted on each call); compacted with its eager forms only (before the compiled kernel) and "
                      "as it runs now (each shape-wise layer in the faster of the compiled kernel and its eager "
                      "form). NCHW speedups are over the NCHW dense network, channels-last ones over the "
                      "channels-last dense network (`dense channels-last`: its speedup over NCHW). 1 thread, median "
                      "of 9 interleaved rounds."))
     if "networks" in parts:
-        print(record("shape_scratch", networks(), "Whole networks, every conv shape-pruned (random weights), "
+        print(record(f"shape_scratch{suffix}", networks(), "Whole networks, every conv shape-pruned (random weights), "
                      "speedup over the masked dense network with the im2col gathered into a fresh tensor per call "
                      "(before) and into the thread's reused scratch buffer (now); 1 thread, median of 9 interleaved "
                      "rounds."))
     if "layers" in parts:
-        layers()
+        layers(suffix)
 
 
-def layers() -> None:
+def layers(suffix: str = "") -> None:
     torch.manual_seed(0)
     rows = []
     for name, cin, cout, k, pad, side in LAYERS:
@@ -228,9 +237,9 @@ def layers() -> None:
                              "flat index": round(1 / t["flat"].relative, 2),
                              "MAC reduction": round(conv.weight.numel() / flat.weight.numel(), 1)})
                 print(rows[-1], flush=True)
-    print(record("shape_gather", rows, "Speedup over the dense conv of one shape-wise conv compacted to reduced-gemm, "
-                 "its im2col built by indexing the strided view (before) and by the flat index (now, into the "
-                 "thread's scratch buffer); 1 thread, median of 9 interleaved rounds."))
+    print(record(f"shape_gather{suffix}", rows, "Speedup over the dense conv of one shape-wise conv compacted to "
+                 "reduced-gemm, its im2col built by indexing the strided view (before) and by the flat index (now, "
+                 "into the thread's scratch buffer); 1 thread, median of 9 interleaved rounds."))
 
 
 if __name__ == "__main__":
