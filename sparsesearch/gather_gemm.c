@@ -192,13 +192,22 @@ static void run(long first, long end, long base, const float *buf, const long *g
 
    Where planes have at least a tile's pixels, each sample is padded just before its pixels are
    computed, so that its copy is still in cache (AlexNet's conv2 at batch 8: a 2 MB padded batch, 3%
-   faster so, ad hoc). */
+   faster so, ad hoc). An input that needs no padding and is laid out as the buffer would be is read
+   in place: 1x1 convs at 50% (ResNet-50's bottleneck shapes, 1 thread, Intel Xeon) went from
+   0.7-1.5x to 0.85-2.4x over the dense conv without the copy, channels-last 0.9-2.0x to 1.0-2.3x. */
 static void shape_conv(const float *x, long n, long c, long h, long w, const long *strides, const long *geometry,
                        const int *start, long k_count, const float *panels, const float *bias, long o_count,
                        float *buf, float *packed, float *y, long ys, long ypix, long ych)
 {
     long top = geometry[0], left = geometry[1], hp = geometry[2], wp = geometry[3];
     long plane = geometry[6] * geometry[7], chunk = plane >= MR ? 1 : n; /* samples padded at a time */
+    long sn = strides[0], sc = strides[1], sh = strides[2], sw = strides[3];
+    if (top == 0 && left == 0 && hp == h && wp == w && sn == h * w * c
+        && (geometry[8] ? sc == 1 && sw == c && sh == w * c : sw == 1 && sh == w && sc == h * w)) {
+        /* no padding, and x laid out as the buffer would be (a 1x1 conv, say): read in place, no copy */
+        run(0, n * plane, 0, x, geometry, c, start, k_count, panels, bias, o_count, packed, y, ys, ypix, ych);
+        return;
+    }
     for (long s = 0; s < n; s += chunk) {
         pad(x + s * strides[0], chunk, c, h, w, strides, top, left, hp, wp, (int)geometry[8], buf);
         run(s * plane, (s + chunk) * plane, s, buf, geometry, c, start, k_count, panels, bias, o_count, packed, y,

@@ -40,9 +40,9 @@ from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 6}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
+KERNEL_VERSIONS = {"reduced-gemm": 7}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
 # planes; 4: the compiled gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row;
-# 6: its call prepared once per input size (15-20 us less per call)
+# 6: its call prepared once per input size (15-20 us less per call); 7: an unpadded input read in place (1x1 convs)
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"

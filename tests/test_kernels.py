@@ -88,7 +88,8 @@ def test_the_compiled_kernel_builds_on_this_machine() -> None:
 @pytest.mark.parametrize("out_channels", [6, 20, 40])
 @pytest.mark.parametrize(("stride", "padding", "dilation", "kernel_size", "size"),
                          [(1, 1, 1, 3, (7, 6)), (2, (1, 2), 2, 3, (11, 9)), (1, "same", 2, (3, 2), (5, 8)),
-                          (3, 0, 1, 1, (7, 6)), (1, 1, 1, 3, (2, 2))])  # the last: tiles run across samples
+                          (3, 0, 1, 1, (7, 6)), (1, 1, 1, 3, (2, 2)), (1, 0, 1, 1, (2, 2))])
+# 1x1 without padding: the input read in place, not copied (but a sliced one); (2, 2): tiles run across samples
 def test_shape_conv_every_form_equals_masked_conv(stride: int, padding: int | tuple[int, int] | str,
                                                    dilation: int, kernel_size: int | tuple[int, int],
                                                    size: tuple[int, int], out_channels: int,
