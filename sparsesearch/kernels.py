@@ -309,8 +309,8 @@ class ShapeConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The fastest of the compiled kernel's forms (`_compiled`) and the eager one (`_eager`) for this
-        input's size and layout, timed on its first call (`_fastest`) and then called as prepared then;
-        traced, always one product per sample, which holds for any input size."""
+        input's size and layout, timed on the first call of that size (`_fastest`) and from then on
+        called as prepared; traced, always one product per sample, which holds for any input size."""
         if _tracing():
             return self._per_sample(self.im2col(x))
         key = self._key(x)
