@@ -247,7 +247,7 @@ def pick_plan(built: search.Search, arm: str, pick: dict, studies: dict[str, opt
 
 def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
           full: tuple[float, float], resume: Path) -> dict:
-    """The picked plan trained at the full budget (hours: resumable at `resume` across sessions)."""
+    """The picked plan trained at the full budget (hours: resumable at `resume` while the machine lives)."""
     if arm == "torch-pruning":
         raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)[1]
     else:
@@ -264,7 +264,7 @@ def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.
     machine can time every final of a case side by side (`--retime`), without the finals' weights
     (hours of training each; vgg16-bn's are 60 MB, out of git, and gone with a session's machine).
     Each CPU's timings are kept apart (a final's `timed`, by CPU): sessions land on an Intel Xeon or an
-    AMD EPYC, whose speedups for one plan differ (vgg16-bn's study pick: 4.16x against 2.86x, batch 1)."""
+    AMD EPYC, whose speedups for one plan differ (vgg16-bn's study pick: 4.16x against 2.90x, batch 1)."""
     if arm == "torch-pruning":
         compacted = torch_pruned(built, pick["rate"])
     else:
