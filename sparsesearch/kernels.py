@@ -11,8 +11,9 @@ layer runs its dense masked weight, says "dense-fallback" and `why`, so that a m
 - irregular: "csr", the weight in CSR times the im2col matrix (torch.sparse.mm).
 - nm: "semi-structured", a 2:4 weight (torch.sparse.to_sparse_semi_structured) on CUDA.
 
-- channel: "channels-gathered", the kept input channels gathered, then an ordinary smaller conv;
-  for input channels that some other layer still reads, so their producer cannot drop them.
+- channel: "channels-gathered", for input channels that some other layer still reads, so their
+  producer cannot drop them: the kept channels gathered, then an ordinary smaller conv, or on a CPU
+  in inference the compiled gather-GEMM over them, which builds no gathered copy, where that is faster.
 
 filter sparsity is not layer-local (removing filters changes the consumers' channels too), nor is
 the best form of channel sparsity (dropping the producer's filters): the model-level compactor
@@ -40,9 +41,11 @@ from .sparsity import SparsityType, live_groups
 
 # A compact kernel's version (by `impl`), raised when its speed changes: a profile re-measures the
 # rows it timed with an older one, and the whole networks it calibrated on them. Absent: 1.
-KERNEL_VERSIONS = {"reduced-gemm": 7}  # 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small
-# planes; 4: the compiled gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row;
-# 6: its call prepared once per input size (15-20 us less per call); 7: an unpadded input read in place (1x1 convs)
+KERNEL_VERSIONS = {"reduced-gemm": 7, "channels-gathered": 2}
+# reduced-gemm 2: im2col by a flat index, 1.1-2.5x faster; 3: batch folded on small planes; 4: the compiled
+# gather-GEMM (`native`) where it is the faster; 5: its NCHW output stored row by row; 6: its call prepared once
+# per input size (15-20 us less per call); 7: an unpadded input read in place (1x1 convs).
+# channels-gathered 2: the compiled gather-GEMM where it is the faster.
 _SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 _KERNEL_ERRORS = (RuntimeError, NotImplementedError, ValueError)  # what torch raises for no kernel
 _GROUPED = "a grouped conv would need one sparse product per group (not implemented)"
@@ -91,15 +94,21 @@ class _Geometry:
     @classmethod
     def of(cls, conv: nn.Conv2d) -> _Geometry:
         """The conv's geometry; string paddings resolve as torch resolves them."""
-        if _zero_padded(conv).padding == "valid":
+        return cls.of_args(tuple(conv.kernel_size), *_conv_args(conv)[:3])
+
+    @classmethod
+    def of_args(cls, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int] | str,
+                dilation: tuple[int, int]) -> _Geometry:
+        """The geometry of a conv of that kernel size and `_conv_args`."""
+        if padding == "valid":
             pads = (0, 0, 0, 0)
-        elif conv.padding == "same":  # torch puts the odd pixel of the total on the right/bottom
-            th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        elif padding == "same":  # torch puts the odd pixel of the total on the right/bottom
+            th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_size))
             pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
         else:
-            ph, pw = conv.padding
+            ph, pw = padding
             pads = (pw, pw, ph, ph)
-        return cls(pads, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation))
+        return cls(pads, tuple(kernel_size), tuple(stride), tuple(dilation))
 
     def pad(self, x: Tensor) -> Tensor:
         return F.pad(x, self.pads) if any(self.pads) else x
@@ -230,10 +239,7 @@ class _Windows(nn.Module):
         return self._memo(("starts", hp, wp, channels), lambda: self._starts(hp, wp, channels).int())
 
     def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
-        """Each kept column's offset in a window of a padded sample: (C, hp, wp), or channels-last of `channels` C."""
-        dh, dw = self.geometry.dilation
-        pixel, channel = (channels, 1) if channels else (1, hp * wp)  # strides in the sample
-        return self.channels * channel + (self.rows * (dh * wp) + self.cols * dw) * pixel
+        return _offsets(self.channels, self.rows, self.cols, self.geometry.dilation, hp, wp, channels)
 
     def _memo(self, key: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
         """make(), made once per key for these buffers as they are (they move with `to`). Made as a normal
@@ -246,6 +252,15 @@ class _Windows(nn.Module):
             with torch.inference_mode(False):
                 cache[key] = make()
         return cache[key]
+
+
+def _offsets(channels: Tensor, rows: Tensor, cols: Tensor, dilation: tuple[int, int], hp: int, wp: int,
+             count: int) -> Tensor:
+    """Each GEMM column's offset (its input channel, kernel row and kernel column) from its window's first
+    element in a padded sample: (C, hp, wp), or channels-last of `count` C (0: not channels-last)."""
+    dh, dw = dilation
+    pixel, channel = (count, 1) if count else (1, hp * wp)  # strides in the sample
+    return channels * channel + (rows * (dh * wp) + cols * dw) * pixel
 
 
 # each _Windows' flat indices and window starts by input size, for its buffers as they are: a cache beside the
@@ -278,45 +293,31 @@ def _buffer(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
     return buffers[dtype, slot]
 
 
-class ShapeConv2d(nn.Module):
-    """Shape sparsity: the conv as one GEMM of F x K' weights by the K' live im2col rows.
+class _GatherGemm(nn.Module):
+    """A conv that reads only some GEMM columns of its im2col (shape-wise: the live ones; channel-wise:
+    every kernel offset of the kept channels), run by `native`'s compiled gather-GEMM, which reads each
+    pixel's columns where they lie, or by the subclass's eager form (`_eager`), whichever the layer's
+    first call for an input size, layout and thread count times faster (`_fastest`); from then on that
+    form is called as prepared. Subclasses say which columns (`_starts`), with which weights
+    (`_matrix`) and geometry (`_geometry`), and what they run traced (`_traced`)."""
 
-    On a CPU in inference, in float32 without groups, the compiled kernel (`_compiled`) multiplies the
-    im2col without building it; the eager forms (`_eager`) build it and call torch's product; each
-    layer runs the faster for its input (`_fastest`). The output keeps the input's memory format, as
-    a conv's does. A channels-last input is gathered pixel by pixel in its own order and multiplied
-    in one product over the whole batch, whose output is channels-last as it comes: tv:alexnet at
-    93.3% shape, batch 8, 2.9x over the channels-last dense network against 2.2x contiguous over
-    contiguous (bench/shape_gather.py, eager)."""
-
-    impl = "reduced-gemm"
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        columns, rows = _live_rows(conv)
-        self.im2col = _Windows(conv, columns)
-        self.weight = _frozen(rows.reshape(conv.groups, conv.out_channels // conv.groups, -1))
-        self.bias = _frozen(conv.bias)
-
-    FOLD_BELOW = 256  # output pixels per sample under which one product over the whole batch is faster
     FUSED = True  # the compiled kernel where it can run (False on an instance: the eager forms, to measure them)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        """Weights loaded in place: forget the panels packed from the old ones (see `_Windows`)."""
+        """Weights loaded in place: forget the panels packed from the old ones and the prepared calls (a
+        method, not a load hook: an export refuses hooks, which are code)."""
         _PANELS.pop(self, None)
         _WAYS.pop(self, None)
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        """The fastest of the compiled kernel's forms (`_compiled`) and the eager one (`_eager`) for this
-        input's size and layout, timed on the first call of that size (`_fastest`) and from then on
-        called as prepared; traced, always one product per sample, which holds for any input size."""
+        """The chosen form for this input; traced, `_traced`, which holds for any input size."""
         if _tracing():
-            return self._per_sample(self.im2col(x))
+            return self._traced(x)
         key = self._key(x)
         way = self._chosen().get(key)
         if way is None:  # the first call of this size, or not one the kernel can run (each time: cheap)
-            if not (self.FUSED and self.weight.shape[0] == 1 and native.usable(x, self.weight)):
+            if not (self.FUSED and self._matrix() is not None and native.usable(x, self.weight)):
                 return self._eager(x)
             ways = self._ways(x)
             name = _fastest(ways, x)
@@ -328,11 +329,31 @@ class ShapeConv2d(nn.Module):
         way = self._chosen().get(self._key(x))
         return way and way[0]
 
+    def _eager(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _traced(self, x: Tensor) -> Tensor:
+        return self._eager(x)
+
+    def _matrix(self) -> Tensor | None:
+        """The F x K' weights by GEMM column in `_starts`' order; None where the kernel cannot run the layer."""
+        raise NotImplementedError
+
+    def _geometry(self) -> _Geometry:
+        raise NotImplementedError
+
+    def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
+        """Each GEMM column's offset in a window of a padded sample (int32, `_offsets`)."""
+        raise NotImplementedError
+
+    def _stamp(self) -> tuple:
+        """The data pointers of the tensors a prepared call reads: replaced, it is prepared again."""
+        return tuple(t is not None and t.data_ptr() for t in (self.weight, self.bias))
+
     def _chosen(self) -> dict[tuple, _Way]:
         """Each input size's chosen form (None: the eager one), for the weights and columns as they are
         now: moved or replaced (`to`, a new Parameter), they are chosen and prepared again."""
-        stamp = (self.weight.data_ptr(), self.bias is not None and self.bias.data_ptr(),
-                 self.im2col.channels.data_ptr())
+        stamp = self._stamp()
         if self not in _WAYS or _WAYS[self][0] != stamp:
             _WAYS[self] = (stamp, {})
         return _WAYS[self][1]
@@ -353,36 +374,27 @@ class ShapeConv2d(nn.Module):
             ways["fused planar"] = self._compiled(x, gathered=False)
         return ways
 
-    def _eager(self, x: Tensor) -> Tensor:
-        """Channels-last (`pixel_rows`), folded over the batch on small planes (`_folded`), or one product
-        per sample."""
-        if is_channels_last(x) and self.weight.shape[0] == 1 and (rows := self.im2col.pixel_rows(x)) is not None:
-            return self._pixel_product(rows).permute(0, 3, 1, 2)
-        cols = self.im2col(x)
-        n, _, h, w = cols.shape
-        return self._folded(cols) if n > 1 and h * w < self.FOLD_BELOW else self._per_sample(cols)
-
     def _compiled(self, x: Tensor, gathered: bool = True) -> Callable[[Tensor], Tensor]:
         """The conv, for inputs shaped and strided as x, by `native`'s gather-GEMM, which reads each
-        pixel's kept columns where they lie in a padded copy of the input, channels-last where
-        `gathered`: AlexNet's conv2-5 at 15x fewer MACs, channels-last, batch 1 and 8, run at 0.59-0.75
-        of their MAC reduction with the im2col built first, and at 0.69-0.83 without it
-        (bench/results/shape_ceiling.md, README). The output keeps the input's layout. Tiles that run
-        across samples (planes of fewer pixels than a tile) are gathered once per tile for all panels:
-        vgg16-bn's 2x2 planes at batch 8. Prepared once per input size: at batch 1 the per-call work in
-        Python (arguments, caches, scratch) had cost 15 us a layer, a sixth of a 15x-pruned AlexNet
-        conv's time."""
+        pixel's columns where they lie in a padded copy of the input, channels-last where `gathered`
+        (an input that needs no padding and is laid out so, in place): AlexNet's conv2-5 at 15x fewer
+        MACs, channels-last, batch 1 and 8, run at 0.59-0.75 of their MAC reduction with the im2col
+        built first, and at 0.69-0.83 without it (bench/results/shape_ceiling.md, README). The output
+        keeps the input's layout. Tiles that run across samples (planes of fewer pixels than a tile)
+        are gathered once per tile for all panels: vgg16-bn's 2x2 planes at batch 8. Prepared once per
+        input size: at batch 1 the per-call work in Python (arguments, caches, scratch) had cost 15 us a
+        layer, a sixth of a 15x-pruned AlexNet conv's time."""
         kernel = native.kernel()
         n, c, h, w = x.shape
-        geometry = self.im2col.geometry
+        geometry = self._geometry()
         left, right, top, bottom = geometry.pads
         hp, wp = h + top + bottom, w + left + right
         oh, ow = geometry.out_size(hp, wp)
-        f = self.weight.shape[1]
         panels, bias = self._panels(kernel.panel_width)
+        f = self._matrix().shape[0]
         channels_last = is_channels_last(x)
         gathered |= channels_last
-        start = self.im2col.window_starts(hp, wp, c if gathered else 0)
+        start = self._starts(hp, wp, c if gathered else 0)
         pack = channels_last and n > 1 and oh * ow < kernel.tile_pixels
         strides = (oh * ow * f, f, 1) if channels_last else (f * oh * ow, 1, oh * ow)
         call = kernel.shape_conv(x, (top, left, hp, wp, *geometry.stride, oh, ow, gathered), start, panels, bias, f,
@@ -399,9 +411,9 @@ class ShapeConv2d(nn.Module):
     def _panels(self, width: int) -> tuple[Tensor, Tensor | None]:
         """The weights as the kernel reads them: panels of `width` output channels, each K' rows of
         `width` (zero past the last channel), and the bias padded alike; packed once."""
-        stamp = (self.weight.data_ptr(), None if self.bias is None else self.bias.data_ptr(), width)
+        stamp = (*self._stamp(), width)
         if self not in _PANELS or _PANELS[self][0] != stamp:
-            weight = self.weight[0].detach()
+            weight = self._matrix().detach()
             f, k = weight.shape
             count = -(-f // width)
             with torch.inference_mode(False):
@@ -412,6 +424,53 @@ class ShapeConv2d(nn.Module):
                 bias = None if self.bias is None else torch.cat([self.bias.detach(), pad])
             _PANELS[self] = (stamp, (panels, bias))
         return _PANELS[self][1]
+
+
+class ShapeConv2d(_GatherGemm):
+    """Shape sparsity: the conv as one GEMM of F x K' weights by the K' live im2col rows.
+
+    On a CPU in inference, in float32 without groups, the compiled kernel multiplies the im2col without
+    building it; the eager forms (`_eager`) build it and call torch's product (`_GatherGemm`). The
+    output keeps the input's memory format, as a conv's does. A channels-last input is gathered pixel
+    by pixel in its own order and multiplied in one product over the whole batch, whose output is
+    channels-last as it comes: tv:alexnet at 93.3% shape, batch 8, 2.9x over the channels-last dense
+    network against 2.2x contiguous over contiguous (bench/shape_gather.py, eager)."""
+
+    impl = "reduced-gemm"
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        columns, rows = _live_rows(conv)
+        self.im2col = _Windows(conv, columns)
+        self.weight = _frozen(rows.reshape(conv.groups, conv.out_channels // conv.groups, -1))
+        self.bias = _frozen(conv.bias)
+
+    FOLD_BELOW = 256  # output pixels per sample under which one product over the whole batch is faster
+
+    def _traced(self, x: Tensor) -> Tensor:
+        """One product per sample, which holds for any input size."""
+        return self._per_sample(self.im2col(x))
+
+    def _matrix(self) -> Tensor | None:
+        return self.weight[0] if self.weight.shape[0] == 1 else None
+
+    def _geometry(self) -> _Geometry:
+        return self.im2col.geometry
+
+    def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
+        return self.im2col.window_starts(hp, wp, channels)
+
+    def _stamp(self) -> tuple:
+        return (*super()._stamp(), self.im2col.channels.data_ptr())
+
+    def _eager(self, x: Tensor) -> Tensor:
+        """Channels-last (`pixel_rows`), folded over the batch on small planes (`_folded`), or one product
+        per sample."""
+        if is_channels_last(x) and self.weight.shape[0] == 1 and (rows := self.im2col.pixel_rows(x)) is not None:
+            return self._pixel_product(rows).permute(0, 3, 1, 2)
+        cols = self.im2col(x)
+        n, _, h, w = cols.shape
+        return self._folded(cols) if n > 1 and h * w < self.FOLD_BELOW else self._per_sample(cols)
 
     ONEDNN_ROWS = 1024  # output pixels over the batch from which oneDNN's product is the faster
 
@@ -455,12 +514,12 @@ class ShapeConv2d(nn.Module):
         return out.view(groups * f, n, h, w).permute(1, 0, 2, 3).contiguous()
 
 
-# each ShapeConv2d's weights packed for the compiled kernel, and its fastest form by input size, layout and
+# each _GatherGemm's weights packed for the compiled kernel, and its fastest form by input size, layout and
 # threads (name, and the prepared call, which holds no reference to the module): beside the module like `_INDEXES`
-_PANELS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, tuple[Tensor, Tensor | None]]] = \
+_PANELS: weakref.WeakKeyDictionary[_GatherGemm, tuple[tuple, tuple[Tensor, Tensor | None]]] = \
     weakref.WeakKeyDictionary()
 _Way = tuple[str, Callable[[Tensor], Tensor] | None]
-_WAYS: weakref.WeakKeyDictionary[ShapeConv2d, tuple[tuple, dict[tuple, _Way]]] = weakref.WeakKeyDictionary()
+_WAYS: weakref.WeakKeyDictionary[_GatherGemm, tuple[tuple, dict[tuple, _Way]]] = weakref.WeakKeyDictionary()
 
 
 def _fastest(ways: dict[str, Callable[[Tensor], Tensor]], x: Tensor, rounds: int = 5) -> str:
@@ -500,9 +559,15 @@ def _live_channels(weight: Tensor) -> Tensor:
     return live.nonzero().flatten()
 
 
-class ChannelConv2d(nn.Module):
-    """Channel sparsity where the channels stay in the network: gather the kept input channels,
-    then the ordinary (cuDNN/oneDNN) conv over them, far faster than an im2col GEMM."""
+class ChannelConv2d(_GatherGemm):
+    """Channel sparsity where the channels stay in the network (another layer still reads them, so their
+    producer cannot drop them): the kept input channels gathered, then the ordinary (cuDNN/oneDNN) conv
+    over them (`_eager`), or the compiled gather-GEMM over every kernel offset of the kept channels,
+    which reads them where they lie and builds no gathered copy (`_GatherGemm`), whichever is faster.
+    tv:resnet50 at channel 50%, 224 px, batch 8, channels-last, 1 thread (Intel Xeon): 1.91x over dense
+    with every such layer gathering, 2.24x choosing, side by side (bench/where_time_goes.py). The kernel
+    wins on 1x1 convs (read in place, no copy) and small planes; after a gather oneDNN's conv stays the
+    faster on most 3x3 convs over large planes and on NCHW inputs."""
 
     impl = "channels-gathered"
 
@@ -516,7 +581,7 @@ class ChannelConv2d(nn.Module):
         self.bias = _frozen(conv.bias)
         self.conv_args = _conv_args(conv)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _eager(self, x: Tensor) -> Tensor:
         """The gather keeps the input's layout. On a channels-last input an index_select over dim 1
         returns NCHW, which the conv converts back (tv:resnet50 at channel 50%, batch 8: 461 ms of
         layout copies in a 994 ms network), and one over the last dim of the NHWC view is slower
@@ -529,6 +594,22 @@ class ChannelConv2d(nn.Module):
         else:
             kept = x.index_select(1, self.channels)
         return F.conv2d(kept, self.weight, self.bias, *self.conv_args)
+
+    def _matrix(self) -> Tensor:
+        """Kept channel by kernel row by kernel column, the order of `_starts` (and of a conv's weight)."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _geometry(self) -> _Geometry:
+        return _Geometry.of_args(tuple(self.weight.shape[2:]), *self.conv_args[:3])
+
+    def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
+        kh, kw = self.weight.shape[2:]
+        offsets = torch.arange(kh * kw, device=self.channels.device).repeat(len(self.channels))
+        return _offsets(self.channels.repeat_interleave(kh * kw), offsets // kw, offsets % kw,
+                        self._geometry().dilation, hp, wp, channels).int()
+
+    def _stamp(self) -> tuple:
+        return (*super()._stamp(), self.channels.data_ptr())
 
 
 class ChannelLinear(ShapeLinear):

@@ -28,6 +28,7 @@ from sparsesearch.kernels import (
 from sparsesearch.sparsity import SparsityType, project
 
 TOLERANCE = 1e-5  # relative max error, float32
+GATHER_GEMMS = [(SparsityType.SHAPE, ShapeConv2d), (SparsityType.CHANNEL, ChannelConv2d)]  # compiled-kernel layers
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -83,6 +84,7 @@ def test_the_compiled_kernel_builds_on_this_machine() -> None:
     assert native.unavailable() is None and native.kernel() is not None
 
 
+@pytest.mark.parametrize(("kind", "layer"), GATHER_GEMMS)
 @pytest.mark.parametrize("channels_last", [False, True])
 # within one vector of a panel, a panel with a tail, and a panel then a tail within one vector (on AVX-512)
 @pytest.mark.parametrize("out_channels", [6, 20, 40])
@@ -90,17 +92,17 @@ def test_the_compiled_kernel_builds_on_this_machine() -> None:
                          [(1, 1, 1, 3, (7, 6)), (2, (1, 2), 2, 3, (11, 9)), (1, "same", 2, (3, 2), (5, 8)),
                           (3, 0, 1, 1, (7, 6)), (1, 1, 1, 3, (2, 2)), (1, 0, 1, 1, (2, 2))])
 # 1x1 without padding: the input read in place, not copied (but a sliced one); (2, 2): tiles run across samples
-def test_shape_conv_every_form_equals_masked_conv(stride: int, padding: int | tuple[int, int] | str,
+def test_gather_gemm_every_form_equals_masked_conv(stride: int, padding: int | tuple[int, int] | str,
                                                    dilation: int, kernel_size: int | tuple[int, int],
                                                    size: tuple[int, int], out_channels: int,
-                                                   channels_last: bool) -> None:
-    """Each form a layer may choose (the compiled kernel on a channels-last or planar copy, the eager
-    ones) gives the masked conv's output in the input's layout, batch 1 and 5, with and without bias,
-    and on a strided (sliced) input."""
+                                                   channels_last: bool, kind: SparsityType, layer: type) -> None:
+    """Each form a shape- or channel-wise layer may choose (the compiled kernel on a channels-last or
+    planar copy, the eager ones) gives the masked conv's output in the input's layout, batch 1 and 5,
+    with and without bias, and on a strided (sliced) input."""
     for bias in (True, False):
         dense = masked(conv(out_channels=out_channels, stride=stride, padding=padding, dilation=dilation,
-                            kernel_size=kernel_size, bias=bias), SparsityType.SHAPE, 0.6)
-        compact = ShapeConv2d(dense)
+                            kernel_size=kernel_size, bias=bias), kind, 0.6 if kind == SparsityType.SHAPE else 0.5)
+        compact = layer(dense)
         for x in (torch.randn(1, 4, *size), torch.randn(5, 4, *size), torch.randn(5, 8, *size)[:, ::2]):
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             ways = compact._ways(x)
@@ -111,6 +113,7 @@ def test_shape_conv_every_form_equals_masked_conv(stride: int, padding: int | tu
                     got = way(x)
                     assert got.shape == want.shape and rel_err(got, want) <= TOLERANCE, name
                     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last, name
+            assert compact(x).is_contiguous(memory_format=torch.channels_last) == channels_last  # as chosen
 
 
 def test_shape_conv_runs_the_fastest_form_and_times_each_input_size_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,12 +131,17 @@ def test_shape_conv_runs_the_fastest_form_and_times_each_input_size_once(monkeyp
     assert timed == [image().shape, (3, 4, 9, 9)]
 
 
-def test_shape_conv_prepared_for_an_input_size_follows_weights_replaced_after_it() -> None:
+@pytest.mark.parametrize(("kind", "layer"), GATHER_GEMMS)
+def test_gather_gemm_prepared_for_an_input_size_follows_weights_replaced_after_it(
+        kind: SparsityType, layer: type, monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer prepares its compiled call once per input size, with its weights packed: weights
     replaced afterwards (a new Parameter, as `to` or a user's surgery makes) or loaded in place are
     the ones used, never the packed copy of the old."""
-    dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
-    compact = ShapeConv2d(dense)
+    from sparsesearch import kernels
+
+    monkeypatch.setattr(kernels, "_fastest", lambda ways, x: "fused")
+    dense = masked(conv(padding=1), kind, 0.5)
+    compact = layer(dense)
     x = image()
     assert_same_output(compact, dense, x)
     with torch.no_grad():
@@ -144,8 +152,9 @@ def test_shape_conv_prepared_for_an_input_size_follows_weights_replaced_after_it
     assert_same_output(compact, dense, x)
     with torch.no_grad():
         dense.weight.mul_(-1)
-    compact.load_state_dict(ShapeConv2d(dense).state_dict())
+    compact.load_state_dict(layer(dense).state_dict())
     assert_same_output(compact, dense, x)
+    assert compact.form(x) == "fused"
 
 
 def test_shape_conv_prepared_calls_do_not_keep_the_layer_alive() -> None:
