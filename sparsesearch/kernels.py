@@ -317,7 +317,7 @@ class _GatherGemm(nn.Module):
         key = self._key(x)
         way = self._chosen().get(key)
         if way is None:  # the first call of this size, or not one the kernel can run (each time: cheap)
-            if not (self.FUSED and self._matrix() is not None and native.usable(x, self.weight)):
+            if not (self.FUSED and native.usable(x, self.weight) and self._fusable()):
                 return self._eager(x)
             ways = self._ways(x)
             name = _fastest(ways, x)
@@ -335,8 +335,12 @@ class _GatherGemm(nn.Module):
     def _traced(self, x: Tensor) -> Tensor:
         return self._eager(x)
 
-    def _matrix(self) -> Tensor | None:
-        """The F x K' weights by GEMM column in `_starts`' order; None where the kernel cannot run the layer."""
+    def _fusable(self) -> bool:
+        """Whether the kernel can run this layer at all (it takes no groups)."""
+        return True
+
+    def _matrix(self) -> Tensor:
+        """The F x K' weights by GEMM column, in `_starts`' order."""
         raise NotImplementedError
 
     def _geometry(self) -> _Geometry:
@@ -451,8 +455,11 @@ class ShapeConv2d(_GatherGemm):
         """One product per sample, which holds for any input size."""
         return self._per_sample(self.im2col(x))
 
-    def _matrix(self) -> Tensor | None:
-        return self.weight[0] if self.weight.shape[0] == 1 else None
+    def _fusable(self) -> bool:
+        return self.weight.shape[0] == 1
+
+    def _matrix(self) -> Tensor:
+        return self.weight[0]
 
     def _geometry(self) -> _Geometry:
         return self.im2col.geometry
