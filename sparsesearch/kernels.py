@@ -27,6 +27,7 @@ import threading
 import time
 import warnings
 import weakref
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -293,7 +294,7 @@ def _buffer(numel: int, dtype: torch.dtype, slot: int = 0) -> Tensor:
     return buffers[dtype, slot]
 
 
-class _GatherGemm(nn.Module):
+class _GatherGemm(nn.Module, ABC):
     """A conv that reads only some GEMM columns of its im2col (shape-wise: the live ones; channel-wise:
     every kernel offset of the kept channels), run by `native`'s compiled gather-GEMM, which reads each
     pixel's columns where they lie, or by the subclass's eager form (`_eager`), whichever the layer's
@@ -329,8 +330,9 @@ class _GatherGemm(nn.Module):
         way = self._chosen().get(self._key(x))
         return way and way[0]
 
+    @abstractmethod
     def _eager(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The layer in torch's own operators: where the kernel cannot run, and one of the forms timed."""
 
     def _traced(self, x: Tensor) -> Tensor:
         return self._eager(x)
@@ -339,16 +341,17 @@ class _GatherGemm(nn.Module):
         """Whether the kernel can run this layer at all (it takes no groups)."""
         return True
 
+    @abstractmethod
     def _matrix(self) -> Tensor:
         """The F x K' weights by GEMM column, in `_starts`' order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _geometry(self) -> _Geometry:
-        raise NotImplementedError
+        """Where the conv reads its input."""
 
+    @abstractmethod
     def _starts(self, hp: int, wp: int, channels: int) -> Tensor:
         """Each GEMM column's offset in a window of a padded sample (int32, `_offsets`)."""
-        raise NotImplementedError
 
     def _stamp(self) -> tuple:
         """The data pointers of the tensors a prepared call reads: replaced, it is prepared again."""
