@@ -135,7 +135,8 @@ def kernel() -> Kernel | None:
     built = _built()
     if isinstance(built, str) and built != _OFF and not _WARNED:
         _WARNED.append(built)
-        warnings.warn(f"shape-wise convs run without their compiled kernel, up to 2x slower: {built}", stacklevel=2)
+        warnings.warn(f"shape- and channel-wise convs run without their compiled kernel, up to 2x slower: {built}",
+                      stacklevel=2)
     return built if isinstance(built, Kernel) else None
 
 

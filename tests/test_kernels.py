@@ -183,11 +183,12 @@ def test_shape_conv_with_weights_of_another_dtype_refuses_as_a_conv_does() -> No
         ShapeConv2d(dense).double()(image())
 
 
-def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_convs_without_the_compiled_kernel_run_their_eager_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler, a compiler that fails, a cache that cannot be written (or SPARSESEARCH_NATIVE=0): the
     kernel is unavailable, a warning says why (not when the user turned it off), and layers still give
     the masked conv's output."""
     dense = masked(conv(padding=1), SparsityType.SHAPE, 0.5)
+    channel = masked(conv(padding=1), SparsityType.CHANNEL, 0.5)
     monkeypatch.setattr(native, "_WARNED", [])
     for setting, reason in ((("CC", "no-such-compiler"), "no C compiler"), (("CC", "false"), "false failed"),
                             (("XDG_CACHE_HOME", "/proc/no-cache"), "cannot write its cache"),
@@ -199,9 +200,11 @@ def test_shape_conv_without_the_compiled_kernel_runs_its_eager_forms(monkeypatch
                 warnings.simplefilter("always")
                 assert native.kernel() is None and reason in native.unavailable()
                 assert_same_output(ShapeConv2d(dense), dense, image())
+                assert_same_output(ChannelConv2d(channel), channel, image())
             assert [str(w.message) for w in warned] == (
-                [] if setting[0] == "SPARSESEARCH_NATIVE" else [f"shape-wise convs run without their compiled "
-                                                                f"kernel, up to 2x slower: {native.unavailable()}"])
+                [] if setting[0] == "SPARSESEARCH_NATIVE" else
+                [f"shape- and channel-wise convs run without their compiled kernel, up to 2x slower: "
+                 f"{native.unavailable()}"])
             native._WARNED.clear()
         finally:
             monkeypatch.delenv(setting[0])
