@@ -25,6 +25,13 @@ def dense_checkpoint(model: str, dataset: str, given: str = "") -> str:
     return given or str(CHECKPOINTS / case_name(model, dataset) / "dense.pt")
 
 
+def machine_tag(args: list[str]) -> tuple[str, list[str]]:
+    """The suffix `--tag=MACHINE` asks for ("_MACHINE": results of another machine kept beside this one's),
+    and the other arguments."""
+    tag = next((a.split("=", 1)[1] for a in args if a.startswith("--tag=")), "")
+    return f"_{tag}" if tag else "", [a for a in args if not a.startswith("--tag=")]
+
+
 def record(name: str, rows: list[dict[str, Any]], summary: str) -> Path:
     """Write bench/results/NAME.json (rows + provenance) and a readable NAME.md table."""
     provenance = {

@@ -12,7 +12,8 @@ Each masked model is compacted and timed beside its masked dense form, as the co
 is timed alone on its real input beside the dense conv, so that the gap between MACs and speed
 shows where it is lost. The paper reports 11.93x on the conv stack (its CPU, its kernels).
 
-Run alone on a quiet core: `taskset -c 1 python bench/paper_alexnet.py`.
+Run alone on a quiet machine: `taskset -c 1 python bench/paper_alexnet.py [--tag=MACHINE]` (`--tag`: appended
+to the results' names).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, record  # noqa: E402
+from common import RESULTS, machine_tag, record  # noqa: E402
 
 from sparsesearch.compact import dependencies, pruned  # noqa: E402
 from sparsesearch.layers import trace  # noqa: E402
@@ -206,6 +207,7 @@ def measure(arm: str, masked: nn.Module, pruned: nn.Module, macs: int,
 
 def main() -> None:
     set_threads(1)
+    suffix = machine_tag(sys.argv[1:])[0]
     begin = time.time()
     torch.manual_seed(0)
     base = create(MODEL, in_channels=SHAPE[0]).eval()
@@ -248,11 +250,11 @@ def main() -> None:
                f"paper reports {PAPER}x on its CPU. The classifier's {linear_macs / 1e6:.1f}M MACs per image stay "
                f"dense in every arm, so the whole network's MAC reduction is {cap:.1f}x at most. "
                f"Took {time.time() - begin:.0f} s.")
-    print(record("paper_alexnet", rows, summary))
-    print(plot(rows, RESULTS / "paper_alexnet.png"))
-    record("paper_alexnet_layers", per_layer, "Per conv, each arm's compact form timed alone on its real input beside "
-           "the dense conv in the same layout (1 thread, median of 9 interleaved rounds); `form` is the kernel that "
-           "ran.")
+    print(record(f"paper_alexnet{suffix}", rows, summary))
+    print(plot(rows, RESULTS / f"paper_alexnet{suffix}.png"))
+    record(f"paper_alexnet_layers{suffix}", per_layer, "Per conv, each arm's compact form timed alone on its real "
+           "input beside the dense conv in the same layout (1 thread, median of 9 interleaved rounds); `form` is the "
+           "kernel that ran.")
 
 
 def plot(rows: list[dict], path: Path) -> Path:

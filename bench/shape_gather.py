@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import record  # noqa: E402
+from common import machine_tag, record  # noqa: E402
 
 from sparsesearch.compact import pruned  # noqa: E402
 from sparsesearch.kernels import ShapeConv2d, _Windows  # noqa: E402
@@ -184,9 +184,8 @@ def networks() -> list[dict[str, object]]:
 
 def main() -> None:
     set_threads(1)
-    tag = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--tag=")), "")
-    suffix = f"_{tag}" if tag else ""  # results of another machine beside this one's
-    parts = [a for a in sys.argv[1:] if not a.startswith("--tag=")] or ["layers", "networks", "layouts", "ceiling"]
+    suffix, parts = machine_tag(sys.argv[1:])
+    parts = parts or ["layers", "networks", "layouts", "ceiling"]
     if "ceiling" in parts:
         print(record(f"shape_ceiling{suffix}", ceiling(), "AlexNet's conv2-5 (224 px input) at 93.3% shape sparsity "
                      "(random weights), channels-last and NCHW, timed beside the dense conv (oneDNN's direct conv, "
