@@ -574,10 +574,8 @@ class ChannelConv2d(_GatherGemm):
     producer cannot drop them): the kept input channels gathered, then the ordinary (cuDNN/oneDNN) conv
     over them (`_eager`), or the compiled gather-GEMM over every kernel offset of the kept channels,
     which reads them where they lie and builds no gathered copy (`_GatherGemm`), whichever is faster.
-    tv:resnet50 at channel 50%, 224 px, batch 8, channels-last, 1 thread (Intel Xeon): 1.91x over dense
-    with every such layer gathering, 2.24x choosing, side by side (bench/where_time_goes.py). The kernel
-    wins on 1x1 convs (read in place, no copy) and small planes; after a gather oneDNN's conv stays the
-    faster on most 3x3 convs over large planes and on NCHW inputs."""
+    The kernel wins mostly on 1x1 convs (read in place, no copy) and small planes, channels-last; after
+    a gather oneDNN's conv stays the faster on most 3x3 convs over large planes and on NCHW inputs."""
 
     impl = "channels-gathered"
 
