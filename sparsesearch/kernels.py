@@ -355,7 +355,7 @@ class _GatherGemm(nn.Module, ABC):
 
     def _stamp(self) -> tuple:
         """The data pointers of the tensors a prepared call reads: replaced, it is prepared again."""
-        return tuple(t is not None and t.data_ptr() for t in (self.weight, self.bias))
+        return self.weight.data_ptr(), self.bias is not None and self.bias.data_ptr()
 
     def _chosen(self) -> dict[tuple, _Way]:
         """Each input size's chosen form (None: the eager one), for the weights and columns as they are
