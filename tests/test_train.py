@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from sparsesearch import checkpoint, data, models
+from sparsesearch import checkpoint, data, models, train
 from sparsesearch.errors import UserError
 from sparsesearch.train import DenseResult, TrainConfig, fit, prepare, train_dense
 
@@ -82,6 +84,60 @@ def test_an_interrupted_training_continues_to_the_weights_of_an_uninterrupted_on
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = train_dense("digits-cnn", "digits", TrainConfig(epochs=1, seed=1), CPU, out)
     assert other.history.resumed_after == 0, "a snapshot of another run is not resumed"
+
+
+def _choose(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Make a new process's verdict `layout` for every model that can run it."""
+    monkeypatch.setattr(train, "_LAYOUTS", {})
+    monkeypatch.setattr(train, "STEP_FLOOR_S", 0.0)
+    monkeypatch.setattr(train, "CHANNELS_LAST_GAIN", 0.0 if layout == "channels-last" else math.inf)
+
+
+def test_a_run_goes_on_in_the_layout_it_began_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layouts round differently (digits-cnn: 4.5e-4 apart after an epoch): a run begun channels-last
+    and resumed where the verdict is contiguous must still end with the weights of an uninterrupted run."""
+    _choose(monkeypatch, "channels-last")
+    config = TrainConfig(epochs=3, seed=1)
+    whole = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "whole" / "dense.pt")
+
+    def stop_in_epoch_3(p) -> None:  # noqa: ANN001
+        if p.epoch == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut" / "dense.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_dense("digits-cnn", "digits", config, CPU, out, on_progress=stop_in_epoch_3)
+    _choose(monkeypatch, "contiguous")
+    train_dense("digits-cnn", "digits", config, CPU, out)
+    a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    contiguous = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "contiguous" / "dense.pt")
+    c = torch.load(contiguous.checkpoint, weights_only=True)
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the two layouts round alike: this test proves nothing"
+    assert all(v.is_contiguous() for v in a.values()), "the checkpoint is in torch's own layout"
+
+
+class _Viewed(nn.Module):
+    """A user's net that flattens its feature map with `.view`, which a channels-last map refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).relu()
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_a_net_that_cannot_run_channels_last_trains_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    _choose(monkeypatch, "channels-last")
+    model, ds = prepare("digits-cnn", "digits")
+    x, y = next(ds.train.batches(64))
+    assert train.training_layout(model, x, y, CPU) == "channels-last"
+    viewed = _Viewed()
+    assert train.training_layout(viewed, x, y, CPU) == "contiguous"
+    history = fit(viewed, ds, TrainConfig(epochs=1), CPU)
+    assert history.val_acc > 50
 
 
 def test_fractional_epochs_run_that_share_of_steps() -> None:
