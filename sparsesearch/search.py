@@ -50,11 +50,11 @@ from .layers import Layer
 from .plan import LayerSparsity, Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
-from .runtime import DEFAULT_LAYOUT
+from .runtime import DEFAULT_LAYOUT, in_layout
 from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
-from .train import Progress, ProgressFn, paired_drop
+from .train import Progress, ProgressFn, paired_drop, training_layout
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
@@ -416,6 +416,8 @@ def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
     images = (len(checks) * min(config.probe or len(data.val), len(data.val)) + len(data.val)
               + projections * min(CALIBRATION_IMAGES, len(data.train)))
     model = search.fresh_model().to(search.device).train()
+    layout = training_layout(model, *next(data.train.batches(config.batch_size)), search.device)  # as `fit` trains
+    in_layout(model, layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
     batches = itertools.chain.from_iterable(data.train.batches(config.batch_size, True, generator, data.info.augment)
@@ -424,7 +426,7 @@ def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
         if i == 1:
             start = time.perf_counter()  # after one warm-up step
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x.to(search.device)), y.to(search.device)).backward()
+        nn.functional.cross_entropy(model(in_layout(x.to(search.device), layout)), y.to(search.device)).backward()
         optimizer.step()
     per_step = (time.perf_counter() - start) / timed_steps
     x, _ = next(data.val.batches(256))
