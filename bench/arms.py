@@ -24,7 +24,8 @@ core (`--no-final` then times what is trained and not yet timed on this CPU, and
 finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a final's
 training (hours) goes on from its last ADMM period or epoch while its machine lives
 (`final-*.resume.pt`, out of git). Then more of the study's front (`--spread`: until 12 plans in
-all are retrained) is trained and timed the same way: with the picks, the plans over which the
+all are retrained) is trained and timed the same way (a second worker on the case, `--no-picks` on
+another core, trains it beside the picks; each keeps the other's finals): with the picks, the plans over which the
 drops at trial fidelity and at the full budget are ranked against each other (the faithfulness of
 cheap trials on this network, issue 14 section 1). Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
@@ -34,7 +35,7 @@ must price all arms on the one device the finals are timed on.
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
-       [--train-threads 1] [--no-time] [--no-final] [--retime]
+       [--train-threads 1] [--no-time] [--no-final] [--retime] [--no-picks] [--spread 12]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
 (the finals' training on both cores of a 2-core machine), run it unpinned: the
 timings then pin themselves to the last core. `--no-time` lets the finals train beside other work.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
 import statistics
@@ -309,6 +311,20 @@ def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], 
     return [plans[label] for label in state["spread"]]
 
 
+def save(results: Path, state: dict) -> None:
+    """Write the case's state, keeping what another worker on the case wrote meanwhile (`--no-picks`:
+    a second process training the spread beside the one training the picks): its finals, and any
+    stage this one does not hold."""
+    with open(Path(tempfile.gettempdir()) / f"{results.parent.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = json.loads(results.read_text()) if results.is_file() else {}
+        for key, value in disk.items():
+            state.setdefault(key, value)
+        for key, row in disk.get("final", {}).items():
+            state.setdefault("final", {}).setdefault(key, row)
+        write_json(results, state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet56")
@@ -325,6 +341,9 @@ def main() -> None:
                         help="time the trained finals (--no-time: train only, and time them later on a quiet core)")
     parser.add_argument("--retime", action="store_true", help="time again the finals this CPU timed before (a "
                         "run disturbed by other load)")
+    parser.add_argument("--picks", action=argparse.BooleanOptionalAction, default=True, help="train each arm's "
+                        "picks within 0.5 and 1.0 (--no-picks: only the spread, a second worker on the case beside "
+                        "one that trains the picks; both keep each other's finals)")
     parser.add_argument("--spread", type=int, default=12, help="after the picks, retrain more of the study's front "
                         "(trial fidelity) until this many plans in all are retrained: cheap trials' faithfulness "
                         "on this network needs plans spread over the front, and the picks all sit near the limits")
@@ -365,13 +384,13 @@ def main() -> None:
                     raw = (admm_trained(built, uniform_plan(built, rate), None)[1] if arm == "uniform"
                            else fine_tuned(built, torch_pruned(built, rate), None)[1])
                     state[arm][str(rate)] = scored(built, raw, full=False)
-                    write_json(results, state)
+                    save(results, state)
                     print(arm, rate, state[arm][str(rate)], flush=True)
             for rate, row in state[arm].items():  # every row, earlier sessions' too: by today's profile
                 row["speed"] = predicted(built, ladder_plan(built, arm, float(rate)))
-            write_json(results, state)
+            save(results, state)
         if args.final:
-            for drop in DROPS:  # every arm's pick within 0.5 first: the goal's comparison comes soonest
+            for drop in DROPS if args.picks else ():  # every arm's pick within 0.5 first: the goal's comparison soonest
                 for arm in args.arms:
                     key = f"{arm} within {drop}"
                     within = [c for c in candidates(built, arm, state, studies) if c["drop"] <= drop]
@@ -382,7 +401,7 @@ def main() -> None:
                             if arm_of(k) == arm and r["pick"]["label"] == pick["label"]]
                     state["final"][key] = done[0] if done else retrained(
                         built, arm, pick, studies, full, folder / f"final-{arm}-{drop}.resume.pt", args.train_threads)
-                    write_json(results, state)
+                    save(results, state)
                     print(key, state["final"][key], flush=True)
             for pick in spread(built, state, studies, args.spread) if "study" in studies else ():
                 key = f"study front {pick['label']}"
@@ -390,12 +409,12 @@ def main() -> None:
                     state["final"][key] = retrained(built, "study", pick, studies, full,
                                                     folder / f"final-study-front-{pick['trial']}.resume.pt",
                                                     args.train_threads)
-                    write_json(results, state)
+                    save(results, state)
                     print(key, state["final"][key], flush=True)
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
             if args.time and arm_of(key) in args.arms and (cpu not in row.setdefault("timed", {}) or args.retime):
                 row["timed"][cpu] = timed(built, arm_of(key), row["pick"], studies)
-                write_json(results, state)
+                save(results, state)
                 print(key, row, flush=True)
     rows = [{"arm": key, "plan": r["pick"]["label"], "trial drop": round(r["pick"]["drop"], 2),
              "full val drop": round(r["drop"], 2), "± SE": round(r["se"], 2), "test drop": round(r["test drop"], 2),
