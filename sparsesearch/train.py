@@ -191,7 +191,7 @@ def training_layout(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
     a copy, so the model (its BatchNorm statistics too) and the global generator are untouched. The
     margin keeps the verdict from flipping on timing noise, since the two layouts round differently. A
     model that cannot run channels-last (a `.view` of a feature map) trains as it is."""
-    key = (type(model).__qualname__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+    key = (tuple(type(m) for m in model.modules()), tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
            tuple(x.shape), device.type, torch.get_num_threads())
     if key not in _LAYOUTS:
         _LAYOUTS[key] = DEFAULT_LAYOUT
