@@ -44,8 +44,11 @@ static inline __attribute__((always_inline)) void tile(
         if (bias)
             memcpy(&b[v], bias + v * VW, sizeof(vf));
     for (int i = 0; i < mr; i++)
-        for (int v = 0; v < nv; v++)
+        for (int v = 0; v < nv; v++) {
             acc[i][v] = b[v];
+            if (ych == 1) /* channels-last: the line this accumulator ends in, fetched while the tile computes */
+                __builtin_prefetch(y + i * ypix + v * VW, 1, 3);
+        }
     for (long k = 0; k < k_count; k++) {
         vf w[2];
         for (int v = 0; v < nv; v++)
