@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,24 +66,31 @@ def test_training_is_deterministic_with_a_seed() -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_an_interrupted_training_continues_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
-    config = TrainConfig(epochs=3, seed=1)
+def _stop_in_epoch_3(p) -> None:  # noqa: ANN001
+    if p.epoch == 3:
+        raise KeyboardInterrupt
+
+
+def _whole_and_resumed(tmp_path: Path, config: TrainConfig, before_resume: Callable[[], None] = lambda: None
+                       ) -> tuple[dict, dict, DenseResult]:
+    """digits-cnn trained whole, and again cut in its third epoch and resumed (`before_resume` in between):
+    both checkpoints' tensors, and the resumed run."""
     whole = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "whole" / "dense.pt")
-
-    def stop_in_epoch_3(p) -> None:  # noqa: ANN001
-        if p.epoch == 3:
-            raise KeyboardInterrupt
-
     out = tmp_path / "cut" / "dense.pt"
     with pytest.raises(KeyboardInterrupt):
-        train_dense("digits-cnn", "digits", config, CPU, out, on_progress=stop_in_epoch_3)
+        train_dense("digits-cnn", "digits", config, CPU, out, on_progress=_stop_in_epoch_3)
     assert not out.exists() and (tmp_path / "cut" / "dense.resume.pt").is_file()
+    before_resume()
     resumed = train_dense("digits-cnn", "digits", config, CPU, out)
+    return torch.load(whole.checkpoint, weights_only=True), torch.load(out, weights_only=True), resumed
+
+
+def test_an_interrupted_training_continues_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    a, b, resumed = _whole_and_resumed(tmp_path, TrainConfig(epochs=3, seed=1))
     assert resumed.history.resumed_after == 2 and not (tmp_path / "cut" / "dense.resume.pt").exists()
     assert [e["epoch"] for e in resumed.history.epochs] == [1, 2, 3]
-    a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(out, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    other = train_dense("digits-cnn", "digits", TrainConfig(epochs=1, seed=1), CPU, out)
+    other = train_dense("digits-cnn", "digits", TrainConfig(epochs=1, seed=1), CPU, tmp_path / "cut" / "dense.pt")
     assert other.history.resumed_after == 0, "a snapshot of another run is not resumed"
 
 
@@ -98,18 +106,7 @@ def test_a_run_goes_on_in_the_layout_it_began_in(tmp_path: Path, monkeypatch: py
     and resumed where the verdict is contiguous must still end with the weights of an uninterrupted run."""
     _choose(monkeypatch, "channels-last")
     config = TrainConfig(epochs=3, seed=1)
-    whole = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "whole" / "dense.pt")
-
-    def stop_in_epoch_3(p) -> None:  # noqa: ANN001
-        if p.epoch == 3:
-            raise KeyboardInterrupt
-
-    out = tmp_path / "cut" / "dense.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train_dense("digits-cnn", "digits", config, CPU, out, on_progress=stop_in_epoch_3)
-    _choose(monkeypatch, "contiguous")
-    train_dense("digits-cnn", "digits", config, CPU, out)
-    a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(out, weights_only=True)
+    a, b, _ = _whole_and_resumed(tmp_path, config, lambda: _choose(monkeypatch, "contiguous"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     contiguous = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "contiguous" / "dense.pt")
     c = torch.load(contiguous.checkpoint, weights_only=True)
