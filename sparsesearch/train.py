@@ -188,10 +188,10 @@ def training_layout(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
     (forward, loss, backward) of at least STEP_FLOOR_S runs CHANNELS_LAST_GAIN times faster so.
     oneDNN's channels-last kernels suit thin convs: resnet56 and resnet20 on Fashion-MNIST at batch
     128, 1 thread, train 1.27x and 1.25x faster so (Xeon, bench/results/train_layout_xeon.md);
-    vgg16-bn no faster. Timed once per process and architecture on
-    a copy, so the model (its BatchNorm statistics too) and the global generator are untouched. The
-    margin keeps the verdict from flipping on timing noise, since the two layouts round differently. A
-    model that cannot run channels-last (a `.view` of a feature map) trains as it is."""
+    vgg16-bn no faster. Timed once per process and architecture on a copy, so the model (its
+    BatchNorm statistics too) and the global generator are untouched. The margin keeps the verdict
+    from flipping on timing noise, since the two layouts round differently. A model that cannot run
+    channels-last (a `.view` of a feature map) trains as it is."""
     key = (tuple(type(m) for m in model.modules()), tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
            tuple(x.shape), device.type, torch.get_num_threads())
     if key not in _LAYOUTS:
