@@ -1,5 +1,6 @@
 """Shared by tests: a randomly initialised model made to behave like a trained one where it matters,
-a latency profile passed off as another device's, and an image folder."""
+a latency profile passed off as another device's, an image folder, and two copies of one compacted
+model compared."""
 
 from __future__ import annotations
 
@@ -69,3 +70,10 @@ def no_channel_steps() -> Iterator[None]:
         yield
     finally:
         steps.scan = real
+
+
+def assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two copies of one compacted model on one input: equal up to float rounding. Each copy's shape-
+    and channel-wise layers time their forms on their first call and may pick others, which sum the
+    same products in another order (the compiled kernel in address order, torch's GEMM in its own)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
