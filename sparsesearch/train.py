@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import checkpoint, data, models
 from .errors import Diverged, UserError
 from .files import torch_save
+from .profiler.timing import call_seconds
 from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, versions
 
 
@@ -188,10 +189,11 @@ def training_layout(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
     (forward, loss, backward) of at least STEP_FLOOR_S runs CHANNELS_LAST_GAIN times faster so.
     oneDNN's channels-last kernels suit thin convs: resnet56 and resnet20 on Fashion-MNIST at batch
     128, 1 thread, train 1.27x and 1.25x faster so (Xeon, bench/results/train_layout_xeon.md), and a
-    step at batch 16-64 1.18-1.24x; vgg16-bn's no faster (0.86-0.97x). Timed once per process and architecture on a copy, so the model (its
-    BatchNorm statistics too) and the global generator are untouched. The margin keeps the verdict
-    from flipping on timing noise, since the two layouts round differently. A model that cannot run
-    channels-last (a `.view` of a feature map) trains as it is."""
+    step at batch 16-64 1.18-1.24x; vgg16-bn's no faster (0.86-0.97x). Timed once per process and
+    architecture on a copy, so the model (its BatchNorm statistics too) and the global generator are
+    untouched. The margin keeps the verdict from flipping on timing noise, since the two layouts
+    round differently. A model that cannot run channels-last (a `.view` of a feature map) trains as
+    it is."""
     key = (tuple(type(m) for m in model.modules()), tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
            tuple(x.shape), device.type, torch.get_num_threads())
     if key not in _LAYOUTS:
@@ -209,16 +211,12 @@ def _step_seconds(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, 
     """The fastest of three training steps, after a warm-up one, of a copy of `model` in `layout`."""
     trained = in_layout(copy.deepcopy(model).to(device).train(), layout)
     x, y = in_layout(x.to(device), layout), y.to(device)
-    seconds = []
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def step(x: Tensor) -> None:
         nn.functional.cross_entropy(trained(x), y).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return min(seconds[1:])
+
+    step(x)
+    return min(call_seconds(step, x, 1) for _ in range(3))
 
 
 def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch.device,

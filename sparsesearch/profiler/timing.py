@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,8 @@ def _check_clean(name: str, model: nn.Module) -> None:
         raise ValueError(f"model '{name}' has hooks on {', '.join(hooked[:3])}: they would be timed too; remove them")
 
 
-def _call_seconds(model: nn.Module, x: Tensor, calls: int) -> float:
+def call_seconds(model: Callable[[Tensor], object], x: Tensor, calls: int) -> float:
+    """Seconds per call of `model` on x over `calls` calls (on CUDA, between events after a synchronize)."""
     if x.is_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(x.device)
@@ -100,9 +102,9 @@ def _compare(models: dict[str, nn.Module], x: Tensor, rounds: int, warmup_s: flo
 
     with torch.inference_mode():
         for name, model in models.items():  # warm-up, and size each round to last min_round_s
-            once, deadline = _call_seconds(model, x, 1), time.perf_counter() + warmup_s
+            once, deadline = call_seconds(model, x, 1), time.perf_counter() + warmup_s
             while time.perf_counter() < deadline:
-                once = min(once, _call_seconds(model, x, 1))
+                once = min(once, call_seconds(model, x, 1))
             calls[name] = max(1, int(min_round_s / max(once, 1e-7)))
         timed = dict(models)
         for done in range(max(rounds, max_rounds)):
@@ -113,7 +115,7 @@ def _compare(models: dict[str, nn.Module], x: Tensor, rounds: int, warmup_s: flo
                     break
                 timed = {name: m for name, m in models.items() if name in unsteady or name == reference}
             for name, model in timed.items():
-                samples[name].append(_call_seconds(model, x, calls[name]))
+                samples[name].append(call_seconds(model, x, calls[name]))
     return summaries()
 
 
