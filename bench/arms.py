@@ -24,10 +24,11 @@ core (`--no-final` then times what is trained and not yet timed on this CPU, and
 finish to bench/runs/arms-CASE/results.json: a killed run, or a later session, goes on; a final's
 training (hours) goes on from its last ADMM period or epoch while its machine lives
 (`final-*.resume.pt`, out of git). Then more of the study's front (`--spread`: until 12 plans in
-all are retrained) is trained and timed the same way (a second worker on the case, `--no-picks` on
-another core, trains it beside the picks; each keeps the other's finals): with the picks, the plans over which the
-drops at trial fidelity and at the full budget are ranked against each other (the faithfulness of
-cheap trials on this network, issue 14 section 1). Every arm's predicted
+all are retrained) is trained and timed the same way. More workers on a case (`--no-picks`: the
+spread only, on another core) share its finals out: each final is held by a lock while trained, and
+each keeps the others' results. With the picks, these are the plans over which the drops at trial
+fidelity and at the full budget are ranked against each other (the faithfulness of cheap trials on
+this network, issue 14 section 1). Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
 every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
@@ -51,6 +52,8 @@ import os
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -311,18 +314,44 @@ def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], 
     return [plans[label] for label in state["spread"]]
 
 
+def merged(results: Path, state: dict) -> dict:
+    """`state` with what another worker on the case wrote meanwhile (`--no-picks`, or a second worker
+    on the spread): its finals, and any stage this one does not hold."""
+    disk = json.loads(results.read_text()) if results.is_file() else {}  # written atomically: whole
+    for key, value in disk.items():
+        state.setdefault(key, value)
+    for key, row in disk.get("final", {}).items():
+        state.setdefault("final", {}).setdefault(key, row)
+    return state
+
+
 def save(results: Path, state: dict) -> None:
-    """Write the case's state, keeping what another worker on the case wrote meanwhile (`--no-picks`:
-    a second process training the spread beside the one training the picks): its finals, and any
-    stage this one does not hold."""
+    """Write the case's state, merged with the other workers' under a lock, so that neither loses a final."""
     with open(Path(tempfile.gettempdir()) / f"{results.parent.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        disk = json.loads(results.read_text()) if results.is_file() else {}
-        for key, value in disk.items():
-            state.setdefault(key, value)
-        for key, row in disk.get("final", {}).items():
-            state.setdefault("final", {}).setdefault(key, row)
-        write_json(results, state)
+        write_json(results, merged(results, state))
+
+
+@contextmanager
+def claimed(resume: Path) -> Iterator[bool]:
+    """Whether this worker holds the final trained at `resume`: a lock kept while it trains and
+    released when its process ends, however, so that workers on one case share out its plans."""
+    with open(Path(tempfile.gettempdir()) / f"{resume.parent.name}-{resume.stem}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def trained(results: Path, state: dict, key: str, resume: Path, train: Callable[[], dict]) -> None:
+    """The final `key` trained (`train`) and saved, unless another worker trains it now or has done so."""
+    with claimed(resume) as mine:
+        if mine and key not in merged(results, state)["final"]:
+            state["final"][key] = train()
+            save(results, state)
+            print(key, state["final"][key], flush=True)
 
 
 def main() -> None:
@@ -342,8 +371,8 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true", help="time again the finals this CPU timed before (a "
                         "run disturbed by other load)")
     parser.add_argument("--picks", action=argparse.BooleanOptionalAction, default=True, help="train each arm's "
-                        "picks within 0.5 and 1.0 (--no-picks: only the spread, a second worker on the case beside "
-                        "one that trains the picks; both keep each other's finals)")
+                        "picks within 0.5 and 1.0 (--no-picks: only the spread, more workers on the case beside "
+                        "one that trains the picks; no two train one plan, and all keep each other's finals)")
     parser.add_argument("--spread", type=int, default=12, help="after the picks, retrain more of the study's front "
                         "(trial fidelity) until this many plans in all are retrained: cheap trials' faithfulness "
                         "on this network needs plans spread over the front, and the picks all sit near the limits")
@@ -399,18 +428,13 @@ def main() -> None:
                     pick = max(within, key=lambda c: c["speed"])
                     done = [r for k, r in state["final"].items()  # a plan both limits pick is trained once
                             if arm_of(k) == arm and r["pick"]["label"] == pick["label"]]
-                    state["final"][key] = done[0] if done else retrained(
-                        built, arm, pick, studies, full, folder / f"final-{arm}-{drop}.resume.pt", args.train_threads)
-                    save(results, state)
-                    print(key, state["final"][key], flush=True)
+                    resume = folder / f"final-{arm}-{drop}.resume.pt"
+                    trained(results, state, key, resume, lambda: done[0] if done else retrained(
+                        built, arm, pick, studies, full, resume, args.train_threads))
             for pick in spread(built, state, studies, args.spread) if "study" in studies else ():
-                key = f"study front {pick['label']}"
-                if key not in state["final"]:
-                    state["final"][key] = retrained(built, "study", pick, studies, full,
-                                                    folder / f"final-study-front-{pick['trial']}.resume.pt",
-                                                    args.train_threads)
-                    save(results, state)
-                    print(key, state["final"][key], flush=True)
+                resume = folder / f"final-study-front-{pick['trial']}.resume.pt"
+                trained(results, state, f"study front {pick['label']}", resume,
+                        lambda: retrained(built, "study", pick, studies, full, resume, args.train_threads))
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
             if args.time and arm_of(key) in args.arms and (cpu not in row.setdefault("timed", {}) or args.retime):
                 row["timed"][cpu] = timed(built, arm_of(key), row["pick"], studies)
