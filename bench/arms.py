@@ -48,12 +48,14 @@ import argparse
 import copy
 import fcntl
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import combinations
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -463,14 +465,22 @@ def main() -> None:
 def agreement(state: dict) -> str:
     """How the retrained plans' drops at trial fidelity rank against their drops at the full budget
     (each plan once): the faithfulness of cheap trials on this network, over the arms' picks (all
-    near the limits, where ranking is hardest) and the study's front beyond them (`spread`)."""
-    once = {(arm_of(key), r["pick"]["label"]): r for key, r in state.get("final", {}).items()}
+    near the limits, where ranking is hardest) and the study's front beyond them (`spread`). Beside
+    Spearman's rho, the pairs the full budget tells apart (drops further apart than twice their
+    standard errors combined, as if independent: conservative, since all share the validation
+    images): the order a trial can be asked to get right, where rho also counts the order of plans
+    whose full-budget drops differ by less than their noise."""
+    once = list({(arm_of(key), r["pick"]["label"]): r for key, r in state.get("final", {}).items()}.values())
     if len(once) < 4:
         return ""
-    rho = spearmanr([r["pick"]["drop"] for r in once.values()], [r["drop"] for r in once.values()]).statistic
+    rho = spearmanr([r["pick"]["drop"] for r in once], [r["drop"] for r in once]).statistic
+    apart = [(a, b) for a, b in combinations(once, 2) if abs(a["drop"] - b["drop"]) > 2 * math.hypot(a["se"], b["se"])]
+    alike = sum((a["pick"]["drop"] - b["pick"]["drop"]) * (a["drop"] - b["drop"]) > 0 for a, b in apart)
     front = sum(key.startswith("study front") for key in state.get("final", {}))
     return (f" Over the {len(once)} plans retrained ({front} of them more of the study's front, `--spread`), the "
-            f"drops at trial fidelity and at the full budget rank alike at Spearman {rho:.2f}.")
+            f"drops at trial fidelity and at the full budget rank alike at Spearman {rho:.2f}; of the {len(apart)} "
+            f"pairs whose full-budget drops lie further apart than twice their standard errors combined, {alike} are "
+            "ordered alike at trial fidelity.")
 
 
 def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], cpu: str, path: Path) -> Path:
