@@ -871,7 +871,7 @@ def export_cmd(
     compacted model (model.pt + model.json, TorchScript, ONNX) with metrics.json."""
     import optuna
 
-    from . import search, storage as stores
+    from . import report as reporting, search, storage as stores
     from .runtime import resolve_device, set_threads
 
     dev = resolve_device(device)
@@ -880,7 +880,7 @@ def export_cmd(
     opened = stores.open_study(study, storage, create=False)
     config = search.load_config(opened)
     models.recorded(config.model, model, f"study '{study}'")
-    search.chosen(opened, trial)
+    searched = search.chosen(opened, trial)
     admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
     stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
     with console.status("loading the dense checkpoint and the latency model"):
@@ -892,6 +892,8 @@ def export_cmd(
     acc = result.accuracy
     console.print(f"accuracy: val {acc['val']:.2f}%, test {acc['test']:.2f}% (dense {acc['dense_val']:.2f}% / "
                   f"{acc['dense_test']:.2f}%){_resumed(result.resumed_at)}")
+    console.print(f"retrained: {acc['dense_val'] - acc['val']:.2f} points of validation accuracy below the dense "
+                  f"model; its trial: {reporting.drop_text(searched.user_attrs)} below the control")
     m = result.measured
     console.print(f"latency {m.latency_ms['dense']:.3f} -> {m.latency_ms['compacted']:.3f} ms "
                   f"({dev}, batch {config.batch_size}, {n_threads} threads, medians of interleaved rounds): "

@@ -893,6 +893,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     its training state in `out_dir` (`admm.RESUME`); the same call continues from it."""
     from .compact import measure
     from .export import write_all
+    from .report import EXPORTED
 
     trial = chosen(study, number)
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
@@ -919,6 +920,9 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                                                      "study": study.study_name, "trial": number,
                                                      "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
+    study.set_user_attr(f"{EXPORTED}{number}", {"val_drop": accuracy["dense_val"] - accuracy["val"],
+                                                 "test_drop": accuracy["dense_test"] - accuracy["test"],
+                                                 "speedup": m.speedup, "epochs": f"{admm_epochs:g}+{retrain_epochs:g}"})
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return ExportResult(accuracy, m, done.files, done.skipped, Path(out_dir) / "metrics.json", result.resumed_at)

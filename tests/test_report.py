@@ -104,6 +104,19 @@ def test_a_deep_plan_reads_as_its_types_and_rates_with_layer_counts() -> None:
     assert report._plan_text({}) == "dense"
 
 
+def test_the_report_sets_exported_drops_beside_their_trials(tmp_path: Path) -> None:
+    """How strict a limit at trial fidelity is on the shipped model: the median ratio of the drops,
+    over the trials that lost enough to divide by; a study attr naming no trial of it is ignored."""
+    study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for number, val_drop in ((0, 0.06), (2, 0.12), (1, 0.4), (9, 5.0)):
+        study.set_user_attr(f"{report.EXPORTED}{number}", {"val_drop": val_drop, "test_drop": 0.1, "speedup": 1.5,
+                                                           "epochs": "10+5"})
+    assert [r["trial"] for r in report.exported(study)] == [0, 1, 2]
+    text = report.markdown(study)
+    assert "| 2 | 0.40 | 0.12 | 0.10 | 10+5 | 1.50x |" in text
+    assert "drops are 0.25x their drops at trial fidelity (median over the 3 whose trial lost at least" in text
+
+
 def test_report_of_an_unknown_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "nope"])

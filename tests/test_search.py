@@ -445,10 +445,19 @@ def test_export_refuses_infeasible_and_unknown_trials(tiny: dict) -> None:
 
 
 def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, tmp_path: Path) -> None:
-    trial = report.front(tiny["study"])[0]
-    result = search.export_trial(tiny["search"], tiny["study"], trial.number, 0.25, 0.25, tmp_path)
+    """And records in the study what the plan lost retrained beside what its trial lost, for the report."""
+    storage = f"sqlite:///{tmp_path / 'exported.db'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trial = report.front(study)[0]
+    result = search.export_trial(tiny["search"], study, trial.number, 0.25, 0.25, tmp_path)
     assert result.files["state"].is_file() and result.metrics.is_file()
     assert result.measured.macs["compacted"] < result.measured.macs["dense"] and result.measured.speedup > 0
+    (row,) = report.exported(optuna.load_study(study_name="tiny", storage=storage))
+    assert row["trial"] == trial.number and row["acc_drop"] == trial.user_attrs["acc_drop"]
+    assert row["val_drop"] == pytest.approx(result.accuracy["dense_val"] - result.accuracy["val"])
+    assert row["speedup"] == result.measured.speedup and row["epochs"] == "0.25+0.25"
+    assert f"| {trial.number} | {report.drop_text(row)} | {row['val_drop']:.2f} |" in report.markdown(study)
 
 
 def test_an_interrupted_export_continues_where_it_stopped(tiny: dict, tmp_path: Path) -> None:
