@@ -138,12 +138,12 @@ def exported(study: optuna.Study) -> list[dict[str, Any]]:
     """The trials `export` retrained at the full budget: each one's drop at trial fidelity beside the
     exported model's drops and measured speedup. How the two drops compare says how strict a limit
     at trial fidelity is on the model a user ships (on resnet56, retrained drops were a median 0.28x)."""
-    trials = {t.number: t for t in study.get_trials(False)}
-    rows = [{"trial": int(key[len(EXPORTED):]), **value} for key, value in study.user_attrs.items()
-            if key.startswith(EXPORTED) and key[len(EXPORTED):].isdigit() and int(key[len(EXPORTED):]) in trials]
-    return sorted(({**r, "acc_drop": trials[r["trial"]].user_attrs.get("acc_drop"),
-                    "acc_drop_se": trials[r["trial"]].user_attrs.get("acc_drop_se")} for r in rows),
-                  key=lambda r: r["trial"])
+    trials = {str(t.number): t for t in study.get_trials(False)}
+    rows = [{"trial": t.number, **value, "acc_drop": t.user_attrs.get("acc_drop"),
+             "acc_drop_se": t.user_attrs.get("acc_drop_se")}
+            for key, value in study.user_attrs.items()
+            if key.startswith(EXPORTED) and (t := trials.get(key.removeprefix(EXPORTED)))]
+    return sorted(rows, key=lambda r: r["trial"])
 
 
 def control(study: optuna.Study) -> dict[str, float] | None:
