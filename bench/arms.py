@@ -72,6 +72,7 @@ from sparsesearch import search, storage  # noqa: E402
 from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
+from sparsesearch.finalize import bisect  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler import predict_latency  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
@@ -306,8 +307,7 @@ def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], 
     if "spread" not in state:
         left, pool = [c for c in plans.values() if ("study", c["label"]) not in done], []
         while left and len(pool) < n - len(done):  # peel the fronts
-            front = [c for c in left if not any(o["speed"] >= c["speed"] and o["drop"] <= c["drop"]
-                                                 and (o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in left)]
+            front = nondominated(left)
             pool += front
             left = [c for c in left if c not in front]
         pool.sort(key=lambda c: c["speed"])
@@ -315,6 +315,24 @@ def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], 
         state["spread"] = list(dict.fromkeys(pool[round(i * (len(pool) - 1) / max(k - 1, 1))]["label"]
                                              for i in range(k)))
     return [plans[label] for label in state["spread"]]
+
+
+def nondominated(plans: list[dict]) -> list[dict]:
+    """The plans no other one beats in both speed and drop at trial fidelity."""
+    return [c for c in plans if not any(o["speed"] >= c["speed"] and o["drop"] <= c["drop"]
+                                        and (o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in plans)]
+
+
+def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, optuna.Study],
+              limit: float) -> tuple[dict | None, dict | None]:
+    """Where `sparsesearch finalize`'s bisection of the arm's front (at trial fidelity, slowest first)
+    stands on the finals trained so far, any stage's: the fastest plan within `limit` retrained (its
+    final), and the plan to retrain next (None once settled)."""
+    front = sorted(nondominated(candidates(built, arm, state, studies)), key=lambda c: c["speed"])
+    runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == arm}
+    best, probe = bisect([c["label"] for c in front], {c["label"]: runs[c["label"]]["drop"] <= limit
+                                                       for c in front if c["label"] in runs})
+    return runs.get(best), next((c for c in front if c["label"] == probe), None)
 
 
 def merged(results: Path, state: dict) -> dict:
@@ -348,13 +366,16 @@ def claimed(resume: Path) -> Iterator[bool]:
         yield True
 
 
-def trained(results: Path, state: dict, key: str, resume: Path, train: Callable[[], dict]) -> None:
-    """The final `key` trained (`train`) and saved, unless another worker trains it now or has done so."""
+def trained(results: Path, state: dict, key: str, resume: Path, train: Callable[[], dict]) -> bool:
+    """The final `key` trained (`train`) and saved, unless another worker trains it now or has done
+    so; whether this worker trained it."""
     with claimed(resume) as mine:
         if mine and key not in merged(results, state)["final"]:
             state["final"][key] = train()
             save(results, state)
             print(key, state["final"][key], flush=True)
+            return True
+        return False
 
 
 def main() -> None:
@@ -379,6 +400,9 @@ def main() -> None:
     parser.add_argument("--spread", type=int, default=12, help="after the picks, retrain more of the study's front "
                         "(trial fidelity) until this many plans in all are retrained: cheap trials' faithfulness "
                         "on this network needs plans spread over the front, and the picks all sit near the limits")
+    parser.add_argument("--finalize", type=float, default=None, metavar="LIMIT", help="after the spread, bisect "
+                        "each arm's front at the full budget as `sparsesearch finalize` does, for its fastest plan "
+                        "within LIMIT points retrained (reusing every final trained so far)")
     parser.add_argument("--train-threads", type=int, default=1, help="threads for the finals' training (the "
                         "search arms train at 1: their compute is wall-clock); timings run at 1 on one core")
     args = parser.parse_args()
@@ -438,6 +462,16 @@ def main() -> None:
                 resume = folder / f"final-study-front-{pick['trial']}.resume.pt"
                 trained(results, state, f"study front {pick['label']}", resume,
                         lambda: retrained(built, "study", pick, studies, full, resume, args.train_threads))
+            while args.finalize is not None:  # until no arm's bisection asks for a final nobody trains
+                merged(results, state)
+                ran = False
+                for arm in args.arms:
+                    if pick := finalized(built, arm, state, studies, args.finalize)[1]:
+                        resume = folder / f"final-{arm}-front-{pick.get('trial', pick.get('rate'))}.resume.pt"
+                        ran |= trained(results, state, f"{arm} front {pick['label']}", resume, lambda: retrained(
+                            built, arm, pick, studies, full, resume, args.train_threads))
+                if not ran:
+                    break
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
             if args.time and arm_of(key) in args.arms and (cpu not in row.setdefault("timed", {}) or args.retime):
                 row["timed"][cpu] = timed(built, arm_of(key), row["pick"], studies)
@@ -458,9 +492,29 @@ def main() -> None:
                    f"{args.full_epochs} epochs on the whole split, compacted, timed beside the dense model at batch "
                    f"{' and '.join(map(str, BATCHES))}, 1 thread (median ratio, interleaved "
                    "rounds), NCHW and (both models) channels-last, on each CPU a session ran on (`timed on`: "
-                   "one CPU's rows are timed side by side, in one run)." + agreement(state))
+                   "one CPU's rows are timed side by side, in one run)." + agreement(state)
+                   + (finalize_text(built, state, studies, args.arms, args.finalize, cpu)
+                      if args.finalize is not None else ""))
         print(record(f"arms-{case}", rows, summary))
         print(plot(built, state, studies, cpu, RESULTS / f"arms-{case}.png"))
+
+
+def finalize_text(built: search.Search, state: dict, studies: dict[str, optuna.Study], arms: list[str],
+                  limit: float, cpu: str) -> str:
+    """Each arm's front bisected at the full budget (`--finalize`): the plan it ships, timed on `cpu`."""
+    parts = []
+    for arm in arms:
+        best, probe = finalized(built, arm, state, studies, limit)
+        text = f"{arm}: none yet"
+        if best:
+            speeds = best.get("timed", {}).get(cpu)
+            timing = (f"{speeds['speedup b1']:.2f}x / {speeds['speedup b8']:.2f}x at batch 1 / 8" if speeds
+                      else "not timed on this CPU yet")
+            text = (f"{arm}: {best['pick']['label']} ({best['drop']:.2f} ± {best['se']:.2f} retrained, "
+                    f"{best['pick']['drop']:.2f} at trial fidelity; {timing})")
+        parts.append(text + ("" if probe is None else f", not settled (next: {probe['label']})"))
+    return (f" Finalized within {limit:g} retrained (each arm's front at trial fidelity bisected with full runs, "
+            f"as `sparsesearch finalize` does; every final above counts): " + "; ".join(parts) + ".")
 
 
 def agreement(state: dict) -> str:

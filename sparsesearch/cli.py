@@ -11,7 +11,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -869,23 +869,13 @@ def export_cmd(
 ) -> None:
     """Re-run a trial's plan with the full ADMM + retraining budget, compact, measure, and write the
     compacted model (model.pt + model.json, TorchScript, ONNX) with metrics.json."""
-    import optuna
-
     from . import report as reporting, search, storage as stores
-    from .runtime import resolve_device, set_threads
 
-    dev = resolve_device(device)
-    n_threads = set_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = stores.open_study(study, storage, create=False)
-    config = search.load_config(opened)
-    models.recorded(config.model, model, f"study '{study}'")
+    opened = _study_of(study, storage, model)
     searched = search.chosen(opened, trial)
+    built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
+    config = built.config
     admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
-    stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
-    with console.status("loading the dense checkpoint and the latency model"):
-        built = search.build(config, dev, stores.artifacts_location(opened, artifacts), data_dir,
-                             stored if stored.is_file() else None, allow_foreign=True)
     out_dir = out or stores.study_dir(study) / "export" / f"trial-{trial}"
     with progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} epochs") as update:
         result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update)
@@ -902,6 +892,93 @@ def export_cmd(
     for fmt, why in result.skipped.items():
         console.print(f"[yellow]{fmt} skipped[/]: {why}")
     console.print(f"wrote {', '.join(p.name for p in result.files.values())} and {result.metrics.name} in {out_dir}")
+
+
+@command("finalize", interrupted=RESUMABLE)
+def finalize_cmd(
+    study: StudyArg,
+    max_acc_drop: Annotated[float | None, typer.Option(help="Ship the fastest plan at most this many points of "
+                                                            "validation accuracy below dense, retrained (default: the "
+                                                            "study's limit).")] = None,
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 10+5).")] = None,
+    retrains: Annotated[int | None, typer.Option(help="Stop after this many full runs in this call (default: until "
+                                                      "the bisection settles, about log2 of the front).")] = None,
+    storage: StorageOpt = None,
+    artifacts: ArtifactsOpt = None,
+    model: OwnModelOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Retrain the study's front at the full budget, bisecting it, and export the fastest plan whose
+    retrained drop is within the limit. Short trials overstate what a plan loses, so plans beyond the
+    study's limit at trial fidelity are candidates too. Each full run is an `export`."""
+    from . import report as reporting, search, storage as stores
+    from .finalize import finalize
+
+    opened = _study_of(study, storage, model)
+    built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
+    config = built.config
+    limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
+    admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
+    stack = ExitStack()  # one progress bar per full run, closed before the run's verdict prints
+
+    def on_run(trial: int, now: Any) -> Callable[..., None]:
+        stack.close()
+        console.print(f"full run: trial {trial}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the "
+                      f"trials' front (slowest first); {len(now.retrained)} retrained so far")
+        return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
+                                                "epochs"))
+
+    def on_done(trial: int, result: Any) -> None:
+        stack.close()
+        acc = result.accuracy
+        console.print(f"trial {trial}: retrained {acc['dense_val'] - acc['val']:.2f} points below dense "
+                      f"({'within' if acc['dense_val'] - acc['val'] <= limit else 'beyond'} {limit:g}), "
+                      f"{_speedup(result.measured)}{_resumed(result.resumed_at)}")
+
+    with stack:
+        done = finalize(built, opened, limit, admm_epochs, retrain_epochs, stores.study_dir(study) / "export",
+                        retrains, on_run, on_done)
+    reporting.write(opened, stores.study_dir(study))
+    if done.best is not None:
+        r = done.retrained[done.best]
+        console.print(f"ship trial {done.best}: retrained {reporting.retrained_text(r)} points below dense, "
+                      f"measured {r['speedup']:.2f}x ({dev}, batch {config.batch_size}, {n_threads} threads); "
+                      f"its model is in {stores.study_dir(study) / 'export' / f'trial-{done.best}'}")
+    else:
+        console.print(f"no plan of the front is within {limit:g} points retrained yet")
+    console.print(f"{len(done.retrained)} full runs of {len(done.front)} front plans; "
+                  + ("settled" if done.next is None else f"next: trial {done.next} (run the same command to go on)")
+                  + f"; see {stores.study_dir(study) / 'report.md'}")
+
+
+def _study_of(study: str, storage: str | None, model: str | None) -> Any:
+    """A study `export` or `finalize` retrains plans of, with the model it records checked."""
+    import optuna
+
+    from . import search, storage as stores
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = stores.open_study(study, storage, create=False)
+    models.recorded(search.load_config(opened).model, model, f"study '{study}'")
+    return opened
+
+
+def _rebuilt(opened: Any, device: str, threads: int | None, artifacts: str | None,
+             data_dir: Path | None) -> tuple[Any, Any, int]:
+    """The study's search rebuilt on this device to retrain with (its profile, where the file is still
+    there): the search, the device, the threads."""
+    from . import search, storage as stores
+    from .runtime import resolve_device, set_threads
+
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
+    with console.status("loading the dense checkpoint and the latency model"):
+        built = search.build(search.load_config(opened), dev, stores.artifacts_location(opened, artifacts), data_dir,
+                             stored if stored.is_file() else None, allow_foreign=True)
+    return built, dev, n_threads
 
 
 def _resumed(step: int) -> str:

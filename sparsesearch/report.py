@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 SCHEMA = 1
 MEASURING = "measuring"  # the lease a worker holds while it measures the front
 EXPORTED = "exported:"  # + trial number: a study attr per exported trial, so concurrent exports lose none
+FINALIZED = "finalized"  # study attr: where `finalize`'s last call left its bisection of the front
 TYPE_COLORS = {"filter": "#1f77b4", "channel": "#ff7f0e", "shape": "#2ca02c", "irregular": "#9467bd", "nm": "#8c564b"}
 
 
@@ -131,7 +132,8 @@ def pareto(study: optuna.Study) -> dict[str, Any]:
                       "latency_ms": "ms per call of the whole batch, median", "macs": "per sample, prunable layers",
                       "speedup": "dense latency / compacted latency"},
             "pareto": [row(t, measured) for t in front(study)],
-            "baselines": [row(t, measured) for t in baselines(study)], "exported": exported(study)}
+            "baselines": [row(t, measured) for t in baselines(study)], "exported": exported(study),
+            "finalized": study.user_attrs.get(FINALIZED)}
 
 
 def exported(study: optuna.Study) -> list[dict[str, Any]]:
@@ -371,7 +373,7 @@ def markdown(study: optuna.Study) -> str:
                    "of the whole batch. MACs: per sample, prunable layers. Baselines that are not Pareto-optimal are "
                    "listed after the front."), "", "![predicted vs measured](predicted_vs_measured.png)", "",
               "![per-layer plans](layers.png)", ""]
-    return "\n".join(lines + exported_text(data["exported"]))
+    return "\n".join(lines + exported_text(data["exported"]) + finalized_text(data["finalized"], data["exported"]))
 
 
 def exported_text(rows: list[dict[str, Any]]) -> list[str]:
@@ -381,7 +383,7 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Retrained at the full budget (`export`)", "",
              "| trial | drop at trial fidelity (vs control) | val drop retrained (vs dense) | test drop | epochs | "
              "measured speedup |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {drop_text(r)} | {r['val_drop']:.2f} | {r['test_drop']:.2f} | {r['epochs']} | "
+    lines += [f"| {r['trial']} | {drop_text(r)} | {retrained_text(r)} | {r['test_drop']:.2f} | {r['epochs']} | "
               f"{r['speedup']:.2f}x |" for r in rows]
     ratios = [r["val_drop"] / r["acc_drop"] for r in rows if (r["acc_drop"] or 0) >= 0.1]
     if ratios:
@@ -389,6 +391,29 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
                        f"at trial fidelity (median over the {len(ratios)} whose trial lost at least 0.1 point; below "
                        "1, a limit at trial fidelity is stricter than the same limit on the exported model).")]
     return [*lines, ""]
+
+
+def retrained_text(r: dict[str, Any]) -> str:
+    """An exported plan's validation drop, with its paired standard error (exports before it had none)."""
+    return f"{r['val_drop']:.2f}" + (f" ± {r['val_drop_se']:.2f}" if r.get("val_drop_se") is not None else "")
+
+
+def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+    """The report's section on `finalize`: which plan it ships, and how many full runs that took."""
+    if not done:
+        return []
+    runs = {r["trial"]: r for r in rows}
+    checked = ", ".join(f"{n} ({retrained_text(runs[n])})" for n in done["retrained"] if n in runs)
+    head = (f"Bisecting the {len(done['front'])} plans of the trials' front (accuracy vs predicted speedup, any drop "
+            f"at trial fidelity) with {len(done['retrained'])} full runs of {done['epochs']} epochs: trials {checked}.")
+    if done["best"] is not None and done["best"] in runs:
+        best = runs[done["best"]]
+        pick = (f"**Ship trial {best['trial']}**: retrained {retrained_text(best)} points below the dense model "
+                f"(within {done['limit']:g}), measured {best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
+    else:
+        pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
+    more = "" if done["settled"] else " The bisection is not settled: `sparsesearch finalize` goes on."
+    return ["## Finalized (`finalize`)", "", f"{head} {pick}{more}", ""]
 
 
 def ladder_text(trials: list[FrozenTrial]) -> str:

@@ -117,6 +117,23 @@ def test_the_report_sets_exported_drops_beside_their_trials(tmp_path: Path) -> N
     assert "drops are 0.25x their drops at trial fidelity (median over the 3 whose trial lost at least" in text
 
 
+def test_the_report_says_which_plan_finalize_ships_or_that_none_is_within_the_limit_yet(tmp_path: Path) -> None:
+    study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for number, val_drop in ((0, 0.2), (1, 0.9)):
+        study.set_user_attr(f"{report.EXPORTED}{number}", {"val_drop": val_drop, "val_drop_se": 0.1, "test_drop": 0.1,
+                                                           "speedup": 1.5 + number, "epochs": "4+2"})
+    study.set_user_attr(report.FINALIZED, {"limit": 0.5, "epochs": "4+2", "front": [0, 2, 1], "retrained": [0, 1],
+                                           "best": 0, "settled": False})
+    text = report.markdown(study)
+    assert "Bisecting the 3 plans of the trials' front" in text and "with 2 full runs of 4+2 epochs" in text
+    assert "**Ship trial 0**: retrained 0.20 ± 0.10 points below the dense model (within 0.5), measured 1.50x" in text
+    assert "not settled" in text
+    study.set_user_attr(report.FINALIZED, {"limit": 0.1, "epochs": "4+2", "front": [0, 2, 1], "retrained": [0, 1],
+                                           "best": None, "settled": True})
+    text = report.markdown(study)
+    assert "No plan of the front is within 0.1 points retrained yet." in text and "not settled" not in text
+
+
 def test_report_of_an_unknown_study_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["report", "nope"])
@@ -132,6 +149,15 @@ def test_export_of_a_trial_not_in_the_study_is_one_line(tmp_path: Path, monkeypa
     assert result.exit_code == 2 and "has no trial 42" in result.output
     result = CliRunner().invoke(app, ["export", "made", "--trial", "3", "--storage", storage])
     assert result.exit_code == 2 and "not feasible" in result.output
+
+
+def test_finalize_of_an_unknown_study_or_a_negative_run_count_is_one_line(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["finalize", "nope"])
+    assert result.exit_code == 2 and "no study 'nope'" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["finalize", "nope", "--retrains", "-1"])
+    assert result.exit_code == 2 and "--retrains must be a finite number >= 0" in result.output
 
 
 def test_report_command_writes_into_the_study_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 import shutil
 import time
@@ -18,7 +19,7 @@ import torch
 from optuna.trial import FixedTrial, TrialState
 from helpers import no_channel_steps
 
-from sparsesearch import models, report, search
+from sparsesearch import finalize as finalizing, models, report, search
 from sparsesearch.admm import RESUME
 from sparsesearch import storage as stores
 from sparsesearch.errors import UserError
@@ -457,7 +458,38 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
     assert row["trial"] == trial.number and row["acc_drop"] == trial.user_attrs["acc_drop"]
     assert row["val_drop"] == pytest.approx(result.accuracy["dense_val"] - result.accuracy["val"])
     assert row["speedup"] == result.measured.speedup and row["epochs"] == "0.25+0.25"
-    assert f"| {trial.number} | {report.drop_text(row)} | {row['val_drop']:.2f} |" in report.markdown(study)
+    assert row["val_drop_se"] > 0, "the retrained drop is paired image by image with the dense model"
+    assert f"| {trial.number} | {report.drop_text(row)} | {report.retrained_text(row)} |" in report.markdown(study)
+
+
+def test_finalize_retrains_the_front_by_bisection_and_ships_its_fastest_plan_within_the_limit(
+        tiny: dict, tmp_path: Path) -> None:
+    """Limit 100 points: every full run is within it, so the bisection climbs to the fastest plan of
+    the whole front (trial-fidelity drop notwithstanding), in at most log2 runs; a call stopped after
+    one run goes on where it stopped, and a settled one trains nothing more."""
+    storage = f"sqlite:///{tmp_path / 'finalized.db'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    front = finalizing.candidates(study)
+    speedups, accuracies = [t.values[1] for t in front], [t.values[0] for t in front]
+    assert speedups == sorted(speedups) and accuracies == sorted(accuracies, reverse=True)
+    assert all(any(f.values[0] >= t.values[0] and f.values[1] >= t.values[1] for f in front)
+               for t in study.get_trials(False, states=(TrialState.COMPLETE,))), "every trained plan is on or behind it"
+    runs: list[int] = []
+
+    def again(retrains: int | None) -> finalizing.Finalized:
+        return finalizing.finalize(tiny["search"], study, 100.0, 0.25, 0.25, tmp_path / "export", retrains,
+                                   on_run=lambda trial, _now: runs.append(trial))
+
+    first = again(1)
+    assert len(runs) == 1 and first.retrained.keys() == {runs[0]} and (first.next is None) == (len(front) == 1)
+    done = again(None)
+    assert done.best == front[-1].number and done.next is None
+    assert len(runs) == len(set(runs)) <= math.ceil(math.log2(len(front) + 1))
+    assert (tmp_path / "export" / f"trial-{done.best}" / "metrics.json").is_file()
+    assert again(None) == done and len(runs) == len(done.retrained), "a settled bisection trains nothing more"
+    assert study.user_attrs[report.FINALIZED]["best"] == done.best
+    assert f"**Ship trial {done.best}**" in report.markdown(study)
 
 
 def test_an_interrupted_export_continues_where_it_stopped(tiny: dict, tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""The last rung of the fidelity ladder: the study's front retrained at the full budget, as few
+plans as a bisection needs, to ship the fastest whose retrained drop is within the user's limit.
+
+Why: a trial trains briefly, so it overstates what a plan costs. On resnet56 the retrained drop
+was a median 0.28x the trial's (bench/results/arms-resnet56-fashion-mnist.md), so a limit judged at
+trial fidelity passes over faster plans that a full run shows are within it. Along the trials'
+front (validation accuracy against predicted speedup) the retrained drop grows, roughly, with the
+speedup; bisecting the front finds the fastest plan within the limit in about log2(front) full
+runs. Each full run is `search.export_trial`: it writes the compacted model and records its drop
+in the study, so a stopped call resumes where it stopped and earlier exports count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .report import FINALIZED, exported
+from .search import ExportResult, Search, export_trial
+
+K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Trained trials no other trial beats in both validation accuracy and predicted speedup,
+    whatever their drop at trial fidelity (that limit is what a full run re-judges), slowest first."""
+    done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if t.values and "plan" in t.user_attrs]
+    front: list[FrozenTrial] = []
+    for t in sorted(done, key=lambda t: (-t.values[1], -t.values[0], t.number)):  # fastest first
+        if not front or t.values[0] > front[-1].values[0]:
+            front.append(t)
+    return front[::-1]
+
+
+def bisect(plans: Sequence[K], within: Mapping[K, bool]) -> tuple[K | None, K | None]:
+    """(the fastest of `plans` known to be within the limit, the one to retrain next or None once
+    settled). `plans` are ordered slowest first; `within` holds what full runs found so far. A
+    faster plan found within the limit wins over a slower one found outside it (noise or not, it
+    is what was measured)."""
+    lo = max((i for i, n in enumerate(plans) if within.get(n)), default=-1)
+    hi = min((i for i, n in enumerate(plans) if i > lo and within.get(n) is False), default=len(plans))
+    return plans[lo] if lo >= 0 else None, plans[(lo + hi) // 2] if hi - lo > 1 else None
+
+
+@dataclass(frozen=True)
+class Finalized:
+    limit: float  # points of validation accuracy below the dense model, retrained
+    epochs: str  # of each full run, ADMM+retraining
+    front: list[int]  # candidate trials, slowest first
+    retrained: dict[int, dict[str, Any]]  # front trials run at these epochs: `report.exported` rows
+    best: int | None  # the fastest retrained within the limit
+    next: int | None  # the next full run the bisection asks for; None once settled
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"limit": self.limit, "epochs": self.epochs, "front": self.front,
+                "retrained": sorted(self.retrained), "best": self.best, "settled": self.next is None}
+
+
+def state(study: optuna.Study, limit: float, epochs: str) -> Finalized:
+    """Where the bisection stands: the front, and the full runs at `epochs` already in the study."""
+    front = [t.number for t in candidates(study)]
+    runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
+    best, probe = bisect(front, {n: r["val_drop"] <= limit for n, r in runs.items()})
+    return Finalized(limit, epochs, front, runs, best, probe)
+
+
+def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,
+             out_root: Path, retrains: int | None = None,
+             on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None,
+             on_done: Callable[[int, ExportResult], None] | None = None) -> Finalized:
+    """Retrain front plans at the full budget, as the bisection asks, until it settles or `retrains`
+    full runs are done; record and return where it stands. `on_run(trial, state)` may return a
+    progress callback for that run; `on_done` hears each run's result."""
+    epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
+    now, ran = state(study, limit, epochs), 0
+    while now.next is not None and (retrains is None or ran < retrains):
+        progress = on_run(now.next, now) if on_run else None
+        result = export_trial(search, study, now.next, admm_epochs, retrain_epochs, out_root / f"trial-{now.next}",
+                              progress, within_trial_limit=False)
+        if on_done:
+            on_done(now.next, result)
+        now, ran = state(study, limit, epochs), ran + 1
+    study.set_user_attr(FINALIZED, now.to_attrs())
+    return now
