@@ -28,7 +28,9 @@ all are retrained) is trained and timed the same way. More workers on a case (`-
 spread only, on another core) share its finals out: each final is held by a lock while trained, and
 each keeps the others' results. With the picks, these are the plans over which the drops at trial
 fidelity and at the full budget are ranked against each other (the faithfulness of cheap trials on
-this network, issue 14 section 1). Every arm's predicted
+this network, issue 14 section 1). `--finalize LIMIT` then bisects each arm's front (at trial
+fidelity, any drop) with full runs, as `sparsesearch finalize` does, for its fastest plan within
+LIMIT retrained: every final of any stage counts. Every arm's predicted
 speedups (the ladders' and the searches' trials') are recomputed with the current profile on
 every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
@@ -36,7 +38,7 @@ must price all arms on the one device the finals are timed on.
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
-       [--train-threads 1] [--no-time] [--no-final] [--retime] [--no-picks] [--spread 12]
+       [--train-threads 1] [--no-time] [--no-final] [--retime] [--no-picks] [--spread 12] [--finalize 0.5]
 Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
 (the finals' training on both cores of a 2-core machine), run it unpinned: the
 timings then pin themselves to the last core. `--no-time` lets the finals train beside other work.

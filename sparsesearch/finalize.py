@@ -12,6 +12,7 @@ in the study, so a stopped call resumes where it stopped and earlier exports cou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import Busy
 from .report import FINALIZED, exported
 from .search import ExportResult, Search, export_trial
+from .storage import release_lease, renew_lease, take_lease
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
+FINALIZING = "finalizing"  # the lease a worker holds while it finalizes a study
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
@@ -76,14 +80,37 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
     """Retrain front plans at the full budget, as the bisection asks, until it settles or `retrains`
     full runs are done; record and return where it stands. `on_run(trial, state)` may return a
     progress callback for that run; `on_done` hears each run's result."""
+    if holder := take_lease(study, FINALIZING):
+        raise Busy(f"worker {holder} is finalizing study '{study.study_name}': two would retrain the same plan "
+                   "into one folder; its full runs count here once it is done")
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
     now, ran = state(study, limit, epochs), 0
-    while now.next is not None and (retrains is None or ran < retrains):
-        progress = on_run(now.next, now) if on_run else None
-        result = export_trial(search, study, now.next, admm_epochs, retrain_epochs, out_root / f"trial-{now.next}",
-                              progress, within_trial_limit=False)
-        if on_done:
-            on_done(now.next, result)
-        now, ran = state(study, limit, epochs), ran + 1
-    study.set_user_attr(FINALIZED, now.to_attrs())
+    try:
+        while now.next is not None and (retrains is None or ran < retrains):
+            progress = _renewing(study, on_run(now.next, now) if on_run else None)
+            result = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
+                                  out_root / f"trial-{now.next}", progress, within_trial_limit=False)
+            if on_done:
+                on_done(now.next, result)
+            now, ran = state(study, limit, epochs), ran + 1
+        study.set_user_attr(FINALIZED, now.to_attrs())
+    finally:
+        release_lease(study, FINALIZING)
     return now
+
+
+def _renewing(study: optuna.Study, progress: Callable[[int, int, str], None] | None,
+              every_s: float = 60.0) -> Callable[[int, int, str], None]:
+    """`progress`, renewing the finalizing lease on the way (at most every `every_s`): a full run
+    takes hours, and a lease not renewed for `storage.LEASE_S` is free to another worker."""
+    last = time.monotonic()
+
+    def step(done: int, total: int, phase: str) -> None:
+        nonlocal last
+        if time.monotonic() - last > every_s:
+            renew_lease(study, FINALIZING)
+            last = time.monotonic()
+        if progress:
+            progress(done, total, phase)
+
+    return step

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from pathlib import Path
 
+import optuna
 import pytest
 
-from sparsesearch.finalize import bisect
+from sparsesearch.errors import Busy
+from sparsesearch.finalize import FINALIZING, bisect, finalize
 
 
 def run(numbers: list[int], within: dict[int, bool], oracle: dict[int, bool]) -> tuple[int | None, list[int]]:
@@ -46,3 +50,13 @@ def test_a_faster_plan_found_within_the_limit_wins_over_a_slower_one_beyond_it()
     best, probe = bisect([10, 11, 12, 13], {11: False, 12: True})
     assert best == 12 and probe == 13
     assert bisect([10, 11, 12, 13], {11: False, 12: True, 13: False}) == (12, None)
+
+
+def test_a_second_worker_finalizing_the_same_study_is_refused_before_it_trains(tmp_path: Path) -> None:
+    """Two would retrain the same plan into one export folder; the second is told who holds it."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
+                                directions=["maximize", "maximize"])
+    study.set_user_attr(FINALIZING, {"by": "otherhost:4242", "at": time.time()})
+    with pytest.raises(Busy, match="worker otherhost:4242 is finalizing study 's'"):
+        finalize(None, study, 0.5, 1.0, 1.0, tmp_path)  # type: ignore[arg-type]  # refused before any use
+    assert not any(tmp_path.glob("trial-*"))
