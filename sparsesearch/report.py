@@ -191,8 +191,9 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
     floor = reference_val(study) - config.get("max_acc_drop", 1.0)
     reference = "control" if control(study) else "dense"
     done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,))]
+    retrained = [dense.get("val", 100) - r["val_drop"] for r in exported(study)]
     bottom = min([floor - max(3 * config.get("max_acc_drop", 1.0), 2.0)]
-                 + [t.user_attrs["val_acc"] for t in done if t.user_attrs.get("feasible")])
+                 + [t.user_attrs["val_acc"] for t in done if t.user_attrs.get("feasible")] + retrained)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.axhline(floor, color="crimson", ls="--", lw=1, label=f"constraint: {reference} - {config.get('max_acc_drop')} pts")
     groups = {"feasible trials (predicted speedup)": [t for t in done if t.user_attrs.get("feasible")],
@@ -225,10 +226,11 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
                     if "uniform baselines (measured)" not in ax.get_legend_handles_labels()[1] else None)
             ax.annotate(t.user_attrs["baseline"] + (f" ({acc:.1f}%, below the axis)" if clipped else ""), (x, y),
                         textcoords="offset points", xytext=(-6, -14), fontsize=8, color="tab:green", ha="right")
+    _plot_retrained(ax, study, dense.get("val", 100), {t.number: t for t in done})
     ax.plot(1.0, dense.get("val", 100), "*", color="black", ms=14, label="dense model")
     if reference == "control":
         ax.plot(1.0, reference_val(study), "P", color="black", ms=9, label="control: the trial recipe, nothing pruned")
-    ax.set_ylim(bottom - 0.6, max(dense.get("val", 100), *[t.user_attrs["val_acc"] for t in done]) + 0.5)
+    ax.set_ylim(bottom - 0.6, max(dense.get("val", 100), *[t.user_attrs["val_acc"] for t in done], *retrained) + 0.5)
     ax.set_xlabel("end-to-end speedup over the dense model (x; measured = median latency ratio)")
     ax.set_ylabel("validation accuracy (% top-1)")
     note = f"; {below} below the axis, drawn at its edge" if below else ""
@@ -238,6 +240,28 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
+
+
+def _plot_retrained(ax: Any, study: optuna.Study, dense_val: float, trials: dict[int, FrozenTrial]) -> None:
+    """Exported plans at their retrained accuracy and measured speedup, each tied by a dotted line to
+    its trial: how far short training understated it. `finalize`'s pick is ringed, its limit drawn."""
+    rows = exported(study)
+    for r in rows:
+        t = trials[r["trial"]]
+        x, y = r["speedup"], dense_val - r["val_drop"]
+        ax.plot([t.user_attrs["predicted_speedup"], x], [t.user_attrs["val_acc"], y], ":", color="tab:purple", lw=1)
+        ax.annotate(f"#{t.number}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8,
+                    color="tab:purple")
+    if rows:
+        ax.plot([r["speedup"] for r in rows], [dense_val - r["val_drop"] for r in rows], "D", color="tab:purple",
+                ms=6, ls="none", label="retrained at the full budget (measured; dotted: its trial)")
+    done = study.user_attrs.get(FINALIZED)
+    if done:
+        ax.axhline(dense_val - done["limit"], color="tab:purple", ls="--", lw=1,
+                   label=f"finalize: dense - {done['limit']:g} pts, retrained")
+        if (best := next((r for r in rows if r["trial"] == done["best"]), None)) is not None:
+            ax.plot(best["speedup"], dense_val - best["val_drop"], "o", mfc="none", mec="tab:purple", ms=16,
+                    label=f"shipped by finalize (#{best['trial']})")
 
 
 def plot_predicted_vs_measured(study: optuna.Study, path: Path) -> Path:
