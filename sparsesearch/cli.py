@@ -777,6 +777,8 @@ def optimize(
     elif not built.foreign:  # a front scored for another device is measured there, by `sparsesearch measure`
         _measure(built, opened, f"{dev}, batch {config.batch_size}, {n_threads} threads")
     console.print("wrote " + ", ".join(str(p) for p in reporting.write(opened, stores.study_dir(name))))
+    console.print(f"next: `sparsesearch finalize {name}` retrains the front at the full budget (a few plans, by "
+                  "bisection) and exports the fastest plan within the limit, judged retrained")
 
 
 def _measure(trials: Any, study: Any, setting: str, again: bool = False) -> None:
