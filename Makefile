@@ -50,6 +50,7 @@ postgres:
 
 demo: setup
 	$(VENV)/bin/sparsesearch optimize --budget 20 --threads 1
+	$(VENV)/bin/sparsesearch finalize digits-cnn-digits --threads 1
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q

@@ -928,7 +928,8 @@ def finalize_cmd(
     def on_run(trial: int, now: Any) -> Callable[..., None]:
         stack.close()
         console.print(f"full run: trial {trial}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the "
-                      f"trials' front (slowest first); {len(now.retrained)} retrained so far")
+                      f"trials' front (slowest first); {len(now.retrained)} retrained so far"
+                      + (f", other workers on {_fold([str(n) for n in now.busy])}" if now.busy else ""))
         return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
                                                 "epochs"))
 
@@ -950,9 +951,13 @@ def finalize_cmd(
                       f"its model is in {stores.study_dir(study) / 'export' / f'trial-{done.best}'}")
     else:
         console.print(f"no plan of the front is within {limit:g} points retrained yet")
-    console.print(f"{len(done.retrained)} full runs of {len(done.front)} front plans; "
-                  + ("settled" if done.next is None else f"next: trial {done.next} (run the same command to go on)")
-                  + f"; see {stores.study_dir(study) / 'report.md'}")
+    where = "settled"
+    if done.next is not None:
+        where = f"next: trial {done.next} (run the same command to go on)"
+    elif done.busy:
+        where = f"other workers retrain trials {_fold([str(n) for n in done.busy])} (run the same command after them)"
+    console.print(f"{len(done.retrained)} full runs of {len(done.front)} front plans; {where}; "
+                  f"see {stores.study_dir(study) / 'report.md'}")
 
 
 def _study_of(study: str, storage: str | None, model: str | None) -> Any:

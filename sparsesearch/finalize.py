@@ -13,7 +13,7 @@ in the study, so a stopped call resumes where it stopped and earlier exports cou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,13 +21,12 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import Busy
 from .report import FINALIZED, exported
 from .search import ExportResult, Search, export_trial
-from .storage import release_lease, renew_lease, take_lease
+from .storage import held_elsewhere, release_lease, renew_lease, take_lease
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
-FINALIZING = "finalizing"  # the lease a worker holds while it finalizes a study
+FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
@@ -41,14 +40,18 @@ def candidates(study: optuna.Study) -> list[FrozenTrial]:
     return front[::-1]
 
 
-def bisect(plans: Sequence[K], within: Mapping[K, bool]) -> tuple[K | None, K | None]:
-    """(the fastest of `plans` known to be within the limit, the one to retrain next or None once
-    settled). `plans` are ordered slowest first; `within` holds what full runs found so far. A
-    faster plan found within the limit wins over a slower one found outside it (noise or not, it
-    is what was measured)."""
+def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = ()) -> tuple[K | None, K | None]:
+    """(the fastest of `plans` known to be within the limit, the one to retrain next or None). `plans`
+    are ordered slowest first; `within` holds what full runs found so far; `busy` plans are being
+    retrained by other workers. Alone, a worker halves the plans still in doubt; beside others, it
+    halves the widest stretch their runs leave open (on a front of 15, three workers settle it in 2
+    rounds of full runs where one needs 4). A faster plan found within the limit wins over a slower
+    one found outside it (noise or not, it is what was measured)."""
     lo = max((i for i, n in enumerate(plans) if within.get(n)), default=-1)
     hi = min((i for i, n in enumerate(plans) if i > lo and within.get(n) is False), default=len(plans))
-    return plans[lo] if lo >= 0 else None, plans[(lo + hi) // 2] if hi - lo > 1 else None
+    ends = sorted({lo, hi} | {i for i, n in enumerate(plans) if lo < i < hi and n in busy})
+    a, b = max(zip(ends, ends[1:]), key=lambda gap: gap[1] - gap[0])
+    return plans[lo] if lo >= 0 else None, plans[(a + b) // 2] if b - a > 1 else None
 
 
 @dataclass(frozen=True)
@@ -57,58 +60,66 @@ class Finalized:
     epochs: str  # of each full run, ADMM+retraining
     front: list[int]  # candidate trials, slowest first
     retrained: dict[int, dict[str, Any]]  # front trials run at these epochs: `report.exported` rows
+    busy: list[int]  # front trials other workers are retraining now
     best: int | None  # the fastest retrained within the limit
-    next: int | None  # the next full run the bisection asks for; None once settled
+    next: int | None  # the next full run the bisection asks of this worker; None: none left to it
+
+    @property
+    def settled(self) -> bool:
+        return self.next is None and not self.busy
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"limit": self.limit, "epochs": self.epochs, "front": self.front,
-                "retrained": sorted(self.retrained), "best": self.best, "settled": self.next is None}
+        return {"limit": self.limit, "epochs": self.epochs, "front": self.front, "retrained": sorted(self.retrained),
+                "busy": self.busy, "best": self.best, "settled": self.settled}
 
 
 def state(study: optuna.Study, limit: float, epochs: str) -> Finalized:
-    """Where the bisection stands: the front, and the full runs at `epochs` already in the study."""
+    """Where the bisection stands: the front, the full runs at `epochs` already in the study, and the
+    ones other workers hold a lease on."""
     front = [t.number for t in candidates(study)]
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
-    best, probe = bisect(front, {n: r["val_drop"] <= limit for n, r in runs.items()})
-    return Finalized(limit, epochs, front, runs, best, probe)
+    busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
+    best, probe = bisect(front, {n: r["val_drop"] <= limit for n, r in runs.items()}, busy)
+    return Finalized(limit, epochs, front, runs, busy, best, probe)
 
 
 def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,
              out_root: Path, retrains: int | None = None,
              on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None,
              on_done: Callable[[int, ExportResult], None] | None = None) -> Finalized:
-    """Retrain front plans at the full budget, as the bisection asks, until it settles or `retrains`
-    full runs are done; record and return where it stands. `on_run(trial, state)` may return a
-    progress callback for that run; `on_done` hears each run's result."""
-    if holder := take_lease(study, FINALIZING):
-        raise Busy(f"worker {holder} is finalizing study '{study.study_name}': two would retrain the same plan "
-                   "into one folder; its full runs count here once it is done")
+    """Retrain front plans at the full budget, as the bisection asks, until none is left to this
+    worker or `retrains` full runs are done; record and return where it stands. Any number of workers
+    may finalize one study at once: each plan is retrained under its own lease. `on_run(trial,
+    state)` may return a progress callback for that run; `on_done` hears each run's result."""
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
     now, ran = state(study, limit, epochs), 0
-    try:
-        while now.next is not None and (retrains is None or ran < retrains):
-            progress = _renewing(study, on_run(now.next, now) if on_run else None)
-            result = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
-                                  out_root / f"trial-{now.next}", progress, within_trial_limit=False)
+    while now.next is not None and (retrains is None or ran < retrains):
+        lease = f"{FINALIZING}{now.next}"
+        if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again
+            try:
+                progress = _renewing(study, lease, on_run(now.next, now) if on_run else None)
+                result = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
+                                      out_root / f"trial-{now.next}", progress, within_trial_limit=False)
+            finally:
+                release_lease(study, lease)
             if on_done:
                 on_done(now.next, result)
-            now, ran = state(study, limit, epochs), ran + 1
-        study.set_user_attr(FINALIZED, now.to_attrs())
-    finally:
-        release_lease(study, FINALIZING)
+            ran += 1
+        now = state(study, limit, epochs)
+    study.set_user_attr(FINALIZED, now.to_attrs())
     return now
 
 
-def _renewing(study: optuna.Study, progress: Callable[[int, int, str], None] | None,
+def _renewing(study: optuna.Study, lease: str, progress: Callable[[int, int, str], None] | None,
               every_s: float = 60.0) -> Callable[[int, int, str], None]:
-    """`progress`, renewing the finalizing lease on the way (at most every `every_s`): a full run
-    takes hours, and a lease not renewed for `storage.LEASE_S` is free to another worker."""
+    """`progress`, renewing `lease` on the way (at most every `every_s`): a full run takes hours,
+    and a lease not renewed for `storage.LEASE_S` is free to another worker."""
     last = time.monotonic()
 
     def step(done: int, total: int, phase: str) -> None:
         nonlocal last
         if time.monotonic() - last > every_s:
-            renew_lease(study, FINALIZING)
+            renew_lease(study, lease)
             last = time.monotonic()
         if progress:
             progress(done, total, phase)

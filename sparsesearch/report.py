@@ -436,7 +436,8 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
                 f"(within {done['limit']:g}), measured {best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
     else:
         pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
-    more = "" if done["settled"] else " The bisection is not settled: `sparsesearch finalize` goes on."
+    busy = f" (other workers retrain trials {', '.join(map(str, done['busy']))})" if done.get("busy") else ""
+    more = "" if done["settled"] else f" The bisection is not settled{busy}: `sparsesearch finalize` goes on."
     return ["## Finalized (`finalize`)", "", f"{head} {pick}{more}", ""]
 
 

@@ -255,14 +255,20 @@ def take_lease(study: optuna.Study, key: str, settle_s: float = 1.0) -> str | No
     """Take the study-wide lease `key` (e.g. measuring the front) for this worker; return None if it
     is ours, or the worker holding it. Workers taking it at once each write, wait `settle_s`, and
     read back: the last write wins, and only its writer goes on."""
-    me = worker()
     held = study.user_attrs.get(key)
-    if held and held.get("by") != me and time.time() - held.get("at", 0) < LEASE_S and not gone(held["by"]):
+    if held_elsewhere(held):
         return held["by"]
     renew_lease(study, key)
     time.sleep(settle_s)
     holder = (study.user_attrs.get(key) or {}).get("by")
-    return None if holder == me else holder
+    return None if holder == worker() else holder
+
+
+def held_elsewhere(lease: dict[str, Any] | None) -> bool:
+    """Whether a lease (a study attr's value) is held by another worker that is still alive: renewed
+    within LEASE_S, and its process not known to have ended."""
+    return bool(lease and lease.get("by") != worker() and time.time() - lease.get("at", 0) < LEASE_S
+                and not gone(lease["by"]))
 
 
 def renew_lease(study: optuna.Study, key: str) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sparsesearch.errors import Busy
-from sparsesearch.finalize import FINALIZING, bisect, finalize
+from sparsesearch.finalize import FINALIZING, bisect, candidates, state
 
 
 def run(numbers: list[int], within: dict[int, bool], oracle: dict[int, bool]) -> tuple[int | None, list[int]]:
@@ -52,11 +51,53 @@ def test_a_faster_plan_found_within_the_limit_wins_over_a_slower_one_beyond_it()
     assert bisect([10, 11, 12, 13], {11: False, 12: True, 13: False}) == (12, None)
 
 
-def test_a_second_worker_finalizing_the_same_study_is_refused_before_it_trains(tmp_path: Path) -> None:
-    """Two would retrain the same plan into one export folder; the second is told who holds it."""
+def test_workers_side_by_side_split_the_stretch_the_others_leave_open() -> None:
+    """A plan another worker retrains is never proposed; the next worker halves the widest gap left."""
+    plans = list(range(10))
+    assert bisect(plans, {}) == (None, 4)
+    assert bisect(plans, {}, busy={4}) == (None, 7)  # gaps -1..4 and 4..10: the wider one, halved
+    assert bisect(plans, {}, busy={4, 7}) == (None, 1)
+    assert bisect(plans, {2: True, 4: False}, busy={3}) == (2, None), "nothing left to this worker"
+
+
+def rounds(plans: list[int], boundary: int, workers: int) -> tuple[int | None, int]:
+    """Bisect with `workers` side by side: each round every worker takes a plan (the others' counted
+    busy), then all their results arrive. The pick, and how many rounds of full runs it took."""
+    oracle, within, n = {m: i < boundary for i, m in enumerate(plans)}, {}, 0
+    while True:
+        busy: set[int] = set()
+        for _ in range(workers):
+            best, probe = bisect(plans, within, busy)
+            if probe is not None:
+                busy.add(probe)
+        if not busy:
+            return best, n
+        within |= {m: oracle[m] for m in busy}
+        n += 1
+
+
+def test_more_workers_never_take_more_rounds_and_three_halve_them_on_a_front_of_15() -> None:
+    plans = list(range(15))
+    worst = {}
+    for workers in (1, 2, 3):
+        for boundary in range(len(plans) + 1):
+            best, n = rounds(plans, boundary, workers)
+            assert best == (boundary - 1 if boundary else None)
+            assert n <= rounds(plans, boundary, 1)[1]
+            worst[workers] = max(worst.get(workers, 0), n)
+    assert worst == {1: 4, 2: 4, 3: 2}
+
+
+def test_a_plan_another_worker_holds_is_busy_and_not_proposed(tmp_path: Path) -> None:
+    """Workers finalizing one study at once each retrain a plan under its own lease."""
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
                                 directions=["maximize", "maximize"])
-    study.set_user_attr(FINALIZING, {"by": "otherhost:4242", "at": time.time()})
-    with pytest.raises(Busy, match="worker otherhost:4242 is finalizing study 's'"):
-        finalize(None, study, 0.5, 1.0, 1.0, tmp_path)  # type: ignore[arg-type]  # refused before any use
-    assert not any(tmp_path.glob("trial-*"))
+    for n in range(5):  # a front: each faster and less accurate than the one before
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    assert [t.number for t in candidates(study)] == [0, 1, 2, 3, 4]
+    assert state(study, 0.5, "4+2").next == 2
+    study.set_user_attr(f"{FINALIZING}2", {"by": "otherhost:4242", "at": time.time()})
+    now = state(study, 0.5, "4+2")
+    assert now.busy == [2] and now.next == 0 and not now.settled  # two stretches of 2 open: the slower first
+    study.set_user_attr(f"{FINALIZING}2", {"by": "otherhost:4242", "at": time.time() - 3600})  # its holder died
+    assert state(study, 0.5, "4+2").next == 2
