@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import UserError
 from .report import FINALIZED, exported
 from .search import ExportResult, Search, export_trial
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
@@ -93,6 +94,9 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
     state)` may return a progress callback for that run; `on_done` hears each run's result."""
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
     now, ran = state(study, limit, epochs), 0
+    if not now.front:
+        raise UserError(f"study '{study.study_name}' has no trained trial to finalize; run `sparsesearch optimize` "
+                        "on it first")
     while now.next is not None and (retrains is None or ran < retrains):
         lease = f"{FINALIZING}{now.next}"
         if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again

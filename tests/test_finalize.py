@@ -10,7 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sparsesearch.finalize import FINALIZING, bisect, candidates, state
+from sparsesearch.errors import UserError
+from sparsesearch.finalize import FINALIZING, bisect, candidates, finalize, state
 
 
 def run(numbers: list[int], within: dict[int, bool], oracle: dict[int, bool]) -> tuple[int | None, list[int]]:
@@ -101,3 +102,10 @@ def test_a_plan_another_worker_holds_is_busy_and_not_proposed(tmp_path: Path) ->
     assert now.busy == [2] and now.next == 0 and not now.settled  # two stretches of 2 open: the slower first
     study.set_user_attr(f"{FINALIZING}2", {"by": "otherhost:4242", "at": time.time() - 3600})  # its holder died
     assert state(study, 0.5, "4+2").next == 2
+
+
+def test_finalizing_a_study_with_no_trained_trial_says_what_to_run_first(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="empty",
+                                directions=["maximize", "maximize"])
+    with pytest.raises(UserError, match="study 'empty' has no trained trial to finalize; run `sparsesearch optimize`"):
+        finalize(None, study, 0.5, 1.0, 1.0, tmp_path)  # type: ignore[arg-type]  # refused before any use
