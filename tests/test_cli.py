@@ -173,7 +173,7 @@ def test_a_file_naming_a_factory_of_your_own_does_not_get_it_imported(digits_bas
     says = "names the model 'evilmod:net', a factory of your own; pass --model evilmod:net to import it"
     for args in (["prune", "--checkpoint", str(pruned), "--plan", "filter=0.5"],
                  ["compact", "--checkpoint", str(pruned)], ["measure", "s"], ["export", "s", "--trial", "0"],
-                 ["optimize", "--study", "s", "--budget", "1"]):
+                 ["finalize", "s"], ["optimize", "--study", "s", "--budget", "1"]):
         assert says in _error(args), args
     assert not (tmp_path / "IMPORTED").exists()
 
