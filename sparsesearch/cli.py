@@ -916,13 +916,20 @@ def finalize_cmd(
     retrained drop is within the limit. Short trials overstate what a plan loses, so plans beyond the
     study's limit at trial fidelity are candidates too. Each full run is an `export`."""
     from . import report as reporting, search, storage as stores
-    from .finalize import finalize
+    from .finalize import finalize, state
 
     opened = _study_of(study, storage, model)
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
     admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
+    now = state(opened, limit, f"{admm_epochs:g}+{retrain_epochs:g}")
+    if now.doubt:
+        cost = search.full_run_cost(built, admm_epochs, retrain_epochs)
+        console.print(f"finalize within {limit:g} points of dense, retrained: {now.doubt} of the front's "
+                      f"{len(now.front)} plans in doubt ({len(now.retrained)} retrained at these epochs before); "
+                      f"one worker needs at most {now.runs_left} full runs of {cost} on this device (timed on a "
+                      f"few steps), ≈ {search.duration(cost.seconds * now.runs_left)}")
     stack = ExitStack()  # one progress bar per full run, closed before the run's verdict prints
 
     def on_run(trial: int, now: Any) -> Callable[..., None]:
@@ -956,7 +963,7 @@ def finalize_cmd(
         where = f"next: trial {done.next} (run the same command to go on)"
     elif done.busy:
         where = f"other workers retrain trials {_fold([str(n) for n in done.busy])} (run the same command after them)"
-    console.print(f"{len(done.retrained)} full runs of {len(done.front)} front plans; {where}; "
+    console.print(f"{_count(len(done.retrained), 'full run')} of {len(done.front)} front plans; {where}; "
                   f"see {stores.study_dir(study) / 'report.md'}")
 
 

@@ -12,6 +12,7 @@ in the study, so a stopped call resumes where it stopped and earlier exports cou
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,11 +49,17 @@ def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (
     halves the widest stretch their runs leave open (on a front of 15, three workers settle it in 2
     rounds of full runs where one needs 4). A faster plan found within the limit wins over a slower
     one found outside it (noise or not, it is what was measured)."""
-    lo = max((i for i, n in enumerate(plans) if within.get(n)), default=-1)
-    hi = min((i for i, n in enumerate(plans) if i > lo and within.get(n) is False), default=len(plans))
+    lo, hi = _bounds(plans, within)
     ends = sorted({lo, hi} | {i for i, n in enumerate(plans) if lo < i < hi and n in busy})
     a, b = max(zip(ends, ends[1:]), key=lambda gap: gap[1] - gap[0])
     return plans[lo] if lo >= 0 else None, plans[(a + b) // 2] if b - a > 1 else None
+
+
+def _bounds(plans: Sequence[K], within: Mapping[K, bool]) -> tuple[int, int]:
+    """The places of the fastest plan found within the limit (-1: none) and of the slowest one above
+    it found beyond (len(plans): none): the plans between are in doubt."""
+    lo = max((i for i, n in enumerate(plans) if within.get(n)), default=-1)
+    return lo, min((i for i, n in enumerate(plans) if i > lo and within.get(n) is False), default=len(plans))
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,12 @@ class Finalized:
     busy: list[int]  # front trials other workers are retraining now
     best: int | None  # the fastest retrained within the limit
     next: int | None  # the next full run the bisection asks of this worker; None: none left to it
+    doubt: int  # front plans between `best` and the slowest faster plan found beyond the limit
+
+    @property
+    def runs_left(self) -> int:
+        """Full runs one worker still needs, at most: halving the plans in doubt until none is."""
+        return math.ceil(math.log2(self.doubt + 1))
 
     @property
     def settled(self) -> bool:
@@ -80,8 +93,10 @@ def state(study: optuna.Study, limit: float, epochs: str) -> Finalized:
     front = [t.number for t in candidates(study)]
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
-    best, probe = bisect(front, {n: r["val_drop"] <= limit for n, r in runs.items()}, busy)
-    return Finalized(limit, epochs, front, runs, busy, best, probe)
+    within = {n: r["val_drop"] <= limit for n, r in runs.items()}
+    best, probe = bisect(front, within, busy)
+    lo, hi = _bounds(front, within)
+    return Finalized(limit, epochs, front, runs, busy, best, probe, hi - lo - 1)
 
 
 def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,

@@ -409,12 +409,22 @@ class TrialCost:
 def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
     """One trial's steps and evaluations, timed on `timed_steps` training steps and one evaluation
     batch of a copy of the dense model (after a warm-up step): an estimate before any trial ran."""
-    config, data = search.config.admm(), search.trial_data
+    return run_cost(search, search.config.admm(), search.trial_data, timed_steps)
+
+
+def full_run_cost(search: Search, admm_epochs: float, retrain_epochs: float) -> TrialCost:
+    """What one `export_trial` run costs: the whole training split, no rungs, tested."""
+    return run_cost(search, replace(search.config.admm(admm_epochs, retrain_epochs), test=True, rungs=()), search.data)
+
+
+def run_cost(search: Search, config: ADMMConfig, data: Data, timed_steps: int = 5) -> TrialCost:
+    """A run's steps and evaluations under `config` on `data`, timed as `trial_cost` says."""
     steps = config.steps(len(data.train))
     checks = set(config.rung_steps(len(data.train)))  # at most: rungs in one ADMM iteration share a check
     projections = sum(step <= config.admm_steps(len(data.train)) for step in checks)  # BatchNorm re-estimated first
     images = (len(checks) * min(config.probe or len(data.val), len(data.val)) + len(data.val)
-              + projections * min(CALIBRATION_IMAGES, len(data.train)))
+              + projections * min(CALIBRATION_IMAGES, len(data.train))
+              + 3 * len(data.test) * config.test)  # dense, hard-pruned and final test accuracy
     model = search.fresh_model().to(search.device).train()
     layout = training_layout(model, *next(data.train.batches(config.batch_size)), search.device)  # as `fit` trains
     in_layout(model, layout)

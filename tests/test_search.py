@@ -1074,6 +1074,9 @@ def test_a_trial_trains_on_its_share_of_the_training_split_and_never_sees_the_te
     full = search.trial_cost(base)
     assert cost.steps == quarter.config.admm().steps(len(quarter.trial_data.train)) < full.steps
     assert len(base.data.val) < cost.images <= full.images and cost.seconds > 0  # the whole validation split, always
+    retrained = search.full_run_cost(base, 2.0, 1.0)  # `finalize`'s runs: the whole split, tested, no rungs
+    assert retrained.steps == base.config.admm(2.0, 1.0).steps(len(base.data.train)) > full.steps
+    assert retrained.images == len(base.data.val) + 3 * len(base.data.test) and retrained.seconds > cost.seconds
 
 
 def test_a_channels_last_search_takes_only_a_channels_last_profile_and_measures_in_that_layout(
