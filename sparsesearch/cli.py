@@ -905,6 +905,9 @@ def finalize_cmd(
     epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 10+5).")] = None,
     retrains: Annotated[int | None, typer.Option(help="Stop after this many full runs in this call (default: until "
                                                       "the bisection settles, about log2 of the front).")] = None,
+    confidence: Annotated[float, typer.Option(help="How sure a retrained drop's standard error must make it within "
+                                                   "the limit (0.5: its point estimate; 0.84: one standard error "
+                                                   "inside).")] = 0.5,
     storage: StorageOpt = None,
     artifacts: ArtifactsOpt = None,
     model: OwnModelOpt = None,
@@ -917,13 +920,17 @@ def finalize_cmd(
     study's limit at trial fidelity are candidates too. Each full run is an `export`."""
     from . import report as reporting, search, storage as stores
     from .finalize import finalize, state
+    from .train import confidence_within
+
+    if not 0 < confidence < 1:
+        raise UserError(f"--confidence must be a probability between 0 and 1, e.g. 0.84, got {confidence:g}")
 
     opened = _study_of(study, storage, model)
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
     admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
-    now = state(opened, limit, f"{admm_epochs:g}+{retrain_epochs:g}")
+    now = state(opened, limit, f"{admm_epochs:g}+{retrain_epochs:g}", confidence)
     if now.doubt:
         cost = search.full_run_cost(built, admm_epochs, retrain_epochs)
         console.print(f"finalize within {limit:g} points of dense, retrained: {now.doubt} of the front's "
@@ -940,21 +947,24 @@ def finalize_cmd(
         return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
                                                 "epochs"))
 
+    def verdict(trial: int) -> str:
+        r = opened.user_attrs[f"{reporting.EXPORTED}{trial}"]
+        sure = confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
+        return (f"retrained {reporting.retrained_text(r)} points below dense, {sure:.0%} sure within {limit:g} "
+                f"({'enough' if sure >= confidence else 'not enough'} at --confidence {confidence:g})")
+
     def on_done(trial: int, result: Any) -> None:
         stack.close()
-        acc = result.accuracy
-        console.print(f"trial {trial}: retrained {acc['dense_val'] - acc['val']:.2f} points below dense "
-                      f"({'within' if acc['dense_val'] - acc['val'] <= limit else 'beyond'} {limit:g}), "
-                      f"{_speedup(result.measured)}{_resumed(result.resumed_at)}")
+        console.print(f"trial {trial}: {verdict(trial)}; {_speedup(result.measured)}{_resumed(result.resumed_at)}")
 
     with stack:
         done = finalize(built, opened, limit, admm_epochs, retrain_epochs, stores.study_dir(study) / "export",
-                        retrains, on_run, on_done)
+                        retrains, confidence, on_run, on_done)
     reporting.write(opened, stores.study_dir(study))
     if done.best is not None:
-        r = done.retrained[done.best]
-        console.print(f"ship trial {done.best}: retrained {reporting.retrained_text(r)} points below dense, "
-                      f"measured {r['speedup']:.2f}x ({dev}, batch {config.batch_size}, {n_threads} threads); "
+        console.print(f"ship trial {done.best}: {verdict(done.best)}; measured "
+                      f"{done.retrained[done.best]['speedup']:.2f}x ({dev}, batch {config.batch_size}, {n_threads} "
+                      "threads); "
                       f"its model is in {stores.study_dir(study) / 'export' / f'trial-{done.best}'}")
     else:
         console.print(f"no plan of the front is within {limit:g} points retrained yet")

@@ -26,6 +26,7 @@ from .errors import UserError
 from .report import FINALIZED, exported
 from .search import ExportResult, Search, export_trial
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
+from .train import confidence_within
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
 FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
@@ -65,6 +66,7 @@ def _bounds(plans: Sequence[K], within: Mapping[K, bool]) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Finalized:
     limit: float  # points of validation accuracy below the dense model, retrained
+    confidence: float  # how sure a retrained drop's standard error must make it within the limit
     epochs: str  # of each full run, ADMM+retraining
     front: list[int]  # candidate trials, slowest first
     retrained: dict[int, dict[str, Any]]  # front trials run at these epochs: `report.exported` rows
@@ -83,24 +85,26 @@ class Finalized:
         return self.next is None and not self.busy
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"limit": self.limit, "epochs": self.epochs, "front": self.front, "retrained": sorted(self.retrained),
-                "busy": self.busy, "best": self.best, "settled": self.settled}
+        return {"limit": self.limit, "confidence": self.confidence, "epochs": self.epochs, "front": self.front,
+                "retrained": sorted(self.retrained), "busy": self.busy, "best": self.best, "settled": self.settled}
 
 
-def state(study: optuna.Study, limit: float, epochs: str) -> Finalized:
+def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.5) -> Finalized:
     """Where the bisection stands: the front, the full runs at `epochs` already in the study, and the
-    ones other workers hold a lease on."""
+    ones other workers hold a lease on. A run is within the limit if its drop's standard error (paired
+    with the dense model) makes that at least `confidence` sure: 0.5 takes the point estimate."""
     front = [t.number for t in candidates(study)]
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
-    within = {n: r["val_drop"] <= limit for n, r in runs.items()}
+    within = {n: confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit) >= confidence
+              for n, r in runs.items()}
     best, probe = bisect(front, within, busy)
     lo, hi = _bounds(front, within)
-    return Finalized(limit, epochs, front, runs, busy, best, probe, hi - lo - 1)
+    return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1)
 
 
 def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,
-             out_root: Path, retrains: int | None = None,
+             out_root: Path, retrains: int | None = None, confidence: float = 0.5,
              on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None,
              on_done: Callable[[int, ExportResult], None] | None = None) -> Finalized:
     """Retrain front plans at the full budget, as the bisection asks, until none is left to this
@@ -108,7 +112,7 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
     may finalize one study at once: each plan is retrained under its own lease. `on_run(trial,
     state)` may return a progress callback for that run; `on_done` hears each run's result."""
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
-    now, ran = state(study, limit, epochs), 0
+    now, ran = state(study, limit, epochs, confidence), 0
     if not now.front:
         raise UserError(f"study '{study.study_name}' has no trained trial to finalize; run `sparsesearch optimize` "
                         "on it first")
@@ -124,7 +128,7 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
             if on_done:
                 on_done(now.next, result)
             ran += 1
-        now = state(study, limit, epochs)
+        now = state(study, limit, epochs, confidence)
     study.set_user_attr(FINALIZED, now.to_attrs())
     return now
 

@@ -27,6 +27,7 @@ from .files import save_with, write_json
 from .runtime import DEFAULT_LAYOUT
 from .space import ETA, RUNGS
 from .storage import release_lease, renew_lease, take_lease, worker
+from .train import confidence_within
 
 if TYPE_CHECKING:
     from .search import Trials
@@ -432,8 +433,10 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
             f"at trial fidelity) with {len(done['retrained'])} full runs of {done['epochs']} epochs: trials {checked}.")
     if done["best"] is not None and done["best"] in runs:
         best = runs[done["best"]]
+        sure = confidence_within(best["val_drop"], best.get("val_drop_se") or 0.0, done["limit"])
         pick = (f"**Ship trial {best['trial']}**: retrained {retrained_text(best)} points below the dense model "
-                f"(within {done['limit']:g}), measured {best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
+                f"({sure:.0%} sure within {done['limit']:g}; asked: {done.get('confidence', 0.5):.0%}), measured "
+                f"{best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
     else:
         pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
     busy = f" (other workers retrain trials {', '.join(map(str, done['busy']))})" if done.get("busy") else ""

@@ -54,7 +54,7 @@ from .runtime import DEFAULT_LAYOUT, in_layout
 from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
-from .train import Progress, ProgressFn, paired_drop, training_layout
+from .train import Progress, ProgressFn, confidence_within, paired_drop, training_layout
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
@@ -367,7 +367,7 @@ class Search(Trials):
         trial.set_constraint("accuracy_drop", drop - self.config.max_acc_drop)
         feasible = drop <= self.config.max_acc_drop
         for key, value in {"val_acc": val, "acc_drop": drop, "acc_drop_se": se, "feasible": feasible,
-                           "feasible_confidence": _confidence(drop, se, self.config.max_acc_drop),
+                           "feasible_confidence": confidence_within(drop, se, self.config.max_acc_drop),
                            "train_seconds": result.seconds}.items():
             trial.set_user_attr(key, value)
         if feasible or "baseline" in trial.user_attrs:
@@ -458,14 +458,6 @@ def _why_stop(study: optuna.Study, trial: FrozenTrial) -> str:
     if isinstance(pruner, LadderPruner):
         return pruner.why(study, trial)
     return "stopped by the study's pruner" if pruner.prune(study, trial) else ""
-
-
-def _confidence(drop: float, se: float, limit: float) -> float:
-    """How sure the validation set makes us that the true drop is within `limit`: P(drop <= limit)
-    under a normal error of `se` (0.5 at the limit; ~0.84 one standard error inside it)."""
-    if se == 0 or not math.isfinite(se):
-        return float(drop <= limit)
-    return 0.5 * (1 + math.erf((limit - drop) / (se * math.sqrt(2))))
 
 
 # --- studies --------------------------------------------------------------------------------------

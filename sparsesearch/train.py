@@ -158,6 +158,14 @@ def paired_drop(reference: Tensor, other: Tensor) -> tuple[float, float]:
     return 100.0 * d.mean().item(), 100.0 * se
 
 
+def confidence_within(drop: float, se: float, limit: float) -> float:
+    """How sure the validation set makes us that the true drop is within `limit`: P(drop <= limit)
+    under a normal error of `se` (0.5 at the limit; ~0.84 one standard error inside it)."""
+    if se == 0 or not math.isfinite(se):
+        return float(drop <= limit)
+    return 0.5 * (1 + math.erf((limit - drop) / (se * math.sqrt(2))))
+
+
 def evaluate(model: nn.Module, split: data.Split, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy in percent."""
     return percent(correct(model, split, device, batch_size))

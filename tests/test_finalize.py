@@ -12,6 +12,7 @@ import pytest
 
 from sparsesearch.errors import UserError
 from sparsesearch.finalize import FINALIZING, bisect, candidates, finalize, state
+from sparsesearch.report import EXPORTED
 
 
 def run(numbers: list[int], within: dict[int, bool], oracle: dict[int, bool]) -> tuple[int | None, list[int]]:
@@ -109,3 +110,18 @@ def test_finalizing_a_study_with_no_trained_trial_says_what_to_run_first(tmp_pat
                                 directions=["maximize", "maximize"])
     with pytest.raises(UserError, match="study 'empty' has no trained trial to finalize; run `sparsesearch optimize`"):
         finalize(None, study, 0.5, 1.0, 1.0, tmp_path)  # type: ignore[arg-type]  # refused before any use
+
+
+def test_a_higher_confidence_asks_the_drops_standard_error_to_clear_the_limit(tmp_path: Path) -> None:
+    """0.4 ± 0.2 points retrained is within 0.5 by its point estimate (69% sure), not at 84%: the
+    bisection then treats the plan as beyond the limit and turns to slower plans."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
+                                directions=["maximize", "maximize"])
+    for n in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    study.set_user_attr(f"{EXPORTED}2", {"val_drop": 0.4, "val_drop_se": 0.2, "test_drop": 0.3, "speedup": 1.4,
+                                         "epochs": "4+2"})
+    point = state(study, 0.5, "4+2")
+    assert point.best == 2 and point.next == 3
+    sure = state(study, 0.5, "4+2", confidence=0.84)
+    assert sure.best is None and sure.next == 0 and sure.doubt == 2

@@ -126,7 +126,8 @@ def test_the_report_says_which_plan_finalize_ships_or_that_none_is_within_the_li
                                            "best": 0, "settled": False})
     text = report.markdown(study)
     assert "Bisecting the 3 plans of the trials' front" in text and "with 2 full runs of 4+2 epochs" in text
-    assert "**Ship trial 0**: retrained 0.20 ± 0.10 points below the dense model (within 0.5), measured 1.50x" in text
+    assert ("**Ship trial 0**: retrained 0.20 ± 0.10 points below the dense model (100% sure within 0.5; asked: "
+            "50%), measured 1.50x") in text
     assert "not settled" in text
     study.set_user_attr(report.FINALIZED, {"limit": 0.1, "epochs": "4+2", "front": [0, 2, 1], "retrained": [0, 1],
                                            "best": None, "settled": True})

@@ -43,10 +43,10 @@ def test_budget_is_a_trial_count_or_a_duration(text: str, expected: search.Budge
 
 
 def test_feasibility_confidence_is_a_half_at_the_limit_and_grows_inside_it() -> None:
-    assert search._confidence(1.0, 0.5, 1.0) == pytest.approx(0.5)
-    assert search._confidence(0.5, 0.5, 1.0) == pytest.approx(0.8413, abs=1e-4)  # one standard error inside
-    assert search._confidence(1.5, 0.5, 1.0) == pytest.approx(0.1587, abs=1e-4)
-    assert search._confidence(2.0, 0.0, 1.0) == 0.0
+    assert search.confidence_within(1.0, 0.5, 1.0) == pytest.approx(0.5)
+    assert search.confidence_within(0.5, 0.5, 1.0) == pytest.approx(0.8413, abs=1e-4)  # one standard error inside
+    assert search.confidence_within(1.5, 0.5, 1.0) == pytest.approx(0.1587, abs=1e-4)
+    assert search.confidence_within(2.0, 0.0, 1.0) == 0.0
 
 
 @pytest.mark.parametrize("text", ["", "ten", "-3", "30x", "m"])
