@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +127,32 @@ def test_a_higher_confidence_asks_the_drops_standard_error_to_clear_the_limit(tm
     assert point.best == 2 and point.next == 3
     sure = state(study, 0.5, "4+2", confidence=0.84)
     assert sure.best is None and sure.next == 0 and sure.doubt == 2
+
+
+_HOLDER = """
+import sys, optuna
+from sparsesearch.storage import take_lease
+study = optuna.load_study(study_name="s", storage=sys.argv[1])
+assert take_lease(study, sys.argv[2]) is None
+print("held", flush=True)
+sys.stdin.read()  # until the test lets go
+"""
+
+
+def test_on_a_postgresql_server_a_plan_another_process_retrains_is_busy_until_that_process_ends(
+        fresh_postgres_db: str) -> None:
+    """Workers on one server: the lease of a live process keeps its plan out of the others' reach;
+    once the process is gone (killed, say), the plan is free again."""
+    study = optuna.create_study(storage=fresh_postgres_db, study_name="s", directions=["maximize", "maximize"])
+    for n in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, fresh_postgres_db, f"{FINALIZING}2"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        now = state(study, 0.5, "4+2")
+        assert now.busy == [2] and now.next == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state(study, 0.5, "4+2").next == 2
