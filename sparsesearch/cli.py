@@ -955,7 +955,10 @@ def finalize_cmd(
 
     def on_done(trial: int, result: Any) -> None:
         stack.close()
-        console.print(f"trial {trial}: {verdict(trial)}; {_speedup(result.measured)}{_resumed(result.resumed_at)}")
+        if isinstance(result, UserError):  # diverged: recorded as lost
+            console.print(f"trial {trial}: diverged at the full budget ({result}); counted beyond the limit")
+        else:
+            console.print(f"trial {trial}: {verdict(trial)}; {_speedup(result.measured)}{_resumed(result.resumed_at)}")
 
     with stack:
         done = finalize(built, opened, limit, admm_epochs, retrain_epochs, stores.study_dir(study) / "export",

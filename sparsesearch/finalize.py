@@ -22,14 +22,15 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .errors import UserError
-from .report import FINALIZED, exported
+from .errors import Diverged, UserError
+from .report import EXPORTED, FINALIZED, exported
 from .search import ExportResult, Search, export_trial
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
 from .train import confidence_within
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
 FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
+LOST = 100.0  # points recorded for a plan whose full run diverged: all of them, beyond any limit
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
@@ -96,8 +97,8 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
     front = [t.number for t in candidates(study)]
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
-    within = {n: confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit) >= confidence
-              for n, r in runs.items()}
+    within = {n: not r.get("diverged") and confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
+              >= confidence for n, r in runs.items()}
     best, probe = bisect(front, within, busy)
     lo, hi = _bounds(front, within)
     return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1)
@@ -106,11 +107,13 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
 def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,
              out_root: Path, retrains: int | None = None, confidence: float = 0.5,
              on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None,
-             on_done: Callable[[int, ExportResult], None] | None = None) -> Finalized:
+             on_done: Callable[[int, ExportResult | Diverged], None] | None = None) -> Finalized:
     """Retrain front plans at the full budget, as the bisection asks, until none is left to this
     worker or `retrains` full runs are done; record and return where it stands. Any number of workers
-    may finalize one study at once: each plan is retrained under its own lease. `on_run(trial,
-    state)` may return a progress callback for that run; `on_done` hears each run's result."""
+    may finalize one study at once: each plan is retrained under its own lease. A plan whose full
+    run diverges is recorded as lost (beyond any limit), so the bisection goes on to slower plans
+    instead of retrying it. `on_run(trial, state)` may return a progress callback for that run;
+    `on_done` hears each run's result, or its divergence."""
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
     now, ran = state(study, limit, epochs, confidence), 0
     if not now.front:
@@ -121,8 +124,13 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
         if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again
             try:
                 progress = _renewing(study, lease, on_run(now.next, now) if on_run else None)
-                result = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
-                                      out_root / f"trial-{now.next}", progress, within_trial_limit=False)
+                result: ExportResult | Diverged = export_trial(
+                    search, study, now.next, admm_epochs, retrain_epochs, out_root / f"trial-{now.next}", progress,
+                    within_trial_limit=False)
+            except Diverged as e:
+                result = e
+                study.set_user_attr(f"{EXPORTED}{now.next}", {"val_drop": LOST, "val_drop_se": 0.0, "test_drop": LOST,
+                                                             "speedup": 0.0, "epochs": epochs, "diverged": str(e)})
             finally:
                 release_lease(study, lease)
             if on_done:

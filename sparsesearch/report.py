@@ -192,7 +192,7 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
     floor = reference_val(study) - config.get("max_acc_drop", 1.0)
     reference = "control" if control(study) else "dense"
     done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,))]
-    retrained = [dense.get("val", 100) - r["val_drop"] for r in exported(study)]
+    retrained = [dense.get("val", 100) - r["val_drop"] for r in exported(study) if not r.get("diverged")]
     bottom = min([floor - max(3 * config.get("max_acc_drop", 1.0), 2.0)]
                  + [t.user_attrs["val_acc"] for t in done if t.user_attrs.get("feasible")] + retrained)
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -246,7 +246,7 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
 def _plot_retrained(ax: Any, study: optuna.Study, dense_val: float, trials: dict[int, FrozenTrial]) -> None:
     """Exported plans at their retrained accuracy and measured speedup, each tied by a dotted line to
     its trial: how far short training understated it. `finalize`'s pick is ringed, its limit drawn."""
-    rows = exported(study)
+    rows = [r for r in exported(study) if not r.get("diverged")]
     for r in rows:
         t = trials[r["trial"]]
         x, y = r["speedup"], dense_val - r["val_drop"]
@@ -408,9 +408,9 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Retrained at the full budget (`export`)", "",
              "| trial | drop at trial fidelity (vs control) | val drop retrained (vs dense) | test drop | epochs | "
              "measured speedup |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {drop_text(r)} | {retrained_text(r)} | {r['test_drop']:.2f} | {r['epochs']} | "
-              f"{r['speedup']:.2f}x |" for r in rows]
-    ratios = [r["val_drop"] / r["acc_drop"] for r in rows if (r["acc_drop"] or 0) >= 0.1]
+    lines += [f"| {r['trial']} | {drop_text(r)} | {retrained_text(r)} | {_num(r['test_drop'], '.2f')} | "
+              f"{r['epochs']} | {_num(r['speedup'], '.2f')}x |" for r in map(_shown, rows)]
+    ratios = [r["val_drop"] / r["acc_drop"] for r in rows if (r["acc_drop"] or 0) >= 0.1 and not r.get("diverged")]
     if ratios:
         lines += ["", (f"Retrained, these plans' validation drops are {statistics.median(ratios):.2f}x their drops "
                        f"at trial fidelity (median over the {len(ratios)} whose trial lost at least 0.1 point; below "
@@ -420,7 +420,14 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
 
 def retrained_text(r: dict[str, Any]) -> str:
     """An exported plan's validation drop, with its paired standard error (exports before it had none)."""
+    if r.get("diverged"):
+        return "diverged"
     return f"{r['val_drop']:.2f}" + (f" ± {r['val_drop_se']:.2f}" if r.get("val_drop_se") is not None else "")
+
+
+def _shown(r: dict[str, Any]) -> dict[str, Any]:
+    """An exported row as the report shows it: a diverged run has no test drop or speedup."""
+    return {**r, "test_drop": None, "speedup": None} if r.get("diverged") else r
 
 
 def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sparsesearch.errors import UserError
+from sparsesearch import finalize as finalizing, report
+from sparsesearch.errors import Diverged, UserError
 from sparsesearch.finalize import FINALIZING, bisect, candidates, finalize, state
 from sparsesearch.report import EXPORTED
 
@@ -156,3 +157,24 @@ def test_on_a_postgresql_server_a_plan_another_process_retrains_is_busy_until_th
         holder.kill()
         holder.wait()
     assert state(study, 0.5, "4+2").next == 2
+
+
+def test_a_full_run_that_diverges_counts_as_beyond_the_limit_and_the_bisection_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retrying it would diverge again and stall the bisection; it is recorded as lost instead, and
+    the report says it diverged."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
+                                directions=["maximize", "maximize"])
+    for n in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+
+    def diverging(*args: object, **kwargs: object) -> None:
+        raise Diverged("training diverged: the loss is nan")
+
+    heard: list[tuple[int, str]] = []
+    monkeypatch.setattr(finalizing, "export_trial", diverging)
+    done = finalize(None, study, 100.0, 4.0, 2.0, tmp_path,  # type: ignore[arg-type]  # never trains here
+                    on_done=lambda trial, result: heard.append((trial, str(result))))
+    assert heard == [(2, "training diverged: the loss is nan"), (0, "training diverged: the loss is nan")]
+    assert done.best is None and done.settled and sorted(done.retrained) == [0, 2]
+    assert "| 2 | – | diverged | – | 4+2 | –x |" in report.markdown(study)
