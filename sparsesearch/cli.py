@@ -919,8 +919,8 @@ def finalize_cmd(
     retrained drop is within the limit. Short trials overstate what a plan loses, so plans beyond the
     study's limit at trial fidelity are candidates too. Each full run is an `export`."""
     from . import report as reporting, search, storage as stores
+    from .errors import Diverged
     from .finalize import finalize, state
-    from .train import confidence_within
 
     if not 0 < confidence < 1:
         raise UserError(f"--confidence must be a probability between 0 and 1, e.g. 0.84, got {confidence:g}")
@@ -949,13 +949,13 @@ def finalize_cmd(
 
     def verdict(trial: int) -> str:
         r = opened.user_attrs[f"{reporting.EXPORTED}{trial}"]
-        sure = confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
+        sure = reporting.sure_within(r, limit)
         return (f"retrained {reporting.retrained_text(r)} points below dense, {sure:.0%} sure within {limit:g} "
                 f"({'enough' if sure >= confidence else 'not enough'} at --confidence {confidence:g})")
 
     def on_done(trial: int, result: Any) -> None:
         stack.close()
-        if isinstance(result, UserError):  # diverged: recorded as lost
+        if isinstance(result, Diverged):  # recorded as lost
             console.print(f"trial {trial}: diverged at the full budget ({result}); counted beyond the limit")
         else:
             console.print(f"trial {trial}: {verdict(trial)}; {_speedup(result.measured)}{_resumed(result.resumed_at)}")

@@ -23,10 +23,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Diverged, UserError
-from .report import EXPORTED, FINALIZED, exported
+from .report import EXPORTED, FINALIZED, exported, sure_within
 from .search import ExportResult, Search, export_trial
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
-from .train import confidence_within
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
 FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
@@ -97,8 +96,7 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
     front = [t.number for t in candidates(study)]
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
-    within = {n: not r.get("diverged") and confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
-              >= confidence for n, r in runs.items()}
+    within = {n: sure_within(r, limit) >= confidence for n, r in runs.items()}
     best, probe = bisect(front, within, busy)
     lo, hi = _bounds(front, within)
     return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1)

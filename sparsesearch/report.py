@@ -425,6 +425,12 @@ def retrained_text(r: dict[str, Any]) -> str:
     return f"{r['val_drop']:.2f}" + (f" ± {r['val_drop_se']:.2f}" if r.get("val_drop_se") is not None else "")
 
 
+def sure_within(r: dict[str, Any], limit: float) -> float:
+    """How sure an exported plan's paired standard error makes its retrained drop within `limit`
+    (a diverged run: not at all; an export from before SEs were kept: its point estimate)."""
+    return 0.0 if r.get("diverged") else confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
+
+
 def _shown(r: dict[str, Any]) -> dict[str, Any]:
     """An exported row as the report shows it: a diverged run has no test drop or speedup."""
     return {**r, "test_drop": None, "speedup": None} if r.get("diverged") else r
@@ -440,9 +446,8 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
             f"at trial fidelity) with {len(done['retrained'])} full runs of {done['epochs']} epochs: trials {checked}.")
     if done["best"] is not None and done["best"] in runs:
         best = runs[done["best"]]
-        sure = confidence_within(best["val_drop"], best.get("val_drop_se") or 0.0, done["limit"])
         pick = (f"**Ship trial {best['trial']}**: retrained {retrained_text(best)} points below the dense model "
-                f"({sure:.0%} sure within {done['limit']:g}; asked: {done.get('confidence', 0.5):.0%}), measured "
+                f"({sure_within(best, done['limit']):.0%} sure within {done['limit']:g}; asked: {done.get('confidence', 0.5):.0%}), measured "
                 f"{best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
     else:
         pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
