@@ -446,9 +446,10 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
             f"at trial fidelity) with {len(done['retrained'])} full runs of {done['epochs']} epochs: trials {checked}.")
     if done["best"] is not None and done["best"] in runs:
         best = runs[done["best"]]
+        sure, asked = sure_within(best, done["limit"]), done.get("confidence", 0.5)
         pick = (f"**Ship trial {best['trial']}**: retrained {retrained_text(best)} points below the dense model "
-                f"({sure_within(best, done['limit']):.0%} sure within {done['limit']:g}; asked: {done.get('confidence', 0.5):.0%}), measured "
-                f"{best['speedup']:.2f}x; its trial lost {drop_text(best)}.")
+                f"({sure:.0%} sure within {done['limit']:g}; asked: {asked:.0%}), measured {best['speedup']:.2f}x; "
+                f"its trial lost {drop_text(best)}.")
     else:
         pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
     busy = f" (other workers retrain trials {', '.join(map(str, done['busy']))})" if done.get("busy") else ""
