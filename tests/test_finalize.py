@@ -93,12 +93,17 @@ def test_more_workers_never_take_more_rounds_and_three_halve_them_on_a_front_of_
     assert worst == {1: 4, 2: 4, 3: 2}
 
 
+def front_of_five(storage: str) -> optuna.Study:
+    """Study "s" of five trained trials, each faster and less accurate than the one before: a front."""
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "maximize"])
+    for n in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    return study
+
+
 def test_a_plan_another_worker_holds_is_busy_and_not_proposed(tmp_path: Path) -> None:
     """Workers finalizing one study at once each retrain a plan under its own lease."""
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
-                                directions=["maximize", "maximize"])
-    for n in range(5):  # a front: each faster and less accurate than the one before
-        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert [t.number for t in candidates(study)] == [0, 1, 2, 3, 4]
     assert state(study, 0.5, "4+2").next == 2
     study.set_user_attr(f"{FINALIZING}2", {"by": "otherhost:4242", "at": time.time()})
@@ -118,10 +123,7 @@ def test_finalizing_a_study_with_no_trained_trial_says_what_to_run_first(tmp_pat
 def test_a_higher_confidence_asks_the_drops_standard_error_to_clear_the_limit(tmp_path: Path) -> None:
     """0.4 ± 0.2 points retrained is within 0.5 by its point estimate (69% sure), not at 84%: the
     bisection then treats the plan as beyond the limit and turns to slower plans."""
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
-                                directions=["maximize", "maximize"])
-    for n in range(5):
-        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
     study.set_user_attr(f"{EXPORTED}2", {"val_drop": 0.4, "val_drop_se": 0.2, "test_drop": 0.3, "speedup": 1.4,
                                          "epochs": "4+2"})
     point = state(study, 0.5, "4+2")
@@ -144,9 +146,7 @@ def test_on_a_postgresql_server_a_plan_another_process_retrains_is_busy_until_th
         fresh_postgres_db: str) -> None:
     """Workers on one server: the lease of a live process keeps its plan out of the others' reach;
     once the process is gone (killed, say), the plan is free again."""
-    study = optuna.create_study(storage=fresh_postgres_db, study_name="s", directions=["maximize", "maximize"])
-    for n in range(5):
-        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    study = front_of_five(fresh_postgres_db)
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, fresh_postgres_db, f"{FINALIZING}2"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -163,10 +163,7 @@ def test_a_full_run_that_diverges_counts_as_beyond_the_limit_and_the_bisection_g
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Retrying it would diverge again and stall the bisection; it is recorded as lost instead, and
     the report says it diverged."""
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="s",
-                                directions=["maximize", "maximize"])
-    for n in range(5):
-        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n], user_attrs={"plan": {}}))
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
 
     def diverging(*args: object, **kwargs: object) -> None:
         raise Diverged("training diverged: the loss is nan")
