@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .compact import slimmed
 from .data import Data, Split
 from .errors import UserError
 from .graph import Coupling, Dependencies, dependencies
@@ -439,15 +440,23 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         masks = {n: m.to(device) for n, m in saved["masks"].items()}
     if saved.get("phase") != "done":
         if config.retrain_epochs > 0:
-            hooks = masked_hooks(model, masks)
+            slim = slimmed(model, plan, data.input_shape)  # the same training at the pruned network's cost
+            trainee = slim.model if slim else model
+            hooks = masked_hooks(trainee, slim.masks(masks) if slim else masks)
 
             def after_step(step: int) -> None:
                 hooks.after_step(step)  # re-mask first: the rung checks what the trial would end with
-                climb(done + step, "retrain", lambda: evaluate(model, probe, device))
+                climb(done + step, "retrain", lambda: evaluate(trainee, probe, device))
 
-            retrain = Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain"}) if snapshot else None
-            fit(model, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
-                device, replace(hooks, after_step=after_step), relay("retrain"), retrain, validate=not config.probe)
+            form = {"form": "slim"} if slim else {}  # a masked run's snapshot does not fit the slim model
+            retrain = Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain", **form}) if snapshot else None
+            try:
+                fit(trainee, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
+                    device, replace(hooks, after_step=after_step), relay("retrain"), retrain,
+                    validate=not config.probe)
+            finally:
+                if slim:
+                    slim.write_back(model)
         done = total
         if config.test:
             accuracy["final"] = evaluate(model, data.test, device)

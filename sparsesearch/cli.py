@@ -719,13 +719,13 @@ def optimize(
     cost = search.trial_cost(built)
     left = (limit.seconds or 0) - (time.monotonic() - started)
     more = max((limit.trials or 0) - done_before, 0)
-    buys = (f"the {search.duration(left)} left of {limit} buy ≈ {left / cost.seconds:.0f} trials" if not limit.trials
-            else f"{more} more trials ≈ {search.duration(cost.seconds * more)}" if more
+    buys = (f"the {search.duration(left)} left of {limit} buy ≥ {left / cost.seconds:.0f} trials" if not limit.trials
+            else f"{more} more trials ≤ {search.duration(cost.seconds * more)}" if more
             else f"the study already has {done_before} trials (--budget {limit.trials}); a larger --budget adds more")
     share = search.trial_share(built.config)
     console.print(f"one trial on {len(built.trial_data.train):,} training images ({share:.1%} of a full run's): "
                   f"{cost} on this device (timed on a few steps); {buys}"
-                  + (", less for trials stopped early" if more or not limit.trials else ""))
+                  + (", more for trials stopped early" if not limit.trials else ""))
     if share < search.FAITHFUL_SHARE * (1 - 1e-9):
         admm, retrain = search.faithful_epochs(built.config)
         enough = search.trial_share(dataclasses.replace(built.config, admm_epochs=admm, retrain_epochs=retrain))
@@ -936,7 +936,7 @@ def finalize_cmd(
         console.print(f"finalize within {limit:g} points of dense, retrained: {now.doubt} of the front's "
                       f"{len(now.front)} plans in doubt ({len(now.retrained)} retrained at these epochs before); "
                       f"one worker needs at most {now.runs_left} full runs of {cost} on this device (timed on a "
-                      f"few steps), ≈ {search.duration(cost.seconds * now.runs_left)}")
+                      f"few steps), ≤ {search.duration(cost.seconds * now.runs_left)}")
     stack = ExitStack()  # one progress bar per full run, closed before the run's verdict prints
 
     def on_run(trial: int, now: Any) -> Callable[..., None]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import UserError, brief
 from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out_handler, reads_through_reshape,
@@ -69,9 +69,7 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
                         f"{'it' if len(dead) == 1 else 'them'}: the network's output is the same for every input; "
                         "remove a layer whole only inside a residual branch, or give it a rate below 1")
     exact = lambda m: reference.error(m) <= _TOLERANCE  # noqa: E731
-    cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER and n not in dead]
-    cuts += [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.CHANNEL]
-    model, left_dense = _remove_channels(masked, cuts, input_shape, exact)
+    model, left_dense, _ = _remove_channels(masked, _cuts(plan, dead), input_shape, exact)
     model, gone = _remove_branches(model, dead, input_shape, reference, left_dense)
     modules = dict(model.named_modules())
     layers = trace(model, input_shape)
@@ -96,6 +94,103 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
             else layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type) for layer in layers}
     macs |= {name: 0 for name in gone}
     return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
+
+
+def _cuts(plan: Plan, dead: list[str]) -> list[tuple[str, SparsityType]]:
+    """The planned layers whose filters or input channels `_remove_channels` removes, filters first."""
+    cuts = [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.FILTER and n not in dead]
+    return cuts + [(n, s.type) for n, s in plan.layers.items() if s.type == SparsityType.CHANNEL]
+
+
+@dataclass
+class Slim:
+    """A masked model's smaller copy to train: the filters and channels `compact` removes, removed,
+    and nothing else changed (no kernel, no removed branch), so it trains like any module and its
+    training is the masked model's, at the cost of its MACs. `index` maps each state entry back:
+    per dim, the masked model's indices it keeps (None: all)."""
+
+    model: nn.Module
+    index: dict[str, list[Tensor | None]]
+
+    def take(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Entries of the masked model's state (or of tensors shaped like them) as the slim model has them."""
+        return {n: t[_at(self.index[n], t)] for n, t in state.items()}
+
+    def masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The masked model's masks as the slim model's, those left all ones dropped."""
+        return {n: m for n, m in self.take(masks).items() if not bool(m.all())}
+
+    def write_back(self, model: nn.Module) -> None:
+        """Copy the slim model's parameters and buffers into the masked `model` it was made from."""
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, full in model.state_dict().items():
+                full[_at(self.index[name], full)] = state[name].to(full.device, full.dtype)
+
+
+def slimmed(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Slim | None:
+    """`masked` with the filters and channels `compact` would remove removed, to be trained in its
+    place (`Slim`); None where nothing would be removed, or where the removal could not be mapped
+    back to `masked` exactly (every state entry is checked)."""
+    modules = dict(masked.named_modules())
+    dead = [n for n, s in plan.layers.items() if s.type == SparsityType.FILTER
+            and not live_groups(modules[n].weight, SparsityType.FILTER).any()]
+    cuts = _cuts(plan, dead)
+    if not cuts:
+        return None
+    training = masked.training
+    device = next(masked.parameters()).device
+    try:
+        reference = Reference(masked, torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device))
+        model, _, removals = _remove_channels(masked, cuts, input_shape, lambda m: reference.error(m) <= _TOLERANCE)
+    except (*SURGERY_ERRORS, Unverifiable):
+        return None
+    finally:
+        masked.train(training)
+    index = _index(masked.state_dict(), model.state_dict(), removals)
+    if index is None or all(i is None for dims in index.values() for i in dims):
+        return None
+    return Slim(model.train(training), index)
+
+
+def _index(full: dict[str, Tensor], slim: dict[str, Tensor], removals: dict[str, dict[str, list[list[int]]]]
+           ) -> dict[str, list[Tensor | None]] | None:
+    """Per state entry of the slim model, the indices along each dim it keeps of the full one, from
+    the channels removed per module and side (a weight's dim 0 is its output side, dim 1 its input;
+    a BatchNorm's one dim either); None unless every entry is the full one taken at them."""
+    index: dict[str, list[Tensor | None]] = {}
+    for name, value in slim.items():
+        whole = full.get(name)
+        if whole is None or whole.dim() != value.dim():
+            return None
+        sides = removals.get(name.rpartition(".")[0], {})
+        dims: list[Tensor | None] = []
+        for d, (n, m) in enumerate(zip(whole.shape, value.shape)):
+            kept = None if n == m else next((k for side in (("out", "in") if d == 0 else ("in",) if d == 1 else ())
+                                            if side in sides and len(k := _kept(n, sides[side])) == m), None)
+            if n != m and kept is None:
+                return None
+            dims.append(None if kept is None else torch.tensor(kept))
+        index[name] = dims
+        if not torch.equal(whole[_at(dims, whole)], value):
+            return None
+    return index
+
+
+def _at(dims: list[Tensor | None], full: Tensor) -> tuple[Tensor, ...]:
+    """Advanced indices that take, from a masked model's state entry `full`, the slim model's."""
+    return tuple((torch.arange(n, device=full.device) if i is None else i.to(full.device))
+                 .view([-1 if k == d else 1 for k in range(full.dim())])
+                 for d, (n, i) in enumerate(zip(full.shape, dims)))
+
+
+def _kept(size: int, removals: list[list[int]]) -> list[int]:
+    """Which of `size` channels remain after removing each list of (then current) positions in turn."""
+    kept = list(range(size))
+    for idxs in removals:
+        gone = set(idxs)
+        kept = [k for i, k in enumerate(kept) if i not in gone]
+    return kept
 
 
 def pruned(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dependencies | None = None
@@ -207,39 +302,41 @@ def _activations(model: nn.Module, x: torch.Tensor, names: Iterable[str] | None)
 
 
 def _remove_channels(masked: nn.Module, cuts: list[tuple[str, SparsityType]], input_shape: tuple[int, ...],
-                     exact: Callable[[nn.Module], bool]) -> tuple[nn.Module, dict[str, str]]:
-    """A copy of the masked model with the cuts' dead channels removed, and the layers left dense.
+                     exact: Callable[[nn.Module], bool]
+                     ) -> tuple[nn.Module, dict[str, str], dict[str, dict[str, list[list[int]]]]]:
+    """A copy of the masked model with the cuts' dead channels removed, the layers left dense, and
+    the removals made (`_cut`'s record, for `slimmed` to map the copy back).
 
     All cuts at once, checked once; should the result not be exact, again one cut at a time,
     each checked and undone if it changes the output (slow, and only for graphs that surprise).
     """
-    model, left_dense = copy.deepcopy(masked), {}
+    model, left_dense, removals = copy.deepcopy(masked), {}, {}
     try:
         graph = build_graph(model, input_shape)
     except SURGERY_ERRORS as e:
         why = f"Torch-Pruning cannot build the dependency graph ({brief(e)})"
-        return model, {n: why for n, kind in cuts if kind == SparsityType.FILTER}
+        return model, {n: why for n, kind in cuts if kind == SparsityType.FILTER}, {}
     try:
         for name, kind in cuts:
-            _cut(graph, name, kind, left_dense)
+            _cut(graph, name, kind, left_dense, removals)
         if exact(model):
-            return model, left_dense
+            return model, left_dense, removals
     except SURGERY_ERRORS:
         pass
-    model, left_dense = copy.deepcopy(masked), {}
+    model, left_dense, removals = copy.deepcopy(masked), {}, {}
     graph = build_graph(model, input_shape)
     for name, kind in cuts:
-        backup = copy.deepcopy(model)
+        backup, noted = copy.deepcopy(model), copy.deepcopy(removals)
         try:
-            _cut(graph, name, kind, left_dense)
+            _cut(graph, name, kind, left_dense, removals)
             why = None if exact(model) else "removing them changes the output"
         except SURGERY_ERRORS as e:
             why = f"Torch-Pruning failed ({brief(e)})"
         if why:
-            model, graph = backup, build_graph(backup, input_shape)
+            model, graph, removals = backup, build_graph(backup, input_shape), noted
             if kind == SparsityType.FILTER:
                 left_dense[name] = why
-    return model, left_dense
+    return model, left_dense, removals
 
 
 BRANCH_REMOVED = "branch-removed"  # the `impl` of a planned layer whose residual branch was replaced by a constant
@@ -378,9 +475,11 @@ def _reads_outside(node, names: dict) -> bool:  # noqa: ANN001 - a Torch-Pruning
     return node.module not in names and any(f is None for f, _ in getattr(node.grad_fn, "next_functions", ()))
 
 
-def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> None:  # noqa: ANN001
+def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str],  # noqa: ANN001
+         removals: dict[str, dict[str, list[list[int]]]]) -> None:
     """Remove one planned layer's dead filters (with everything coupled to them), or its dead input
-    channels wherever no other layer reads them; layers that cannot be cut go to `left_dense`."""
+    channels wherever no other layer reads them; layers that cannot be cut go to `left_dense`, and
+    what is removed is noted in `removals` (per module, per side: the positions removed, in turn)."""
     import torch_pruning as tp
 
     layer = graph.model.get_submodule(name)
@@ -403,11 +502,19 @@ def _cut(graph, name: str, kind: SparsityType, left_dense: dict[str, str]) -> No
         group = graph.get_pruning_group(layer, handler, idxs=dead)
     why = _blocker(group, graph._module2name)
     if not why:
+        for dep, idxs in group:
+            side = _SIDES.get(getattr(dep.handler, "__name__", ""))
+            module = graph._module2name.get(dep.target.module)
+            if side and module is not None:
+                removals.setdefault(module, {}).setdefault(side, []).append([int(i) for i in idxs])
         group.prune()
     elif kind == SparsityType.FILTER:  # the whole coupled group stays
         left_dense.update({graph._module2name[dep.target.module]: why for dep, _ in group
                            if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
                            and getattr(dep.handler, "__name__", "") == "prune_out_channels"})
+
+
+_SIDES = {"prune_out_channels": "out", "prune_in_channels": "in"}  # Torch-Pruning's handlers, by the side they cut
 
 
 def _unread(group) -> list[int]:  # noqa: ANN001 - a Torch-Pruning Group

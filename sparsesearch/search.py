@@ -400,15 +400,16 @@ class TrialCost:
 
     steps: int  # training steps, ADMM and retraining
     images: int  # images evaluated: validation, and training images BatchNorm is re-estimated on
-    seconds: float
+    seconds: float  # at most: timed on the dense network, where retraining runs on the slim one
 
     def __str__(self) -> str:
-        return f"{self.steps:,} training steps + {self.images:,} images evaluated ≈ {duration(self.seconds)}"
+        return f"{self.steps:,} training steps + {self.images:,} images evaluated ≤ {duration(self.seconds)}"
 
 
 def trial_cost(search: Search, timed_steps: int = 5) -> TrialCost:
     """One trial's steps and evaluations, timed on `timed_steps` training steps and one evaluation
-    batch of a copy of the dense model (after a warm-up step): an estimate before any trial ran."""
+    batch of a copy of the dense model (after a warm-up step): a bound before any trial ran, since
+    retraining runs on the plan's slim model (`compact.slimmed`), faster the more it removes."""
     return run_cost(search, search.config.admm(), search.trial_data, timed_steps)
 
 

@@ -11,14 +11,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsesearch.admm import (CALIBRATION_IMAGES, ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels,
-                               projected_accuracy, prune_masks, resume_files, run_admm)
+                               masked_hooks, projected_accuracy, prune_masks, resume_files, run_admm)
+from sparsesearch.compact import slimmed
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
 from sparsesearch.layers import trace
 from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import SparsityType as T
 from sparsesearch.sparsity import achieved_rate, keep_count, num_groups, project
-from sparsesearch.train import DenseResult, prepare, refreshed_batchnorm
+from sparsesearch.train import DenseResult, TrainConfig, fit, prepare, refreshed_batchnorm
 
 CPU = torch.device("cpu")
 SHORT = ADMMConfig(admm_epochs=0.5, admm_interval=0.25, retrain_epochs=0.5)
@@ -168,6 +169,24 @@ def test_prune_achieves_the_plan_and_retraining_keeps_it(digits_baseline: DenseR
             assert achieved_rate(w, spec.type) == (n - keep_count(n, spec.rate)) / n
         assert torch.equal(w != 0, result.masks[f"{name}.weight"])  # retraining revived nothing
     assert result.accuracy["final"] > result.accuracy["hard_pruned"]
+
+
+def test_retraining_the_slim_model_is_retraining_the_masked_one(digits_baseline: DenseResult) -> None:
+    """Retraining runs on the model with its pruned filters and channels removed, at that model's
+    cost: its result is what masked retraining of the whole model gives, to float rounding."""
+    plan = Plan(dict(MIXED))
+    model, data = _digits(digits_baseline)
+    run_admm(model, data, plan, SHORT, CPU)
+    masked, _ = _digits(digits_baseline)
+    pruned = run_admm(masked, data, plan, replace(SHORT, retrain_epochs=0), CPU)
+    slim = slimmed(masked, plan, data.input_shape)
+    assert slim is not None and len(slim.model.state_dict()["3.weight"]) < len(masked.state_dict()["3.weight"])
+    fit(masked, data, TrainConfig(SHORT.retrain_epochs, SHORT.batch_size, SHORT.retrain_lr, 0.9, SHORT.weight_decay,
+                                  SHORT.seed + len(SHORT.iterations())), CPU, masked_hooks(masked, pruned.masks))
+    slim_held, masked_held = slim.take(model.state_dict()), slim.take(masked.state_dict())
+    assert all(torch.allclose(v.float(), masked_held[k].float(), rtol=1e-3, atol=1e-5) for k, v in slim_held.items())
+    x = next(data.val.batches(256))[0]
+    assert torch.allclose(model.eval()(x), masked.eval()(x), rtol=1e-3, atol=1e-4)
 
 
 def test_admm_reports_every_iteration(digits_baseline: DenseResult) -> None:

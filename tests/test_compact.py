@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Reference, compact, verified_compact
+from sparsesearch.compact import Reference, compact, slimmed, verified_compact
 from sparsesearch.graph import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
@@ -189,6 +189,35 @@ def test_compacted_output_equals_masked_output(model_name: str, plan_name: str) 
     if plan_name == "filter" and not compacted.left_dense:
         params = sum(p.numel() for p in compacted.model.parameters())
         assert params < 0.5 * sum(p.numel() for p in model.parameters())  # really removed, not masked
+
+
+@pytest.mark.parametrize(("model_name", "plan_name"), [
+    *[(model, plan) for model in SMALL for plan in ("filter", "channel", "random0", "random1")],
+    *[pytest.param(model, "random1", marks=[] if model in ("tv:resnet50", "tv:googlenet") else [pytest.mark.slow])
+      for model in LARGE]])
+def test_what_the_slim_model_learns_the_masked_model_computes(model_name: str, plan_name: str) -> None:
+    """Retraining runs on the slim copy (the filters and channels compaction removes, removed):
+    whatever it learns within its masks, written back, the masked model computes, masks intact."""
+    shape = {**SMALL, **LARGE}[model_name]
+    model, plan, deps = _masked(model_name, shape, PLANS[plan_name])
+    masks = prune_masks(model, plan, deps)
+    slim = slimmed(model, plan, shape)
+    if slim is None:
+        removed = {"filters-removed", "channels-removed"} & set(compact(model, plan, shape).impl.values())
+        assert not removed, "a model compaction makes smaller trains slim"
+        return
+    assert sum(p.numel() for p in slim.model.parameters()) < sum(p.numel() for p in model.parameters())
+    kept = slim.masks(masks)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in slim.model.named_parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn_like(p) * kept.get(name, 1))
+    slim.write_back(model)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    expected = slim.model.eval()(x)
+    assert ((model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    params = dict(model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in masks.items()), "no pruned weight came back"
 
 
 @pytest.mark.parametrize(("model_name", "reason"), [

@@ -794,7 +794,7 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
     said = " ".join(run.output.split())
     assert "scored by the profile of another device" in said
     assert re.search(r"one trial on 1,078 training images \(3.3% of a full run's\): [\d,]+ training steps \+ 2,101 "
-                     r"images evaluated ≈ \d+ s on this device \(timed on a few steps\); 4 more trials ≈ \d+ s",
+                     r"images evaluated ≤ \d+ s on this device \(timed on a few steps\); 4 more trials ≤ \d+ s",
                      said), said
     assert ("trials may rank plans unlike full training (LeNet-5: Spearman 0.56 at 2.7%, 0.92 at 5.3%); "
             "--trial-epochs 0.5+0.5 trains 6.7%") in said  # 1.5x the epochs: 0.375 each, rounded up to half epochs
@@ -802,7 +802,7 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
     more = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "6s", "--profile", str(target),
                                     "--checkpoint", str(checkpoint), "--threads", "1"])
     said = " ".join(more.output.split())
-    assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.1 min buy ≈ \d+ trials", said), said
+    assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.1 min buy ≥ \d+ trials", said), said
     assert re.search(r"search: 0/1 min; 0 trials, best feasible", said), said  # a duration's bar counts its minutes
     done = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "2", "--profile", str(target),
                                     "--checkpoint", str(checkpoint), "--threads", "1"])
