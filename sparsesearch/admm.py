@@ -449,7 +449,8 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
                 climb(done + step, "retrain", lambda: evaluate(trainee, probe, device))
 
             form = {"form": "slim"} if slim else {}  # a masked run's snapshot does not fit the slim model
-            retrain = Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain", **form}) if snapshot else None
+            retrain = (Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain", **form})
+                       if snapshot else None)
             try:
                 fit(trainee, data, train_config(config.retrain_epochs, config.retrain_lr, config.seed + len(periods)),
                     device, replace(hooks, after_step=after_step), relay("retrain"), retrain,

@@ -53,12 +53,9 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
     from .kernels import compact_layer
 
     masked = model.eval()
-    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
-    modules = dict(masked.named_modules())
-    dead = [n for n, s in plan.layers.items() if s.type == SparsityType.FILTER
-            and not live_groups(modules[n].weight, SparsityType.FILTER).any()]
+    dead = _emptied(masked, plan)
     try:
-        reference = Reference(masked, x)
+        reference = Reference(masked, _batch(masked, input_shape))
         constant = "" not in reference.expected
     except Unverifiable:
         if not dead:
@@ -94,6 +91,18 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
             else layer.macs_with(modules[layer.name].weight.detach(), plan.layers[layer.name].type) for layer in layers}
     macs |= {name: 0 for name in gone}
     return Compacted(model, impl, macs, {n: why for n, why in left_dense.items() if n in plan.layers})
+
+
+def _emptied(masked: nn.Module, plan: Plan) -> list[str]:
+    """Filter-pruned layers without a filter left (their residual branch goes whole, or nothing does)."""
+    modules = dict(masked.named_modules())
+    return [n for n, s in plan.layers.items() if s.type == SparsityType.FILTER
+            and not live_groups(modules[n].weight, SparsityType.FILTER).any()]
+
+
+def _batch(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The fixed random batch of two a compaction is checked on, on the model's device."""
+    return torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
 
 
 def _cuts(plan: Plan, dead: list[str]) -> list[tuple[str, SparsityType]]:
@@ -132,16 +141,12 @@ def slimmed(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Slim
     """`masked` with the filters and channels `compact` would remove removed, to be trained in its
     place (`Slim`); None where nothing would be removed, or where the removal could not be mapped
     back to `masked` exactly (every state entry is checked)."""
-    modules = dict(masked.named_modules())
-    dead = [n for n, s in plan.layers.items() if s.type == SparsityType.FILTER
-            and not live_groups(modules[n].weight, SparsityType.FILTER).any()]
-    cuts = _cuts(plan, dead)
+    cuts = _cuts(plan, _emptied(masked, plan))
     if not cuts:
         return None
     training = masked.training
-    device = next(masked.parameters()).device
     try:
-        reference = Reference(masked, torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device))
+        reference = Reference(masked, _batch(masked, input_shape))
         model, _, removals = _remove_channels(masked, cuts, input_shape, lambda m: reference.error(m) <= _TOLERANCE)
     except (*SURGERY_ERRORS, Unverifiable):
         return None
