@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import os
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -48,6 +49,8 @@ _library_log.setLevel(logging.INFO)
 # Numeric options that must be > 0; every other one must be >= 0. All must be finite.
 _POSITIVE = frozenset({"epochs", "batch_size", "lr", "admm_interval", "rho0", "rho_factor", "rho_max", "samples",
                        "image_size", "threads", "stale_after"})
+_RANGES = {"confidence": ("a probability between 0 and 1, e.g. 0.84", lambda v: 0 < v < 1),
+           "max_acc_drop": ("a number of accuracy points from 0 to 100", lambda v: 0 <= v <= 100)}
 
 
 def _check_numbers(options: dict[str, Any]) -> None:
@@ -55,10 +58,11 @@ def _check_numbers(options: dict[str, Any]) -> None:
     for name, value in options.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        positive = name in _POSITIVE
+        flag, positive = f"--{name.replace('_', '-')}", name in _POSITIVE
+        if name in _RANGES and not (math.isfinite(value) and _RANGES[name][1](value)):
+            raise UserError(f"{flag} must be {_RANGES[name][0]}, got {value}")
         if not math.isfinite(value) or value < 0 or positive and value == 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'> 0' if positive else '>= 0'}, "
-                            f"got {value}")
+            raise UserError(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
 
 
 def _os_problem(e: OSError) -> str:
@@ -861,7 +865,7 @@ def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
     epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 10+5).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N-EPOCHS).")] = None,
     storage: StorageOpt = None,
     artifacts: ArtifactsOpt = None,
     model: OwnModelOpt = None,
@@ -874,13 +878,15 @@ def export_cmd(
     from . import report as reporting, search, storage as stores
 
     opened = _study_of(study, storage, model)
-    searched = search.chosen(opened, trial)
+    judged = any(r["trial"] == trial for r in reporting.exported(opened))  # by finalize: beyond the limit or not
+    searched = search.chosen(opened, trial, within_trial_limit=not judged)
+    admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
-    admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
-    out_dir = out or stores.study_dir(study) / "export" / f"trial-{trial}"
+    out_dir = out or search.export_dir(stores.study_dir(study) / "export", trial, f"{admm_epochs:g}+{retrain_epochs:g}")
     with progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} epochs") as update:
-        result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update)
+        result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update,
+                                     within_trial_limit=not judged)
     acc = result.accuracy
     console.print(f"accuracy: val {acc['val']:.2f}%, test {acc['test']:.2f}% (dense {acc['dense_val']:.2f}% / "
                   f"{acc['dense_test']:.2f}%){_resumed(result.resumed_at)}")
@@ -922,15 +928,13 @@ def finalize_cmd(
     from .errors import Diverged
     from .finalize import finalize, state
 
-    if not 0 < confidence < 1:
-        raise UserError(f"--confidence must be a probability between 0 and 1, e.g. 0.84, got {confidence:g}")
-
     opened = _study_of(study, storage, model)
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
     admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
-    now = state(opened, limit, f"{admm_epochs:g}+{retrain_epochs:g}", confidence)
+    done_at = f"{admm_epochs:g}+{retrain_epochs:g}"
+    now = state(opened, limit, done_at, confidence)
     if now.doubt:
         cost = search.full_run_cost(built, admm_epochs, retrain_epochs)
         console.print(f"finalize within {limit:g} points of dense, retrained: {now.doubt} of the front's "
@@ -947,8 +951,11 @@ def finalize_cmd(
         return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
                                                 "epochs"))
 
+    def run_of(trial: int) -> dict[str, Any]:
+        return next(r for r in reporting.exported(opened) if r["trial"] == trial and r["epochs"] == done_at)
+
     def verdict(trial: int) -> str:
-        r = opened.user_attrs[f"{reporting.EXPORTED}{trial}"]
+        r = run_of(trial)
         sure = reporting.sure_within(r, limit)
         return (f"retrained {reporting.retrained_text(r)} points below dense, {sure:.0%} sure within {limit:g} "
                 f"({'enough' if sure >= confidence else 'not enough'} at --confidence {confidence:g})")
@@ -965,12 +972,18 @@ def finalize_cmd(
                         retrains, confidence, on_run, on_done)
     reporting.write(opened, stores.study_dir(study))
     if done.best is not None:
-        console.print(f"ship trial {done.best}: {verdict(done.best)}; measured "
-                      f"{done.retrained[done.best]['speedup']:.2f}x ({dev}, batch {config.batch_size}, {n_threads} "
-                      "threads); "
-                      f"its model is in {stores.study_dir(study) / 'export' / f'trial-{done.best}'}")
+        shipped = run_of(done.best)
+        path = Path(shipped.get("path") or search.export_dir(stores.study_dir(study) / "export", done.best, done_at))
+        host = shipped.get("host", "another machine")
+        where = (f"its model is in {path}" if path.is_dir() else
+                 f"its model was written to {path}{'' if host == platform.node() else ' on ' + host}, and is not "
+                 f"there now: `sparsesearch export {study} --trial {done.best} --epochs {done_at}` writes it again")
+        console.print(f"ship trial {done.best}: {verdict(done.best)}; measured {shipped['speedup']:.2f}x ({dev}, "
+                      f"batch {config.batch_size}, {n_threads} threads); {where}")
     else:
-        console.print(f"no plan of the front is within {limit:g} points retrained yet")
+        console.print(f"no plan of the front is within {limit:g} points retrained"
+                      + ("" if done.settled else " yet")
+                      + ("; a larger --max-acc-drop or longer --epochs may find one" if done.settled else ""))
     where = "settled"
     if done.next is not None:
         where = f"next: trial {done.next} (run the same command to go on)"
@@ -988,7 +1001,10 @@ def _study_of(study: str, storage: str | None, model: str | None) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = stores.open_study(study, storage, create=False)
-    models.recorded(search.load_config(opened).model, model, f"study '{study}'")
+    name = models.recorded(search.load_config(opened).model, model, f"study '{study}'")
+    if model is not None and model != name:
+        raise UserError(f"study '{study}' searched the model {name}, not {model}; drop --model, or name the study "
+                        f"of {model}")
     return opened
 
 
@@ -999,12 +1015,15 @@ def _rebuilt(opened: Any, device: str, threads: int | None, artifacts: str | Non
     from . import search, storage as stores
     from .runtime import resolve_device, set_threads
 
+    search.recorded_dense(opened)
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     stored = Path(opened.user_attrs.get("setting", {}).get("profile", ""))
-    with console.status("loading the dense checkpoint and the latency model"):
+    with progress_bar("loading the dense checkpoint and the latency model") as update:
         built = search.build(search.load_config(opened), dev, stores.artifacts_location(opened, artifacts), data_dir,
-                             stored if stored.is_file() else None, allow_foreign=True)
+                             stored if stored.is_file() else None, allow_foreign=True,
+                             notify=lambda text: console.print(f"[yellow]note:[/] {text}"),
+                             on_progress=lambda phase, d, t, s: update(d, t, f"{phase} {s}"))
     return built, dev, n_threads
 
 

@@ -23,8 +23,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Diverged, UserError
-from .report import EXPORTED, FINALIZED, exported, sure_within
-from .search import ExportResult, Search, export_trial
+from .report import FINALIZED, export_key, exported, sure_within
+from .search import ExportResult, Search, export_dir, export_trial
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
@@ -115,27 +115,29 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
     epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
     now, ran = state(study, limit, epochs, confidence), 0
     if not now.front:
-        raise UserError(f"study '{study.study_name}' has no trained trial to finalize; run `sparsesearch optimize` "
-                        "on it first")
+        raise UserError(f"study '{study.study_name}' has no trained trial to finalize; run `sparsesearch optimize "
+                        f"--study {study.study_name}` first")
     while now.next is not None and (retrains is None or ran < retrains):
         lease = f"{FINALIZING}{now.next}"
         if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again
             try:
                 progress = _renewing(study, lease, on_run(now.next, now) if on_run else None)
                 result: ExportResult | Diverged = export_trial(
-                    search, study, now.next, admm_epochs, retrain_epochs, out_root / f"trial-{now.next}", progress,
+                    search, study, now.next, admm_epochs, retrain_epochs, export_dir(out_root, now.next, epochs), progress,
                     within_trial_limit=False)
             except Diverged as e:
                 result = e
-                study.set_user_attr(f"{EXPORTED}{now.next}", {"val_drop": LOST, "val_drop_se": 0.0, "test_drop": LOST,
-                                                             "speedup": 0.0, "epochs": epochs, "diverged": str(e)})
+                study.set_user_attr(export_key(study, now.next, epochs), {
+                    "val_drop": LOST, "val_drop_se": 0.0, "test_drop": LOST, "speedup": 0.0, "epochs": epochs,
+                    "diverged": str(e)})
             finally:
                 release_lease(study, lease)
             if on_done:
                 on_done(now.next, result)
             ran += 1
         now = state(study, limit, epochs, confidence)
-    study.set_user_attr(FINALIZED, now.to_attrs())
+    if ran or now.retrained:  # a call that only looks (--retrains 0, nothing run yet) leaves the last record
+        study.set_user_attr(FINALIZED, now.to_attrs())
     return now
 
 

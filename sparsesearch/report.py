@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 MEASURING = "measuring"  # the lease a worker holds while it measures the front
-EXPORTED = "exported:"  # + trial number: a study attr per exported trial, so concurrent exports lose none
+EXPORTED = "exported:"  # + "N@EPOCHS": a study attr per trial and epochs exported, so concurrent exports lose none
+
+
+def export_key(study: optuna.Study, number: int, epochs: str) -> str:
+    """The study attr of trial `number`'s export at `epochs` ("4+2"): one per epochs, so a run at
+    other epochs never replaces it (a record from before the epochs were part of the key keeps its own)."""
+    legacy = f"{EXPORTED}{number}"
+    return legacy if study.user_attrs.get(legacy, {}).get("epochs") == epochs else f"{legacy}@{epochs}"
 FINALIZED = "finalized"  # study attr: where `finalize`'s last call left its bisection of the front
 TYPE_COLORS = {"filter": "#1f77b4", "channel": "#ff7f0e", "shape": "#2ca02c", "irregular": "#9467bd", "nm": "#8c564b"}
 
@@ -145,8 +152,8 @@ def exported(study: optuna.Study) -> list[dict[str, Any]]:
     rows = [{"trial": t.number, **value, "acc_drop": t.user_attrs.get("acc_drop"),
              "acc_drop_se": t.user_attrs.get("acc_drop_se")}
             for key, value in study.user_attrs.items()
-            if key.startswith(EXPORTED) and (t := trials.get(key.removeprefix(EXPORTED)))]
-    return sorted(rows, key=lambda r: r["trial"])
+            if key.startswith(EXPORTED) and (t := trials.get(key.removeprefix(EXPORTED).partition("@")[0]))]
+    return sorted(rows, key=lambda r: (r["trial"], r["epochs"]))
 
 
 def control(study: optuna.Study) -> dict[str, float] | None:
@@ -245,18 +252,21 @@ def plot_pareto(study: optuna.Study, path: Path) -> Path:
 
 def _plot_retrained(ax: Any, study: optuna.Study, dense_val: float, trials: dict[int, FrozenTrial]) -> None:
     """Exported plans at their retrained accuracy and measured speedup, each tied by a dotted line to
-    its trial: how far short training understated it. `finalize`'s pick is ringed, its limit drawn."""
-    rows = [r for r in exported(study) if not r.get("diverged")]
+    its trial: how far short training understated it. `finalize`'s pick is ringed, its limit drawn,
+    and only its epochs' runs shown (runs at other epochs are not comparable with them)."""
+    done = study.user_attrs.get(FINALIZED)
+    rows = [r for r in exported(study) if not r.get("diverged") and (not done or r["epochs"] == done["epochs"])]
+    several = len({r["epochs"] for r in rows}) > 1
     for r in rows:
         t = trials[r["trial"]]
         x, y = r["speedup"], dense_val - r["val_drop"]
         ax.plot([t.user_attrs["predicted_speedup"], x], [t.user_attrs["val_acc"], y], ":", color="tab:purple", lw=1)
-        ax.annotate(f"#{t.number}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8,
-                    color="tab:purple")
+        ax.annotate(f"#{t.number}" + (f" ({r['epochs']})" if several else ""), (x, y), textcoords="offset points",
+                    xytext=(5, -10), fontsize=8, color="tab:purple")
     if rows:
+        at = f" ({done['epochs']} epochs)" if done else ""
         ax.plot([r["speedup"] for r in rows], [dense_val - r["val_drop"] for r in rows], "D", color="tab:purple",
-                ms=6, ls="none", label="retrained at the full budget (measured; dotted: its trial)")
-    done = study.user_attrs.get(FINALIZED)
+                ms=6, ls="none", label=f"retrained at the full budget{at} (measured; dotted: its trial)")
     if done:
         ax.axhline(dense_val - done["limit"], color="tab:purple", ls="--", lw=1,
                    label=f"finalize: dense - {done['limit']:g} pts, retrained")
@@ -398,7 +408,8 @@ def markdown(study: optuna.Study) -> str:
                    "of the whole batch. MACs: per sample, prunable layers. Baselines that are not Pareto-optimal are "
                    "listed after the front."), "", "![predicted vs measured](predicted_vs_measured.png)", "",
               "![per-layer plans](layers.png)", ""]
-    return "\n".join(lines + exported_text(data["exported"]) + finalized_text(data["finalized"], data["exported"]))
+    return "\n".join(lines + exported_text(data["exported"])
+                     + finalized_text(data["finalized"], data["exported"], study.study_name))
 
 
 def exported_text(rows: list[dict[str, Any]]) -> list[str]:
@@ -436,14 +447,15 @@ def _shown(r: dict[str, Any]) -> dict[str, Any]:
     return {**r, "test_drop": None, "speedup": None} if r.get("diverged") else r
 
 
-def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]], study: str) -> list[str]:
     """The report's section on `finalize`: which plan it ships, and how many full runs that took."""
     if not done:
         return []
-    runs = {r["trial"]: r for r in rows}
-    checked = ", ".join(f"{n} ({retrained_text(runs[n])})" for n in done["retrained"] if n in runs)
+    runs = {r["trial"]: r for r in rows if r["epochs"] == done["epochs"]}
+    checked = [f"{n} ({retrained_text(runs[n])})" for n in done["retrained"] if n in runs]
     head = (f"Bisecting the {len(done['front'])} plans of the trials' front (accuracy vs predicted speedup, any drop "
-            f"at trial fidelity) with {len(done['retrained'])} full runs of {done['epochs']} epochs: trials {checked}.")
+            f"at trial fidelity) with {len(checked)} full runs of {done['epochs']} epochs"
+            + (f": trials {', '.join(checked)}." if checked else "."))
     if done["best"] is not None and done["best"] in runs:
         best = runs[done["best"]]
         sure, asked = sure_within(best, done["limit"]), done.get("confidence", 0.5)
@@ -453,7 +465,9 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]]) -> l
     else:
         pick = f"No plan of the front is within {done['limit']:g} points retrained yet."
     busy = f" (other workers retrain trials {', '.join(map(str, done['busy']))})" if done.get("busy") else ""
-    more = "" if done["settled"] else f" The bisection is not settled{busy}: `sparsesearch finalize` goes on."
+    more = "" if done["settled"] else (
+        f" The bisection is not settled{busy}: `sparsesearch finalize {study} --max-acc-drop {done['limit']:g} "
+        f"--epochs {done['epochs']}` goes on.")
     return ["## Finalized (`finalize`)", "", f"{head} {pick}{more}", ""]
 
 

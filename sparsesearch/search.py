@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import platform
 import re
 import tempfile
 import time
@@ -745,11 +746,11 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     from .profiler import latency_model_for
     from .profiler.measure import Target, profile_model
     from .profiler.table import find_profile, fingerprint, model_key, profiles_dir
-    from .train import TrainConfig, correct, default_checkpoint, evaluate, percent, prepare, train_dense
+    from .train import TrainConfig, correct, evaluate, percent, prepare, train_dense
 
     say = notify or (lambda _text: None)
     artifact_store(artifacts, check=True)  # before any training: a worker that cannot keep weights is useless
-    weights = Path(config.checkpoint) if config.checkpoint else default_checkpoint(config.model, config.dataset)
+    weights = dense_weights(config)
     if not weights.is_file():
         if config.checkpoint:
             raise UserError(f"checkpoint not found: {weights}; train one with `sparsesearch train` or fix --checkpoint")
@@ -806,15 +807,40 @@ STEPS = "steps"  # the study attr: the channel widths its counts are aligned to 
 REMOVABLE = "removable"  # the study attr: the slots whose residual branch its plans may remove
 
 
+def dense_weights(config: SearchConfig) -> Path:
+    """The dense checkpoint a search prunes: the one named, else the model and dataset's default."""
+    from .train import default_checkpoint
+
+    return Path(config.checkpoint) if config.checkpoint else default_checkpoint(config.model, config.dataset)
+
+
+def same_dense(study: optuna.Study, weights_sha256: str) -> None:
+    """Refuse dense weights other than those the study's trials were pruned from: every drop it
+    records is measured from them."""
+    if study.user_attrs.get("dense", {}).get("weights_sha256", weights_sha256) != weights_sha256:
+        raise UserError(f"the dense checkpoint of study '{study.study_name}' changed since the study started "
+                        "(its trials were pruned from other weights); restore it, or start another with --study NEW")
+
+
+def recorded_dense(study: optuna.Study) -> Path:
+    """The study's dense checkpoint, here and unchanged: what `export` and `finalize` retrain from
+    (never trained anew, which would give other weights)."""
+    config = load_config(study)
+    weights = dense_weights(config)
+    if not weights.is_file():
+        raise UserError(f"the dense checkpoint {weights} that study '{study.study_name}' was pruned from is not "
+                        "here; copy it there from the machine the study started on, or run from the folder it "
+                        "started in")
+    same_dense(study, sha256(weights))
+    return weights
+
+
 def record(study: optuna.Study, search: Search) -> None:
     """Store the study's settings, dense baseline and layer order once, when it is new."""
     from .profiler.table import fingerprint
 
     if "config" in study.user_attrs:  # resumed: keep judging against the baseline the study started with
-        started = study.user_attrs["dense"].get("weights_sha256", search.weights_sha256)
-        if started != search.weights_sha256:
-            raise UserError(f"the dense checkpoint of study '{study.study_name}' changed since the study started "
-                            "(its trials were pruned from other weights); restore it, or start another with --study NEW")
+        same_dense(study, search.weights_sha256)
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         search.steps = study.user_attrs.get(STEPS, {})  # a plan's counts stay what they were when it was drawn
         search.removable = study.user_attrs.get(REMOVABLE, [])  # none recorded: a study from before removal
@@ -891,6 +917,12 @@ class ExportResult:
     resumed_at: int = 0  # training steps an interrupted export had done when this call continued it
 
 
+def export_dir(root: Path, number: int, epochs: str) -> Path:
+    """Where trial `number`'s export at `epochs` ("10+5") goes under `root` (a study's export folder):
+    one folder per epochs, so a quick run never overwrites a longer one's model."""
+    return Path(root) / f"trial-{number}-{epochs}"
+
+
 def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: float, retrain_epochs: float,
                  out_dir: Path, on_progress: Callable[[int, int, str], None] | None = None,
                  within_trial_limit: bool = True) -> ExportResult:
@@ -899,7 +931,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     its training state in `out_dir` (`admm.RESUME`); the same call continues from it."""
     from .compact import measure
     from .export import write_all
-    from .report import EXPORTED
+    from .report import export_key
 
     trial = chosen(study, number, within_trial_limit)
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
@@ -927,9 +959,10 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                                                      "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
     drop, se = paired_drop(search.dense_correct, result.val_correct)  # image by image, as a trial's
-    study.set_user_attr(f"{EXPORTED}{number}", {"val_drop": drop, "val_drop_se": se,
-                                                 "test_drop": accuracy["dense_test"] - accuracy["test"],
-                                                 "speedup": m.speedup, "epochs": f"{admm_epochs:g}+{retrain_epochs:g}"})
+    epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
+    study.set_user_attr(export_key(study, number, epochs), {
+        "val_drop": drop, "val_drop_se": se, "test_drop": accuracy["dense_test"] - accuracy["test"],
+        "speedup": m.speedup, "epochs": epochs, "path": str(Path(out_dir).resolve()), "host": platform.node()})
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return ExportResult(accuracy, m, done.files, done.skipped, Path(out_dir) / "metrics.json", result.resumed_at)

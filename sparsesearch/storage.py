@@ -67,6 +67,8 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
         known = sorted(p.name for p in STUDIES_DIR.glob("*") if (p / "study.db").is_file())
         raise UserError(f"no study '{name}' under {STUDIES_DIR}/ (studies: {', '.join(known) or 'none'}); "
                         f"run `sparsesearch optimize --study {name}` first, or pass --storage URL")
+    if storage is not None and not create and (file := _local_file(url)) is not None and not file.is_file():
+        raise UserError(f"no study file at {file} (--storage {url}); check the path")  # never leave an empty one
     if storage is None:
         study_dir(name).mkdir(parents=True, exist_ok=True)
     try:
@@ -81,8 +83,8 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
                 study.set_metric_names(list(OBJECTIVES))
             return study
     except KeyError:
-        raise UserError(f"storage {url} holds no study '{name}'; check --study, or run `sparsesearch optimize` "
-                        "to create it") from None
+        raise UserError(f"storage {url} holds no study '{name}'; check the study's name, or run `sparsesearch "
+                        f"optimize --study {name}` to create it") from None
     except ImportError as e:  # Optuna re-raises the driver's ModuleNotFoundError as its own ImportError
         missing = next((c.name for c in (e, e.__cause__, e.__context__) if isinstance(c, ModuleNotFoundError)), None)
         if missing is None:
@@ -91,6 +93,12 @@ def open_study(name: str, storage: str | None, create: bool, sampler: optuna.sam
         raise UserError(f"the driver for {url.split(':', 1)[0]} storage is not installed ({missing}); {fix}") from None
     except _storage_errors() as e:
         raise UserError(storage_problem(url, e)) from e
+
+
+def _local_file(url: str) -> Path | None:
+    """The file a SQLite or journal URL names; None for a server's, or where it names none."""
+    prefix = next((p for p in ("sqlite:///", JOURNAL) if url.startswith(p)), None)
+    return Path(url[len(prefix):]) if prefix and url[len(prefix):] else None
 
 
 def _storage(url: str, grace_s: int) -> BaseStorage:
@@ -173,6 +181,8 @@ def failed_mid_run(e: BaseException) -> str | None:
     if not ours:
         return None
     text = brief(ours[-1], 160)  # the innermost says what happened: "database or disk is full"
+    if _DAMAGED in text or "not a database" in text:
+        return f"the study's file is damaged ({text}); restore it from a backup"
     if "full" in text or "No space" in text:
         fix = "free space on its disk"
     elif "readonly" in text or "read-only" in text:
@@ -182,12 +192,17 @@ def failed_mid_run(e: BaseException) -> str | None:
     return f"the study storage failed ({text}); {fix}, then run the same command: finished trials are kept"
 
 
+_DAMAGED = "malformed"  # SQLite's word for a damaged file ("database disk image is malformed")
+
+
 def storage_problem(url: str, e: BaseException) -> str:
     text = brief(e, 160)
     if "locked" in text:
         return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
     if "disk is full" in text or "readonly" in text or "No space" in text:
         return f"cannot write study storage {url} ({text}); free space on its disk or pick a folder you can write"
+    if _DAMAGED in text or "not a database" in text:
+        return f"study storage {url} is damaged ({text}); restore its file from a backup"
     return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"
 
 

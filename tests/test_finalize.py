@@ -113,10 +113,23 @@ def test_a_plan_another_worker_holds_is_busy_and_not_proposed(tmp_path: Path) ->
     assert state(study, 0.5, "4+2").next == 2
 
 
+def test_runs_at_other_epochs_keep_their_own_record_and_count_only_at_theirs(tmp_path: Path) -> None:
+    """A quick run (1+1) after a long one (4+2) of the same plan replaces neither its record nor its
+    verdict; a record from before the epochs were part of the key keeps being read and rewritten."""
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.set_user_attr(f"{EXPORTED}2", {"val_drop": 0.2, "val_drop_se": 0.1, "test_drop": 0.1, "speedup": 1.4,
+                                         "epochs": "4+2"})  # the old key
+    assert report.export_key(study, 2, "4+2") == f"{EXPORTED}2"
+    study.set_user_attr(report.export_key(study, 2, "1+1"), {"val_drop": 3.0, "val_drop_se": 0.3, "test_drop": 3.0,
+                                                           "speedup": 1.4, "epochs": "1+1"})
+    assert [(r["trial"], r["epochs"]) for r in report.exported(study)] == [(2, "1+1"), (2, "4+2")]
+    assert state(study, 0.5, "4+2").best == 2 and state(study, 0.5, "1+1").best is None
+
+
 def test_finalizing_a_study_with_no_trained_trial_says_what_to_run_first(tmp_path: Path) -> None:
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", study_name="empty",
                                 directions=["maximize", "maximize"])
-    with pytest.raises(UserError, match="study 'empty' has no trained trial to finalize; run `sparsesearch optimize`"):
+    with pytest.raises(UserError, match="no trained trial to finalize; run `sparsesearch optimize --study empty`"):
         finalize(None, study, 0.5, 1.0, 1.0, tmp_path)  # type: ignore[arg-type]  # refused before any use
 
 

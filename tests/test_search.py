@@ -17,10 +17,12 @@ import optuna
 import pytest
 import torch
 from optuna.trial import FixedTrial, TrialState
+from typer.testing import CliRunner
 from helpers import no_channel_steps
 
 from sparsesearch import finalize as finalizing, models, report, search
 from sparsesearch.admm import RESUME
+from sparsesearch.cli import app
 from sparsesearch import storage as stores
 from sparsesearch.errors import UserError
 from sparsesearch.graph import dependencies
@@ -445,6 +447,25 @@ def test_export_refuses_infeasible_and_unknown_trials(tiny: dict) -> None:
         search.chosen(study, 99)
 
 
+def test_export_and_finalize_retrain_only_the_studys_model_from_its_own_dense_weights(tiny: dict,
+                                                                                      tmp_path: Path) -> None:
+    """Drops are measured from the dense model the trials were pruned from: other weights, missing
+    weights (never trained anew) or another --model are refused before any work."""
+    storage = f"sqlite:///{tmp_path / 'copy.db'}"
+    optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    said = CliRunner().invoke(app, ["finalize", "tiny", "--storage", storage, "--model", "lenet5"]).stderr
+    assert "study 'tiny' searched the model digits-cnn, not lenet5" in said
+    assert search.recorded_dense(study) == Path(study.user_attrs["config"]["checkpoint"])
+    study.set_user_attr("dense", {**study.user_attrs["dense"], "weights_sha256": "0" * 64})
+    with pytest.raises(UserError, match="changed since the study started"):
+        search.recorded_dense(study)
+    study.set_user_attr("config", {**study.user_attrs["config"], "checkpoint": str(tmp_path / "gone.pt")})
+    with pytest.raises(UserError, match="gone.pt that study 'tiny' was pruned from is not here"):
+        search.recorded_dense(study)
+    assert not (tmp_path / "gone.pt").exists(), "nothing trained in its place"
+
+
 def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, tmp_path: Path) -> None:
     """And records in the study what the plan lost retrained beside what its trial lost, for the report."""
     storage = f"sqlite:///{tmp_path / 'exported.db'}"
@@ -486,7 +507,8 @@ def test_finalize_retrains_the_front_by_bisection_and_ships_its_fastest_plan_wit
     done = again(None)
     assert done.best == front[-1].number and done.next is None
     assert len(runs) == len(set(runs)) <= math.ceil(math.log2(len(front) + 1))
-    assert (tmp_path / "export" / f"trial-{done.best}" / "metrics.json").is_file()
+    shipped = search.export_dir(tmp_path / "export", done.best, "0.25+0.25")
+    assert (shipped / "metrics.json").is_file() and done.retrained[done.best]["path"] == str(shipped.resolve())
     assert again(None) == done and len(runs) == len(done.retrained), "a settled bisection trains nothing more"
     assert study.user_attrs[report.FINALIZED]["best"] == done.best
     assert all(study.user_attrs[f"{finalizing.FINALIZING}{n}"] is None for n in runs), "each lease is given back"
@@ -523,10 +545,6 @@ def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_a_mistyped_model_leaves_no_study_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from typer.testing import CliRunner
-
-    from sparsesearch.cli import app
-
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["optimize", "--model", "resnet2O", "--budget", "1"])
     assert result.exit_code == 2 and "did you mean resnet20" in result.stderr

@@ -330,6 +330,15 @@ def test_a_storage_that_cannot_be_used_is_one_line_naming_the_fix(url: str, says
     assert result.exit_code == 2 and says in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("url", ["sqlite:///typo.db", "journal://typo/study.log"])
+def test_reading_a_study_from_a_mistyped_file_creates_nothing(url: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "s", "--storage", url])
+    assert result.exit_code == 2 and "no study file at typo" in result.stderr and "check the path" in result.stderr
+    assert not list(tmp_path.iterdir()), "no empty database or folder left behind"
+
+
 # --- trial weights in an S3 bucket -----------------------------------------------------------------
 
 
