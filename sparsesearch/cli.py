@@ -865,7 +865,8 @@ def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
     epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 10+5).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default studies/STUDY/export/trial-N-EPOCHS).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default "
+                                                  "studies/STUDY/export/trial-N-EPOCHS).")] = None,
     storage: StorageOpt = None,
     artifacts: ArtifactsOpt = None,
     model: OwnModelOpt = None,

@@ -122,9 +122,9 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
         if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again
             try:
                 progress = _renewing(study, lease, on_run(now.next, now) if on_run else None)
-                result: ExportResult | Diverged = export_trial(
-                    search, study, now.next, admm_epochs, retrain_epochs, export_dir(out_root, now.next, epochs), progress,
-                    within_trial_limit=False)
+                out = export_dir(out_root, now.next, epochs)
+                result: ExportResult | Diverged = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
+                                                               out, progress, within_trial_limit=False)
             except Diverged as e:
                 result = e
                 study.set_user_attr(export_key(study, now.next, epochs), {
