@@ -82,8 +82,10 @@ def test_cuda_without_gpu_is_one_line() -> None:
     (["prune", "--checkpoint", "x.pt", "--plan", "filter=0.5", "--rho0", "nan"], "--rho0 must be a finite number > 0"),
     (["compact", "--checkpoint", "x.pt", "--batch-size", "0"], "--batch-size must be"),
     (["profile", "--batch-size", "0"], "--batch-size must be"),
-    (["optimize", "--max-acc-drop", "nan"], "--max-acc-drop must be a finite number >= 0, got nan"),
-    (["optimize", "--max-acc-drop", "-1"], "--max-acc-drop must be a finite number >= 0"),
+    (["optimize", "--max-acc-drop", "nan"], "--max-acc-drop must be a number of accuracy points from 0 to 100, got"),
+    (["optimize", "--max-acc-drop", "-1"], "--max-acc-drop must be a number of accuracy points from 0 to 100"),
+    (["finalize", "s", "--max-acc-drop", "1000"], "--max-acc-drop must be a number of accuracy points"),
+    (["finalize", "s", "--confidence", "-0.2"], "--confidence must be a probability between 0 and 1"),
 ])
 def test_a_numeric_option_out_of_range_is_one_line_and_runs_nothing(
         args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -538,7 +538,10 @@ def test_unknown_study_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no study 'nope'"):
         stores.open_study("nope", None, create=False)
-    with pytest.raises(UserError, match="holds no study"):
+    with pytest.raises(UserError, match="no study file at"):
+        stores.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
+    stores.open_study("other", f"sqlite:///{tmp_path / 'x.db'}", create=True)
+    with pytest.raises(UserError, match="holds no study 'nope'; check the study's name"):
         stores.open_study("nope", f"sqlite:///{tmp_path / 'x.db'}", create=False)
     with pytest.raises(UserError, match="cannot open study storage"):
         stores.open_study("nope", "postgresql://127.0.0.1:1/none", create=True)
