@@ -591,7 +591,8 @@ StudyArg = Annotated[str, typer.Argument(help="Study name (a folder under studie
 StorageOpt = Annotated[str | None, typer.Option(
     help="Optuna storage: sqlite:///PATH (default studies/NAME/study.db), postgresql://USER@HOST/DB, journal:///PATH.")]
 ArtifactsOpt = Annotated[str | None, typer.Option(
-    help="Where trial weights go: a folder all workers reach, or s3://BUCKET (default: the study's, else studies/NAME/artifacts).")]
+    help="Where the study keeps trial weights: a folder all workers reach, or s3://BUCKET (default: the study's, "
+         "else studies/NAME/artifacts).")]
 
 
 @command()
