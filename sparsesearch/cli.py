@@ -984,8 +984,7 @@ def finalize_cmd(
                       f"batch {config.batch_size}, {n_threads} threads); {where}")
     else:
         console.print(f"no plan of the front is within {limit:g} points retrained"
-                      + ("" if done.settled else " yet")
-                      + ("; a larger --max-acc-drop or longer --epochs may find one" if done.settled else ""))
+                      + ("; a larger --max-acc-drop or longer --epochs may find one" if done.settled else " yet"))
     where = "settled"
     if done.next is not None:
         where = f"next: trial {done.next} (run the same command to go on)"
