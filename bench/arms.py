@@ -9,7 +9,11 @@ one control, the dense model trained with the trial recipe and nothing pruned, a
   torch-pruning  Torch-Pruning's own global pruning (group L2-norm importance, `global_pruning`) at
                  ratios 10..90%, then plain fine-tuning for the same epochs;
   random         random search in the study's space (no baselines, no seeds; its sensitivity scan,
-                 which the space's `lean` needs, is run and counted), with the ladder.
+                 which the space's `lean` needs, is run and counted), with the ladder;
+  calibrated     the study as a user runs `optimize` twice with `finalize` between: the study's
+                 trials up to half its compute, then the rest at the trial limit (`search.trial_limit`)
+                 that the study's finals of those trials support, recorded as the exports finalize
+                 writes (the full runs are not counted in its compute, as no arm's finals are).
 A ladder stops once two rates in a row lose more than STOP points (no higher rate can then be
 picked). The two searches run until their trials' summed training seconds, at the pace of the
 case's fastest worker (`spent`), reach `--compute` (carried over sessions: the studies are
@@ -70,7 +74,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, case_name, dense_checkpoint, record  # noqa: E402
 
-from sparsesearch import search, storage  # noqa: E402
+from sparsesearch import report, search, storage  # noqa: E402
 from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
@@ -88,17 +92,22 @@ DROPS = (0.5, 1.0)
 STOP = 2 * max(DROPS)  # a ladder stops once two rates in a row lose more: higher ones cannot qualify
 BATCHES = (1, 8)
 RUNS = Path(__file__).parent / "runs"
+CALIBRATED, COPIED = "calibrated", "copied_trials"
+SEARCHES = ("study", "random", CALIBRATED)
 
 
 # --- the arms at trial fidelity -------------------------------------------------------------------
 
 
-def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict) -> optuna.Study:
+def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict,
+             full_epochs: str) -> optuna.Study:
     """The study (or random search) arm, run on until its training reaches `compute_s` (`spent`, checked
     after every trial); a new one is judged against the arms' one `control` (a study attr), not a
     control of its own."""
     random = arm == "random"
     built.config = replace(built.config, sampler="random" if random else "tpe")
+    if arm == CALIBRATED and not (folder / f"{arm}.journal").is_file():
+        halved(folder, compute_s, full_epochs)
     study = storage.open_study(arm, f"journal:///{folder / f'{arm}.journal'}", True, None, LadderPruner())
     if not study.trials:
         study.set_user_attr(search.CONTROL, control)
@@ -110,6 +119,28 @@ def searched(built: search.Search, arm: str, folder: Path, compute_s: float, con
     return study
 
 
+def halved(folder: Path, compute_s: float, full_epochs: str) -> None:
+    """Start the `calibrated` arm: the study's finished trials until they spent half of `compute_s`,
+    and, as the exports `finalize` records, the study's finals of those trials (the full runs a user
+    would have run between two `optimize` calls). How many trials it took is its `COPIED` attr."""
+    source = storage.open_study("study", f"journal:///{folder / 'study.journal'}", True)
+    state = json.loads((folder / "results.json").read_text())
+    copied: list[optuna.trial.FrozenTrial] = []
+    for t in source.get_trials(False):  # in order, so each keeps its number (its finals' "trial N")
+        if not t.state.is_finished() or spent_on(copied, folder) >= compute_s / 2:
+            break
+        copied.append(t)
+    study = storage.open_study(CALIBRATED, f"journal:///{folder / f'{CALIBRATED}.journal'}", True)
+    for key, value in source.user_attrs.items():
+        study.set_user_attr(key, value)
+    study.add_trials(copied)
+    study.set_user_attr(COPIED, len(copied))
+    for key, r in state.get("final", {}).items():
+        if arm_of(key) == "study" and r["pick"]["trial"] < len(copied):
+            study.set_user_attr(report.export_key(study, r["pick"]["trial"], full_epochs), {
+                "val_drop": r["drop"], "val_drop_se": r["se"], "test_drop": r["test drop"], "epochs": full_epochs})
+
+
 def past_reach(rows: dict[str, dict]) -> bool:
     """Whether a ladder's two highest rates so far both lost more than STOP points."""
     drops = [rows[r]["drop"] for r in sorted(rows, key=float)]
@@ -117,11 +148,11 @@ def past_reach(rows: dict[str, dict]) -> bool:
 
 
 def paces(folder: Path) -> dict[str, float]:
-    """Each worker's (process's) median seconds per complete trial, over both searches' journals. A
+    """Each worker's (process's) median seconds per complete trial, over the searches' journals. A
     complete trial is the same work whatever its plan (the masked model trains at full size), so this
     is the speed of the machine the worker ran on, and of what ran beside it."""
     times: dict[str, list[float]] = {}
-    for arm in ("study", "random"):
+    for arm in SEARCHES:
         if (path := folder / f"{arm}.journal").is_file():
             for t in storage.open_study(arm, f"journal:///{path}", True).get_trials(
                     False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -134,15 +165,20 @@ def spent(study: optuna.Study, folder: Path) -> float:
     the pace of the fastest worker of the case (`paces`): the arms ran over sessions, on different
     CPUs and beside other jobs (resnet56's study trials took 460-560 s on one day, 285-307 s on
     the next), and equal compute means equal work at one machine's speed."""
+    scan = study.user_attrs.get("sensitivity", {}).get("seconds", 0.0)
+    return spent_on(search.trained_trials(study), folder, scan)
+
+
+def spent_on(trials: list[optuna.trial.FrozenTrial], folder: Path, scan: float = 0.0) -> float:
+    """`spent` of these trials (the study's trained ones) and a scan of `scan` seconds."""
     pace = paces(folder)
     fastest = min(pace.values(), default=1.0)
-    trials = search.trained_trials(study)
 
     def scale(trial: optuna.trial.FrozenTrial) -> float:
         return fastest / pace.get(trial.user_attrs.get("worker", ""), fastest)
 
-    scan = study.user_attrs.get("sensitivity", {}).get("seconds", 0.0) * (scale(trials[0]) if trials else 1.0)
-    return scan + sum(t.user_attrs.get("train_seconds", 0.0) * scale(t) for t in trials)
+    return scan * (scale(trials[0]) if trials else 1.0) + sum(t.user_attrs.get("train_seconds", 0.0) * scale(t)
+                                                            for t in trials)
 
 
 def uniform_plan(built: search.Search, rate: float) -> Plan:
@@ -332,6 +368,9 @@ def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, op
     final), and the plan to retrain next (None once settled)."""
     front = sorted(nondominated(candidates(built, arm, state, studies)), key=lambda c: c["speed"])
     runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == arm}
+    if arm == CALIBRATED:  # its first trials are the study's: their finals count
+        runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == "study"
+                and r["pick"]["trial"] < studies[arm].user_attrs[COPIED]} | runs
     best, probe = bisect([c["label"] for c in front], {c["label"]: runs[c["label"]]["drop"] <= limit
                                                        for c in front if c["label"] in runs})
     return runs.get(best), next((c for c in front if c["label"] == probe), None)
@@ -429,8 +468,8 @@ def main() -> None:
         print(f"control (trial recipe, nothing pruned): {control['val']:.2f}% val", flush=True)
         studies = {}
         for arm in args.arms:
-            if arm in ("study", "random"):
-                studies[arm] = searched(built, arm, folder, compute_s, control)
+            if arm in SEARCHES:
+                studies[arm] = searched(built, arm, folder, compute_s, control, args.full_epochs)
                 search.control(built, holder)  # each study set the arms' reference again: the same one
                 print(arm, f"{spent(studies[arm], folder):.0f} s of training (at the fastest worker's pace) in "
                       f"{len(studies[arm].trials)} trials", flush=True)
@@ -556,7 +595,7 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], cp
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, arm in enumerate(("study", "random", "uniform", "torch-pruning")):
+    for i, arm in enumerate((*SEARCHES, "uniform", "torch-pruning")):
         points = candidates(built, arm, state, studies) if arm in studies or arm in state else []
         color = f"C{i}"
         ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14,

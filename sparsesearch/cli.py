@@ -701,6 +701,9 @@ def optimize(
     else:
         console.print(f"feasible: at most {config.max_acc_drop:g} points below the dense model, image by image "
                       "(this study's first trials were judged so, before studies had a control)")
+    if (raised := search.trial_limit(opened, config.max_acc_drop)) > config.max_acc_drop:
+        console.print(f"trials may lose up to {raised:.2f} points: full runs of this study's plans (finalize) came "
+                      f"within {config.max_acc_drop:g} after trials that lost that much")
     with progress_bar("sensitivity scan") as update:
         scan = search.sensitivity(built, opened, update)
     fragile, floor = max(scan.drop.items(), key=lambda kv: kv[1]), seeds.noise(scan)

@@ -382,7 +382,8 @@ def markdown(study: optuna.Study) -> str:
               f"({target.get('device', '?')}, {target.get('threads', '?')} threads)"),
              (f"- speedups measured on {s.get('device_name', '?')} ({s.get('device', '?')}, worker "
               f"{s.get('by', '?')}), batch {s.get('batch_size', '?')}, {s.get('threads', '?')} threads: "
-              f"{s.get('how', 'not measured yet')}"), ladder_text(trials), ""]
+              f"{s.get('how', 'not measured yet')}"), ladder_text(trials),
+             *limit_text(trials, c.get("max_acc_drop", 1.0)), ""]
     for drop in sorted({0.5, float(c.get("max_acc_drop", 1.0))}):
         best, base = best_within(data["pareto"], drop), best_within(data["baselines"], drop)
         which = f" (trial {best['trial']})" if best else ""
@@ -482,6 +483,13 @@ def ladder_text(trials: list[FrozenTrial]) -> str:
             "the end" if spent and full else "")
     return (f"- fidelity ladder (rungs at {', '.join(f'{f:.0%}' for f in RUNGS)} of a trial's training; a trial "
             f"goes on if it ranks in the best 1/{ETA} of the trials predicted at least as fast): stopped {at}{mean}")
+
+
+def limit_text(trials: list[FrozenTrial], limit: float) -> list[str]:
+    """The limit the latest trials were judged at, where full runs raised it (`search.trial_limit`)."""
+    latest = next((t.user_attrs["trial_limit"] for t in reversed(trials) if "trial_limit" in t.user_attrs), limit)
+    return [f"- trials judged promising within {latest:.2f} points, not {limit:g}: full runs of this study's plans "
+            "came within the limit after trials that lost that much"] if latest > limit else []
 
 
 def drop_text(r: dict[str, Any]) -> str:

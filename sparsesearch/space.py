@@ -184,20 +184,27 @@ def _prunes_no_more(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial]) -> str:
-    """Why a candidate is not worth training, or "": predicted slower than dense; a feasible trial
-    prunes no more and is predicted at least as fast (dominated on speed alone); an infeasible trial
-    prunes no more (it can only be less accurate)."""
+def promising(trial: FrozenTrial, limit: float | None) -> bool | None:
+    """Whether a finished trial lost at most `limit` points (`search.trial_limit`: the drop a trial
+    may show and a full run still pass; None: as judged when it finished); None if it was not judged."""
+    drop = trial.user_attrs.get("acc_drop")
+    return trial.user_attrs.get("feasible") if limit is None or drop is None else drop <= limit
+
+
+def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial], limit: float | None = None) -> str:
+    """Why a candidate is not worth training, or "": predicted slower than dense; a `promising` trial
+    prunes no more and is predicted at least as fast (dominated on speed alone); a trial beyond
+    `limit` prunes no more (it can only be less accurate)."""
     if speedup < 1:
         return f"predicted slower than the dense model ({speedup:.2f}x)"
     for t in finished:
         other = t.user_attrs.get("plan")
         if t.state != TrialState.COMPLETE or other is None or not _prunes_no_more(other, plan):
             continue
-        if t.user_attrs.get("feasible") and t.user_attrs.get("predicted_speedup", 0) >= speedup:
+        if promising(t, limit) and t.user_attrs.get("predicted_speedup", 0) >= speedup:
             return (f"dominated on speed: trial {t.number} prunes no more and is predicted at least as fast "
                     f"({t.user_attrs['predicted_speedup']:.2f}x >= {speedup:.2f}x)")
-        if t.user_attrs.get("feasible") is False:
+        if promising(t, limit) is False:
             return f"hopeless: trial {t.number} prunes no more and already misses the accuracy constraint"
     return ""
 
@@ -208,8 +215,9 @@ class LadderPruner(optuna.pruners.BasePruner):
     with if hard-pruned there. A plan's predicted speedup is known before it trains, so it competes
     only with trials predicted at least as fast (within `band`): they are what would dominate it.
     At each rung it goes on if it ranks in the best 1/`eta` of those that reached the rung (it runs
-    while fewer than `eta` did), and it stops if it trails every feasible trial there by `margin`
-    points (it would miss the constraint). Reads the trials' attrs, as the module docstring says."""
+    while fewer than `eta` did), and it stops if it trails there every trial within the limit it
+    was given (its `trial_limit` attr) by more than that limit plus `margin` points: it would miss
+    it. Reads the trials' attrs, as the module docstring says."""
 
     def __init__(self, eta: int = ETA, band: float = BAND, margin: float = 5.0, min_feasible: int = 3) -> None:
         self.eta, self.band, self.margin, self.min_feasible = eta, band, margin, min_feasible
@@ -225,10 +233,12 @@ class LadderPruner(optuna.pruners.BasePruner):
         k, acc, speedup = len(rungs) - 1, rungs[-1]["acc"], trial.user_attrs.get("predicted_speedup", 0.0)
         there = [t for t in study.get_trials(False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
                  if t.number != trial.number and len(t.user_attrs.get("rungs", [])) > k]
+        limit = trial.user_attrs.get("trial_limit")
         feasible = [t.user_attrs["rungs"][k]["acc"] for t in there
-                    if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
-        if len(feasible) >= self.min_feasible and acc < min(feasible) - self.margin:
-            return (f"{acc:.1f}% at rung {k + 1} trails every feasible trial's by more than {self.margin:g} points "
+                    if t.state == TrialState.COMPLETE and promising(t, limit)]
+        gap = self.margin + (limit or 0.0)
+        if len(feasible) >= self.min_feasible and acc < min(feasible) - gap:
+            return (f"{acc:.1f}% at rung {k + 1} trails every promising trial's by more than {gap:g} points "
                     "(it would miss the constraint)")
         peers = [t.user_attrs["rungs"][k]["acc"] for t in there
                  if t.user_attrs.get("predicted_speedup", 0.0) >= speedup / (1 + self.band)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sparsesearch import finalize as finalizing, report
+from sparsesearch import finalize as finalizing, report, search
 from sparsesearch.errors import Diverged, UserError
 from sparsesearch.finalize import FINALIZING, bisect, candidates, finalize, state
 from sparsesearch.report import EXPORTED
@@ -188,3 +188,37 @@ def test_a_full_run_that_diverges_counts_as_beyond_the_limit_and_the_bisection_g
     assert heard == [(2, "training diverged: the loss is nan"), (0, "training diverged: the loss is nan")]
     assert done.best is None and done.settled and sorted(done.retrained) == [0, 2]
     assert "| 2 | – | diverged | – | 4+2 | –x |" in report.markdown(study)
+
+
+def test_the_trial_limit_rises_to_the_largest_trial_drop_every_full_run_below_it_passed() -> None:
+    """Full runs say how much a trial may lose and the plan still pass: walked up from the smallest
+    trial drop, the first full run beyond the limit ends the walk; it never falls below the limit."""
+    assert search.calibrated_limit([], 1.0) == 1.0
+    assert search.calibrated_limit([(0.4, True), (1.9, True), (7.6, False)], 1.0) == 1.9
+    assert search.calibrated_limit([(5.7, True), (1.8, True)], 1.0) == 5.7, "in any order"
+    assert search.calibrated_limit([(0.5, True), (2.0, False), (3.0, True)], 1.0) == 1.0, \
+        "a plan beyond it below a plan within it: no higher than the first beyond"
+    assert search.calibrated_limit([(0.2, False)], 1.0) == 1.0
+
+
+def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_path: Path) -> None:
+    """The full runs are the exports at the largest budget (finalize's); a quick look at fewer epochs
+    and a diverged run count as what they are."""
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for n, drop in enumerate([0.3, 1.2, 2.5, 4.0, 6.0]):
+        study.add_trial(optuna.trial.create_trial(values=[90.0 - n, 2.0 + n],
+                                                  user_attrs={"plan": {}, "acc_drop": drop}))
+    assert search.trial_limit(study, 0.5) == 0.5, "no full run yet"
+
+    def ran(number: int, epochs: str, val_drop: float, **more: str) -> None:
+        study.set_user_attr(report.export_key(study, number, epochs), {
+            "val_drop": val_drop, "val_drop_se": 0.1, "test_drop": val_drop, "speedup": 2.0, "epochs": epochs} | more)
+
+    ran(6, "1+1", 0.2)  # a look at fewer epochs than a trial's full run: the only runs, so they count
+    assert search.trial_limit(study, 0.5) == 1.2
+    ran(7, "4+2", 0.3)
+    ran(8, "4+2", 0.4)
+    ran(9, "1+1", 9.0)  # beyond, but only at 1+1: 4+2 decides now
+    assert search.trial_limit(study, 0.5) == 4.0
+    ran(9, "4+2", finalizing.LOST, diverged="NaN loss")
+    assert search.trial_limit(study, 0.5) == 4.0 and search.trial_limit(study, 0.35) == 2.5

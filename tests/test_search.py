@@ -266,9 +266,11 @@ def test_the_search_finds_the_removable_blocks_of_a_resnet_and_none_in_a_chain(t
     assert built.find_removable() == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
 
 
-def _done(number: int, plan: dict, speedup: float, feasible: bool) -> optuna.trial.FrozenTrial:
-    return optuna.trial.create_trial(values=[99.0, speedup], user_attrs={
-        "plan": plan, "predicted_speedup": speedup, "feasible": feasible})
+def _done(number: int, plan: dict, speedup: float, feasible: bool,
+          drop: float | None = None) -> optuna.trial.FrozenTrial:
+    attrs = {"plan": plan, "predicted_speedup": speedup, "feasible": feasible}
+    attrs |= {} if drop is None else {"acc_drop": drop}
+    return optuna.trial.create_trial(values=[99.0, speedup], user_attrs=attrs)
 
 
 def test_rejection_before_training_says_why() -> None:
@@ -282,12 +284,23 @@ def test_rejection_before_training_says_why() -> None:
     assert rejection(heavy, 1.2, [_done(0, other_type, 1.3, True)]) == ""
 
 
+def test_rejection_judges_past_trials_at_the_limit_it_is_given() -> None:
+    """Full runs may raise the limit trials are judged at (`search.trial_limit`): a plan that prunes
+    more than a trial which lost 3 points is hopeless at a limit of 1, worth training at one of 4."""
+    light = {"a": {"type": "filter", "rate": 0.3}}
+    heavy = {"a": {"type": "filter", "rate": 0.5}}
+    lost_3 = _done(0, light, 1.3, False, drop=3.0)
+    assert "hopeless" in rejection(heavy, 1.4, [lost_3], limit=1.0)
+    assert rejection(heavy, 1.4, [lost_3], limit=4.0) == ""
+    assert "dominated on speed" in rejection(heavy, 1.2, [lost_3], limit=4.0)
+
+
 def _on_ladder(accs: list[float], speedup: float, state: TrialState = TrialState.COMPLETE,
-               feasible: bool = True) -> optuna.trial.FrozenTrial:
+               feasible: bool = True, **attrs: float) -> optuna.trial.FrozenTrial:
     rungs = [{"step": i, "of": 9, "phase": "admm", "acc": a} for i, a in enumerate(accs)]
     values = [99.0, speedup] if state == TrialState.COMPLETE else None
     return optuna.trial.create_trial(state=state, values=values, user_attrs={
-        "rungs": rungs, "predicted_speedup": speedup, "feasible": feasible})
+        "rungs": rungs, "predicted_speedup": speedup, "feasible": feasible} | attrs)
 
 
 def test_ladder_pruner_halves_among_plans_at_least_as_fast() -> None:
@@ -313,12 +326,26 @@ def test_ladder_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
     for acc in (60.0, 70.0, 80.0):
         study.add_trial(_on_ladder([acc], 1.2))
     pruner = LadderPruner(margin=5.0, min_feasible=3)
-    assert "trails every feasible" in pruner.why(study, _on_ladder([50.0], 1.1, TrialState.RUNNING))
-    assert "trails every feasible" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING)), \
+    assert "trails every promising" in pruner.why(study, _on_ladder([50.0], 1.1, TrialState.RUNNING))
+    assert "trails every promising" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING)), \
         "however fast: it would miss the constraint"
     assert pruner.why(study, _on_ladder([56.0], 9.0, TrialState.RUNNING)) == "", "within the margin"
     assert pruner.why(study, _on_ladder([90.0, 10.0], 9.0, TrialState.RUNNING)) == "", \
         "at rung 2 no feasible trial has a value to compare with"
+
+
+def test_ladder_pruner_compares_with_the_trials_within_the_limit_a_trial_was_given() -> None:
+    """A trial judged at a raised limit (`trial_limit`) trails only trials within it, by that limit
+    plus the margin: trials that lost 3 points stand beside it at a limit of 4, not at one of 1."""
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for acc in (60.0, 70.0, 80.0):
+        study.add_trial(_on_ladder([acc], 1.2, feasible=False, acc_drop=3.0))
+    pruner = LadderPruner(margin=5.0, min_feasible=3)
+    assert pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=1.0)) == "", \
+        "at a limit of 1 no trial is promising"
+    assert "more than 9 points" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=4.0))
+    assert pruner.why(study, _on_ladder([52.0], 9.0, TrialState.RUNNING, trial_limit=4.0)) == "", \
+        "within the limit plus the margin"
 
 
 # --- a tiny study, end to end ---------------------------------------------------------------------
@@ -350,11 +377,11 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
 def test_tiny_study_starts_with_the_uniform_baselines_then_the_sensitivity_seeds(tiny: dict) -> None:
     trials = tiny["study"].get_trials(False)
     baselines = [t for t in trials if "baseline" in t.user_attrs]
-    assert [t.user_attrs["baseline"] for t in baselines] == ["filter=0.3", "filter=0.5", "filter=0.7"]
-    assert [t.number for t in baselines] == [0, 1, 2]
+    assert [t.user_attrs["baseline"] for t in baselines] == ["filter=0.3", "filter=0.5", "filter=0.7", "filter=0.9"]
+    assert [t.number for t in baselines] == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in baselines)
     seeded = [t for t in trials if "seeded" in t.user_attrs]
-    assert [t.number for t in seeded] == [3, 4, 5] and all(t.state.is_finished() for t in seeded)
+    assert [t.number for t in seeded][:3] == [4, 5, 6] and all(t.state.is_finished() for t in seeded[:3])
     scan = tiny["study"].user_attrs["sensitivity"]
     assert set(scan["drop"]) == {s.name for s in tiny["search"].space.slots} and scan["seconds"] > 0
 
@@ -602,11 +629,11 @@ def test_baselines_enqueued_by_two_workers_are_trained_once(tiny: dict, tmp_path
     for _worker in range(2):  # both saw no baselines yet, as two workers starting together do
         for label, params in built.baselines():
             study.enqueue_trial(params, user_attrs={"baseline": label})
-    search.run(built, study, search.Budget(trials=4), baselines=False)  # the 4th trained trial comes after the copies
+    search.run(built, study, search.Budget(trials=5), baselines=False)  # the 5th trained trial comes after the copies
     trained = [t.user_attrs["baseline"] for t in search.trained_trials(study) if "baseline" in t.user_attrs]
-    assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7"]
+    assert sorted(trained) == ["filter=0.3", "filter=0.5", "filter=0.7", "filter=0.9"]
     duplicates = [t for t in study.get_trials(False) if "is trial" in t.user_attrs.get("rejected", "")]
-    assert len(duplicates) == 3 and all(t.state == TrialState.PRUNED for t in duplicates)
+    assert len(duplicates) == 4 and all(t.state == TrialState.PRUNED for t in duplicates)
 
 
 def test_a_study_scanned_per_stage_before_is_scanned_again_per_slot(tiny: dict, tmp_path: Path) -> None:
@@ -639,18 +666,18 @@ def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint
                 user_attrs={"baseline": label, "feasible": False}))
         return study
 
-    assert built.ladder(study_of("partly", [0.3, 0.5])) == [0.3, 0.5, 0.7], "filter 70% has not run yet"
-    study = study_of("down", [0.3, 0.5, 0.7])
-    assert built.ladder(study) == [0.3, 0.5, 0.7, 0.15]
-    search.run(built, study, search.Budget(trials=4))
-    (new,) = [t for t in search.trained_trials(study) if t.number >= 3]
+    assert built.ladder(study_of("partly", [0.3, 0.5, 0.7])) == [0.3, 0.5, 0.7, 0.9], "filter 90% has not run yet"
+    study = study_of("down", [0.3, 0.5, 0.7, 0.9])
+    assert built.ladder(study) == [0.3, 0.5, 0.7, 0.9, 0.15]
+    search.run(built, study, search.Budget(trials=5))
+    (new,) = [t for t in search.trained_trials(study) if t.number >= 4]
     assert new.user_attrs["baseline"] == "filter=0.15"
     assert {(v["type"], v["rate"]) for v in new.user_attrs["plan"].values()} == {("filter", 0.15)}
     waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
     assert "sensitivity at mean rate 0.15" in waiting
-    assert new.user_attrs["feasible"] and built.ladder(study) == [0.3, 0.5, 0.7, 0.15], "feasible: no lower"
-    assert built.ladder(study_of("further", [0.3, 0.5, 0.7, 0.15])) == [0.3, 0.5, 0.7, 0.15, 0.05]
-    assert built.ladder(study_of("floor", [0.3, 0.5, 0.7, 0.15, 0.05])) == [0.3, 0.5, 0.7, 0.15, 0.05], \
+    assert new.user_attrs["feasible"] and built.ladder(study) == [0.3, 0.5, 0.7, 0.9, 0.15], "feasible: no lower"
+    assert built.ladder(study_of("further", [0.3, 0.5, 0.7, 0.9, 0.15])) == [0.3, 0.5, 0.7, 0.9, 0.15, 0.05]
+    assert built.ladder(study_of("floor", [0.3, 0.5, 0.7, 0.9, 0.15, 0.05])) == [0.3, 0.5, 0.7, 0.9, 0.15, 0.05], \
         "not below the grid's step"
 
 
@@ -824,7 +851,8 @@ def test_trials_scored_for_a_target_are_measured_there(tiny: dict, digits_baseli
                                     "--checkpoint", str(checkpoint), "--threads", "1"])
     said = " ".join(more.output.split())
     assert more.exit_code == 0 and re.search(r"the \d+ s left of 0.1 min buy ≥ \d+ trials", said), said
-    assert re.search(r"search: 0/1 min; 0 trials, best feasible", said), said  # a duration's bar counts its minutes
+    # a duration's bar counts its minutes
+    assert re.search(r"search: 0/1 min; 0 trials, (best|no) feasible", said), said
     done = CliRunner().invoke(app, ["optimize", "--study", "t", "--budget", "2", "--profile", str(target),
                                     "--checkpoint", str(checkpoint), "--threads", "1"])
     said = " ".join(done.output.split())  # a budget the study has reached: nothing to train, no negative counts
@@ -887,7 +915,7 @@ def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_pat
                                                   values=[1.0, 1.0] if state == TrialState.COMPLETE else None))
     search.run(built, study, search.Budget(trials=0))
     waiting = [t.user_attrs.get("baseline") for t in study.get_trials(False, states=(TrialState.WAITING,))]
-    assert sorted(w for w in waiting if w) == ["filter=0.3", "filter=0.7"]
+    assert sorted(w for w in waiting if w) == ["filter=0.3", "filter=0.7", "filter=0.9"]
 
 
 def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path: Path) -> None:
@@ -900,7 +928,7 @@ def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path:
         "seeded": "sensitivity at mean rate 0.5", "rejected": "hopeless: trial 3 prunes no more and already misses"}))
     search.run(tiny["search"], study, search.Budget(trials=0))
     waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
-    assert waiting - {None} == {"sensitivity at mean rate 0.3", "sensitivity at mean rate 0.7"}
+    assert waiting - {None} == {f"sensitivity at mean rate {r}" for r in (0.3, 0.7, 0.9)}
 
 
 def _get(app: Any, path: str) -> Any:
@@ -1039,6 +1067,28 @@ def test_types_the_profile_never_timed_on_the_network_are_not_searched(tiny: dic
     offering.set_user_attr(search.WITHHELD, {})
     with pytest.raises(UserError, match="searches shape, which the latency profile .* has not timed"):
         search.record(offering, narrower)
+
+
+def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_their_drop(tiny: dict,
+                                                                                          tmp_path: Path) -> None:
+    """A plan that lost 30 points in its trial came within the limit fully trained (finalize): the
+    next trials are promising up to 30 points, for the sampler's constraint and the rejection rules,
+    while `feasible` still says whether a trial met the user's limit itself."""
+    built = tiny["search"]
+    study = stores.open_study("calibrated", f"sqlite:///{tmp_path / 'c.db'}", True,
+                              search.make_sampler(built.config, 0), LadderPruner())
+    search.record(study, built)
+    study.add_trial(optuna.trial.create_trial(values=[69.0, 9.0], user_attrs={"plan": {}, "acc_drop": 30.0}))
+    study.set_user_attr(report.export_key(study, 0, "4+2"), {"val_drop": 0.1, "val_drop_se": 0.1, "test_drop": 0.2,
+                                                            "speedup": 8.0, "epochs": "4+2"})
+    study.enqueue_trial(built.space.uniform_params(SparsityType.FILTER, 0.5))
+    search.run(built, study, search.Budget(trials=2), baselines=False)
+    (trial,) = [t for t in search.trained_trials(study) if t.number > 0]
+    drop = trial.user_attrs["acc_drop"]
+    assert trial.user_attrs["trial_limit"] == 30.0
+    assert trial.constraints == {"accuracy_drop": pytest.approx(drop - 30.0)}
+    assert trial.user_attrs["feasible"] == (drop <= built.config.max_acc_drop)
+    assert f"trials judged promising within 30.00 points, not {built.config.max_acc_drop:g}:" in report.markdown(study)
 
 
 def test_a_trial_trailing_faster_plans_stops_at_the_first_rung_of_the_ladder(tiny: dict, tmp_path: Path) -> None:
