@@ -47,6 +47,7 @@ class ADMMConfig:
     batch_size: int = 64
     weight_decay: float = 5e-4
     seed: int = 0
+    precision: str = "float32"  # of the forward pass in training (`train.autocast`)
     # What is evaluated, and on how much. `prune` reports everything: validation after every period,
     # test before, after hard pruning and at the end. A search trial scores on validation alone
     # (never test), and checks the projection each iteration on `probe` validation images only.
@@ -335,13 +336,15 @@ def _steps(train_images: int, batch_size: int, epochs: float) -> int:
 
 def run_key(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig) -> dict[str, object]:
     """What makes two runs the same run: the starting weights (their digest), data split, plan and
-    config. A resume file holding another run's key is ignored, never continued."""
+    config (without a float32 `precision`: the keys of runs from before it existed stay theirs).
+    A resume file holding another run's key is ignored, never continued."""
     digest = hashlib.sha256()
     for name, value in model.state_dict().items():
         digest.update(name.encode())
         digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    settings = {k: v for k, v in asdict(config).items() if (k, v) != ("precision", "float32")}
     return json.loads(json.dumps({"weights": digest.hexdigest(), "data": data.describe(), "plan": plan.to_dict(),
-                                  "config": asdict(config)}))
+                                  "config": settings}))
 
 
 RESUME = "admm.resume.pt"  # an interrupted `prune` or `export` keeps its state under this name in its output folder
@@ -387,7 +390,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         return forward
 
     def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed)
+        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed, config.precision)
 
     accuracy = saved.get("accuracy") or ({"dense": evaluate(model, data.test, device)} if config.test else {})
     probe = data.val.sized(config.probe) if config.probe else data.val

@@ -615,6 +615,9 @@ def optimize(
         "--channels-last", help="Profile, predict and measure every network in channels-last memory format, as "
         "a CPU deployment may run them (a study keeps the layout it began with).")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the sampler and of training (default 0).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="float32 (default) or bfloat16: the precision every training step of the study runs in (trials, "
+        "control, finalize's full runs); bfloat16 trains 1.7-2.5x faster on CPUs with AMX or AVX512-BF16.")] = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     profile: Annotated[Path | None, typer.Option(help="Latency profile (default: this device's under hardware_profiles/, measured if missing).")] = None,
@@ -635,7 +638,7 @@ def optimize(
     from . import search, seeds, storage as stores
     from .runtime import layout_of, resolve_device, set_threads
     from .space import LadderPruner
-    from .train import slug
+    from .train import check_precision, slug
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
@@ -646,6 +649,8 @@ def optimize(
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
     if trial_data is not None and not 0 < trial_data <= 1:
         raise UserError(f"--trial-data must be a fraction in (0, 1] of the training split, got {trial_data}")
+    if precision is not None:
+        check_precision(precision)
     if model:  # a typo must not leave a study behind
         models.spec(model)
     if dataset:
@@ -657,7 +662,7 @@ def optimize(
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
              "trial_data": trial_data,
              "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler,
-             "layout": layout_of(True) if channels_last else None}
+             "layout": layout_of(True) if channels_last else None, "precision": precision}
     try:
         config = search.reconcile(opened, given, search.SearchConfig())
         models.recorded(config.model, model, f"study '{name}'")
@@ -731,7 +736,8 @@ def optimize(
             else f"{more} more trials ≤ {search.duration(cost.seconds * more)}" if more
             else f"the study already has {done_before} trials (--budget {limit.trials}); a larger --budget adds more")
     share = search.trial_share(built.config)
-    console.print(f"one trial on {len(built.trial_data.train):,} training images ({share:.1%} of a full run's): "
+    console.print(f"one trial on {len(built.trial_data.train):,} training images ({share:.1%} of a full run's"
+                  f"{', in ' + built.config.precision if built.config.precision != 'float32' else ''}): "
                   f"{cost} on this device (timed on a few steps); {buys}"
                   + (", more for trials stopped early" if not limit.trials else ""))
     if share < search.FAITHFUL_SHARE * (1 - 1e-9):

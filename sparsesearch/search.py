@@ -52,12 +52,12 @@ from .layers import Layer
 from .plan import LayerSparsity, Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
-from .report import exported, sure_within
+from .report import FINALIZED, exported, sure_within
 from .runtime import DEFAULT_LAYOUT, in_layout
 from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
-from .train import Progress, ProgressFn, confidence_within, paired_drop, training_layout
+from .train import Progress, ProgressFn, autocast, confidence_within, paired_drop, training_layout
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
@@ -127,6 +127,7 @@ class SearchConfig:
     seed: int = 0
     sampler: str = "tpe"  # or "random" (the benchmark's control)
     layout: str = DEFAULT_LAYOUT  # memory layout the networks are profiled, predicted and measured in
+    precision: str = "float32"  # of every training step of its runs (trials, control, full runs): `train.autocast`
 
     @property
     def channels_last(self) -> bool:
@@ -140,7 +141,7 @@ class SearchConfig:
         return ADMMConfig(admm_epochs=epochs, admm_interval=max(epochs, 1e-9) / n, rho0=rho0,
                           rho_factor=(RHO_END / rho0) ** (1 / (n - 1)), rho_max=RHO_END,
                           retrain_epochs=self.retrain_epochs if retrain_epochs is None else retrain_epochs,
-                          seed=self.seed, probe=PROBE_IMAGES, test=False, rungs=RUNGS)
+                          seed=self.seed, probe=PROBE_IMAGES, test=False, rungs=RUNGS, precision=self.precision)
 
     def to_attrs(self) -> dict[str, Any]:
         return {**asdict(self), "types": list(self.types), "schema": SCHEMA}
@@ -404,13 +405,17 @@ def trial_limit(study: optuna.Study, limit: float) -> float:
     network and data: resnet56 on Fashion-MNIST lost 1.90 points in a trial and 0.38 fully trained
     (7.57 and 1.70 for a heavier plan), vgg16-bn 5.68 and 0.32 (bench/results/arms-*.md). Judged at
     the user's limit, the search steered away from plans a full run passes, and its front stopped
-    short of them. The full runs are the study's exports at the largest budget any export used
-    (finalize's runs); before any, trials are judged at the user's limit."""
-    rows = [r for r in exported(study) if r.get("acc_drop") is not None]
+    short of them. The full runs are `finalize`'s (its record's epochs, judged at its confidence);
+    without one, the exports at the largest budget any used; before any, trials are judged at the
+    user's limit. A longer export of one plan (to ship it) leaves finalize's evidence as it was."""
+    rows = [r for r in exported(study) if r.get("acc_drop") is not None and math.isfinite(r["acc_drop"])]
     if not rows:
         return limit
-    most = max(rows, key=lambda r: sum(parse_epochs(r["epochs"])))["epochs"]
-    return calibrated_limit([(r["acc_drop"], sure_within(r, limit) >= 0.5) for r in rows if r["epochs"] == most], limit)
+    done = study.user_attrs.get(FINALIZED) or {}
+    epochs = done.get("epochs") or max(rows, key=lambda r: (sum(parse_epochs(r["epochs"])), r["epochs"]))["epochs"]
+    sure = done.get("confidence", 0.5)
+    return calibrated_limit([(r["acc_drop"], sure_within(r, limit) >= sure) for r in rows if r["epochs"] == epochs],
+                            limit)
 
 
 def trial_share(config: SearchConfig, full: tuple[float, float] = FULL_EPOCHS) -> float:
@@ -461,7 +466,8 @@ def run_cost(search: Search, config: ADMMConfig, data: Data, timed_steps: int = 
               + projections * min(CALIBRATION_IMAGES, len(data.train))
               + 3 * len(data.test) * config.test)  # dense, hard-pruned and final test accuracy
     model = search.fresh_model().to(search.device).train()
-    layout = training_layout(model, *next(data.train.batches(config.batch_size)), search.device)  # as `fit` trains
+    layout = training_layout(model, *next(data.train.batches(config.batch_size)), search.device,
+                             config.precision)  # as `fit` trains
     in_layout(model, layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
@@ -471,7 +477,9 @@ def run_cost(search: Search, config: ADMMConfig, data: Data, timed_steps: int = 
         if i == 1:
             start = time.perf_counter()  # after one warm-up step
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(in_layout(x.to(search.device), layout)), y.to(search.device)).backward()
+        with autocast(search.device, config.precision):
+            loss = nn.functional.cross_entropy(model(in_layout(x.to(search.device), layout)), y.to(search.device))
+        loss.backward()
         optimizer.step()
     per_step = (time.perf_counter() - start) / timed_steps
     x, _ = next(data.val.batches(256))
@@ -934,7 +942,8 @@ def chosen(study: optuna.Study, number: int, within_trial_limit: bool = True) ->
     if trial.state != TrialState.COMPLETE or (within_trial_limit and not trial.user_attrs.get("feasible")):
         why = trial.user_attrs.get("rejected") or trial.user_attrs.get("pruned") or (
             f"it is {trial.state.name.lower()}" if trial.state != TrialState.COMPLETE else
-            f"its accuracy drop {trial.user_attrs.get('acc_drop', float('nan')):.2f} exceeds the constraint")
+            f"its accuracy drop {trial.user_attrs.get('acc_drop', float('nan')):.2f} exceeds the limit of "
+            f"{load_config(study).max_acc_drop:g} at trial fidelity")
         raise UserError(f"trial {number} is not feasible ({why}); export a Pareto trial (see pareto.json), or let "
                         "`sparsesearch finalize` judge plans beyond the limit by retraining them")
     return trial

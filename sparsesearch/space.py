@@ -216,8 +216,8 @@ class LadderPruner(optuna.pruners.BasePruner):
     only with trials predicted at least as fast (within `band`): they are what would dominate it.
     At each rung it goes on if it ranks in the best 1/`eta` of those that reached the rung (it runs
     while fewer than `eta` did), and it stops if it trails there every trial within the limit it
-    was given (its `trial_limit` attr) by more than that limit plus `margin` points: it would miss
-    it. Reads the trials' attrs, as the module docstring says."""
+    was given (its `trial_limit` attr) by more than `margin` points plus what full runs raised that
+    limit by: it would miss it. Reads the trials' attrs, as the module docstring says."""
 
     def __init__(self, eta: int = ETA, band: float = BAND, margin: float = 5.0, min_feasible: int = 3) -> None:
         self.eta, self.band, self.margin, self.min_feasible = eta, band, margin, min_feasible
@@ -236,9 +236,9 @@ class LadderPruner(optuna.pruners.BasePruner):
         limit = trial.user_attrs.get("trial_limit")
         feasible = [t.user_attrs["rungs"][k]["acc"] for t in there
                     if t.state == TrialState.COMPLETE and promising(t, limit)]
-        gap = self.margin + (limit or 0.0)
+        gap = self.margin + (limit or 0.0) - study.user_attrs.get("config", {}).get("max_acc_drop", limit or 0.0)
         if len(feasible) >= self.min_feasible and acc < min(feasible) - gap:
-            return (f"{acc:.1f}% at rung {k + 1} trails every promising trial's by more than {gap:g} points "
+            return (f"{acc:.1f}% at rung {k + 1} trails every promising trial's by more than {gap:.2f} points "
                     "(it would miss the constraint)")
         peers = [t.user_attrs["rungs"][k]["acc"] for t in there
                  if t.user_attrs.get("predicted_speedup", 0.0) >= speedup / (1 + self.band)]

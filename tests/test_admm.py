@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsesearch.admm import (CALIBRATION_IMAGES, ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels,
-                               masked_hooks, projected_accuracy, prune_masks, resume_files, run_admm)
+                               masked_hooks, projected_accuracy, prune_masks, resume_files, run_admm, run_key)
 from sparsesearch.compact import slimmed
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
@@ -329,9 +329,13 @@ def test_a_resume_file_of_another_run_is_ignored(digits_baseline: DenseResult, t
     assert first_iteration(mixed, RESUMABLE) == 1
     assert first_iteration(mixed, RESUMABLE) == 2, "the same run goes on"
     for plan, config, scale in [(Plan({"3": LayerSparsity(T.FILTER, 0.5)}), RESUMABLE, 1.0),
-                                (mixed, replace(RESUMABLE, lr=0.02), 1.0), (mixed, RESUMABLE, 1.01)]:
+                                (mixed, replace(RESUMABLE, lr=0.02), 1.0), (mixed, RESUMABLE, 1.01),
+                                (mixed, replace(RESUMABLE, precision="bfloat16"), 1.0)]:
         first_iteration(mixed, RESUMABLE)  # the file holds the original run again
         assert first_iteration(plan, config, scale) == 1
+    model, data = _digits(digits_baseline)
+    assert "precision" not in run_key(model, data, mixed, RESUMABLE)["config"], \
+        "a float32 run keeps the key it had before precision was a setting: its resume files stay valid"
 
 
 def test_half_the_filters_cost_at_most_one_point_on_digits(digits_baseline: DenseResult) -> None:

@@ -202,8 +202,9 @@ def test_the_trial_limit_rises_to_the_largest_trial_drop_every_full_run_below_it
 
 
 def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_path: Path) -> None:
-    """The full runs are the exports at the largest budget (finalize's); a quick look at fewer epochs
-    and a diverged run count as what they are."""
+    """The full runs are finalize's (its epochs, its confidence), else the exports at the largest
+    budget; a quick look at fewer epochs, a longer export to ship a plan and a diverged run count as
+    what they are."""
     study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
     for n, drop in enumerate([0.3, 1.2, 2.5, 4.0, 6.0]):
         study.add_trial(optuna.trial.create_trial(values=[90.0 - n, 2.0 + n],
@@ -222,3 +223,8 @@ def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_pa
     assert search.trial_limit(study, 0.5) == 4.0
     ran(9, "4+2", finalizing.LOST, diverged="NaN loss")
     assert search.trial_limit(study, 0.5) == 4.0 and search.trial_limit(study, 0.35) == 2.5
+    study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.5})
+    ran(5, "20+10", 0.1)  # the user ships trial 5 after a longer run: finalize's evidence stands
+    assert search.trial_limit(study, 0.5) == 4.0
+    study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.99})  # 0.3 ± 0.1 is 98% sure
+    assert search.trial_limit(study, 0.5) == 0.5

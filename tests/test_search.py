@@ -336,16 +336,18 @@ def test_ladder_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
 
 def test_ladder_pruner_compares_with_the_trials_within_the_limit_a_trial_was_given() -> None:
     """A trial judged at a raised limit (`trial_limit`) trails only trials within it, by that limit
-    plus the margin: trials that lost 3 points stand beside it at a limit of 4, not at one of 1."""
+    plus the margin and what the limit was raised by: trials that lost 3 points stand beside it at
+    a limit of 4, not at one of 1."""
     study = optuna.create_study(directions=["maximize", "maximize"])
+    study.set_user_attr("config", {"max_acc_drop": 1.0})
     for acc in (60.0, 70.0, 80.0):
         study.add_trial(_on_ladder([acc], 1.2, feasible=False, acc_drop=3.0))
     pruner = LadderPruner(margin=5.0, min_feasible=3)
     assert pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=1.0)) == "", \
         "at a limit of 1 no trial is promising"
-    assert "more than 9 points" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=4.0))
+    assert "more than 8.00 points" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=4.0))
     assert pruner.why(study, _on_ladder([52.0], 9.0, TrialState.RUNNING, trial_limit=4.0)) == "", \
-        "within the limit plus the margin"
+        "within the margin plus the raise"
 
 
 # --- a tiny study, end to end ---------------------------------------------------------------------

@@ -137,6 +137,19 @@ def test_a_net_that_cannot_run_channels_last_trains_as_it_is(monkeypatch: pytest
     assert history.val_acc > 50
 
 
+def test_bfloat16_training_learns_as_float32_training_does(digits_baseline: DenseResult, tmp_path: Path) -> None:
+    """Under bfloat16 autocast the forward pass rounds to 8 bits of mantissa; the weights, their
+    gradients and the optimizer stay float32, and the model learns as well (digits-cnn, 20 epochs)."""
+    result = train_dense("digits-cnn", "digits", TrainConfig(precision="bfloat16"), CPU, tmp_path / "dense.pt")
+    assert abs(result.test_acc - digits_baseline.test_acc) <= 1.5
+    weights = torch.load(result.checkpoint, weights_only=True)
+    reference = torch.load(digits_baseline.checkpoint, weights_only=True)
+    assert all(w.dtype == reference[k].dtype for k, w in weights.items())
+    assert not all(torch.equal(w, reference[k]) for k, w in weights.items()), "trained in float32 after all"
+    with pytest.raises(UserError, match="--precision must be one of float32, bfloat16, got 'float16'"):
+        TrainConfig(precision="float16")
+
+
 def test_fractional_epochs_run_that_share_of_steps() -> None:
     model, ds = prepare("digits-cnn", "digits")
     steps: list[int] = []
