@@ -6,7 +6,7 @@ trained briefly: ADMM, hard prune, masked retraining. On its way it passes the r
 ladder (`space.RUNGS`: 1/9 and 1/3 of its training), where the accuracy it would end with if
 hard-pruned there is checked on the validation probe, and `space.LadderPruner` stops it unless it
 ranks in the best third of the trials predicted at least as fast (successive halving among plans
-that would dominate it), or when it trails every promising trial.
+that would dominate it), or when it trails every promising one of them by a margin.
 Objectives: validation accuracy and predicted speedup, both maximised; constraint
 (`Trial.set_constraint`): accuracy drop at most `trial_limit` points, paired image by image with
 the study's control (`control`: the dense model trained with the trial recipe, nothing pruned), so

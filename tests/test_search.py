@@ -321,16 +321,17 @@ def test_ladder_pruner_halves_among_plans_at_least_as_fast() -> None:
     assert pruner.why(study, _on_ladder([], 1.0, TrialState.RUNNING)) == "", "no rung reached yet"
 
 
-def test_ladder_pruner_stops_a_trial_trailing_every_feasible_one() -> None:
+def test_ladder_pruner_stops_a_trial_trailing_every_feasible_one_at_least_as_fast() -> None:
     study = optuna.create_study(directions=["maximize", "maximize"])
     for acc in (60.0, 70.0, 80.0):
         study.add_trial(_on_ladder([acc], 1.2))
-    pruner = LadderPruner(margin=5.0, min_feasible=3)
-    assert "trails every promising" in pruner.why(study, _on_ladder([50.0], 1.1, TrialState.RUNNING))
-    assert "trails every promising" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING)), \
-        "however fast: it would miss the constraint"
-    assert pruner.why(study, _on_ladder([56.0], 9.0, TrialState.RUNNING)) == "", "within the margin"
-    assert pruner.why(study, _on_ladder([90.0, 10.0], 9.0, TrialState.RUNNING)) == "", \
+    pruner = LadderPruner(margin=5.0, min_feasible=3, eta=9)  # a wide band: the margin rule alone
+    stops = pruner.why(study, _on_ladder([50.0], 1.1, TrialState.RUNNING))
+    assert "every promising trial predicted at least as fast" in stops
+    assert pruner.why(study, _on_ladder([56.0], 1.1, TrialState.RUNNING)) == "", "within the margin"
+    assert pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING)) == "", \
+        "a faster plan scores lower early whatever it ends with: slower trials do not stop it"
+    assert pruner.why(study, _on_ladder([90.0, 10.0], 1.1, TrialState.RUNNING)) == "", \
         "at rung 2 no feasible trial has a value to compare with"
 
 
@@ -342,12 +343,14 @@ def test_ladder_pruner_compares_with_the_trials_within_the_limit_a_trial_was_giv
     study.set_user_attr("config", {"max_acc_drop": 1.0})
     for acc in (60.0, 70.0, 80.0):
         study.add_trial(_on_ladder([acc], 1.2, feasible=False, acc_drop=3.0))
-    pruner = LadderPruner(margin=5.0, min_feasible=3)
-    assert pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=1.0)) == "", \
-        "at a limit of 1 no trial is promising"
-    assert "more than 8.00 points" in pruner.why(study, _on_ladder([50.0], 9.0, TrialState.RUNNING, trial_limit=4.0))
-    assert pruner.why(study, _on_ladder([52.0], 9.0, TrialState.RUNNING, trial_limit=4.0)) == "", \
-        "within the margin plus the raise"
+    pruner = LadderPruner(margin=5.0, min_feasible=3, eta=9)
+
+    def why(acc: float, limit: float) -> str:
+        return pruner.why(study, _on_ladder([acc], 1.1, TrialState.RUNNING, trial_limit=limit))
+
+    assert why(50.0, 1.0) == "", "at a limit of 1 no trial is promising"
+    assert "more than 8.00 points" in why(50.0, 4.0)
+    assert why(52.0, 4.0) == "", "within the margin plus the raise"
 
 
 # --- a tiny study, end to end ---------------------------------------------------------------------
