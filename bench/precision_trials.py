@@ -5,7 +5,7 @@ paired image by image with the control of its own precision (± its standard err
 The question a user asks: do bfloat16 trials judge plans as float32 trials do, for how much less?
 
 Usage: taskset -c 1 python bench/precision_trials.py [--model resnet56] [--dataset fashion-mnist]
-       [--trial-data 0.1] [--trial-epochs 1+3] [--rates 0.3 0.5 0.7]
+       [--trial-data 0.1] [--trial-epochs 1+3] [--rates 0.3 0.5 0.7] [--seed 0]
 Run alone on a core: the seconds are part of the answer.
 """
 
@@ -39,12 +39,15 @@ def main() -> None:
     parser.add_argument("--trial-data", type=float, default=0.1)
     parser.add_argument("--trial-epochs", default="1+3")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--seed", type=int, default=0, help="of training (its order of batches); another seed "
+                        "says how far two runs of one precision differ")
     args = parser.parse_args()
     set_threads(1)
     admm_epochs, retrain_epochs = search.parse_epochs(args.trial_epochs)
     config = search.SearchConfig(model=args.model, dataset=args.dataset,
                                  checkpoint=dense_checkpoint(args.model, args.dataset, ""),
-                                 admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data)
+                                 admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, trial_data=args.trial_data,
+                                 seed=args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
@@ -63,10 +66,11 @@ def main() -> None:
     for row in rows:
         other = next(r for r in rows if r["plan"] == row["plan"] and r["precision"] == "float32")
         row["time vs float32"] = round(row["seconds"] / other["seconds"], 2)
-    record(f"precision_trials-{case_name(args.model, args.dataset)}", rows,
+    record(f"precision_trials-{case_name(args.model, args.dataset)}{f'-seed{args.seed}' if args.seed else ''}", rows,
            f"{args.model} on {args.dataset}: the control and the uniform filter ladder, each trained with the trial "
            f"recipe ({args.trial_epochs} epochs on {args.trial_data:g} of the training split, validated on the whole "
-           "validation split) in float32 and under bfloat16 autocast, from the committed dense checkpoint, 1 thread. "
+           f"validation split) in float32 and under bfloat16 autocast, from the committed dense checkpoint, seed "
+           f"{args.seed}, 1 thread. "
            "Drops are paired image by image with the control of the same precision.")
 
 
