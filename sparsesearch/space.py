@@ -242,7 +242,8 @@ class LadderPruner(optuna.pruners.BasePruner):
         limit = trial.user_attrs.get("trial_limit")
         feasible = [t.user_attrs["rungs"][k]["acc"] for t in there
                     if t.state == TrialState.COMPLETE and promising(t, limit)]
-        gap = self.margin + (limit or 0.0) - study.user_attrs.get("config", {}).get("max_acc_drop", limit or 0.0)
+        raised = 0.0 if limit is None else limit - study.user_attrs.get("config", {}).get("max_acc_drop", limit)
+        gap = self.margin + raised
         if len(feasible) >= self.min_feasible and acc < min(feasible) - gap:
             return (f"{acc:.1f}% at rung {k + 1} trails by more than {gap:.2f} points every promising trial "
                     f"predicted at least as fast ({speedup:.2f}x): it would end dominated")
