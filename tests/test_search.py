@@ -653,23 +653,27 @@ def test_a_study_scanned_per_stage_before_is_scanned_again_per_slot(tiny: dict, 
         f"sensitivity at mean rate {r}" for r in search.BASELINE_RATES}
 
 
+def _with_baselines(tiny: dict, tmp_path: Path, name: str, feasible: dict[float, bool]) -> optuna.Study:
+    """A study whose uniform baselines at `feasible`'s rates finished, each feasible or not."""
+    built, distributions = tiny["search"], tiny["study"].get_trials(False)[0].distributions
+    study = stores.open_study(name, f"sqlite:///{tmp_path / 'study.db'}", True,
+                              search.make_sampler(built.config, 0), LadderPruner())
+    study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
+    for (label, params), ok in zip(built.baselines(list(feasible)), feasible.values()):
+        study.add_trial(optuna.trial.create_trial(
+            values=[90.0, 1.5], params=params, distributions={k: distributions[k] for k in params},
+            user_attrs={"baseline": label, "feasible": ok}))
+    return study
+
+
 def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint(tiny: dict, tmp_path: Path) -> None:
     """Short trials on a deep net can lose more than the constraint allows even at 30%: the ladder
     then adds half its lowest rate on the grid (15%, then 5%), baseline and seed, until one is
     feasible, and trains them before the sampler's plans."""
     built = tiny["search"]
-    distributions = tiny["study"].get_trials(False)[0].distributions
 
     def study_of(name: str, rates: list[float]) -> optuna.Study:
-        """A study whose baselines at `rates` finished and missed the constraint."""
-        study = stores.open_study(name, f"sqlite:///{tmp_path / 'study.db'}", True,
-                                  search.make_sampler(built.config, 0), LadderPruner())
-        study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
-        for label, params in built.baselines(rates):
-            study.add_trial(optuna.trial.create_trial(
-                values=[90.0, 1.5], params=params, distributions={k: distributions[k] for k in params},
-                user_attrs={"baseline": label, "feasible": False}))
-        return study
+        return _with_baselines(tiny, tmp_path, name, dict.fromkeys(rates, False))
 
     assert built.ladder(study_of("partly", [0.3, 0.5, 0.7])) == [0.3, 0.5, 0.7, 0.9], "filter 90% has not run yet"
     study = study_of("down", [0.3, 0.5, 0.7, 0.9])
@@ -680,10 +684,32 @@ def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint
     assert {(v["type"], v["rate"]) for v in new.user_attrs["plan"].values()} == {("filter", 0.15)}
     waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
     assert "sensitivity at mean rate 0.15" in waiting
-    assert new.user_attrs["feasible"] and built.ladder(study) == [0.3, 0.5, 0.7, 0.9, 0.15], "feasible: no lower"
+    assert new.user_attrs["feasible"] and built.ladder(study) == [0.3, 0.5, 0.7, 0.9, 0.15, 0.2], \
+        "feasible: no lower, and a rung halfway up to the first one beyond the limit"
     assert built.ladder(study_of("further", [0.3, 0.5, 0.7, 0.9, 0.15])) == [0.3, 0.5, 0.7, 0.9, 0.15, 0.05]
     assert built.ladder(study_of("floor", [0.3, 0.5, 0.7, 0.9, 0.15, 0.05])) == [0.3, 0.5, 0.7, 0.9, 0.15, 0.05], \
         "not below the grid's step"
+
+
+def test_the_uniform_ladder_adds_a_rung_halfway_where_the_limits_edge_lies(tiny: dict, tmp_path: Path) -> None:
+    """The front's fastest plans lie at the limit's edge: between the fastest rung within it and the
+    next rung, both finished and more than 0.1 apart, the ladder adds one halfway (baseline and seed)."""
+    built = tiny["search"]
+
+    def ladder(name: str, feasible: dict[float, bool]) -> list[float]:
+        return built.ladder(_with_baselines(tiny, tmp_path, name, feasible))
+
+    assert ladder("edge", {0.3: True, 0.5: False, 0.7: False, 0.9: False}) == [0.3, 0.5, 0.7, 0.9, 0.4]
+    assert ladder("early", {0.3: True, 0.5: False}) == [0.3, 0.5, 0.7, 0.9, 0.4], "known once both rungs finished"
+    assert ladder("close", {0.3: True, 0.5: False, 0.7: False, 0.9: False, 0.4: True}) == [0.3, 0.5, 0.7, 0.9, 0.4], \
+        "0.1 apart: no further"
+    assert ladder("top", {0.3: True, 0.5: True, 0.7: True, 0.9: False}) == [0.3, 0.5, 0.7, 0.9, 0.8]
+    assert ladder("all", {0.3: True, 0.5: True, 0.7: True, 0.9: True}) == [0.3, 0.5, 0.7, 0.9]
+    study = _with_baselines(tiny, tmp_path, "enqueued", {0.3: True, 0.5: False, 0.7: False, 0.9: False})
+    search._enqueue_ladder(built, study)
+    waiting = {t.user_attrs.get("baseline") or t.user_attrs.get("seeded")
+               for t in study.get_trials(False, states=(TrialState.WAITING,))}
+    assert {"filter=0.4", "sensitivity at mean rate 0.4"} <= waiting
 
 
 def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny: dict, tmp_path: Path) -> None:
