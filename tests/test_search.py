@@ -381,7 +381,7 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
 
 def test_tiny_study_starts_with_the_uniform_baselines_then_the_sensitivity_seeds(tiny: dict) -> None:
     trials = tiny["study"].get_trials(False)
-    baselines = [t for t in trials if "baseline" in t.user_attrs]
+    baselines = [t for t in trials if "baseline" in t.user_attrs][:4]  # a halfway rung may come after the seeds
     assert [t.user_attrs["baseline"] for t in baselines] == ["filter=0.3", "filter=0.5", "filter=0.7", "filter=0.9"]
     assert [t.number for t in baselines] == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in baselines)
