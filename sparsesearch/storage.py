@@ -181,7 +181,7 @@ def failed_mid_run(e: BaseException) -> str | None:
     if not ours:
         return None
     text = brief(ours[-1], 160)  # the innermost says what happened: "database or disk is full"
-    if _DAMAGED in text or "not a database" in text:
+    if _damaged(text):
         return f"the study's file is damaged ({text}); restore it from a backup"
     if "full" in text or "No space" in text:
         fix = "free space on its disk"
@@ -192,7 +192,10 @@ def failed_mid_run(e: BaseException) -> str | None:
     return f"the study storage failed ({text}); {fix}, then run the same command: finished trials are kept"
 
 
-_DAMAGED = "malformed"  # SQLite's word for a damaged file ("database disk image is malformed")
+def _damaged(text: str) -> bool:
+    """Whether SQLite's error says its file is damaged ("database disk image is malformed", "file is
+    not a database")."""
+    return "malformed" in text or "not a database" in text
 
 
 def storage_problem(url: str, e: BaseException) -> str:
@@ -201,7 +204,7 @@ def storage_problem(url: str, e: BaseException) -> str:
         return f"study storage {url} is locked by another process; wait for it to finish or use another --study"
     if "disk is full" in text or "readonly" in text or "No space" in text:
         return f"cannot write study storage {url} ({text}); free space on its disk or pick a folder you can write"
-    if _DAMAGED in text or "not a database" in text:
+    if _damaged(text):
         return f"study storage {url} is damaged ({text}); restore its file from a backup"
     return f"cannot open study storage {url} ({text}); check the --storage URL, its server and its driver"
 
