@@ -624,7 +624,8 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
     trial is not retried again). The report compares the search with the baselines, so they are
     never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
-    come from the dense model's sensitivity scan (`sensitivity`)."""
+    come from the dense model's sensitivity scan (`sensitivity`) and, after them, from its weights'
+    norms (`seeds.norm_params`, removing the rate's share of all filters)."""
     found = sensitivity(search, study)
     rates = search.ladder(study)
     held = _held(study, "baseline")
@@ -635,6 +636,9 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     for rate in rates:
         if (label := f"sensitivity at mean rate {rate}") not in held:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
+    for rate in rates:
+        if (label := f"weight norms at rate {rate}") not in held:
+            study.enqueue_trial(seeds.norm_params(search.space, search.model, rate), user_attrs={"seeded": label})
 
 
 def control(search: Search, study: optuna.Study, on_progress: ProgressFn | None = None, wait: bool = False) -> None:

@@ -8,6 +8,8 @@ rates that prune robust slots harder and fragile ones less; in a per-stage space
 the slots' `Space.robustness`, by which a trial's `lean` spreads a stage's rate. Slots, not stages:
 in resnet56 on Fashion-MNIST a stage pruned alone at 50% lost 4-44 points, a figure that hides
 what inside it is fragile (the residual stream, the block that downsamples) and what is not.
+A second family needs no evaluation at all: the weights' norms, thresholded over the whole network
+(`norm_params`), which finds the redundant layers a one-layer scan cannot tell apart.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .admm import projected_accuracy
 from .data import Split
 from .graph import Dependencies
 from .space import MAX_RATE, Space, snap
-from .sparsity import REMOVED, SparsityType
+from .sparsity import REMOVED, SparsityType, group_scores
 from .train import evaluate
 
 SCAN_RATE = 0.5
@@ -122,4 +124,44 @@ def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]
     for unit, (_, kind) in units.items():
         params[f"type:{unit}"] = kind.value
         params[f"rate:{unit}"] = snap(min(mean_rate * weight[unit] / mean, MAX_RATE), kind)  # the 0.05 grid
+    return params
+
+
+def norm_rates(space: Space, model: nn.Module, ratio: float) -> dict[str, float]:
+    """Per slot that takes filter pruning, the share of its filters under one threshold on their L2
+    norms (a coupling group's summed, as the projection keeps them), each slot's divided by their
+    mean, set to remove `ratio` of all filters: the global magnitude allocation of Torch-Pruning's
+    global pruning. No evaluation, and it sees what a one-layer scan cannot: vgg16-bn on
+    Fashion-MNIST lost nothing measurable with any late layer pruned alone, while its norms put
+    most of their filters under the threshold; Torch-Pruning's plan at 80% lost 2.35 points at
+    trial fidelity where the uniform 70% lost 5.68, 1.2x faster (bench/results/arms-vgg16-bn-*)."""
+    modules = dict(model.named_modules())
+    scaled = {}
+    for s in space.slots:
+        if SparsityType.FILTER in s.types:
+            norms = sum(group_scores(modules[n].weight.detach(), SparsityType.FILTER) for n in s.layers).sqrt()
+            scaled[s.name] = norms / norms.mean().clamp_min(torch.finfo(norms.dtype).tiny)
+    every = torch.cat(list(scaled.values())).sort().values
+    if not len(every):
+        return {}
+    threshold = every[min(int(ratio * len(every)), len(every) - 1)]
+    return {name: float((norms < threshold).float().mean()) for name, norms in scaled.items()}
+
+
+def norm_params(space: Space, model: nn.Module, ratio: float) -> dict[str, Any]:
+    """Optuna parameters of `norm_rates` at `ratio`: filter at those rates per slot in a per-layer
+    space; in a per-stage space each stage at its slots' mean rate, spread evenly (`Space.even`).
+    Slots that take no filter pruning stay dense."""
+    rates = norm_rates(space, model, ratio)
+    if space.per_layer:
+        params: dict[str, Any] = space.none_removed()
+        for s in space.slots:
+            params[f"type:{s.name}"] = (SparsityType.FILTER if s.name in rates else s.types[0]).value
+            params[f"rate:{s.name}"] = snap(min(rates.get(s.name, 0.0), MAX_RATE), SparsityType.FILTER)
+        return params
+    params = space.even()
+    for stage, slots in space.stages.items():
+        taken = [rates[s.name] for s in slots if s.name in rates]
+        params[f"type:{stage}"] = SparsityType.FILTER.value if taken else space.choices(stage)[0]
+        params[f"rate:{stage}"] = snap(min(statistics.fmean(taken), MAX_RATE), SparsityType.FILTER) if taken else 0.0
     return params

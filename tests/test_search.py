@@ -27,7 +27,7 @@ from sparsesearch import storage as stores
 from sparsesearch.errors import UserError
 from sparsesearch.graph import dependencies
 from sparsesearch.layers import trace
-from sparsesearch.plan import Plan
+from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.profiler.measure import Target, profile_model
 from sparsesearch.space import MAX_LAYER_SLOTS, LadderPruner, Space, rejection, snap
 from sparsesearch.sparsity import REMOVED, SparsityType
@@ -195,6 +195,53 @@ def test_seeded_plans_prune_fragile_slots_less_at_the_same_mean_rate(name: str, 
     for slots in ([] if space.per_layer else space.stages.values()):
         pruned = [plan.layers[s.name].rate if s.name in plan.layers else 0.0 for s in slots]
         assert pruned == sorted(pruned, reverse=True) and (len(slots) == 1 or pruned[0] > pruned[-1])
+
+
+def test_norm_seeds_prune_where_the_filters_are_weak_and_ignore_a_layers_scale() -> None:
+    """The global magnitude allocation: one threshold over all filters, each slot's norms relative to
+    their mean, so a layer whose weights are ten times larger is not spared for it."""
+    from sparsesearch import seeds
+
+    torch.manual_seed(0)
+    model = models.create("digits-cnn", in_channels=1).eval()
+    layers, deps = trace(model, (1, 8, 8)), dependencies(model, (1, 8, 8))
+    space = Space(layers, deps.couplings, ("filter", "shape"), {layer.name: 1.0 for layer in layers})
+    first, second = [s.name for s in space.slots][:2]
+    convs = dict(model.named_modules())
+    with torch.no_grad():
+        convs[first].weight[::2] *= 0.01  # half its filters weak
+        convs[second].weight *= 10.0
+    before = seeds.norm_rates(space, model, 0.3)
+    counts = {s.name: convs[s.name].weight.shape[0] for s in space.slots if s.name in before}
+    removed = sum(before[n] * counts[n] for n in counts) / sum(counts.values())
+    assert removed == pytest.approx(0.3, abs=1 / sum(counts.values()))
+    assert before[first] >= 0.5 and before[first] == max(before.values())
+    with torch.no_grad():
+        convs[second].weight /= 10.0
+    assert seeds.norm_rates(space, model, 0.3) == before
+    params = seeds.norm_params(space, model, 0.3)
+    plan = space.suggest(FixedTrial(params))
+    plan.validate(layers, deps.couplings)
+    assert plan.layers[first] == LayerSparsity(SparsityType.FILTER, snap(before[first], SparsityType.FILTER))
+
+
+def test_norm_seeds_in_a_per_stage_space_set_each_stage_to_its_slots_mean_rate() -> None:
+    from sparsesearch import seeds
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    model = models.create("resnet20", in_channels=3).eval()
+    layers, deps = trace(model, shape), dependencies(model, shape)
+    space = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, max_slots=4)
+    assert not space.per_layer
+    rates = seeds.norm_rates(space, model, 0.5)
+    assert set(rates) == {s.name for s in space.slots}  # a coupled residual stream is one slot
+    params = seeds.norm_params(space, model, 0.5)
+    for stage, slots in space.stages.items():
+        mean = sum(rates[s.name] for s in slots) / len(slots)
+        assert params[f"rate:{stage}"] == snap(mean, SparsityType.FILTER)
+    assert params["alloc"] == 0.0
+    space.suggest(FixedTrial(params)).validate(layers, deps.couplings)
 
 
 def test_drops_within_the_scans_noise_do_not_rank_slots() -> None:
@@ -650,7 +697,7 @@ def test_a_study_scanned_per_stage_before_is_scanned_again_per_slot(tiny: dict, 
     search._enqueue_ladder(built, study)
     assert set(study.user_attrs["sensitivity"]["drop"]) == {s.name for s in built.space.slots}
     assert {t.user_attrs.get("seeded") for t in study.get_trials(False)} - {None} == {
-        f"sensitivity at mean rate {r}" for r in search.BASELINE_RATES}
+        f"{family} {r}" for r in search.BASELINE_RATES for family in ("sensitivity at mean rate", "weight norms at rate")}
 
 
 def _with_baselines(tiny: dict, tmp_path: Path, name: str, feasible: dict[float, bool]) -> optuna.Study:
@@ -959,7 +1006,8 @@ def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path:
         "seeded": "sensitivity at mean rate 0.5", "rejected": "hopeless: trial 3 prunes no more and already misses"}))
     search.run(tiny["search"], study, search.Budget(trials=0))
     waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
-    assert waiting - {None} == {f"sensitivity at mean rate {r}" for r in (0.3, 0.7, 0.9)}
+    assert waiting - {None} == {f"sensitivity at mean rate {r}" for r in (0.3, 0.7, 0.9)} | {
+        f"weight norms at rate {r}" for r in search.BASELINE_RATES}
 
 
 def _get(app: Any, path: str) -> Any:
