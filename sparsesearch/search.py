@@ -30,7 +30,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -540,14 +540,65 @@ def reconcile(study: optuna.Study, given: dict[str, Any], defaults: SearchConfig
     return stored
 
 
+CONSTRAINT = "constraints:accuracy_drop"  # where Optuna keeps a trial's `set_constraint("accuracy_drop", ...)`
+
+
+class AtTrialLimit:
+    """A study as its sampler sees it: every trial's accuracy constraint taken anew at `limit`.
+    Optuna keeps the constraint a trial set when it finished; once full runs raise the study's
+    `trial_limit`, the trials judged before would stay infeasible to TPE, which would keep
+    sampling away from the plans the full runs passed (the rules and new trials already use the
+    raised limit). Everything else is the study's."""
+
+    def __init__(self, study: optuna.Study, limit: float) -> None:
+        self._study, self._limit = study, limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        return [self._judged(t) for t in self._study._get_trials(deepcopy, states, use_cache)]
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy, states)
+
+    def _judged(self, trial: FrozenTrial) -> FrozenTrial:
+        drop = trial.user_attrs.get("acc_drop")
+        if CONSTRAINT not in trial.system_attrs or drop is None:
+            return trial
+        judged = copy.copy(trial)
+        judged.system_attrs = {**trial.system_attrs, CONSTRAINT: drop - self._limit}
+        return judged
+
+
+class TrialLimitTPE(optuna.samplers.TPESampler):
+    """TPE that judges the study's trials at its `trial_limit` now (`AtTrialLimit`)."""
+
+    def __init__(self, max_acc_drop: float, **options: Any) -> None:
+        super().__init__(**options)
+        self.max_acc_drop = max_acc_drop
+
+    def _seen(self, study: optuna.Study) -> AtTrialLimit:
+        return AtTrialLimit(study, trial_limit(study, self.max_acc_drop))
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return super().sample_relative(self._seen(study), trial, search_space)  # type: ignore[arg-type]
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        return super().sample_independent(self._seen(study), trial, param_name,  # type: ignore[arg-type]
+                                          param_distribution)
+
+
 def make_sampler(config: SearchConfig, finished: int) -> optuna.samplers.BaseSampler:
-    """TPE (multi-objective, constraint-aware), seeded by the study's size so a resumed run draws anew."""
+    """TPE (multi-objective, constraint-aware at the study's trial limit), seeded by the study's size
+    so a resumed run draws anew."""
     seed = config.seed + finished
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+        return TrialLimitTPE(config.max_acc_drop, seed=seed, multivariate=True, n_startup_trials=8)
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -1157,7 +1157,9 @@ def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_th
     study = stores.open_study("calibrated", f"sqlite:///{tmp_path / 'c.db'}", True,
                               search.make_sampler(built.config, 0), LadderPruner())
     search.record(study, built)
-    study.add_trial(optuna.trial.create_trial(values=[69.0, 9.0], user_attrs={"plan": {}, "acc_drop": 30.0}))
+    study.add_trial(optuna.trial.create_trial(values=[69.0, 9.0], user_attrs={"plan": {}, "acc_drop": 30.0},
+                                              system_attrs={search.CONSTRAINT: 30.0 - built.config.max_acc_drop}))
+    assert not study.sampler._seen(study).get_trials()[0].constraints["accuracy_drop"] <= 0, "judged at the limit"
     study.set_user_attr(report.export_key(study, 0, "4+2"), {"val_drop": 0.1, "val_drop_se": 0.1, "test_drop": 0.2,
                                                             "speedup": 8.0, "epochs": "4+2"})
     study.enqueue_trial(built.space.uniform_params(SparsityType.FILTER, 0.5))
@@ -1166,6 +1168,9 @@ def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_th
     drop = trial.user_attrs["acc_drop"]
     assert trial.user_attrs["trial_limit"] == 30.0
     assert trial.constraints == {"accuracy_drop": pytest.approx(drop - 30.0)}
+    seen = study.sampler._seen(study).get_trials()  # TPE judges the trial from before the raise anew too
+    assert seen[0].constraints == {"accuracy_drop": 0.0} and study.trials[0].constraints["accuracy_drop"] > 0
+    assert seen[trial.number].constraints == trial.constraints
     assert trial.user_attrs["feasible"] == (drop <= built.config.max_acc_drop)
     assert f"trials judged promising within 30.00 points, not {built.config.max_acc_drop:g}:" in report.markdown(study)
 
