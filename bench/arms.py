@@ -43,7 +43,10 @@ Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoi
        bench/checkpoints/CASE/dense.pt)]
        [--trial-data 0.1] [--trial-epochs 1+3] [--full-epochs 4+2] [--compute 2h] [--arms ...]
        [--train-threads 1] [--no-time] [--no-final] [--retime] [--no-picks] [--spread 12] [--finalize 0.5]
-Run alone, pinned (taskset -c 1): the final timings need a quiet core. With `--train-threads 2`
+Another `--trial-epochs` or `--full-epochs` than the defaults is a case of its own (bench/runs/
+arms-CASE-TRIAL-FULL/, results arms-CASE-TRIAL-FULL.md): `0+4` trials prune by magnitude at once and
+train the slim network (bench/results/recipes-*.md). Run alone, pinned (taskset -c 1): the final
+timings need a quiet core. With `--train-threads 2`
 (the finals' training on both cores of a 2-core machine), run it unpinned: the
 timings then pin themselves to the last core. `--no-time` lets the finals train beside other work.
 """
@@ -453,6 +456,8 @@ def main() -> None:
     full = search.parse_epochs(args.full_epochs, "--full-epochs")
     compute_s = search.parse_budget(args.compute).seconds
     case = case_name(args.model, args.dataset)
+    if (args.trial_epochs, args.full_epochs) != (parser.get_default("trial_epochs"), parser.get_default("full_epochs")):
+        case += f"-{args.trial_epochs}-{args.full_epochs}"  # another recipe: arms, journals and results of its own
     folder = RUNS / f"arms-{case}"
     results = folder / "results.json"
     state = json.loads(results.read_text()) if results.is_file() else {}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from torch import nn
 
 from . import seeds
@@ -676,20 +676,25 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     trial is not retried again). The report compares the search with the baselines, so they are
     never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
     come from the dense model's sensitivity scan (`sensitivity`) and, after them, from its weights'
-    norms (`seeds.norm_params`, removing the rate's share of all filters)."""
+    norms (`seeds.norm_params`, removing the rate's share of all filters), unless that is a uniform
+    plan of the ladder (resnet56's stages, each at its slots' mean rate, come out uniform)."""
     found = sensitivity(search, study)
     rates = search.ladder(study)
     held = _held(study, "baseline")
-    for label, params in search.baselines(rates):
+    baselines = search.baselines(rates)
+    for label, params in baselines:
         if label not in held:
             study.enqueue_trial(params, user_attrs={"baseline": label})
     held = _held(study, "seeded")
     for rate in rates:
         if (label := f"sensitivity at mean rate {rate}") not in held:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
+    uniform = [search.space.suggest(FixedTrial(params)) for _, params in baselines]
     for rate in rates:
-        if (label := f"weight norms at rate {rate}") not in held:
-            study.enqueue_trial(seeds.norm_params(search.space, search.model, rate), user_attrs={"seeded": label})
+        params = seeds.norm_params(search.space, search.model, rate)
+        label = f"weight norms at rate {rate}"
+        if label not in held and search.space.suggest(FixedTrial(params)) not in uniform:
+            study.enqueue_trial(params, user_attrs={"seeded": label})
 
 
 def control(search: Search, study: optuna.Study, on_progress: ProgressFn | None = None, wait: bool = False) -> None:

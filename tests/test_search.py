@@ -713,6 +713,20 @@ def _with_baselines(tiny: dict, tmp_path: Path, name: str, feasible: dict[float,
     return study
 
 
+def test_a_norm_seed_that_is_a_uniform_plan_of_the_ladder_is_not_trained_again(tiny: dict, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """resnet56's stages, each at its slots' mean rate, come out as the uniform plan: a trial spent twice."""
+    from sparsesearch import seeds
+
+    built, norm_params = tiny["search"], seeds.norm_params
+    monkeypatch.setattr(seeds, "norm_params", lambda space, model, rate: space.uniform_params(
+        built.baseline_kind, rate) if rate != 0.5 else norm_params(space, model, rate))
+    study = stores.open_study("norms", f"sqlite:///{tmp_path / 'study.db'}", True, None, LadderPruner())
+    search._enqueue_ladder(built, study)
+    seeded = {t.user_attrs.get("seeded") for t in study.get_trials(False)}
+    assert {label for label in seeded if label and label.startswith("weight norms")} == {"weight norms at rate 0.5"}
+
+
 def test_the_uniform_ladder_goes_down_while_every_baseline_misses_the_constraint(tiny: dict, tmp_path: Path) -> None:
     """Short trials on a deep net can lose more than the constraint allows even at 30%: the ladder
     then adds half its lowest rate on the grid (15%, then 5%), baseline and seed, until one is
