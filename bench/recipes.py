@@ -1,0 +1,138 @@
+"""ADMM or one-shot pruning, as the recipe of trials and of full runs, and the weight-norm seeds.
+
+The trial recipe `1+3` spends one epoch on ADMM (the dense network pulled toward its projection) and
+three retraining the hard-pruned one; `0+4` prunes by magnitude at once and spends all four on the
+slim network (`compact.slimmed`), a fraction of the cost at high rates. This runs plans of one case
+(the uniform filter plans of the study's space, and `seeds.norm_params`) with the recipes asked for,
+at trial fidelity (`--trial-data` of the training split; the drop paired with the arms' control,
+the trial recipe with nothing pruned: bench/runs/arms-CASE/control.journal) or as full runs (the
+whole split; the drop paired with the dense model), and with `--time` times each plan compacted
+beside the dense model as `bench/arms.py` does (1 thread, one core, batch 1 and 8).
+
+Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:0+4:trial norm:0.9:0+6:full
+       [--time]
+Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform or norm; fidelity trial or full). Finished runs
+are kept in bench/runs/recipes-CASE/results.json and not run again; a full run resumes from its last
+epoch (`*.resume.pt`, out of git). Run alone on a core: seconds and speedups are part of the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from arms import RUNS, measured, predicted  # noqa: E402
+from common import case_name, dense_checkpoint, record  # noqa: E402
+
+from sparsesearch import search, seeds, storage  # noqa: E402
+from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
+from sparsesearch.compact import verified_compact  # noqa: E402
+from sparsesearch.files import read_json, write_json  # noqa: E402
+from sparsesearch.plan import Plan  # noqa: E402
+from sparsesearch.runtime import machine, set_threads  # noqa: E402
+from sparsesearch.sparsity import SparsityType  # noqa: E402
+from sparsesearch.train import paired_drop, percent  # noqa: E402
+
+FAMILIES = ("uniform", "norm")
+FIDELITIES = ("trial", "full")
+COLUMNS = ("family", "rate", "epochs", "fidelity", "predicted", "drop", "se", "test drop", "seconds")
+
+
+def plan_of(built: search.Search, family: str, rate: float) -> Plan:
+    """The family's plan at `rate` in the study's space (aligned as a trial's)."""
+    space = built.space
+    params = (space.uniform_params(SparsityType.FILTER, rate) if family == "uniform"
+              else seeds.norm_params(space, built.model, rate))
+    return space.suggest(optuna.trial.FixedTrial(params))
+
+
+def trained(built: search.Search, plan: Plan, epochs: str, full: bool, resume: Path) -> dict:
+    """`plan` trained from the dense weights with `epochs` (ADMM+RETRAIN), scored as a trial or a full run."""
+    admm = built.config.admm(*search.parse_epochs(epochs))
+    if full:
+        admm = replace(admm, test=True, rungs=())
+    model = built.fresh_model()
+    result = run_admm(model, built.data if full else built.trial_data, plan, admm, built.device, built.deps,
+                      resume=resume if full else None)
+    drop, se = paired_drop(built.dense_correct if full else built.reference, result.val_correct)
+    row = {"drop": drop, "se": se, "seconds": result.seconds}
+    if full:
+        row["test drop"] = built.dense["test"] - result.accuracy["final"]
+    return row
+
+
+def timed(built: search.Search, plan: Plan) -> dict[str, float]:
+    """The plan compacted from the dense weights (latency does not depend on their values) beside the dense model."""
+    model = built.fresh_model()
+    apply_masks(model, prune_masks(model, plan, built.deps))
+    compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
+    return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="vgg16-bn")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--trial-data", type=float, default=0.1)
+    parser.add_argument("--runs", nargs="*", default=[], help="FAMILY:RATE:EPOCHS:FIDELITY, e.g. norm:0.8:0+4:trial")
+    parser.add_argument("--time", action="store_true", help="time every plan run (on this CPU) not timed yet")
+    args = parser.parse_args()
+    set_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    case = case_name(args.model, args.dataset)
+    folder = RUNS / f"recipes-{case}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = folder / "results.json"
+    state: dict = read_json(results, "the recipes' results") if results.is_file() else {}
+    config = search.SearchConfig(model=args.model, dataset=args.dataset,
+                                 checkpoint=dense_checkpoint(args.model, args.dataset), trial_data=args.trial_data)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = search.build(config, torch.device("cpu"), tmp, notify=print)
+        holder = storage.open_study("control", f"journal:///{RUNS / f'arms-{case}' / 'control.journal'}", True)
+        search.control(built, holder)
+        for spec in args.runs:
+            family, rate, epochs, fidelity = spec.split(":")
+            if family not in FAMILIES or fidelity not in FIDELITIES:
+                raise SystemExit(f"--runs {spec}: FAMILY is one of {FAMILIES}, FIDELITY one of {FIDELITIES}")
+            if spec in state:
+                continue
+            plan = plan_of(built, family, float(rate))
+            resume = folder / f"{spec.replace(':', '-')}.resume.pt"
+            row = {"family": family, "rate": float(rate), "epochs": epochs, "fidelity": fidelity,
+                   "predicted": predicted(built, plan), **trained(built, plan, epochs, fidelity == "full", resume)}
+            for path in resume_files(resume):
+                path.unlink(missing_ok=True)
+            state[spec] = row
+            write_json(results, state)
+            print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
+        if args.time:
+            cpu = machine()["processor"]
+            for spec, row in state.items():
+                if cpu not in row.get("timed", {}):
+                    row.setdefault("timed", {})[cpu] = timed(built, plan_of(built, row["family"], row["rate"]))
+                    write_json(results, state)
+                    print(spec, row["timed"][cpu], flush=True)
+        control = percent(built.reference)
+    speeds = sorted({k for row in state.values() for t in row.get("timed", {}).values() for k in t})
+    rows = [{k: row.get(k, "") for k in COLUMNS} | {k: next(iter(row.get("timed", {}).values()), {}).get(k, "")
+                                                     for k in speeds}
+            for row in sorted(state.values(), key=lambda r: (r["fidelity"], r["family"], r["rate"], r["epochs"]))]
+    if rows:
+        record(f"recipes-{case}", rows,
+               f"{args.model} on {args.dataset} (dense {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% "
+               f"test; control, the trial recipe with nothing pruned, {control:.2f}% val). Trials on "
+               f"{args.trial_data:g} of the training split, drop paired with the control; full runs on all of it, "
+               "drop paired with the dense model. EPOCHS: ADMM+RETRAIN (0+N: magnitude pruning at once, then N "
+               "epochs on the slim network). `predicted`: the study's latency model; speedups measured compacted "
+               "beside the dense model, 1 thread, one core, median of interleaved rounds (first CPU timed).")
+
+
+if __name__ == "__main__":
+    main()
