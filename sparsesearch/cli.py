@@ -874,7 +874,9 @@ def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
 def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 10+5).")] = None,
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 10+5; 0+15 "
+                                                    "where the study's trials prune at once: --trial-epochs 0+N)."
+                                               )] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default "
                                                   "studies/STUDY/export/trial-N-EPOCHS).")] = None,
     storage: StorageOpt = None,
@@ -891,7 +893,7 @@ def export_cmd(
     opened = _study_of(study, storage, model)
     judged = any(r["trial"] == trial for r in reporting.exported(opened))  # by finalize: beyond the limit or not
     searched = search.chosen(opened, trial, within_trial_limit=not judged)
-    admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
+    admm_epochs, retrain_epochs = search.full_epochs(search.load_config(opened), epochs)
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
     out_dir = out or search.export_dir(stores.study_dir(study) / "export", trial, f"{admm_epochs:g}+{retrain_epochs:g}")
@@ -919,7 +921,9 @@ def finalize_cmd(
     max_acc_drop: Annotated[float | None, typer.Option(help="Ship the fastest plan at most this many points of "
                                                             "validation accuracy below dense, retrained (default: the "
                                                             "study's limit).")] = None,
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 10+5).")] = None,
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 10+5; 0+15 "
+                                                    "where the study's trials prune at once: --trial-epochs 0+N)."
+                                               )] = None,
     retrains: Annotated[int | None, typer.Option(help="Stop after this many full runs in this call (default: until "
                                                       "the bisection settles, about log2 of the front).")] = None,
     confidence: Annotated[float, typer.Option(help="How sure a retrained drop's standard error must make it within "
@@ -943,7 +947,7 @@ def finalize_cmd(
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
-    admm_epochs, retrain_epochs = search.FULL_EPOCHS if epochs is None else search.parse_epochs(epochs, "--epochs")
+    admm_epochs, retrain_epochs = search.full_epochs(config, epochs)
     done_at = f"{admm_epochs:g}+{retrain_epochs:g}"
     now = state(opened, limit, done_at, confidence)
     if now.doubt:

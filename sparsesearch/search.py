@@ -398,6 +398,16 @@ class Search(Trials):
 
 
 FULL_EPOCHS = (10.0, 5.0)  # a full run: `export`'s default ADMM+retraining epochs, on the whole training split
+
+
+def full_epochs(config: SearchConfig, given: str | None = None) -> tuple[float, float]:
+    """A full run's ADMM+RETRAIN epochs: `given` (`--epochs`), else FULL_EPOCHS in the recipe of the
+    study's trials: a study whose trials prune at once (`--trial-epochs 0+N`) retrains its plans so,
+    for as many epochs. On vgg16-bn that recipe passed plans ADMM's did not, in a fraction of the
+    time (bench/results/recipes-vgg16-bn-fashion-mnist.md)."""
+    if given is not None:
+        return parse_epochs(given, "--epochs")
+    return (0.0, sum(FULL_EPOCHS)) if config.admm_epochs == 0 else FULL_EPOCHS
 FAITHFUL_SHARE = 0.05  # of a full run's training images, the least at which LeNet-5's trials ranked plans as it did
 
 

@@ -64,6 +64,16 @@ def test_trial_epochs_are_admm_plus_retrain() -> None:
         search.parse_epochs("a+b")
 
 
+def test_a_full_run_trains_in_the_recipe_of_the_studys_trials_unless_told() -> None:
+    """Trials that prune at once (0+N) rank plans by how the pruned network retrains: their full run
+    retrains it too, as long as ADMM's would run in all."""
+    assert search.full_epochs(search.SearchConfig(admm_epochs=1, retrain_epochs=3)) == search.FULL_EPOCHS
+    assert search.full_epochs(search.SearchConfig(admm_epochs=0, retrain_epochs=4)) == (0.0, sum(search.FULL_EPOCHS))
+    assert search.full_epochs(search.SearchConfig(admm_epochs=0, retrain_epochs=4), "4+2") == (4.0, 2.0)
+    with pytest.raises(UserError, match="--epochs"):
+        search.full_epochs(search.SearchConfig(), "x")
+
+
 def test_admm_of_a_short_trial_has_enough_updates_for_rho_to_reach_its_end() -> None:
     config = search.SearchConfig(admm_epochs=0.5).admm()
     assert len(config.iterations()) >= search.ADMM_ITERATIONS
