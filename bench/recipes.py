@@ -7,7 +7,8 @@ slim network (`compact.slimmed`), a fraction of the cost at high rates. This run
 at trial fidelity (`--trial-data` of the training split; the drop paired with the arms' control,
 the trial recipe with nothing pruned: bench/runs/arms-CASE/control.journal) or as full runs (the
 whole split; the drop paired with the dense model), and with `--time` times each plan compacted
-beside the dense model as `bench/arms.py` does (1 thread, one core, batch 1 and 8).
+beside the dense model as `bench/arms.py` does (1 thread, one core, batch 1 and 8) if a full run
+trained it.
 
 Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:0+4:trial norm:0.9:0+6:full
        [--time]
@@ -82,7 +83,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--trial-data", type=float, default=0.1)
     parser.add_argument("--runs", nargs="*", default=[], help="FAMILY:RATE:EPOCHS:FIDELITY, e.g. norm:0.8:0+4:trial")
-    parser.add_argument("--time", action="store_true", help="time every plan run (on this CPU) not timed yet")
+    parser.add_argument("--time", action="store_true", help="time every plan a full run trained (on this CPU) "
+                        "not timed yet")
     args = parser.parse_args()
     set_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -114,8 +116,8 @@ def main() -> None:
             print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
         if args.time:
             cpu = machine()["processor"]
-            for spec, row in state.items():
-                if cpu not in row.get("timed", {}):
+            for spec, row in state.items():  # the plans a full run trained: what would ship
+                if row["fidelity"] == "full" and cpu not in row.get("timed", {}):
                     row.setdefault("timed", {})[cpu] = timed(built, plan_of(built, row["family"], row["rate"]))
                     write_json(results, state)
                     print(spec, row["timed"][cpu], flush=True)
@@ -131,7 +133,8 @@ def main() -> None:
                f"{args.trial_data:g} of the training split, drop paired with the control; full runs on all of it, "
                "drop paired with the dense model. EPOCHS: ADMM+RETRAIN (0+N: magnitude pruning at once, then N "
                "epochs on the slim network). `predicted`: the study's latency model; speedups measured compacted "
-               "beside the dense model, 1 thread, one core, median of interleaved rounds (first CPU timed).")
+               "beside the dense model, 1 thread, one core, median of interleaved rounds (first CPU timed). Rows "
+               "accumulate over runs (bench/runs/recipes-CASE/results.json); the command is the last run's.")
 
 
 if __name__ == "__main__":
