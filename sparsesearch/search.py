@@ -408,6 +408,8 @@ def full_epochs(config: SearchConfig, given: str | None = None) -> tuple[float, 
     if given is not None:
         return parse_epochs(given, "--epochs")
     return (0.0, sum(FULL_EPOCHS)) if config.admm_epochs == 0 else FULL_EPOCHS
+
+
 FAITHFUL_SHARE = 0.05  # of a full run's training images, the least at which LeNet-5's trials ranked plans as it did
 
 
