@@ -190,11 +190,13 @@ def uniform_plan(built: search.Search, rate: float) -> Plan:
 
 
 def admm_trained(built: search.Search, plan: Plan, full: tuple[float, float] | None,
-                 resume: Path | None = None) -> tuple[nn.Module, dict]:
-    """`plan` trained from the dense weights with the search's recipe, at trial fidelity or `full`
-    (resumable at `resume`: a full run outlasts a session)."""
+                 resume: Path | None = None, trial: tuple[float | None, float | None] = (None, None)
+                 ) -> tuple[nn.Module, dict]:
+    """`plan` trained from the dense weights with the search's recipe, at trial fidelity (`trial`
+    ADMM+RETRAIN epochs, by default the search's) or `full` (resumable at `resume`: a full run
+    outlasts a session)."""
     model = built.fresh_model()
-    config = built.config.admm() if full is None else replace(built.config.admm(*full), test=True, rungs=())
+    config = built.config.admm(*trial) if full is None else replace(built.config.admm(*full), test=True, rungs=())
     result = run_admm(model, built.trial_data if full is None else built.data, plan, config, built.device, built.deps,
                       resume=resume)
     return model.cpu().eval(), {"val_correct": result.val_correct, "seconds": result.seconds,
@@ -316,11 +318,15 @@ def timed(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.
     Each CPU's timings are kept apart (a final's `timed`, by CPU): sessions land on an Intel Xeon or an
     AMD EPYC, whose speedups for one plan differ (vgg16-bn's study pick: 4.16x against 2.90x, batch 1)."""
     if arm == "torch-pruning":
-        compacted = torch_pruned(built, pick["rate"])
-    else:
-        model, plan = built.fresh_model(), pick_plan(built, arm, pick, studies)
-        apply_masks(model, prune_masks(model, plan, built.deps))
-        compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
+        return measured(built.fresh_model().eval(), torch_pruned(built, pick["rate"]).eval(), built.input_shape)
+    return plan_timed(built, pick_plan(built, arm, pick, studies))
+
+
+def plan_timed(built: search.Search, plan: Plan) -> dict[str, float]:
+    """`plan` projected onto the dense weights, compacted and timed beside the dense model (`measured`)."""
+    model = built.fresh_model()
+    apply_masks(model, prune_masks(model, plan, built.deps))
+    compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
     return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
 
 

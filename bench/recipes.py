@@ -22,24 +22,22 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from arms import RUNS, measured, predicted  # noqa: E402
+from arms import RUNS, admm_trained, plan_timed, predicted, scored  # noqa: E402
 from common import case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search, seeds, storage  # noqa: E402
-from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
-from sparsesearch.compact import verified_compact  # noqa: E402
+from sparsesearch.admm import resume_files  # noqa: E402
 from sparsesearch.files import read_json, write_json  # noqa: E402
 from sparsesearch.plan import Plan  # noqa: E402
 from sparsesearch.runtime import machine, set_threads  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
-from sparsesearch.train import paired_drop, percent  # noqa: E402
+from sparsesearch.train import percent  # noqa: E402
 
 FAMILIES = ("uniform", "norm")
 FIDELITIES = ("trial", "full")
@@ -56,25 +54,11 @@ def plan_of(built: search.Search, family: str, rate: float) -> Plan:
 
 def trained(built: search.Search, plan: Plan, epochs: str, full: bool, resume: Path) -> dict:
     """`plan` trained from the dense weights with `epochs` (ADMM+RETRAIN), scored as a trial or a full run."""
-    admm = built.config.admm(*search.parse_epochs(epochs))
+    given = search.parse_epochs(epochs)
+    row = scored(built, admm_trained(built, plan, given if full else None, resume if full else None, given)[1], full)
     if full:
-        admm = replace(admm, test=True, rungs=())
-    model = built.fresh_model()
-    result = run_admm(model, built.data if full else built.trial_data, plan, admm, built.device, built.deps,
-                      resume=resume if full else None)
-    drop, se = paired_drop(built.dense_correct if full else built.reference, result.val_correct)
-    row = {"drop": drop, "se": se, "seconds": result.seconds}
-    if full:
-        row["test drop"] = built.dense["test"] - result.accuracy["final"]
-    return row
-
-
-def timed(built: search.Search, plan: Plan) -> dict[str, float]:
-    """The plan compacted from the dense weights (latency does not depend on their values) beside the dense model."""
-    model = built.fresh_model()
-    apply_masks(model, prune_masks(model, plan, built.deps))
-    compacted = verified_compact(model, plan, built.input_shape, built.config.model).model
-    return measured(built.fresh_model().eval(), compacted.eval(), built.input_shape)
+        row["test drop"] = built.dense["test"] - row.pop("test")
+    return {k: row[k] for k in ("drop", "se", "seconds", "test drop") if k in row}
 
 
 def main() -> None:
@@ -118,7 +102,7 @@ def main() -> None:
             cpu = machine()["processor"]
             for spec, row in state.items():  # the plans a full run trained: what would ship
                 if row["fidelity"] == "full" and cpu not in row.get("timed", {}):
-                    row.setdefault("timed", {})[cpu] = timed(built, plan_of(built, row["family"], row["rate"]))
+                    row.setdefault("timed", {})[cpu] = plan_timed(built, plan_of(built, row["family"], row["rate"]))
                     write_json(results, state)
                     print(spec, row["timed"][cpu], flush=True)
         control = percent(built.reference)
