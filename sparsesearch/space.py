@@ -191,10 +191,11 @@ def promising(trial: FrozenTrial, limit: float | None) -> bool | None:
     return trial.user_attrs.get("feasible") if limit is None or drop is None else drop <= limit
 
 
-def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial], limit: float | None = None) -> str:
+def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial], limit: float | None = None,
+              hopeless: bool = True) -> str:
     """Why a candidate is not worth training, or "": predicted slower than dense; a `promising` trial
-    prunes no more and is predicted at least as fast (dominated on speed alone); a trial beyond
-    `limit` prunes no more (it can only be less accurate)."""
+    prunes no more and is predicted at least as fast (dominated on speed alone); with `hopeless`, a
+    trial beyond `limit` prunes no more (it can only be less accurate, at trial fidelity)."""
     if speedup < 1:
         return f"predicted slower than the dense model ({speedup:.2f}x)"
     for t in finished:
@@ -204,7 +205,7 @@ def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial],
         if promising(t, limit) and t.user_attrs.get("predicted_speedup", 0) >= speedup:
             return (f"dominated on speed: trial {t.number} prunes no more and is predicted at least as fast "
                     f"({t.user_attrs['predicted_speedup']:.2f}x >= {speedup:.2f}x)")
-        if promising(t, limit) is False:
+        if hopeless and promising(t, limit) is False:
             return f"hopeless: trial {t.number} prunes no more and already misses the accuracy constraint"
     return ""
 

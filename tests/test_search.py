@@ -1034,6 +1034,27 @@ def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path:
         f"weight norms at rate {r}" for r in search.BASELINE_RATES}
 
 
+def test_a_seed_is_trained_where_a_lighter_trial_missed_the_limit(tiny: dict, tmp_path: Path) -> None:
+    """Short trials make heavy plans look hopeless that full runs pass, and `finalize` vouches only
+    for trained plans: a seed heavier than a trial beyond the limit is trained; a drawn plan is not."""
+    built = tiny["search"]
+    study = stores.open_study("seeds", f"sqlite:///{tmp_path / 's.db'}", True, search.make_sampler(built.config, 0),
+                              LadderPruner())
+    search.record(study, built)
+
+    def params(rate: float) -> dict[str, Any]:
+        return built.space.uniform_params(SparsityType.FILTER, rate)
+
+    light = built.space.suggest(optuna.trial.FixedTrial(params(0.3))).to_dict()["layers"]
+    study.add_trial(_done(0, light, 1.1, False, drop=30.0))
+    study.enqueue_trial(params(0.5), user_attrs={"seeded": "weight norms at rate 0.5"})
+    study.enqueue_trial(params(0.7))
+    search.run(built, study, search.Budget(trials=3), baselines=False)
+    seed, drawn = study.trials[1:3]
+    assert seed.state == TrialState.COMPLETE and "rejected" not in seed.user_attrs and "acc_drop" in seed.user_attrs
+    assert drawn.state == TrialState.PRUNED and drawn.user_attrs["rejected"].startswith("hopeless: trial 0")
+
+
 def _get(app: Any, path: str) -> Any:
     """GET `path` from a WSGI app, as JSON (the dashboard's own API, without a server)."""
     import io
