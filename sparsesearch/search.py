@@ -661,12 +661,14 @@ def _reject_unjudged(trial: optuna.Trial, reason: str) -> None:
 
 def _held(study: optuna.Study, key: str) -> set[Any]:
     """The `key` labels (baseline, seeded) of trials that run, ran or wait, or whose plan was judged
-    and rejected (hopeless, slower than dense): neither failed nor rejected unjudged (as a copy, or
-    past the budget). A label not held is enqueued again. (A seed rejected as hopeless, counted as
-    not held, was enqueued after every trial and rejected again, 500 times in a row, and the run
-    stopped 9 minutes into its 85.)"""
+    and rejected (dominated, slower than dense): neither failed nor rejected unjudged (as a copy, or
+    past the budget). A label not held is enqueued again. (A seed rejected again on every enqueue
+    was once enqueued after every trial, 500 times in a row, and the run stopped 9 minutes into its
+    85.) A seed that an earlier version rejected as hopeless is not held: seeds are now trained there
+    (`Search.objective`), so it is enqueued once more and trained."""
     return {t.user_attrs.get(key) for t in study.get_trials(deepcopy=False)
-            if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)}
+            if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)
+            and not (key == "seeded" and t.user_attrs.get("rejected", "").startswith("hopeless"))}
 
 
 def sensitivity(search: Search, study: optuna.Study,

@@ -1020,14 +1020,17 @@ def test_a_baseline_whose_retry_failed_too_is_enqueued_again(tiny: dict, tmp_pat
     assert sorted(w for w in waiting if w) == ["filter=0.3", "filter=0.7", "filter=0.9"]
 
 
-def test_a_seed_rejected_as_hopeless_is_not_enqueued_again(tiny: dict, tmp_path: Path) -> None:
-    """A seeded plan judged hopeless (it prunes no less than a trial that already misses the
-    constraint) stays judged: it was once enqueued after every trial and rejected again, 500 times
-    in a row, until the run gave up 9 minutes into its 85 (resnet56)."""
+def test_a_judged_seed_is_not_enqueued_again_but_one_an_older_version_found_hopeless_is(
+        tiny: dict, tmp_path: Path) -> None:
+    """A seeded plan judged (dominated on speed) stays judged: one rejected again on every enqueue
+    was once enqueued after every trial, 500 times in a row, until the run gave up 9 minutes into
+    its 85 (resnet56). Seeds are now trained where a lighter trial missed the limit, so one that
+    an older version rejected as hopeless is enqueued once more."""
     study = stores.open_study("judged", f"sqlite:///{tmp_path / 'study.db'}", True)
     study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
-    study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={
-        "seeded": "sensitivity at mean rate 0.5", "rejected": "hopeless: trial 3 prunes no more and already misses"}))
+    for rate, why in ((0.5, "dominated on speed: trial 2 prunes no more"), (0.7, "hopeless: trial 3 prunes no more")):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={
+            "seeded": f"sensitivity at mean rate {rate}", "rejected": why}))
     search.run(tiny["search"], study, search.Budget(trials=0))
     waiting = {t.user_attrs.get("seeded") for t in study.get_trials(False, states=(TrialState.WAITING,))}
     assert waiting - {None} == {f"sensitivity at mean rate {r}" for r in (0.3, 0.7, 0.9)} | {
