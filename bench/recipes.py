@@ -12,7 +12,8 @@ trained it.
 
 Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:0+4:trial norm:0.9:0+6:full
        [--time]
-Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform or norm; fidelity trial or full). Finished runs
+Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform, norm, or stages with one filter rate per stage, e.g.
+stages:0.8/0.8/0.85/0.9/0.9:0+6:full; fidelity trial or full). Finished runs
 are kept in bench/runs/recipes-CASE/results.json and not run again; a full run resumes from its last
 epoch (`*.resume.pt`, out of git). Run alone on a core: seconds and speedups are part of the answer.
 """
@@ -34,21 +35,27 @@ from common import case_name, dense_checkpoint, record  # noqa: E402
 from sparsesearch import search, seeds, storage  # noqa: E402
 from sparsesearch.admm import resume_files  # noqa: E402
 from sparsesearch.files import read_json, write_json  # noqa: E402
-from sparsesearch.plan import Plan  # noqa: E402
+from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.runtime import machine, set_threads  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
 from sparsesearch.train import percent  # noqa: E402
 
-FAMILIES = ("uniform", "norm")
+FAMILIES = ("uniform", "norm", "stages")
 FIDELITIES = ("trial", "full")
 COLUMNS = ("family", "rate", "epochs", "fidelity", "predicted", "drop", "se", "test drop", "seconds")
 
 
-def plan_of(built: search.Search, family: str, rate: float) -> Plan:
-    """The family's plan at `rate` in the study's space (aligned as a trial's)."""
+def plan_of(built: search.Search, family: str, rate: str) -> Plan:
+    """The family's plan at `rate` in the study's space (aligned as a trial's). `stages` takes a filter
+    rate per stage of the per-stage space, in its order, above the space's MAX_RATE too: where the
+    accuracy cliff lies, beyond what a study can draw."""
     space = built.space
-    params = (space.uniform_params(SparsityType.FILTER, rate) if family == "uniform"
-              else seeds.norm_params(space, built.model, rate))
+    if family == "stages":
+        rates = dict(zip(space.stages, map(float, rate.split("/"))))
+        return Plan({n: LayerSparsity(SparsityType.FILTER, r) for stage, r in rates.items() if r > 0
+                     for s in space.stages[stage] for n in s.layers}).aligned(space.by_name.values(), space.steps)
+    params = (space.uniform_params(SparsityType.FILTER, float(rate)) if family == "uniform"
+              else seeds.norm_params(space, built.model, float(rate)))
     return space.suggest(optuna.trial.FixedTrial(params))
 
 
@@ -89,9 +96,9 @@ def main() -> None:
                 raise SystemExit(f"--runs {spec}: FAMILY is one of {FAMILIES}, FIDELITY one of {FIDELITIES}")
             if spec in state:
                 continue
-            plan = plan_of(built, family, float(rate))
+            plan = plan_of(built, family, rate)
             resume = folder / f"{spec.replace(':', '-')}.resume.pt"
-            row = {"family": family, "rate": float(rate), "epochs": epochs, "fidelity": fidelity,
+            row = {"family": family, "rate": rate if family == "stages" else float(rate), "epochs": epochs, "fidelity": fidelity,
                    "predicted": predicted(built, plan), **trained(built, plan, epochs, fidelity == "full", resume)}
             for path in resume_files(resume):
                 path.unlink(missing_ok=True)
@@ -102,14 +109,14 @@ def main() -> None:
             cpu = machine()["processor"]
             for spec, row in state.items():  # the plans a full run trained: what would ship
                 if row["fidelity"] == "full" and cpu not in row.get("timed", {}):
-                    row.setdefault("timed", {})[cpu] = plan_timed(built, plan_of(built, row["family"], row["rate"]))
+                    row.setdefault("timed", {})[cpu] = plan_timed(built, plan_of(built, row["family"], str(row["rate"])))
                     write_json(results, state)
                     print(spec, row["timed"][cpu], flush=True)
         control = percent(built.reference)
     speeds = sorted({k for row in state.values() for t in row.get("timed", {}).values() for k in t})
     rows = [{k: row.get(k, "") for k in COLUMNS} | {k: next(iter(row.get("timed", {}).values()), {}).get(k, "")
                                                      for k in speeds}
-            for row in sorted(state.values(), key=lambda r: (r["fidelity"], r["family"], r["rate"], r["epochs"]))]
+            for row in sorted(state.values(), key=lambda r: (r["fidelity"], r["family"], str(r["rate"]), r["epochs"]))]
     if rows:
         record(f"recipes-{case}", rows,
                f"{args.model} on {args.dataset} (dense {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% "
