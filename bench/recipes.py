@@ -98,8 +98,9 @@ def main() -> None:
                 continue
             plan = plan_of(built, family, rate)
             resume = folder / f"{spec.replace(':', '-')}.resume.pt"
-            row = {"family": family, "rate": rate if family == "stages" else float(rate), "epochs": epochs, "fidelity": fidelity,
-                   "predicted": predicted(built, plan), **trained(built, plan, epochs, fidelity == "full", resume)}
+            row = {"family": family, "rate": rate if family == "stages" else float(rate), "epochs": epochs,
+                   "fidelity": fidelity, "predicted": predicted(built, plan),
+                   **trained(built, plan, epochs, fidelity == "full", resume)}
             for path in resume_files(resume):
                 path.unlink(missing_ok=True)
             state[spec] = row
@@ -109,7 +110,8 @@ def main() -> None:
             cpu = machine()["processor"]
             for spec, row in state.items():  # the plans a full run trained: what would ship
                 if row["fidelity"] == "full" and cpu not in row.get("timed", {}):
-                    row.setdefault("timed", {})[cpu] = plan_timed(built, plan_of(built, row["family"], str(row["rate"])))
+                    plan = plan_of(built, row["family"], str(row["rate"]))
+                    row.setdefault("timed", {})[cpu] = plan_timed(built, plan)
                     write_json(results, state)
                     print(spec, row["timed"][cpu], flush=True)
         control = percent(built.reference)
