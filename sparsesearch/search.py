@@ -54,7 +54,7 @@ from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
 from .report import FINALIZED, exported, sure_within
 from .runtime import DEFAULT_LAYOUT, in_layout
-from .space import MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
+from .space import HOPELESS, MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
 from .train import Progress, ProgressFn, autocast, confidence_within, paired_drop, training_layout
@@ -668,7 +668,7 @@ def _held(study: optuna.Study, key: str) -> set[Any]:
     (`Search.objective`), so it is enqueued once more and trained."""
     return {t.user_attrs.get(key) for t in study.get_trials(deepcopy=False)
             if t.state != TrialState.FAIL and t.user_attrs.get("judged", True)
-            and not (key == "seeded" and t.user_attrs.get("rejected", "").startswith("hopeless"))}
+            and not (key == "seeded" and t.user_attrs.get("rejected", "").startswith(HOPELESS))}
 
 
 def sensitivity(search: Search, study: optuna.Study,

@@ -31,6 +31,7 @@ RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial'
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
 MAX_LAYER_SLOTS = 12  # more slots than this: per-stage parameters plus a guided allocation
 LEAN_MAX = 2.0  # the largest `lean`: a slot twice as robust as another pruned up to 4x as hard
+HOPELESS = "hopeless"  # how a rejection for accuracy a plan can only lose begins (`rejection`)
 
 
 # --- the search space -----------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def rejection(plan: dict[str, Any], speedup: float, finished: list[FrozenTrial],
             return (f"dominated on speed: trial {t.number} prunes no more and is predicted at least as fast "
                     f"({t.user_attrs['predicted_speedup']:.2f}x >= {speedup:.2f}x)")
         if hopeless and promising(t, limit) is False:
-            return f"hopeless: trial {t.number} prunes no more and already misses the accuracy constraint"
+            return f"{HOPELESS}: trial {t.number} prunes no more and already misses the accuracy constraint"
     return ""
 
 
