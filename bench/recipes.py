@@ -15,7 +15,8 @@ Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:
 Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform, norm, or stages with one filter rate per stage, e.g.
 stages:0.8/0.8/0.85/0.9/0.9:0+6:full; fidelity trial or full). Finished runs
 are kept in bench/runs/recipes-CASE/results.json and not run again; a full run resumes from its last
-epoch (`*.resume.pt`, out of git). Run alone on a core: seconds and speedups are part of the answer.
+epoch (`*.resume.pt`, out of git). Runs of one case may train side by side (one per core), each adding its
+rows; time alone on a core: seconds and speedups are part of the answer.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def main() -> None:
     folder = RUNS / f"recipes-{case}"
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.json"
-    state: dict = read_json(results, "the recipes' results") if results.is_file() else {}
+
+    def stored() -> dict:  # read again before each write: another run of the case may have added its rows
+        return read_json(results, "the recipes' results") if results.is_file() else {}
+
+    state = stored()
     config = search.SearchConfig(model=args.model, dataset=args.dataset,
                                  checkpoint=dense_checkpoint(args.model, args.dataset), trial_data=args.trial_data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +108,7 @@ def main() -> None:
                    **trained(built, plan, epochs, fidelity == "full", resume)}
             for path in resume_files(resume):
                 path.unlink(missing_ok=True)
-            state[spec] = row
+            state = stored() | {spec: row}
             write_json(results, state)
             print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
         if args.time:

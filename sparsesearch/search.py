@@ -54,14 +54,13 @@ from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
 from .report import FINALIZED, exported, sure_within
 from .runtime import DEFAULT_LAYOUT, in_layout
-from .space import HOPELESS, MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
+from .space import BASELINE_RATES, HOPELESS, MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
 from .train import Progress, ProgressFn, autocast, confidence_within, paired_drop, training_layout
 
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
-BASELINE_RATES = (0.3, 0.5, 0.7, 0.9)  # up to the space's MAX_RATE: the front reaches the plans a full run may pass
 RUNG_GAP = 0.1  # `Search.ladder` adds a rung halfway where the limit's edge lies between rungs further apart
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
 PROBE_IMAGES = 1000  # validation images a trial is checked on at its rungs (a fixed stratified subset)

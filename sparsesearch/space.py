@@ -26,6 +26,8 @@ from .plan import LayerSparsity, Plan
 from .sparsity import NM_M, REMOVED, SparsityType
 
 RATE_STEP, MAX_RATE = 0.05, 0.9
+BASELINE_RATES = (0.3, 0.5, 0.7, 0.9)  # the uniform ladder a study starts from, up to MAX_RATE: the front
+# reaches the plans a full run may pass (`Search.ladder`); `profile` calibrates and validates on it too
 ETA = 3  # successive halving: a third of the trials climb each rung
 RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%

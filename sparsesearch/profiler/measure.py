@@ -14,6 +14,7 @@ The latency model interpolates between these points.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -41,8 +42,9 @@ TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.0
 # whole networks (rest, dense, calibration plans; validation): timed once per network, so longer
 NETWORK_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05, "max_spread": 0.1, "max_rounds": 30,
                   "retries": 2}
-CALIBRATION_PLANS, CALIBRATION_SEED = 32, 10_000  # 32: enough for per-call terms (InNetwork)
+CALIBRATION_PLANS, CALIBRATION_SEED = 36, 10_000  # 30 or more: enough for per-call terms (InNetwork)
 NEAR_DENSE = 0.7  # share of layers a near-dense calibration plan leaves dense
+HEAVY_PLANS = 4  # calibration plans with every filter group at a rate of the grid's upper half
 GROUP = 5  # whole compacted networks timed beside the dense one per compare() call
 SLOW = 0.1  # a yardstick this far off its reference: the machine is in another state, time again
 SAVE_EVERY_S = 5.0  # rows timed are written at most this often (a save of a 1000-row profile takes ~70 ms)
@@ -308,9 +310,11 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
     """Plans of the profiled types and rates that span what a search visits: a few with every layer
     at the lightest or the heaviest rate; the search's uniform filter ladder; a few that leave most
     layers dense (where the search's first plans and its baselines live: random plans rarely do, and
-    resnet56's uniform filter 10% was predicted 14% slow without them); the rest drawn as `profile
-    validate` draws (with a seed distinct from its). Counts aligned to `channel_steps`, as the
-    search's are."""
+    resnet56's uniform filter 10% was predicted 14% slow without them); a few with every filter group
+    at a heavy rate (the front's fast end: fitted on lighter plans, whose types mix, vgg16-bn's
+    uniform filter 80% and 90% were predicted 27% and 55% slow, and the search undervalued them); the
+    rest drawn as `profile validate` draws (with a seed distinct from its). Counts aligned to
+    `channel_steps`, as the search's are."""
     import random
 
     from .validate import random_plan, uniform_ladder
@@ -323,6 +327,9 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
               for rate in (rates[1], rates[-1]) for _ in range(2)]
     chosen += [plan for _, plan in uniform_ladder(layers, rates, types)]
     chosen += [random_plan(layers, couplings, rng, rates, NEAR_DENSE, types) for _ in range(4)]
+    heavy = (0.0, *(r for r in rates[1:] if r >= statistics.median(rates[1:])))
+    chosen += [random_plan(layers, couplings, rng, heavy, 0.0, {SparsityType.FILTER.value})
+               for _ in range(HEAVY_PLANS if SparsityType.FILTER.value in types else 0)]
     chosen += [random_plan(layers, couplings, rng, rates, types=types) for _ in range(CALIBRATION_PLANS - len(chosen))]
     return [aligned for plan in chosen if (aligned := plan.aligned(layers, channel_steps or {})).layers]
 

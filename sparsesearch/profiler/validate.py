@@ -16,6 +16,7 @@ from ..errors import UserError
 from ..layers import Layer, trace
 from ..plan import LayerSparsity, Plan
 from ..runtime import in_layout
+from ..space import BASELINE_RATES
 from ..sparsity import REMOVED, SparsityType
 from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
@@ -76,7 +77,7 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
     return Plan(chosen)
 
 
-LADDER_RATES = (0.1, 0.3, 0.5, 0.7)  # the search's uniform filter baselines that validation also times
+LADDER_RATES = (0.1, *BASELINE_RATES)  # the search's uniform filter baselines, and 10%: timed by validation too
 
 
 def uniform_ladder(layers: list[Layer], rates: tuple[float, ...], types: Iterable[str] | None = None
