@@ -552,6 +552,22 @@ def test_in_network_fit_holds_to_the_dense_network_that_every_speedup_divides() 
     assert fit.offset + sum(map(fit.cost, networks[0])) == pytest.approx(measured[0], rel=1e-3)
 
 
+def test_in_network_fit_weighs_the_fast_plans_as_much_as_the_slow_ones() -> None:
+    """Speedups are ratios: a plan of 0.5 ms among plans of 5-12 ms must be fitted as closely, in
+    relative terms (fitted in milliseconds, vgg16-bn's uniform filter 90% was predicted 21% slow)."""
+    rng = random.Random(0)
+    networks = [[predictor.Isolated(rng.uniform(0.7, 3.0) * (0.05 if i >= 20 else 1), 0, build.PLAIN, 0, 0)
+                 for _ in range(4)] for i in range(24)]
+
+    def measured(net: list[predictor.Isolated]) -> float:  # the fast plans' rest is smaller than a line says
+        ms = sum(layer.ms for layer in net)
+        return ms + (0.5 if ms > 1 else 0.25)
+
+    fit = predictor.InNetwork.fit(networks, list(map(measured, networks)), 0.5)
+    errors = [(fit.offset + sum(map(fit.cost, net))) / measured(net) - 1 for net in networks]
+    assert max(map(abs, errors[20:])) < 0.02 and max(map(abs, errors)) < 0.03
+
+
 def test_one_calibration_plan_timed_under_load_does_not_tilt_the_fit(on_fit: Callable[..., table.Profile],
                                                                       digits: measure.Target) -> None:
     profile = on_fit(0.05, 1.4)
