@@ -327,7 +327,8 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
               for rate in (rates[1], rates[-1]) for _ in range(2)]
     chosen += [plan for _, plan in uniform_ladder(layers, rates, types)]
     chosen += [random_plan(layers, couplings, rng, rates, NEAR_DENSE, types) for _ in range(4)]
-    heavy = (0.0, *(r for r in rates[1:] if r >= statistics.median(rates[1:])))
+    upper = statistics.median(rates[1:])
+    heavy = (0.0, *(r for r in rates[1:] if r >= upper))
     chosen += [random_plan(layers, couplings, rng, heavy, 0.0, {SparsityType.FILTER.value})
                for _ in range(HEAVY_PLANS if SparsityType.FILTER.value in types else 0)]
     chosen += [random_plan(layers, couplings, rng, rates, types=types) for _ in range(CALIBRATION_PLANS - len(chosen))]
