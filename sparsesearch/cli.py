@@ -605,7 +605,9 @@ def optimize(
     types: Annotated[str | None, typer.Option(help="Sparsity types to search, comma-separated (default all).")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default MODEL-DATASET); the same name resumes it.")] = None,
     storage: StorageOpt = None,
-    trial_epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs per trial (default 1+3).")] = None,
+    trial_epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs per trial (default 0+4: pruned at "
+                                                          "once, the slim network trained 4 epochs; 1+3: ADMM "
+                                                          "first).")] = None,
     trial_data: Annotated[float | None, typer.Option(help="Fraction of the training split each trial trains on: a "
                                                           "fixed stratified subset (default 1). Trials always "
                                                           "validate on the whole validation split.")] = None,
@@ -874,8 +876,8 @@ def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
 def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 10+5; 0+15 "
-                                                    "where the study's trials prune at once: --trial-epochs 0+N)."
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 0+15; 10+5 "
+                                                    "where the study's trials run ADMM: --trial-epochs 1+3)."
                                                )] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default "
                                                   "studies/STUDY/export/trial-N-EPOCHS).")] = None,
@@ -921,8 +923,8 @@ def finalize_cmd(
     max_acc_drop: Annotated[float | None, typer.Option(help="Ship the fastest plan at most this many points of "
                                                             "validation accuracy below dense, retrained (default: the "
                                                             "study's limit).")] = None,
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 10+5; 0+15 "
-                                                    "where the study's trials prune at once: --trial-epochs 0+N)."
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 0+15; 10+5 "
+                                                    "where the study's trials run ADMM: --trial-epochs 1+3)."
                                                )] = None,
     retrains: Annotated[int | None, typer.Option(help="Stop after this many full runs in this call (default: until "
                                                       "the bisection settles, about log2 of the front).")] = None,

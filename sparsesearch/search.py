@@ -119,8 +119,10 @@ class SearchConfig:
     checkpoint: str = ""
     types: tuple[str, ...] = tuple(t.value for t in SparsityType)
     max_acc_drop: float = 1.0  # points of validation accuracy vs the dense model
-    admm_epochs: float = 1.0
-    retrain_epochs: float = 3.0
+    # a trial prunes by magnitude at once and trains the slim network (`--trial-epochs 1+3`: ADMM first): on
+    # vgg16-bn and resnet56 as accurate fully trained and cheaper (bench/results/recipes-*.md; README, *The recipe*)
+    admm_epochs: float = 0.0
+    retrain_epochs: float = 4.0
     batch_size: int = 1  # of the latency the speedups are predicted and measured at
     trial_data: float = 1.0  # fraction of the training split a trial trains on (fixed, stratified)
     image_size: int | None = None  # input side; None: the checkpoint's, else the dataset's
@@ -400,14 +402,14 @@ class Search(Trials):
         return val, speedup
 
 
-FULL_EPOCHS = (10.0, 5.0)  # a full run: `export`'s default ADMM+retraining epochs, on the whole training split
+FULL_EPOCHS = (10.0, 5.0)  # a full run of a study whose trials run ADMM, on the whole training split
 
 
 def full_epochs(config: SearchConfig, given: str | None = None) -> tuple[float, float]:
     """A full run's ADMM+RETRAIN epochs: `given` (`--epochs`), else FULL_EPOCHS in the recipe of the
-    study's trials: a study whose trials prune at once (`--trial-epochs 0+N`) retrains its plans so,
-    for as many epochs. On vgg16-bn that recipe passed plans ADMM's did not, in a fraction of the
-    time (bench/results/recipes-vgg16-bn-fashion-mnist.md)."""
+    study's trials: a study whose trials prune at once (`0+N`, the default) retrains its plans so,
+    for as many epochs (0+15). On vgg16-bn that recipe passed plans ADMM's did not, in a fraction of
+    the time (bench/results/recipes-vgg16-bn-fashion-mnist.md)."""
     if given is not None:
         return parse_epochs(given, "--epochs")
     return (0.0, sum(FULL_EPOCHS)) if config.admm_epochs == 0 else FULL_EPOCHS
