@@ -474,7 +474,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
         holder = storage.open_study("control", f"journal:///{folder / 'control.journal'}", True)
-        search.control(built, holder)
+        search.control(built, holder, wait=True)  # another arm's process may be training it
         control = holder.user_attrs[search.CONTROL]
         print(f"control (trial recipe, nothing pruned): {control['val']:.2f}% val", flush=True)
         studies = {}

@@ -94,7 +94,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
         holder = storage.open_study("control", f"journal:///{RUNS / f'arms-{case}' / 'control.journal'}", True)
-        search.control(built, holder)
+        search.control(built, holder, wait=True)  # an arms run may be training it
         for spec in args.runs:
             family, rate, epochs, fidelity = spec.split(":")
             if family not in FAMILIES or fidelity not in FIDELITIES:
