@@ -386,13 +386,16 @@ def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, op
 
 
 def merged(results: Path, state: dict) -> dict:
-    """`state` with what another worker on the case wrote meanwhile (`--no-picks`, or a second worker
-    on the spread): its finals, and any stage this one does not hold."""
+    """`state` with what another worker on the case wrote meanwhile (`--no-picks`, a second worker on
+    the spread, another arm): every row of a stage (a final, a ladder's rate) this one does not hold.
+    Merged whole stages let two ladder arms run side by side overwrite each other's later rates."""
     disk = json.loads(results.read_text()) if results.is_file() else {}  # written atomically: whole
     for key, value in disk.items():
-        state.setdefault(key, value)
-    for key, row in disk.get("final", {}).items():
-        state.setdefault("final", {}).setdefault(key, row)
+        if isinstance(value, dict) and isinstance(state.get(key), dict):
+            for row, found in value.items():
+                state[key].setdefault(row, found)
+        else:
+            state.setdefault(key, value)
     return state
 
 
