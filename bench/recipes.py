@@ -30,12 +30,12 @@ import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from arms import RUNS, admm_trained, plan_timed, predicted, scored  # noqa: E402
+from arms import RUNS, admm_trained, plan_timed, predicted, save, scored  # noqa: E402
 from common import case_name, dense_checkpoint, record  # noqa: E402
 
 from sparsesearch import search, seeds, storage  # noqa: E402
 from sparsesearch.admm import resume_files  # noqa: E402
-from sparsesearch.files import read_json, write_json  # noqa: E402
+from sparsesearch.files import read_json  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.runtime import machine, set_threads  # noqa: E402
 from sparsesearch.sparsity import SparsityType  # noqa: E402
@@ -84,11 +84,7 @@ def main() -> None:
     folder = RUNS / f"recipes-{case}"
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.json"
-
-    def stored() -> dict:  # read again before each write: another run of the case may have added its rows
-        return read_json(results, "the recipes' results") if results.is_file() else {}
-
-    state = stored()
+    state: dict = read_json(results, "the recipes' results") if results.is_file() else {}
     config = search.SearchConfig(model=args.model, dataset=args.dataset,
                                  checkpoint=dense_checkpoint(args.model, args.dataset), trial_data=args.trial_data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,8 +104,8 @@ def main() -> None:
                    **trained(built, plan, epochs, fidelity == "full", resume)}
             for path in resume_files(resume):
                 path.unlink(missing_ok=True)
-            state = stored() | {spec: row}
-            write_json(results, state)
+            state[spec] = row
+            save(results, state)  # with the rows another run of the case wrote meanwhile
             print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
         if args.time:
             cpu = machine()["processor"]
@@ -117,7 +113,7 @@ def main() -> None:
                 if row["fidelity"] == "full" and cpu not in row.get("timed", {}):
                     plan = plan_of(built, row["family"], str(row["rate"]))
                     row.setdefault("timed", {})[cpu] = plan_timed(built, plan)
-                    write_json(results, state)
+                    save(results, state)
                     print(spec, row["timed"][cpu], flush=True)
         control = percent(built.reference)
     speeds = sorted({k for row in state.values() for t in row.get("timed", {}).values() for k in t})
