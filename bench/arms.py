@@ -97,6 +97,7 @@ BATCHES = (1, 8)
 RUNS = Path(__file__).parent / "runs"
 CALIBRATED, COPIED = "calibrated", "copied_trials"
 SEARCHES = ("study", "random", CALIBRATED)
+LADDERS = ("uniform", "torch-pruning")
 
 
 # --- the arms at trial fidelity -------------------------------------------------------------------
@@ -336,13 +337,29 @@ def arm_of(key: str) -> str:
 
 
 def retrained(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-              full: tuple[float, float], resume: Path, threads: int) -> dict:
-    """A final's row: the pick trained at the full budget (`final`), its resume files then removed."""
+              full: tuple[float, float], resume: Path, threads: int, state: dict) -> dict:
+    """A final's row: the pick trained at the full budget (`final`), its resume files then removed;
+    or the row of a final already trained with the same plan (`twin`)."""
+    if found := twin(built, arm, pick, studies, state):
+        return found
     set_threads(threads)
     row = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return row
+
+
+def twin(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], state: dict) -> dict | None:
+    """The row of a final trained with the same plan and recipe as `pick`, marked `trained by` its
+    key: one plan is often on two fronts (the study's uniform baselines are the ladder's rates; both
+    of an arm's limits may pick it), and a full run costs half an hour to hours."""
+    def same(arm: str, pick: dict) -> object:
+        return (arm, pick["rate"]) if arm == "torch-pruning" else pick_plan(built, arm, pick, studies).layers
+
+    wanted = same(arm, pick)
+    return next(({**row, "pick": pick, "trained by": key} for key, row in state.get("final", {}).items()
+                 if (arm_of(key) in studies or arm_of(key) in LADDERS) and same(arm_of(key), row["pick"]) == wanted),
+                None)
 
 
 def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], n: int) -> list[dict]:
@@ -423,7 +440,7 @@ def trained(results: Path, state: dict, key: str, resume: Path, train: Callable[
     """The final `key` trained (`train`) and saved, unless another worker trains it now or has done
     so; whether this worker trained it."""
     with claimed(resume) as mine:
-        if mine and key not in merged(results, state)["final"]:
+        if mine and key not in merged(results, state).setdefault("final", {}):
             state["final"][key] = train()
             save(results, state)
             print(key, state["final"][key], flush=True)
@@ -508,15 +525,13 @@ def main() -> None:
                     if key in state.setdefault("final", {}) or not within:
                         continue
                     pick = max(within, key=lambda c: c["speed"])
-                    done = [r for k, r in state["final"].items()  # a plan both limits pick is trained once
-                            if arm_of(k) == arm and r["pick"]["label"] == pick["label"]]
                     resume = folder / f"final-{arm}-{drop}.resume.pt"
-                    trained(results, state, key, resume, lambda: done[0] if done else retrained(
-                        built, arm, pick, studies, full, resume, args.train_threads))
+                    trained(results, state, key, resume, lambda: retrained(
+                        built, arm, pick, studies, full, resume, args.train_threads, state))
             for pick in spread(built, state, studies, args.spread) if "study" in studies else ():
                 resume = folder / f"final-study-front-{pick['trial']}.resume.pt"
                 trained(results, state, f"study front {pick['label']}", resume,
-                        lambda: retrained(built, "study", pick, studies, full, resume, args.train_threads))
+                        lambda: retrained(built, "study", pick, studies, full, resume, args.train_threads, state))
             while args.finalize is not None:  # until no arm's bisection asks for a final nobody trains
                 merged(results, state)
                 ran = False
@@ -524,7 +539,7 @@ def main() -> None:
                     if pick := finalized(built, arm, state, studies, args.finalize)[1]:
                         resume = folder / f"final-{arm}-front-{pick.get('trial', pick.get('rate'))}.resume.pt"
                         ran |= trained(results, state, f"{arm} front {pick['label']}", resume, lambda: retrained(
-                            built, arm, pick, studies, full, resume, args.train_threads))
+                            built, arm, pick, studies, full, resume, args.train_threads, state))
                 if not ran:
                     break
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
@@ -582,7 +597,9 @@ def agreement(state: dict) -> str:
     whose full-budget drops differ by less than their noise. And rho's ceiling on these plans: two
     full-budget runs that differ only by validation sampling (the measured drops, each redrawn from
     its standard error) would rank alike at about this median rho."""
-    once = list({(arm_of(key), r["pick"]["label"]): r for key, r in state.get("final", {}).items()}.values())
+    finals = state.get("final", {})
+    once = list({(arm_of(key), r["pick"]["label"]): r for key, r in finals.items()
+                 if r.get("trained by") not in finals}.values())  # a `twin` is its plan's final again
     if len(once) < 4:
         return ""
     drops, errors = np.array([r["drop"] for r in once]), np.array([r["se"] for r in once])
@@ -609,7 +626,7 @@ def plot(built: search.Search, state: dict, studies: dict[str, optuna.Study], cp
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, arm in enumerate((*SEARCHES, "uniform", "torch-pruning")):
+    for i, arm in enumerate((*SEARCHES, *LADDERS)):
         points = candidates(built, arm, state, studies) if arm in studies or arm in state else []
         color = f"C{i}"
         ax.scatter([c["speed"] for c in points], [percent(built.reference) - c["drop"] for c in points], s=14,
