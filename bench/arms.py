@@ -352,14 +352,20 @@ def retrained(built: search.Search, arm: str, pick: dict, studies: dict[str, opt
 def twin(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], state: dict) -> dict | None:
     """The row of a final trained with the same plan and recipe as `pick`, marked `trained by` its
     key: one plan is often on two fronts (the study's uniform baselines are the ladder's rates; both
-    of an arm's limits may pick it), and a full run costs half an hour to hours."""
-    def same(arm: str, pick: dict) -> object:
-        return (arm, pick["rate"]) if arm == "torch-pruning" else pick_plan(built, arm, pick, studies).layers
+    of an arm's limits may pick it), and a full run costs half an hour to hours. Plans are the same
+    where they prune the dense weights alike (rates that keep as many filters: 0.5 and 0.55 of 16)."""
+    def masks(arm: str, pick: dict) -> dict[str, torch.Tensor]:
+        return prune_masks(built.fresh_model(), pick_plan(built, arm, pick, studies), built.deps)
 
-    wanted = same(arm, pick)
+    def same(their_arm: str, their_pick: dict) -> bool:
+        if "torch-pruning" in (arm, their_arm):
+            return arm == their_arm and pick["rate"] == their_pick["rate"]
+        theirs = masks(their_arm, their_pick)
+        return theirs.keys() == wanted.keys() and all(torch.equal(theirs[k], wanted[k]) for k in wanted)
+
+    wanted = masks(arm, pick) if arm != "torch-pruning" else {}
     return next(({**row, "pick": pick, "trained by": key} for key, row in state.get("final", {}).items()
-                 if (arm_of(key) in studies or arm_of(key) in LADDERS) and same(arm_of(key), row["pick"]) == wanted),
-                None)
+                 if (arm_of(key) in studies or arm_of(key) in LADDERS) and same(arm_of(key), row["pick"])), None)
 
 
 def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], n: int) -> list[dict]:
@@ -382,9 +388,12 @@ def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], 
 
 
 def nondominated(plans: list[dict]) -> list[dict]:
-    """The plans no other one beats in both speed and drop at trial fidelity."""
-    return [c for c in plans if not any(o["speed"] >= c["speed"] and o["drop"] <= c["drop"]
-                                        and (o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in plans)]
+    """The plans no other one beats in both speed and drop at trial fidelity, each (speed, drop) once:
+    two trials that tie in both trained one network (rates that keep as many filters), as
+    `sparsesearch finalize`'s front keeps one of them."""
+    front = [c for c in plans if not any(o["speed"] >= c["speed"] and o["drop"] <= c["drop"]
+                                         and (o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in plans)]
+    return [c for i, c in enumerate(front) if all((o["speed"], o["drop"]) != (c["speed"], c["drop"]) for o in front[:i])]
 
 
 def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, optuna.Study],
