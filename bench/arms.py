@@ -618,7 +618,7 @@ def agreement(state: dict) -> str:
                                 for _ in range(1000))
     apart = [(a, b) for a, b in combinations(once, 2) if abs(a["drop"] - b["drop"]) > 2 * math.hypot(a["se"], b["se"])]
     alike = sum((a["pick"]["drop"] - b["pick"]["drop"]) * (a["drop"] - b["drop"]) > 0 for a, b in apart)
-    front = sum(key.startswith("study front") for key in state.get("final", {}))
+    front = sum(arm_of(key) == "study" and r["pick"]["label"] in state.get("spread", ()) for key, r in finals.items())
     return (f" Over the {len(once)} plans retrained ({front} of them more of the study's front, `--spread`), the "
             f"drops at trial fidelity and at the full budget rank alike at Spearman {rho:.2f}, where two full-budget "
             f"runs differing only by validation sampling would rank alike at about {ceiling:.2f} (median, simulated "
