@@ -32,11 +32,10 @@ all are retrained) is trained and timed the same way. More workers on a case (`-
 spread only, on another core) share its finals out: each final is held by a lock while trained, and
 each keeps the others' results; a plan on two arms' fronts is trained once (`twin`). With the
 picks, these are the plans over which the drops at trial fidelity and at the full budget are
-ranked against each other (the faithfulness of cheap trials on this network, issue 14 section
-1). `--finalize LIMIT` then bisects each arm's front (at trial
-fidelity, any drop) with full runs, as `sparsesearch finalize` does, for its fastest plan within
-LIMIT retrained: every final of any stage counts. Every arm's predicted
-speedups (the ladders' and the searches' trials') are recomputed with the current profile on
+ranked against each other (the faithfulness of cheap trials on this network, issue 14 section 1).
+`--finalize LIMIT` then bisects each arm's front (at trial fidelity, any drop) with full runs, as
+`sparsesearch finalize` does, for its fastest plan within LIMIT retrained: every final of any stage
+counts. Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed with the current profile on
 every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
 
