@@ -35,8 +35,8 @@ picks, these are the plans over which the drops at trial fidelity and at the ful
 ranked against each other (the faithfulness of cheap trials on this network, issue 14 section 1).
 `--finalize LIMIT` then bisects each arm's front (at trial fidelity, any drop) with full runs, as
 `sparsesearch finalize` does, for its fastest plan within LIMIT retrained: every final of any stage
-counts. Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed with the current profile on
-every run: sessions land on different CPUs, and the picks and the plot
+counts. Every arm's predicted speedups (the ladders' and the searches' trials') are recomputed
+with the current profile on every run: sessions land on different CPUs, and the picks and the plot
 must price all arms on the one device the finals are timed on.
 
 Usage: python bench/arms.py --model resnet56 --dataset fashion-mnist [--checkpoint PATH (default
