@@ -611,6 +611,15 @@ def optimize(
     trial_data: Annotated[float | None, typer.Option(help="Fraction of the training split each trial trains on: a "
                                                           "fixed stratified subset (default 1). Trials always "
                                                           "validate on the whole validation split.")] = None,
+    full_epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the study's full runs, on the whole "
+                                                         "training split: those promoted during the search, "
+                                                         "finalize's and export's (default 0+15; 10+5 where trials "
+                                                         "run ADMM).")] = None,
+    full_runs: Annotated[float, typer.Option(help="Share of this run's time spent retraining front plans at the "
+                                                  "full budget between trials (the plans finalize's bisection "
+                                                  "asks for, counted by it later), so the rest of the search "
+                                                  "judges trials at the limit they show trials overstate; on top "
+                                                  "of a count of trials; 0: none.")] = 0.25,
     batch_size: Annotated[int | None, typer.Option(help="Batch size of the predicted and measured latency (default 1).")] = None,
     sampler: Annotated[str | None, typer.Option(help="tpe (default) or random.")] = None,
     channels_last: Annotated[bool, typer.Option(
@@ -651,6 +660,9 @@ def optimize(
         raise UserError(f"--sampler must be tpe or random, got '{sampler}'")
     if trial_data is not None and not 0 < trial_data <= 1:
         raise UserError(f"--trial-data must be a fraction in (0, 1] of the training split, got {trial_data}")
+    if not 0 <= full_runs < 1:
+        raise UserError(f"--full-runs must be a share of the run's time in [0, 1), got {full_runs}")
+    full = "{:g}+{:g}".format(*search.parse_epochs(full_epochs, "--full-epochs")) if full_epochs else None
     if precision is not None:
         check_precision(precision)
     if model:  # a typo must not leave a study behind
@@ -662,7 +674,7 @@ def optimize(
     opened = stores.open_study(name, storage, create=True, grace_s=stale_after)
     given = {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None, "types": kinds,
              "max_acc_drop": max_acc_drop, "admm_epochs": admm_epochs, "retrain_epochs": retrain_epochs,
-             "trial_data": trial_data,
+             "trial_data": trial_data, "full_epochs": full,
              "batch_size": batch_size, "image_size": image_size, "seed": seed, "sampler": sampler,
              "layout": layout_of(True) if channels_last else None, "precision": precision}
     try:
@@ -748,13 +760,15 @@ def optimize(
         console.print(f"[yellow]cheap trials[/]: under {search.FAITHFUL_SHARE:.0%} of a full run's training images, "
                       "trials may rank plans unlike full training (LeNet-5: Spearman 0.56 at 2.7%, 0.92 at 5.3%); "
                       f"--trial-epochs {admm:g}+{retrain:g} trains {enough:.1%}")
+    promotion = _promotion(built, opened, limit, full_runs) if full_runs else None
     stop = {"asked": False}
 
     def interrupt(_sig: int, _frame: Any) -> None:
         if stop["asked"]:
             raise KeyboardInterrupt
         stop["asked"] = True
-        console.print("[yellow]stopping after the current trial[/] (Ctrl-C again to stop now)")
+        console.print("[yellow]stopping after the current trial or full run[/] (Ctrl-C again to stop now; a full "
+                      "run goes on from where it stopped, in `finalize` or the next `optimize`)")
 
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
@@ -772,11 +786,14 @@ def optimize(
                            f"min; {trained - done_before} trials, {status}")
 
             on_trial(opened, None)
-            ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"], started=started)
+            if promotion:
+                promotion.on_run = lambda trial, now: _promoted(trial, now, update)
+            ran = search.run(built, opened, limit, on_trial, lambda: stop["asked"], started=started, promote=promotion)
     finally:
         signal.signal(signal.SIGINT, previous)
     console.print(f"{ran.trained} trials trained, {ran.rejected} candidates rejected before training "
-                  "(predicted slower than dense, or dominated); see each trial's 'rejected' attr")
+                  "(predicted slower than dense, or dominated); see each trial's 'rejected' attr"
+                  + (f"; {_count(ran.promoted, 'full run')} between them" if promotion else ""))
     if ran.stopped == "asked":
         console.print(f"interrupted: {len(search.trained_trials(opened))} trials saved in {name}; run the same "
                       "command to resume")
@@ -795,6 +812,41 @@ def optimize(
     console.print("wrote " + ", ".join(str(p) for p in reporting.write(opened, stores.study_dir(name))))
     console.print(f"next: `sparsesearch finalize {name}` retrains the front at the full budget (a few plans, by "
                   "bisection) and exports the fastest plan within the limit, judged retrained")
+
+
+def _promotion(built: Any, opened: Any, limit: Any, share: float) -> Any:
+    """The full runs `optimize` promotes between trials (`finalize.Promotion`), with what one costs
+    here and how many the budget holds said first."""
+    from . import search, storage as stores
+    from .finalize import Promotion
+
+    config = built.config
+    epochs = search.full_epochs(config)
+    done_at = "{:g}+{:g}".format(*epochs)
+    one = search.full_run_cost(built, *epochs)
+    holds = (f"{int(share * limit.seconds // one.seconds)} fit in {share:.0%} of {limit}" if limit.seconds
+             else f"up to {share:.0%} of the time its trials take")
+    console.print(f"full runs between trials ({done_at} epochs on {len(built.data.train):,} images; the plans "
+                  f"finalize's bisection asks for, so trials are judged at the limit they show): one is {one} on "
+                  f"this device (timed on a few steps); {holds}")
+    if limit.seconds and one.seconds > share * limit.seconds:
+        console.print(f"[yellow]note:[/] no full run fits in {share:.0%} of {limit}: trials are judged at the "
+                      "limit earlier full runs support; a longer --budget, a larger --full-runs or fewer "
+                      "--full-epochs (a new study) lets the search calibrate it")
+
+    def on_done(trial: int, result: Any) -> None:
+        console.print(_outcome(opened, trial, result, config.max_acc_drop, 0.5, done_at) + "; trials may now lose "
+                      f"up to {search.trial_limit(opened, config.max_acc_drop):.2f} points")
+
+    return Promotion(built, config.max_acc_drop, epochs, stores.study_dir(opened.study_name) / "export", share,
+                     one.seconds, on_done=on_done)
+
+
+def _promoted(trial: int, now: Any, update: Callable[..., None]) -> Callable[[int, int, str], None]:
+    """A promoted full run's first line, and its progress on the search's bar (a phase of its own)."""
+    console.print(f"full run: trial {trial}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the "
+                  f"trials' front (slowest first); {len(now.retrained)} retrained so far")
+    return lambda done, total, phase: update(done, total, f"full run, trial {trial}: {phase}")
 
 
 def _measure(trials: Any, study: Any, setting: str, again: bool = False) -> None:
@@ -876,9 +928,9 @@ def report_cmd(study: StudyArg, storage: StorageOpt = None) -> None:
 def export_cmd(
     study: StudyArg,
     trial: Annotated[int, typer.Option(help="Trial number (see studies/STUDY/pareto.json).")],
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default 0+15; 10+5 "
-                                                    "where the study's trials run ADMM: --trial-epochs 1+3)."
-                                               )] = None,
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of the full run (default: the study's "
+                                                    "--full-epochs, else 0+15; 10+5 where the study's trials run "
+                                                    "ADMM: --trial-epochs 1+3).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default "
                                                   "studies/STUDY/export/trial-N-EPOCHS).")] = None,
     storage: StorageOpt = None,
@@ -923,9 +975,9 @@ def finalize_cmd(
     max_acc_drop: Annotated[float | None, typer.Option(help="Ship the fastest plan at most this many points of "
                                                             "validation accuracy below dense, retrained (default: the "
                                                             "study's limit).")] = None,
-    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default 0+15; 10+5 "
-                                                    "where the study's trials run ADMM: --trial-epochs 1+3)."
-                                               )] = None,
+    epochs: Annotated[str | None, typer.Option(help="ADMM+RETRAIN epochs of each full run (default: the study's "
+                                                    "--full-epochs, else 0+15; 10+5 where the study's trials run "
+                                                    "ADMM: --trial-epochs 1+3).")] = None,
     retrains: Annotated[int | None, typer.Option(help="Stop after this many full runs in this call (default: until "
                                                       "the bisection settles, about log2 of the front).")] = None,
     confidence: Annotated[float, typer.Option(help="How sure a retrained drop's standard error must make it within "
@@ -942,7 +994,6 @@ def finalize_cmd(
     retrained drop is within the limit. Short trials overstate what a plan loses, so plans beyond the
     study's limit at trial fidelity are candidates too. Each full run is an `export`."""
     from . import report as reporting, search, storage as stores
-    from .errors import Diverged
     from .finalize import finalize, state
 
     opened = _study_of(study, storage, model)
@@ -968,35 +1019,23 @@ def finalize_cmd(
         return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
                                                 "epochs"))
 
-    def run_of(trial: int) -> dict[str, Any]:
-        return next(r for r in reporting.exported(opened) if r["trial"] == trial and r["epochs"] == done_at)
-
-    def verdict(trial: int) -> str:
-        r = run_of(trial)
-        sure = reporting.sure_within(r, limit)
-        return (f"retrained {reporting.retrained_text(r)} points below dense, {sure:.0%} sure within {limit:g} "
-                f"({'enough' if sure >= confidence else 'not enough'} at --confidence {confidence:g})")
-
     def on_done(trial: int, result: Any) -> None:
         stack.close()
-        if isinstance(result, Diverged):  # recorded as lost
-            console.print(f"trial {trial}: diverged at the full budget ({result}); counted beyond the limit")
-        else:
-            console.print(f"trial {trial}: {verdict(trial)}; {_speedup(result.measured)}{_resumed(result.resumed_at)}")
+        console.print(_outcome(opened, trial, result, limit, confidence, done_at))
 
     with stack:
         done = finalize(built, opened, limit, admm_epochs, retrain_epochs, stores.study_dir(study) / "export",
                         retrains, confidence, on_run, on_done)
     reporting.write(opened, stores.study_dir(study))
     if done.best is not None:
-        shipped = run_of(done.best)
+        shipped = _run_of(opened, done.best, done_at)
         path = Path(shipped.get("path") or search.export_dir(stores.study_dir(study) / "export", done.best, done_at))
         host = shipped.get("host", "another machine")
         where = (f"its model is in {path}" if path.is_dir() else
                  f"its model was written to {path}{'' if host == platform.node() else ' on ' + host}, and is not "
                  f"there now: `sparsesearch export {study} --trial {done.best} --epochs {done_at}` writes it again")
-        console.print(f"ship trial {done.best}: {verdict(done.best)}; measured {shipped['speedup']:.2f}x ({dev}, "
-                      f"batch {config.batch_size}, {n_threads} threads); {where}")
+        console.print(f"ship trial {done.best}: {_verdict(opened, done.best, limit, confidence, done_at)}; measured "
+                      f"{shipped['speedup']:.2f}x ({dev}, batch {config.batch_size}, {n_threads} threads); {where}")
     else:
         console.print(f"no plan of the front is within {limit:g} points retrained"
                       + ("; a larger --max-acc-drop or longer --epochs may find one" if done.settled else " yet"))
@@ -1007,6 +1046,32 @@ def finalize_cmd(
         where = f"other workers retrain trials {_fold([str(n) for n in done.busy])} (run the same command after them)"
     console.print(f"{_count(len(done.retrained), 'full run')} of {len(done.front)} front plans; {where}; "
                   f"see {stores.study_dir(study) / 'report.md'}")
+
+
+def _run_of(opened: Any, trial: int, done_at: str) -> dict[str, Any]:
+    from . import report as reporting
+
+    return next(r for r in reporting.exported(opened) if r["trial"] == trial and r["epochs"] == done_at)
+
+
+def _verdict(opened: Any, trial: int, limit: float, confidence: float, done_at: str) -> str:
+    """What trial's full run at `done_at` epochs says about the limit, and how sure."""
+    from . import report as reporting
+
+    r = _run_of(opened, trial, done_at)
+    sure = reporting.sure_within(r, limit)
+    return (f"retrained {reporting.retrained_text(r)} points below dense, {sure:.0%} sure within {limit:g} "
+            f"({'enough' if sure >= confidence else 'not enough'} at --confidence {confidence:g})")
+
+
+def _outcome(opened: Any, trial: int, result: Any, limit: float, confidence: float, done_at: str) -> str:
+    """A full run's line: its verdict and measured speedup, or its divergence (recorded as lost)."""
+    from .errors import Diverged
+
+    if isinstance(result, Diverged):
+        return f"trial {trial}: diverged at the full budget ({result}); counted beyond the limit"
+    return (f"trial {trial}: {_verdict(opened, trial, limit, confidence, done_at)}; {_speedup(result.measured)}"
+            f"{_resumed(result.resumed_at)}")
 
 
 def _study_of(study: str, storage: str | None, model: str | None) -> Any:

@@ -141,6 +141,49 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
     return now
 
 
+@dataclass
+class Promotion:
+    """Full runs between a study's trials, so the study calibrates its own trial limit as it goes
+    (`search.run` asks `due` after each trial). Judged at the user's limit, short trials pass only
+    plans far slower than full runs allow: on resnet56 (one-shot trials, limit 0.5) no TPE trial
+    went past 1.63x predicted, while plans that retrained within 0.5 had lost up to 3.98 points in
+    their trials (bench/results/arms-resnet56-fashion-mnist-0+4-0+6.md). `search.trial_limit`
+    learns that gap from full runs, but `finalize` runs them after the study, when no budget is left
+    to search with it. Here the bisection's next plan is retrained while the study runs, at most
+    `share` of the run's time, and the trials after it are judged at the limit it supports;
+    `finalize` counts these runs later, so they are not spent twice."""
+
+    search: Search
+    limit: float  # the user's, retrained
+    epochs: tuple[float, float]  # ADMM+RETRAIN of each full run
+    out_root: Path  # the study's export folder
+    share: float  # of the run's time the full runs may take
+    cost_s: float  # one full run's seconds: estimated before the first, then the mean of this run's
+    on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None
+    on_done: Callable[[int, ExportResult | Diverged], None] | None = None
+    spent_s: float = 0.0
+    runs: int = 0
+
+    def due(self, study: optuna.Study, total_s: float, left_s: float) -> bool:
+        """Whether one more full run keeps this run's full runs within `share` of `total_s` and ends
+        within `left_s`, the trials enqueued (the uniform ladder, the seeds) have run (the front the
+        bisection halves spans them), and the bisection names a plan no other worker holds."""
+        if self.spent_s + self.cost_s > self.share * total_s or self.cost_s > left_s:
+            return False
+        if study.get_trials(False, states=(TrialState.WAITING,)):
+            return False
+        return state(study, self.limit, "{:g}+{:g}".format(*self.epochs)).next is not None
+
+    def __call__(self, study: optuna.Study) -> Finalized:
+        started = time.monotonic()
+        done = finalize(self.search, study, self.limit, *self.epochs, self.out_root, 1, on_run=self.on_run,
+                        on_done=self.on_done)
+        self.spent_s += time.monotonic() - started
+        self.runs += 1
+        self.cost_s = self.spent_s / self.runs
+        return done
+
+
 def _renewing(study: optuna.Study, lease: str, progress: Callable[[int, int, str], None] | None,
               every_s: float = 60.0) -> Callable[[int, int, str], None]:
     """`progress`, renewing `lease` on the way (at most every `every_s`): a full run takes hours,

@@ -443,6 +443,14 @@ def sure_within(r: dict[str, Any], limit: float) -> float:
     return 0.0 if r.get("diverged") else confidence_within(r["val_drop"], r.get("val_drop_se") or 0.0, limit)
 
 
+def margin_within(r: dict[str, Any], limit: float, confidence: float = 0.5) -> float:
+    """How many points within `limit` an exported plan's retrained drop came, less the standard
+    errors `confidence` asks (`confidence` in (0, 1)): negative beyond, 0 where `sure_within` is
+    `confidence`. A diverged run is as far beyond as the drop recorded for it (`finalize.LOST`)."""
+    se = r.get("val_drop_se") or 0.0
+    return limit - r["val_drop"] - statistics.NormalDist().inv_cdf(confidence) * se
+
+
 def _shown(r: dict[str, Any]) -> dict[str, Any]:
     """An exported row as the report shows it: a diverged run has no test drop or speedup."""
     return {**r, "test_drop": None, "speedup": None} if r.get("diverged") else r

@@ -87,6 +87,8 @@ def test_cuda_without_gpu_is_one_line() -> None:
     (["finalize", "s", "--max-acc-drop", "1000"], "--max-acc-drop must be a number of accuracy points"),
     (["finalize", "s", "--confidence", "-0.2"], "--confidence must be a probability between 0 and 1"),
     (["optimize", "--precision", "float16"], "--precision must be one of float32, bfloat16, got 'float16'"),
+    (["optimize", "--full-runs", "1"], "--full-runs must be a share of the run's time in [0, 1), got 1.0"),
+    (["optimize", "--full-epochs", "x"], "--full-epochs 'x' must be ADMM+RETRAIN epochs"),
 ])
 def test_a_numeric_option_out_of_range_is_one_line_and_runs_nothing(
         args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -190,15 +190,22 @@ def test_a_full_run_that_diverges_counts_as_beyond_the_limit_and_the_bisection_g
     assert "| 2 | – | diverged | – | 4+2 | –x |" in report.markdown(study)
 
 
-def test_the_trial_limit_rises_to_the_largest_trial_drop_every_full_run_below_it_passed() -> None:
+def test_the_trial_limit_rises_to_where_the_full_runs_line_crosses_the_limit() -> None:
     """Full runs say how much a trial may lose and the plan still pass: walked up from the smallest
-    trial drop, the first full run beyond the limit ends the walk; it never falls below the limit."""
+    trial drop, each run within raises the limit to its trial drop; the first run beyond ends the
+    walk, the limit then where the line from the last run within (or from the control: 0 lost at
+    both fidelities) to it crosses the limit. Never below the limit, never past the first run beyond."""
     assert search.calibrated_limit([], 1.0) == 1.0
-    assert search.calibrated_limit([(0.4, True), (1.9, True), (7.6, False)], 1.0) == 1.9
-    assert search.calibrated_limit([(5.7, True), (1.8, True)], 1.0) == 5.7, "in any order"
-    assert search.calibrated_limit([(0.5, True), (2.0, False), (3.0, True)], 1.0) == 1.0, \
+    assert search.calibrated_limit([(1.9, 0.2), (0.4, 0.6)], 1.0) == 1.9, "in any order; no extrapolation"
+    assert search.calibrated_limit([(0.4, 0.6), (1.9, 0.2), (7.6, -0.8)], 1.0) == pytest.approx(1.9 + 0.2 * 5.7)
+    # resnet56, one-shot trials, limit 0.5: uniform 50% (2.10 in a trial, -0.23 retrained), seed 7 (4.93,
+    # 0.92), uniform 70% (4.98, 1.07): the line crosses at 3.9, where uniform 60% (3.55) came within
+    resnet56 = [(2.10, 0.73), (4.93, -0.42), (4.98, -0.57)]
+    assert search.calibrated_limit(resnet56, 0.5) == pytest.approx(2.10 + 0.73 / 1.15 * 2.83)
+    assert search.calibrated_limit([(4.98, -0.57)], 0.5) == pytest.approx(4.98 * 0.5 / 1.07), "from the control"
+    assert search.calibrated_limit([(0.5, 0.5), (2.0, -0.5), (3.0, 0.1)], 1.0) == pytest.approx(1.25), \
         "a plan beyond it below a plan within it: no higher than the first beyond"
-    assert search.calibrated_limit([(0.2, False)], 1.0) == 1.0
+    assert search.calibrated_limit([(0.2, -0.5)], 1.0) == 1.0
 
 
 def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_path: Path) -> None:
@@ -221,10 +228,52 @@ def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_pa
     ran(8, "4+2", 0.4)
     ran(9, "1+1", 9.0)  # beyond, but only at 1+1: 4+2 decides now
     assert search.trial_limit(study, 0.5) == 4.0
-    ran(9, "4+2", finalizing.LOST, diverged="NaN loss")
-    assert search.trial_limit(study, 0.5) == 4.0 and search.trial_limit(study, 0.35) == 2.5
+    ran(9, "4+2", finalizing.LOST, diverged="NaN loss")  # beyond by all it lost: the line barely rises past 4.0
+    assert search.trial_limit(study, 0.5) == pytest.approx(4.0 + 0.1 / 99.6 * 2.0)
+    assert search.trial_limit(study, 0.35) == pytest.approx(2.5 + 0.05 / 0.1 * 1.5), "0.3 within 0.35, 0.4 beyond"
     study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.5})
     ran(5, "20+10", 0.1)  # the user ships trial 5 after a longer run: finalize's evidence stands
-    assert search.trial_limit(study, 0.5) == 4.0
+    assert search.trial_limit(study, 0.5) == pytest.approx(4.0 + 0.1 / 99.6 * 2.0)
     study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.99})  # 0.3 ± 0.1 is 98% sure
-    assert search.trial_limit(study, 0.5) == 0.5
+    short = 0.5 - 0.3 - 2.3263 * 0.1  # how far from 99% sure within 0.5 the 2.5 trial's run came
+    assert search.trial_limit(study, 0.5) == pytest.approx(2.5 * 0.5 / (0.5 - short), abs=1e-3), "from the control"
+
+
+def test_a_promotion_is_due_once_the_enqueued_trials_ran_while_full_runs_keep_to_their_share(
+        tmp_path: Path) -> None:
+    """`optimize` retrains the bisection's next plan between trials, so the rest of the search is
+    judged at the limit it supports: only within its share of the run, only if it ends in time, not
+    before the uniform ladder and the seeds trained (the front must span them), not once settled."""
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    promotion = finalizing.Promotion(None, 0.5, (4.0, 2.0), tmp_path, share=0.25, cost_s=100.0)  # type: ignore[arg-type]
+    assert promotion.due(study, total_s=400.0, left_s=300.0)
+    assert not promotion.due(study, total_s=399.0, left_s=300.0), "over its share of the run"
+    assert not promotion.due(study, total_s=4000.0, left_s=99.0), "would end after the budget"
+    promotion.spent_s = 100.0
+    assert not promotion.due(study, total_s=400.0, left_s=300.0) and promotion.due(study, 800.0, math.inf)
+    study.enqueue_trial({})
+    assert not promotion.due(study, 800.0, math.inf), "an enqueued plan first"
+    study.tell(study.ask(), [90.0, 1.0])  # the enqueued trial ran (slower than all: not on the front)
+    for n in range(5):  # every plan retrained: nothing left in doubt
+        study.set_user_attr(report.export_key(study, n, "4+2"), {
+            "val_drop": 0.1 * n, "val_drop_se": 0.1, "test_drop": 0.0, "speedup": 1.2, "epochs": "4+2"})
+    assert not promotion.due(study, 800.0, math.inf), "the bisection is settled"
+
+
+def test_a_promotion_retrains_the_bisections_next_plan_and_learns_what_one_costs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    ran: list[int] = []
+
+    def retrained(search: object, study_: optuna.Study, number: int, *args: object, **kwargs: object) -> None:
+        ran.append(number)
+        time.sleep(0.05)
+        study_.set_user_attr(report.export_key(study_, number, "4+2"), {
+            "val_drop": 0.2, "val_drop_se": 0.1, "test_drop": 0.1, "speedup": 1.4, "epochs": "4+2"})
+
+    monkeypatch.setattr(finalizing, "export_trial", retrained)
+    promotion = finalizing.Promotion(None, 0.5, (4.0, 2.0), tmp_path, share=0.5, cost_s=1e6)  # type: ignore[arg-type]
+    done = promotion(study)
+    assert ran == [2] and done.best == 2 and done.next == 3, "within: the faster half is in doubt now"
+    assert promotion.runs == 1 and 0.05 <= promotion.cost_s == promotion.spent_s < 1e6, "measured, not estimated"
+    assert study.user_attrs[report.FINALIZED]["retrained"] == [2], "finalize goes on from it"

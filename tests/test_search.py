@@ -70,6 +70,8 @@ def test_a_full_run_trains_in_the_recipe_of_the_studys_trials_unless_told() -> N
     assert search.full_epochs(search.SearchConfig(admm_epochs=1, retrain_epochs=3)) == search.FULL_EPOCHS
     assert search.full_epochs(search.SearchConfig(admm_epochs=0, retrain_epochs=4)) == (0.0, sum(search.FULL_EPOCHS))
     assert search.full_epochs(search.SearchConfig(admm_epochs=0, retrain_epochs=4), "4+2") == (4.0, 2.0)
+    own = search.SearchConfig(full_epochs="0+6")  # the study's --full-epochs: its promoted runs, finalize's, export's
+    assert search.full_epochs(own) == (0.0, 6.0) and search.full_epochs(own, "4+2") == (4.0, 2.0)
     with pytest.raises(UserError, match="--epochs"):
         search.full_epochs(search.SearchConfig(), "x")
 
@@ -1194,6 +1196,33 @@ def test_types_the_profile_never_timed_on_the_network_are_not_searched(tiny: dic
     offering.set_user_attr(search.WITHHELD, {})
     with pytest.raises(UserError, match="searches shape, which the latency profile .* has not timed"):
         search.record(offering, narrower)
+
+
+def test_a_study_promotes_full_runs_between_its_trials_and_judges_the_next_at_the_limit_they_support(
+        tiny: dict, tmp_path: Path) -> None:
+    """`run` with a promotion: once the uniform ladder and the seeds trained, the bisection's plan is
+    retrained at the full budget between two trials, recorded as finalize's, and every later trial
+    is judged at the limit those runs support; the trial budget is still met."""
+    built = tiny["search"]
+    study = stores.open_study("promoted", f"sqlite:///{tmp_path / 'p.db'}", True,
+                              search.make_sampler(built.config, 0), LadderPruner())
+    search.record(study, built)
+    waiting: list[int] = []
+
+    def on_done(trial: int, result: object) -> None:
+        waiting.append(len(study.get_trials(False, states=(TrialState.WAITING,))))
+
+    limit = built.config.max_acc_drop
+    promotion = finalizing.Promotion(built, limit, (0.0, 0.5), tmp_path / "export", share=0.9, cost_s=0.0,
+                                     on_done=on_done)
+    ran = search.run(built, study, search.Budget(trials=16), promote=promotion)
+    runs = [r for r in report.exported(study) if r["epochs"] == "0+0.5"]
+    assert ran.stopped == "budget" and len(search.trained_trials(study)) == 16
+    assert ran.promoted == promotion.runs == len(runs) >= 1 and waiting == [0] * ran.promoted
+    assert study.user_attrs[report.FINALIZED]["retrained"] == sorted(r["trial"] for r in runs)
+    last = max(search.trained_trials(study), key=lambda t: t.number)
+    assert last.user_attrs["trial_limit"] == search.trial_limit(study, limit)
+    assert all((tmp_path / "export" / f"trial-{r['trial']}-0+0.5" / "metrics.json").is_file() for r in runs)
 
 
 def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_their_drop(tiny: dict,
