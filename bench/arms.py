@@ -13,7 +13,11 @@ one control, the dense model trained with the trial recipe and nothing pruned, a
   calibrated     the study as a user runs `optimize` twice with `finalize` between: the study's
                  trials up to half its compute, then the rest at the trial limit (`search.trial_limit`)
                  that the study's finals of those trials support, recorded as the exports finalize
-                 writes (the full runs are not counted in its compute, as no arm's finals are).
+                 writes (the full runs are not counted in its compute, as no arm's finals are);
+  promoted       `optimize --max-acc-drop LIMIT` (the `--finalize` limit) as it runs now: the study with
+                 the full runs its bisection asks for promoted between its trials (`Promoted`: as much
+                 time as its trials' compute at most), each the arm's final as it ends, so the trials
+                 after it are judged at the limit they support (not counted in its compute either).
 A ladder stops once two rates in a row lose more than STOP points (no higher rate can then be
 picked). The two searches run until their trials' summed training seconds, at the pace of the
 case's fastest worker (`spent`), reach `--compute` (carried over sessions: the studies are
@@ -64,7 +68,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -81,7 +85,7 @@ from sparsesearch import report, search, storage  # noqa: E402
 from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
-from sparsesearch.finalize import bisect  # noqa: E402
+from sparsesearch.finalize import Promotion, bisect  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler import predict_latency  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
@@ -95,8 +99,9 @@ DROPS = (0.5, 1.0)
 STOP = 2 * max(DROPS)  # a ladder stops once two rates in a row lose more: higher ones cannot qualify
 BATCHES = (1, 8)
 RUNS = Path(__file__).parent / "runs"
-CALIBRATED, COPIED = "calibrated", "copied_trials"
-SEARCHES = ("study", "random", CALIBRATED)
+CALIBRATED, COPIED, PROMOTED = "calibrated", "copied_trials", "promoted"
+SEARCHES = ("study", "random", CALIBRATED, PROMOTED)
+PROMOTED_SHARE = 0.5  # of the promoted arm's run, its full runs: as much time again as its trials' compute
 LADDERS = ("uniform", "torch-pruning")
 
 
@@ -104,12 +109,15 @@ LADDERS = ("uniform", "torch-pruning")
 
 
 def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict,
-             full_epochs: str) -> optuna.Study:
+             full_epochs: str, limit: float, adopt: Callable[[optuna.Study, int, search.ExportResult], None]
+             ) -> optuna.Study:
     """The study (or random search) arm, run on until its training reaches `compute_s` (`spent`, checked
     after every trial); a new one is judged against the arms' one `control` (a study attr), not a
-    control of its own."""
+    control of its own. The promoted arm is `optimize --max-acc-drop LIMIT` with its full runs
+    between trials (`Promoted`), each handed to `adopt` as it ends."""
     random = arm == "random"
-    built.config = replace(built.config, sampler="random" if random else "tpe")
+    built.config = replace(built.config, sampler="random" if random else "tpe",
+                           max_acc_drop=limit if arm == PROMOTED else max(DROPS))
     if arm == CALIBRATED and not (folder / f"{arm}.journal").is_file():
         halved(folder, compute_s, full_epochs)
     study = storage.open_study(arm, f"journal:///{folder / f'{arm}.journal'}", True, None, LadderPruner())
@@ -117,10 +125,46 @@ def searched(built: search.Search, arm: str, folder: Path, compute_s: float, con
         study.set_user_attr(search.CONTROL, control)
     study.sampler = search.make_sampler(built.config, len(study.trials))
     search.record(study, built)
+    promote = None
+    if arm == PROMOTED:
+        full = search.parse_epochs(full_epochs, "--full-epochs")
+        promote = Promoted(built, limit, full, folder / "exports", PROMOTED_SHARE,
+                           search.full_run_cost(built, *full).seconds,
+                           on_done=lambda n, result: adopt(study, n, result),
+                           horizon_s=compute_s / (1 - PROMOTED_SHARE))
     if spent(study, folder) < compute_s:
         search.run(built, study, search.Budget(), baselines=not random,
-                   should_stop=lambda: spent(study, folder) >= compute_s)
+                   should_stop=lambda: spent(study, folder) >= compute_s, promote=promote)
     return study
+
+
+@dataclass
+class Promoted(Promotion):
+    """The promoted arm's full runs: `PROMOTED_SHARE` of a run whose trials train for the case's
+    compute (`horizon_s`, the two together), as `optimize --budget` holds them in its duration. The
+    arm's run has no duration of its own (it stops on `spent`), and its full runs are finals, as
+    every arm's, outside the compute compared."""
+
+    horizon_s: float = 0.0
+
+    def due(self, study: optuna.Study, total_s: float, left_s: float) -> bool:
+        return super().due(study, self.horizon_s, math.inf)
+
+
+def adopted(built: search.Search, study: optuna.Study, number: int, result: search.ExportResult | Exception,
+            state: dict, studies: dict[str, optuna.Study]) -> tuple[str, dict] | None:
+    """A promoted full run as the arm's final (key, row), so the case's bisection goes on from it; a
+    run that diverged is none (the arm's bisection then retrains the plan as a final)."""
+    if not isinstance(result, search.ExportResult):
+        return None
+    studies[PROMOTED] = study
+    r = next(r for r in report.exported(study)
+             if r["trial"] == number and Path(r["path"]) == result.metrics.parent.resolve())
+    pick = next(c for c in candidates(built, PROMOTED, state, studies) if c["trial"] == number)
+    metrics = json.loads(result.metrics.read_text())
+    return f"{PROMOTED} front {pick['label']}", {
+        "pick": pick, "seconds": metrics["seconds"], "val": built.dense["val"] - r["val_drop"], "drop": r["val_drop"],
+        "se": r["val_drop_se"], "test drop": r["test_drop"]}
 
 
 def halved(folder: Path, compute_s: float, full_epochs: str) -> None:
@@ -507,9 +551,17 @@ def main() -> None:
         control = holder.user_attrs[search.CONTROL]
         print(f"control (trial recipe, nothing pruned): {control['val']:.2f}% val", flush=True)
         studies = {}
+
+        def adopt(study: optuna.Study, number: int, result: search.ExportResult) -> None:
+            if found := adopted(built, study, number, result, state, studies):
+                merged(results, state).setdefault("final", {})[found[0]] = found[1]
+                save(results, state)
+                print(*found, flush=True)
+
         for arm in args.arms:
             if arm in SEARCHES:
-                studies[arm] = searched(built, arm, folder, compute_s, control, args.full_epochs)
+                studies[arm] = searched(built, arm, folder, compute_s, control, args.full_epochs,
+                                        args.finalize or min(DROPS), adopt)
                 search.control(built, holder)  # each study set the arms' reference again: the same one
                 print(arm, f"{spent(studies[arm], folder):.0f} s of training (at the fastest worker's pace) in "
                       f"{len(studies[arm].trials)} trials", flush=True)
