@@ -166,11 +166,14 @@ class Promotion:
 
     def due(self, study: optuna.Study, total_s: float, left_s: float) -> bool:
         """Whether one more full run keeps this run's full runs within `share` of `total_s` and ends
-        within `left_s`, the trials enqueued (the uniform ladder, the seeds) have run (the front the
-        bisection halves spans them), and the bisection names a plan no other worker holds."""
+        within `left_s`, the uniform ladder's first rates (30-90%) have trained (the front the
+        bisection halves spans them), and the bisection names a plan no other worker holds. Not the
+        rungs the ladder adds around the trial limit: judged at the user's limit they went on down
+        (resnet56: 15%, 20%, 25%...) while the full runs they waited for would raise it."""
         if self.spent_s + self.cost_s > self.share * total_s or self.cost_s > left_s:
             return False
-        if study.get_trials(False, states=(TrialState.WAITING,)):
+        first = {label for label, _ in self.search.baselines()}
+        if any(t.user_attrs.get("baseline") in first for t in study.get_trials(False, states=(TrialState.WAITING,))):
             return False
         return state(study, self.limit, "{:g}+{:g}".format(*self.epochs)).next is not None
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -239,21 +240,28 @@ def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_pa
     assert search.trial_limit(study, 0.5) == pytest.approx(2.5 * 0.5 / (0.5 - short), abs=1e-3), "from the control"
 
 
-def test_a_promotion_is_due_once_the_enqueued_trials_ran_while_full_runs_keep_to_their_share(
+def test_a_promotion_is_due_once_the_first_ladder_ran_while_full_runs_keep_to_their_share(
         tmp_path: Path) -> None:
     """`optimize` retrains the bisection's next plan between trials, so the rest of the search is
     judged at the limit it supports: only within its share of the run, only if it ends in time, not
-    before the uniform ladder and the seeds trained (the front must span them), not once settled."""
+    before the uniform ladder's first rates trained (the front must span them; rungs the ladder adds
+    around the trial limit do not wait), not once settled."""
     study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    promotion = finalizing.Promotion(None, 0.5, (4.0, 2.0), tmp_path, share=0.25, cost_s=100.0)  # type: ignore[arg-type]
+    ladder = SimpleNamespace(baselines=lambda: [("filter=0.3", {}), ("filter=0.9", {})])
+    promotion = finalizing.Promotion(ladder, 0.5, (4.0, 2.0), tmp_path, 0.25, 100.0)  # type: ignore[arg-type]
     assert promotion.due(study, total_s=400.0, left_s=300.0)
     assert not promotion.due(study, total_s=399.0, left_s=300.0), "over its share of the run"
     assert not promotion.due(study, total_s=4000.0, left_s=99.0), "would end after the budget"
     promotion.spent_s = 100.0
     assert not promotion.due(study, total_s=400.0, left_s=300.0) and promotion.due(study, 800.0, math.inf)
-    study.enqueue_trial({})
-    assert not promotion.due(study, 800.0, math.inf), "an enqueued plan first"
-    study.tell(study.ask(), [90.0, 1.0])  # the enqueued trial ran (slower than all: not on the front)
+    study.enqueue_trial({}, user_attrs={"baseline": "filter=0.15"})
+    study.enqueue_trial({}, user_attrs={"seeded": "sensitivity at mean rate 0.15"})
+    assert promotion.due(study, 800.0, math.inf), "a rung the ladder added below need not wait"
+    study.enqueue_trial({}, user_attrs={"baseline": "filter=0.9"})
+    assert not promotion.due(study, 800.0, math.inf), "the first ladder first"
+    for _ in range(3):  # the enqueued trials ran (slower than all: not on the front)
+        study.tell(study.ask(), [90.0, 1.0])
+    assert promotion.due(study, 800.0, math.inf)
     for n in range(5):  # every plan retrained: nothing left in doubt
         study.set_user_attr(report.export_key(study, n, "4+2"), {
             "val_drop": 0.1 * n, "val_drop_se": 0.1, "test_drop": 0.0, "speedup": 1.2, "epochs": "4+2"})

@@ -1200,7 +1200,7 @@ def test_types_the_profile_never_timed_on_the_network_are_not_searched(tiny: dic
 
 def test_a_study_promotes_full_runs_between_its_trials_and_judges_the_next_at_the_limit_they_support(
         tiny: dict, tmp_path: Path) -> None:
-    """`run` with a promotion: once the uniform ladder and the seeds trained, the bisection's plan is
+    """`run` with a promotion: once the uniform ladder's first rates trained, the bisection's plan is
     retrained at the full budget between two trials, recorded as finalize's, and every later trial
     is judged at the limit those runs support; the trial budget is still met."""
     built = tiny["search"]
@@ -1210,7 +1210,9 @@ def test_a_study_promotes_full_runs_between_its_trials_and_judges_the_next_at_th
     waiting: list[int] = []
 
     def on_done(trial: int, result: object) -> None:
-        waiting.append(len(study.get_trials(False, states=(TrialState.WAITING,))))
+        first = {label for label, _ in built.baselines()}
+        waiting.append(sum(t.user_attrs.get("baseline") in first
+                           for t in study.get_trials(False, states=(TrialState.WAITING,))))
 
     limit = built.config.max_acc_drop
     promotion = finalizing.Promotion(built, limit, (0.0, 0.5), tmp_path / "export", share=0.9, cost_s=0.0,
