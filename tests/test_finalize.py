@@ -285,3 +285,20 @@ def test_a_promotion_retrains_the_bisections_next_plan_and_learns_what_one_costs
     assert ran == [2] and done.best == 2 and done.next == 3, "within: the faster half is in doubt now"
     assert promotion.runs == 1 and 0.05 <= promotion.cost_s == promotion.spent_s < 1e6, "measured, not estimated"
     assert study.user_attrs[report.FINALIZED]["retrained"] == [2], "finalize goes on from it"
+
+
+def test_before_its_first_full_run_a_promotion_prices_it_by_the_plans_own_trial(tmp_path: Path) -> None:
+    """A one-shot trial trains the slim network a full run trains, so its seconds scaled by the work
+    price the full run better than the dense network's steps do (resnet56 at 0+6 here: 1,484 s from
+    the plan's trial, 1,920 s from the dense network, 1,017-1,139 s run)."""
+    study = front_of_five(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.add_trial(optuna.trial.create_trial(values=[90.0, 3.0], user_attrs={"plan": {}, "train_seconds": 60.0}))
+    config = search.SearchConfig(trial_data=0.1, admm_epochs=0.0, retrain_epochs=4.0)
+    ladder = SimpleNamespace(config=config, baselines=lambda: [])
+    promotion = finalizing.Promotion(ladder, 0.5, (0.0, 6.0), tmp_path, 0.5, 2000.0)  # type: ignore[arg-type]
+    assert promotion.cost(study, 5) == pytest.approx(60.0 / (0.1 * 4 / 6)), "a tenth of the data, 4 of 6 epochs"
+    assert promotion.cost(study, 0) == 2000.0, "no seconds recorded: the estimate given"
+    promotion.cost_s = 500.0
+    assert promotion.cost(study, 5) == 500.0, "never above the estimate given"
+    promotion.runs, promotion.cost_s = 1, 1200.0
+    assert promotion.cost(study, 5) == 1200.0, "after a full run, what they took"
