@@ -143,7 +143,8 @@ class Promoted(Promotion):
     """The promoted arm's full runs: `PROMOTED_SHARE` of a run whose trials train for the case's
     compute (`horizon_s`, the two together), as `optimize --budget` holds them in its duration. The
     arm's run has no duration of its own (it stops on `spent`), and its full runs are finals, as
-    every arm's, outside the compute compared."""
+    every arm's, outside the compute compared. A run resumed after a kill counts its own full runs
+    only, as a resumed `optimize` does."""
 
     horizon_s: float = 0.0
 
