@@ -102,6 +102,8 @@ RUNS = Path(__file__).parent / "runs"
 CALIBRATED, COPIED, PROMOTED = "calibrated", "copied_trials", "promoted"
 SEARCHES = ("study", "random", CALIBRATED, PROMOTED)
 PROMOTED_SHARE = 0.5  # of the promoted arm's run, its full runs: as much time again as its trials' compute
+SPENT = "spent"  # results.json: each search arm's `spent` when it reached the compute, final: paces shift as
+# workers join (one-shot trials train the slim network, so a worker's pace depends on its plans too)
 LADDERS = ("uniform", "torch-pruning")
 
 
@@ -109,12 +111,12 @@ LADDERS = ("uniform", "torch-pruning")
 
 
 def searched(built: search.Search, arm: str, folder: Path, compute_s: float, control: dict,
-             full_epochs: str, limit: float, adopt: Callable[[optuna.Study, int, search.ExportResult], None]
-             ) -> optuna.Study:
+             full_epochs: str, limit: float, adopt: Callable[[optuna.Study, int, search.ExportResult], None],
+             done: bool) -> optuna.Study:
     """The study (or random search) arm, run on until its training reaches `compute_s` (`spent`, checked
-    after every trial); a new one is judged against the arms' one `control` (a study attr), not a
-    control of its own. The promoted arm is `optimize --max-acc-drop LIMIT` with its full runs
-    between trials (`Promoted`), each handed to `adopt` as it ends."""
+    after every trial), unless `done` (it reached it before: `SPENT`); a new one is judged against the
+    arms' one `control` (a study attr), not a control of its own. The promoted arm is `optimize
+    --max-acc-drop LIMIT` with its full runs between trials (`Promoted`), each handed to `adopt`."""
     random = arm == "random"
     built.config = replace(built.config, sampler="random" if random else "tpe",
                            max_acc_drop=limit if arm == PROMOTED else max(DROPS))
@@ -132,7 +134,7 @@ def searched(built: search.Search, arm: str, folder: Path, compute_s: float, con
                            search.full_run_cost(built, *full).seconds,
                            on_done=lambda n, result: adopt(study, n, result),
                            horizon_s=compute_s / (1 - PROMOTED_SHARE))
-    if spent(study, folder) < compute_s:
+    if not done and spent(study, folder) < compute_s:
         search.run(built, study, search.Budget(), baselines=not random,
                    should_stop=lambda: spent(study, folder) >= compute_s, promote=promote)
     return study
@@ -562,10 +564,13 @@ def main() -> None:
         for arm in args.arms:
             if arm in SEARCHES:
                 studies[arm] = searched(built, arm, folder, compute_s, control, args.full_epochs,
-                                        args.finalize or min(DROPS), adopt)
+                                        args.finalize or min(DROPS), adopt, arm in state.get(SPENT, {}))
                 search.control(built, holder)  # each study set the arms' reference again: the same one
-                print(arm, f"{spent(studies[arm], folder):.0f} s of training (at the fastest worker's pace) in "
-                      f"{len(studies[arm].trials)} trials", flush=True)
+                if arm not in state.setdefault(SPENT, {}) and spent(studies[arm], folder) >= compute_s:
+                    state[SPENT][arm] = spent(studies[arm], folder)
+                    save(results, state)
+                print(arm, f"{state[SPENT].get(arm, spent(studies[arm], folder)):.0f} s of training (at the "
+                      f"fastest worker's pace) in {len(studies[arm].trials)} trials", flush=True)
                 continue
             for rate in LADDER:
                 if past_reach(state.setdefault(arm, {})):
@@ -615,7 +620,7 @@ def main() -> None:
             for on in sorted({on for r in state.get("final", {}).values() for on in r.get("timed", {})})
             for key, r in state.get("final", {}).items() if (speeds := r.get("timed", {}).get(on))]
     if rows:
-        compute = {arm: round(spent(s, folder)) for arm, s in studies.items()}
+        compute = {arm: round(state.get(SPENT, {}).get(arm, spent(s, folder))) for arm, s in studies.items()}
         compute |= {arm: round(sum(r["seconds"] for r in state[arm].values())) for arm in args.arms if arm in state}
         summary = (f"{args.model} on {args.dataset} (dense {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% "
                    f"test). Trials: {args.trial_epochs} epochs on {args.trial_data:g} of the training split; training "
