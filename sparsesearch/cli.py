@@ -662,7 +662,7 @@ def optimize(
         raise UserError(f"--trial-data must be a fraction in (0, 1] of the training split, got {trial_data}")
     if not 0 <= full_runs < 1:
         raise UserError(f"--full-runs must be a share of the run's time in [0, 1), got {full_runs}")
-    full = "{:g}+{:g}".format(*search.parse_epochs(full_epochs, "--full-epochs")) if full_epochs else None
+    full = search.epochs_text(*search.parse_epochs(full_epochs, "--full-epochs")) if full_epochs else None
     if precision is not None:
         check_precision(precision)
     if model:  # a typo must not leave a study behind
@@ -759,7 +759,7 @@ def optimize(
         enough = search.trial_share(dataclasses.replace(built.config, admm_epochs=admm, retrain_epochs=retrain))
         console.print(f"[yellow]cheap trials[/]: under {search.FAITHFUL_SHARE:.0%} of a full run's training images, "
                       "trials may rank plans unlike full training (LeNet-5: Spearman 0.56 at 2.7%, 0.92 at 5.3%); "
-                      f"--trial-epochs {admm:g}+{retrain:g} trains {enough:.1%}")
+                      f"--trial-epochs {search.epochs_text(admm, retrain)} trains {enough:.1%}")
     promotion = _promotion(built, opened, limit, full_runs) if full_runs else None
     stop = {"asked": False}
 
@@ -822,7 +822,7 @@ def _promotion(built: Any, opened: Any, limit: Any, share: float) -> Any:
 
     config = built.config
     epochs = search.full_epochs(config)
-    done_at = "{:g}+{:g}".format(*epochs)
+    done_at = search.epochs_text(*epochs)
     one = search.full_run_cost(built, *epochs)
     holds = (f"{int(share * limit.seconds // one.seconds)} fit in {share:.0%} of {limit}" if limit.seconds
              else f"up to {share:.0%} of the time its trials take")
@@ -950,7 +950,8 @@ def export_cmd(
     admm_epochs, retrain_epochs = search.full_epochs(search.load_config(opened), epochs)
     built, dev, n_threads = _rebuilt(opened, device, threads, artifacts, data_dir)
     config = built.config
-    out_dir = out or search.export_dir(stores.study_dir(study) / "export", trial, f"{admm_epochs:g}+{retrain_epochs:g}")
+    out_dir = out or search.export_dir(stores.study_dir(study) / "export", trial,
+                                       search.epochs_text(admm_epochs, retrain_epochs))
     with progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} epochs") as update:
         result = search.export_trial(built, opened, trial, admm_epochs, retrain_epochs, out_dir, update,
                                      within_trial_limit=not judged)
@@ -1001,7 +1002,7 @@ def finalize_cmd(
     config = built.config
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
     admm_epochs, retrain_epochs = search.full_epochs(config, epochs)
-    done_at = f"{admm_epochs:g}+{retrain_epochs:g}"
+    done_at = search.epochs_text(admm_epochs, retrain_epochs)
     now = state(opened, limit, done_at, confidence)
     if now.doubt:
         cost = search.full_run_cost(built, admm_epochs, retrain_epochs)

@@ -110,6 +110,11 @@ def parse_epochs(text: str, option: str = "--trial-epochs") -> tuple[float, floa
     return parts[0], parts[1]
 
 
+def epochs_text(admm_epochs: float, retrain_epochs: float) -> str:
+    """`ADMM+RETRAIN` as `parse_epochs` reads it and a study keys its full runs by ("0+15")."""
+    return f"{admm_epochs:g}+{retrain_epochs:g}"
+
+
 @dataclass
 class SearchConfig:
     """What a study searches and how each trial is scored; stored in the study, checked on resume."""
@@ -1140,7 +1145,7 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
                                                      "accuracy": metrics["accuracy"], "measured": metrics["measured"]})
     write_json(Path(out_dir) / "metrics.json", metrics)
     drop, se = paired_drop(search.dense_correct, result.val_correct)  # image by image, as a trial's
-    epochs = f"{admm_epochs:g}+{retrain_epochs:g}"
+    epochs = epochs_text(admm_epochs, retrain_epochs)
     study.set_user_attr(export_key(study, number, epochs), {
         "val_drop": drop, "val_drop_se": se, "test_drop": accuracy["dense_test"] - accuracy["test"],
         "speedup": m.speedup, "epochs": epochs, "path": str(Path(out_dir).resolve()), "host": platform.node()})
