@@ -290,7 +290,7 @@ def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float]
     from its last epoch at `resume`)."""
     epochs = sum(full or (built.config.admm_epochs, built.config.retrain_epochs))
     data = built.trial_data if full is None else built.data
-    config = TrainConfig(epochs, lr=0.01, seed=built.config.seed)
+    config = TrainConfig(epochs, lr=0.01, seed=built.config.seed, layout=built.config.train_layout)
     snapshot = resume and Snapshot(resume, {"config": asdict(config), "data": data.describe(),
                                             "shapes": [list(v.shape) for v in model.state_dict().values()]})
     history = fit(model, data, config, built.device, snapshot=snapshot, validate=False)

@@ -48,6 +48,7 @@ class ADMMConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     precision: str = "float32"  # of the forward pass in training (`train.autocast`)
+    layout: str = ""  # the memory layout it trains in (`train.TrainConfig.layout`)
     # What is evaluated, and on how much. `prune` reports everything: validation after every period,
     # test before, after hard pruning and at the end. A search trial scores on validation alone
     # (never test), and checks the projection each iteration on `probe` validation images only.
@@ -390,7 +391,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         return forward
 
     def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed, config.precision)
+        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed, config.precision, config.layout)
 
     accuracy = saved.get("accuracy") or ({"dense": evaluate(model, data.test, device)} if config.test else {})
     probe = data.val.sized(config.probe) if config.probe else data.val

@@ -824,15 +824,17 @@ def _promotion(built: Any, opened: Any, limit: Any, share: float) -> Any:
     epochs = search.full_epochs(config)
     done_at = search.epochs_text(*epochs)
     one = search.full_run_cost(built, *epochs)
-    holds = (f"{int(share * limit.seconds // one.seconds)} fit in {share:.0%} of {limit}" if limit.seconds
+    holds = (f"at least {int(share * limit.seconds // one.seconds)} fit in {share:.0%} of {limit}" if limit.seconds
              else f"up to {share:.0%} of the time its trials take")
     console.print(f"full runs between trials ({done_at} epochs on {len(built.data.train):,} images; the plans "
                   f"finalize's bisection asks for, so trials are judged at the limit they show): one is {one} on "
-                  f"this device (timed on a few steps); {holds}")
+                  f"this device (timed on a few steps of the dense network; a plan's run trains its slim network, "
+                  f"priced by its trial before it starts); {holds}")
     if limit.seconds and one.seconds > share * limit.seconds:
-        console.print(f"[yellow]note:[/] no full run fits in {share:.0%} of {limit}: trials are judged at the "
-                      "limit earlier full runs support; a longer --budget, a larger --full-runs or fewer "
-                      "--full-epochs (a new study) lets the search calibrate it")
+        console.print(f"[yellow]note:[/] a full run of the dense network would not fit in {share:.0%} of {limit}: "
+                      "only plans that prune enough to fit are retrained, and trials are judged at the limit earlier "
+                      "full runs support; a longer --budget, a larger --full-runs or fewer --full-epochs (a new "
+                      "study) leaves more room")
 
     def on_done(trial: int, result: Any) -> None:
         console.print(_outcome(opened, trial, result, config.max_acc_drop, 0.5, done_at) + "; trials may now lose "

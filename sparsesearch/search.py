@@ -136,6 +136,10 @@ class SearchConfig:
     layout: str = DEFAULT_LAYOUT  # memory layout the networks are profiled, predicted and measured in
     precision: str = "float32"  # of every training step of its runs (trials, control, full runs): `train.autocast`
     full_epochs: str = ""  # ADMM+RETRAIN of its full runs (promoted, finalize, export); "": `full_epochs`' default
+    # the memory layout all its runs train in, timed once on the dense network (`build`): timed per run on
+    # each slim network, a verdict near the margin may differ between two runs of one plan (README,
+    # *Training layout*); "": not chosen yet
+    train_layout: str = ""
 
     @property
     def channels_last(self) -> bool:
@@ -149,7 +153,8 @@ class SearchConfig:
         return ADMMConfig(admm_epochs=epochs, admm_interval=max(epochs, 1e-9) / n, rho0=rho0,
                           rho_factor=(RHO_END / rho0) ** (1 / (n - 1)), rho_max=RHO_END,
                           retrain_epochs=self.retrain_epochs if retrain_epochs is None else retrain_epochs,
-                          seed=self.seed, probe=PROBE_IMAGES, test=False, rungs=RUNGS, precision=self.precision)
+                          seed=self.seed, probe=PROBE_IMAGES, test=False, rungs=RUNGS, precision=self.precision,
+                          layout=self.train_layout)
 
     def to_attrs(self) -> dict[str, Any]:
         return {**asdict(self), "types": list(self.types), "schema": SCHEMA}
@@ -515,8 +520,8 @@ def run_cost(search: Search, config: ADMMConfig, data: Data, timed_steps: int = 
               + projections * min(CALIBRATION_IMAGES, len(data.train))
               + 3 * len(data.test) * config.test)  # dense, hard-pruned and final test accuracy
     model = search.fresh_model().to(search.device).train()
-    layout = training_layout(model, *next(data.train.batches(config.batch_size)), search.device,
-                             config.precision)  # as `fit` trains
+    layout = config.layout or training_layout(model, *next(data.train.batches(config.batch_size)), search.device,
+                                              config.precision)  # as `fit` trains
     in_layout(model, layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
@@ -947,6 +952,9 @@ def build(config: SearchConfig, device: torch.device, artifacts: str, data_dir: 
     model, data = prepare(config.model, config.dataset, data_dir, image_size=config.image_size, weights=weights,
                           seed=config.seed)
     config = replace(config, image_size=data.size)  # the study records the side it searched at
+    if not config.train_layout:  # a new study's; a resumed one's config brings the layout it began with
+        batch = next(data.train.batches(config.admm().batch_size))
+        config = replace(config, train_layout=training_layout(model, *batch, device, config.precision))
     model.eval()
     shape = data.input_shape
     if profile is None and find_profile(fingerprint(device, config.batch_size, "float32", layout=config.layout),

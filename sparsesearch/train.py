@@ -35,6 +35,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     precision: str = "float32"  # or "bfloat16": the forward pass under autocast (`autocast`)
+    # the memory layout it trains in; "": `training_layout` times it. The layouts round differently, so
+    # two runs of one recipe agree only in one layout: a study fixes its own (`SearchConfig.train_layout`)
+    layout: str = ""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "lr"):
@@ -273,7 +276,7 @@ def fit(model: nn.Module, dataset: data.Data, config: TrainConfig, device: torch
         step, epoch, history.epochs = state["step"], state["epoch"], state["history"]
         history.resumed_after = epoch
     # a resumed run keeps the layout it rounded in (a snapshot from before layouts were chosen: torch's own)
-    layout = state.get("layout", DEFAULT_LAYOUT) if state else training_layout(
+    layout = state.get("layout", DEFAULT_LAYOUT) if state else config.layout or training_layout(
         model, *next(dataset.train.batches(config.batch_size)), device, config.precision)
     with _laid_out(model, layout):
         while step < total:

@@ -1,14 +1,16 @@
 """Shared by tests: a randomly initialised model made to behave like a trained one where it matters,
-a latency profile passed off as another device's, an image folder, and two copies of one compacted
-model compared."""
+a latency profile passed off as another device's, an image folder, a training-layout verdict, and two
+copies of one compacted model compared."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,6 +72,16 @@ def no_channel_steps() -> Iterator[None]:
         yield
     finally:
         steps.scan = real
+
+
+def layout_verdict(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Make a new process's training-layout verdict `layout` for every model that can run it, as the
+    timing on a busy machine may (`train.training_layout`)."""
+    from sparsesearch import train
+
+    monkeypatch.setattr(train, "_LAYOUTS", {})
+    monkeypatch.setattr(train, "STEP_FLOOR_S", 0.0)
+    monkeypatch.setattr(train, "CHANNELS_LAST_GAIN", 0.0 if layout == "channels-last" else math.inf)
 
 
 def assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:

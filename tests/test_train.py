@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from helpers import layout_verdict
 
 from sparsesearch import checkpoint, data, models, train
 from sparsesearch.errors import UserError
@@ -94,24 +95,33 @@ def test_an_interrupted_training_continues_to_the_weights_of_an_uninterrupted_on
     assert other.history.resumed_after == 0, "a snapshot of another run is not resumed"
 
 
-def _choose(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
-    """Make a new process's verdict `layout` for every model that can run it."""
-    monkeypatch.setattr(train, "_LAYOUTS", {})
-    monkeypatch.setattr(train, "STEP_FLOOR_S", 0.0)
-    monkeypatch.setattr(train, "CHANNELS_LAST_GAIN", 0.0 if layout == "channels-last" else math.inf)
-
-
 def test_a_run_goes_on_in_the_layout_it_began_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layouts round differently (digits-cnn: 4.5e-4 apart after an epoch): a run begun channels-last
     and resumed where the verdict is contiguous must still end with the weights of an uninterrupted run."""
-    _choose(monkeypatch, "channels-last")
+    layout_verdict(monkeypatch, "channels-last")
     config = TrainConfig(epochs=3, seed=1)
-    a, b, _ = _whole_and_resumed(tmp_path, config, lambda: _choose(monkeypatch, "contiguous"))
+    a, b, _ = _whole_and_resumed(tmp_path, config, lambda: layout_verdict(monkeypatch, "contiguous"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     contiguous = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "contiguous" / "dense.pt")
     c = torch.load(contiguous.checkpoint, weights_only=True)
     assert not all(torch.equal(a[k], c[k]) for k in a), "the two layouts round alike: this test proves nothing"
     assert all(v.is_contiguous() for v in a.values()), "the checkpoint is in torch's own layout"
+
+
+def test_a_run_told_its_layout_trains_in_it_whatever_the_timing_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study fixes the layout its runs train in (`SearchConfig.train_layout`), so one plan retrained
+    twice ends alike even where the timing, near its margin, would choose the other layout."""
+    config = TrainConfig(epochs=1, seed=1)
+    layout_verdict(monkeypatch, "channels-last")
+    timed = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "timed" / "dense.pt")
+    layout_verdict(monkeypatch, "contiguous")
+    told = train_dense("digits-cnn", "digits", dataclasses.replace(config, layout="channels-last"), CPU,
+                       tmp_path / "told" / "dense.pt")
+    untold = train_dense("digits-cnn", "digits", config, CPU, tmp_path / "untold" / "dense.pt")
+    a, b, c = (torch.load(r.checkpoint, weights_only=True) for r in (timed, told, untold))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the two layouts round alike: this test proves nothing"
 
 
 class _Viewed(nn.Module):
@@ -127,7 +137,7 @@ class _Viewed(nn.Module):
 
 
 def test_a_net_that_cannot_run_channels_last_trains_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    _choose(monkeypatch, "channels-last")
+    layout_verdict(monkeypatch, "channels-last")
     model, ds = prepare("digits-cnn", "digits")
     x, y = next(ds.train.batches(64))
     assert train.training_layout(model, x, y, CPU) == "channels-last"
