@@ -814,11 +814,12 @@ def test_timing_against_a_reference_cancels_the_machine_changing_speed() -> None
 
 def test_latencies_are_scaled_to_the_reference_speed_and_a_slow_machine_is_timed_again() -> None:
     machine = _Machine(steady=True)
-    yardstick, layer = _Sleeper(machine, 2), _Sleeper(machine, 4)
+    # 10/20 ms, as above: a spin of 2 ms preempted on a busy core once read 2.33 for 2
+    yardstick, layer = _Sleeper(machine, 10), _Sleeper(machine, 20)
     setting = {"rounds": 3, "warmup_s": 0, "min_round_s": 0}
-    timings, speed = measure._timed({"layer": layer}, torch.zeros(1), yardstick, 1.0, setting)
+    timings, speed = measure._timed({"layer": layer}, torch.zeros(1), yardstick, 5.0, setting)
     assert speed == pytest.approx(2, rel=0.2)  # the yardstick ran at twice its reference time
-    assert timings["layer"][0] == pytest.approx(2, rel=0.1)  # so the layer counts half its 4 ms
+    assert timings["layer"][0] == pytest.approx(10, rel=0.1)  # so the layer counts half its 20 ms
     assert layer.calls == 2 * (1 + 3)  # slower than SLOW: timed twice (warm-up + 3 rounds each)
 
 
