@@ -774,9 +774,11 @@ def optimize(
     try:
         with progress_bar("search") as update:
             def on_trial(st: Any, _trial: Any) -> None:
-                best = search.best_feasible_speedup(st)
+                within = search.trial_limit(st, config.max_acc_drop)  # full runs may have raised it
+                best = search.best_promising_speedup(st, within)
+                judged = "feasible" if within == config.max_acc_drop else f"within the trial limit ({within:.2f} points)"
                 pace = search.seconds_per_trial(st)
-                status = ((f"best feasible {best:.2f}x (predicted)" if best else "no feasible trial yet")
+                status = ((f"best {judged} {best:.2f}x (predicted)" if best else f"no {judged} trial yet")
                           + (f", {search.duration(pace)}/trial" if pace else ""))
                 trained = len(search.trained_trials(st))
                 if limit.trials:

@@ -916,8 +916,11 @@ def seconds_per_trial(study: optuna.Study) -> float | None:
     return sum(times) / len(times) if times else None
 
 
-def best_feasible_speedup(study: optuna.Study) -> float | None:
-    values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible")]
+def best_promising_speedup(study: optuna.Study, limit: float) -> float | None:
+    """The fastest predicted speedup among trials within `limit` points (the trial limit): what the
+    search has found so far, as the study judges its trials."""
+    values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("acc_drop", math.inf) <= limit]
     return max(values) if values else None
 
 
