@@ -802,6 +802,33 @@ def test_the_uniform_ladder_adds_a_rung_halfway_where_the_limits_edge_lies(tiny:
     assert {"filter=0.4", "sensitivity at mean rate 0.4"} <= waiting
 
 
+def test_rungs_a_full_run_made_needless_are_not_trained(tiny: dict, tmp_path: Path) -> None:
+    """Every baseline missed the user's limit, so the ladder enqueued filter 15% and its seeds; then
+    a full run showed 30% passes, and the trial limit rose past it. The waiting 15% plans are
+    rejected at no cost (on resnet56 they took 7 of a 2-hour study's minutes) and the rung at the
+    new limit's edge trains instead."""
+    built, distributions = tiny["search"], tiny["study"].get_trials(False)[0].distributions
+    study = stores.open_study("needless", f"sqlite:///{tmp_path / 'study.db'}", True,
+                              search.make_sampler(built.config, 0), LadderPruner())
+    search.record(study, built)
+    study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
+    for (label, params), drop in zip(built.baselines(), (30.0, 40.0, 50.0, 60.0)):
+        study.add_trial(optuna.trial.create_trial(
+            values=[60.0, 1.5], params=params, distributions={k: distributions[k] for k in params},
+            user_attrs={"baseline": label, "acc_drop": drop, "feasible": False, "plan": {}}))
+    search._enqueue_ladder(built, study)
+    assert built.ladder(study)[-1] == 0.15
+    study.set_user_attr(report.export_key(study, 0, "4+2"), {"val_drop": 0.1, "val_drop_se": 0.1, "test_drop": 0.2,
+                                                            "speedup": 2.0, "epochs": "4+2"})
+    assert search.trial_limit(study, built.config.max_acc_drop) == 30.0 and 0.15 not in built.ladder(study)
+    search.run(built, study, search.Budget(trials=14))  # the seeds at 30-90% first, then the ladder's rungs
+    labels = {t.number: t.user_attrs.get("baseline") or t.user_attrs.get("seeded") for t in study.get_trials(False)}
+    needless = [t for t in study.get_trials(False) if labels[t.number] and labels[t.number].endswith("0.15")]
+    assert len(needless) == 3 and all("off the uniform ladder" in t.user_attrs.get("rejected", "") for t in needless)
+    assert "filter=0.4" in {labels[t.number] for t in search.trained_trials(study)}, \
+        "the rung halfway to the first one beyond the raised limit"
+
+
 def test_the_retry_of_a_killed_baseline_whose_copy_was_rejected_trains_once(tiny: dict, tmp_path: Path) -> None:
     """Trial 0 (a baseline) was killed; trial 1, a copy another worker enqueued, was rejected as
     trial 0's; trial 2 is trial 0's retry. Before: the retry was rejected as trial 1's, the baseline
