@@ -158,10 +158,11 @@ class Promotion:
     epochs: tuple[float, float]  # ADMM+RETRAIN of each full run
     out_root: Path  # the study's export folder
     share: float  # of the run's time the full runs may take
-    cost_s: float  # one full run's seconds: estimated before the first, then the mean of this run's
+    cost_s: float  # one full run's seconds timed on the dense network: a bound on any plan's
     on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None
     on_done: Callable[[int, ExportResult | Diverged], None] | None = None
-    spent_s: float = 0.0
+    spent_s: float = 0.0  # what this run's full runs took
+    priced_s: float = 0.0  # what they were priced at (`priced`)
     runs: int = 0
 
     def due(self, study: optuna.Study, total_s: float, left_s: float) -> bool:
@@ -179,23 +180,31 @@ class Promotion:
         cost = self.cost(study, number)
         return self.spent_s + cost <= self.share * total_s and cost <= left_s
 
-    def cost(self, study: optuna.Study, number: int) -> float:
-        """Seconds trial `number`'s full run will take: the mean of this run's full runs; before any,
-        its trial's training scaled to a full run's work (`trial_share`: its slim network, timed on
-        this device), at most `cost_s`. `cost_s`, timed on the dense network, overstates one-shot
-        runs: resnet56's at 0+6 epochs took 813-1,190 s here, against 1,920 s estimated so."""
-        if self.runs:
-            return self.cost_s
+    def priced(self, study: optuna.Study, number: int) -> float:
+        """Trial `number`'s full run priced by its trial: the trial's training scaled to a full run's
+        work (`trial_share`: its slim network, timed on this device), at most `cost_s`, which, timed
+        on the dense network, overstates one-shot runs (resnet56 at 0+6 epochs: 1,920 s, where plans'
+        runs took 813-1,190 s, a heavier plan's less)."""
         seconds = study.get_trials(False)[number].user_attrs.get("train_seconds")
         return min(self.cost_s, seconds / trial_share(self.search.config, self.epochs)) if seconds else self.cost_s
 
+    def cost(self, study: optuna.Study, number: int) -> float:
+        """Seconds trial `number`'s full run will take: its price (`priced`), scaled by what this
+        run's full runs took against their prices. Not their mean: the bisection's next plan is often
+        lighter than the last, and the mean held a second run out of a 2-hour resnet56 study (one run
+        of uniform 50% took 904 s, 25% of 2 hours is 1,800 s, while uniform 70% trains 8% faster)."""
+        price = self.priced(study, number)
+        return price * self.spent_s / self.priced_s if self.runs and self.priced_s else price
+
     def __call__(self, study: optuna.Study) -> Finalized:
+        number = state(study, self.limit, epochs_text(*self.epochs)).next
+        price = self.priced(study, number) if number is not None else 0.0
         started = time.monotonic()
         done = finalize(self.search, study, self.limit, *self.epochs, self.out_root, 1, on_run=self.on_run,
                         on_done=self.on_done)
         self.spent_s += time.monotonic() - started
+        self.priced_s += price
         self.runs += 1
-        self.cost_s = self.spent_s / self.runs
         return done
 
 

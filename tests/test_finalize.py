@@ -280,10 +280,13 @@ def test_a_promotion_retrains_the_bisections_next_plan_and_learns_what_one_costs
             "val_drop": 0.2, "val_drop_se": 0.1, "test_drop": 0.1, "speedup": 1.4, "epochs": "4+2"})
 
     monkeypatch.setattr(finalizing, "export_trial", retrained)
-    promotion = finalizing.Promotion(None, 0.5, (4.0, 2.0), tmp_path, share=0.5, cost_s=1e6)  # type: ignore[arg-type]
+    ladder = SimpleNamespace(config=search.SearchConfig(trial_data=0.1, admm_epochs=0.0, retrain_epochs=4.0))
+    promotion = finalizing.Promotion(ladder, 0.5, (4.0, 2.0), tmp_path, share=0.5, cost_s=1e6)  # type: ignore[arg-type]
     done = promotion(study)
     assert ran == [2] and done.best == 2 and done.next == 3, "within: the faster half is in doubt now"
-    assert promotion.runs == 1 and 0.05 <= promotion.cost_s == promotion.spent_s < 1e6, "measured, not estimated"
+    assert promotion.runs == 1 and promotion.priced_s == 1e6, "no trial seconds: priced at the bound"
+    assert 0.05 <= promotion.spent_s < 1e6 and promotion.cost(study, 3) == pytest.approx(promotion.spent_s), \
+        "measured, not estimated"
     assert study.user_attrs[report.FINALIZED]["retrained"] == [2], "finalize goes on from it"
 
 
@@ -300,5 +303,8 @@ def test_before_its_first_full_run_a_promotion_prices_it_by_the_plans_own_trial(
     assert promotion.cost(study, 0) == 2000.0, "no seconds recorded: the estimate given"
     promotion.cost_s = 500.0
     assert promotion.cost(study, 5) == 500.0, "never above the estimate given"
-    promotion.runs, promotion.cost_s = 1, 1200.0
-    assert promotion.cost(study, 5) == 1200.0, "after a full run, what they took"
+    promotion.cost_s = 2000.0
+    study.add_trial(optuna.trial.create_trial(values=[90.0, 4.0], user_attrs={"plan": {}, "train_seconds": 30.0}))
+    promotion.runs, promotion.spent_s, promotion.priced_s = 1, 1350.0, 900.0  # a run took 1.5x its price
+    assert promotion.cost(study, 6) == pytest.approx(1.5 * 30.0 / (0.1 * 4 / 6)), \
+        "a lighter plan's price, scaled by how the runs so far went"
