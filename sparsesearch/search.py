@@ -586,11 +586,16 @@ CONSTRAINT = "constraints:accuracy_drop"  # where Optuna keeps a trial's `set_co
 
 
 class AtTrialLimit:
-    """A study as its sampler sees it: every trial's accuracy constraint taken anew at `limit`.
+    """A study as its sampler sees it: every trial's accuracy constraint taken anew at `limit`, and
+    every trial within it as accurate as the limit's edge.
     Optuna keeps the constraint a trial set when it finished; once full runs raise the study's
     `trial_limit`, the trials judged before would stay infeasible to TPE, which would keep
     sampling away from the plans the full runs passed (the rules and new trials already use the
-    raised limit). Everything else is the study's."""
+    raised limit). And within the limit accuracy buys the user nothing, while multi-objective TPE
+    spreads its draws over the whole front: at a trial limit of 2.10 on resnet56 its 25 trials lost
+    0.2-1.5 points at 1.21-1.72x predicted, most far from the edge, where random search had found
+    1.83x at 2.65. Seen as equal there, feasible plans rank by speed alone. The study, its front
+    and its report keep the trials' own accuracies. Everything else is the study's."""
 
     def __init__(self, study: optuna.Study, limit: float) -> None:
         self._study, self._limit = study, limit
@@ -611,6 +616,8 @@ class AtTrialLimit:
             return trial
         judged = copy.copy(trial)
         judged.system_attrs = {**trial.system_attrs, CONSTRAINT: drop - self._limit}
+        if trial.values is not None:  # the drop is paired on the same images: accuracy + drop = the reference's
+            judged.values = [min(trial.values[0], trial.values[0] + drop - self._limit), *trial.values[1:]]
         return judged
 
 

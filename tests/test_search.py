@@ -1273,6 +1273,19 @@ def test_a_study_promotes_full_runs_between_its_trials_and_judges_the_next_at_th
     assert all((tmp_path / "export" / f"trial-{r['trial']}-0+0.5" / "metrics.json").is_file() for r in runs)
 
 
+def test_the_sampler_sees_every_plan_within_the_trial_limit_as_accurate_as_its_edge(tmp_path: Path) -> None:
+    """Within the limit accuracy buys the user nothing: TPE ranks feasible plans by speed alone,
+    while the study keeps each trial's own accuracy for its front and report."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", directions=["maximize", "maximize"])
+    for val, drop, speed in ((93.0, 0.5, 1.2), (92.0, 1.5, 1.6), (90.0, 3.5, 2.0)):  # the reference: 93.5
+        study.add_trial(optuna.trial.create_trial(values=[val, speed], user_attrs={"acc_drop": drop},
+                                                  system_attrs={search.CONSTRAINT: drop - 0.5}))
+    seen = search.AtTrialLimit(study, 2.0).get_trials()
+    assert [t.values for t in seen] == [[91.5, 1.2], [91.5, 1.6], [90.0, 2.0]]
+    assert [t.constraints["accuracy_drop"] for t in seen] == [-1.5, -0.5, 1.5]
+    assert [t.values[0] for t in study.get_trials()] == [93.0, 92.0, 90.0], "the study's own, untouched"
+
+
 def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_their_drop(tiny: dict,
                                                                                           tmp_path: Path) -> None:
     """A plan that lost 30 points in its trial came within the limit fully trained (finalize): the
