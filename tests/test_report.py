@@ -9,7 +9,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from sparsesearch import report
+from sparsesearch import report, search
 from sparsesearch.cli import app
 
 PLANS = {
@@ -51,6 +51,16 @@ def test_front_holds_feasible_pareto_trials_only(tmp_path: Path) -> None:
     study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
     assert [t.number for t in report.front(study)] == [0, 2]
     assert [t.number for t in report.baselines(study)] == [0, 1]
+
+
+def test_once_full_runs_raised_the_trial_limit_the_front_holds_the_plans_within_it(tmp_path: Path) -> None:
+    """A calibrated study's fastest plans lost more in their trials than the user's limit: the
+    front the report measures holds them, Pareto-optimal among the trials judged promising."""
+    study = _study(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study.set_user_attr(report.export_key(study, 3, "4+2"), {  # lost 9.7 in its trial, 0.2 retrained
+        "val_drop": 0.2, "val_drop_se": 0.1, "test_drop": 0.2, "speedup": 2.0, "epochs": "4+2"})
+    assert search.trial_limit(study, 1.0) == pytest.approx(9.7)
+    assert [t.number for t in report.front(study)] == [0, 2, 3], "trial 1 is dominated by trial 2"
 
 
 def test_best_within_picks_the_fastest_measured_row_inside_the_drop(tmp_path: Path) -> None:
