@@ -193,11 +193,12 @@ class Trials:
                                    study_or_trial=trial)
 
     def trained(self, trial: FrozenTrial) -> nn.Module:
-        """The masked model a trial trained (feasible and baseline trials keep their weights)."""
+        """The masked model a trial trained (promising and baseline trials keep their weights)."""
         from optuna.artifacts import download_artifact
 
         if "weights" not in trial.user_attrs:
-            raise UserError(f"trial {trial.number} kept no weights (only feasible and baseline trials do)")
+            raise UserError(f"trial {trial.number} kept no weights (only baseline trials and those within the "
+                            "study's trial limit do)")
         with tempfile.TemporaryDirectory(prefix="sparsesearch-") as tmp:
             path = Path(tmp) / "weights.pt"
             try:
@@ -411,7 +412,7 @@ class Search(Trials):
                            "feasible_confidence": confidence_within(drop, se, self.config.max_acc_drop),
                            "train_seconds": result.seconds}.items():
             trial.set_user_attr(key, value)
-        if feasible or "baseline" in trial.user_attrs:
+        if drop <= limit or "baseline" in trial.user_attrs:  # promising: the front may hold it (`report.front`)
             trial.set_user_attr("weights", self.upload(trial, model))
         return val, speedup
 

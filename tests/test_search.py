@@ -1289,9 +1289,10 @@ def test_the_sampler_sees_every_plan_within_the_trial_limit_as_accurate_as_its_e
 def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_their_drop(tiny: dict,
                                                                                           tmp_path: Path) -> None:
     """A plan that lost 30 points in its trial came within the limit fully trained (finalize): the
-    next trials are promising up to 30 points, for the sampler's constraint and the rejection rules,
-    while `feasible` still says whether a trial met the user's limit itself."""
-    built = tiny["search"]
+    next trials are promising up to 30 points, for the sampler's constraint, the rejection rules and
+    the front (which keeps their weights to measure them), while `feasible` still says whether a
+    trial met the user's limit itself."""
+    built = dataclasses.replace(tiny["search"], config=dataclasses.replace(tiny["search"].config, max_acc_drop=1.0))
     study = stores.open_study("calibrated", f"sqlite:///{tmp_path / 'c.db'}", True,
                               search.make_sampler(built.config, 0), LadderPruner())
     search.record(study, built)
@@ -1309,7 +1310,8 @@ def test_full_runs_that_passed_heavy_trials_let_the_study_judge_its_trials_at_th
     seen = study.sampler._seen(study).get_trials()  # TPE judges the trial from before the raise anew too
     assert seen[0].constraints == {"accuracy_drop": 0.0} and study.trials[0].constraints["accuracy_drop"] > 0
     assert seen[trial.number].constraints == trial.constraints
-    assert trial.user_attrs["feasible"] == (drop <= built.config.max_acc_drop)
+    assert 1.0 < drop <= 30.0 and not trial.user_attrs["feasible"], "beyond the user's limit, within the trial limit"
+    assert "weights" in trial.user_attrs and trial.number in [t.number for t in report.front(study)]
     assert f"trials judged promising within 30.00 points, not {built.config.max_acc_drop:g}:" in report.markdown(study)
 
 
