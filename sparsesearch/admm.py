@@ -391,7 +391,8 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
         return forward
 
     def train_config(epochs: float, lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed, config.precision, config.layout)
+        return TrainConfig(epochs, config.batch_size, lr, 0.9, config.weight_decay, seed, config.precision,
+                           config.layout)
 
     accuracy = saved.get("accuracy") or ({"dense": evaluate(model, data.test, device)} if config.test else {})
     probe = data.val.sized(config.probe) if config.probe else data.val

@@ -776,7 +776,8 @@ def optimize(
             def on_trial(st: Any, _trial: Any) -> None:
                 within = search.trial_limit(st, config.max_acc_drop)  # full runs may have raised it
                 best = search.best_promising_speedup(st, within)
-                judged = "feasible" if within == config.max_acc_drop else f"within the trial limit ({within:.2f} points)"
+                judged = ("feasible" if within == config.max_acc_drop
+                          else f"within the trial limit ({within:.2f} points)")
                 pace = search.seconds_per_trial(st)
                 status = ((f"best {judged} {best:.2f}x (predicted)" if best else f"no {judged} trial yet")
                           + (f", {search.duration(pace)}/trial" if pace else ""))

@@ -1,7 +1,7 @@
 """The Pareto set of a study, its measured speedups, and the report: plots and a markdown table.
 
-`measure_front` compacts every promising Pareto-optimal trial (`front`) and every uniform baseline and times
-it beside its masked dense form (`profiler.timing.compare`, one call per plan, so each speedup is
+`measure_front` compacts every promising Pareto-optimal trial (`front`) and every uniform baseline
+and times it beside its masked dense form (`profiler.timing.compare`, one call per plan, so each speedup is
 a ratio measured under the same load). Optuna forbids changing a finished trial, so the
 measurements go to the study's `measured` user attr, keyed by trial number, with the device that
 measured them in `measured_setting`; `rows` merges them with the trials' own attrs. One worker

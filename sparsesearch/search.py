@@ -596,8 +596,8 @@ class AtTrialLimit:
     spreads its draws over the whole front: at a trial limit of 2.10 on resnet56, 32 of its 35
     trials came within it, losing 0.03-1.97 points (median 0.68) at 1.21-1.80x predicted, where
     random search had found 1.83x at 2.65 (bench/results/optimize-resnet56-fashion-mnist-2h/).
-    Seen as equal there, feasible plans rank by speed alone (bench/results/sampler_toy.md). The study, its front
-    and its report keep the trials' own accuracies. Everything else is the study's."""
+    Seen as equal there, feasible plans rank by speed alone (bench/results/sampler_toy.md). The
+    study, its front and its report keep the trials' own accuracies. Everything else is the study's."""
 
     def __init__(self, study: optuna.Study, limit: float) -> None:
         self._study, self._limit = study, limit
@@ -948,8 +948,7 @@ def seconds_per_trial(study: optuna.Study) -> float | None:
 def best_promising_speedup(study: optuna.Study, limit: float) -> float | None:
     """The fastest predicted speedup among trials within `limit` points (the trial limit): what the
     search has found so far, as the study judges its trials."""
-    values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,))
-              if t.user_attrs.get("acc_drop", math.inf) <= limit]
+    values = [t.values[1] for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if promising(t, limit)]
     return max(values) if values else None
 
 
