@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Diverged, UserError
-from .report import FINALIZED, export_key, exported, sure_within
+from .report import FINALIZED, export_key, exported, nondominated, sure_within
 from .search import ExportResult, Search, epochs_text, export_dir, export_trial, trial_share
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
 
@@ -35,12 +35,8 @@ LOST = 100.0  # points recorded for a plan whose full run diverged: all of them,
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
     """Trained trials no other trial beats in both validation accuracy and predicted speedup,
     whatever their drop at trial fidelity (that limit is what a full run re-judges), slowest first."""
-    done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if t.values and "plan" in t.user_attrs]
-    front: list[FrozenTrial] = []
-    for t in sorted(done, key=lambda t: (-t.values[1], -t.values[0], t.number)):  # fastest first
-        if not front or t.values[0] > front[-1].values[0]:
-            front.append(t)
-    return front[::-1]
+    return nondominated(t for t in study.get_trials(False, states=(TrialState.COMPLETE,))
+                        if t.values and "plan" in t.user_attrs)
 
 
 def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = ()) -> tuple[K | None, K | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import statistics
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,12 +58,17 @@ def front(study: optuna.Study) -> list[FrozenTrial]:
     from .search import load_config, trial_limit
 
     limit = trial_limit(study, load_config(study).max_acc_drop) if "config" in study.user_attrs else None
-    done = [t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if promising(t, limit)]
-    return sorted((t for t in done if not any(_dominates(o, t) for o in done)), key=lambda t: t.values[1])
+    return nondominated(t for t in study.get_trials(False, states=(TrialState.COMPLETE,)) if promising(t, limit))
 
 
-def _dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-    return all(x >= y for x, y in zip(a.values, b.values)) and a.values != b.values
+def nondominated(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials no other beats in both validation accuracy and predicted speedup (of two alike, the
+    first), slowest first."""
+    kept: list[FrozenTrial] = []
+    for t in sorted(trials, key=lambda t: (-t.values[1], -t.values[0], t.number)):  # fastest first
+        if not kept or t.values[0] > kept[-1].values[0]:
+            kept.append(t)
+    return kept[::-1]
 
 
 def baselines(study: optuna.Study) -> list[FrozenTrial]:
