@@ -335,7 +335,8 @@ def candidates(built: search.Search, arm: str, state: dict, studies: dict[str, o
     """Each arm's plans at trial fidelity: label, drop, and how fast (predicted speedup, or the ratio)."""
     if arm in studies:
         return [{"label": f"trial {t.number}", "trial": t.number, "drop": t.user_attrs["acc_drop"],
-                 "speed": predicted(built, trial_plan(studies[arm], t.number))}
+                 "speed": predicted(built, trial_plan(studies[arm], t.number)),
+                 "seconds": t.user_attrs.get("train_seconds")}
                 for t in studies[arm].get_trials(False, states=(optuna.trial.TrialState.COMPLETE,))]
     return [{"label": f"{arm} {rate}", "rate": float(rate), "drop": row["drop"], "speed": row["speed"]}
             for rate, row in state[arm].items()]
@@ -453,8 +454,10 @@ def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, op
     if arm == CALIBRATED:  # its first trials are the study's: their finals count
         runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == "study"
                 and r["pick"]["trial"] < studies[arm].user_attrs[COPIED]} | runs
+    prices = {c["label"]: c.get("seconds") for c in front}  # a study arm's trials, as `finalize` prices them
     best, probe = bisect([c["label"] for c in front], {c["label"]: runs[c["label"]]["drop"] <= limit
-                                                       for c in front if c["label"] in runs})
+                                                       for c in front if c["label"] in runs},
+                         cost=prices if all(prices.values()) else None)
     return runs.get(best), next((c for c in front if c["label"] == probe), None)
 
 

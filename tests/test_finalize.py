@@ -66,6 +66,46 @@ def test_workers_side_by_side_split_the_stretch_the_others_leave_open() -> None:
     assert bisect(plans, {2: True, 4: False}, busy={3}) == (2, None), "nothing left to this worker"
 
 
+VGG_PRICES = [156, 142, 136, 121, 166, 137, 61, 78, 54, 40, 54]  # the promoted vgg16-bn arm's front: trial seconds
+
+
+def priced_run(prices: list[float], boundary: int, cost: bool) -> tuple[int | None, float, int]:
+    """Bisect a front priced `prices` (slowest first) whose first `boundary` plans are within, with or
+    without the prices: the pick, what its full runs cost, how many there were."""
+    plans, within = list(range(len(prices))), {}
+    while True:
+        best, probe = bisect(plans, within, cost=dict(enumerate(prices)) if cost else None)
+        if probe is None:
+            return best, sum(prices[p] for p in within), len(within)
+        within[probe] = probe < boundary
+
+
+def test_priced_bisection_retrains_cheaper_plans_and_still_finds_the_fastest_within() -> None:
+    """Heavier plans retrain faster; over every place of the limit, the priced bisection finds the
+    same plan as halving, at a lower mean cost, with a cheaper first run, and within the runs
+    `state` says one worker needs at most."""
+    places = range(len(VGG_PRICES) + 1)
+    priced = [priced_run(VGG_PRICES, b, cost=True) for b in places]
+    halved = [priced_run(VGG_PRICES, b, cost=False) for b in places]
+    assert [p[0] for p in priced] == [h[0] for h in halved] == [b - 1 if b else None for b in places]
+    assert sum(p[1] for p in priced) < 0.9 * sum(h[1] for h in halved)
+    first, most = finalizing._probe(VGG_PRICES)
+    assert VGG_PRICES[first] < VGG_PRICES[bisect(list(range(11)), {})[1]]
+    assert max(p[2] for p in priced) == most
+
+
+def test_state_prices_plans_by_their_trials_training_and_counts_the_runs_left(tmp_path: Path) -> None:
+    """The front's trials' `train_seconds` price the bisection: the three lightest plans trained 10x
+    slower, so the first full run is the fourth plan's, not the middle one's."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", directions=["maximize", "maximize"])
+    for n, seconds in enumerate([100.0, 100.0, 100.0, 10.0, 10.0]):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - n, 1.2 + 0.1 * n],
+                                                  user_attrs={"plan": {}, "train_seconds": seconds}))
+    now = state(study, 0.5, "4+2")
+    assert now.next == 3 and now.doubt == 5 and now.runs_left == finalizing._probe([100, 100, 100, 10, 10])[1] == 3
+    assert state(front_of_five(f"sqlite:///{tmp_path / 'b.sqlite'}"), 0.5, "4+2").next == 2, "unpriced: halved"
+
+
 def rounds(plans: list[int], boundary: int, workers: int) -> tuple[int | None, int]:
     """Bisect with `workers` side by side: each round every worker takes a plan (the others' counted
     busy), then all their results arrive. The pick, and how many rounds of full runs it took."""
