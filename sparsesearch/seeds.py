@@ -3,8 +3,9 @@
 Layers differ: pruning some costs a network little accuracy, pruning others a lot (AMC, NetAdapt).
 One cheap pass measures it: each slot of the search space (a coupling group or a layer) is pruned
 alone at one rate by projection, without training, and the accuracy it loses on the validation
-probe is recorded. The study then starts, next to the uniform ladder, from plans at the same mean
-rates that prune robust slots harder and fragile ones less; in a per-stage space the scan also sets
+probe is recorded (and each removable residual branch removed alone). The study then starts, next
+to the uniform ladder, from plans at the same mean rates that prune robust slots harder and fragile
+ones less, and remove as large a share of the branches, the cheapest first; in a per-stage space the scan also sets
 the slots' `Space.robustness`, by which a trial's `lean` spreads a stage's rate. Slots, not stages:
 in resnet56 on Fashion-MNIST a stage pruned alone at 50% lost 4-44 points, a figure that hides
 what inside it is fragile (the residual stream, the block that downsamples) and what is not.
@@ -110,15 +111,21 @@ def robustness(found: Scan) -> dict[str, float]:
 def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]:
     """Optuna parameters of the plan at `mean_rate` on average whose rates fall as the scanned drop
     grows, in proportion to `robustness` (normalised to mean 1): per slot in a per-layer space; in a
-    per-stage space per stage (by its slots' mean robustness) and, inside a stage, by `lean` 1."""
+    per-stage space per stage (by its slots' mean robustness) and, inside a stage, by `lean` 1. It
+    also removes the share `mean_rate` of the removable residual branches, those whose removal alone
+    lost least first: depth and width together. On resnet56 / Fashion-MNIST (trials of 0+4 epochs on
+    0.1 of the split) a third of each stage's branches removed and the rest at 25% lost 0.37 points
+    at 1.46x predicted, where uniform filter 30% lost 0.88 at 1.26x; five of nine and 50%, 2.20 at
+    2.00x, where uniform 50% lost 2.10 at 1.67x. A 2-hour study's sampler had reached such plans
+    only after some 40 trials (1.52x at 0.50, 1.80x at 1.97)."""
     robust = robustness(found)
     if space.per_layer:
         units = {u: ([u], SparsityType(found.kinds[u])) for u in found.drop}
-        params: dict[str, Any] = space.none_removed()
+        params: dict[str, Any] = space.removed_share(mean_rate)
     else:
         units = {stage: ([s.name for s in slots], _kind([SparsityType(k) for k in space.choices(stage)]))
                  for stage, slots in space.stages.items()}
-        params = space.even() | {"lean": 1.0}
+        params = space.even() | {"lean": 1.0} | space.removed_share(mean_rate)
     weight = {u: statistics.fmean(robust[n] for n in names) for u, (names, _) in units.items()}
     mean = statistics.fmean(weight.values())
     for unit, (_, kind) in units.items():

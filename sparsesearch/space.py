@@ -133,7 +133,7 @@ class Space:
                     rates[s.name] = (kind, min(rate * w / mean, MAX_RATE))
         for unit, slots in self.removable.items():
             count = trial.suggest_int(f"remove:{unit}", 0, len(slots))
-            for s in sorted(slots, key=lambda s: (self.removal_drop.get(s.name, 0.0), -s.ms))[:count]:
+            for s in self.cheapest_removals(slots)[:count]:
                 rates[s.name] = (SparsityType.FILTER, REMOVED)
         return self.plan(rates)
 
@@ -144,6 +144,21 @@ class Space:
     def none_removed(self) -> dict[str, int]:
         """The parameters that remove no residual branch."""
         return {f"remove:{unit}": 0 for unit in self.removable}
+
+    def cheapest_removals(self, slots: Iterable[Slot]) -> list[Slot]:
+        """Removable `slots` in the order a plan removes them: those whose removal alone lost least
+        in the sensitivity scan first, then the slowest."""
+        return sorted(slots, key=lambda s: (self.removal_drop.get(s.name, 0.0), -s.ms))
+
+    def removed_share(self, share: float) -> dict[str, int]:
+        """The parameters that remove `share` of the removable residual branches, cheapest first:
+        per stage in a per-stage space; over the network in a per-layer one (its units are single
+        slots, which a share per unit would remove all or none of)."""
+        if not self.per_layer:
+            return {f"remove:{unit}": round(share * len(slots)) for unit, slots in self.removable.items()}
+        ranked = self.cheapest_removals(s for slots in self.removable.values() for s in slots)
+        chosen = {s.name for s in ranked[:round(share * len(ranked))]}
+        return {f"remove:{unit}": int(slots[0].name in chosen) for unit, slots in self.removable.items()}
 
     def choices(self, stage: str) -> list[str]:
         return [t.value for t in SparsityType if any(t in s.types for s in self.stages[stage])]

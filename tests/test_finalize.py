@@ -231,6 +231,12 @@ def test_a_full_run_that_diverges_counts_as_beyond_the_limit_and_the_bisection_g
     assert "| 2 | – | diverged | – | 4+2 | –x |" in report.markdown(study)
 
 
+def crossing(start: float, room: float, drop: float, margin: float) -> float:
+    """Where the line from a run within (trial drop `start`, `room` left) to one beyond (`drop`, `margin`)
+    crosses the limit, against log(1 + trial drop)."""
+    return (1 + start) * ((1 + drop) / (1 + start)) ** (room / (room - margin)) - 1
+
+
 def test_the_trial_limit_rises_to_where_the_full_runs_line_crosses_the_limit() -> None:
     """Full runs say how much a trial may lose and the plan still pass: walked up from the smallest
     trial drop, each run within raises the limit to its trial drop; the first run beyond ends the
@@ -238,15 +244,29 @@ def test_the_trial_limit_rises_to_where_the_full_runs_line_crosses_the_limit() -
     both fidelities) to it crosses the limit. Never below the limit, never past the first run beyond."""
     assert search.calibrated_limit([], 1.0) == 1.0
     assert search.calibrated_limit([(1.9, 0.2), (0.4, 0.6)], 1.0) == 1.9, "in any order; no extrapolation"
-    assert search.calibrated_limit([(0.4, 0.6), (1.9, 0.2), (7.6, -0.8)], 1.0) == pytest.approx(1.9 + 0.2 * 5.7)
+    assert search.calibrated_limit([(0.4, 0.6), (1.9, 0.2), (7.6, -0.8)], 1.0) == pytest.approx(
+        crossing(1.9, 0.2, 7.6, -0.8))
     # resnet56, one-shot trials, limit 0.5: uniform 50% (2.10 in a trial, -0.23 retrained), seed 7 (4.93,
-    # 0.92), uniform 70% (4.98, 1.07): the line crosses at 3.9, where uniform 60% (3.55) came within
+    # 0.92), uniform 70% (4.98, 1.07): the line crosses at 3.7, past uniform 60% (3.55), which came within
     resnet56 = [(2.10, 0.73), (4.93, -0.42), (4.98, -0.57)]
-    assert search.calibrated_limit(resnet56, 0.5) == pytest.approx(2.10 + 0.73 / 1.15 * 2.83)
-    assert search.calibrated_limit([(4.98, -0.57)], 0.5) == pytest.approx(4.98 * 0.5 / 1.07), "from the control"
-    assert search.calibrated_limit([(0.5, 0.5), (2.0, -0.5), (3.0, 0.1)], 1.0) == pytest.approx(1.25), \
+    assert search.calibrated_limit(resnet56, 0.5) == pytest.approx(crossing(2.10, 0.73, 4.93, -0.42)) == \
+        pytest.approx(3.68, abs=0.01)
+    assert search.calibrated_limit([(4.98, -0.57)], 0.5) == pytest.approx(crossing(0.0, 0.5, 4.98, -0.57)), \
+        "from the control"
+    below = search.calibrated_limit([(0.5, 0.5), (2.0, -0.5), (3.0, 0.1)], 1.0)
+    assert below == pytest.approx(crossing(0.5, 0.5, 2.0, -0.5)) and below < 2.0, \
         "a plan beyond it below a plan within it: no higher than the first beyond"
     assert search.calibrated_limit([(0.2, -0.5)], 1.0) == 1.0
+
+
+def test_a_far_run_beyond_the_limit_does_not_raise_the_trial_limit_past_the_runs_between() -> None:
+    """resnet56's uniform 90% (33.5 points lost in its trial, 3.58 retrained) as the only run beyond,
+    after uniform 50% (2.10, -0.23): the limit lands below uniform 70% (4.98), which retrained
+    beyond 0.5, not at the 8.1 a straight line in the trial drop gives."""
+    limit = search.calibrated_limit([(2.10, 0.73), (33.53, -3.08)], 0.5)
+    assert 3.55 < limit < 4.98
+    assert search.calibrated_limit([(-1.5, 0.7), (33.53, -3.08)], 0.5) == pytest.approx(
+        crossing(0.0, 0.7, 33.53, -3.08)), "a run within that gained in its trial: the line starts at 0"
 
 
 def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_path: Path) -> None:
@@ -270,14 +290,16 @@ def test_a_study_judges_trials_at_the_limit_its_longest_full_runs_support(tmp_pa
     ran(9, "1+1", 9.0)  # beyond, but only at 1+1: 4+2 decides now
     assert search.trial_limit(study, 0.5) == 4.0
     ran(9, "4+2", finalizing.LOST, diverged="NaN loss")  # beyond by all it lost: the line barely rises past 4.0
-    assert search.trial_limit(study, 0.5) == pytest.approx(4.0 + 0.1 / 99.6 * 2.0)
-    assert search.trial_limit(study, 0.35) == pytest.approx(2.5 + 0.05 / 0.1 * 1.5), "0.3 within 0.35, 0.4 beyond"
+    assert search.trial_limit(study, 0.5) == pytest.approx(crossing(4.0, 0.1, 6.0, 0.5 - finalizing.LOST))
+    assert search.trial_limit(study, 0.35) == pytest.approx(crossing(2.5, 0.05, 4.0, -0.05)), \
+        "0.3 within 0.35, 0.4 beyond"
     study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.5})
     ran(5, "20+10", 0.1)  # the user ships trial 5 after a longer run: finalize's evidence stands
-    assert search.trial_limit(study, 0.5) == pytest.approx(4.0 + 0.1 / 99.6 * 2.0)
+    assert search.trial_limit(study, 0.5) == pytest.approx(crossing(4.0, 0.1, 6.0, 0.5 - finalizing.LOST))
     study.set_user_attr(report.FINALIZED, {"epochs": "4+2", "confidence": 0.99})  # 0.3 ± 0.1 is 98% sure
     short = 0.5 - 0.3 - 2.3263 * 0.1  # how far from 99% sure within 0.5 the 2.5 trial's run came
-    assert search.trial_limit(study, 0.5) == pytest.approx(2.5 * 0.5 / (0.5 - short), abs=1e-3), "from the control"
+    assert search.trial_limit(study, 0.5) == pytest.approx(crossing(0.0, 0.5, 2.5, short), abs=1e-3), \
+        "from the control"
 
 
 def test_a_promotion_is_due_once_the_first_ladder_ran_while_full_runs_keep_to_their_share(

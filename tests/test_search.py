@@ -209,6 +209,38 @@ def test_seeded_plans_prune_fragile_slots_less_at_the_same_mean_rate(name: str, 
         assert pruned == sorted(pruned, reverse=True) and (len(slots) == 1 or pruned[0] > pruned[-1])
 
 
+@pytest.mark.parametrize("max_slots", [4, 100], ids=["per-stage", "per-layer"])
+def test_seeded_plans_remove_the_share_of_residual_branches_whose_removal_alone_cost_least(max_slots: int) -> None:
+    """Depth with width: at mean rate 0.7 the seed removes 2 of each stage's 3 removable branches in a
+    per-stage space (6 of 9 over the network in a per-layer one), the ones the scan found cheapest."""
+    from sparsesearch import seeds
+
+    torch.manual_seed(0)
+    model = models.create("resnet20", in_channels=1).eval()
+    shape = (1, 32, 32)
+    layers, deps = trace(model, shape), dependencies(model, shape)
+    inner = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    space = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, max_slots,
+                  removable=inner)
+    cost = {n: 0.1 * ((7 * i) % 9) for i, n in enumerate(inner)}  # what removing each alone lost
+    space.removal_drop = cost
+    found = seeds.Scan(0.5, {s.name: "filter" for s in space.slots}, {s.name: 1.0 for s in space.slots}, 0.0, 0, cost)
+    if not space.per_layer:
+        space.robustness = seeds.robustness(found)
+    plan = space.suggest(FixedTrial(seeds.seeded_params(space, found, 0.7)))
+    removed = {n for n, s in plan.layers.items() if s.rate == REMOVED}
+    ranked = sorted(inner, key=cost.get)
+    assert space.per_layer == (max_slots == 100)
+    if space.per_layer:
+        assert removed == set(ranked[:6])
+    else:
+        assert removed == {n for s in "123" for n in sorted((m for m in inner if m.startswith(f"layer{s}")),
+                                                             key=cost.get)[:2]}
+    light = seeds.seeded_params(space, found, 0.05)
+    assert light == light | space.none_removed(), "a light seed removes nothing"
+    plan.validate(layers, deps.couplings)
+
+
 def test_norm_seeds_prune_where_the_filters_are_weak_and_ignore_a_layers_scale() -> None:
     """The global magnitude allocation: one threshold over all filters, each slot's norms relative to
     their mean, so a layer whose weights are ten times larger is not spared for it."""
