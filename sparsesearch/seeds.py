@@ -114,10 +114,10 @@ def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]
     per-stage space per stage (by its slots' mean robustness) and, inside a stage, by `lean` 1. It
     also removes the share `mean_rate` of the removable residual branches, those whose removal alone
     lost least first: depth and width together. On resnet56 / Fashion-MNIST (trials of 0+4 epochs on
-    0.1 of the split) a third of each stage's branches removed and the rest at 25% lost 0.37 points
-    at 1.46x predicted, where uniform filter 30% lost 0.88 at 1.26x; five of nine and 50%, 2.20 at
-    2.00x, where uniform 50% lost 2.10 at 1.67x. A 2-hour study's sampler had reached such plans
-    only after some 40 trials (1.52x at 0.50, 1.80x at 1.97)."""
+    0.1 of the split), plans of this family: three of each stage's nine branches removed and the
+    rest at 25% lost 0.37 points at 1.46x predicted, where uniform filter 30% lost 0.88 at 1.26x;
+    five of nine and 50%, 2.20 at 2.00x, where uniform 50% lost 2.10 at 1.67x. A 2-hour study's
+    sampler had reached such plans only after some 40 trials (1.52x at 0.50, 1.80x at 1.97)."""
     robust = robustness(found)
     if space.per_layer:
         units = {u: ([u], SparsityType(found.kinds[u])) for u in found.drop}

@@ -154,10 +154,13 @@ class Space:
         """The parameters that remove `share` of the removable residual branches, cheapest first:
         per stage in a per-stage space; over the network in a per-layer one (its units are single
         slots, which a share per unit would remove all or none of)."""
+        def count(n: int) -> int:  # half up: 5 of 9 at 0.5
+            return math.floor(share * n + 0.5)
+
         if not self.per_layer:
-            return {f"remove:{unit}": round(share * len(slots)) for unit, slots in self.removable.items()}
+            return {f"remove:{unit}": count(len(slots)) for unit, slots in self.removable.items()}
         ranked = self.cheapest_removals(s for slots in self.removable.values() for s in slots)
-        chosen = {s.name for s in ranked[:round(share * len(ranked))]}
+        chosen = {s.name for s in ranked[:count(len(ranked))]}
         return {f"remove:{unit}": int(slots[0].name in chosen) for unit, slots in self.removable.items()}
 
     def choices(self, stage: str) -> list[str]:
