@@ -12,6 +12,8 @@ in the study, so a stopped call resumes where it stopped and earlier exports cou
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
@@ -25,11 +27,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Diverged, UserError
 from .report import FINALIZED, export_key, exported, nondominated, sure_within
-from .search import ExportResult, Search, epochs_text, export_dir, export_trial, trial_share
+from .search import (ExportResult, Search, epochs_text, export_dir, export_trial, full_runs, limit_belief,
+                     trial_share)
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
 
 K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial number, a label
 FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
+EVEN = 0.2  # of the weight `_places` spreads evenly, as the chances may be wrong: it bounds the runs then
 LOST = 100.0  # points recorded for a plan whose full run diverged: all of them, beyond any limit
 
 
@@ -41,12 +45,15 @@ def candidates(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (),
-           cost: Mapping[K, float] | None = None) -> tuple[K | None, K | None]:
+           cost: Mapping[K, float] | None = None,
+           chance: Mapping[K, float] | None = None) -> tuple[K | None, K | None]:
     """(the fastest of `plans` known to be within the limit, the one to retrain next or None). `plans`
     are ordered slowest first; `within` holds what full runs found so far; `busy` plans are being
-    retrained by other workers; `cost` prices each plan's full run (any unit; equal if None). Alone,
-    a worker probes the plans still in doubt where the runs settling them cost least on average
-    (`_probe`: the middle when runs cost alike); beside others, it probes the widest stretch their
+    retrained by other workers; `cost` prices each plan's full run (any unit; equal if None);
+    `chance` is each plan's chance of coming within before its run (`state`: from the trial drops
+    and the full runs so far; None: every place of the limit alike). Alone, a worker probes the
+    plans still in doubt where the runs settling them cost least on average (`_probe`: the middle
+    when runs cost alike and nothing is known); beside others, it probes the widest stretch their
     runs leave open (on a front of 15, three workers settle it in 2 rounds of full runs where one
     needs 4). A faster plan found within the limit wins over a slower one found outside it (noise
     or not, it is what was measured)."""
@@ -54,26 +61,44 @@ def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (
     ends = sorted({lo, hi} | {i for i, n in enumerate(plans) if lo < i < hi and n in busy})
     a, b = max(zip(ends, ends[1:]), key=lambda gap: gap[1] - gap[0])
     prices = [1.0 if cost is None else cost[n] for n in plans[a + 1:b]]
-    return plans[lo] if lo >= 0 else None, plans[a + 1 + _probe(prices)[0]] if b - a > 1 else None
+    probe = plans[a + 1 + _probe(prices, _places(plans, a, b, chance))[0]] if b - a > 1 else None
+    return plans[lo] if lo >= 0 else None, probe
 
 
-def _probe(prices: Sequence[float]) -> tuple[int, int]:
+def _places(plans: Sequence[K], a: int, b: int, chance: Mapping[K, float] | None) -> list[float] | None:
+    """How likely the limit falls at each place among `plans[a + 1:b]` (place j: the first j of them
+    within), given that the plan at `a` is within and the one at `b` beyond (ends of `plans`: no
+    plan), from each plan's `chance` of coming within; None without chances."""
+    if chance is None:
+        return None
+    known = [chance[plans[a]] if a >= 0 else 1.0, *(chance[n] for n in plans[a + 1:b]),
+             chance[plans[b]] if b < len(plans) else 0.0]
+    places = [max(slower - faster, 0.0) for slower, faster in zip(known, known[1:])]
+    if not sum(places):  # the chances rule out every place left: they are wrong here
+        return None
+    return [(1 - EVEN) * p + EVEN * sum(places) / len(places) for p in places]
+
+
+def _probe(prices: Sequence[float], places: Sequence[float] | None = None) -> tuple[int, int]:
     """(the place of the plan to retrain first among plans in doubt priced `prices`, slowest first;
-    the most full runs settling them can then take). Every place of the limit among them is taken
-    as likely: the order that costs least on average retrains cheaper plans first, and the fastest,
-    most pruned plans train fastest (vgg16-bn: a light plan's full run took 3-6x a heavy one's).
-    On the four study fronts of bench/results/arms-*-0+4-0+6.md, priced by their trials' training,
-    this saves 5-15% of the bisection's mean full-run time against halving, and the first run is
-    1.4-2.2x cheaper, so a `Promotion` fits more of them in its share. Ties go to the middle."""
+    the most full runs settling them can then take). `places` weighs each place of the limit among
+    them (`_places`; None: all alike): the order that costs least on average retrains cheaper plans
+    first, and the fastest, most pruned plans train fastest (vgg16-bn: a light plan's full run took
+    3-6x a heavy one's), and plans where the limit likely lies. On the four study fronts of
+    bench/results/arms-*-0+4-0+6.md, priced by their trials' training, prices alone save 5-15% of
+    the bisection's mean full-run time against halving, and the first run is 1.4-2.2x cheaper, so a
+    `Promotion` fits more of them in its share. Ties go to the middle."""
+    weights = list(places) if places is not None else [1.0] * (len(prices) + 1)
+    below = list(itertools.accumulate(weights, initial=0.0))  # below[j]: the weight of places < j
 
     @cache
-    def best(a: int, b: int) -> tuple[float, int, int]:  # over places a < i < b: (cost x (b - a), place, runs)
+    def best(a: int, b: int) -> tuple[float, int, int]:  # over places a < i < b: (expected cost, place, runs)
         if b - a <= 1:
             return 0.0, -1, 0
         options = []
         for i in range(a + 1, b):
             (left, _, left_runs), (right, _, right_runs) = best(a, i), best(i, b)
-            options.append(((b - a) * prices[i] + left + right, abs(i - (a + b) // 2), i,
+            options.append(((below[b + 1] - below[a + 1]) * prices[i] + left + right, abs(i - (a + b) // 2), i,
                             1 + max(left_runs, right_runs)))
         total, _, place, runs = min(options)
         return total, place, runs
@@ -119,10 +144,25 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
     runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
     within = {n: sure_within(r, limit) >= confidence for n, r in runs.items()}
-    best, probe = bisect(front, within, busy, cost)
+    chance = within_chances(trials, full_runs(study, limit, epochs, confidence), limit)
+    best, probe = bisect(front, within, busy, cost, chance)
     lo, hi = _bounds(front, within)
     return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1,
-                     _probe([cost[n] for n in front[lo + 1:hi]])[1])
+                     _probe([cost[n] for n in front[lo + 1:hi]], _places(front, lo, hi, chance))[1])
+
+
+def within_chances(trials: Sequence[FrozenTrial], runs: Sequence[tuple[float, float]],
+                   limit: float) -> dict[int, float] | None:
+    """Per trial, the chance its full run comes within the limit, judged by its drop at trial fidelity
+    against where the study's full runs (`runs`, any plans') put the crossing (`search.limit_belief`);
+    None before any run, or for trials without a recorded drop. Why: halving a front whose ends are
+    plans that surely pass (slower than a plan found within) or surely fail (resnet56's uniform 90%
+    lost 33.5 points in its trial) spends full runs where the answer is known."""
+    belief = limit_belief(runs, limit)
+    drops = {t.number: t.user_attrs.get("acc_drop") for t in trials}
+    if belief is None or any(d is None for d in drops.values()):
+        return None
+    return {n: 1.0 - belief.cdf(math.log1p(max(d, 0.0))) for n, d in drops.items()}
 
 
 def run_prices(trials: Sequence[FrozenTrial]) -> dict[int, float]:
