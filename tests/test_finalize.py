@@ -106,6 +106,64 @@ def test_state_prices_plans_by_their_trials_training_and_counts_the_runs_left(tm
     assert state(front_of_five(f"sqlite:///{tmp_path / 'b.sqlite'}"), 0.5, "4+2").next == 2, "unpriced: halved"
 
 
+def probes_to_settle(plans: list[int], boundary: int, chance: dict[int, float] | None) -> tuple[int | None, int]:
+    """Bisect `plans` (slowest first) whose first `boundary` are within the limit, weighing places by
+    `chance`: the pick, and how many full runs it took."""
+    within: dict[int, bool] = {}
+    while True:
+        best, probe = bisect(plans, within, chance=chance)
+        if probe is None:
+            return best, len(within)
+        within[probe] = plans.index(probe) < boundary
+
+
+def test_the_bisection_probes_where_the_trial_drops_put_the_limit_and_still_finds_the_fastest_within() -> None:
+    """A front of 12 whose trial drops grow from 0.5 to 43 points, the full runs so far putting the
+    crossing near 2: wherever the limit truly lies, the bisection picks the same plan as halving;
+    where the chances say it likely lies, it gets there in fewer full runs on average."""
+    drops = [0.5 * 1.5 ** i for i in range(12)]  # 0.5 .. 43
+    belief = search.limit_belief([(1.0, 0.7)], 0.5)  # one run within, 1 point lost in its trial
+    assert belief is not None and math.expm1(belief.mean) == pytest.approx(2.0)
+    plans = list(range(12))
+    chance = {n: 1 - belief.cdf(math.log1p(d)) for n, d in zip(plans, drops)}
+    weighed = [probes_to_settle(plans, b, chance) for b in range(13)]
+    halved = [probes_to_settle(plans, b, None) for b in range(13)]
+    assert [w[0] for w in weighed] == [h[0] for h in halved] == [b - 1 if b else None for b in range(13)]
+    places = [slower - faster for slower, faster in zip([1.0, *chance.values()], [*chance.values(), 0.0])]
+    assert (sum(p * w[1] for p, w in zip(places, weighed)) < 0.8 * sum(p * h[1] for p, h in zip(places, halved)))
+    first = bisect(plans, {}, chance=chance)[1]
+    assert 0.2 < chance[first] < 0.8 and first != bisect(plans, {})[1]
+
+
+def test_the_limit_is_sought_at_twice_the_largest_trial_drop_found_within_until_a_run_lands_beyond() -> None:
+    """Before any full run nothing is known; with runs within only, the crossing is sought as a
+    galloping search would, at twice their largest trial drop; a run beyond puts it where the runs'
+    line crosses the limit (`calibrated_limit`)."""
+    assert search.limit_belief([], 0.5) is None
+    within = search.limit_belief([(2.1, 0.73), (1.0, 0.6)], 0.5)
+    assert within is not None and math.expm1(within.mean) == pytest.approx(4.2)
+    runs = [(2.1, 0.73), (4.98, -0.57)]
+    crossed = search.limit_belief(runs, 0.5)
+    assert crossed is not None and math.expm1(crossed.mean) == pytest.approx(search.calibrated_limit(runs, 0.5))
+    assert 2.1 < math.expm1(crossed.mean) < 4.98
+
+
+def test_state_weighs_the_front_by_full_runs_of_plans_off_it(tmp_path: Path) -> None:
+    """A plan the front dominates (uniform pruning, say) retrained within the limit at 2 points lost
+    in its trial: the first full run on the front goes where the limit likely lies, not to its middle."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'db.sqlite'}", directions=["maximize", "maximize"])
+    drops = [0.5 * 1.5 ** i for i in range(9)]  # 0.5 .. 12.8
+    for n, drop in enumerate(drops):
+        study.add_trial(optuna.trial.create_trial(values=[99.0 - drop, 1.2 + 0.1 * n],
+                                                  user_attrs={"plan": {}, "acc_drop": drop}))
+    study.add_trial(optuna.trial.create_trial(values=[97.0, 1.1], user_attrs={"plan": {}, "acc_drop": 2.0}))
+    assert state(study, 0.5, "4+2").next == 4, "no full run yet: halved"
+    study.set_user_attr(report.export_key(study, 9, "4+2"), {"val_drop": -0.2, "val_drop_se": 0.2, "test_drop": 0.0,
+                                                            "speedup": 1.1, "epochs": "4+2"})
+    now = state(study, 0.5, "4+2")
+    assert now.front == list(range(9)) and now.next == 5  # 2.0 within: the crossing sought at 4, plan 5 loses 3.8
+
+
 def rounds(plans: list[int], boundary: int, workers: int) -> tuple[int | None, int]:
     """Bisect with `workers` side by side: each round every worker takes a plan (the others' counted
     busy), then all their results arrive. The pick, and how many rounds of full runs it took."""
