@@ -65,7 +65,7 @@ def main() -> None:
                      "cv_median_err_%": round(100 * fitted.cv_error["median_abs"], 1),
                      "offset_ms": round(fit.offset, 3), "slope": round(fit.slope, 3),
                      "ms_per_mweight": round(fit.per_mweight, 4),
-                     "ms_per_moutput": round(fit.per_moutput, 3),
+                     "ms_per_moutput": round(fit.per_moutput, 3), "ms_per_call": round(fit.per_call, 4),
                      "ms_per_minput": ", ".join(f"{f} {ms:.3f}" for f, ms in fit.per_minput.items()) or "-",
                      "kernel_slope": ", ".join(f"{f} {k:.3f}" for f, k in fit.per_ms.items()) or "-",
                      "plans": len(result.samples), "mape_%": round(100 * result.mean_abs_error, 1),

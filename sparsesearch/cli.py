@@ -512,8 +512,9 @@ def profile_cmd(
     fit = fitted.in_network(tgt.model, tgt.input_shape)
     reads = "".join(f" + {ms:.4f} x ({family} layers' inputs)" for family, ms in fit.per_minput.items())
     kernels = "".join(f" + {k:.3f} x ({family} layers)" for family, k in fit.per_ms.items())
+    calls = f" + {fit.per_call:.4f} ms x (layers that run)" if fit.per_call else ""
     console.print(f"in network: latency = {fit.offset:.4f} ms + {fit.slope:.3f} x (sum of isolated layers)"
-                  f"{kernels} + ms per million of: {fit.per_mweight:.4f} x (weights kept) + {fit.per_moutput:.4f} x "
+                  f"{kernels}{calls} + ms per million of: {fit.per_mweight:.4f} x (weights kept) + {fit.per_moutput:.4f} x "
                   f"(outputs){reads}; fitted on {fit.plans} plans timed end to end")
 
 

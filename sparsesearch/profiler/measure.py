@@ -45,6 +45,7 @@ NETWORK_TIMING = {"rounds": 15, "warmup_s": 0.2, "min_round_s": 0.05, "max_sprea
 CALIBRATION_PLANS, CALIBRATION_SEED = 36, 10_000  # 30 or more: enough for per-call terms (InNetwork)
 NEAR_DENSE = 0.7  # share of layers a near-dense calibration plan leaves dense
 HEAVY_PLANS = 4  # calibration plans with every filter group at a rate of the grid's upper half
+DEEP_SHARES = (0.2, 0.4, 0.6, 0.8)  # per calibration plan that removes residual branches: each one's chance
 GROUP = 5  # whole compacted networks timed beside the dense one per compare() call
 SLOW = 0.1  # a yardstick this far off its reference: the machine is in another state, time again
 SAVE_EVERY_S = 5.0  # rows timed are written at most this often (a save of a 1000-row profile takes ~70 ms)
@@ -306,15 +307,18 @@ def _rest(model: nn.Module, layers: list[Layer], batch_size: int) -> nn.Module:
 
 
 def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: list[float],
-                      types: set[str], channel_steps: dict[str, object] | None = None) -> list[Plan]:
+                      types: set[str], channel_steps: dict[str, object] | None = None,
+                      removable: list[tuple[str, ...]] | None = None) -> list[Plan]:
     """Plans of the profiled types and rates that span what a search visits: a few with every layer
     at the lightest or the heaviest rate; the search's uniform filter ladder; a few that leave most
     layers dense (where the search's first plans and its baselines live: random plans rarely do, and
     resnet56's uniform filter 10% was predicted 14% slow without them); a few with every filter group
     at a heavy rate (the front's fast end: fitted on lighter plans, whose types mix, vgg16-bn's
-    uniform filter 80% and 90% were predicted 27% and 55% slow, and the search undervalued them); the
-    rest drawn as `profile validate` draws (with a seed distinct from its). Counts aligned to
-    `channel_steps`, as the search's are."""
+    uniform filter 80% and 90% were predicted 27% and 55% slow, and the search undervalued them); a
+    few that remove a fifth to four fifths of the `removable` residual branches (the seeds remove up
+    to 8 of a stage's 9: without them the fit had no plan with fewer layer calls, and resnet56 with 6
+    of 9 removed per stage ran 2.49x where it predicted 2.22x); the rest drawn as `profile validate`
+    draws (with a seed distinct from its). Counts aligned to `channel_steps`, as the search's are."""
     import random
 
     from .validate import random_plan, uniform_ladder
@@ -331,6 +335,9 @@ def calibration_plans(layers: list[Layer], couplings: list[list[str]], rates: li
     heavy = (0.0, *(r for r in rates[1:] if r >= upper))
     chosen += [random_plan(layers, couplings, rng, heavy, 0.0, {SparsityType.FILTER.value})
                for _ in range(HEAVY_PLANS if SparsityType.FILTER.value in types else 0)]
+    deep = random.Random(CALIBRATION_SEED + 1)  # the other plans as before where nothing is removable
+    chosen += [random_plan(layers, couplings, deep, rates, types=types, removable=removable, remove_share=share,
+                           removing=1.0) for share in (DEEP_SHARES if removable else ())]
     chosen += [random_plan(layers, couplings, rng, rates, types=types) for _ in range(CALIBRATION_PLANS - len(chosen))]
     return [aligned for plan in chosen if (aligned := plan.aligned(layers, channel_steps or {})).layers]
 
@@ -340,10 +347,12 @@ def network_plans(target_: Target, rates: list[float], types: set[str],
                   channel_steps: dict[str, object] | None = None) -> list[Plan]:
     """The calibration plans of `target_`'s network, of what the search can give each layer."""
     from ..graph import dependencies
+    from .validate import residual_branches
 
     model, shape = target_.model.eval(), target_.input_shape
-    return calibration_plans(without_unpaid(model, trace(model, shape), unpaid), dependencies(model, shape).couplings,
-                             rates, types, channel_steps)
+    layers, deps = without_unpaid(model, trace(model, shape), unpaid), dependencies(model, shape)
+    return calibration_plans(layers, deps.couplings, rates, types, channel_steps,
+                             residual_branches(model, shape, deps, layers, types))
 
 
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
@@ -366,7 +375,8 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network).
     Every network runs in memory `layout`, input and weights."""
     from ..graph import dependencies
-    from .predictor import compacted_copy, queries
+    from .predictor import queries
+    from .validate import compactable
 
     model, shape = target_.model.eval(), target_.input_shape
     layers = trace(model, shape)  # before the cast: trace feeds float32 zeros
@@ -383,7 +393,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     for start in range(0, len(plans), GROUP):
         group, described = {}, {}
         for i in range(start, min(start + GROUP, len(plans))):
-            compacted = compacted_copy(model, shape, plans[i], deps)
+            plans[i], compacted = compactable(model, shape, plans[i], deps)
             described[str(i)] = {name: q.description() for name, q in queries(model, compacted, shape).items()}
             group[str(i)] = in_layout(compacted.to(device=device, dtype=dtype), layout)
         beside = beside_dense(dense, group, x, dense_ms, timing)

@@ -60,7 +60,9 @@ class Query:
     @classmethod
     def of_description(cls, signature: Signature, raw: list[object]) -> Query:
         family, in_keep, out_keep, groups_keep, weights = raw
-        if not isinstance(family, str) or not all(isinstance(n, int) and n > 0 for n in (in_keep, out_keep, groups_keep)):
+        least = 0 if family == BRANCH_REMOVED else 1  # a removed layer keeps no output
+        if not isinstance(family, str) or not all(isinstance(n, int) and n >= least
+                                                  for n in (in_keep, out_keep, groups_keep)):
             raise ValueError(f"not [family, in, out, groups, weights]: {str(raw)[:60]}")
         return cls(signature, family, in_keep, out_keep, groups_keep, int(weights))
 
@@ -246,10 +248,13 @@ class InNetwork:
     per_moutput: float = 0.0  # ms per million elements written: what follows a layer on its output
     per_minput: dict[str, float] = field(default_factory=dict)  # kernel family -> ms per million elements read
     per_ms: dict[str, float] = field(default_factory=dict)  # kernel family -> further ms per isolated ms
+    per_call: float = 0.0  # ms per layer that runs: the calls around it (normalisation, activation, addition)
 
     def cost(self, layer: Isolated) -> float:
         """A layer's share of the end-to-end latency."""
-        return ((self.slope + self.per_ms.get(layer.family, 0.0)) * layer.ms
+        if layer.family == BRANCH_REMOVED:
+            return 0.0
+        return ((self.slope + self.per_ms.get(layer.family, 0.0)) * layer.ms + self.per_call
                 + (self.per_mweight * layer.weights + self.per_moutput * layer.outputs
                    + self.per_minput.get(layer.family, 0.0) * layer.inputs) / 1e6)
 
@@ -266,18 +271,21 @@ class InNetwork:
         fit with no slope, the measured rest plus the median in-network ratio."""
         from scipy.optimize import least_squares
 
-        families = sorted({layer.family for net in networks for layer in net} - {PLAIN})
-        if len(networks) < MIN_PLANS_PER_TERM * (4 + len(families)):
+        families = sorted({layer.family for net in networks for layer in net} - {PLAIN, BRANCH_REMOVED})
+        calls = [sum(layer.family != BRANCH_REMOVED for layer in net) for net in networks]
+        fewer = sum(n < max(calls) for n in calls) >= MIN_PLANS_PER_TERM  # else the offset holds the calls
+        base = 4 + fewer
+        if len(networks) < MIN_PLANS_PER_TERM * (base + len(families)):
             families = []
-        slopes = families if len(networks) >= MIN_PLANS_PER_TERM * (4 + 2 * len(families)) else []
+        slopes = families if len(networks) >= MIN_PLANS_PER_TERM * (base + 2 * len(families)) else []
 
-        def terms(net: list[Isolated]) -> list[float]:
+        def terms(net: list[Isolated], n: int) -> list[float]:
             return [1.0, sum(layer.ms for layer in net), sum(layer.weights for layer in net) / 1e6,
-                    sum(layer.outputs for layer in net) / 1e6,
+                    sum(layer.outputs for layer in net) / 1e6, *([float(n)] if fewer else []),
                     *(sum(layer.inputs for layer in net if layer.family == f) / 1e6 for f in families),
                     *(sum(layer.ms for layer in net if layer.family == f) for f in slopes)]
 
-        x = np.array([terms(net) for net in networks])
+        x = np.array([terms(net, n) for net, n in zip(networks, calls)])
         sums = x[:, 1]
         y = np.asarray(measured, dtype=float)
         if len(np.unique(np.round(sums, 6))) >= 4:
@@ -286,10 +294,11 @@ class InNetwork:
             weight[0] *= DENSE_WEIGHT
             found = least_squares(lambda p: weight * (x @ p - y), start, bounds=(0, np.inf), loss="soft_l1",
                                   f_scale=0.03)
-            offset, slope, per_mweight, per_moutput, *per_family = map(float, found.x)
+            offset, slope, per_mweight, per_moutput, *rest = map(float, found.x)
+            per_call = rest.pop(0) if fewer else 0.0
             if slope > 0:
-                return cls(offset, slope, len(y), per_mweight, per_moutput, dict(zip(families, per_family)),
-                           dict(zip(slopes, per_family[len(families):])))
+                return cls(offset, slope, len(y), per_mweight, per_moutput, dict(zip(families, rest)),
+                           dict(zip(slopes, rest[len(families):])), per_call)
         return cls(rest_ms, float(np.median((y - rest_ms) / sums)), len(y))
 
 

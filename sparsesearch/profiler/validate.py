@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from ..sparsity import REMOVED, SparsityType
 from .measure import DEFAULT_RATES, GROUP, NM_RATES, Target, beside_dense
 from .predictor import LatencyModel, compacted_copy, predict_compacted
 from .table import BEFORE, model_key, without_unpaid
+
+if TYPE_CHECKING:
+    from ..graph import Dependencies
 
 
 def filter_groups(layers: list[Layer], couplings: list[list[str]]) -> list[tuple[str, ...]]:
@@ -38,10 +42,10 @@ REMOVE_SHARE = 0.15  # each removable branch's chance to go in a plan that remov
 def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Random,
                 rates: tuple[float, ...] = DEFAULT_RATES, dense_share: float = 0.15,
                 types: Iterable[str] | None = None, removable: Iterable[tuple[str, ...]] = (),
-                remove_share: float = REMOVE_SHARE) -> Plan:
+                remove_share: float = REMOVE_SHARE, removing: float = REMOVING_PLANS) -> Plan:
     """A random type (of `types`, default all) and grid rate per layer, some left dense; a coupled
     group that draws filter takes one filter rate for all its members, as plans must. A share
-    `REMOVING_PLANS` of the plans also remove residual branches whole, as the search's `remove:`
+    `removing` of the plans also remove residual branches whole, as the search's `remove:`
     parameters do: each of the `removable` groups (`compact.removable`) with probability
     `remove_share`. The others remove none, so that plans without removals are still judged on a
     net with many removable branches."""
@@ -67,7 +71,7 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
         if layer.name not in specs:
             specs[layer.name] = draw(layer.types) if layer.types and rng.random() > dense_share else None
     removable = list(removable)
-    for group in removable if removable and rng.random() < REMOVING_PLANS else ():
+    for group in removable if removable and rng.random() < removing else ():
         if rng.random() < remove_share:
             specs.update({n: LayerSparsity(SparsityType.FILTER, REMOVED) for n in group})
     chosen = {n: s for n, s in specs.items() if s is not None}
@@ -75,6 +79,28 @@ def random_plan(layers: list[Layer], couplings: list[list[str]], rng: random.Ran
     if not chosen and prunable:  # a plan must prune something
         chosen[prunable[0].name] = draw(prunable[0].types)
     return Plan(chosen)
+
+
+def residual_branches(model: torch.nn.Module, shape: tuple[int, ...], deps: Dependencies, layers: list[Layer],
+                      types: Iterable[str] | None = None) -> list[tuple[str, ...]]:
+    """The filter groups whose removal drops a residual branch whole (`compact.removable`), where
+    filter pruning is offered (`types`, default all): what a plan may remove."""
+    from ..compact import removable
+
+    if types is not None and SparsityType.FILTER.value not in types:
+        return []
+    return removable(model, shape, deps, filter_groups(layers, deps.couplings))
+
+
+def compactable(model: torch.nn.Module, shape: tuple[int, ...], plan: Plan,
+                deps: Dependencies) -> tuple[Plan, torch.nn.Module]:
+    """`plan` and its compacted copy; without its removals where together they leave no path around
+    them (every branch into a concatenation), which random draws can do."""
+    try:
+        return plan, compacted_copy(model, shape, plan, deps)
+    except UserError:
+        plan = Plan({n: spec for n, spec in plan.layers.items() if spec.rate != REMOVED})
+        return plan, compacted_copy(model, shape, plan, deps)
 
 
 LADDER_RATES = (0.1, *BASELINE_RATES)  # the search's uniform filter baselines, and 10%: timed by validation too
@@ -201,7 +227,6 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     its calibration plans; a group whose dense net runs more than 10% off its profiled latency is
     timed once more) and pair each measurement with its prediction. Every network runs in the memory
     layout the profile was measured in."""
-    from ..compact import removable
     from ..graph import dependencies
 
     rng = random.Random(seed)
@@ -216,8 +241,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     finding = "compacting the dense net to find the residual branches it may remove whole"
     if on_progress:  # a phase of its own: a minute on a 224 px ResNet-50
         on_progress(0, 1, finding)
-    branches = removable(model, shape, deps, filter_groups(layers, deps.couplings)) if (
-        SparsityType.FILTER.value in covered.get("types", [SparsityType.FILTER.value])) else []
+    branches = residual_branches(model, shape, deps, layers, covered.get("types"))
     if on_progress:
         on_progress(1, 1, finding)
     layout = str(latency.profile.fingerprint.get("layout", BEFORE["layout"]))
@@ -234,11 +258,7 @@ def validate(latency: LatencyModel, target_: Target, samples: int, device: torch
     drawn = [(kind, aligned) for kind, plan in drawn if (aligned := plan.aligned(layers, latency.profile.steps)).layers]
     pending: list[tuple[str, Plan, float, torch.nn.Module]] = []
     for i, (kind, plan) in enumerate(drawn):
-        try:
-            compacted = compacted_copy(model, shape, plan, deps)
-        except UserError:  # its removals together leave no path around them (every branch into a concatenation)
-            plan = Plan({n: spec for n, spec in plan.layers.items() if spec.rate != REMOVED})
-            compacted = compacted_copy(model, shape, plan, deps)
+        plan, compacted = compactable(model, shape, plan, deps)
         predicted = predict_compacted(latency, model, compacted, shape).total_ms
         pending.append((kind, plan, predicted, in_layout(compacted.to(device=device, dtype=dtype), layout)))
         if len(pending) == GROUP or i == len(drawn) - 1:
