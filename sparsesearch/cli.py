@@ -446,7 +446,7 @@ def profile_cmd(
     device: DeviceOpt = "cpu",
     batch_size: ProfileBatchOpt = 1,
     threads: ThreadsOpt = None,
-    rates: Annotated[str, typer.Option(help="Rate grid, comma-separated.")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    rates: Annotated[str, typer.Option(help="Rate grid, comma-separated.")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
     types: Annotated[str, typer.Option(help="Sparsity types, comma-separated.")] = "filter,channel,shape,irregular,nm",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Profile file (default hardware_profiles/<device>-b<batch>-<dtype>.json).")] = None,

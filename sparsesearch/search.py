@@ -55,7 +55,8 @@ from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
 from .report import FINALIZED, exported, margin_within
 from .runtime import DEFAULT_LAYOUT, in_layout
-from .space import BASELINE_RATES, HOPELESS, MAX_RATE, RUNGS, LadderPruner, Slot, Space, promising, rejection, snap
+from .space import (BASELINE_RATES, HOPELESS, MAX_RATE, RUNGS, TOP_RATE, LadderPruner, Slot, Space, promising,
+                    rejection, snap)
 from .sparsity import LAYER_LOCAL, SparsityType
 from .storage import artifact_store, fail_stale, release_lease, renew_lease, take_lease, worker
 from .train import Progress, ProgressFn, autocast, confidence_within, paired_drop, training_layout
@@ -242,6 +243,8 @@ class Search(Trials):
                             f"{', '.join(self.config.types)} on {self.config.model}; "
                             f"add them with `{self.profile_command}`")
         self.steps = {side: int(self.latency.profile.steps.get(side, 1)) for side in ("out", "in")}
+        timed = self.latency.network(self.model, self.input_shape).get("grid", {}).get("rates", [])
+        self.max_rate = TOP_RATE if TOP_RATE in timed else MAX_RATE  # the space's highest rate
         withheld = self._no_faster(self.layers_ms)
         if unprofiled:
             for layer in self.layers:
@@ -254,7 +257,7 @@ class Search(Trials):
         its life: Optuna refuses a categorical whose choices changed, on another machine or profile)."""
         self.withheld = withheld
         self.space = Space(self.layers, self.deps.couplings, self.config.types, self.layers_ms, steps=self.steps,
-                           withheld=withheld, removable=self.removable)
+                           withheld=withheld, removable=self.removable, max_rate=self.max_rate)
 
     def find_removable(self) -> list[str]:
         """The space's slots whose filters, all removed, leave a residual branch that `compact`
@@ -291,7 +294,7 @@ class Search(Trials):
                    for layer in without_unpaid(self.model, self.layers, self.latency.profile.unpaid())}
         slow: dict[str, set[SparsityType]] = {}
         for kind in (k for k in LAYER_LOCAL if k.value in self.config.types):
-            plan = Plan.uniform(self.layers, kind, snap(MAX_RATE, kind))
+            plan = Plan.uniform(self.layers, kind, snap(self.max_rate, kind, self.max_rate))
             if not plan.layers:
                 continue
             pruned = predict_latency(self.latency, self.model, self.input_shape, plan).layers_ms
@@ -1056,6 +1059,7 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
 WITHHELD = "withheld"  # the study attr: per layer, the types its space keeps from it
 STEPS = "steps"  # the study attr: the channel widths its counts are aligned to (none recorded: not aligned)
 REMOVABLE = "removable"  # the study attr: the slots whose residual branch its plans may remove
+MAX_RATE_ATTR = "max_rate"  # the study attr: its space's highest rate (none recorded: MAX_RATE)
 
 
 def dense_weights(config: SearchConfig) -> Path:
@@ -1095,6 +1099,7 @@ def record(study: optuna.Study, search: Search) -> None:
         search.dense.update({k: study.user_attrs["dense"][k] for k in ("val", "test")})
         search.steps = study.user_attrs.get(STEPS, {})  # a plan's counts stay what they were when it was drawn
         search.removable = study.user_attrs.get(REMOVABLE, [])  # none recorded: a study from before removal
+        search.max_rate = study.user_attrs.get(MAX_RATE_ATTR, MAX_RATE)  # its rates' range stays as drawn
         search.offer(_withheld(study, search))
         if untimed := sorted(t.value for t in {t for s in search.space.slots for t in s.types} & search.unprofiled):
             raise UserError(f"study '{study.study_name}' searches {', '.join(untimed)}, which the latency profile "
@@ -1116,6 +1121,7 @@ def record(study: optuna.Study, search: Search) -> None:
                         else "per stage + allocation by latency and sensitivity")
     study.set_user_attr(WITHHELD, {name: sorted(k.value for k in kinds) for name, kinds in search.withheld.items()})
     study.set_user_attr(STEPS, search.steps)
+    study.set_user_attr(MAX_RATE_ATTR, search.max_rate)
     search.removable = search.find_removable()
     search.offer(search.withheld)
     study.set_user_attr(REMOVABLE, search.removable)

@@ -27,7 +27,7 @@ from torch import nn
 from .admm import projected_accuracy
 from .data import Split
 from .graph import Dependencies
-from .space import MAX_RATE, Space, snap
+from .space import Space, snap
 from .sparsity import REMOVED, SparsityType, group_scores
 from .train import evaluate
 
@@ -130,7 +130,7 @@ def seeded_params(space: Space, found: Scan, mean_rate: float) -> dict[str, Any]
     mean = statistics.fmean(weight.values())
     for unit, (_, kind) in units.items():
         params[f"type:{unit}"] = kind.value
-        params[f"rate:{unit}"] = snap(min(mean_rate * weight[unit] / mean, MAX_RATE), kind)  # the 0.05 grid
+        params[f"rate:{unit}"] = snap(mean_rate * weight[unit] / mean, kind, space.max_rate)  # the 0.05 grid
     return params
 
 
@@ -165,11 +165,11 @@ def norm_params(space: Space, model: nn.Module, ratio: float) -> dict[str, Any]:
         params: dict[str, Any] = space.none_removed()
         for s in space.slots:
             params[f"type:{s.name}"] = (SparsityType.FILTER if s.name in rates else s.types[0]).value
-            params[f"rate:{s.name}"] = snap(rates.get(s.name, 0.0), SparsityType.FILTER)  # at most MAX_RATE
+            params[f"rate:{s.name}"] = snap(rates.get(s.name, 0.0), SparsityType.FILTER, space.max_rate)
         return params
     params = space.even()
     for stage, slots in space.stages.items():
         taken = [rates[s.name] for s in slots if s.name in rates]
         params[f"type:{stage}"] = SparsityType.FILTER.value if taken else space.choices(stage)[0]
-        params[f"rate:{stage}"] = snap(statistics.fmean(taken), SparsityType.FILTER) if taken else 0.0
+        params[f"rate:{stage}"] = snap(statistics.fmean(taken), SparsityType.FILTER, space.max_rate) if taken else 0.0
     return params

@@ -25,9 +25,10 @@ from .layers import Layer
 from .plan import LayerSparsity, Plan
 from .sparsity import NM_M, REMOVED, SparsityType
 
-RATE_STEP, MAX_RATE = 0.05, 0.9
-BASELINE_RATES = (0.3, 0.5, 0.7, 0.9)  # the uniform ladder a study starts from, up to MAX_RATE: the front
-# reaches the plans a full run may pass (`Search.ladder`); `profile` calibrates and validates on it too
+RATE_STEP, MAX_RATE = 0.05, 0.9  # a space's highest rate, unless its profile timed TOP_RATE
+TOP_RATE = 0.95  # the highest rate a space offers, where its profile timed it (`Space.max_rate`)
+BASELINE_RATES = (0.3, 0.5, 0.7, 0.9)  # the uniform ladder a study starts from: the front reaches the
+# plans a full run may pass (`Search.ladder`); `profile` calibrates and validates on it too
 ETA = 3  # successive halving: a third of the trials climb each rung
 RUNGS = (1 / ETA**2, 1 / ETA)  # where trials are checked: fractions of a trial's training steps
 BAND = 0.05  # a plan's peers on the ladder: trials predicted at least as fast, within 5%
@@ -50,11 +51,12 @@ class Slot:
     ms: float  # predicted dense latency of its layers
 
 
-def snap(rate: float, kind: SparsityType) -> float:
-    """A drawn rate as a plan takes it: on the 0.05 grid; nm to its nearest 1 - N/M (0 = dense)."""
+def snap(rate: float, kind: SparsityType, ceiling: float = MAX_RATE) -> float:
+    """A drawn rate as a plan takes it: on the 0.05 grid, at most `ceiling`; nm to its nearest
+    1 - N/M (0 = dense)."""
     if kind == SparsityType.NM:
         return round(round(rate * NM_M) / NM_M, 4) if rate < 1 - 0.5 / NM_M else 1 - 1 / NM_M
-    return min(round(round(rate / RATE_STEP) * RATE_STEP, 4), MAX_RATE)
+    return min(round(round(rate / RATE_STEP) * RATE_STEP, 4), ceiling)
 
 
 def _stage(layer: Layer) -> str:
@@ -73,7 +75,10 @@ class Space:
     `steps` (a channel period, as `profiler.steps` measures it: the search passes its profile's),
     the filter and channel counts of layers at least MIN_BLOCKS steps wide are raised to multiples
     of it (`Plan.aligned`). A layer is not offered the types `withheld` from it (predicted
-    no faster than dense there).
+    no faster than dense there). Rates go up to `max_rate` (at most TOP_RATE): TOP_RATE where the
+    profile timed it (Torch-Pruning's vgg16-bn at 0.9 prunes its 4x4 and 2x2 layers 94-97%), else
+    MAX_RATE, as a latency model predicts a rate past its grid no faster than the grid's last (a
+    tree ensemble is flat beyond its data): the search would pay accuracy for speed it cannot see.
 
     The slots `removable` (whose whole residual branch `compact` can replace by the constant it
     leaves: a block dropped) add `remove:STAGE` per stage, how many of them are removed: those whose
@@ -86,8 +91,10 @@ class Space:
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
                  layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS,
                  steps: dict[str, object] | None = None,
-                 withheld: dict[str, set[SparsityType]] | None = None, removable: Iterable[str] = ()) -> None:
+                 withheld: dict[str, set[SparsityType]] | None = None, removable: Iterable[str] = (),
+                 max_rate: float = MAX_RATE) -> None:
         allowed = {SparsityType(t) for t in types}
+        self.max_rate = min(max_rate, TOP_RATE)
         self.by_name = by_name = {layer.name: layer for layer in layers}
         self.steps = {side: int((steps or {}).get(side, 1)) for side in ("out", "in")}
         grouped = {n for g in couplings for n in g}
@@ -119,18 +126,18 @@ class Space:
         if self.per_layer:
             for s in self.slots:
                 kind = SparsityType(trial.suggest_categorical(f"type:{s.name}", [t.value for t in s.types]))
-                rates[s.name] = (kind, trial.suggest_float(f"rate:{s.name}", 0.0, MAX_RATE, step=RATE_STEP))
+                rates[s.name] = (kind, trial.suggest_float(f"rate:{s.name}", 0.0, self.max_rate, step=RATE_STEP))
         else:
             alloc = trial.suggest_float("alloc", 0.0, 1.0, step=0.25)
             lean = trial.suggest_float("lean", 0.0, LEAN_MAX, step=0.25) if self.robustness else 0.0
             for stage, slots in self.stages.items():
                 kind = SparsityType(trial.suggest_categorical(f"type:{stage}", self.choices(stage)))
-                rate = trial.suggest_float(f"rate:{stage}", 0.0, MAX_RATE, step=RATE_STEP)
+                rate = trial.suggest_float(f"rate:{stage}", 0.0, self.max_rate, step=RATE_STEP)
                 takers = [s for s in slots if kind in s.types]
                 weights = [max(s.ms, 1e-9) ** alloc * self.robustness.get(s.name, 1.0) ** lean for s in takers]
                 mean = sum(weights) / max(len(weights), 1)
                 for s, w in zip(takers, weights):
-                    rates[s.name] = (kind, min(rate * w / mean, MAX_RATE))
+                    rates[s.name] = (kind, min(rate * w / mean, self.max_rate))
         for unit, slots in self.removable.items():
             count = trial.suggest_int(f"remove:{unit}", 0, len(slots))
             for s in self.cheapest_removals(slots)[:count]:
@@ -171,7 +178,7 @@ class Space:
         for s in self.slots:
             if s.name in rates:
                 kind, rate = rates[s.name]
-                rate = rate if rate == REMOVED else snap(rate, kind)
+                rate = rate if rate == REMOVED else snap(rate, kind, self.max_rate)
                 for n in s.layers:
                     if rate > 0:
                         layers[n] = LayerSparsity(kind, rate)

@@ -470,6 +470,36 @@ def tiny(digits_baseline: DenseResult, tmp_path_factory: pytest.TempPathFactory)
             "numbers": numbers, "measured": measured}
 
 
+def test_a_space_offers_rates_past_0_9_only_where_its_profile_timed_them(tiny: dict, tmp_path: Path) -> None:
+    """Torch-Pruning's vgg16-bn at 0.9 prunes its small late layers 94-97%; a space may go to 0.95,
+    but only on a profile that timed 0.95 (past its grid a latency model sees no gain). A study
+    keeps the range it started with."""
+    torch.manual_seed(0)
+    model = models.create("resnet20", in_channels=1).eval()
+    shape = (1, 32, 32)
+    layers, deps = trace(model, shape), dependencies(model, shape)
+
+    def heaviest(max_rate: float | None) -> float:
+        space = Space(layers, deps.couplings, ("filter",), {layer.name: 1.0 for layer in layers}, 4,
+                      **({"max_rate": max_rate} if max_rate else {}))
+        space.robustness = {s.name: 0.2 + 0.8 * (i % 2) for i, s in enumerate(space.slots)}  # robust ones pruned harder
+        params = space.even() | {"lean": 1.0} | {f"{key}:{stage}": value for stage in space.stages
+                                                 for key, value in (("type", "filter"), ("rate", 0.9))}
+        return max(spec.rate for spec in space.suggest(FixedTrial(params)).layers.values())
+
+    assert heaviest(None) == 0.9 and heaviest(0.95) == 0.95 and heaviest(1.0) == 0.95
+    assert tiny["search"].max_rate == 0.9 and tiny["study"].user_attrs["max_rate"] == 0.9, "its profile stops at 0.7"
+    timed = json.loads(tiny["search"].latency.profile.path.read_text())
+    for entry in timed["rest"].values():
+        entry["grid"]["rates"].append(0.95)
+    (tmp_path / "profile.json").write_text(json.dumps(timed))
+    config = search.SearchConfig(checkpoint=tiny["search"].config.checkpoint, **TINY)
+    wider = search.build(config, torch.device("cpu"), str(tmp_path / "artifacts"), profile=tmp_path / "profile.json")
+    assert wider.max_rate == wider.space.max_rate == 0.95
+    search.record(tiny["study"], wider)  # resumed: the study's own range
+    assert wider.space.max_rate == 0.9
+
+
 def test_tiny_study_starts_with_the_uniform_baselines_then_the_sensitivity_seeds(tiny: dict) -> None:
     trials = tiny["study"].get_trials(False)
     baselines = [t for t in trials if "baseline" in t.user_attrs][:4]  # a halfway rung may come after the seeds

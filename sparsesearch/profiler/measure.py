@@ -36,7 +36,7 @@ from .table import (DTYPES, SHIPPED_PROFILES, Profile, Row, Signature, differenc
                     model_key, point_key, profile_name, profiles_dir, without_unpaid)
 from .timing import Timing, compare
 
-DEFAULT_RATES = tuple(round(0.1 * i, 1) for i in range(10))
+DEFAULT_RATES = (*(round(0.1 * i, 1) for i in range(10)), 0.95)  # 0.95: the highest a space offers (`space.TOP_RATE`)
 NM_RATES = (0.0, 0.25, 0.5, 0.75)  # 1 - N/4: what nm can take
 TIMING = {"rounds": 5, "warmup_s": 0.02, "min_round_s": 0.008, "max_spread": 0.05, "max_rounds": 15}
 # whole networks (rest, dense, calibration plans; validation): timed once per network, so longer
