@@ -7,7 +7,8 @@ same setup and plans); run from the repository root, nothing else running when t
     python bench/runs/optimize-resnet56-fashion-mnist-100m-v3/depth_plans.py [--time] SPEC...
 
 SPEC: uniform:RATE, seed:RATE (`seeds.seeded_params`), or REMOVED/PER/STAGE:RATES/PER/STAGE:LEAN[:EPOCHS],
-e.g. 6/6/6:0.5/0.5/0.5/0:1:0+6 (RATES includes the linear stage).
+e.g. 6/6/6:0.5/0.5/0.5/0:1:0+6 (RATES includes the linear stage); with --time also trial:N (the
+100-minute study's trial N) and random:N (trial N of the one-shot resnet56 arms' random search).
 """
 import json
 import sys
@@ -26,6 +27,11 @@ from arms import RUNS, dense_checkpoint, plan_timed, predicted  # noqa: E402
 from recipes import trained  # noqa: E402
 
 from sparsesearch import search, seeds, storage  # noqa: E402
+from sparsesearch.plan import Plan  # noqa: E402
+
+HERE = "bench/runs/optimize-resnet56-fashion-mnist-100m-v3"
+STUDIES = {"trial": ("resnet56-fashion-mnist-100m-v3", f"sqlite:///{HERE}/study.db"),
+           "random": ("random", f"journal:///{RUNS / 'arms-resnet56-fashion-mnist-0+4-0+6' / 'random.journal'}")}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -46,6 +52,15 @@ def params_of(built: search.Search, found: seeds.Scan, spec: str) -> dict:
     return params
 
 
+def plan_of(built: search.Search, found: seeds.Scan, spec: str) -> Plan:
+    """The plan a SPEC names: a study's trial as it trained, or the space's plan of its parameters."""
+    family, _, number = spec.partition(":")
+    if family in STUDIES:
+        study = storage.open_study(STUDIES[family][0], STUDIES[family][1], False)
+        return Plan.from_dict({"layers": study.get_trials(False)[int(number)].user_attrs["plan"]}, spec)
+    return built.space.suggest(FixedTrial(params_of(built, found, spec)))
+
+
 def main() -> None:
     timing = "--time" in sys.argv
     specs = [a for a in sys.argv[1:] if a != "--time"]
@@ -64,7 +79,7 @@ def main() -> None:
                                         True)
             search.control(built, holder, wait=True)
         for spec in specs:
-            plan = built.space.suggest(FixedTrial(params_of(built, found, spec)))
+            plan = plan_of(built, found, spec)
             if timing:
                 row = plan_timed(built, plan)
             else:
