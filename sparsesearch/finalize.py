@@ -141,10 +141,11 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
     with the dense model) makes that at least `confidence` sure: 0.5 takes the point estimate."""
     trials = candidates(study)
     front, cost = [t.number for t in trials], run_prices(trials)
-    runs = {r["trial"]: r for r in exported(study) if r["epochs"] == epochs and r["trial"] in front}
+    rows = exported(study)
+    runs = {r["trial"]: r for r in rows if r["epochs"] == epochs and r["trial"] in front}
     busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
     within = {n: sure_within(r, limit) >= confidence for n, r in runs.items()}
-    chance = within_chances(trials, full_runs(study, limit, epochs, confidence), limit)
+    chance = within_chances(trials, full_runs(rows, limit, epochs, confidence), limit)
     best, probe = bisect(front, within, busy, cost, chance)
     lo, hi = _bounds(front, within)
     return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1,

@@ -483,10 +483,12 @@ def limit_belief(runs: Sequence[tuple[float, float]], limit: float) -> statistic
     return statistics.NormalDist(math.log1p(centre), LIMIT_SPREAD)
 
 
-def full_runs(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.5) -> list[tuple[float, float]]:
-    """The study's full runs at `epochs`, any plan's, as (its drop at trial fidelity, the margin within
-    `limit` its retrained drop came at `confidence`): what `calibrated_limit` and `limit_belief` read."""
-    return [(r["acc_drop"], margin_within(r, limit, confidence)) for r in exported(study)
+def full_runs(rows: Sequence[dict[str, Any]], limit: float, epochs: str,
+              confidence: float = 0.5) -> list[tuple[float, float]]:
+    """Of a study's full runs (`report.exported` rows), those at `epochs`, any plan's, as (its drop at
+    trial fidelity, the margin within `limit` its retrained drop came at `confidence`): what
+    `calibrated_limit` and `limit_belief` read."""
+    return [(r["acc_drop"], margin_within(r, limit, confidence)) for r in rows
             if r["epochs"] == epochs and r.get("acc_drop") is not None and math.isfinite(r["acc_drop"])]
 
 
@@ -504,7 +506,7 @@ def trial_limit(study: optuna.Study, limit: float) -> float:
         return limit
     done = study.user_attrs.get(FINALIZED) or {}
     epochs = done.get("epochs") or max(rows, key=lambda r: (sum(parse_epochs(r["epochs"])), r["epochs"]))["epochs"]
-    return calibrated_limit(full_runs(study, limit, epochs, done.get("confidence", 0.5)), limit)
+    return calibrated_limit(full_runs(rows, limit, epochs, done.get("confidence", 0.5)), limit)
 
 
 def trial_share(config: SearchConfig, full: tuple[float, float] = FULL_EPOCHS) -> float:
