@@ -446,7 +446,8 @@ def profile_cmd(
     device: DeviceOpt = "cpu",
     batch_size: ProfileBatchOpt = 1,
     threads: ThreadsOpt = None,
-    rates: Annotated[str, typer.Option(help="Rate grid, comma-separated.")] = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
+    rates: Annotated[str | None, typer.Option(help="Rate grid, comma-separated (default 0 to 0.9 by 0.1, and "
+                                                   "0.95, the highest a search offers).")] = None,
     types: Annotated[str, typer.Option(help="Sparsity types, comma-separated.")] = "filter,channel,shape,irregular,nm",
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Profile file (default hardware_profiles/<device>-b<batch>-<dtype>.json).")] = None,
@@ -456,14 +457,14 @@ def profile_cmd(
     """Time every prunable layer's compact forms on a grid of rates; add missing rows to the profile."""
     if ctx.invoked_subcommand is not None:
         return
-    from .profiler.measure import profile_model, target
+    from .profiler.measure import DEFAULT_RATES, profile_model, target
     from .profiler.predictor import LatencyModel
     from .runtime import layout_of, resolve_device, set_threads
 
     dev = resolve_device(device)
     n_threads = set_threads(threads)
     kinds = _type_names(types)
-    grid = _floats(rates, "--rates")
+    grid = _floats(rates, "--rates") if rates is not None else list(DEFAULT_RATES)
     if not all(0 <= r < 1 for r in grid):
         raise UserError(f"--rates must lie in [0, 1) (the fraction of groups removed); got {rates}")
     with console.status(f"tracing {model} and the dims each rate leaves"):
