@@ -768,7 +768,8 @@ def test_calibration_plans_are_timed_in_small_groups_as_ratios_to_the_dense_net_
 
     measure_beside = measure.beside_dense
     monkeypatch.setattr(measure, "beside_dense", spy)
-    entry = measure.measure_network(digits, CPU, 1, torch.float32, list(RATES), set(TYPES), 1.0, FAST)
+    plans = measure.network_plans(digits, list(RATES), set(TYPES))
+    entry = measure.measure_network(digits, CPU, 1, torch.float32, list(RATES), set(TYPES), 1.0, plans, FAST)
     assert len(groups) == -(-measure.CALIBRATION_PLANS // measure.GROUP)
     assert all(len(names) <= measure.GROUP for names, _ in groups)
     relative = {name: t[name].relative for names, t in groups for name in names}

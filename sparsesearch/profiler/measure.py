@@ -356,22 +356,19 @@ def network_plans(target_: Target, rates: list[float], types: set[str],
 
 
 def measure_network(target_: Target, device: torch.device, batch_size: int, dtype: torch.dtype,
-                    rates: list[float], types: set[str], reference_ms: float,
+                    rates: list[float], types: set[str], reference_ms: float, plans: list[Plan],
                     timing: dict[str, float] = NETWORK_TIMING,
                     on_plans: Callable[[int, int], None] | None = None,
-                    unpaid: set[tuple[str, str]] = frozenset(), layout: str = DEFAULT_LAYOUT,
-                    channel_steps: dict[str, object] | None = None) -> dict[str, object]:
+                    layout: str = DEFAULT_LAYOUT) -> dict[str, object]:
     """The network's rest and the dense network, timed side by side with the yardstick (of
-    `reference_ms`); then the calibration plans compacted, GROUP at a time beside the dense network,
-    each stored as its ratio to it times the dense latency.
+    `reference_ms`); then the calibration `plans` (`network_plans`) compacted, GROUP at a time beside
+    the dense network, each stored as its ratio to it times the dense latency.
 
     A layer costs more inside a network than timed alone (weights evicted by the other layers, caches
     shared with its neighbours); the latency model fits its in-network costs to these plans. They are
     timed as `profile validate` and the search's measurement time plans (in small groups, as ratios to
     the dense net beside them): all 32 in one run put their ratios to the dense net 9% lower on
     resnet20 than groups of 5 did, a bias the fit then carried into every predicted speedup.
-    The plans draw from what the search can give each layer: not the `unpaid` (signature key, type)
-    pairs (`Profile.unpaid`), which the profile timed at one rate only.
     `on_plans(done, total)` hears the calibration plans timed so far (minutes on a deep network).
     Every network runs in memory `layout`, input and weights."""
     from ..graph import dependencies
@@ -383,7 +380,7 @@ def measure_network(target_: Target, device: torch.device, batch_size: int, dtyp
     deps = dependencies(model, shape)
     dense = in_layout(copy.deepcopy(model).to(device=device, dtype=dtype), layout)
     x = in_layout(torch.randn(batch_size, *shape, dtype=dtype).to(device), layout)
-    plans = network_plans(target_, rates, types, unpaid, channel_steps)
+    plans = list(plans)  # each as timed: without its removals where together they cannot go
     if on_plans is not None:
         on_plans(0, len(plans))
     t, speed = _timed({"rest": _rest(dense, layers, batch_size), "dense": dense}, x, Yardstick(device, dtype),
@@ -524,15 +521,15 @@ def _profile_into(path: Path, default_path: bool, here: dict[str, object], targe
     unpaid = profile.unpaid()
     rest = [p for p in todo if p.key not in first and (p.signature.key, p.type) not in unpaid]
     timed(rest, "the rest of the grid")
+    plans = network_plans(target_, rates, types, unpaid, profile.steps)
     timed_whole = (whole.get("grid") == {"rates": rates, "types": sorted(types)}
-                   and [c["plan"] for c in whole.get("calibration", [])]
-                   == [plan.to_dict() for plan in network_plans(target_, rates, types, unpaid, profile.steps)])
+                   and [c["plan"] for c in whole.get("calibration", [])] == [plan.to_dict() for plan in plans])
     if not timed_whole:  # new, another grid's, or calibrated on other plans (an older version's)
         profile.rest[key] = measure_network(
-            target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms,
+            target_, device, batch_size, DTYPES[dtype], rates, types, profile.yardstick_ms, plans,
             {**NETWORK_TIMING, **overrides},
             on_plans=on_progress and (lambda d, t: on_progress(d, t, "calibration plans compacted and timed end to end")),
-            unpaid=unpaid, layout=str(here["layout"]), channel_steps=profile.steps)
+            layout=str(here["layout"]))
         speeds.append(float(profile.rest[key]["speed"]))
         profile.save(path)
     dense = {r.signature: r.median_ms for r in profile.rows.values()
