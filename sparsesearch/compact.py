@@ -114,16 +114,18 @@ def _cuts(plan: Plan, dead: list[str]) -> list[tuple[str, SparsityType]]:
 @dataclass
 class Slim:
     """A masked model's smaller copy to train: the filters and channels `compact` removes, removed,
-    and nothing else changed (no kernel, no removed branch), so it trains like any module and its
-    training is the masked model's, at the cost of its MACs. `index` maps each state entry back:
-    per dim, the masked model's indices it keeps (None: all)."""
+    and the layers of removed residual branches that compute only zeros replaced by `Zeros`;
+    nothing else changed (no kernel, no constant), so it trains like any module and its training is
+    the masked model's, at the cost of its MACs. `index` maps each state entry back: per dim, the
+    masked model's indices it keeps (None: all); entries of the layers replaced have none (their
+    weights take no gradient, and in the masked model compute zeros whatever they hold)."""
 
     model: nn.Module
     index: dict[str, list[Tensor | None]]
 
     def take(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Entries of the masked model's state (or of tensors shaped like them) as the slim model has them."""
-        return {n: t[_at(self.index[n], t)] for n, t in state.items()}
+        return {n: t[_at(self.index[n], t)] for n, t in state.items() if n in self.index}
 
     def masks(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
         """The masked model's masks as the slim model's, those left all ones dropped."""
@@ -134,28 +136,83 @@ class Slim:
         state = self.model.state_dict()
         with torch.no_grad():
             for name, full in model.state_dict().items():
-                full[_at(self.index[name], full)] = state[name].to(full.device, full.dtype)
+                if name in self.index:
+                    full[_at(self.index[name], full)] = state[name].to(full.device, full.dtype)
 
 
 def slimmed(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Slim | None:
-    """`masked` with the filters and channels `compact` would remove removed, to be trained in its
-    place (`Slim`); None where nothing would be removed, or where the removal could not be mapped
-    back to `masked` exactly (every state entry is checked)."""
-    cuts = _cuts(plan, _emptied(masked, plan))
-    if not cuts:
+    """`masked` with the filters and channels `compact` would remove removed, and the layers of its
+    removed residual branches that compute only zeros replaced (`_zero_branches`), to be trained in
+    its place (`Slim`); None where nothing would be removed, or where the removal could not be
+    mapped back to `masked` exactly (every state entry is checked). Why the branches: resnet56 with
+    6 of each stage's 9 blocks removed trained at nearly the dense network's cost, its removed
+    blocks' convs computing zeros, while their last BatchNorm's shift is all they leave."""
+    dead = _emptied(masked, plan)
+    cuts = _cuts(plan, dead)
+    if not cuts and not dead:
         return None
     training = masked.training
     try:
         reference = Reference(masked, _batch(masked, input_shape))
-        model, _, removals = _remove_channels(masked, cuts, input_shape, lambda m: reference.error(m) <= _TOLERANCE)
+        exact = lambda m: reference.error(m) <= _TOLERANCE  # noqa: E731
+        model, _, removals = _remove_channels(masked, cuts, input_shape, exact)
+        zeroed = _zero_branches(model, dead, input_shape, exact)
     except (*SURGERY_ERRORS, Unverifiable):
         return None
     finally:
         masked.train(training)
     index = _index(masked.state_dict(), model.state_dict(), removals)
-    if index is None or all(i is None for dims in index.values() for i in dims):
+    if index is None or not zeroed and all(i is None for dims in index.values() for i in dims):
         return None
     return Slim(model.train(training), index)
+
+
+class Zeros(nn.Module):
+    """A layer of a removed residual branch in a `Slim` model: the zeros it computes there (its own
+    filters removed, or only zeros coming in and no bias), at no cost."""
+
+    def __init__(self, module: nn.Conv2d | nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.geometry = _geometry(module)
+        self.channels = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((x.shape[0], self.channels, *_out_size(self.geometry, x)))
+
+
+def _zero_branches(model: nn.Module, dead: list[str], input_shape: tuple[int, ...],
+                   exact: Callable[[nn.Module], bool]) -> list[str]:
+    """Replace, in place, the convs and BatchNorms of `dead` layers' branches that compute zeros in
+    training as in evaluation by `Zeros`; their names. Such a layer is the dead one, a BatchNorm
+    whose scale and shift are removed with it, or a conv without bias whose output is zero (all it
+    reads is): each output checked zero on the reference batch, the result checked `exact`, else
+    nothing is replaced. What the branch leaves (its last BatchNorm's shift) trains as before."""
+    if not dead:
+        return []
+    graph = build_graph(model, input_shape)
+    names = graph._module2name
+    modules = {names[n.module]: n.module for d in dead for n in _branch(graph, model.get_submodule(d))
+               if n.module in names and isinstance(n.module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))}
+    zero = {n: a for n, a in _activations(model, _batch(model, input_shape), list(modules)).items() if n}
+
+    def silent(name: str, module: nn.Module) -> bool:
+        if name not in zero or zero[name].any():
+            return False
+        if isinstance(module, nn.Conv2d):
+            return name in dead or module.bias is None
+        return all(p is None or not p.any() for p in (module.weight, module.bias))
+
+    chosen = [n for n, m in modules.items() if silent(n, m)]
+    backup = {n: modules[n] for n in chosen}
+    for name in chosen:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Zeros(modules[name]))
+    if chosen and not exact(model):
+        for name, module in backup.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module)
+        return []
+    return chosen
 
 
 def _index(full: dict[str, Tensor], slim: dict[str, Tensor], removals: dict[str, dict[str, list[list[int]]]]
@@ -430,13 +487,7 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
     """Replace one dead layer's branch in place (`_remove_branches`); why it could not, or None."""
     graph = build_graph(model, input_shape)
     names = graph._module2name
-    start = graph.module2node[model.get_submodule(name)]
-    region, todo = {start}, [start]
-    while todo:  # every node all of whose inputs come from the branch
-        for node in todo.pop().outputs:
-            if node not in region and all(i in region for i in node.inputs) and not _reads_outside(node, names):
-                region.add(node)
-                todo.append(node)
+    region = _branch(graph, model.get_submodule(name))
     exits = [n for n in region if not n.outputs or any(o not in region for o in n.outputs)]
     if any(not n.outputs for n in exits):
         return "removing it leaves the network's output constant"
@@ -471,6 +522,19 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
         except RuntimeError:  # a forward that adds into the view in place
             continue
     return "replacing its branch by a constant changes the output"
+
+
+def _branch(graph, module: nn.Module) -> set:  # noqa: ANN001 - a Torch-Pruning graph and its Nodes
+    """The graph nodes of `module`'s branch: it, and every node all of whose inputs come from the branch."""
+    names = graph._module2name
+    start = graph.module2node[module]
+    region, todo = {start}, [start]
+    while todo:
+        for node in todo.pop().outputs:
+            if node not in region and all(i in region for i in node.inputs) and not _reads_outside(node, names):
+                region.add(node)
+                todo.append(node)
+    return region
 
 
 def _reads_outside(node, names: dict) -> bool:  # noqa: ANN001 - a Torch-Pruning Node

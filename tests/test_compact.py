@@ -539,6 +539,54 @@ def test_a_removed_residual_branch_becomes_the_constant_it_leaves(model_name: st
     assert params < sum(p.numel() for p in model.parameters())
 
 
+def _sgd_steps(model: torch.nn.Module, masks: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+    """Three masked SGD steps (momentum, weight decay) in training mode on fixed random batches (and
+    dropout masks)."""
+    from sparsesearch.admm import masked_hooks
+
+    torch.manual_seed(4)
+    hooks, generator = masked_hooks(model, masks), torch.Generator().manual_seed(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for step in range(3):
+        x, y = torch.randn(8, *shape, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x)[:, :10], y).backward()
+        hooks.before_step()
+        optimizer.step()
+        hooks.after_step(step)
+
+
+@pytest.mark.parametrize("model_name", [pytest.param(m, marks=[pytest.mark.slow] if m in LARGE else [])
+                                        for m in REMOVING])
+def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(model_name: str) -> None:
+    """A removed branch's layers compute zeros in the masked model, so the slim model a plan retrains
+    on replaces them (`Zeros`: no MACs, no weights); a few training steps on it, written back, give
+    what the same steps give the masked model: BatchNorm batch statistics, running statistics and
+    the shift the branch leaves included."""
+    from sparsesearch.compact import Zeros
+
+    shape = {**SMALL, **LARGE}[model_name]
+    model, plan, deps = _masked(model_name, shape, lambda layers, groups: Plan(
+        {n: LayerSparsity(T.FILTER, REMOVED) for n in REMOVING[model_name]}))
+    masks = prune_masks(model, plan, deps)
+    slim = slimmed(model, plan, shape)
+    assert slim is not None
+    zeros = {n for n, m in slim.model.named_modules() if isinstance(m, Zeros)}
+    assert set(REMOVING[model_name]) <= zeros
+    assert sum(p.numel() for p in slim.model.parameters()) < sum(p.numel() for p in model.parameters())
+    twin = copy.deepcopy(model)
+    _sgd_steps(slim.model, slim.masks(masks), shape)
+    _sgd_steps(twin, masks, shape)
+    slim.write_back(model)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    expected = twin.eval()(x)
+    assert ((model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    assert ((slim.model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+    params = dict(model.named_parameters())
+    assert all(not params[n][~m].any() for n, m in masks.items()), "no pruned weight came back"
+
+
 def test_rate_one_on_a_layer_no_residual_path_bypasses_is_refused_with_the_reason() -> None:
     """In a plain chain an emptied layer leaves the output the same for every input: the error says
     so, instead of a compaction checked only on the layers before it."""
