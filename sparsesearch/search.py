@@ -437,6 +437,7 @@ def full_epochs(config: SearchConfig, given: str | None = None) -> tuple[float, 
 
 
 FAITHFUL_SHARE = 0.05  # of a full run's training images, the least at which LeNet-5's trials ranked plans as it did
+DEEP_FAITHFUL_SHARE = 0.15  # the same where plans may remove residual branches (`faithful_share`)
 
 
 def calibrated_limit(runs: Sequence[tuple[float, float]], limit: float) -> float:
@@ -509,19 +510,36 @@ def trial_limit(study: optuna.Study, limit: float) -> float:
     return calibrated_limit(full_runs(rows, limit, epochs, done.get("confidence", 0.5)), limit)
 
 
-def trial_share(config: SearchConfig, full: tuple[float, float] = FULL_EPOCHS) -> float:
-    """A trial's training images as a share of a full run's (`full` epochs on the whole split): what
-    sets how faithfully trials rank plans (bench/results/faithfulness-lenet5-fashion-mnist.md: at
-    2.7% Spearman 0.56 against full training, at 5.3-8% 0.92-0.97, whether the share came from more
-    data or more epochs)."""
-    return config.trial_data * (config.admm_epochs + config.retrain_epochs) / sum(full)
+def trial_share(config: SearchConfig, full: tuple[float, float] | None = None) -> float:
+    """A trial's training images as a share of a full run's (`full` epochs on the whole split; by
+    default the study's own, `full_epochs`): what sets how faithfully trials rank plans
+    (bench/results/faithfulness-lenet5-fashion-mnist.md: at 2.7% Spearman 0.56 against full
+    training, at 5.3-8% 0.92-0.97, whether the share came from more data or more epochs)."""
+    return config.trial_data * (config.admm_epochs + config.retrain_epochs) / sum(full or full_epochs(config))
 
 
-def faithful_epochs(config: SearchConfig) -> tuple[float, float]:
-    """The trial epochs, in the config's ADMM:retraining proportion and rounded up to half epochs,
-    at which a trial on the config's data share trains FAITHFUL_SHARE of a full run."""
-    scale = FAITHFUL_SHARE / trial_share(config)
-    return math.ceil(2 * config.admm_epochs * scale) / 2, math.ceil(2 * config.retrain_epochs * scale) / 2
+def faithful_share(search: Search) -> float:
+    """The least share of a full run's training at which the study's trials rank plans as full runs
+    do: more where its space may remove residual branches, since a plan that drops blocks recovers
+    later in training than one that thins them. On resnet56 / Fashion-MNIST, one that removed 6 of
+    each stage's 9 blocks (filters at 50%) ranked 6th of 8 plans at 6.7% (0+4 epochs on 0.1 of the
+    split, full runs 0+6) and 4th at 16.7% (on 0.25), where full runs put it 3rd; Spearman over the
+    8, 0.79 and 0.90 (bench/runs/optimize-resnet56-fashion-mnist-100m-v3/fidelity.py)."""
+    return DEEP_FAITHFUL_SHARE if search.space.removable else FAITHFUL_SHARE
+
+
+def faithful_config(config: SearchConfig, share: float) -> SearchConfig:
+    """`config` with the trial data share raised (to the 0.05 above) so that its trials train `share`
+    of a full run; where the whole split is not enough, the trial epochs too (in their ADMM:retraining
+    proportion, rounded up to half epochs); as it is where they already do."""
+    if trial_share(config) >= share:
+        return config
+    data = min(math.ceil(20 * config.trial_data * share / trial_share(config) - 1e-9) / 20, 1.0)
+    scale = share / trial_share(replace(config, trial_data=data))
+    if scale <= 1:
+        return replace(config, trial_data=data)
+    return replace(config, trial_data=data, admm_epochs=math.ceil(2 * config.admm_epochs * scale) / 2,
+                   retrain_epochs=math.ceil(2 * config.retrain_epochs * scale) / 2)
 
 
 @dataclass(frozen=True)

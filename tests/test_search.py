@@ -44,6 +44,24 @@ def test_budget_is_a_trial_count_or_a_duration(text: str, expected: search.Budge
     assert search.parse_budget(text) == expected
 
 
+@pytest.mark.parametrize(("data", "epochs", "full", "share", "expected"), [
+    (0.1, "0+4", "0+6", 0.15, (0.25, 0.0, 4.0)),  # resnet56's study: a quarter of the split reaches 15%
+    (0.5, "0+4", "0+6", 0.15, (0.5, 0.0, 4.0)),  # already there (33%): nothing changes
+    (0.5, "0+1", "", 0.15, (1.0, 0.0, 2.5)),  # the whole split is not enough: epochs too (full 0+15)
+])
+def test_faithful_config_raises_the_data_share_then_the_epochs(data: float, epochs: str, full: str, share: float,
+                                                               expected: tuple[float, float, float]) -> None:
+    """What `optimize` advises where trials train too little of a full run (of the study's own
+    length, `--full-epochs`) to rank plans as full runs do."""
+    admm, retrain = search.parse_epochs(epochs)
+    config = search.SearchConfig(model="resnet56", dataset="fashion-mnist", trial_data=data, admm_epochs=admm,
+                                 retrain_epochs=retrain, full_epochs=full)
+    enough = search.faithful_config(config, share)
+    assert (enough.trial_data, enough.admm_epochs, enough.retrain_epochs) == expected
+    assert search.trial_share(enough) >= min(share, search.trial_share(config))
+    assert search.trial_share(config) == pytest.approx(data * (admm + retrain) / sum(search.full_epochs(config)))
+
+
 def test_feasibility_confidence_is_a_half_at_the_limit_and_grows_inside_it() -> None:
     assert search.confidence_within(1.0, 0.5, 1.0) == pytest.approx(0.5)
     assert search.confidence_within(0.5, 0.5, 1.0) == pytest.approx(0.8413, abs=1e-4)  # one standard error inside
