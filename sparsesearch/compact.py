@@ -17,7 +17,7 @@ from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out
                     unfollowable)
 from .layers import trace
 from .plan import LayerSparsity, Plan
-from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, layout_of
+from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, is_channels_last, layout_of
 from .sparsity import REMOVED, SparsityType, live_groups
 
 
@@ -169,7 +169,8 @@ def slimmed(masked: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Slim
 
 class Zeros(nn.Module):
     """A layer of a removed residual branch in a `Slim` model: the zeros it computes there (its own
-    filters removed, or only zeros coming in and no bias), at no cost."""
+    filters removed, or only zeros coming in and no bias), at no cost, in its input's layout (a
+    model training channels-last stays so)."""
 
     def __init__(self, module: nn.Conv2d | nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
@@ -177,7 +178,8 @@ class Zeros(nn.Module):
         self.channels = module.out_channels if isinstance(module, nn.Conv2d) else module.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros((x.shape[0], self.channels, *_out_size(self.geometry, x)))
+        out = x.new_zeros((x.shape[0], self.channels, *_out_size(self.geometry, x)))
+        return in_layout(out, "channels-last") if is_channels_last(x) else out
 
 
 def _zero_branches(model: nn.Module, dead: list[str], input_shape: tuple[int, ...],

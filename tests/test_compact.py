@@ -575,6 +575,9 @@ def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(mode
     zeros = {n for n, m in slim.model.named_modules() if isinstance(m, Zeros)}
     assert set(REMOVING[model_name]) <= zeros
     assert sum(p.numel() for p in slim.model.parameters()) < sum(p.numel() for p in model.parameters())
+    first = slim.model.get_submodule(REMOVING[model_name][0])
+    plane = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert first(plane).is_contiguous(memory_format=torch.channels_last), "a channels-last run stays channels-last"
     twin = copy.deepcopy(model)
     _sgd_steps(slim.model, slim.masks(masks), shape)
     _sgd_steps(twin, masks, shape)
