@@ -89,3 +89,21 @@ def assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
     and channel-wise layers time their forms on their first call and may pick others, which sum the
     same products in another order (the compiled kernel in address order, torch's GEMM in its own)."""
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def masked_sgd_steps(model: nn.Module, masks: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+    """Three masked SGD steps (momentum, weight decay) in training mode on fixed random batches (and
+    dropout masks), as retraining takes them: what a slim model and its masked original must agree on."""
+    from sparsesearch.admm import masked_hooks
+
+    torch.manual_seed(4)
+    hooks, generator = masked_hooks(model, masks), torch.Generator().manual_seed(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for step in range(3):
+        x, y = torch.randn(8, *shape, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(1)[:, :10], y).backward()
+        hooks.before_step()
+        optimizer.step()
+        hooks.after_step(step)

@@ -20,7 +20,7 @@ from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import REMOVED
 from sparsesearch.sparsity import SparsityType as T
 
-from helpers import lively
+from helpers import lively, masked_sgd_steps
 
 RESNET20_GROUPS = [
     ["stem.0", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"],
@@ -539,24 +539,6 @@ def test_a_removed_residual_branch_becomes_the_constant_it_leaves(model_name: st
     assert params < sum(p.numel() for p in model.parameters())
 
 
-def _sgd_steps(model: torch.nn.Module, masks: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
-    """Three masked SGD steps (momentum, weight decay) in training mode on fixed random batches (and
-    dropout masks)."""
-    from sparsesearch.admm import masked_hooks
-
-    torch.manual_seed(4)
-    hooks, generator = masked_hooks(model, masks), torch.Generator().manual_seed(3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    model.train()
-    for step in range(3):
-        x, y = torch.randn(8, *shape, generator=generator), torch.randint(0, 10, (8,), generator=generator)
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x)[:, :10], y).backward()
-        hooks.before_step()
-        optimizer.step()
-        hooks.after_step(step)
-
-
 @pytest.mark.parametrize("model_name", [pytest.param(m, marks=[pytest.mark.slow] if m in LARGE else [])
                                         for m in REMOVING])
 def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(model_name: str) -> None:
@@ -579,8 +561,8 @@ def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(mode
     plane = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)
     assert first(plane).is_contiguous(memory_format=torch.channels_last), "a channels-last run stays channels-last"
     twin = copy.deepcopy(model)
-    _sgd_steps(slim.model, slim.masks(masks), shape)
-    _sgd_steps(twin, masks, shape)
+    masked_sgd_steps(slim.model, slim.masks(masks), shape)
+    masked_sgd_steps(twin, masks, shape)
     slim.write_back(model)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
     expected = twin.eval()(x)
