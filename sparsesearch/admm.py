@@ -453,7 +453,9 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
                 hooks.after_step(step)  # re-mask first: the rung checks what the trial would end with
                 climb(done + step, "retrain", lambda: evaluate(trainee, probe, device))
 
-            form = {"form": "slim"} if slim else {}  # a masked run's snapshot does not fit the slim model
+            # a masked run's snapshot does not fit the slim model, nor one of a slim model of other entries
+            # (one made before removed branches trained as `Zeros`): such a snapshot is not this run's
+            form = {"form": "slim", "entries": len(slim.index)} if slim else {}
             retrain = (Snapshot(resume_files(resume)[1], {**snapshot.key, "phase": "retrain", **form})
                        if snapshot else None)
             try:
