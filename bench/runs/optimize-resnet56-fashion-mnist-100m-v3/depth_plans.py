@@ -8,7 +8,8 @@ same setup and plans); run from the repository root, nothing else running when t
 
 SPEC: uniform:RATE, seed:RATE (`seeds.seeded_params`), or REMOVED/PER/STAGE:RATES/PER/STAGE:LEAN[:EPOCHS],
 e.g. 6/6/6:0.5/0.5/0.5/0:1:0+6 (RATES includes the linear stage); with --time also trial:N (the
-100-minute study's trial N) and random:N (trial N of the one-shot resnet56 arms' random search).
+100-minute study's trial N), v4:N (the 110-minute study's on a quarter of the data) and random:N
+(trial N of the one-shot resnet56 arms' random search).
 """
 import json
 import sys
@@ -31,6 +32,8 @@ from sparsesearch.plan import Plan  # noqa: E402
 
 HERE = "bench/runs/optimize-resnet56-fashion-mnist-100m-v3"
 STUDIES = {"trial": ("resnet56-fashion-mnist-100m-v3", f"sqlite:///{HERE}/study.db"),
+           "v4": ("resnet56-fashion-mnist-110m-v4",
+                  "sqlite:///bench/runs/optimize-resnet56-fashion-mnist-110m-v4/study.db"),
            "random": ("random", f"journal:///{RUNS / 'arms-resnet56-fashion-mnist-0+4-0+6' / 'random.journal'}")}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
