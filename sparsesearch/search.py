@@ -522,9 +522,10 @@ def faithful_share(search: Search) -> float:
     """The least share of a full run's training at which the study's trials rank plans as full runs
     do: more where its space may remove residual branches, since a plan that drops blocks recovers
     later in training than one that thins them. On resnet56 / Fashion-MNIST, one that removed 6 of
-    each stage's 9 blocks (filters at 50%) ranked 6th of 8 plans at 6.7% (0+4 epochs on 0.1 of the
+    each stage's 9 blocks (filters at 50%) ranked 6th of 10 plans at 6.7% (0+4 epochs on 0.1 of the
     split, full runs 0+6) and 4th at 16.7% (on 0.25), where full runs put it 3rd; Spearman over the
-    8, 0.79 and 0.90 (bench/runs/optimize-resnet56-fashion-mnist-100m-v3/fidelity.py)."""
+    10, 0.73 and 0.85 (bench/results/optimize-resnet56-fashion-mnist-100m-v3/README.md). A study on
+    0.25 then shipped a plan of that family (bench/results/optimize-resnet56-fashion-mnist-110m-v4/)."""
     return DEEP_FAITHFUL_SHARE if search.space.removable else FAITHFUL_SHARE
 
 
