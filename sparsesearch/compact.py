@@ -82,8 +82,7 @@ def compact(model: nn.Module, plan: Plan, input_shape: tuple[int, ...]) -> Compa
         if name in impl:
             continue
         replacement = compact_layer(modules[name], spec.type)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, replacement)
+        model.set_submodule(name, replacement)
         impl[name] = replacement.impl
         if replacement.impl == "dense-fallback":
             left_dense[name] = replacement.why
@@ -205,14 +204,11 @@ def _zero_branches(model: nn.Module, dead: list[str], input_shape: tuple[int, ..
         return all(p is None or not p.any() for p in (module.weight, module.bias))
 
     chosen = [n for n, m in modules.items() if silent(n, m)]
-    backup = {n: modules[n] for n in chosen}
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Zeros(modules[name]))
+        model.set_submodule(name, Zeros(modules[name]))
     if chosen and not exact(model):
-        for name, module in backup.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module)
+        for name in chosen:
+            model.set_submodule(name, modules[name])
         return []
     return chosen
 
@@ -510,9 +506,7 @@ def _replace_branch(model: nn.Module, name: str, input_shape: tuple[int, ...], r
             return f"what its branch leaves at {end} is not one constant per channel"
         values[end] = channel.reshape(-1, *[1] * (value.dim() - 2))  # (C, 1, 1): broadcast over a plane
     for layer, module in layers.items():
-        parent, _, child = layer.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                Constant(module, values[layer]) if layer in values else Vanished(module))
+        model.set_submodule(layer, Constant(module, values[layer]) if layer in values else Vanished(module))
     for materialize in (False, True):
         for module in model.modules():
             if isinstance(module, Constant):

@@ -180,9 +180,8 @@ def _dense_copy(model: nn.Module, csr: bool) -> tuple[nn.Module, list[str]]:
         if csr and isinstance(module, _CSR):
             matrix = torch.sparse_csr_tensor(module.crow_indices, module.col_indices, module.values, module.shape,
                                              check_invariants=True)
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, _DenseMatrix(matrix.to_dense()))
-            densified.append(parent)
+            model.set_submodule(module_name, _DenseMatrix(matrix.to_dense()))
+            densified.append(module_name.rpartition(".")[0])
     return model, densified
 
 

@@ -301,8 +301,7 @@ def _rest(model: nn.Module, layers: list[Layer], batch_size: int) -> nn.Module:
     rest = copy.deepcopy(model)
     like = next(model.parameters())
     for layer in layers:
-        parent, _, child = layer.name.rpartition(".")
-        setattr(rest.get_submodule(parent), child, Stub((batch_size, *layer.out_shape), like))
+        rest.set_submodule(layer.name, Stub((batch_size, *layer.out_shape), like))
     return rest
 
 
