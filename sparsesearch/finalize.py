@@ -155,13 +155,13 @@ def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.
 def within_chances(trials: Sequence[FrozenTrial], runs: Sequence[tuple[float, float]],
                    limit: float) -> dict[int, float] | None:
     """Per trial, the chance its full run comes within the limit, judged by its drop at trial fidelity
-    against where the study's full runs (`runs`, any plans') put the crossing (`search.limit_belief`);
-    None before any run, or for trials without a recorded drop. Why: halving a front whose ends are
-    plans that surely pass (slower than a plan found within) or surely fail (resnet56's uniform 90%
-    lost 33.5 points in its trial) spends full runs where the answer is known."""
+    against where the study's full runs (`runs`, any plans'; before any, the limit itself) put the
+    crossing (`search.limit_belief`); None for trials without a recorded drop. Why: halving a front
+    whose ends are plans that surely pass (slower than a plan found within) or surely fail
+    (resnet56's uniform 90% lost 33.5 points in its trial) spends full runs where the answer is known."""
     belief = limit_belief(runs, limit)
     drops = {t.number: t.user_attrs.get("acc_drop") for t in trials}
-    if belief is None or any(d is None for d in drops.values()):
+    if any(d is None for d in drops.values()):
         return None
     return {n: 1.0 - belief.cdf(math.log1p(max(d, 0.0))) for n, d in drops.items()}
 

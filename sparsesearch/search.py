@@ -64,6 +64,7 @@ from .train import Progress, ProgressFn, autocast, confidence_within, paired_dro
 SCHEMA = 1
 STUDIES_DIR = Path("studies")
 RUNG_GAP = 0.1  # `Search.ladder` adds a rung halfway where the limit's edge lies between rungs further apart
+SEED_GAP = 0.05  # the same for the sensitivity seeds (`Search.seed_rates`): down to the grid's step
 ADMM_ITERATIONS = 12  # Z/U updates per trial, however short its budget
 PROBE_IMAGES = 1000  # validation images a trial is checked on at its rungs (a fixed stratified subset)
 RHO_END = 3.0  # rho at the last iteration: it must reach O(1) for W to approach the sparse set
@@ -328,31 +329,32 @@ class Search(Trials):
         Where short trials cost more accuracy than the constraint allows at 30% (resnet56 on 0.1 of
         Fashion-MNIST at 1+3 epochs: filter 30% loses 1.5 points), the study then still starts from
         feasible plans, uniform and seeded, instead of sampling blind around the infeasible ones.
-        And between the fastest rung within the limit and the next one, when both have finished and
-        lie more than RUNG_GAP apart, a rung halfway (on the 0.05 grid): the limit's edge, where the
-        front's fastest plans are, gets a uniform plan and a seeded one (resnet56 at a trial limit
-        of 1.90: 30% within, 50% beyond, so 40%; vgg16-bn at 5.68: 80%)."""
+        And at the limit's edge, where the front's fastest plans are, a rung halfway (`_edge_rungs`,
+        RUNG_GAP): a uniform plan and seeded ones (resnet56 at a trial limit of 1.90: 30% within,
+        50% beyond, so 40%; vgg16-bn at 5.68: 80%)."""
         kind = self.baseline_kind
-        limit = trial_limit(study, self.config.max_acc_drop)
-        done = {t.user_attrs["baseline"]: bool(promising(t, limit)) for t in finished_trials(study)
-                if "baseline" in t.user_attrs and "rejected" not in t.user_attrs}
+        verdict = _verdicts(study, "baseline", trial_limit(study, self.config.max_acc_drop))
         rates = list(BASELINE_RATES)
 
         def judged() -> dict[float, bool]:
-            return {rate: done[label] for (label, _), rate in zip(self.baselines(rates), rates) if label in done}
+            return {rate: verdict[label] for (label, _), rate in zip(self.baselines(rates), rates) if label in verdict}
 
         while len(judged()) == len(rates) and not any(judged().values()):
             lower = snap(min(rates) / 2, kind)
             if not 0 < lower < min(rates):
                 break
             rates.append(lower)
-        while (within := [r for r, ok in judged().items() if ok]) and (beyond := [
-                r for r, ok in judged().items() if not ok and r > max(within)]):
-            lo, hi = max(within), min(beyond)
-            if hi - lo <= RUNG_GAP + 1e-9 or snap((lo + hi) / 2, kind) in rates:
-                break
-            rates.append(snap((lo + hi) / 2, kind))
-        return rates
+        return _edge_rungs(rates, lambda r: verdict.get(self.baselines([r])[0][0]), kind, RUNG_GAP)
+
+    def seed_rates(self, study: optuna.Study, rates: Sequence[float]) -> list[float]:
+        """The rates of the sensitivity scan's seeds: the ladder's (`rates`) and, at the edge of the
+        seeds' own, rungs halfway down to the 0.05 grid (`_edge_rungs`, SEED_GAP). The seeds are the
+        front's fastest plans, a family from one scan, so the fastest of them within the limit is
+        worth finding as closely as the grid allows (resnet56, trials on 0.25 of Fashion-MNIST:
+        its seed at 50% lost 2.15 in its trial and 0.03 retrained, 2.27x measured; the one at 60%
+        2.95 and 0.77)."""
+        verdict = _verdicts(study, "seeded", trial_limit(study, self.config.max_acc_drop))
+        return _edge_rungs(list(rates), lambda r: verdict.get(_seed_labels(r)[0]), SparsityType.FILTER, SEED_GAP)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker())
@@ -469,16 +471,19 @@ def calibrated_limit(runs: Sequence[tuple[float, float]], limit: float) -> float
 LIMIT_SPREAD = 0.35  # in log(1 + trial drop): how far the crossing may lie from where the runs put it
 
 
-def limit_belief(runs: Sequence[tuple[float, float]], limit: float) -> statistics.NormalDist | None:
+def limit_belief(runs: Sequence[tuple[float, float]], limit: float) -> statistics.NormalDist:
     """Where, in log(1 + trial drop), the study's full runs put the trial drop at which plans stop
-    coming within the limit (`runs` as `calibrated_limit` takes them), None before any. With a run
-    beyond, centred where `calibrated_limit`'s line crosses; with runs within only, at twice the
-    largest trial drop among them, as a galloping search doubles its step (on resnet56 the crossing
-    was 1.9x uniform 50%'s 2.10: 3.9). Spread LIMIT_SPREAD, a factor 1.4 in (1 + trial drop): plans
-    do not retrain in the order of their trial drops (resnet56: a plan at 4.20 in its trial came
-    within, 0.28; one at 3.87 did not, 0.92; one at 2.37 neither, 0.57)."""
-    if not runs:
-        return None
+    coming within the limit (`runs` as `calibrated_limit` takes them). With a run beyond, centred
+    where `calibrated_limit`'s line crosses; with runs within only, at twice the largest trial drop
+    among them, as a galloping search doubles its step (on resnet56 the crossing was 1.9x uniform
+    50%'s 2.10: 3.9); before any run, at twice `limit` (a trial that lost no more than the limit
+    retrains within it). Galloping from below, not from the cheapest plan: a first run beyond
+    leaves only the line from the origin, far under the retrained drop, which stays flat for a
+    while (resnet56 on 0.25 of the data: uniform 70% lost 3.10 in its trial, 1.07 retrained, and
+    put the limit at 0.94 where plans at 2.15 came within; the study spent its middle below it).
+    Spread LIMIT_SPREAD, a factor 1.4 in (1 + trial drop): plans do not retrain in the order of
+    their trial drops (resnet56: a plan at 4.20 in its trial came within, 0.28; one at 3.87 did
+    not, 0.92; one at 2.37 neither, 0.57)."""
     found = calibrated_limit(runs, limit)
     centre = found if any(margin < 0 for _, margin in runs) else 2 * found
     return statistics.NormalDist(math.log1p(centre), LIMIT_SPREAD)
@@ -780,9 +785,10 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
     plan that no trial holds: new, or every trial of it failed (its workers killed twice: a retried
     trial is not retried again). The report compares the search with the baselines, so they are
     never dropped; copies enqueued by workers starting together are rejected at no cost. The seeds
-    come from the dense model's sensitivity scan (`sensitivity`) and, after them, from its weights'
-    norms (`seeds.norm_params`, removing the rate's share of all filters), unless that is a uniform
-    plan of the ladder (resnet56's stages, each at its slots' mean rate, come out uniform)."""
+    come from the dense model's sensitivity scan (`sensitivity`, also at the rungs of its own edge:
+    `Search.seed_rates`) and, after them, from its weights' norms (`seeds.norm_params`, removing the
+    rate's share of all filters), unless that is a uniform plan of the ladder (resnet56's stages,
+    each at its slots' mean rate, come out uniform)."""
     found = sensitivity(search, study)
     rates = search.ladder(study)
     held = _held(study, "baseline")
@@ -791,7 +797,7 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
         if label not in held:
             study.enqueue_trial(params, user_attrs={"baseline": label})
     held = _held(study, "seeded")
-    for rate in rates:
+    for rate in search.seed_rates(study, rates):
         if (label := _seed_labels(rate)[0]) not in held:
             study.enqueue_trial(seeds.seeded_params(search.space, found, rate), user_attrs={"seeded": label})
     uniform = [search.space.suggest(FixedTrial(params)) for _, params in baselines]
@@ -800,6 +806,31 @@ def _enqueue_ladder(search: Search, study: optuna.Study) -> None:
         label = _seed_labels(rate)[1]
         if label not in held and search.space.suggest(FixedTrial(params)) not in uniform:
             study.enqueue_trial(params, user_attrs={"seeded": label})
+
+
+def _verdicts(study: optuna.Study, key: str, limit: float) -> dict[str, bool]:
+    """Per `key` label (baseline, seeded) of the study's finished, trained trials: whether it is
+    `promising` at `limit`."""
+    return {t.user_attrs[key]: bool(promising(t, limit)) for t in finished_trials(study)
+            if key in t.user_attrs and "rejected" not in t.user_attrs}
+
+
+def _edge_rungs(rates: list[float], verdict: Callable[[float], bool | None], kind: SparsityType,
+                gap: float) -> list[float]:
+    """`rates` and, while the fastest rate judged within the limit (`verdict`: None before it is
+    judged) and the next one judged beyond lie more than `gap` apart, the rate halfway between them
+    on `kind`'s grid: a bisection of the family's rates at the limit's edge, one rung per verdict."""
+    rates = list(rates)
+    while True:
+        judged = {r: ok for r in rates if (ok := verdict(r)) is not None}
+        within = [r for r, ok in judged.items() if ok]
+        beyond = [r for r, ok in judged.items() if within and not ok and r > max(within)]
+        if not beyond:
+            return rates
+        lo, hi = max(within), min(beyond)
+        if hi - lo <= gap + 1e-9 or snap((lo + hi) / 2, kind) in rates:
+            return rates
+        rates.append(snap((lo + hi) / 2, kind))
 
 
 def _seed_labels(rate: float) -> tuple[str, str]:
@@ -815,7 +846,8 @@ def _off_ladder(search: Search, trial: optuna.Trial) -> bool:
     if not {"baseline", "seeded"} & set(trial.user_attrs):
         return False
     rates = search.ladder(trial.study)
-    asked = {label for label, _ in search.baselines(rates)} | {label for r in rates for label in _seed_labels(r)}
+    asked = ({label for label, _ in search.baselines(rates)} | {_seed_labels(r)[1] for r in rates}
+             | {_seed_labels(r)[0] for r in search.seed_rates(trial.study, rates)})
     return (trial.user_attrs.get("baseline") or trial.user_attrs.get("seeded")) not in asked
 
 

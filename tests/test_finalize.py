@@ -136,10 +136,10 @@ def test_the_bisection_probes_where_the_trial_drops_put_the_limit_and_still_find
 
 
 def test_the_limit_is_sought_at_twice_the_largest_trial_drop_found_within_until_a_run_lands_beyond() -> None:
-    """Before any full run nothing is known; with runs within only, the crossing is sought as a
-    galloping search would, at twice their largest trial drop; a run beyond puts it where the runs'
-    line crosses the limit (`calibrated_limit`)."""
-    assert search.limit_belief([], 0.5) is None
+    """Before any full run the crossing is sought at twice the limit (a trial within it surely
+    retrains within); with runs within only, as a galloping search would, at twice their largest
+    trial drop; a run beyond puts it where the runs' line crosses the limit (`calibrated_limit`)."""
+    assert math.expm1(search.limit_belief([], 0.5).mean) == pytest.approx(1.0)
     within = search.limit_belief([(2.1, 0.73), (1.0, 0.6)], 0.5)
     assert within is not None and math.expm1(within.mean) == pytest.approx(4.2)
     runs = [(2.1, 0.73), (4.98, -0.57)]
@@ -157,7 +157,7 @@ def test_state_weighs_the_front_by_full_runs_of_plans_off_it(tmp_path: Path) -> 
         study.add_trial(optuna.trial.create_trial(values=[99.0 - drop, 1.2 + 0.1 * n],
                                                   user_attrs={"plan": {}, "acc_drop": drop}))
     study.add_trial(optuna.trial.create_trial(values=[97.0, 1.1], user_attrs={"plan": {}, "acc_drop": 2.0}))
-    assert state(study, 0.5, "4+2").next == 4, "no full run yet: halved"
+    assert state(study, 0.5, "4+2").next == 2, "no full run yet: the gallop starts at twice the limit (1.1 lost)"
     study.set_user_attr(report.export_key(study, 9, "4+2"), {"val_drop": -0.2, "val_drop_se": 0.2, "test_drop": 0.0,
                                                             "speedup": 1.1, "epochs": "4+2"})
     now = state(study, 0.5, "4+2")

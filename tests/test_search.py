@@ -674,8 +674,9 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
 def test_finalize_retrains_the_front_by_bisection_and_ships_its_fastest_plan_within_the_limit(
         tiny: dict, tmp_path: Path) -> None:
     """Limit 100 points: every full run is within it, so the bisection climbs to the fastest plan of
-    the whole front (trial-fidelity drop notwithstanding), in at most log2 runs; a call stopped after
-    one run goes on where it stopped, and a settled one trains nothing more."""
+    the whole front, in at most log2 runs: in one here, as the trials' drops (at most 90 points,
+    and the crossing sought at twice the limit before any run) say every plan comes within. A
+    settled bisection trains nothing more."""
     storage = f"sqlite:///{tmp_path / 'finalized.db'}"
     optuna.copy_study(from_study_name="tiny", from_storage=tiny["storage"], to_storage=storage)
     study = optuna.load_study(study_name="tiny", storage=storage)
@@ -691,7 +692,7 @@ def test_finalize_retrains_the_front_by_bisection_and_ships_its_fastest_plan_wit
                                    on_run=lambda trial, _now: runs.append(trial))
 
     first = again(1)
-    assert len(runs) == 1 and first.retrained.keys() == {runs[0]} and (first.next is None) == (len(front) == 1)
+    assert runs == [front[-1].number] and first.retrained.keys() == {runs[0]} and first.next is None
     done = again(None)
     assert done.best == front[-1].number and done.next is None
     assert len(runs) == len(set(runs)) <= math.ceil(math.log2(len(front) + 1))
@@ -809,16 +810,25 @@ def test_a_study_scanned_per_stage_before_is_scanned_again_per_slot(tiny: dict, 
         f"{family} {r}" for r in search.BASELINE_RATES for family in ("sensitivity at mean rate", "weight norms at rate")}
 
 
-def _with_baselines(tiny: dict, tmp_path: Path, name: str, feasible: dict[float, bool]) -> optuna.Study:
-    """A study whose uniform baselines at `feasible`'s rates finished, each feasible or not."""
+def _with_baselines(tiny: dict, tmp_path: Path, name: str, feasible: dict[float, bool],
+                    seeded: dict[float, bool] | None = None) -> optuna.Study:
+    """A study whose uniform baselines at `feasible`'s rates finished, each feasible or not, and its
+    sensitivity seeds at `seeded`'s."""
+    from sparsesearch import seeds
+
     built, distributions = tiny["search"], tiny["study"].get_trials(False)[0].distributions
     study = stores.open_study(name, f"sqlite:///{tmp_path / 'study.db'}", True,
                               search.make_sampler(built.config, 0), LadderPruner())
     study.set_user_attr("sensitivity", tiny["study"].user_attrs["sensitivity"])
-    for (label, params), ok in zip(built.baselines(list(feasible)), feasible.values()):
+    scan = seeds.Scan.from_attrs(study.user_attrs["sensitivity"])
+    trials = [(params, {"baseline": label}, ok) for (label, params), ok in zip(built.baselines(list(feasible)),
+                                                                              feasible.values())]
+    trials += [(seeds.seeded_params(built.space, scan, rate), {"seeded": f"sensitivity at mean rate {rate}"}, ok)
+               for rate, ok in (seeded or {}).items()]
+    for params, attrs, ok in trials:
         study.add_trial(optuna.trial.create_trial(
             values=[90.0, 1.5], params=params, distributions={k: distributions[k] for k in params},
-            user_attrs={"baseline": label, "feasible": ok}))
+            user_attrs=attrs | {"feasible": ok}))
     return study
 
 
@@ -880,6 +890,33 @@ def test_the_uniform_ladder_adds_a_rung_halfway_where_the_limits_edge_lies(tiny:
     waiting = {t.user_attrs.get("baseline") or t.user_attrs.get("seeded")
                for t in study.get_trials(False, states=(TrialState.WAITING,))}
     assert {"filter=0.4", "sensitivity at mean rate 0.4"} <= waiting
+
+
+def test_the_seeds_are_bisected_at_their_own_edge_down_to_the_grid(tiny: dict, tmp_path: Path) -> None:
+    """The sensitivity seeds are the front's fastest plans: between the fastest seed within the limit
+    and the next one beyond, the study adds a seed halfway until they are one 0.05 step apart (no
+    uniform plan with it: the uniform ladder stops at 0.1)."""
+    built = tiny["search"]
+    uniform = {0.3: True, 0.5: True, 0.7: False, 0.9: False}
+
+    def seed_rates(name: str, seeded: dict[float, bool]) -> list[float]:
+        study = _with_baselines(tiny, tmp_path, name, uniform, seeded)
+        return built.seed_rates(study, built.ladder(study))
+
+    assert seed_rates("ladder", {0.3: True, 0.5: True, 0.7: False}) == [0.3, 0.5, 0.7, 0.9, 0.6], \
+        "the uniform ladder's rung at 60% is the seeds' halfway too"
+    assert seed_rates("edge", {0.3: True, 0.5: True, 0.6: False, 0.7: False}) == [0.3, 0.5, 0.7, 0.9, 0.6, 0.55]
+    assert seed_rates("grid", {0.5: True, 0.55: True, 0.6: False}) == [0.3, 0.5, 0.7, 0.9, 0.6, 0.55], \
+        "one step apart: no further"
+    assert seed_rates("low", {0.3: True, 0.5: False}) == [0.3, 0.5, 0.7, 0.9, 0.6, 0.4]
+    study = _with_baselines(tiny, tmp_path, "enqueued", uniform, {0.3: True, 0.5: True, 0.6: False, 0.7: False})
+    search._enqueue_ladder(built, study)
+    waiting = {t.user_attrs.get("baseline") or t.user_attrs.get("seeded")
+               for t in study.get_trials(False, states=(TrialState.WAITING,))}
+    assert "sensitivity at mean rate 0.55" in waiting and "filter=0.55" not in waiting
+    edge = next(t for t in study.get_trials(False, states=(TrialState.WAITING,))
+                if t.user_attrs.get("seeded") == "sensitivity at mean rate 0.55")
+    assert not search._off_ladder(built, optuna.Trial(study, edge._trial_id)), "trained when its turn comes"
 
 
 def test_rungs_a_full_run_made_needless_are_not_trained(tiny: dict, tmp_path: Path) -> None:
