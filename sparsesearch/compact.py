@@ -271,24 +271,32 @@ def pruned(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], deps: Dep
 def removable(model: nn.Module, input_shape: tuple[int, ...], deps: Dependencies,
               groups: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
     """Of `groups` (layers whose filters go together), those whose filters, all removed, leave a
-    residual branch that `compact` replaces by a constant (a block dropped), tried on `model`. The
-    one-layer groups are tried all at once (where each branch is a block of its own), and a set the
-    model cannot lose whole is halved until its parts can be lost (tv:densenet121's 120 convs, which
-    all removed leave a constant: 41 compactions rather than 121). Groups of several layers (whose
-    removal usually silences a whole stream) are tried one at a time."""
-    def removed(tried: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
-        plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for g in tried for n in g})
+    residual branch that `compact` replaces by a constant (a block dropped), tried on `model`, and
+    that can all go at once: a plan may remove any of them together (fewer removed leave more
+    paths). Not each alone: a net's two branches may each be removable and yet be all the paths
+    there, and a plan removing both trained masked to a constant and was refused at export.
+    The one-layer groups are tried all at once (where each branch is a block of its own), and a
+    set the model cannot lose whole is halved until its parts can go (tv:densenet121's 120 convs,
+    which all removed leave a constant); groups of several layers (whose removal usually silences
+    a whole stream) one at a time. Then all those found at once, in one compaction where they can
+    go together, else halved, each half beside the halves kept before it."""
+    def going(tried: list[tuple[str, ...]], kept: tuple[tuple[str, ...], ...] = (),
+              grow: bool = False) -> list[tuple[str, ...]]:
+        """Those of `tried` that can go beside `kept`: all at once, else by halves (`grow`: each
+        half beside the groups found in the halves before it too)."""
+        plan = Plan({n: LayerSparsity(SparsityType.FILTER, REMOVED) for g in (*kept, *tried) for n in g})
         try:
             impl = pruned(model, plan, input_shape, deps)[1].impl
         except (*SURGERY_ERRORS, Unverifiable, UserError):
             if len(tried) == 1:
-                return set()
-            return removed(tried[:len(tried) // 2]) | removed(tried[len(tried) // 2:])
-        return {g for g in tried if all(impl.get(n) == BRANCH_REMOVED for n in g)}
+                return []
+            first = going(tried[:len(tried) // 2], kept, grow)
+            return first + going(tried[len(tried) // 2:], (*kept, *first) if grow else kept, grow)
+        return [g for g in tried if all(impl.get(n) == BRANCH_REMOVED for n in g)]
 
-    single = [g for g in groups if len(g) == 1]
-    found = removed(single) if single else set()
-    found |= {g for g in groups if len(g) > 1 and removed([g])}
+    found = going(single) if (single := [g for g in groups if len(g) == 1]) else []
+    found += [g for g in groups if len(g) > 1 and going([g])]
+    found = going(found, grow=True) if len(found) > 1 else found
     return [g for g in groups if g in found]
 
 

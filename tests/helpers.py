@@ -91,6 +91,19 @@ def assert_same_outputs(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@contextmanager
+def float64() -> Iterator[None]:
+    """Tensors made inside it are float64: two computations that must agree (a slim model trained
+    and its masked original) then differ by rounding at 1e-15, not float32's 1e-4 after a few
+    training steps, so the comparison can be tight."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def masked_sgd_steps(model: nn.Module, masks: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
     """Three masked SGD steps (momentum, weight decay) in training mode on fixed random batches (and
     dropout masks), as retraining takes them: what a slim model and its masked original must agree on."""

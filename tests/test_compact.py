@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Reference, compact, slimmed, verified_compact
+from sparsesearch.compact import Reference, Unverifiable, compact, pruned, removable, slimmed, verified_compact
 from sparsesearch.graph import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
@@ -587,7 +587,6 @@ def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None
     net's one-layer groups removed at once leave a constant when one of them carries the only path,
     and the groups that can still go are found around it; a block right on the network's input too
     (its addition reads a tensor the dependency graph has no node for)."""
-    from sparsesearch.compact import removable
     from sparsesearch.models import BasicBlock
     from sparsesearch.profiler.validate import filter_groups
 
@@ -605,3 +604,42 @@ def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None
     deps, layers = dependencies(on_input, (8, 8, 8)), trace(on_input, (8, 8, 8))
     found = removable(on_input, (8, 8, 8), deps, filter_groups(layers, deps.couplings))
     assert found == [("0.conv2", "1.conv2"), ("0.conv1",), ("1.conv1",)]  # both blocks' ends only add to the input
+
+
+class _TwoPaths(torch.nn.Module):
+    """A stem, then the sum of two branches with no identity path: each branch can go, not both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def branch() -> torch.nn.Sequential:
+            return torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                                       torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                                       torch.nn.BatchNorm2d(8))
+
+        self.stem, self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), branch(), branch()
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.a(x) + self.b(x))
+
+
+def test_the_removable_branches_a_search_offers_can_all_go_at_once() -> None:
+    """Two branches that are each removable but are all the paths there: `removable` offers one, so
+    no plan the search draws removes both (it trained masked to a constant and export refused it)."""
+    from sparsesearch.profiler.validate import filter_groups
+
+    torch.manual_seed(0)
+    model, shape = _TwoPaths().eval(), (3, 8, 8)
+    deps, layers = dependencies(model, shape), trace(model, shape)
+    groups = filter_groups(layers, deps.couplings)
+    for one in ("a.0", "b.0"):
+        pruned(model, Plan({one: LayerSparsity(T.FILTER, REMOVED)}), shape, deps)  # each alone can go
+    with pytest.raises((UserError, Unverifiable)):
+        pruned(model, Plan({"a.0": LayerSparsity(T.FILTER, REMOVED), "b.0": LayerSparsity(T.FILTER, REMOVED)}),
+               shape, deps)
+    found = removable(model, shape, deps, groups)
+    assert found == [("a.0",)]
+    pruned(model, Plan({n: LayerSparsity(T.FILTER, REMOVED) for g in found for n in g}), shape, deps)

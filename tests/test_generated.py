@@ -31,7 +31,7 @@ from sparsesearch.sparsity import REMOVED
 from sparsesearch.sparsity import SparsityType as T
 
 from archgen import ACTIVATIONS, INPUT_SHAPE, calibrate, random_inputs, random_net  # tests/ is on sys.path under pytest
-from helpers import assert_same_outputs, masked_sgd_steps
+from helpers import assert_same_outputs, float64, masked_sgd_steps
 
 FAST_SEEDS = range(6)
 SLOW_SEEDS = range(6, 200)
@@ -273,33 +273,31 @@ def test_exported_generated_net_reloads_with_equal_outputs(case: Case, tmp_path:
 
 @pytest.mark.parametrize("seed", [*FAST_SEEDS, *(pytest.param(s, marks=pytest.mark.slow) for s in SLOW_SEEDS)])
 def test_generated_net_retrains_slim_as_masked_with_branches_removed(seed: int) -> None:
-    """Half of a net's removable residual branches removed (`compact.removable`; one where they
-    cannot all go together), the other groups
-    at filter 50% or dense by a coin: the slim model retraining runs on skips the removed branches'
-    zero layers (`Zeros`), and three training steps on it, written back, compute what the same
-    steps on the masked model do."""
+    """All of a net's removable residual branches (`compact.removable`) can go at once; half of them
+    removed, the other groups at filter 50% or dense by a coin: the slim model retraining runs on
+    skips the removed branches' zero layers (`Zeros`), and three training steps on it, written
+    back, compute what the same steps on the masked model do."""
     model = random_net(seed)
     layers, deps = trace(model, INPUT_SHAPE), dependencies(model, INPUT_SHAPE)
     groups = filter_groups(layers, deps.couplings)
     found = removable(model, INPUT_SHAPE, deps, groups)
     if not found:
         pytest.skip("no residual branch this net can lose whole")
+    pruned(model, Plan({n: LayerSparsity(T.FILTER, REMOVED) for g in found for n in g}), INPUT_SHAPE, deps)
     rng = random.Random(seed)
     gone = rng.sample(found, max(1, len(found) // 2))
-    try:
-        pruned(model, Plan({n: LayerSparsity(T.FILTER, REMOVED) for g in gone for n in g}), INPUT_SHAPE, deps)
-    except (UserError, Unverifiable):  # each can go, not all together (they are all the paths there)
-        gone = gone[:1]
     plan = Plan({n: LayerSparsity(T.FILTER, REMOVED if g in gone else 0.5) for g in groups
                  if g in gone or rng.random() < 0.5 for n in g})
-    masks = prune_masks(model, plan, deps)
-    apply_masks(model, masks)
-    slim = slimmed(model, plan, INPUT_SHAPE)
-    assert slim is not None and any(isinstance(m, Zeros) for m in slim.model.modules())
-    twin = copy.deepcopy(model)
-    masked_sgd_steps(slim.model, slim.masks(masks), INPUT_SHAPE)
-    masked_sgd_steps(twin, masks, INPUT_SHAPE)
-    slim.write_back(model)
-    x = random_inputs(8, 10_000 + seed)
-    with torch.inference_mode():
-        assert _relative_error(model.eval()(x), twin.eval()(x)) <= TOLERANCE
+    with float64():  # in float32 three steps drift apart by rounding alone: 1.3e-4 on net 91
+        model.double()
+        masks = prune_masks(model, plan, deps)
+        apply_masks(model, masks)
+        slim = slimmed(model, plan, INPUT_SHAPE)
+        assert slim is not None and any(isinstance(m, Zeros) for m in slim.model.modules())
+        twin = copy.deepcopy(model)
+        masked_sgd_steps(slim.model, slim.masks(masks), INPUT_SHAPE)
+        masked_sgd_steps(twin, masks, INPUT_SHAPE)
+        slim.write_back(model)
+        x = random_inputs(8, 10_000 + seed)
+        with torch.inference_mode():
+            assert _relative_error(model.eval()(x), twin.eval()(x)) <= 1e-9
