@@ -53,16 +53,31 @@ def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (
     `chance` is each plan's chance of coming within before its run (`state`: from the trial drops
     and the full runs so far; None: every place of the limit alike). Alone, a worker probes the
     plans still in doubt where the runs settling them cost least on average (`_probe`: the middle
-    when runs cost alike and nothing is known); beside others, it probes the widest stretch their
-    runs leave open (on a front of 15, three workers settle it in 2 rounds of full runs where one
-    needs 4). A faster plan found within the limit wins over a slower one found outside it (noise
-    or not, it is what was measured)."""
+    when runs cost alike and nothing is known); beside others, it probes the stretch their runs
+    leave open where the limit most likely lies, weighed by the runs settling it takes (`_stretch`;
+    the widest when nothing is known: on a front of 15, three workers settle it in 2 rounds of full
+    runs where one needs 4). A faster plan found within the limit wins over a slower one found
+    outside it (noise or not, it is what was measured)."""
     lo, hi = _bounds(plans, within)
     ends = sorted({lo, hi} | {i for i, n in enumerate(plans) if lo < i < hi and n in busy})
-    a, b = max(zip(ends, ends[1:]), key=lambda gap: gap[1] - gap[0])
+    a, b = _stretch(plans, list(zip(ends, ends[1:])), chance)
     prices = [1.0 if cost is None else cost[n] for n in plans[a + 1:b]]
     probe = plans[a + 1 + _probe(prices, _places(plans, a, b, chance))[0]] if b - a > 1 else None
     return plans[lo] if lo >= 0 else None, probe
+
+
+def _stretch(plans: Sequence[K], gaps: list[tuple[int, int]], chance: Mapping[K, float] | None) -> tuple[int, int]:
+    """Of `gaps` (places (a, b) in `plans`: a within or busy, b beyond or busy), the one to probe: the
+    most likely to hold the limit (the chance of its slowest end coming within less its fastest's)
+    times the runs halving it takes, log2(b - a); the widest where the chances are unknown or rule
+    every gap out. Not the widest alone: beside a worker retraining the plan where the limit likely
+    lies, the widest stretch left may be plans whose trials lost 3-30 points, all surely beyond."""
+    def known(i: int) -> float:
+        return 1.0 if i < 0 else 0.0 if i >= len(plans) else chance[plans[i]]  # type: ignore[index]
+
+    likely = {gap: max(known(gap[0]) - known(gap[1]), 0.0) * math.log2(gap[1] - gap[0]) if chance else 0.0
+              for gap in gaps}
+    return max(gaps, key=lambda gap: (likely[gap], gap[1] - gap[0]))
 
 
 def _places(plans: Sequence[K], a: int, b: int, chance: Mapping[K, float] | None) -> list[float] | None:

@@ -135,6 +135,18 @@ def test_the_bisection_probes_where_the_trial_drops_put_the_limit_and_still_find
     assert 0.2 < chance[first] < 0.8 and first != bisect(plans, {})[1]
 
 
+def test_beside_a_busy_worker_the_bisection_probes_where_the_limit_likely_lies_not_the_widest_stretch() -> None:
+    """A front of 12 (trial drops 0.5 to 43), the crossing sought near 2: another worker retrains the
+    plan that lost 2.5. The stretch above it is wider, but its plans lost 3.8 to 43 points in their
+    trials: the second worker probes below it, where the limit more likely lies."""
+    drops = [0.5 * 1.5 ** i for i in range(12)]
+    belief = search.limit_belief([(1.0, 0.7)], 0.5)
+    chance = {n: 1 - belief.cdf(math.log1p(d)) for n, d in enumerate(drops)}
+    plans = list(range(12))
+    assert bisect(plans, {}, busy={4}, chance=chance)[1] in {0, 1, 2, 3}
+    assert bisect(plans, {}, busy={4})[1] in range(5, 12), "nothing known: the widest stretch"
+
+
 def test_the_limit_is_sought_at_twice_the_largest_trial_drop_found_within_until_a_run_lands_beyond() -> None:
     """Before any full run the crossing is sought at twice the limit (a trial within it surely
     retrains within); with runs within only, as a galloping search would, at twice their largest

@@ -8,7 +8,7 @@ same setup and plans); run from the repository root, nothing else running when t
 
 SPEC: uniform:RATE, seed:RATE (`seeds.seeded_params`), or REMOVED/PER/STAGE:RATES/PER/STAGE:LEAN[:EPOCHS],
 e.g. 6/6/6:0.5/0.5/0.5/0:1:0+6 (RATES includes the linear stage); with --time also trial:N (the
-100-minute study's trial N), v4:N (the 110-minute study's on a quarter of the data) and random:N
+100-minute study's trial N), v4:N and v5:N (the 110-minute studies on a quarter of the data) and random:N
 (trial N of the one-shot resnet56 arms' random search).
 """
 import json
@@ -34,6 +34,8 @@ HERE = "bench/runs/optimize-resnet56-fashion-mnist-100m-v3"
 STUDIES = {"trial": ("resnet56-fashion-mnist-100m-v3", f"sqlite:///{HERE}/study.db"),
            "v4": ("resnet56-fashion-mnist-110m-v4",
                   "sqlite:///bench/runs/optimize-resnet56-fashion-mnist-110m-v4/study.db"),
+           "v5": ("resnet56-fashion-mnist-110m-v5",
+                  "sqlite:///bench/runs/optimize-resnet56-fashion-mnist-110m-v5/study.db"),
            "random": ("random", f"journal:///{RUNS / 'arms-resnet56-fashion-mnist-0+4-0+6' / 'random.journal'}")}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
