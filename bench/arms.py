@@ -85,7 +85,7 @@ from sparsesearch import report, search, storage  # noqa: E402
 from sparsesearch.admm import apply_masks, prune_masks, resume_files, run_admm  # noqa: E402
 from sparsesearch.compact import verified_compact  # noqa: E402
 from sparsesearch.files import write_json  # noqa: E402
-from sparsesearch.finalize import Promotion, bisect  # noqa: E402
+from sparsesearch.finalize import REPLICATES, Promotion, bisect, close_call  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.profiler import predict_latency  # noqa: E402
 from sparsesearch.profiler.timing import compare  # noqa: E402
@@ -188,7 +188,7 @@ def halved(folder: Path, compute_s: float, full_epochs: str) -> None:
     study.set_user_attr(COPIED, len(copied))
     for key, r in state.get("final", {}).items():
         if arm_of(key) == "study" and r["pick"]["trial"] < len(copied):
-            study.set_user_attr(report.export_key(study, r["pick"]["trial"], full_epochs), {
+            study.set_user_attr(report.export_key(study, r["pick"]["trial"], full_epochs, r.get("replicate", 0)), {
                 "val_drop": r["drop"], "val_drop_se": r["se"], "test_drop": r["test drop"], "epochs": full_epochs})
 
 
@@ -238,13 +238,14 @@ def uniform_plan(built: search.Search, rate: float) -> Plan:
 
 
 def admm_trained(built: search.Search, plan: Plan, full: tuple[float, float] | None,
-                 resume: Path | None = None, trial: tuple[float | None, float | None] = (None, None)
-                 ) -> tuple[nn.Module, dict]:
+                 resume: Path | None = None, trial: tuple[float | None, float | None] = (None, None),
+                 replicate: int = 0) -> tuple[nn.Module, dict]:
     """`plan` trained from the dense weights with the search's recipe, at trial fidelity (`trial`
     ADMM+RETRAIN epochs, by default the search's) or `full` (resumable at `resume`: a full run
-    outlasts a session)."""
+    outlasts a session; `replicate` k > 0: again at another seed, as `search.export_trial` does)."""
     model = built.fresh_model()
-    config = built.config.admm(*trial) if full is None else replace(built.config.admm(*full), test=True, rungs=())
+    config = built.config.admm(*trial) if full is None else replace(
+        built.config.admm(*full), test=True, rungs=(), seed=built.config.seed + replicate * search.REPLICATE_SEEDS)
     result = run_admm(model, built.trial_data if full is None else built.data, plan, config, built.device, built.deps,
                       resume=resume)
     return model.cpu().eval(), {"val_correct": result.val_correct, "seconds": result.seconds,
@@ -285,12 +286,13 @@ def predicted(built: search.Search, plan: Plan) -> float:
 
 
 def fine_tuned(built: search.Search, model: nn.Module, full: tuple[float, float] | None,
-               resume: Path | None = None) -> tuple[nn.Module, dict]:
+               resume: Path | None = None, replicate: int = 0) -> tuple[nn.Module, dict]:
     """Torch-Pruning's recipe: plain fine-tuning of the pruned model for the arm's epochs (resumable
-    from its last epoch at `resume`)."""
+    from its last epoch at `resume`; `replicate` as `admm_trained` takes it)."""
     epochs = sum(full or (built.config.admm_epochs, built.config.retrain_epochs))
     data = built.trial_data if full is None else built.data
-    config = TrainConfig(epochs, lr=0.01, seed=built.config.seed, layout=built.config.train_layout)
+    config = TrainConfig(epochs, lr=0.01, seed=built.config.seed + replicate * search.REPLICATE_SEEDS,
+                         layout=built.config.train_layout)
     snapshot = resume and Snapshot(resume, {"config": asdict(config), "data": data.describe(),
                                             "shapes": [list(v.shape) for v in model.state_dict().values()]})
     history = fit(model, data, config, built.device, snapshot=snapshot, validate=False)
@@ -347,12 +349,12 @@ def pick_plan(built: search.Search, arm: str, pick: dict, studies: dict[str, opt
 
 
 def final(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-          full: tuple[float, float], resume: Path) -> dict:
+          full: tuple[float, float], resume: Path, replicate: int = 0) -> dict:
     """The picked plan trained at the full budget (hours: resumable at `resume` while the machine lives)."""
     if arm == "torch-pruning":
-        raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume)[1]
+        raw = fine_tuned(built, torch_pruned(built, pick["rate"]), full, resume, replicate)[1]
     else:
-        raw = admm_trained(built, pick_plan(built, arm, pick, studies), full, resume)[1]
+        raw = admm_trained(built, pick_plan(built, arm, pick, studies), full, resume, replicate=replicate)[1]
     row = scored(built, raw, full=True)
     row["test drop"] = built.dense["test"] - row.pop("test")
     return row
@@ -385,19 +387,21 @@ def arm_of(key: str) -> str:
 
 
 def retrained(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study],
-              full: tuple[float, float], resume: Path, threads: int, state: dict) -> dict:
-    """A final's row: the pick trained at the full budget (`final`), its resume files then removed;
-    or the row of a final already trained with the same plan (`twin`)."""
-    if found := twin(built, arm, pick, studies, state):
+              full: tuple[float, float], resume: Path, threads: int, state: dict, replicate: int = 0) -> dict:
+    """A final's row: the pick trained at the full budget (`final`; `replicate` k > 0: its k-th run
+    again at another seed), its resume files then removed; or the row of a final already trained
+    with the same plan and seed (`twin`)."""
+    if found := twin(built, arm, pick, studies, state, replicate):
         return found
     set_threads(threads)
-    row = {"pick": pick, **final(built, arm, pick, studies, full, resume)}
+    row = {"pick": pick, "replicate": replicate, **final(built, arm, pick, studies, full, resume, replicate)}
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return row
 
 
-def twin(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], state: dict) -> dict | None:
+def twin(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.Study], state: dict,
+         replicate: int = 0) -> dict | None:
     """The row of a final trained with the same plan and recipe as `pick`, marked `trained by` its
     key: one plan is often on two fronts (the study's uniform baselines are the ladder's rates; both
     of an arm's limits may pick it), and a full run costs half an hour to hours. Plans are the same
@@ -413,7 +417,8 @@ def twin(built: search.Search, arm: str, pick: dict, studies: dict[str, optuna.S
 
     wanted = masks(arm, pick) if arm != "torch-pruning" else {}
     return next(({**row, "pick": pick, "trained by": key} for key, row in state.get("final", {}).items()
-                 if (arm_of(key) in studies or arm_of(key) in LADDERS) and same(arm_of(key), row["pick"])), None)
+                 if (arm_of(key) in studies or arm_of(key) in LADDERS) and row.get("replicate", 0) == replicate
+                 and same(arm_of(key), row["pick"])), None)
 
 
 def spread(built: search.Search, state: dict, studies: dict[str, optuna.Study], n: int) -> list[dict]:
@@ -445,20 +450,29 @@ def nondominated(plans: list[dict]) -> list[dict]:
 
 
 def finalized(built: search.Search, arm: str, state: dict, studies: dict[str, optuna.Study],
-              limit: float) -> tuple[dict | None, dict | None]:
+              limit: float) -> tuple[dict | None, dict | None, int]:
     """Where `sparsesearch finalize`'s bisection of the arm's front (at trial fidelity, slowest first)
     stands on the finals trained so far, any stage's: the fastest plan within `limit` retrained (its
-    final), and the plan to retrain next (None once settled)."""
+    final; the runs' mean where a close call was run again, timed as its first), the plan to retrain
+    next (None once settled), and which run of it that is (0: its first; k: its k-th replicate, as
+    `sparsesearch finalize` runs a close call at the bisection's edge again, `finalize.close_call`)."""
     front = sorted(nondominated(candidates(built, arm, state, studies)), key=lambda c: c["speed"])
-    runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == arm}
-    if arm == CALIBRATED:  # its first trials are the study's: their finals count
-        runs = {r["pick"]["label"]: r for key, r in state.get("final", {}).items() if arm_of(key) == "study"
-                and r["pick"]["trial"] < studies[arm].user_attrs[COPIED]} | runs
+    finals = state.get("final", {}).items()
+    ours = [r for key, r in finals if arm == CALIBRATED and arm_of(key) == "study"  # its first trials are the study's
+            and r["pick"]["trial"] < studies[arm].user_attrs[COPIED]] + [r for key, r in finals if arm_of(key) == arm]
+    by_run: dict[str, dict[int, dict]] = {}
+    for r in ours:  # an arm's own final over the study's of the same plan and seed (its twin)
+        by_run.setdefault(r["pick"]["label"], {})[r.get("replicate", 0)] = r
+    runs = {label: {**report.mean_run(list(found.values()), "drop", "se"), "timed": found[min(found)].get("timed", {})}
+            for label, found in by_run.items()}
+    close = {label for label, r in runs.items() if len(r["drops"]) < REPLICATES
+             and close_call({"val_drop": r["drop"], "val_drop_se": r["se"]}, limit, 0.5)}
     prices = {c["label"]: c.get("seconds") for c in front}  # a study arm's trials, as `finalize` prices them
     best, probe = bisect([c["label"] for c in front], {c["label"]: runs[c["label"]]["drop"] <= limit
                                                        for c in front if c["label"] in runs},
-                         cost=prices if all(prices.values()) else None)
-    return runs.get(best), next((c for c in front if c["label"] == probe), None)
+                         cost=prices if all(prices.values()) else None, close=close)
+    return (runs.get(best), next((c for c in front if c["label"] == probe), None),
+            len(runs[probe]["drops"]) if probe in runs else 0)
 
 
 def merged(results: Path, state: dict) -> dict:
@@ -606,14 +620,17 @@ def main() -> None:
                 merged(results, state)
                 ran = False
                 for arm in args.arms:
-                    if pick := finalized(built, arm, state, studies, args.finalize)[1]:
-                        resume = folder / f"final-{arm}-front-{pick.get('trial', pick.get('rate'))}.resume.pt"
-                        ran |= trained(results, state, f"{arm} front {pick['label']}", resume, lambda: retrained(
-                            built, arm, pick, studies, full, resume, args.train_threads, state))
+                    _, pick, again = finalized(built, arm, state, studies, args.finalize)
+                    if pick:
+                        run = f"-r{again}" if again else ""
+                        resume = folder / f"final-{arm}-front-{pick.get('trial', pick.get('rate'))}{run}.resume.pt"
+                        ran |= trained(results, state, f"{arm} front {pick['label']}{run}", resume, lambda: retrained(
+                            built, arm, pick, studies, full, resume, args.train_threads, state, again))
                 if not ran:
                     break
         for key, row in state.get("final", {}).items():  # trained in this run or an earlier one (--no-time)
-            if args.time and arm_of(key) in args.arms and (cpu not in row.setdefault("timed", {}) or args.retime):
+            if args.time and arm_of(key) in args.arms and not row.get("replicate") and (  # a replicate: its plan's
+                    cpu not in row.setdefault("timed", {}) or args.retime):  # speed is its first run's
                 row["timed"][cpu] = timed(built, arm_of(key), row["pick"], studies)
                 save(results, state)
                 print(key, row, flush=True)
@@ -644,13 +661,14 @@ def finalize_text(built: search.Search, state: dict, studies: dict[str, optuna.S
     """Each arm's front bisected at the full budget (`--finalize`): the plan it ships, timed on `cpu`."""
     parts = []
     for arm in arms:
-        best, probe = finalized(built, arm, state, studies, limit)
+        best, probe, _ = finalized(built, arm, state, studies, limit)
         text = f"{arm}: none yet"
         if best:
             speeds = best.get("timed", {}).get(cpu)
             timing = (f"{speeds['speedup b1']:.2f}x / {speeds['speedup b8']:.2f}x at batch 1 / 8" if speeds
                       else "not timed on this CPU yet")
-            text = (f"{arm}: {best['pick']['label']} ({best['drop']:.2f} ± {best['se']:.2f} retrained, "
+            runs = f", mean of {', '.join(f'{d:.2f}' for d in best['drops'])}" if len(best["drops"]) > 1 else ""
+            text = (f"{arm}: {best['pick']['label']} ({best['drop']:.2f} ± {best['se']:.2f} retrained{runs}, "
                     f"{best['pick']['drop']:.2f} at trial fidelity; {timing})")
         parts.append(text + ("" if probe is None else f", not settled (next: {probe['label']})"))
     return (f" Finalized within {limit:g} retrained (each arm's front at trial fidelity bisected with full runs, "
@@ -667,9 +685,9 @@ def agreement(state: dict) -> str:
     whose full-budget drops differ by less than their noise. And rho's ceiling on these plans: two
     full-budget runs that differ only by validation sampling (the measured drops, each redrawn from
     its standard error) would rank alike at about this median rho."""
-    finals = state.get("final", {})
+    finals = state.get("final", {})  # a `twin` is its plan's final again; a replicate, it at another seed
     once = list({(arm_of(key), r["pick"]["label"]): r for key, r in finals.items()
-                 if r.get("trained by") not in finals}.values())  # a `twin` is its plan's final again
+                 if r.get("trained by") not in finals and not r.get("replicate")}.values())
     if len(once) < 4:
         return ""
     drops, errors = np.array([r["drop"] for r in once]), np.array([r["se"] for r in once])

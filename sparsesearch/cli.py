@@ -48,7 +48,7 @@ _library_log.setLevel(logging.INFO)
 
 # Numeric options that must be > 0; every other one must be >= 0. All must be finite.
 _POSITIVE = frozenset({"epochs", "batch_size", "lr", "admm_interval", "rho0", "rho_factor", "rho_max", "samples",
-                       "image_size", "threads", "stale_after"})
+                       "image_size", "threads", "stale_after", "replicates"})
 _RANGES = {"confidence": ("a probability between 0 and 1, e.g. 0.84", lambda v: 0 < v < 1),
            "max_acc_drop": ("a number of accuracy points from 0 to 100", lambda v: 0 <= v <= 100)}
 
@@ -855,9 +855,20 @@ def _promotion(built: Any, opened: Any, limit: Any, share: float) -> Any:
 
 def _promoted(trial: int, now: Any, update: Callable[..., None]) -> Callable[[int, int, str], None]:
     """A promoted full run's first line, and its progress on the search's bar (a phase of its own)."""
-    console.print(f"full run: trial {trial}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the "
-                  f"trials' front (slowest first); {len(now.retrained)} retrained so far")
+    console.print(_run_line(trial, now))
     return lambda done, total, phase: update(done, total, f"full run, trial {trial}: {phase}")
+
+
+def _run_line(trial: int, now: Any) -> str:
+    """The line a full run starts with: which plan of the front, and whether it is a close call's replicate."""
+    from . import report as reporting
+
+    again = now.replicate(trial)
+    what = (f"run {again + 1} of trial {trial} at another seed, its verdict a close call "
+            f"({reporting.retrained_text(now.retrained[trial])})" if again else f"trial {trial}")
+    return (f"full run: {what}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the trials' front "
+            f"(slowest first); {len(now.retrained)} retrained so far"
+            + (f", other workers on {_fold([str(n) for n in now.busy])}" if now.busy else ""))
 
 
 def _measure(trials: Any, study: Any, setting: str, again: bool = False) -> None:
@@ -995,6 +1006,9 @@ def finalize_cmd(
     confidence: Annotated[float, typer.Option(help="How sure a retrained drop's standard error must make it within "
                                                    "the limit (0.5: its point estimate; 0.84: one standard error "
                                                    "inside).")] = 0.5,
+    replicates: Annotated[int, typer.Option(help="Full runs of one plan at most: a plan at the bisection's edge "
+                                                 "whose drop lies within one standard error of the limit is run "
+                                                 "again at another seed and judged by the mean (1: never).")] = 2,
     storage: StorageOpt = None,
     artifacts: ArtifactsOpt = None,
     model: OwnModelOpt = None,
@@ -1014,20 +1028,18 @@ def finalize_cmd(
     limit = config.max_acc_drop if max_acc_drop is None else max_acc_drop
     admm_epochs, retrain_epochs = search.full_epochs(config, epochs)
     done_at = search.epochs_text(admm_epochs, retrain_epochs)
-    now = state(opened, limit, done_at, confidence)
+    now = state(opened, limit, done_at, confidence, replicates)
     if now.doubt:
         cost = search.full_run_cost(built, admm_epochs, retrain_epochs)
         console.print(f"finalize within {limit:g} points of dense, retrained: {now.doubt} of the front's "
                       f"{len(now.front)} plans in doubt ({len(now.retrained)} retrained at these epochs before); "
-                      f"one worker needs at most {now.runs_left} full runs of {cost} on this device (timed on a "
+                      f"one worker needs about {now.runs_left} full runs of {cost} on this device (timed on a "
                       f"few steps), ≤ {search.duration(cost.seconds * now.runs_left)}")
     stack = ExitStack()  # one progress bar per full run, closed before the run's verdict prints
 
     def on_run(trial: int, now: Any) -> Callable[..., None]:
         stack.close()
-        console.print(f"full run: trial {trial}, plan {now.front.index(trial) + 1} of the {len(now.front)} on the "
-                      f"trials' front (slowest first); {len(now.retrained)} retrained so far"
-                      + (f", other workers on {_fold([str(n) for n in now.busy])}" if now.busy else ""))
+        console.print(_run_line(trial, now))
         return stack.enter_context(progress_bar(f"trial {trial}: ADMM {admm_epochs:g} + retrain {retrain_epochs:g} "
                                                 "epochs"))
 
@@ -1037,7 +1049,7 @@ def finalize_cmd(
 
     with stack:
         done = finalize(built, opened, limit, admm_epochs, retrain_epochs, stores.study_dir(study) / "export",
-                        retrains, confidence, on_run, on_done)
+                        retrains, confidence, replicates, on_run, on_done)
     reporting.write(opened, stores.study_dir(study))
     if done.best is not None:
         shipped = _run_of(opened, done.best, done_at)
@@ -1056,14 +1068,16 @@ def finalize_cmd(
         where = f"next: trial {done.next} (run the same command to go on)"
     elif done.busy:
         where = f"other workers retrain trials {_fold([str(n) for n in done.busy])} (run the same command after them)"
-    console.print(f"{_count(len(done.retrained), 'full run')} of {len(done.front)} front plans; {where}; "
+    runs = sum(len(r["drops"]) for r in done.retrained.values())
+    console.print(f"{_count(runs, 'full run')} of {_count(len(done.retrained), 'plan')} of the {len(done.front)} on "
+                  f"the front; {where}; "
                   f"see {stores.study_dir(study) / 'report.md'}")
 
 
 def _run_of(opened: Any, trial: int, done_at: str) -> dict[str, Any]:
     from . import report as reporting
 
-    return next(r for r in reporting.exported(opened) if r["trial"] == trial and r["epochs"] == done_at)
+    return reporting.plan_runs(reporting.exported(opened), done_at)[trial]
 
 
 def _verdict(opened: Any, trial: int, limit: float, confidence: float, done_at: str) -> str:

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import Diverged, UserError
-from .report import FINALIZED, export_key, exported, nondominated, sure_within
+from .report import FINALIZED, export_key, exported, margin_within, nondominated, plan_runs, sure_within
 from .search import (ExportResult, Search, epochs_text, export_dir, export_trial, full_runs, limit_belief,
                      trial_share)
 from .storage import held_elsewhere, release_lease, renew_lease, take_lease
@@ -35,6 +35,7 @@ K = TypeVar("K", bound=Hashable)  # a plan as the caller names it: a trial numbe
 FINALIZING = "finalizing:"  # + trial number: the lease a worker holds while it retrains that plan
 EVEN = 0.2  # of the weight `_places` spreads evenly, as the chances may be wrong: it bounds the runs then
 LOST = 100.0  # points recorded for a plan whose full run diverged: all of them, beyond any limit
+REPLICATES = 2  # full runs of one plan at most, where its verdict is a close call (`close_call`)
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
@@ -45,8 +46,8 @@ def candidates(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (),
-           cost: Mapping[K, float] | None = None,
-           chance: Mapping[K, float] | None = None) -> tuple[K | None, K | None]:
+           cost: Mapping[K, float] | None = None, chance: Mapping[K, float] | None = None,
+           close: Collection[K] = ()) -> tuple[K | None, K | None]:
     """(the fastest of `plans` known to be within the limit, the one to retrain next or None). `plans`
     are ordered slowest first; `within` holds what full runs found so far; `busy` plans are being
     retrained by other workers; `cost` prices each plan's full run (any unit; equal if None);
@@ -57,13 +58,22 @@ def bisect(plans: Sequence[K], within: Mapping[K, bool], busy: Collection[K] = (
     leave open where the limit most likely lies, weighed by the runs settling it takes (`_stretch`;
     the widest when nothing is known: on a front of 15, three workers settle it in 2 rounds of full
     runs where one needs 4). A faster plan found within the limit wins over a slower one found
-    outside it (noise or not, it is what was measured)."""
+    outside it (noise or not, it is what was measured). Once no plan is left to probe, a plan at the
+    edge whose verdict another run may turn (`close`: `close_call`, runs left) is run again, the
+    faster end first: within, it makes the slower moot."""
     lo, hi = _bounds(plans, within)
     ends = sorted({lo, hi} | {i for i, n in enumerate(plans) if lo < i < hi and n in busy})
     a, b = _stretch(plans, list(zip(ends, ends[1:])), chance)
     prices = [1.0 if cost is None else cost[n] for n in plans[a + 1:b]]
     probe = plans[a + 1 + _probe(prices, _places(plans, a, b, chance))[0]] if b - a > 1 else None
+    if probe is None:
+        probe = next((n for n in _edge(plans, lo, hi) if n in close and n not in busy), None)
     return plans[lo] if lo >= 0 else None, probe
+
+
+def _edge(plans: Sequence[K], lo: int, hi: int) -> list[K]:
+    """The plans at places `hi` and `lo` (`_bounds`), the faster first, where there are plans."""
+    return [plans[i] for i in (hi, lo) if 0 <= i < len(plans)]
 
 
 def _stretch(plans: Sequence[K], gaps: list[tuple[int, int]], chance: Mapping[K, float] | None) -> tuple[int, int]:
@@ -134,37 +144,59 @@ class Finalized:
     confidence: float  # how sure a retrained drop's standard error must make it within the limit
     epochs: str  # of each full run, ADMM+retraining
     front: list[int]  # candidate trials, slowest first
-    retrained: dict[int, dict[str, Any]]  # front trials run at these epochs: `report.exported` rows
-    busy: list[int]  # front trials other workers are retraining now
+    retrained: dict[int, dict[str, Any]]  # front trials run at these epochs: `report.plan_runs` rows
+    busy: list[int]  # front trials other workers are retraining now (a first run or a replicate)
     best: int | None  # the fastest retrained within the limit
     next: int | None  # the next full run the bisection asks of this worker; None: none left to it
     doubt: int  # front plans between `best` and the slowest faster plan found beyond the limit
-    runs_left: int  # full runs one worker still needs, at most, probing as `bisect` does
+    runs_left: int  # full runs one worker still needs, probing as `bisect` does, and replicates
+    replicates: int = REPLICATES  # full runs of one plan at most
 
     @property
     def settled(self) -> bool:
         return self.next is None and not self.busy
 
+    def replicate(self, number: int) -> int:
+        """Which run of trial `number` its next full run is: 0 the first, k > 0 its k-th replicate."""
+        return len(self.retrained[number]["drops"]) if number in self.retrained else 0
+
     def to_attrs(self) -> dict[str, Any]:
         return {"limit": self.limit, "confidence": self.confidence, "epochs": self.epochs, "front": self.front,
-                "retrained": sorted(self.retrained), "busy": self.busy, "best": self.best, "settled": self.settled}
+                "retrained": sorted(self.retrained), "busy": self.busy, "best": self.best, "settled": self.settled,
+                "replicates": self.replicates}
 
 
-def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.5) -> Finalized:
+def state(study: optuna.Study, limit: float, epochs: str, confidence: float = 0.5,
+          replicates: int = REPLICATES) -> Finalized:
     """Where the bisection stands: the front, the full runs at `epochs` already in the study, and the
-    ones other workers hold a lease on. A run is within the limit if its drop's standard error (paired
-    with the dense model) makes that at least `confidence` sure: 0.5 takes the point estimate."""
+    ones other workers hold a lease on. A plan is within the limit if its drop's standard error (paired
+    with the dense model; over its runs' mean where it has several) makes that at least `confidence`
+    sure: 0.5 takes the point estimate. Once the bisection has no plan left to probe, a close call at
+    its edge (`close_call`) is run again, up to `replicates` runs of one plan (`bisect`)."""
     trials = candidates(study)
     front, cost = [t.number for t in trials], run_prices(trials)
     rows = exported(study)
-    runs = {r["trial"]: r for r in rows if r["epochs"] == epochs and r["trial"] in front}
-    busy = [n for n in front if n not in runs and held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
+    runs = {n: r for n, r in plan_runs(rows, epochs).items() if n in front}
+    busy = [n for n in front if held_elsewhere(study.user_attrs.get(f"{FINALIZING}{n}"))]
     within = {n: sure_within(r, limit) >= confidence for n, r in runs.items()}
     chance = within_chances(trials, full_runs(rows, limit, epochs, confidence), limit)
-    best, probe = bisect(front, within, busy, cost, chance)
+    close = {n for n, r in runs.items() if close_call(r, limit, confidence) and len(r["drops"]) < replicates}
+    best, probe = bisect(front, within, busy, cost, chance, close)
     lo, hi = _bounds(front, within)
     return Finalized(limit, confidence, epochs, front, runs, busy, best, probe, hi - lo - 1,
-                     _probe([cost[n] for n in front[lo + 1:hi]], _places(front, lo, hi, chance))[1])
+                     _probe([cost[n] for n in front[lo + 1:hi]], _places(front, lo, hi, chance))[1]
+                     + len(close.intersection(_edge(front, lo, hi))), replicates)
+
+
+def close_call(run: dict[str, Any], limit: float, confidence: float) -> bool:
+    """Whether a plan's retrained drop (`report.plan_runs`: its runs' mean) lies within one standard
+    error of where `confidence` draws the line: one more run at another seed may turn its verdict.
+    Why: one full run near the limit is a coin toss. The same plan (resnet56 / Fashion-MNIST, the
+    sensitivity seed at 0.5, limit 0.5) retrained 0.03 ± 0.23 on one machine and 0.57 ± 0.24 on
+    another, and that verdict alone decided between shipping 2.93x and 2.45x; a second run halves
+    the variance where it decides, at one full run per close call at the bisection's edge."""
+    se = run.get("val_drop_se") or 0.0
+    return not run.get("diverged") and abs(margin_within(run, limit, confidence)) < se
 
 
 def within_chances(trials: Sequence[FrozenTrial], runs: Sequence[tuple[float, float]],
@@ -191,31 +223,34 @@ def run_prices(trials: Sequence[FrozenTrial]) -> dict[int, float]:
 
 
 def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: float, retrain_epochs: float,
-             out_root: Path, retrains: int | None = None, confidence: float = 0.5,
+             out_root: Path, retrains: int | None = None, confidence: float = 0.5, replicates: int = REPLICATES,
              on_run: Callable[[int, Finalized], Callable[[int, int, str], None] | None] | None = None,
              on_done: Callable[[int, ExportResult | Diverged], None] | None = None) -> Finalized:
     """Retrain front plans at the full budget, as the bisection asks, until none is left to this
     worker or `retrains` full runs are done; record and return where it stands. Any number of workers
     may finalize one study at once: each plan is retrained under its own lease. A plan whose full
     run diverges is recorded as lost (beyond any limit), so the bisection goes on to slower plans
-    instead of retrying it. `on_run(trial, state)` may return a progress callback for that run;
+    instead of retrying it; a close call is run again at another seed (`state`, up to `replicates`
+    runs of a plan). `on_run(trial, state)` may return a progress callback for that run;
     `on_done` hears each run's result, or its divergence."""
     epochs = epochs_text(admm_epochs, retrain_epochs)
-    now, ran = state(study, limit, epochs, confidence), 0
+    now, ran = state(study, limit, epochs, confidence, replicates), 0
     if not now.front:
         raise UserError(f"study '{study.study_name}' has no trained trial to finalize; run `sparsesearch optimize "
                         f"--study {study.study_name}` first")
     while now.next is not None and (retrains is None or ran < retrains):
         lease = f"{FINALIZING}{now.next}"
         if take_lease(study, lease) is None:  # else another worker took it meanwhile: look again
+            replicate = now.replicate(now.next)
             try:
                 progress = _renewing(study, lease, on_run(now.next, now) if on_run else None)
-                out = export_dir(out_root, now.next, epochs)
+                out = export_dir(out_root, now.next, epochs, replicate)
                 result: ExportResult | Diverged = export_trial(search, study, now.next, admm_epochs, retrain_epochs,
-                                                               out, progress, within_trial_limit=False)
+                                                               out, progress, within_trial_limit=False,
+                                                               replicate=replicate)
             except Diverged as e:
                 result = e
-                study.set_user_attr(export_key(study, now.next, epochs), {
+                study.set_user_attr(export_key(study, now.next, epochs, replicate), {
                     "val_drop": LOST, "val_drop_se": 0.0, "test_drop": LOST, "speedup": 0.0, "epochs": epochs,
                     "diverged": str(e)})
             finally:
@@ -223,7 +258,7 @@ def finalize(search: Search, study: optuna.Study, limit: float, admm_epochs: flo
             if on_done:
                 on_done(now.next, result)
             ran += 1
-        now = state(study, limit, epochs, confidence)
+        now = state(study, limit, epochs, confidence, replicates)
     if ran or now.retrained:  # a call that only looks (--retrains 0, nothing run yet) leaves the last record
         study.set_user_attr(FINALIZED, now.to_attrs())
     return now

@@ -37,10 +37,13 @@ MEASURING = "measuring"  # the lease a worker holds while it measures the front
 EXPORTED = "exported:"  # + "N@EPOCHS": a study attr per trial and epochs exported, so concurrent exports lose none
 
 
-def export_key(study: optuna.Study, number: int, epochs: str) -> str:
+def export_key(study: optuna.Study, number: int, epochs: str, replicate: int = 0) -> str:
     """The study attr of trial `number`'s export at `epochs` ("4+2"): one per epochs, so a run at
-    other epochs never replaces it (a record from before the epochs were part of the key keeps its own)."""
+    other epochs never replaces it (a record from before the epochs were part of the key keeps its
+    own), and one per `replicate`, the runs of one plan at other seeds (`finalize`'s close calls)."""
     legacy = f"{EXPORTED}{number}"
+    if replicate:
+        return f"{legacy}@{epochs}#{replicate}"
     return legacy if study.user_attrs.get(legacy, {}).get("epochs") == epochs else f"{legacy}@{epochs}"
 FINALIZED = "finalized"  # study attr: where `finalize`'s last call left its bisection of the front
 TYPE_COLORS = {"filter": "#1f77b4", "channel": "#ff7f0e", "shape": "#2ca02c", "irregular": "#9467bd", "nm": "#8c564b"}
@@ -170,7 +173,29 @@ def exported(study: optuna.Study) -> list[dict[str, Any]]:
              "acc_drop_se": t.user_attrs.get("acc_drop_se")}
             for key, value in study.user_attrs.items()
             if key.startswith(EXPORTED) and (t := trials.get(key.removeprefix(EXPORTED).partition("@")[0]))]
-    return sorted(rows, key=lambda r: (r["trial"], r["epochs"]))
+    return sorted(rows, key=lambda r: (r["trial"], r["epochs"], r.get("replicate", 0)))
+
+
+def plan_runs(rows: Iterable[dict[str, Any]], epochs: str) -> dict[int, dict[str, Any]]:
+    """Per trial, its full runs at `epochs` (`exported` rows) as one: the mean validation drop, whose
+    standard error is the runs' own over the square root of their number (each run's paired error
+    stands for how far a retrained drop strays: one plan, retrained on two machines, came 0.03 and
+    0.57 at ± 0.24), `drops` each run's, and the rest (model, test drop, speedup) of the run to
+    ship: the one that lost least on the validation split. A plan with a diverged run is as lost."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["epochs"] == epochs:
+            runs.setdefault(r["trial"], []).append(r)
+    return {n: mean_run(found) for n, found in runs.items()}
+
+
+def mean_run(runs: list[dict[str, Any]], drop: str = "val_drop", se: str = "val_drop_se") -> dict[str, Any]:
+    """Runs of one plan as one (`plan_runs`), their drops and errors under the keys `drop` and `se`."""
+    drops = [r[drop] for r in runs]
+    ses = [r.get(se) for r in runs]
+    lost = next((r for r in runs if r.get("diverged")), None)
+    return {**(lost or min(runs, key=lambda r: r[drop])), drop: statistics.fmean(drops),
+            se: sum(s * s for s in ses) ** 0.5 / len(ses) if None not in ses else None, "drops": drops}
 
 
 def control(study: optuna.Study) -> dict[str, float] | None:
@@ -287,7 +312,7 @@ def _plot_retrained(ax: Any, study: optuna.Study, dense_val: float, trials: dict
     if done:
         ax.axhline(dense_val - done["limit"], color="tab:purple", ls="--", lw=1,
                    label=f"finalize: dense - {done['limit']:g} pts, retrained")
-        if (best := next((r for r in rows if r["trial"] == done["best"]), None)) is not None:
+        if (best := plan_runs(rows, done["epochs"]).get(done["best"])) is not None:  # at its runs' mean
             ax.plot(best["speedup"], dense_val - best["val_drop"], "o", mfc="none", mec="tab:purple", ms=16,
                     label=f"shipped by finalize (#{best['trial']})")
 
@@ -437,8 +462,9 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## Retrained at the full budget (`export`)", "",
              "| trial | drop at trial fidelity (vs control) | val drop retrained (vs dense) | test drop | epochs | "
              "measured speedup |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['trial']} | {drop_text(r)} | {retrained_text(r)} | {_num(r['test_drop'], '.2f')} | "
-              f"{r['epochs']} | {_num(r['speedup'], '.2f')}x |" for r in map(_shown, rows)]
+    lines += [f"| {r['trial']}{f' (run {k + 1})' if (k := r.get('replicate', 0)) else ''} | {drop_text(r)} | "
+              f"{retrained_text(r)} | {_num(r['test_drop'], '.2f')} | {r['epochs']} | {_num(r['speedup'], '.2f')}x |"
+              for r in map(_shown, rows)]
     ratios = [r["val_drop"] / r["acc_drop"] for r in rows if (r["acc_drop"] or 0) >= 0.1 and not r.get("diverged")]
     if ratios:
         lines += ["", (f"Retrained, these plans' validation drops are {statistics.median(ratios):.2f}x their drops "
@@ -448,10 +474,13 @@ def exported_text(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def retrained_text(r: dict[str, Any]) -> str:
-    """An exported plan's validation drop, with its paired standard error (exports before it had none)."""
+    """An exported plan's validation drop, with its paired standard error (exports before it had none),
+    and each run's where it is the mean of several (`plan_runs`)."""
     if r.get("diverged"):
         return "diverged"
-    return f"{r['val_drop']:.2f}" + (f" ± {r['val_drop_se']:.2f}" if r.get("val_drop_se") is not None else "")
+    runs = r.get("drops") or []
+    return (f"{r['val_drop']:.2f}" + (f" ± {r['val_drop_se']:.2f}" if r.get("val_drop_se") is not None else "")
+            + (f" (mean of {len(runs)} runs: {', '.join(f'{d:.2f}' for d in runs)})" if len(runs) > 1 else ""))
 
 
 def sure_within(r: dict[str, Any], limit: float) -> float:
@@ -477,11 +506,15 @@ def finalized_text(done: dict[str, Any] | None, rows: list[dict[str, Any]], stud
     """The report's section on `finalize`: which plan it ships, and how many full runs that took."""
     if not done:
         return []
-    runs = {r["trial"]: r for r in rows if r["epochs"] == done["epochs"]}
+    runs = plan_runs(rows, done["epochs"])
     checked = [f"{n} ({retrained_text(runs[n])})" for n in done["retrained"] if n in runs]
+    count = sum(len(runs[n]["drops"]) for n in done["retrained"] if n in runs)
     head = (f"Bisecting the {len(done['front'])} plans of the trials' front (accuracy vs predicted speedup, any drop "
-            f"at trial fidelity) with {len(checked)} full runs of {done['epochs']} epochs"
-            + (f": trials {', '.join(checked)}." if checked else "."))
+            f"at trial fidelity) with {count} full runs of {done['epochs']} epochs"
+            + (f": trials {', '.join(checked)}." if checked else ".")
+            + (f" A plan at the bisection's edge within one standard error of the limit is run again at another "
+               f"seed, up to {done['replicates']} runs, and judged by their mean." if done.get("replicates", 1) > 1
+               else ""))
     if done["best"] is not None and done["best"] in runs:
         best = runs[done["best"]]
         sure, asked = sure_within(best, done["limit"]), done.get("confidence", 0.5)

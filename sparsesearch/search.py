@@ -53,7 +53,7 @@ from .layers import Layer
 from .plan import LayerSparsity, Plan
 from .profiler import LatencyModel, dense_latency, predict_latency
 from .profiler.table import without_unpaid
-from .report import FINALIZED, exported, margin_within
+from .report import FINALIZED, exported, margin_within, plan_runs
 from .runtime import DEFAULT_LAYOUT, in_layout
 from .space import (BASELINE_RATES, HOPELESS, MAX_RATE, RUNGS, TOP_RATE, LadderPruner, Slot, Space, promising,
                     rejection, snap)
@@ -423,6 +423,7 @@ class Search(Trials):
         return val, speedup
 
 
+REPLICATE_SEEDS = 1000  # between the seeds of a plan's replicated full runs: no run's epochs reuse another's
 FULL_EPOCHS = (10.0, 5.0)  # a full run of a study whose trials run ADMM, on the whole training split
 
 
@@ -492,10 +493,10 @@ def limit_belief(runs: Sequence[tuple[float, float]], limit: float) -> statistic
 def full_runs(rows: Sequence[dict[str, Any]], limit: float, epochs: str,
               confidence: float = 0.5) -> list[tuple[float, float]]:
     """Of a study's full runs (`report.exported` rows), those at `epochs`, any plan's, as (its drop at
-    trial fidelity, the margin within `limit` its retrained drop came at `confidence`): what
-    `calibrated_limit` and `limit_belief` read."""
-    return [(r["acc_drop"], margin_within(r, limit, confidence)) for r in rows
-            if r["epochs"] == epochs and r.get("acc_drop") is not None and math.isfinite(r["acc_drop"])]
+    trial fidelity, the margin within `limit` its retrained drop came at `confidence`; the mean of a
+    plan's replicates, `report.plan_runs`): what `calibrated_limit` and `limit_belief` read."""
+    return [(r["acc_drop"], margin_within(r, limit, confidence)) for r in plan_runs(rows, epochs).values()
+            if r.get("acc_drop") is not None and math.isfinite(r["acc_drop"])]
 
 
 def trial_limit(study: optuna.Study, limit: float) -> float:
@@ -1229,18 +1230,20 @@ class ExportResult:
     resumed_at: int = 0  # training steps an interrupted export had done when this call continued it
 
 
-def export_dir(root: Path, number: int, epochs: str) -> Path:
+def export_dir(root: Path, number: int, epochs: str, replicate: int = 0) -> Path:
     """Where trial `number`'s export at `epochs` ("10+5") goes under `root` (a study's export folder):
-    one folder per epochs, so a quick run never overwrites a longer one's model."""
-    return Path(root) / f"trial-{number}-{epochs}"
+    one folder per epochs, so a quick run never overwrites a longer one's model, and per replicate."""
+    return Path(root) / (f"trial-{number}-{epochs}" + (f"-r{replicate}" if replicate else ""))
 
 
 def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: float, retrain_epochs: float,
                  out_dir: Path, on_progress: Callable[[int, int, str], None] | None = None,
-                 within_trial_limit: bool = True) -> ExportResult:
+                 within_trial_limit: bool = True, replicate: int = 0) -> ExportResult:
     """Re-run trial `number`'s plan from the dense checkpoint with the full budget, compact, measure,
-    and write the compacted model (`export.write_all`) plus metrics.json. An interrupted call leaves
-    its training state in `out_dir` (`admm.RESUME`); the same call continues from it."""
+    and write the compacted model (`export.write_all`) plus metrics.json. `replicate` k > 0 runs it
+    again at another seed (the study's + k * REPLICATE_SEEDS), recorded beside the others. An
+    interrupted call leaves its training state in `out_dir` (`admm.RESUME`); the same call continues
+    from it."""
     from .compact import measure
     from .export import write_all
     from .report import export_key
@@ -1249,7 +1252,8 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     plan = Plan.from_dict({"layers": trial.user_attrs["plan"]}, f"trial {number}")
     plan.validate(search.layers, search.deps.couplings)
     model = search.fresh_model()
-    config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True, rungs=())  # the search is over: test it
+    config = replace(search.config.admm(admm_epochs, retrain_epochs), test=True, rungs=(),  # the search is over
+                     seed=search.config.seed + replicate * REPLICATE_SEEDS)
     resume = Path(out_dir) / RESUME
     result = run_admm(model, search.data, plan, config, search.device, search.deps,
                       on_progress=on_progress and (lambda p: on_progress(p.step, p.total, p.phase)), resume=resume)
@@ -1272,9 +1276,10 @@ def export_trial(search: Search, study: optuna.Study, number: int, admm_epochs: 
     write_json(Path(out_dir) / "metrics.json", metrics)
     drop, se = paired_drop(search.dense_correct, result.val_correct)  # image by image, as a trial's
     epochs = epochs_text(admm_epochs, retrain_epochs)
-    study.set_user_attr(export_key(study, number, epochs), {
+    study.set_user_attr(export_key(study, number, epochs, replicate), {
         "val_drop": drop, "val_drop_se": se, "test_drop": accuracy["dense_test"] - accuracy["test"],
-        "speedup": m.speedup, "epochs": epochs, "path": str(Path(out_dir).resolve()), "host": platform.node()})
+        "speedup": m.speedup, "epochs": epochs, "path": str(Path(out_dir).resolve()), "host": platform.node(),
+        "replicate": replicate, "seed": config.seed})
     for path in resume_files(resume):
         path.unlink(missing_ok=True)
     return ExportResult(accuracy, m, done.files, done.skipped, Path(out_dir) / "metrics.json", result.resumed_at)

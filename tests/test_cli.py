@@ -86,6 +86,7 @@ def test_cuda_without_gpu_is_one_line() -> None:
     (["optimize", "--max-acc-drop", "-1"], "--max-acc-drop must be a number of accuracy points from 0 to 100"),
     (["finalize", "s", "--max-acc-drop", "1000"], "--max-acc-drop must be a number of accuracy points"),
     (["finalize", "s", "--confidence", "-0.2"], "--confidence must be a probability between 0 and 1"),
+    (["finalize", "s", "--replicates", "0"], "--replicates must be a finite number > 0, got 0"),
     (["optimize", "--precision", "float16"], "--precision must be one of float32, bfloat16, got 'float16'"),
     (["optimize", "--full-runs", "1"], "--full-runs must be a share of the run's time in [0, 1), got 1.0"),
     (["optimize", "--full-epochs", "x"], "--full-epochs 'x' must be ADMM+RETRAIN epochs"),

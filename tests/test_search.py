@@ -669,6 +669,14 @@ def test_export_reruns_a_pareto_plan_and_writes_the_compacted_model(tiny: dict, 
     assert row["speedup"] == result.measured.speedup and row["epochs"] == "0.25+0.25"
     assert row["val_drop_se"] > 0, "the retrained drop is paired image by image with the dense model"
     assert f"| {trial.number} | {report.drop_text(row)} | {report.retrained_text(row)} |" in report.markdown(study)
+    again = search.export_trial(tiny["search"], study, trial.number, 0.25, 0.25, tmp_path / "r1", replicate=1)
+    first, second = report.exported(optuna.load_study(study_name="tiny", storage=storage))
+    assert (first["replicate"], second["replicate"]) == (0, 1) and first["path"] != second["path"], "both kept"
+    seeds = [json.loads(m.read_text())["admm_config"]["seed"] for m in (result.metrics, again.metrics)]
+    assert second["seed"] == seeds[1] == seeds[0] + search.REPLICATE_SEEDS, "a replicate trains at its own seed"
+    mean = report.plan_runs([first, second], "0.25+0.25")[trial.number]
+    assert mean["val_drop"] == pytest.approx((first["val_drop"] + second["val_drop"]) / 2)
+    assert mean["path"] == min(first, second, key=lambda r: r["val_drop"])["path"], "ships the run that lost least"
 
 
 def test_finalize_retrains_the_front_by_bisection_and_ships_its_fastest_plan_within_the_limit(
