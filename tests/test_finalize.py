@@ -154,6 +154,11 @@ def test_the_limit_is_sought_at_twice_the_largest_trial_drop_found_within_until_
     assert math.expm1(search.limit_belief([], 0.5).mean) == pytest.approx(1.0)
     within = search.limit_belief([(2.1, 0.73), (1.0, 0.6)], 0.5)
     assert within is not None and math.expm1(within.mean) == pytest.approx(4.2)
+    near = search.limit_belief([(1.18, 0.32), (2.23, 0.02)], 0.5)  # resnet56's seeds at 0.45 and 0.5: 0.48 retrained
+    assert math.expm1(near.mean) == pytest.approx(math.expm1(math.log1p(2.23) * 0.5 / 0.48)) == \
+        pytest.approx(2.39, abs=0.01), "where the line from the control through the largest run crosses, if sooner"
+    assert math.expm1(search.limit_belief([(1.18, 0.32), (2.23, 0.45)], 0.5).mean) == pytest.approx(4.46), \
+        "a run that lost little retrained: doubling is sooner"
     runs = [(2.1, 0.73), (4.98, -0.57)]
     crossed = search.limit_belief(runs, 0.5)
     assert crossed is not None and math.expm1(crossed.mean) == pytest.approx(search.calibrated_limit(runs, 0.5))
