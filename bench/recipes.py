@@ -13,7 +13,9 @@ trained it.
 Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:0+4:trial norm:0.9:0+6:full
        [--time]
 Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform, norm, or stages with one filter rate per stage, e.g.
-stages:0.8/0.8/0.85/0.9/0.9:0+6:full; fidelity trial or full). Finished runs
+stages:0.8/0.8/0.85/0.9/0.9:0+6:full; fidelity trial or full). A uniform or norm RATE may add how many of each
+stage's removable slots go, e.g. norm:0.9+0/1/1/1/1 (vgg16-bn: a 3x3 conv collapsed in each stage but the
+first); stages too. Finished runs
 are kept in bench/runs/recipes-CASE/results.json and not run again; a full run resumes from its last
 epoch (`*.resume.pt`, out of git). Runs of one case may train side by side (one per core), each adding its
 rows; time alone on a core: seconds and speedups are part of the answer.
@@ -38,7 +40,7 @@ from sparsesearch.admm import resume_files  # noqa: E402
 from sparsesearch.files import read_json  # noqa: E402
 from sparsesearch.plan import LayerSparsity, Plan  # noqa: E402
 from sparsesearch.runtime import machine, set_threads  # noqa: E402
-from sparsesearch.sparsity import SparsityType  # noqa: E402
+from sparsesearch.sparsity import REMOVED, SparsityType  # noqa: E402
 from sparsesearch.train import percent  # noqa: E402
 
 FAMILIES = ("uniform", "norm", "stages")
@@ -51,13 +53,18 @@ def plan_of(built: search.Search, family: str, rate: str) -> Plan:
     rate per stage of the per-stage space, in its order, above the space's MAX_RATE too: where the
     accuracy cliff lies, beyond what a study can draw."""
     space = built.space
+    rate, _, removals = rate.partition("+")  # RATE+C1/C2/...: remove so many of each unit's removable slots
+    counts = dict(zip(space.removable, map(int, removals.split("/")))) if removals else {}
     if family == "stages":
         rates = dict(zip(space.stages, map(float, rate.split("/"))))
-        return Plan({n: LayerSparsity(SparsityType.FILTER, r) for stage, r in rates.items() if r > 0
-                     for s in space.stages[stage] for n in s.layers}).aligned(space.by_name.values(), space.steps)
+        layers = {n: LayerSparsity(SparsityType.FILTER, r) for stage, r in rates.items() if r > 0
+                  for s in space.stages[stage] for n in s.layers}
+        layers |= {n: LayerSparsity(SparsityType.FILTER, REMOVED) for unit, count in counts.items()
+                   for s in space.cheapest_removals(space.removable[unit])[:count] for n in s.layers}
+        return Plan(layers).aligned(space.by_name.values(), space.steps)
     params = (space.uniform_params(SparsityType.FILTER, float(rate)) if family == "uniform"
               else seeds.norm_params(space, built.model, float(rate)))
-    return space.suggest(optuna.trial.FixedTrial(params))
+    return space.suggest(optuna.trial.FixedTrial(params | {f"remove:{unit}": c for unit, c in counts.items()}))
 
 
 def trained(built: search.Search, plan: Plan, epochs: str, full: bool, resume: Path) -> dict:
@@ -91,6 +98,8 @@ def main() -> None:
         built = search.build(config, torch.device("cpu"), tmp, notify=print)
         holder = storage.open_study("control", f"journal:///{RUNS / f'arms-{case}' / 'control.journal'}", True)
         search.control(built, holder, wait=True)  # an arms run may be training it
+        built.removable = built.find_removable()  # today's, not what the control's study recorded long ago
+        built.offer(built.withheld)
         for spec in args.runs:
             family, rate, epochs, fidelity = spec.split(":")
             if family not in FAMILIES or fidelity not in FIDELITIES:
@@ -98,8 +107,9 @@ def main() -> None:
             if spec in state:
                 continue
             plan = plan_of(built, family, rate)
-            resume = folder / f"{spec.replace(':', '-')}.resume.pt"
-            row = {"family": family, "rate": rate if family == "stages" else float(rate), "epochs": epochs,
+            resume = folder / f"{spec.replace(':', '-').replace('/', '_')}.resume.pt"
+            row = {"family": family, "rate": rate if family == "stages" or "+" in rate else float(rate),
+                   "epochs": epochs,
                    "fidelity": fidelity, "predicted": predicted(built, plan),
                    **trained(built, plan, epochs, fidelity == "full", resume)}
             for path in resume_files(resume):

@@ -29,7 +29,7 @@ from .graph import Coupling, Dependencies, dependencies
 from .layers import Layer, trace
 from .plan import LayerSparsity, Plan
 from .runtime import versions
-from .sparsity import SparsityType, achieved_rate, mask
+from .sparsity import REMOVED, SparsityType, achieved_rate, collapsed, identity_mask, mask
 from .train import (Hooks, Progress, ProgressFn, Snapshot, TrainConfig, correct, evaluate, fit, percent, prepare,
                     refreshed_batchnorm)
 
@@ -204,21 +204,18 @@ def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None,
         return (weights or {}).get(name, modules[name].weight).detach()
 
     masks: dict[str, Tensor] = {}
-    readers, filters = [], False
+    readers, filters, collapsing = [], False, []
     for t in targets(plan, deps):
-        keeps = mask([value(n) for n in t.names], t.spec.type, t.spec.rate, positions=t.positions)
-        for name, keep in zip(t.names, keeps):
-            masks[f"{name}.weight"] = keep
-            if t.spec.type == SparsityType.FILTER and modules[name].bias is not None:
-                masks[f"{name}.bias"] = keep.reshape(keep.shape[0], -1).any(1)
-        if t.coupling is not None:
-            kept = torch.zeros(t.coupling.size, dtype=torch.bool)
-            for keep, positions in zip(keeps, t.positions):
-                kept[positions] |= keep.reshape(keep.shape[0], -1).any(1).cpu()
-            for norm, (channels, positions) in t.coupling.norms.items():
-                _mask_norm(masks, modules[norm], norm, channels, kept[positions])
+        if _collapses(t, deps):
+            keeps = [identity_mask(value(t.names[0]))]
+            collapsing.append(t)
+        else:
+            keeps = mask([value(n) for n in t.names], t.spec.type, t.spec.rate, positions=t.positions)
+        _set_masks(masks, modules, t, keeps)
         filters |= t.spec.type == SparsityType.FILTER
         readers += [n for n in t.names if t.spec.type in _READERS and getattr(modules[n], "groups", 1) == 1]
+    if collapsing and deps.input_shape:
+        _follow_silenced(model, masks, modules, collapsing, deps.input_shape)
     if filters and readers and deps is not None and deps.input_shape:
         for name, silenced in _silenced_inputs(model, masks, readers, deps.input_shape).items():
             w = value(name)
@@ -226,6 +223,69 @@ def prune_masks(model: nn.Module, plan: Plan, deps: Dependencies | None = None,
                 live = (~silenced).to(w.device).view(1, -1, *[1] * (w.dim() - 2))
                 masks[f"{name}.weight"] = mask([w * live], plan.layers[name].type, plan.layers[name].rate)[0]
     return masks
+
+
+def _collapses(t: Target, deps: Dependencies | None) -> bool:
+    """Whether a target is a layer removed where it collapses to its identity path (`identity_mask`)."""
+    return (deps is not None and t.spec.type == SparsityType.FILTER and t.spec.rate == REMOVED
+            and len(t.names) == 1 and t.names[0] in deps.collapsible)
+
+
+def _set_masks(masks: dict[str, Tensor], modules: dict[str, nn.Module], t: Target, keeps: list[Tensor]) -> None:
+    """A target's weight masks, and for filter pruning the biases and BatchNorm entries its dead filters take."""
+    for name, keep in zip(t.names, keeps):
+        masks[f"{name}.weight"] = keep
+        if t.spec.type == SparsityType.FILTER and modules[name].bias is not None:
+            masks[f"{name}.bias"] = keep.reshape(keep.shape[0], -1).any(1)
+    if t.coupling is not None:
+        kept = torch.zeros(t.coupling.size, dtype=torch.bool)
+        for keep, positions in zip(keeps, t.positions):
+            kept[positions] |= keep.reshape(keep.shape[0], -1).any(1).cpu()
+        for norm, (channels, positions) in t.coupling.norms.items():
+            _mask_norm(masks, modules[norm], norm, channels, kept[positions])
+
+
+def _follow_silenced(model: nn.Module, masks: dict[str, Tensor], modules: dict[str, nn.Module],
+                     collapsed: list[Target], input_shape: tuple[int, ...]) -> None:
+    """A collapsed layer passes each channel through, so where the masks silence one of its inputs
+    (a filter pruned before it) its own filter there goes too, with its bias and BatchNorm entries:
+    else BN(0) leaves a constant the compacted model cannot have, and its input and output channels
+    no longer pair up. Until nothing changes: a collapsed layer after another sees the channels that
+    one loses."""
+    while True:
+        reached = _reached_inputs(model, masks, [t.names[0] for t in collapsed], input_shape)
+        changed = False
+        for t in collapsed:
+            keep = masks[f"{t.names[0]}.weight"]
+            narrower = keep & reached[t.names[0]].to(keep.device).view(-1, *[1] * (keep.dim() - 1))
+            if not torch.equal(narrower, keep):
+                _set_masks(masks, modules, t, [narrower])
+                changed = True
+        if not changed:
+            return
+
+
+def _reached_inputs(model: nn.Module, masks: dict[str, Tensor], names: list[str],
+                    input_shape: tuple[int, ...]) -> dict[str, Tensor]:
+    """Per named layer, the input features the masks leave a path to: one forward of a copy whose
+    weights are made positive (the masked ones zero) and whose BatchNorms pass a positive input on
+    as positive (their masked entries give zero), on a positive input. Nothing cancels there and no
+    activation is zero by chance (a trained channel may be on two random samples, most of all on a
+    2x2 plane), so a feature is zero only where the masks cut every path to it (for networks of
+    positive-preserving steps: a normalisation that subtracts a mean at run time can cut more)."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in probe.named_parameters():
+            p.abs_().mul_(masks[name].to(p.device)) if name in masks else p.abs_()
+        for name, m in probe.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                if m.affine:
+                    keep = masks.get(f"{name}.weight", torch.ones_like(m.weight, dtype=torch.bool)).to(m.weight)
+                    m.weight.copy_(keep)
+                    m.bias.copy_(keep)
+    return _nonzero_inputs(probe, names, _probe(probe, input_shape).abs() + 0.1)
 
 
 def _nonzero_inputs(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
@@ -434,6 +494,7 @@ def run_admm(model: nn.Module, data: Data, plan: Plan, config: ADMMConfig, devic
             climb(done, "admm", lambda: projected)
         masks = prune_masks(model, plan, deps)
         apply_masks(model, masks)
+        open_identity_paths(model, plan, deps, masks)
         if dead := dead_channels(model, masks, data.input_shape):
             raise UserError(f"hard pruning silenced {sum(dead.values())} kept channels "
                             f"({', '.join(f'{n}: {k}' for n, k in dead.items())}); the channel mapping of this "
@@ -484,20 +545,51 @@ def projected_accuracy(model: nn.Module, split: Split, plan: Plan, deps: Depende
     would (`refreshed_batchnorm`)."""
     params = dict(model.named_parameters())
     masks = prune_masks(model, plan, deps)
-    saved = {n: params[n].detach().clone() for n in masks}
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    saved = {n: params[n].detach().clone() for n in masks} | {
+        f"{n}.{b}": m.get_buffer(b).clone() for n, m in norms.items()
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+        if f"{n}.weight" in masks and m.running_var is not None}  # `open_identity_paths` resets some
     apply_masks(model, masks)
+    open_identity_paths(model, plan, deps, masks)
     try:
         with refreshed_batchnorm(model, calibration, device):
             return evaluate(model, split, device)
     finally:
         with torch.no_grad():
             for n, w in saved.items():
-                params[n].copy_(w)
+                (params[n] if n in params else model.get_buffer(n)).copy_(w)
+
+
+def open_identity_paths(model: nn.Module, plan: Plan, deps: Dependencies | None, masks: dict[str, Tensor]) -> None:
+    """Start each collapsed layer (`identity_mask`) as its identity path: its kept weights 1, its
+    bias 0, the BatchNorm after it with scale 1, shift 0 and fresh statistics (the identity in
+    evaluation, a normalisation in training). As projected, it kept its trained diagonal, tiny and
+    of mixed signs (vgg16-bn at 0.9: -0.03 to 0.04), under BatchNorm shifts learnt for the dense
+    layer's outputs: with three of them in a row no channel was left alive at 2x2 and retraining
+    never started (83 points lost)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for t in targets(plan, deps):
+            if not _collapses(t, deps):
+                continue
+            layer = modules[t.names[0]]
+            layer.weight.copy_(masks[f"{t.names[0]}.weight"])
+            if layer.bias is not None:
+                layer.bias.zero_()
+            for name in t.coupling.norms:
+                norm = modules[name]
+                if norm.running_var is not None:
+                    norm.reset_running_stats()
+                if norm.affine:
+                    norm.weight.copy_(masks.get(f"{name}.weight", torch.ones_like(norm.weight, dtype=torch.bool)))
+                    norm.bias.zero_()
 
 
 def layer_report(model: nn.Module, layers: list[Layer], plan: Plan) -> list[dict[str, object]]:
     """Per planned layer: type, planned and achieved rate, dense and compacted MACs per sample. A
-    sparse pattern no kernel takes on the model's device and dtype counts dense, with the reason."""
+    sparse pattern no kernel takes on the model's device and dtype counts dense, with the reason; a
+    collapsed layer is removed, one multiply-add per output element left."""
     from .kernels import compact_layer
 
     modules = dict(model.named_modules())
@@ -507,13 +599,15 @@ def layer_report(model: nn.Module, layers: list[Layer], plan: Plan) -> list[dict
         weight = modules[layer.name].weight.detach()
         fallback = (getattr(compact_layer(modules[layer.name], spec.type), "why", "")
                     if spec and spec.type in (SparsityType.IRREGULAR, SparsityType.NM) else "")
+        gone = spec is not None and spec.rate == REMOVED and collapsed(weight)
         rows.append({
             "layer": layer.name,
             "type": spec.type.value if spec else "dense",
             "rate": spec.rate if spec else 0.0,
-            "achieved": achieved_rate(weight, spec.type) if spec else 0.0,
+            "achieved": REMOVED if gone else achieved_rate(weight, spec.type) if spec else 0.0,
             "macs": layer.macs,
-            "macs_compacted": layer.macs_with(weight, spec.type) if spec and not fallback else layer.macs,
+            "macs_compacted": (layer.positions * int(weight.ne(0).sum()) if gone
+                               else layer.macs_with(weight, spec.type) if spec and not fallback else layer.macs),
             **({"runs_dense": fallback} if fallback else {}),
         })
     return rows

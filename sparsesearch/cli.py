@@ -708,7 +708,8 @@ def optimize(
     console.print(f"dense: {built.dense['val']:.2f}% val, {built.dense['test']:.2f}% test; "
                   f"{built.dense_ms:.3f} ms per batch of {config.batch_size} (profiled, {config.layout}); space: "
                   f"{len(built.space.slots)} slots, {opened.user_attrs['space']}"
-                  + (f"; {len(built.removable)} residual branches it may remove whole" if built.removable else ""))
+                  + (f"; {len(built.removable)} layers or residual branches it may remove whole"
+                     if built.removable else ""))
     started = time.monotonic()  # a duration budget counts the control, as it counts the sensitivity scan
     with progress_bar("control") as update:
         search.control(built, opened, lambda p: update(p.step, p.total, p.phase))

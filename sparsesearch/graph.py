@@ -55,6 +55,10 @@ class Dependencies:
     problem: str = ""  # why the graph is unknown, if it is: then filters cannot be removed
     fixed: dict[str, str] = field(default_factory=dict)  # layer -> why its dependencies cannot be followed
     input_shape: tuple[int, ...] = ()  # one sample, as traced: what a probe forward through the model needs
+    # layers that may collapse to their identity path (`sparsity.identity_mask`) when removed: they keep
+    # their input's shape, no residual path bypasses them (there removal drops the branch), and no other
+    # layer's filters are tied to theirs
+    collapsible: frozenset[str] = frozenset()
 
     @property
     def couplings(self) -> list[list[str]]:
@@ -104,7 +108,42 @@ def dependencies(model: nn.Module, input_shape: tuple[int, ...]) -> Dependencies
                     _one_to_one(item.idxs, item.root_idxs, _out_channels(target)):
                 for idx, root in zip(item.idxs, item.root_idxs):
                     channels.union((names[target], idx), (name, root))
-    return Dependencies(channels.spaces(list(modules)), fixed=fixed, input_shape=tuple(input_shape))
+    spaces = channels.spaces(list(modules))
+    alone = {n for c in spaces if len(c.layers) == 1 for n in c.layers}
+    collapsible = frozenset(n for n, m in modules.items()
+                            if n in alone and n not in fixed and _keeps_shape(m) and not _bypassed(graph, m))
+    return Dependencies(spaces, fixed=fixed, input_shape=tuple(input_shape), collapsible=collapsible)
+
+
+def _keeps_shape(module: nn.Module) -> bool:
+    """Whether a layer's output has its input's shape, channel for channel (so an identity could stand in)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features == module.out_features
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.in_channels != module.out_channels:
+        return False
+    if module.padding == "same":
+        return all(s == 1 for s in module.stride)
+    padding = (0, 0) if module.padding == "valid" else module.padding
+    return all(s == 1 and d * (k - 1) == 2 * p
+               for s, d, k, p in zip(module.stride, module.dilation, module.kernel_size, padding))
+
+
+def _bypassed(graph, module: nn.Module) -> bool:  # noqa: ANN001 - a Torch-Pruning DependencyGraph
+    """Whether the network's output is reachable from the layer's input without passing through it
+    (a residual shortcut); unknown, so True, for a layer that reads the network's input."""
+    node = graph.module2node[module]
+    seen, todo = {node}, list(node.inputs)
+    if not todo:
+        return True
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if not current.outputs:
+            return True
+        todo += current.outputs
+    return False
 
 
 def _out_channels(module: nn.Module) -> int:

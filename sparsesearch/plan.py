@@ -74,7 +74,8 @@ class Plan:
                 raise unknown("layer", name, by_name, f"prunable layers: {', '.join(by_name)}")
             if not (0 <= spec.rate < 1 or spec.rate == REMOVED and spec.type == SparsityType.FILTER):
                 raise UserError(f"layer '{name}': rate {spec.rate} outside [0, 1) (the fraction of groups removed; "
-                                f"filter also takes {REMOVED:g}, which removes the layer's whole residual branch)")
+                                f"filter also takes {REMOVED:g}, which removes the layer: its residual branch, or in a "
+                                "plain chain all but its identity path)")
             layer = by_name[name]
             if spec.type not in layer.types:
                 why = " (it is the classifier: its rows are the classes)" if layer.is_output else ""

@@ -231,7 +231,7 @@ class Search(Trials):
     dense_ms: float = 0.0  # measured by the profile: the reference of predicted speedups
     trial_budget: int | None = None  # trained trials the study may hold, counted across its workers
     steps: dict[str, int] = field(default_factory=dict)  # the channel widths counts are aligned to (`Space`)
-    removable: list[str] = field(default_factory=list)  # slots whose residual branch a plan may remove (`Space`)
+    removable: list[str] = field(default_factory=list)  # slots a plan may remove whole (`Space`)
 
     def __post_init__(self) -> None:
         # trials train on a fixed stratified share of the training split; they validate on all of it
@@ -262,8 +262,9 @@ class Search(Trials):
 
     def find_removable(self) -> list[str]:
         """The space's slots whose filters, all removed, leave a residual branch that `compact`
-        replaces by a constant (a block dropped): tried on the dense model, the slots of one layer
-        all at once (where each branch is a block of its own), else, like slots of several layers
+        replaces by a constant (a block dropped), or a layer collapsed to its identity path (a
+        plain network's layer that keeps its input's shape, `compact.COLLAPSED`): tried on the
+        dense model, the slots of one layer all at once (where each branch is a block of its own), else, like slots of several layers
         (whose removal usually silences a whole stream), one at a time."""
         slots = [s for s in self.space.slots if SparsityType.FILTER in s.types]
         found = set(removable(self.model, self.input_shape, self.deps, [tuple(s.layers) for s in slots]))
@@ -1122,7 +1123,7 @@ def trials_of(study: optuna.Study, device: torch.device, artifacts: str, data_di
 
 WITHHELD = "withheld"  # the study attr: per layer, the types its space keeps from it
 STEPS = "steps"  # the study attr: the channel widths its counts are aligned to (none recorded: not aligned)
-REMOVABLE = "removable"  # the study attr: the slots whose residual branch its plans may remove
+REMOVABLE = "removable"  # the study attr: the slots its plans may remove whole (a branch, a collapsed layer)
 MAX_RATE_ATTR = "max_rate"  # the study attr: its space's highest rate (none recorded: MAX_RATE)
 
 

@@ -142,7 +142,8 @@ def keep_count(n_groups: int, rate: float) -> int:
 
 
 # Filter pruning at this rate removes a layer whole: where a residual path bypasses it, its branch
-# leaves a constant, and `compact` replaces the branch by that constant (a residual block dropped).
+# leaves a constant, and `compact` replaces the branch by that constant (a residual block dropped);
+# where none does, a layer that keeps its input's shape collapses to its identity path (`identity_mask`).
 REMOVED = 1.0
 MIN_BLOCKS = 4  # a layer narrower than this many steps is not aligned: small convs gain from every channel
 
@@ -217,6 +218,23 @@ def _joint_mask(weights: Sequence[Tensor], kind: SparsityType, rate: float,
         if not keep[p].any():
             keep[p[scores[p].argmax()]] = True
     return [keep[p].view(1, -1, 1).expand_as(v).reshape(w.shape) for v, w, p in zip(views, weights, positions)]
+
+
+def identity_mask(weight: Tensor) -> Tensor:
+    """The centre tap of each filter's own channel: what is left of a layer removed where no residual
+    path bypasses it (`graph.Dependencies.collapsible`). It computes a per-channel scale, which with
+    the BatchNorm after it `compact` folds into one multiply-add: the layer's call goes, its channel
+    path stays. Its ADMM projection is this mask, like any other type's."""
+    keep = torch.zeros_like(weight, dtype=torch.bool)
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    channels = torch.arange(min(weight.shape[:2]), device=weight.device)
+    keep[(channels, channels, *centre)] = True
+    return keep
+
+
+def collapsed(weight: Tensor) -> bool:
+    """Whether a square layer's weights lie on its `identity_mask` (what a collapsed layer keeps)."""
+    return weight.shape[0] == weight.shape[1] and not (weight.detach() * ~identity_mask(weight)).any()
 
 
 def _top(scores: Tensor, k: int) -> Tensor:

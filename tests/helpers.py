@@ -24,17 +24,26 @@ def lively(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> nn.
     or a silenced one visible. Returns the model in eval mode.
     """
     generator = torch.Generator().manual_seed(seed)
+    restat(model, input_shape, generator)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=generator))
+                m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.5, 0.5, generator=generator))
+    return model.eval()
+
+
+def restat(model: nn.Module, input_shape: tuple[int, ...], generator: torch.Generator | None = None) -> nn.Module:
+    """BatchNorm running statistics measured on 8 random inputs: what keeps a model's outputs
+    varying once pruning has moved its activations (masked entries stay zero); eval mode."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the calibration batch
     with torch.no_grad():
-        model.train()(torch.randn(8, *input_shape, generator=generator))
-        for m in norms:
-            m.momentum = 0.1
-            if m.affine:
-                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5, generator=generator))
-                m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.5, 0.5, generator=generator))
+        model.train()(torch.randn(8, *input_shape, generator=generator or torch.Generator().manual_seed(0)))
+    for m in norms:
+        m.momentum = 0.1
     return model.eval()
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from sparsesearch.admm import (CALIBRATION_IMAGES, ADMMConfig, ADMMState, Iteration, Rung, apply_masks, dead_channels,
-                               masked_hooks, projected_accuracy, prune_masks, resume_files, run_admm, run_key)
+                               layer_report, masked_hooks, open_identity_paths, projected_accuracy, prune_masks,
+                               resume_files, run_admm, run_key)
 from sparsesearch.compact import slimmed
 from sparsesearch.graph import Coupling, Dependencies, dependencies
 from sparsesearch.cli import app
@@ -93,6 +94,38 @@ def test_admm_targets_the_live_inputs_too() -> None:
     assert state.Z[1][0][:, :4].ne(0).all()
     state.update()
     assert state.Z[1][0][:, :4].ne(0).all()
+
+
+def test_a_removed_layer_in_a_plain_chain_is_projected_onto_its_identity_path() -> None:
+    """Rate 1 on a conv no shortcut bypasses, which keeps its input's shape: ADMM pulls it toward its
+    identity path (each filter's own channel at the centre tap), and only at the channels the filters
+    before it keep; the others go with their BatchNorm entries, so nothing leaves a constant."""
+    from sparsesearch.sparsity import REMOVED
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([4.0, 0.1, 3.0, 0.2]).view(4, 1, 1, 1))  # filters 1 and 3 the weakest
+    deps = dependencies(model, (1, 4, 4))
+    assert deps.collapsible == {"3"}
+    plan = Plan({"0": LayerSparsity(T.FILTER, 0.5), "3": LayerSparsity(T.FILTER, REMOVED)})
+    masks = prune_masks(model, plan, deps)
+    expected = torch.zeros(4, 4, 3, 3, dtype=torch.bool)
+    expected[[0, 2], [0, 2], 1, 1] = True
+    assert torch.equal(masks["3.weight"], expected)
+    assert masks["4.weight"].tolist() == masks["4.bias"].tolist() == masks["3.bias"].tolist() == [True, False] * 2
+    state = ADMMState(model, plan, deps)
+    state.U[1][0].normal_()
+    state.update()
+    assert torch.equal(state.Z[1][0].ne(0), expected)
+    apply_masks(model, masks)
+    row = next(r for r in layer_report(model, trace(model, (1, 4, 4)), plan) if r["layer"] == "3")
+    assert (row["achieved"], row["macs_compacted"]) == (REMOVED, 16 * 2)  # 4x4 positions, 2 channels
+    open_identity_paths(model, plan, deps, masks)  # retraining starts from the network without the layer
+    x = torch.randn(5, 1, 4, 4)
+    without = nn.Sequential(*model[:3], *model[5:])
+    assert torch.allclose(model(x), without(x), atol=1e-6) and not model[4].bias.any()
 
 
 def test_changing_rho_keeps_the_dual_rho_times_u() -> None:

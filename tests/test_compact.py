@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsesearch.admm import apply_masks, prune_masks
-from sparsesearch.compact import Reference, Unverifiable, compact, pruned, removable, slimmed, verified_compact
+from sparsesearch.compact import Reference, Slim, Unverifiable, compact, pruned, removable, slimmed, verified_compact
 from sparsesearch.graph import couplings, dependencies
 from sparsesearch.errors import UserError
 from sparsesearch.layers import trace
@@ -20,7 +20,7 @@ from sparsesearch.plan import LayerSparsity, Plan
 from sparsesearch.sparsity import REMOVED
 from sparsesearch.sparsity import SparsityType as T
 
-from helpers import lively, masked_sgd_steps
+from helpers import lively, masked_sgd_steps, restat
 
 RESNET20_GROUPS = [
     ["stem.0", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"],
@@ -560,6 +560,13 @@ def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(mode
     first = slim.model.get_submodule(REMOVING[model_name][0])
     plane = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)
     assert first(plane).is_contiguous(memory_format=torch.channels_last), "a channels-last run stays channels-last"
+    x, expected = _stepped_alike(model, slim, masks, shape)
+    assert ((slim.model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def _stepped_alike(model: torch.nn.Module, slim: Slim, masks: dict, shape: tuple) -> tuple:
+    """The same masked SGD steps on `slim` (written back into `model`) and on a twin of `model`, which
+    `model` must then compute: the input and the twin's output."""
     twin = copy.deepcopy(model)
     masked_sgd_steps(slim.model, slim.masks(masks), shape)
     masked_sgd_steps(twin, masks, shape)
@@ -567,19 +574,101 @@ def test_the_slim_model_skips_removed_branches_and_trains_as_the_masked_one(mode
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
     expected = twin.eval()(x)
     assert ((model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
-    assert ((slim.model.eval()(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-4
     params = dict(model.named_parameters())
     assert all(not params[n][~m].any() for n, m in masks.items()), "no pruned weight came back"
+    return x, expected
 
 
 def test_rate_one_on_a_layer_no_residual_path_bypasses_is_refused_with_the_reason() -> None:
-    """In a plain chain an emptied layer leaves the output the same for every input: the error says
-    so, instead of a compaction checked only on the layers before it."""
+    """In a plain chain a layer that changes the width, emptied, leaves the output the same for every
+    input: the error says so, instead of a compaction checked only on the layers before it."""
     shape = SMALL["vgg16-bn"]
     model, plan, deps = _masked("vgg16-bn", shape, lambda layers, groups: Plan(
-        {"0.3": LayerSparsity(T.FILTER, REMOVED)}))
-    with pytest.raises(UserError, match=r"empties 0\.3, and no residual path bypasses it"):
+        {"0.7": LayerSparsity(T.FILTER, REMOVED)}))
+    with pytest.raises(UserError, match=r"empties 0\.7, and no residual path bypasses it"):
         verified_compact(model, plan, shape, "vgg16-bn")
+
+
+def test_layers_collapse_only_where_they_keep_the_shape_and_no_shortcut_bypasses_them() -> None:
+    """vgg16-bn's 3x3 convs that keep their width collapse (not those that widen); no conv of a
+    ResNet does (its blocks' first convs are bypassed: removed, the block goes; the others feed an
+    addition); square Linears in a plain head do, the classifier (which changes the width) not."""
+    vgg = create("vgg16-bn", in_channels=1)
+    assert dependencies(vgg, (1, 32, 32)).collapsible == {
+        "0.3", "0.10", "0.17", "0.20", "0.27", "0.30", "0.34", "0.37", "0.40"}
+    assert not dependencies(create("resnet20"), (3, 32, 32)).collapsible
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6), torch.nn.ReLU(),
+                              torch.nn.Linear(6, 3))
+    assert dependencies(mlp, (6,)).collapsible == {"0", "2"}
+
+
+COLLAPSING = {"0.0": 0.25, "0.3": REMOVED, "0.7": 0.5, "0.10": REMOVED, "0.14": 0.3, "0.17": REMOVED,
+              "0.20": REMOVED, "0.34": REMOVED}  # 0.17 and 0.20 in a row: the second sees the first's channels
+
+
+def _collapsed_vgg() -> tuple:
+    """vgg16-bn masked by COLLAPSING, its BatchNorm statistics measured again: collapsed layers move
+    the activations so far that under the dense statistics every output is the same (then only
+    activations, not the output, could be compared)."""
+    shape = SMALL["vgg16-bn"]
+    model, plan, deps = _masked("vgg16-bn", shape, lambda layers, groups: Plan(
+        {n: LayerSparsity(T.FILTER, r) for n, r in COLLAPSING.items()}))
+    return restat(model, shape), plan, deps
+
+
+def test_a_removed_layer_no_shortcut_bypasses_collapses_to_one_multiply_add_per_channel() -> None:
+    """Rate 1 on a layer that keeps its input's shape in a plain chain leaves its identity path: each
+    filter's own channel at the centre tap, the BatchNorm after it folded in, one `ChannelAffine`
+    where a conv and a BatchNorm ran, equal to the masked model on both layouts. Its channels are the
+    ones the filters before it kept (a collapsed layer after another too), so it stays square."""
+    from sparsesearch.compact import COLLAPSED, ChannelAffine
+
+    shape = SMALL["vgg16-bn"]
+    model, plan, deps = _collapsed_vgg()
+    weight = model.get_submodule("0.10").weight
+    assert int(weight.ne(0).sum()) == 64 and weight.reshape(128, -1).ne(0).any(1).sum() == 64  # 0.7 kept 64
+    assert Reference(model, torch.randn(3, *shape)).expected.keys() == {""}, "the output itself is compared"
+    result = verified_compact(model, plan, shape, "vgg16-bn")  # equal outputs, NCHW and channels-last
+    collapsed = sorted(n for n, i in result.impl.items() if i == COLLAPSED)
+    assert collapsed == ["0.10", "0.17", "0.20", "0.3", "0.34"] and not result.left_dense
+    kept = {"0.3": 48, "0.10": 64, "0.17": 180, "0.20": 180, "0.34": 512}
+    for name in collapsed:
+        module = result.model.get_submodule(name)
+        assert isinstance(module, ChannelAffine) and module.scale.shape == (kept[name], 1, 1)
+        after = result.model.get_submodule(f"0.{int(name.split('.')[1]) + 1}")
+        assert isinstance(after, torch.nn.Identity), "its BatchNorm is folded in"
+    layers = {layer.name: layer for layer in trace(model, shape)}
+    assert result.macs["0.17"] == layers["0.17"].positions * 180
+    gone = sum(model.get_submodule(n).weight.numel() for n in collapsed)  # their 3x3 kernels, whole
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters()) - gone
+
+
+def test_a_collapsed_layer_keeps_the_channels_a_random_probe_finds_dead() -> None:
+    """Which input channels a collapsed layer keeps is read off the masks, not off activations on a
+    random probe: a kept channel whose ReLU is zero on the probe (a BatchNorm shift far below zero, as
+    training leaves some) stays, and the layer stays square and exact."""
+    shape = SMALL["vgg16-bn"]
+    model, deps, _ = _dense("vgg16-bn", shape)
+    with torch.no_grad():
+        model.get_submodule("0.8").bias[:8] = -1e3  # channels 0-7 after 0.7: dead on any input here
+    plan = Plan({"0.7": LayerSparsity(T.FILTER, 0.0), "0.10": LayerSparsity(T.FILTER, REMOVED)})
+    masks = prune_masks(model, plan, deps)
+    assert masks["0.10.weight"].reshape(128, -1).any(1).all()
+    apply_masks(model, masks)
+    result = verified_compact(model, plan, shape, "vgg16-bn")
+    assert result.impl["0.10"] == "collapsed" and result.model.get_submodule("0.10").scale.shape[0] == 128
+
+
+def test_the_slim_model_of_a_plan_that_collapses_layers_trains_as_the_masked_one() -> None:
+    """Retraining runs slim with collapsed layers too: the masked model's identity-path weights, as
+    trained on the slim copy and written back, compute what the same steps give the masked model."""
+    shape = SMALL["vgg16-bn"]
+    model, plan, deps = _collapsed_vgg()
+    masks = prune_masks(model, plan, deps)
+    slim = slimmed(model, plan, shape)
+    assert slim is not None
+    _stepped_alike(model, slim, masks, shape)
+    assert verified_compact(model, plan, shape, "vgg16-bn").impl["0.17"] == "collapsed"
 
 
 def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None:
@@ -592,13 +681,13 @@ def test_removable_branches_are_found_among_layers_that_cannot_be_lost() -> None
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                                BasicBlock(8, 8, 1), BasicBlock(8, 8, 1), torch.nn.Conv2d(8, 8, 1),
-                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+                                BasicBlock(8, 8, 1), BasicBlock(8, 8, 1), torch.nn.Conv2d(8, 16, 1),
+                                torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
     shape = (3, 8, 8)
     deps, layers = dependencies(model, shape), trace(model, shape)
     groups = filter_groups(layers, deps.couplings)
-    assert ("5",) in groups  # the head conv: every path runs through it
+    assert ("5",) in groups  # the head conv: every path runs through it, and it widens (no collapse)
     assert removable(model, shape, deps, groups) == [("3.conv1",), ("4.conv1",)]
     on_input = torch.nn.Sequential(*list(model)[3:]).eval()  # the first block adds the network's input itself
     deps, layers = dependencies(on_input, (8, 8, 8)), trace(on_input, (8, 8, 8))

@@ -340,6 +340,34 @@ def test_onnx_passes_the_checker_and_matches_torch(model_name: str, plan_name: s
         assert _relative_error(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), compacted.model(x)) <= 1e-4
 
 
+def test_a_model_with_collapsed_layers_saves_loads_scripts_and_exports_to_onnx(tmp_path: Path) -> None:
+    """`ChannelAffine`, what a collapsed layer becomes, is data like any compact layer: it loads in
+    the allowlist, scripts, and runs in ONNX Runtime as in torch."""
+    from sparsesearch.sparsity import REMOVED
+
+    torch.manual_seed(0)
+    shape = (1, 32, 32)
+    model = lively(create("vgg11-bn", in_channels=1), shape)
+    deps = dependencies(model, shape)
+    plan = Plan({n: LayerSparsity(T.FILTER, REMOVED if n in deps.collapsible else 0.5)
+                 for n in ("0.0", "0.4", "0.8", "0.11", "0.15", "0.18", "0.22", "0.25")})
+    apply_masks(model, prune_masks(model, plan, deps))
+    compacted = compact(model, plan, shape)
+    assert sorted(n for n, i in compacted.impl.items() if i == "collapsed") == sorted(deps.collapsible)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+    export.save(tmp_path / "model.pt", compacted.model, {"model": "vgg11-bn"}, x[:2])
+    assert export.to_torchscript(compacted.model, x[:2], tmp_path / "m.ts") == []
+    with torch.inference_mode():
+        expected = compacted.model(x)
+        assert_same_outputs(export.load(tmp_path / "model.pt")(x), expected)
+        assert _relative_error(_jit_load(tmp_path / "m.ts")(x), expected) <= 1e-6
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    export.to_onnx(compacted.model, x[:1], tmp_path / "m.onnx", {"model": "vgg11-bn"})
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert _relative_error(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), expected) <= 1e-4
+
+
 # --- everything at once ---------------------------------------------------------------------------
 
 

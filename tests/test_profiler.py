@@ -588,6 +588,20 @@ def test_in_network_cost_of_each_layer_call_is_read_off_plans_that_remove_branch
     assert predictor.InNetwork.fit(whole, [timed(n) for n in whole], 0.3).per_call == 0.0
 
 
+def test_a_collapsed_layer_runs_no_profiled_kernel_and_costs_what_follows_a_layer_on_its_outputs(
+        fitted: predictor.LatencyModel) -> None:
+    """A collapsed layer (`compact.ChannelAffine`, one multiply-add per element) has no rows of its
+    own: it is predicted at no isolated latency, its call and the elements it writes charged as any
+    layer's are, no kernel term."""
+    from sparsesearch.compact import COLLAPSED
+
+    sig = next(r.signature for r in fitted.profile.rows.values() if r.signature.kind == "conv")
+    layer = fitted.isolated({"c": predictor.Query(sig, COLLAPSED, 8, 8, 1, 0)})["c"]
+    assert (layer.ms, layer.family, layer.outputs) == (0.0, COLLAPSED, 8 * sig.positions)
+    fit = predictor.InNetwork(0.3, 1.2, 30, per_moutput=5.0, per_ms={COLLAPSED: 9.0}, per_call=0.02)
+    assert fit.cost(layer) == pytest.approx(0.02 + 5.0 * layer.outputs / 1e6)
+
+
 def test_in_network_fit_holds_to_the_dense_network_that_every_speedup_divides() -> None:
     """Plans that follow another line than the dense network (mixed kernels, timed beside it) must
     not move its prediction: a predicted speedup of the unpruned network is 1."""

@@ -361,18 +361,22 @@ def test_a_stage_removes_the_blocks_whose_removal_cost_least_and_the_uniform_pla
     assert per_layer.suggest(FixedTrial(uniform | {"remove:layer1.1.conv1": 1})).layers["layer1.1.conv1"].rate == REMOVED
 
 
-def test_the_search_finds_the_removable_blocks_of_a_resnet_and_none_in_a_chain(tiny: dict) -> None:
+def test_the_search_finds_the_removable_blocks_of_a_resnet_and_the_collapsible_layers_of_a_chain(
+        tiny: dict) -> None:
     """Each slot whose emptying `compact` turns into a constant, tried on the dense model: a
-    ResNet's inner convs, not its residual streams; nothing in digits-cnn's plain chain."""
+    ResNet's inner convs, not its residual streams; in a plain chain the layers that keep their
+    input's shape, which collapse (vgg11-bn's second 256 conv and its last three 512 convs), and
+    none in digits-cnn's, whose every conv widens."""
     built = copy.copy(tiny["search"])
     assert built.find_removable() == []
-    resnet = models.create("resnet20").eval()
-    shape = (3, 32, 32)
-    built.model, built.input_shape = resnet, shape
-    built.layers, built.deps = trace(resnet, shape), dependencies(resnet, shape)
-    built.layers_ms = {layer.name: 1.0 for layer in built.layers}
-    built.offer({})
-    assert built.find_removable() == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    for name, shape, found in (("resnet20", (3, 32, 32), [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]),
+                               ("vgg11-bn", (1, 32, 32), ["0.11", "0.18", "0.22", "0.25"])):
+        model = models.create(name, in_channels=shape[0]).eval()
+        built.model, built.input_shape = model, shape
+        built.layers, built.deps = trace(model, shape), dependencies(model, shape)
+        built.layers_ms = {layer.name: 1.0 for layer in built.layers}
+        built.offer({})
+        assert built.find_removable() == found
 
 
 def _done(number: int, plan: dict, speedup: float, feasible: bool,

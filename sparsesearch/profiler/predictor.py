@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compact import BRANCH_REMOVED
+from ..compact import BRANCH_REMOVED, COLLAPSED
 from ..errors import UserError
 from ..layers import trace
 from ..plan import Plan
@@ -187,10 +187,11 @@ class LatencyModel:
             name, key = next(iter(missing.items()))
             raise UserError(f"profile {self.profile.path} has no rows for {len(missing)} layer(s) of this network "
                             f"(e.g. {name}: {key}); run `sparsesearch profile --model MODEL` on this device to add them")
-        run = {name: q for name, q in found.items() if q.family != BRANCH_REMOVED}
+        run = {name: q for name, q in found.items() if q.family not in (BRANCH_REMOVED, COLLAPSED)}
         ms = dict(zip(run, self.predict(list(run.values()))))
-        return {name: Isolated(ms[name], q.weights, q.family, q.out_keep * q.signature.positions,
-                               q.in_keep * math.prod(q.signature.input_hw)) if name in ms else _REMOVED
+        return {name: _REMOVED if q.family == BRANCH_REMOVED else
+                Isolated(ms.get(name, 0.0), q.weights, q.family, q.out_keep * q.signature.positions,
+                         q.in_keep * math.prod(q.signature.input_hw))
                 for name, q in found.items()}
 
 
@@ -211,6 +212,9 @@ class Isolated(NamedTuple):
 # and 12 of 24 blocks removed were predicted at 1.14x, 1.31x and 1.54x and measured at 1.11-1.12x,
 # 1.28-1.40x and 1.58-1.62x (charged the dense layers' outputs as well: 1.10x, 1.22x, 1.38x).
 _REMOVED = Isolated(0.0, 0, BRANCH_REMOVED, 0, 0)
+# A collapsed layer (`compact.ChannelAffine`) runs no kernel the profile timed: one multiply-add per
+# element, which the in-network fit charges as what follows any layer on its output (its call, the
+# elements it writes), at no isolated latency.
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,7 @@ class InNetwork:
         fit with no slope, the measured rest plus the median in-network ratio."""
         from scipy.optimize import least_squares
 
-        families = sorted({layer.family for net in networks for layer in net} - {PLAIN, BRANCH_REMOVED})
+        families = sorted({layer.family for net in networks for layer in net} - {PLAIN, BRANCH_REMOVED, COLLAPSED})
         calls = [sum(layer.family != BRANCH_REMOVED for layer in net) for net in networks]
         fewer = sum(n < max(calls) for n in calls) >= MIN_PLANS_PER_TERM  # else the offset holds the calls
         base = 4 + fewer
