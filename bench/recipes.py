@@ -15,7 +15,8 @@ Usage: taskset -c 1 python bench/recipes.py --model vgg16-bn --runs uniform:0.7:
 Each run is FAMILY:RATE:EPOCHS:FIDELITY (family uniform, norm, or stages with one filter rate per stage, e.g.
 stages:0.8/0.8/0.85/0.9/0.9:0+6:full; fidelity trial or full). A uniform or norm RATE may add how many of each
 stage's removable slots go, e.g. norm:0.9+0/1/1/1/1 (vgg16-bn: a 3x3 conv collapsed in each stage but the
-first); stages too. Finished runs
+first); stages too. A fifth field K runs the plan again at another seed (seed + K x 1000, as `finalize`
+replicates a close call). Finished runs
 are kept in bench/runs/recipes-CASE/results.json and not run again; a full run resumes from its last
 epoch (`*.resume.pt`, out of git). Runs of one case may train side by side (one per core), each adding its
 rows; time alone on a core: seconds and speedups are part of the answer.
@@ -45,7 +46,7 @@ from sparsesearch.train import percent  # noqa: E402
 
 FAMILIES = ("uniform", "norm", "stages")
 FIDELITIES = ("trial", "full")
-COLUMNS = ("family", "rate", "epochs", "fidelity", "predicted", "drop", "se", "test drop", "seconds")
+COLUMNS = ("family", "rate", "epochs", "fidelity", "replicate", "predicted", "drop", "se", "test drop", "seconds")
 
 
 def plan_of(built: search.Search, family: str, rate: str) -> Plan:
@@ -67,10 +68,12 @@ def plan_of(built: search.Search, family: str, rate: str) -> Plan:
     return space.suggest(optuna.trial.FixedTrial(params | {f"remove:{unit}": c for unit, c in counts.items()}))
 
 
-def trained(built: search.Search, plan: Plan, epochs: str, full: bool, resume: Path) -> dict:
-    """`plan` trained from the dense weights with `epochs` (ADMM+RETRAIN), scored as a trial or a full run."""
+def trained(built: search.Search, plan: Plan, epochs: str, full: bool, resume: Path, replicate: int = 0) -> dict:
+    """`plan` trained from the dense weights with `epochs` (ADMM+RETRAIN), scored as a trial or a full
+    run (`replicate` k > 0: again at another seed, as `finalize` runs a close call again)."""
     given = search.parse_epochs(epochs)
-    row = scored(built, admm_trained(built, plan, given if full else None, resume if full else None, given)[1], full)
+    row = scored(built, admm_trained(built, plan, given if full else None, resume if full else None, given,
+                                     replicate)[1], full)
     if full:
         row["test drop"] = built.dense["test"] - row.pop("test")
     return {k: row[k] for k in ("drop", "se", "seconds", "test drop") if k in row}
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("--model", default="vgg16-bn")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--trial-data", type=float, default=0.1)
-    parser.add_argument("--runs", nargs="*", default=[], help="FAMILY:RATE:EPOCHS:FIDELITY, e.g. norm:0.8:0+4:trial")
+    parser.add_argument("--runs", nargs="*", default=[], help="FAMILY:RATE:EPOCHS:FIDELITY[:K], e.g. norm:0.8:0+4:trial")
     parser.add_argument("--time", action="store_true", help="time every plan a full run trained (on this CPU) "
                         "not timed yet")
     args = parser.parse_args()
@@ -101,7 +104,8 @@ def main() -> None:
         built.removable = built.find_removable()  # today's, not what the control's study recorded long ago
         built.offer(built.withheld)
         for spec in args.runs:
-            family, rate, epochs, fidelity = spec.split(":")
+            family, rate, epochs, fidelity, *again = spec.split(":")
+            replicate = int(again[0]) if again else 0
             if family not in FAMILIES or fidelity not in FIDELITIES:
                 raise SystemExit(f"--runs {spec}: FAMILY is one of {FAMILIES}, FIDELITY one of {FIDELITIES}")
             if spec in state:
@@ -110,8 +114,8 @@ def main() -> None:
             resume = folder / f"{spec.replace(':', '-').replace('/', '_')}.resume.pt"
             row = {"family": family, "rate": rate if family == "stages" or "+" in rate else float(rate),
                    "epochs": epochs,
-                   "fidelity": fidelity, "predicted": predicted(built, plan),
-                   **trained(built, plan, epochs, fidelity == "full", resume)}
+                   "fidelity": fidelity, "replicate": replicate, "predicted": predicted(built, plan),
+                   **trained(built, plan, epochs, fidelity == "full", resume, replicate)}
             for path in resume_files(resume):
                 path.unlink(missing_ok=True)
             state[spec] = row
