@@ -121,8 +121,8 @@ def _keeps_shape(module: nn.Module) -> bool:
         return module.in_features == module.out_features
     if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.in_channels != module.out_channels:
         return False
-    if module.padding == "same":
-        return all(s == 1 for s in module.stride)
+    if module.padding == "same":  # an even kernel pads unevenly: its centre tap is not the identity
+        return all(s == 1 and k % 2 for s, k in zip(module.stride, module.kernel_size))
     padding = (0, 0) if module.padding == "valid" else module.padding
     return all(s == 1 and d * (k - 1) == 2 * p
                for s, d, k, p in zip(module.stride, module.dilation, module.kernel_size, padding))

@@ -212,9 +212,9 @@ class Isolated(NamedTuple):
 # and 12 of 24 blocks removed were predicted at 1.14x, 1.31x and 1.54x and measured at 1.11-1.12x,
 # 1.28-1.40x and 1.58-1.62x (charged the dense layers' outputs as well: 1.10x, 1.22x, 1.38x).
 _REMOVED = Isolated(0.0, 0, BRANCH_REMOVED, 0, 0)
-# A collapsed layer (`compact.ChannelAffine`) runs no kernel the profile timed: one multiply-add per
-# element, which the in-network fit charges as what follows any layer on its output (its call, the
-# elements it writes), at no isolated latency.
+# A collapsed layer (`compact.ChannelAffine`) runs no kernel the profile timed, and saves a layer's
+# calls as a removed branch does (a conv and a BatchNorm become one multiply-add): the in-network fit
+# charges it only the elements it writes, and counts it among the calls a plan saves.
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,8 @@ class InNetwork:
         """A layer's share of the end-to-end latency."""
         if layer.family == BRANCH_REMOVED:
             return 0.0
-        return ((self.slope + self.per_ms.get(layer.family, 0.0)) * layer.ms + self.per_call
+        call = 0.0 if layer.family == COLLAPSED else self.per_call
+        return ((self.slope + self.per_ms.get(layer.family, 0.0)) * layer.ms + call
                 + (self.per_mweight * layer.weights + self.per_moutput * layer.outputs
                    + self.per_minput.get(layer.family, 0.0) * layer.inputs) / 1e6)
 
@@ -276,7 +277,7 @@ class InNetwork:
         from scipy.optimize import least_squares
 
         families = sorted({layer.family for net in networks for layer in net} - {PLAIN, BRANCH_REMOVED, COLLAPSED})
-        calls = [sum(layer.family != BRANCH_REMOVED for layer in net) for net in networks]
+        calls = [sum(layer.family not in (BRANCH_REMOVED, COLLAPSED) for layer in net) for net in networks]
         fewer = sum(n < max(calls) for n in calls) >= MIN_PLANS_PER_TERM  # else the offset holds the calls
         base = 4 + fewer
         if len(networks) < MIN_PLANS_PER_TERM * (base + len(families)):
