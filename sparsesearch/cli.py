@@ -736,8 +736,8 @@ def optimize(
                   f"({fragile[1]:.1f} points lost); the study starts from its plans next to the uniform ones")
     if scan.removed:
         cheap = sum(d <= floor for d in scan.removed.values())
-        console.print(f"residual branches removed alone: {len(scan.removed)}, {cheap} within the noise, the most costly "
-                      f"{max(scan.removed.values()):.1f} points; a trial removes the cheapest first")
+        console.print(f"layers or residual branches removed alone: {len(scan.removed)}, {cheap} within the noise, the "
+                      f"most costly {max(scan.removed.values()):.1f} points; a trial removes the cheapest first")
     if unprofiled := built.unprofiled:
         untimed = sorted(k.value for k in unprofiled)
         console.print(f"[yellow]not searched[/]: {', '.join(untimed)} (the profile has not timed them on this network; "
