@@ -643,6 +643,24 @@ def test_a_removed_layer_no_shortcut_bypasses_collapses_to_one_multiply_add_per_
     assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters()) - gone
 
 
+@pytest.mark.parametrize("model_name", ["tv:alexnet", pytest.param("tv:vgg11_bn", marks=pytest.mark.slow)])
+def test_torchvision_plain_nets_collapse_their_square_layers_exactly(model_name: str) -> None:
+    """A user's plain network, as torchvision builds it: its square convs and its classifier's square
+    Linear collapse (a 2-D `ChannelAffine` behind a dropout), the rest filter-pruned, exact."""
+    from sparsesearch.admm import open_identity_paths
+
+    shape = LARGE[model_name]
+    model, deps, layers = _dense(model_name, shape)
+    assert {n.split(".")[0] for n in deps.collapsible} == {"features", "classifier"}
+    plan = Plan({layer.name: LayerSparsity(T.FILTER, REMOVED if layer.name in deps.collapsible else 0.5)
+                 for layer in layers if T.FILTER in layer.types})
+    masks = prune_masks(model, plan, deps)
+    apply_masks(model, masks)
+    open_identity_paths(model, plan, deps, masks)
+    result = verified_compact(model, plan, shape, model_name)
+    assert {n for n, i in result.impl.items() if i == "collapsed"} == deps.collapsible and not result.left_dense
+
+
 def test_a_collapsed_layer_keeps_the_channels_a_random_probe_finds_dead() -> None:
     """Which input channels a collapsed layer keeps is read off the masks, not off activations on a
     random probe: a kept channel whose ReLU is zero on the probe (a BatchNorm shift far below zero, as
