@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default="vgg16-bn")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--trial-data", type=float, default=0.1)
-    parser.add_argument("--runs", nargs="*", default=[], help="FAMILY:RATE:EPOCHS:FIDELITY[:K], e.g. norm:0.8:0+4:trial")
+    parser.add_argument("--runs", nargs="*", default=[],
+                        help="FAMILY:RATE:EPOCHS:FIDELITY[:K], e.g. norm:0.8:0+4:trial")
     parser.add_argument("--time", action="store_true", help="time every plan a full run trained (on this CPU) "
                         "not timed yet")
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from .graph import (SURGERY_ERRORS, Dependencies, build_graph, dependencies, out
 from .layers import trace
 from .plan import LayerSparsity, Plan
 from .runtime import DEFAULT_LAYOUT, LAYOUTS, in_layout, is_channels_last, layout_of
-from .sparsity import REMOVED, SparsityType, collapsed, live_groups
+from .sparsity import REMOVED, SparsityType, collapsed, identity_mask, live_groups
 
 
 @dataclass
@@ -511,8 +511,7 @@ def _collapse(model: nn.Module, names: list[str], input_shape: tuple[int, ...], 
         node = graph.module2node[layer]
         after = node.outputs[0].module if len(node.outputs) == 1 and node.outputs[0].inputs == [node] else None
         foldable = isinstance(after, nn.modules.batchnorm._BatchNorm) and after.running_var is not None
-        centre = (slice(None), slice(None), *(k // 2 for k in layer.weight.shape[2:]))
-        scale = layer.weight.detach()[centre].diagonal()
+        scale = layer.weight.detach()[identity_mask(layer.weight)]  # channel by channel: the mask's row-major order
         shift = layer.bias.detach() if layer.bias is not None else torch.zeros_like(scale)
         norm_name = graph._module2name.get(after) if foldable else None
         if foldable:

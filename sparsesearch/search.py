@@ -264,8 +264,8 @@ class Search(Trials):
         """The space's slots whose filters, all removed, leave a residual branch that `compact`
         replaces by a constant (a block dropped), or a layer collapsed to its identity path (a
         plain network's layer that keeps its input's shape, `compact.COLLAPSED`): tried on the
-        dense model, the slots of one layer all at once (where each branch is a block of its own), else, like slots of several layers
-        (whose removal usually silences a whole stream), one at a time."""
+        dense model, the slots of one layer all at once (where each branch is a block of its own),
+        else, like slots of several layers (whose removal usually silences a whole stream), one at a time."""
         slots = [s for s in self.space.slots if SparsityType.FILTER in s.types]
         found = set(removable(self.model, self.input_shape, self.deps, [tuple(s.layers) for s in slots]))
         return [s.name for s in slots if tuple(s.layers) in found]

@@ -83,11 +83,11 @@ class Space:
     The slots `removable` (whose whole residual branch `compact` can replace by the constant it
     leaves: a block dropped; or, in a plain network, a layer that keeps its input's shape, which
     collapses to its identity path: one multiply-add per channel) add `remove:STAGE` per stage, how
-    many of them are removed: those whose removal alone lost least in the sensitivity scan first (`removal_drop`), then the slowest (per
-    layer: `remove:SLOT`, 0 or 1). On a CPU at batch 1 a small block's cost is mostly per-call
-    overhead that filter pruning keeps: resnet56 with 8 of 24 blocks removed (1.43x fewer MACs) ran
-    1.28x faster, with every block's inner conv at filter 50% (1.99x fewer) 1.38x
-    (bench/results/blocks.md)."""
+    many of them are removed: those whose removal alone lost least in the sensitivity scan first
+    (`removal_drop`), then the slowest (per layer: `remove:SLOT`, 0 or 1). On a CPU at batch 1 a
+    small block's cost is mostly per-call overhead that filter pruning keeps: resnet56 with 8 of 24
+    blocks removed (1.43x fewer MACs) ran 1.28x faster, with every block's inner conv at filter 50%
+    (1.99x fewer) 1.38x (bench/results/blocks.md)."""
 
     def __init__(self, layers: list[Layer], couplings: list[list[str]], types: tuple[str, ...],
                  layer_ms: dict[str, float], max_slots: int = MAX_LAYER_SLOTS,
